@@ -1,0 +1,48 @@
+"""``klpforge kernel prepare``: a small cached test kernel for ``build`` and ``verify``.
+
+>>> # klpforge kernel prepare -j2 ; eval "$(klpforge kernel prepare)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from ..kbuild.prepare import KernelLayout, prepare_kernel
+
+__all__ = ["register", "run_prepare"]
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Prepare (or find cached) the kernel and print ``KERNEL_SRC=``/``KERNEL_BUILD=``/``BZIMAGE=`` lines."""
+    layout = KernelLayout.default(args.version, args.cache)
+    err = Console(stderr=True)
+    with err.status("preparing kernel") as status:
+        def say(msg: str) -> None:
+            status.update(msg)
+            err.log(msg)
+
+        res = prepare_kernel(layout, jobs=args.jobs, force=args.force, progress=say)
+    err.print(f"kernel {args.version}: {'cached' if res.cached else 'built'} in {res.seconds:.1f} s")
+    sys.stdout.write(res.shell())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``kernel`` (with sub-command ``prepare``) to the CLI."""
+    p = subparsers.add_parser("kernel", help="prepare a small cached test kernel (Debian linux-source)")
+    sub = p.add_subparsers(dest="kernel_command", metavar="SUBCOMMAND")
+    pp = sub.add_parser(
+        "prepare", help="unpack, configure (tinyconfig + fragment) and build once; print paths",
+        description="Prints KERNEL_SRC=, KERNEL_BUILD=, BZIMAGE= and INITRAMFS= lines for eval.")
+    pp.add_argument("--version", default="6.1",
+                    help="kernel version (Debian linux-source-VERSION; default 6.1)")
+    pp.add_argument("--cache", metavar="DIR",
+                    help="cache root (default $KLPFORGE_CACHE or ~/.cache/klpforge); "
+                         "the kernel goes in DIR/kernel-VERSION")
+    pp.add_argument("-j", "--jobs", type=int, default=None, help="parallel make jobs (default: CPU count)")
+    pp.add_argument("--force", action="store_true", help="rebuild even if the stamp says it is up to date")
+    pp.set_defaults(func=run_prepare)
+    p.set_defaults(func=lambda _a: (p.print_help(), 1)[1])

@@ -1,0 +1,25 @@
+"""Find the prepared test kernel for the test-suite (``pytest.mark.kernel`` tests).
+
+>>> lay = prepared_kernel()          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+from .prepare import KernelLayout
+
+__all__ = ["prepared_kernel", "require_kernel"]
+
+
+def prepared_kernel(version: str = "6.1") -> KernelLayout | None:
+    """The cached kernel if ``klpforge kernel prepare`` completed for it, else None."""
+    lay = KernelLayout.default(version)
+    if lay.stamp.is_file() and lay.bzimage.is_file() and (lay.build / "vmlinux").is_file():
+        return lay
+    return None
+
+
+def require_kernel() -> bool:
+    """True when the environment demands the kernel tests run (CI sets ``KLPFORGE_REQUIRE_KERNEL=1``)."""
+    return os.environ.get("KLPFORGE_REQUIRE_KERNEL") == "1"

@@ -1,0 +1,295 @@
+"""Prove a live-patch module inside a booted kernel: QEMU (software emulation) + a busybox initramfs.
+
+The guest's ``/init`` loads the module, waits for the transition to finish, runs the check,
+disables the patch, waits for its sysfs directory to go, unloads it and reports every step on the
+serial console as ``<nonce>:<step>:OK|FAIL`` lines; the nonce is random per run so no kernel
+message or check output can fake one.
+
+>>> res = verify_module(VerifySpec(
+...     ko=Path("livepatch-sample.ko"), bzimage=Path("bzImage"),
+...     check="cat /proc/cmdline", expect="this has been live patched"))  # doctest: +SKIP
+>>> res.ok  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..fsutil import atomic_write
+from .initramfs import build_initramfs
+from .modinfo import modinfo, module_name
+
+__all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS"]
+
+#: Steps in the order the guest reports them.
+STEPS = ("boot", "preload", "insmod", "enabled", "transition", "check", "disable", "unpatched", "rmmod")
+
+
+@dataclass
+class VerifySpec:
+    """What to boot and check.
+
+    ``preload``: modules loaded before the patch (e.g. the module it patches); ``files``: extra guest files
+    (guest path -> host path); ``after_check``: a command run after the patch is disabled (with
+    ``after_expect``), to show the old behaviour is back.
+    """
+
+    ko: Path
+    bzimage: Path
+    check: str
+    expect: str | None = None
+    timeout: float = 120.0
+    gen_init_cpio: Path | None = None
+    preload: list[Path] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    after_check: str | None = None
+    after_expect: str | None = None
+    append: str = ""
+    memory: str = "256M"
+    accel: str = "tcg"
+
+
+@dataclass
+class Step:
+    """One reported step."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of one boot."""
+
+    ok: bool
+    steps: list[Step]
+    check_output: str
+    check_rc: int | None
+    after_output: str
+    dmesg: str
+    console: str
+    seconds: float
+    reason: str = ""
+
+
+def guest_init(nonce: str, patch: str, ko_guest: str, preload: list[str],
+               transition_timeout: int = 60) -> str:
+    """The ``/init`` shell script (busybox ``sh``) run in the guest.
+
+    Linux 6.1 behaviour it relies on: ``/sys/kernel/livepatch/<patch>/{enabled,transition}``; once a patch is
+    disabled and unpatched its directory disappears (the patch is freed), so we wait for that, not for
+    ``transition`` to read 0. ``reboot -f`` with QEMU's ``-no-reboot`` ends the run (``poweroff`` only halts).
+
+    >>> "insmod /lib/klp/p.ko" in guest_init("N", "p", "/lib/klp/p.ko", [])
+    True
+    """
+    lp = f"/sys/kernel/livepatch/{patch}"
+    tries = transition_timeout * 10
+    pre = "\n".join(
+        f"insmod {shlex.quote(p)} 2>/tmp/err || fail preload \"$(cat /tmp/err)\"" for p in preload)
+    return f"""#!/bin/sh
+export PATH=/bin
+M={nonce}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+echo 1 > /proc/sys/kernel/printk
+step() {{ echo "$M:$1:$2:$3"; }}
+finish() {{
+    echo "$M:DMESG-BEGIN"; dmesg; echo "$M:DMESG-END"
+    echo "$M:RESULT:$1"
+    reboot -f
+}}
+fail() {{ step "$1" FAIL "$2"; finish FAIL; }}
+waitfor() {{ # waitfor STEP CONDITION...
+    s=$1; shift; i=0
+    until "$@"; do i=$((i+1)); [ $i -gt {tries} ] && fail "$s" "timed out"; sleep 0.1; done
+}}
+step boot OK "$(uname -r)"
+dmesg -c >/dev/null
+{pre}
+step preload OK ""
+insmod {shlex.quote(ko_guest)} 2>/tmp/err || fail insmod "$(cat /tmp/err)"
+step insmod OK ""
+waitfor enabled test -e {lp}/enabled
+[ "$(cat {lp}/enabled)" = 1 ] || fail enabled "enabled=$(cat {lp}/enabled)"
+step enabled OK ""
+waitfor transition test "$(cat {lp}/transition 2>/dev/null)" = 0
+step transition OK ""
+echo "$M:CHECK-BEGIN"
+sh /check.sh 2>&1
+rc=$?
+echo "$M:CHECK-END:$rc"
+step check OK "$rc"
+echo 0 > {lp}/enabled || fail disable "write to enabled failed"
+waitfor disable test ! -e {lp}
+step disable OK ""
+if [ -s /after.sh ]; then
+    echo "$M:AFTER-BEGIN"; sh /after.sh 2>&1; echo "$M:AFTER-END:$?"
+fi
+step unpatched OK ""
+rmmod {shlex.quote(patch)} 2>/tmp/err || fail rmmod "$(cat /tmp/err)"
+step rmmod OK ""
+finish DONE
+"""
+
+
+def _between(lines: list[str], begin: str, end_prefix: str) -> tuple[str, str | None]:
+    out: list[str] = []
+    inside = False
+    for line in lines:
+        if line == begin:
+            inside = True
+            out = []
+            continue
+        if inside and line.startswith(end_prefix):
+            return "\n".join(out) + ("\n" if out else ""), line[len(end_prefix):]
+        if inside:
+            out.append(line)
+    return "\n".join(out), None
+
+
+def parse_console(console: str, nonce: str) -> tuple[list[Step], str, int | None, str, str, str | None]:
+    """Split a console log into (steps, check output, check rc, after output, dmesg, result).
+
+    >>> parse_console("N:boot:OK:6.1\\nN:RESULT:DONE\\n", "N")[0][0].name
+    'boot'
+    """
+    lines = [ln.rstrip("\r") for ln in console.splitlines()]
+    steps: list[Step] = []
+    result = None
+    for line in lines:
+        if not line.startswith(nonce + ":"):
+            continue
+        parts = line.split(":", 3)
+        if parts[1] == "RESULT" and len(parts) >= 3:
+            result = parts[2]
+        elif len(parts) >= 3 and parts[2] in ("OK", "FAIL") and parts[1] in STEPS:
+            steps.append(Step(parts[1], parts[2] == "OK", parts[3] if len(parts) > 3 else ""))
+    check_out, rc_s = _between(lines, f"{nonce}:CHECK-BEGIN", f"{nonce}:CHECK-END:")
+    after_out, _ = _between(lines, f"{nonce}:AFTER-BEGIN", f"{nonce}:AFTER-END:")
+    dmesg, _ = _between(lines, f"{nonce}:DMESG-BEGIN", f"{nonce}:DMESG-END")
+    rc = int(rc_s) if rc_s and rc_s.strip().lstrip("-").isdigit() else None
+    return steps, check_out, rc, after_out, dmesg, result
+
+
+_BAD_DMESG = ("Oops", "BUG:", "WARNING:", "Call Trace:", "general protection fault", "Kernel panic")
+
+
+def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        raise InputError("qemu-system-x86_64 not found: install Debian's qemu-system-x86 package")
+    append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 {spec.append}".strip()
+    return [qemu, "-accel", spec.accel, "-m", spec.memory, "-smp", "1", "-nodefaults", "-display", "none",
+            "-serial", "stdio", "-no-reboot", "-kernel", str(spec.bzimage), "-initrd", str(initrd),
+            "-append", append]
+
+
+def _gen_init_cpio(spec: VerifySpec) -> Path:
+    if spec.gen_init_cpio:
+        return spec.gen_init_cpio
+    # bzImage lives at <build>/arch/x86/boot/bzImage; gen_init_cpio at <build>/usr/gen_init_cpio.
+    cand = spec.bzimage.resolve().parents[3] / "usr/gen_init_cpio"
+    if cand.is_file():
+        return cand
+    from ..kbuild.prepare import KernelLayout
+
+    cand = KernelLayout.default().build / "usr/gen_init_cpio"
+    if cand.is_file():
+        return cand
+    raise InputError("usr/gen_init_cpio not found next to the kernel; "
+                     "run `klpforge kernel prepare` or pass --gen-init-cpio")
+
+
+def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyResult:
+    """Boot ``spec.bzimage`` with ``spec.ko`` and run the steps; a guest failure does not raise
+    (see ``.ok`` and ``.reason``).
+
+    Raises :class:`InputError` for missing inputs (module, kernel, QEMU) and for a module not
+    marked as a livepatch.
+    """
+    for p in (spec.ko, spec.bzimage, *spec.preload):
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    if modinfo(spec.ko).get("livepatch") != "Y":
+        raise InputError(f"{spec.ko}: not a livepatch module (no livepatch=Y in .modinfo)")
+    patch = module_name(spec.ko)
+    nonce = "KLPV" + secrets.token_hex(6)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="klpforge-verify-") as td:
+        tdp = Path(td)
+        check = tdp / "check.sh"
+        check.write_text(spec.check + "\n")
+        after = tdp / "after.sh"
+        after.write_text((spec.after_check or "") + ("\n" if spec.after_check else ""))
+        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, f"/lib/klp/{spec.ko.name}": spec.ko}
+        pre_guest = []
+        for p in spec.preload:
+            files[f"/lib/klp/pre/{p.name}"] = p
+            pre_guest.append(f"/lib/klp/pre/{p.name}")
+        files.update(spec.files)
+        transition_timeout = max(5, int(spec.timeout / 3))
+        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout)
+        initrd = build_initramfs(_gen_init_cpio(spec), tdp / "initramfs.cpio", init, files)
+        cmd = _qemu_cmd(spec, initrd)
+        raw = tdp / "console.raw"
+        timed_out = False
+        with raw.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=spec.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                proc.kill()
+                proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        console = raw.read_bytes().decode(errors="replace").replace("\r\n", "\n")
+    seconds = time.monotonic() - t0
+    if console_log is not None:
+        atomic_write(console_log, console)
+    steps, check_out, rc, after_out, dmesg, result = parse_console(console, nonce)
+    res = VerifyResult(False, steps, check_out, rc, after_out, dmesg, console, seconds)
+    res.reason = _judge(spec, res, result, timed_out)
+    res.ok = not res.reason
+    return res
+
+
+def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool) -> str:
+    failed = [s for s in res.steps if not s.ok]
+    if failed:
+        return f"step {failed[0].name} failed: {failed[0].detail or 'no detail'}"
+    seen = [s.name for s in res.steps]
+    if result != "DONE":
+        last = seen[-1] if seen else "none (kernel did not reach /init)"
+        why = "timed out" if timed_out else "guest stopped"
+        if "Kernel panic" in res.console:
+            why = "kernel panic"
+        return f"{why} after step {last}"
+    missing = [s for s in STEPS if s not in seen]
+    if missing:
+        return f"steps not reported: {', '.join(missing)}"
+    if res.check_rc != 0:
+        return f"check `{spec.check}` exited {res.check_rc}"
+    if spec.expect is not None and spec.expect not in res.check_output:
+        return f"check output does not contain {spec.expect!r}"
+    if spec.after_expect is not None and spec.after_expect not in res.after_output:
+        return f"output after disabling does not contain {spec.after_expect!r}"
+    bad = [ln for ln in res.dmesg.splitlines() if any(b in ln for b in _BAD_DMESG)]
+    if bad:
+        return f"kernel complained: {bad[0].strip()}"
+    return ""

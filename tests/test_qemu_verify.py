@@ -1,0 +1,77 @@
+"""verify: boot the prepared 6.1 kernel under QEMU with the kernel's own livepatch sample."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klpforge.kbuild.prepare import KernelLayout
+from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+from klpforge.qemu.verify import guest_init, parse_console
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module")
+def kernel() -> KernelLayout:
+    lay = prepared_kernel()
+    if lay is None:
+        if require_kernel():
+            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
+        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
+    return lay
+
+
+def _verify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "klpforge", "verify", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sample_livepatch_verified(kernel: KernelLayout, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "cat /proc/cmdline",
+                "--expect", "this has been live patched", "--after-check", "cat /proc/cmdline",
+                "--after-expect", "console=ttyS0", "--console-log", str(log))
+    assert r.returncode == 0, r.stderr
+    assert "verified livepatch-sample.ko" in r.stderr
+    text = log.read_text()
+    assert "livepatch: 'livepatch_sample': patching complete" in text
+    assert "livepatch: 'livepatch_sample': unpatching complete" in text
+
+
+def test_wrong_expectation_fails_with_log(kernel: KernelLayout, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "cat /proc/cmdline",
+                "--expect", "not there", "--console-log", str(log))
+    assert r.returncode == 1
+    assert "check output does not contain 'not there'" in r.stderr
+    assert log.is_file() and "this has been live patched" in log.read_text()
+
+
+def test_failing_check_command_fails(kernel: KernelLayout) -> None:
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "test -e /nonexistent")
+    assert r.returncode == 1
+    assert "check `test -e /nonexistent` exited 1" in r.stderr
+    assert "console log:" in r.stderr
+
+
+def test_non_livepatch_module_refused(kernel: KernelLayout) -> None:
+    ko = kernel.build / "samples/kobject/kobject-example.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "true")
+    assert r.returncode == 1
+    assert "not a livepatch module" in r.stderr
+
+
+def test_markers_cannot_be_faked_by_check_output() -> None:
+    script = guest_init("KLPVabc", "p", "/lib/klp/p.ko", [])
+    assert "KLPVabc" in script
+    console = "KLPVabc:boot:OK:x\nKLPVabc:CHECK-BEGIN\nKLPVzzz:RESULT:DONE\nKLPVabc:CHECK-END:0\n"
+    steps, out, rc, _after, _dmesg, result = parse_console(console, "KLPVabc")
+    assert [s.name for s in steps] == ["boot"]
+    assert result is None and rc == 0 and "KLPVzzz" in out
