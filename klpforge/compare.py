@@ -1,0 +1,274 @@
+"""The *compare* stage: decide, per function and data object, whether the patch changed it.
+
+Two symbols are the same when their bytes are equal and their relocations agree entry by entry on
+offset, type, addend and *what* they point at: a correlated symbol (never a raw index or displacement),
+a string by its content, an anonymous table by its content, or a special static by its kind.
+A function whose bytes differ only in immediates loaded into the argument registers of a
+WARN/printk-style call (a moved ``__LINE__``) is the same; capstone decodes the instructions.
+
+>>> cmp = compare(corr, arch_for(62))
+>>> cmp.status["meminfo_proc_show"]
+'changed'
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arch import Arch
+from .correlate import Correlation
+from .elf import constants as C
+from .model import Object, is_ignored_section
+from .names import is_special_static
+
+__all__ = ["Comparison", "compare", "TargetKeys", "LINE_HELPERS"]
+
+SAME, CHANGED, NEW = "same", "changed", "new"
+
+#: Calls that take ``__LINE__`` as an argument (kernel 6.1 ``include/asm-generic/bug.h``,
+#: ``include/linux/kernel.h``, ``include/linux/printk.h``, ``include/linux/rcupdate.h``).
+LINE_HELPERS = ("__warn_printk", "warn_slowpath_fmt", "warn_slowpath_null", "__might_sleep", "__might_fault",
+                "__might_resched", "printk", "_printk", "lockdep_rcu_suspicious", "__btrfs_handle_fs_error",
+                "btrfs_error", "__btrfs_abort_transaction", "__btrfs_panic", "___might_sleep",
+                "__cant_sleep", "__cant_migrate", "rcu_read_lock_held_common")
+
+
+class TargetKeys:
+    """Comparable keys for what a relocation points at, shared by both objects of a correlation."""
+
+    def __init__(self, corr: Correlation, arch: Arch):
+        self.corr = corr
+        self.arch = arch
+        self._symkey = {id(corr.orig): self._sym_keys(corr.orig, True),
+                        id(corr.patched): self._sym_keys(corr.patched, False)}
+        self._anon: dict[tuple[int, int], str] = {}
+
+    def _sym_keys(self, obj: Object, is_orig: bool) -> list[object]:
+        corr = self.corr
+        m = corr.o2p if is_orig else corr.p2o
+        keys: list[object] = []
+        for i in range(obj.nsym):
+            name = obj.sym_names[i]
+            t = obj.stype[i]
+            if t == C.STT_SECTION:
+                keys.append(None)
+            elif not obj.defined[i]:
+                keys.append(("ext", name))
+            elif is_orig and m[i] >= 0:
+                keys.append(("sym", i))
+            elif not is_orig and m[i] >= 0:
+                keys.append(("sym", int(m[i])))
+            elif name.startswith("CSWTCH"):  # a switch table: what matters is its content
+                keys.append(("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
+            elif is_special_static(name):
+                keys.append(("special", obj.canon[i]))
+            elif name.startswith(".L"):
+                keys.append(("label", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
+            else:
+                keys.append(("new" if not is_orig else "gone", name))
+        return keys
+
+    def content_digest(self, obj: Object, sec: int, lo: int, hi: int) -> str:
+        """Digest of a byte range and the *names* its relocations point at (for unnamed data)."""
+        h = hashlib.blake2b(digest_size=16)
+        if obj.shdrs["type"][sec] != C.SHT_NOBITS:
+            h.update(obj.section_data(sec)[lo:hi])
+        else:
+            h.update(str(hi - lo).encode())
+        r = obj.relocs(sec)
+        r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+        for x in r:
+            s = int(x["sym"])
+            tgt = obj.sym_names[s] if obj.stype[s] != C.STT_SECTION else obj.sec_names[int(obj.shndx[s])]
+            h.update(f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};".encode())
+        return h.hexdigest()
+
+    def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
+        """(what, addend relative to it) for one relocation of ``obj``."""
+        k = self._symkey[id(obj)][sym]
+        if k is not None:
+            return k, addend
+        sec = int(obj.shndx[sym])
+        if sec == 0 or sec >= obj.nsec:
+            return ("abs", obj.sym_names[sym]), addend
+        bias = self.arch.pcrel_bias.get(rtype, 0)
+        where = addend + bias
+        name = obj.sec_names[sec]
+        flags = obj.section_flags(sec)
+        if flags & C.SHF_STRINGS:
+            data = obj.section_data(sec)
+            start = data.rfind(b"\0", 0, max(where, 0)) + 1 if where > 0 else 0
+            end = data.find(b"\0", max(where, 0))
+            return ("str", data[start: end if end >= 0 else len(data)]), addend - start
+        t = obj.symbol_at(sec, where)
+        if t >= 0:
+            return self._symkey[id(obj)][t], addend - int(obj.value[t])
+        if obj.is_text(sec):
+            # Code outside any function (.altinstr_replacement, .fixup, .altinstr_aux) is compared through
+            # the special-section entries that point at it; .altinstr_aux offsets shift with any edit.
+            return ("aux", name), (0 if name == ".altinstr_aux" else addend)
+        ak = self._anon.get((id(obj), sec))
+        if ak is None:
+            ak = self._anon[(id(obj), sec)] = self.content_digest(obj, sec, 0, int(obj.shdrs["size"][sec]))
+        return ("anon", ak), addend
+
+
+@dataclass
+class Comparison:
+    """Per-symbol verdicts, keyed by patched symbol index (and orig index for removed ones)."""
+
+    status: dict[int, str] = field(default_factory=dict)  # patched symbol -> same/changed/new
+    why: dict[int, str] = field(default_factory=dict)
+    line_only: set[int] = field(default_factory=set)  # patched symbols whose only change is __LINE__
+    removed: list[int] = field(default_factory=list)  # orig function/object symbols with no twin
+    changed_sections: dict[int, str] = field(default_factory=dict)  # patched section -> why (unowned)
+    keys: TargetKeys | None = None
+
+
+def _reloc_tuples(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[object, ...]]:
+    r = obj.relocs(sec)
+    if len(r):
+        a, b = np.searchsorted(r["offset"], [lo, hi])
+        r = r[a:b]
+    return [(int(x["offset"]) - lo, int(x["type"]), *keys.key(obj, int(x["sym"]), int(x["type"]),
+                                                               int(x["addend"]))) for x in r]
+
+
+def _describe(name_of, t: tuple[object, ...]) -> str:  # type: ignore[no-untyped-def]
+    what = t[2]
+    if isinstance(what, tuple):
+        kind = what[0]
+        if kind == "sym":
+            return name_of(what[1])
+        if kind == "str":
+            return repr(bytes(what[1]).decode(errors="replace")[:40])  # type: ignore[arg-type]
+        return f"{kind} {what[1]}"
+    return str(what)
+
+
+def compare(corr: Correlation, arch: Arch) -> Comparison:
+    """Compare every correlated function and object; mark uncorrelated patched ones new."""
+    o, p = corr.orig, corr.patched
+    keys = TargetKeys(corr, arch)
+    res = Comparison(keys=keys)
+    want = (C.STT_FUNC, C.STT_OBJECT)
+    helpers_cache: dict[int, bool] = {}
+    for pi in range(p.nsym):
+        if not p.defined[pi] or p.stype[pi] not in want:
+            continue
+        psec = int(p.shndx[pi])
+        if is_ignored_section(p.sec_names[psec]):
+            continue
+        oi = int(corr.p2o[pi])
+        if oi < 0:
+            res.status[pi] = NEW
+            res.why[pi] = "new in the patched object"
+            continue
+        osec = int(o.shndx[oi])
+        olo, ohi = o.sym_range(oi)
+        plo, phi = p.sym_range(pi)
+        why = _differs(o, p, keys, oi, pi, osec, psec, olo, ohi, plo, phi)
+        if why is None:
+            res.status[pi] = SAME
+            continue
+        if why == "bytes" and p.is_text(psec):
+            if _line_only(o, p, arch, osec, psec, olo, ohi, plo, phi, helpers_cache, pi):
+                res.status[pi] = SAME
+                res.line_only.add(pi)
+                res.why[pi] = "only __LINE__ arguments of WARN/printk-style calls moved (ignored)"
+                continue
+            why = "code differs"
+        res.status[pi] = CHANGED
+        res.why[pi] = why
+    for oi in range(o.nsym):
+        if o.defined[oi] and o.stype[oi] in want and corr.o2p[oi] < 0 \
+                and not is_ignored_section(o.sec_names[int(o.shndx[oi])]):
+            res.removed.append(oi)
+    _compare_unowned(corr, keys, res)
+    return res
+
+
+def _differs(o: Object, p: Object, keys: TargetKeys, oi: int, pi: int, osec: int, psec: int,
+             olo: int, ohi: int, plo: int, phi: int) -> str | None:
+    """None when equal, else a short reason ('bytes' when only the bytes differ)."""
+    if ohi - olo != phi - plo:
+        return f"size {ohi - olo} -> {phi - plo}"
+    ot = _reloc_tuples(o, keys, osec, olo, ohi)
+    pt = _reloc_tuples(p, keys, psec, plo, phi)
+    if ot != pt:
+        if len(ot) != len(pt):
+            return f"{len(ot)} -> {len(pt)} relocations"
+        for a, b in zip(ot, pt, strict=True):
+            if a != b:
+                return (f"reference at +{b[0]:#x} changed: {_describe(lambda i: o.sym_names[i], a)} -> "
+                        f"{_describe(lambda i: o.sym_names[i], b)}")
+    onob = o.shdrs["type"][osec] == C.SHT_NOBITS
+    pnob = p.shdrs["type"][psec] == C.SHT_NOBITS
+    if onob != pnob:
+        return "moved between initialised and zero-initialised data"
+    if onob:
+        return None
+    if o.section_data(osec)[olo:ohi] != p.section_data(psec)[plo:phi]:
+        return "bytes"
+    return None
+
+
+def _calls_line_helper(obj: Object, sec: int, lo: int, hi: int) -> bool:
+    r = obj.relocs(sec)
+    r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+    return any(obj.sym_names[int(s)] in LINE_HELPERS or obj.sym_names[int(s)].startswith("__btrfs")
+               for s in np.unique(r["sym"]))
+
+
+def _line_only(o: Object, p: Object, arch: Arch, osec: int, psec: int, olo: int, ohi: int, plo: int,
+               phi: int, cache: dict[int, bool], pi: int) -> bool:
+    """True when every differing instruction loads an immediate into an argument register of a
+    __LINE__-taking helper and the function calls such a helper."""
+    if not arch.cs_arch or not arch.line_regs:
+        return False
+    if not _calls_line_helper(p, psec, plo, phi):
+        return False
+    from .disasm import instructions
+    a = instructions(arch, o.section_data(osec)[olo:ohi])
+    b = instructions(arch, p.section_data(psec)[plo:phi])
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x == y:
+            continue
+        if x[0] != y[0] or x[1] != y[1]:  # size or mnemonic
+            return False
+        if not x[1].startswith(("mov", "li", "lhi", "lghi", "lgfi", "iilf")):
+            return False
+        # capstone prints the destination first on every architecture we decode
+        dst_x, dst_y = x[2].replace(" ", "").split(",")[0], y[2].replace(" ", "").split(",")[0]
+        if dst_x != dst_y or dst_y.lstrip("%") not in arch.line_regs:
+            return False
+    return True
+
+
+def _compare_unowned(corr: Correlation, keys: TargetKeys, res: Comparison) -> None:
+    """Sections holding no function/object symbol (anonymous tables, string literals): by content."""
+    o, p = corr.orig, corr.patched
+    for ps in range(1, p.nsec):
+        name = p.sec_names[ps]
+        t = int(p.shdrs["type"][ps])
+        if t not in (C.SHT_PROGBITS, C.SHT_NOBITS, C.SHT_INIT_ARRAY, C.SHT_FINI_ARRAY) \
+                or not p.section_flags(ps) & C.SHF_ALLOC or is_ignored_section(name):
+            continue
+        if ps in p.syms_in_section:
+            continue
+        osec = int(corr.sp2o[ps])
+        if osec < 0:
+            if int(p.shdrs["size"][ps]):
+                res.changed_sections[ps] = "new section"
+            continue
+        if p.section_flags(ps) & C.SHF_STRINGS:
+            continue  # string literals are compared where they are used, by content
+        a = _reloc_tuples(o, keys, osec, 0, int(o.shdrs["size"][osec]))
+        b = _reloc_tuples(p, keys, ps, 0, int(p.shdrs["size"][ps]))
+        if a != b or o.section_data(osec) != p.section_data(ps):
+            res.changed_sections[ps] = "content differs"

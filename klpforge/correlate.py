@@ -1,0 +1,243 @@
+"""The *correlate* stage: pair every symbol and section of the original object with its twin.
+
+Rules, tried in order; each pair records which rule matched it, for the JSON report:
+
+1. ``STT_FILE`` symbols, and undefined symbols, by exact name.
+2. Global symbols by exact name.
+3. Local symbols by (FILE scope, canonical name, type): GCC's clone and static-local numbers are
+   ignored, so ``foo.isra.0`` pairs with ``foo.isra.1`` when each is the only one of its kind.
+4. Several candidates with one canonical name: static locals (``x.3``, ``x.7``) by the set of functions
+   that reference them; functions by identical code, then identical name, then position.
+5. A symbol whose binding changed (``static`` added or removed): by canonical name alone, if unique.
+
+Never correlated: special statics (``__key``, ``__warned``, ``CSWTCH``, ...: the patch gets its own copy)
+and assembler labels (``.LC0``: compared by content). Sections follow the function or object they hold;
+other sections pair by name.
+
+>>> corr = correlate(Object.load("a.o"), Object.load("b.o"))
+>>> corr.reason_for_orig(corr.p2o.tolist().index(5))
+'same name up to GCC clone number'
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .elf import constants as C
+from .model import Object
+from .names import canonical, is_local_label, is_special_static, section_subject
+
+__all__ = ["Correlation", "correlate"]
+
+
+@dataclass
+class Correlation:
+    """Symbol and section pairing between ``orig`` and ``patched``."""
+
+    orig: Object
+    patched: Object
+    o2p: np.ndarray  # orig symbol -> patched symbol, -1 if none
+    p2o: np.ndarray
+    so2p: np.ndarray  # orig section -> patched section
+    sp2o: np.ndarray
+    reasons: dict[int, str] = field(default_factory=dict)  # orig symbol -> rule that matched it
+    never: set[int] = field(default_factory=set)  # patched symbols excluded from correlation
+
+    def reason_for_orig(self, i: int) -> str:
+        return self.reasons.get(i, "")
+
+
+def _pair(corr: Correlation, o: int, p: int, why: str) -> None:
+    corr.o2p[o] = p
+    corr.p2o[p] = o
+    corr.reasons[o] = why
+
+
+def _candidates(obj: Object) -> np.ndarray:
+    """Symbols that take part in rules 2-5: named functions, objects and typeless labels."""
+    t = obj.stype
+    ok = obj.defined & ((t == C.STT_FUNC) | (t == C.STT_OBJECT) | (t == C.STT_NOTYPE) | (t == C.STT_TLS))
+    idx = np.flatnonzero(ok)
+    names = obj.sym_names
+    return np.array([i for i in idx if names[i] and not is_local_label(names[i])
+                     and not is_special_static(names[i])], dtype=np.int64)
+
+
+def _referencers(obj: Object) -> dict[int, frozenset[str]]:
+    """Symbol → canonical names of the functions whose code references it (for static locals)."""
+    refs: dict[int, set[str]] = defaultdict(set)
+    for tgt in obj.elf.reloc_sections:
+        owner = int(obj.section_owner[tgt]) if tgt < obj.nsec else -1
+        if owner < 0 or not obj.is_text(tgt):
+            continue
+        fname = canonical(obj.sym_names[owner])
+        r = obj.relocs(tgt)
+        for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
+            if obj.stype[s] == C.STT_SECTION:  # statics outside -fdata-sections: .bss + offset
+                s = obj.symbol_at(int(obj.shndx[s]), a + 4 if a < 0 else a)
+                if s < 0:
+                    continue
+            refs[int(s)].add(fname)
+    return {k: frozenset(v) for k, v in refs.items()}
+
+
+def _code_digest(obj: Object, i: int) -> tuple[object, ...]:
+    """A comparable summary of function ``i``: its bytes and relocation targets by canonical name."""
+    sec = int(obj.shndx[i])
+    lo, hi = obj.sym_range(i)
+    r = obj.relocs(sec)
+    r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+    names = tuple((int(x["offset"]) - lo, int(x["type"]), obj.canon[int(x["sym"])], int(x["addend"]))
+                  for x in r)
+    return (obj.section_data(sec)[lo:hi], names)
+
+
+def correlate(orig: Object, patched: Object) -> Correlation:
+    """Pair the symbols and sections of ``orig`` and ``patched`` (see the module docstring)."""
+    corr = Correlation(orig, patched,
+                       np.full(orig.nsym, -1, np.int64), np.full(patched.nsym, -1, np.int64),
+                       np.full(orig.nsec, -1, np.int64), np.full(patched.nsec, -1, np.int64))
+    _pair(corr, 0, 0, "null symbol")
+
+    # Rule 1: FILE symbols in order, undefined symbols by name.
+    of = [i for i in np.flatnonzero(orig.stype == C.STT_FILE)]
+    pf = [i for i in np.flatnonzero(patched.stype == C.STT_FILE)]
+    pf_by_name: dict[str, list[int]] = defaultdict(list)
+    for i in pf:
+        pf_by_name[patched.sym_names[i]].append(int(i))
+    for i in of:
+        lst = pf_by_name.get(orig.sym_names[i])
+        if lst:
+            _pair(corr, int(i), lst.pop(0), "same source file")
+    pund = {patched.sym_names[i]: int(i) for i in np.flatnonzero(~patched.defined) if i
+            and patched.stype[i] != C.STT_FILE and patched.shndx[i] == C.SHN_UNDEF}
+    for i in np.flatnonzero(~orig.defined):
+        if i and orig.shndx[i] == C.SHN_UNDEF and orig.stype[i] != C.STT_FILE:
+            p = pund.get(orig.sym_names[i])
+            if p is not None:
+                _pair(corr, int(i), p, "same external symbol")
+
+    oc, pc = _candidates(orig), _candidates(patched)
+    corr.never = set(int(i) for i in np.flatnonzero(patched.defined)) - set(pc.tolist())
+
+    # Rule 2: globals by exact name.
+    pglob = {patched.sym_names[i]: int(i) for i in pc if patched.sbind[i] != C.STB_LOCAL}
+    for i in oc:
+        if orig.sbind[i] != C.STB_LOCAL:
+            p = pglob.get(orig.sym_names[i])
+            if p is not None and patched.stype[p] == orig.stype[i]:
+                _pair(corr, int(i), p, "same global name")
+
+    # Rule 3/4: locals grouped by (scope file, canonical name, type).
+    def groups(obj: Object, cand: np.ndarray, taken: np.ndarray) -> dict[tuple[str, str, int], list[int]]:
+        g: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for i in cand:
+            if taken[i] >= 0 or obj.sbind[i] != C.STB_LOCAL:
+                continue
+            sc = int(obj.scope[i])
+            g[(obj.file_names[sc] if sc >= 0 else "", obj.canon[i], int(obj.stype[i]))].append(int(i))
+        return g
+
+    og, pg = groups(orig, oc, corr.o2p), groups(patched, pc, corr.p2o)
+    oref: dict[int, frozenset[str]] | None = None
+    pref: dict[int, frozenset[str]] | None = None
+    for key, olist in og.items():
+        plist = pg.get(key)
+        if not plist:
+            continue
+        if len(olist) == 1 and len(plist) == 1:
+            o, p = olist[0], plist[0]
+            same = orig.sym_names[o] == patched.sym_names[p]
+            _pair(corr, o, p, "same local name" if same else "same name up to GCC clone number")
+            continue
+        if key[2] == C.STT_OBJECT:
+            if oref is None:
+                oref, pref = _referencers(orig), _referencers(patched)
+            assert pref is not None
+            _match_by(corr, olist, plist, lambda o: oref.get(o, frozenset()) or None,
+                      lambda p: pref.get(p, frozenset()) or None,
+                      "static local referenced by the same functions")
+        else:
+            _match_by(corr, olist, plist, lambda o: _code_digest(orig, o), lambda p: _code_digest(patched, p),
+                      "same code (several clones share the name)")
+        _match_by(corr, olist, plist, lambda o: orig.sym_names[o], lambda p: patched.sym_names[p],
+                  "same local name")
+        rest_o = [o for o in olist if corr.o2p[o] < 0]
+        rest_p = [p for p in plist if corr.p2o[p] < 0]
+        for o, p in zip(rest_o, rest_p, strict=False):
+            _pair(corr, o, p, "same canonical name, matched by position")
+
+    # Rule 5: binding changed.
+    def by_canon(obj: Object, cand: np.ndarray, taken: np.ndarray) -> dict[tuple[str, int], list[int]]:
+        g: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i in cand:
+            if taken[i] < 0:
+                g[(obj.canon[i], int(obj.stype[i]))].append(int(i))
+        return g
+
+    ob, pb = by_canon(orig, oc, corr.o2p), by_canon(patched, pc, corr.p2o)
+    for key, olist in ob.items():
+        plist = pb.get(key)
+        if plist and len(olist) == 1 and len(plist) == 1:
+            _pair(corr, olist[0], plist[0], "same name, binding changed")
+
+    _correlate_sections(corr)
+    return corr
+
+
+def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey, pkey, why: str) -> None:  # type: ignore[no-untyped-def]
+    """Pair the still-free members of ``olist``/``plist`` whose keys are equal and unique on both sides."""
+    okeys: dict[object, list[int]] = defaultdict(list)
+    for o in olist:
+        if corr.o2p[o] < 0:
+            k = okey(o)
+            if k is not None:
+                okeys[k].append(o)
+    pkeys: dict[object, list[int]] = defaultdict(list)
+    for p in plist:
+        if corr.p2o[p] < 0:
+            k = pkey(p)
+            if k is not None:
+                pkeys[k].append(p)
+    for k, os_ in okeys.items():
+        ps = pkeys.get(k)
+        if ps and len(os_) == 1 and len(ps) == 1:
+            _pair(corr, os_[0], ps[0], why)
+
+
+def _correlate_sections(corr: Correlation) -> None:
+    o, p = corr.orig, corr.patched
+    # Sections holding a correlated function/object follow it.
+    for sec in range(1, o.nsec):
+        own = int(o.section_owner[sec])
+        if own >= 0 and corr.o2p[own] >= 0:
+            ps = int(p.shndx[corr.o2p[own]])
+            if corr.sp2o[ps] < 0 and int(p.section_owner[ps]) == corr.o2p[own]:
+                corr.so2p[sec], corr.sp2o[ps] = ps, sec
+    # The rest by name, with GCC numbering removed from the name's symbol part.
+    def key(obj: Object, sec: int) -> str:
+        n = obj.sec_names[sec]
+        subj = section_subject(n)
+        return n[: len(n) - len(subj)] + canonical(subj) if subj else canonical(n) if ".str1." in n else n
+
+    pk: dict[str, list[int]] = defaultdict(list)
+    for sec in range(1, p.nsec):
+        if corr.sp2o[sec] < 0 and int(p.section_owner[sec]) < 0:
+            pk[key(p, sec)].append(sec)
+    ok: dict[str, list[int]] = defaultdict(list)
+    for sec in range(1, o.nsec):
+        if corr.so2p[sec] < 0 and int(o.section_owner[sec]) < 0:
+            ok[key(o, sec)].append(sec)
+    for k, olist in ok.items():
+        plist = pk.get(k)
+        if plist and len(olist) == len(plist):
+            for a, b in zip(olist, plist, strict=True):
+                corr.so2p[a], corr.sp2o[b] = b, a
+    # Section symbols follow their sections.
+    for sec in range(1, o.nsec):
+        ps = int(corr.so2p[sec])
+        if ps >= 0 and o.section_symbol[sec] >= 0 and p.section_symbol[ps] >= 0:
+            _pair(corr, int(o.section_symbol[sec]), int(p.section_symbol[ps]), "section symbol")

@@ -1,0 +1,38 @@
+"""Instruction decoding through capstone (never a hand-written decoder).
+
+>>> instructions(arch_for(62), b"\\xbe\\x2a\\x00\\x00\\x00")
+[(5, 'mov', 'esi, 0x2a')]
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from .arch import Arch
+
+__all__ = ["instructions", "decoder"]
+
+
+def decoder(arch: Arch) -> Any:
+    """A capstone ``Cs`` for ``arch`` (detail off: sizes, mnemonics and operands are all we need)."""
+    return _decoder(arch.name, arch.cs_arch, arch.cs_mode)
+
+
+@cache
+def _decoder(name: str, cs_arch: str, cs_mode: str) -> Any:
+    import capstone
+
+    mode = 0
+    for part in cs_mode.split("|"):
+        mode |= getattr(capstone, part.strip()) if part.strip() else 0
+    if name == "ppc64le":
+        mode = capstone.CS_MODE_64 | capstone.CS_MODE_LITTLE_ENDIAN
+    md = capstone.Cs(getattr(capstone, cs_arch), mode)
+    md.skipdata = True
+    return md
+
+
+def instructions(arch: Arch, code: bytes) -> list[tuple[int, str, str]]:
+    """``(size, mnemonic, operands)`` for every instruction in ``code`` (data bytes come out as .byte)."""
+    return [(size, mn, ops) for _addr, size, mn, ops in decoder(arch).disasm_lite(code, 0)]

@@ -1,0 +1,362 @@
+"""The *emit* stage: write the livepatch object, with ``.klp.rela``/``.klp.sym`` emitted directly.
+
+Every reference from included code to something that stays in the running kernel becomes either a
+normal relocation against an undefined symbol (the target is exported by vmlinux, per
+``Module.symvers``) or a klp relocation: a ``.klp.sym.<obj>.<name>,<sympos>`` symbol (``SHN_LIVEPATCH``)
+and an entry in ``.klp.rela.<obj>.<section>`` (``SHF_RELA_LIVEPATCH``), which the kernel resolves
+through kallsyms when the patch loads (Documentation/livepatch/module-elf-format.rst, 6.1).
+Each replaced function also gets a global alias ``klpf_<obj>__<name>__<sympos>`` for the generated
+module source to point ``klp_func.new_func`` at.
+
+>>> out = emit(corr, cmp, sel, arch, EmitOptions(target="vmlinux", symtab=st))
+>>> out.patched[0].old_name
+'cmdline_proc_show'
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..arch import Arch
+from ..compare import Comparison
+from ..correlate import Correlation
+from ..elf import ObjectWriter
+from ..elf import constants as C
+from ..elf.types import RELOC
+from ..model import Object
+from ..names import is_special_static
+from ..select import AUX_CODE, KEPT_SPECIAL, Selection, resolve_target
+from ..symtab import Export, TargetSymtab
+from .special import PAIRED, entry_size
+
+__all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
+
+
+@dataclass
+class EmitOptions:
+    target: str  # "vmlinux" or a module name
+    symtab: TargetSymtab
+    symvers: Mapping[str, Export] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PatchedFunc:
+    """One ``klp_func``: the function replaced, its sympos, and the output symbol replacing it."""
+
+    old_name: str
+    sympos: int
+    new_symbol: str
+    new_name: str
+
+
+@dataclass(frozen=True)
+class KlpReloc:
+    """One klp relocation, for the report: where, against what."""
+
+    section: str
+    offset: int
+    type: int
+    symbol: str
+    addend: int
+
+
+@dataclass
+class EmitResult:
+    data: bytes
+    patched: list[PatchedFunc]
+    klp_relocs: list[KlpReloc]
+    normal_externals: list[str]
+    special_kept: dict[str, tuple[int, int]]  # table -> (kept, total)
+    refusals: list[str]
+    callbacks: dict[str, str]
+
+
+def alias_name(obj: str, name: str, sympos: int) -> str:
+    """A C identifier naming the new copy of ``name`` (for ``klp_func.new_func``)."""
+    return f"klpf_{re.sub(r'[^A-Za-z0-9_]', '_', obj)}__{re.sub(r'[^A-Za-z0-9_]', '_', name)}__{sympos}"
+
+
+class _Emitter:
+    def __init__(self, corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: EmitOptions):
+        self.corr, self.cmp, self.sel, self.arch, self.opts = corr, cmp, sel, arch, opts
+        p = corr.patched
+        self.p = p
+        e = p.elf
+        self.w = ObjectWriter(e.elfclass, e.endian, e.machine, e.e_flags, e.osabi)
+        self.out_sec: dict[int, int] = {}  # patched section -> output handle
+        self.out_sym: dict[int, int] = {}  # patched symbol -> output handle
+        self.secsym: dict[int, int] = {}  # output section handle -> its section symbol
+        self.ext: dict[str, int] = {}
+        self.klp_sym: dict[str, int] = {}
+        self.klp: dict[tuple[str, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+        self.klp_report: list[KlpReloc] = []
+        self.refusals: list[str] = []
+        self.siblings = frozenset(corr.orig.sym_names[i] for i in range(corr.orig.nsym)
+                                  if corr.orig.sbind[i] == C.STB_LOCAL and corr.orig.defined[i]
+                                  and corr.orig.stype[i] in (C.STT_FUNC, C.STT_OBJECT))
+        self._sympos_cache: dict[int, int] = {}
+
+    # -- symbols --------------------------------------------------------------------------------------
+
+    def add_section(self, ps: int, data: bytes | None = None) -> int:
+        p = self.p
+        h = p.shdrs[ps]
+        flags = int(h["flags"]) & ~C.SHF_GROUP
+        blob = p.section_data(ps) if data is None else data
+        handle = self.w.add_section(p.sec_names[ps], int(h["type"]), flags, blob,
+                                    size=int(h["size"]) if data is None else len(data),
+                                    addralign=int(h["addralign"]), entsize=int(h["entsize"]))
+        self.out_sec[ps] = handle
+        self.secsym[handle] = self.w.add_symbol("", handle, 0, 0, C.STT_SECTION, C.STB_LOCAL)
+        return handle
+
+    def orig_of(self, ps: int) -> int:
+        return int(self.corr.p2o[ps])
+
+    def sympos_of(self, oi: int) -> int:
+        c = self._sympos_cache.get(oi)
+        if c is None:
+            o = self.corr.orig
+            local = o.sbind[oi] == C.STB_LOCAL
+            sc = int(o.scope[oi])
+            file = o.file_names[sc] if sc >= 0 else o.main_file
+            c = self._sympos_cache[oi] = self.opts.symtab.sympos(o.sym_names[oi], file, bool(local),
+                                                                 self.siblings)
+        return c
+
+    def klp_symbol(self, obj: str, name: str, pos: int) -> int:
+        full = f".klp.sym.{obj}.{name},{pos}"
+        h = self.klp_sym.get(full)
+        if h is None:
+            h = self.klp_sym[full] = self.w.add_symbol(full, C.SHN_LIVEPATCH, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+        return h
+
+    def external(self, name: str) -> int:
+        h = self.ext.get(name)
+        if h is None:
+            h = self.ext[name] = self.w.add_symbol(name, C.SHN_UNDEF, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+        return h
+
+    def resolve(self, sym: int, rtype: int, addend: int) -> tuple[int, int, str | None, str]:
+        """Output symbol handle, addend, klp object name (None for a normal relocation), display name."""
+        p = self.p
+        t, a = resolve_target(p, self.arch, sym, rtype, addend)
+        if p.stype[t] == C.STT_SECTION:
+            ps = int(p.shndx[t])
+            if ps in self.out_sec:
+                return self.secsym[self.out_sec[ps]], addend, None, p.sec_names[ps]
+            raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
+        if t in self.out_sym:
+            return self.out_sym[t], a, None, p.sym_names[t]
+        name = p.sym_names[t]
+        exp = (self.opts.symvers or {}).get(name)
+        if not p.defined[t]:
+            if exp is not None and exp.module == "vmlinux":
+                return self.external(name), a, None, name
+            obj = exp.module if exp is not None else (
+                self.opts.target if self.opts.symtab.has(name) else "vmlinux")
+            return self.klp_symbol(obj, name, 0), a, obj, name
+        oi = self.orig_of(t)
+        if oi < 0:
+            raise _Unresolvable(f"{name}, which is neither included nor present in the original object")
+        oname = self.corr.orig.sym_names[oi]
+        if exp is not None and exp.module == "vmlinux" and self.corr.orig.sbind[oi] != C.STB_LOCAL:
+            return self.external(oname), a, None, oname
+        pos = self.sympos_of(oi)
+        return self.klp_symbol(self.opts.target, oname, pos), a, self.opts.target, oname
+
+    # -- relocations ----------------------------------------------------------------------------------
+
+    def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str) -> None:
+        """Convert ``(offset, patched symbol, type, addend)`` entries for output section ``handle``."""
+        normal = []
+        for off, s, t, a in relocs:
+            try:
+                sym, add, klp_obj, disp = self.resolve(s, t, a)
+            except _Unresolvable as e:
+                self.refusals.append(f"{where}+{off:#x} refers to {e}")
+                continue
+            if klp_obj is None:
+                normal.append((off, sym, t, add))
+            else:
+                self.klp[(klp_obj, handle)].append((off, sym, t, add))
+                self.klp_report.append(KlpReloc(self.w.section_name(handle), off, t, disp, add))
+        if normal:
+            self.w.add_relocations(handle, _reloc_array(normal), rela=True)
+
+    def finish_klp(self) -> None:
+        for (obj, handle), entries in sorted(self.klp.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            secname = self.w.section_name(handle)
+            self.w.add_relocations(handle, _reloc_array(entries),
+                                   name=f".klp.rela.{obj}.{secname.lstrip('.')}", rela=True,
+                                   flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
+
+
+class _Unresolvable(Exception):
+    pass
+
+
+def _reloc_array(entries: list[tuple[int, int, int, int]]) -> np.ndarray:
+    arr = np.zeros(len(entries), RELOC)
+    if entries:
+        arr["offset"], arr["sym"], arr["type"], arr["addend"] = zip(*entries, strict=True)
+    return arr
+
+
+def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: EmitOptions) -> EmitResult:
+    """Build the livepatch object from a selection."""
+    em = _Emitter(corr, cmp, sel, arch, opts)
+    p = corr.patched
+    files = np.flatnonzero(p.stype == C.STT_FILE)
+    if len(files):
+        em.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
+
+    sections = set(sel.sections)
+    specials = _special_tables(p, sel, sections, opts, arch)
+    for ps in sorted(sections):
+        em.add_section(ps)
+    patched_set = set(sel.patched)
+    for ps in sorted(sections):
+        for s in p.syms_in_section.get(ps, []):
+            bind = int(p.sbind[s])
+            if s in patched_set or cmp.status.get(s) == "changed":
+                bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
+            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), int(p.size[s]),
+                                            int(p.stype[s]), bind, int(p.syms["other"][s]))
+    # Labels and typeless symbols inside included sections keep working too.
+    for s in range(1, p.nsym):
+        ps = int(p.shndx[s])
+        if s not in em.out_sym and ps in em.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
+            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), 0,
+                                            C.STT_NOTYPE, int(p.sbind[s]))
+
+    patched: list[PatchedFunc] = []
+    for s in sel.patched:
+        oi = em.orig_of(s)
+        if oi < 0:
+            continue
+        oname = corr.orig.sym_names[oi]
+        try:
+            pos = em.sympos_of(oi)
+        except Exception as e:  # noqa: BLE001 - reported as a refusal with the symtab's message
+            em.refusals.append(str(e))
+            continue
+        alias = alias_name(opts.target, oname, pos)
+        em.w.add_symbol(alias, em.out_sec[int(p.shndx[s])], int(p.value[s]), int(p.size[s]), C.STT_FUNC,
+                        C.STB_GLOBAL)
+        patched.append(PatchedFunc(oname, pos, alias, p.sym_names[s]))
+
+    for ps in sorted(sections):
+        r = p.relocs(ps)
+        em.relocate(em.out_sec[ps], list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(),
+                                             r["addend"].tolist(), strict=True)), p.sec_names[ps])
+    kept: dict[str, tuple[int, int]] = {}
+    for name, (ps, data, relocs, total, nkept) in specials.items():
+        h = em.add_section(ps, data)
+        em.relocate(h, relocs, name)
+        kept[name] = (nkept, total)
+    em.finish_klp()
+    _check_module_keys(em, specials)
+    cbs = {k: p.sym_names[v] for k, v in sel.callbacks.items()}
+    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs)
+
+
+def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOptions, arch: Arch) \
+        -> dict[str, tuple[int, bytes, list[tuple[int, int, int, int]], int, int]]:
+    """Cut each special table down to the entries of included code.
+
+    Returns name -> (patched section, new bytes, relocations, entries before, entries kept); adds the
+    auxiliary code sections (``.altinstr_replacement``, ``.fixup``) that kept entries point into."""
+    out = {}
+    ptr = 8 if p.elf.is64 else 4
+    included_text = {s for s in sections if p.is_text(s)}
+    kept_index: dict[str, list[int]] = {}
+    names = [(ps, p.sec_names[ps]) for ps in range(1, p.nsec)]
+    order = sorted(names, key=lambda x: x[1] in PAIRED)  # paired tables after their partners
+    for ps, name in order:
+        if not (name.startswith(KEPT_SPECIAL) and name in _table_names(name)) or not int(p.shdrs["size"][ps]):
+            continue
+        size = entry_size(name, opts.env, int(p.shdrs["entsize"][ps]), ptr)
+        data = p.section_data(ps)
+        total = len(data) // size
+        r = p.relocs(ps)
+        if name in PAIRED:
+            keep = kept_index.get(PAIRED[name])
+            if keep is None:
+                continue
+        else:
+            keep = []
+            idx = (r["offset"] // size).astype(np.int64)
+            for e in range(total):
+                rr = r[idx == e]
+                targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0]
+                           for x in rr]
+                secs = [int(p.shndx[t]) for t in targets]
+                if name == ".printk_index":
+                    ok = bool(secs) and all(s in sections for s in secs)
+                else:
+                    ok = any(s in included_text and not p.sec_names[s].startswith(AUX_CODE) for s in secs)
+                if ok:
+                    keep.append(e)
+                    for t in targets:
+                        _pull_in(p, arch, t, name, sections, sel, included_text)
+        kept_index[name] = keep
+        if not keep:
+            continue
+        new = b"".join(data[e * size:(e + 1) * size] for e in keep)
+        relocs = []
+        for k, e in enumerate(keep):
+            rr = r[(r["offset"] >= e * size) & (r["offset"] < (e + 1) * size)]
+            for x in rr:
+                relocs.append((int(x["offset"]) - e * size + k * size, int(x["sym"]), int(x["type"]),
+                               int(x["addend"])))
+        out[name] = (ps, new, relocs, total, len(keep))
+    return out
+
+
+def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel: Selection,
+             included_text: set[int]) -> None:
+    """Add what a kept table entry needs that the running kernel cannot provide: auxiliary code, the
+    strings a BUG/WARN entry names, special statics (dynamic-debug descriptors), and what those need."""
+    todo = [t]
+    while todo:
+        t = todo.pop()
+        s = int(p.shndx[t])
+        if s in sections or s == 0 or s >= p.nsec:
+            continue
+        name = p.sec_names[s]
+        uncorrelated = p.stype[t] == C.STT_SECTION or p.sym_names[t].startswith(".L") \
+            or is_special_static(p.sym_names[t])
+        if name in AUX_CODE:
+            sel.sections[s] = f"code of a kept {table} entry"
+            included_text.add(s)
+        elif uncorrelated and not p.is_text(s):
+            sel.sections[s] = f"data of a kept {table} entry"
+        else:
+            continue
+        sections.add(s)
+        r = p.relocs(s)
+        todo.extend(resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0] for x in r)
+
+
+def _table_names(name: str) -> tuple[str, ...]:
+    return (name,)
+
+
+def _check_module_keys(em: _Emitter, specials: Mapping[str, object]) -> None:
+    """Jump labels and static calls keyed in a module cannot be patched (6.1 sets their module entries up
+    before the module's klp relocations are applied, ``kernel/livepatch/core.c``)."""
+    if em.opts.target == "vmlinux":
+        return
+    for r in em.klp_report:
+        if r.section in ("__jump_table", ".static_call_sites") and not r.symbol.startswith("__tracepoint_"):
+            what = "jump label" if r.section == "__jump_table" else "static call"
+            em.refusals.append(f"{what} key {r.symbol} is defined in module {em.opts.target}: its entry would "
+                               "be set up before the key is resolved; use static_key_enabled() or a plain "
+                               "call instead")

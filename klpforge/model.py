@@ -1,0 +1,173 @@
+"""The *read* stage: one relocatable object with the derived facts the later stages need.
+
+An :class:`Object` wraps an :class:`~klpforge.elf.ElfFile` and adds, as numpy arrays indexed by symbol or
+section: the symbol's canonical name, its FILE scope, which section symbol stands for which section,
+and which function or object each ``-ffunction-sections``/``-fdata-sections`` section holds.
+
+>>> obj = Object.load("fs/proc/meminfo.o")
+>>> obj.sym_names[obj.section_owner[obj.find_section(".text.meminfo_proc_show")]]
+'meminfo_proc_show'
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .elf import ElfFile
+from .elf import constants as C
+from .names import canonical, section_subject
+
+__all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section"]
+
+#: Sections that never take part in the diff: metadata, regenerated tables, debug info.
+IGNORED_SECTIONS = (".comment", ".note.GNU-stack", ".note.gnu.property", "__mcount_loc",
+                    "__patchable_function_entries", ".sframe", ".llvm_addrsig", ".modinfo",
+                    ".kpatch.ignore.sections", ".kpatch.ignore.functions", ".BTF", ".BTF.ext",
+                    ".eh_frame", ".gnu.build.attributes")
+_IGNORED_PREFIXES = (".discard", ".debug_", ".note", ".llvm", ".rela.debug_", ".gnu.lto",
+                     "___ksymtab", "___kcrctab", "__ksymtab", "__kcrctab", ".comment", ".stab")
+
+
+def is_ignored_section(name: str) -> bool:
+    """True for sections the diff neither compares nor copies (see :data:`IGNORED_SECTIONS`)."""
+    return name in IGNORED_SECTIONS or name.startswith(_IGNORED_PREFIXES)
+
+
+class Object:
+    """A relocatable object prepared for correlation."""
+
+    def __init__(self, elf: ElfFile):
+        self.elf = elf
+        self.path = elf.path
+        self.sec_names = elf.section_names
+        self.shdrs = elf.shdrs
+        self.syms = elf.syms
+        self.sym_names = elf.sym_names
+        self.nsym = len(self.syms)
+        self.nsec = len(self.shdrs)
+        self.stype = (self.syms["info"] & 0xF).astype(np.int64)
+        self.sbind = (self.syms["info"] >> 4).astype(np.int64)
+        self.shndx = self.syms["shndx"].astype(np.int64)
+        self.value = self.syms["value"].astype(np.int64)
+        self.size = self.syms["size"].astype(np.int64)
+        self.defined = (self.shndx != C.SHN_UNDEF) & (self.shndx < C.SHN_LORESERVE)
+        self.canon = [canonical(n) for n in self.sym_names]
+        self._scopes()
+        self._sections()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Object:
+        """Read ``path``, which must be a relocatable object."""
+        return cls(ElfFile.open(path, require_rel=True))
+
+    # -- derived tables -------------------------------------------------------------------------------
+
+    def _scopes(self) -> None:
+        """``file_of[i]``: name of the STT_FILE symbol whose block holds local symbol ``i`` ('' if none)."""
+        files = np.flatnonzero(self.stype == C.STT_FILE)
+        self.file_names = [self.sym_names[i] for i in files]
+        scope = np.searchsorted(files, np.arange(self.nsym), side="right") - 1
+        scope[self.sbind != C.STB_LOCAL] = -1
+        self.scope = scope
+        self.main_file = self.file_names[0] if self.file_names else ""
+
+    def _sections(self) -> None:
+        n = self.nsec
+        secsym = np.full(n, -1, np.int64)
+        is_sec = (self.stype == C.STT_SECTION) & self.defined
+        idx = np.flatnonzero(is_sec)
+        secsym[self.shndx[idx]] = idx
+        self.section_symbol = secsym
+        # Owner: the function/object a -ffunction-sections section is named after, else the only one in it.
+        owner = np.full(n, -1, np.int64)
+        fo = np.flatnonzero(((self.stype == C.STT_FUNC) | (self.stype == C.STT_OBJECT)) & self.defined)
+        by_sec: dict[int, list[int]] = {}
+        for i in fo:
+            by_sec.setdefault(int(self.shndx[i]), []).append(int(i))
+        self.syms_in_section = by_sec
+        for sec, members in by_sec.items():
+            subject = section_subject(self.sec_names[sec])
+            pick = -1
+            if subject is not None:
+                named = [m for m in members if self.sym_names[m] == subject]
+                if not named and subject:
+                    # .text.unlikely.foo holds foo.cold; .text.foo.isra.0 holds foo.isra.0.
+                    named = [m for m in members if self.sym_names[m].startswith(subject + ".")]
+                if len(named) == 1:
+                    pick = named[0]
+            if pick < 0 and len(members) == 1 and subject is not None:
+                pick = members[0]
+            owner[sec] = pick
+        self.section_owner = owner
+
+    # -- lookups --------------------------------------------------------------------------------------
+
+    def find_section(self, name: str) -> int | None:
+        return self.elf.find_section(name)
+
+    def section_data(self, sec: int) -> bytes:
+        return self._data_cache(sec)
+
+    @cached_property
+    def _bytes_cache(self) -> dict[int, bytes]:
+        return {}
+
+    def _data_cache(self, sec: int) -> bytes:
+        c = self._bytes_cache
+        b = c.get(sec)
+        if b is None:
+            b = c[sec] = self.elf.section_bytes(sec)
+        return b
+
+    @cached_property
+    def _reloc_cache(self) -> dict[int, np.ndarray]:
+        return {}
+
+    def relocs(self, sec: int) -> np.ndarray:
+        """Relocations that apply to section ``sec`` (sorted by offset; empty array if none)."""
+        c = self._reloc_cache
+        r = c.get(sec)
+        if r is None:
+            rs = self.elf.reloc_sections.get(sec)
+            if rs is None:
+                from .elf.types import RELOC
+                r = np.zeros(0, RELOC)
+            else:
+                r = self.elf.relocs(rs)
+                if len(r) > 1 and (np.diff(r["offset"].astype(np.int64)) < 0).any():
+                    r = r[np.argsort(r["offset"], kind="stable")]
+            c[sec] = r
+        return r
+
+    def symbol_at(self, sec: int, offset: int) -> int:
+        """The function/object symbol of section ``sec`` that covers ``offset`` (-1 if none).
+
+        An offset equal to a symbol's end counts for it when no other symbol starts there, since GCC
+        addresses one-past-the-end (``&array[N]``)."""
+        members = self.syms_in_section.get(sec)
+        if not members:
+            return -1
+        best = -1
+        for m in members:
+            v, s = int(self.value[m]), int(self.size[m])
+            if v <= offset < v + max(s, 1):
+                return m
+            if offset == v + s and best < 0:
+                best = m
+        return best
+
+    def sym_range(self, i: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of symbol ``i`` in its section (the whole section if size 0)."""
+        v, s = int(self.value[i]), int(self.size[i])
+        if s == 0 and self.defined[i]:
+            s = int(self.shdrs["size"][self.shndx[i]]) - v
+        return v, v + s
+
+    def is_text(self, sec: int) -> bool:
+        return bool(int(self.shdrs["flags"][sec]) & C.SHF_EXECINSTR)
+
+    def section_flags(self, sec: int) -> int:
+        return int(self.shdrs["flags"][sec])

@@ -1,0 +1,278 @@
+"""The *select* stage: what goes into the live patch, why, and what must be refused.
+
+Start from the changed functions (a changed ``.cold`` part makes its parent changed), add every
+function's ``.cold`` part (its jumps land back in the new parent), then follow relocations: new
+functions and data, fresh copies of special statics, string literals and anonymous tables are pulled in;
+everything that exists unchanged in the running kernel stays a reference. Refusals are collected, not
+raised one at a time, so the user sees every problem at once.
+
+>>> sel = select(corr, cmp, arch_for(62))
+>>> sel.reasons[sel.patched[0]]
+'changed: code differs'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arch import Arch
+from .compare import CHANGED, NEW, Comparison
+from .correlate import Correlation
+from .elf import constants as C
+from .elf.file import cstring_at
+from .model import Object, is_ignored_section
+from .names import clone_parent, is_special_static
+
+__all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS"]
+
+#: Code and data freed after boot or module init (kernel ``include/linux/init.h``).
+INIT_SECTIONS = (".init.", ".exit.", ".text.startup", ".text.exit", ".meminit.", ".memexit.", ".cpuinit.")
+
+#: Tables rebuilt entry by entry for the included functions (emit/special.py), never compared.
+SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_table", ".parainstructions",
+                    ".smp_locks", ".static_call_sites", ".retpoline_sites", ".return_sites", ".call_sites",
+                    ".orc_unwind", ".orc_unwind_ip", ".printk_index", "__mcount_loc",
+                    "__patchable_function_entries", ".ibt_endbr_seal", "__ftr_fixup", "__mmu_ftr_fixup",
+                    "__fw_ftr_fixup", "__lwsync_fixup", "__stf_entry_barrier_fixup",
+                    "__stf_exit_barrier_fixup", "__rfi_flush_fixup", "__barrier_nospec_fixup",
+                    "__spec_barrier_fixup", ".s390_indirect_jump", ".s390_indirect_call",
+                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches", "__tracepoints_ptrs",
+                    "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
+                    "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
+                    "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")
+#: Tables whose entries point into included code are kept (emit/special.py); the rest only hold
+#: registrations (initcalls, tracepoint definitions) that a patch must not redo.
+KEPT_SPECIAL = SPECIAL_SECTIONS[:29]
+#: Code reached only through a special-section entry; copied whole when one of its entries is kept.
+AUX_CODE = (".altinstr_replacement", ".fixup", ".altinstr_aux")
+
+
+def is_special_section(name: str) -> bool:
+    return name.startswith(SPECIAL_SECTIONS) or name in AUX_CODE
+
+
+@dataclass
+class Selection:
+    """Patched-object symbols and sections that go into the live patch."""
+
+    included: dict[int, str] = field(default_factory=dict)  # patched symbol -> why it is in
+    sections: dict[int, str] = field(default_factory=dict)  # patched section -> why it is in
+    patched: list[int] = field(default_factory=list)  # functions replaced in the running kernel
+    refusals: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    ignored: set[int] = field(default_factory=set)  # KPATCH_IGNORE_FUNCTION
+    callbacks: dict[str, int] = field(default_factory=dict)  # pre_patch/... -> patched function symbol
+    has_fentry: set[int] = field(default_factory=set)
+
+
+def _is_init(name: str) -> bool:
+    return name.startswith(INIT_SECTIONS)
+
+
+def _fentry_functions(obj: Object, arch: Arch) -> set[int]:
+    """Functions that ftrace can redirect: listed in ``__mcount_loc``/``__patchable_function_entries``
+    or calling an fentry/mcount hook within their first instructions."""
+    out: set[int] = set()
+    for sec in range(1, obj.nsec):
+        name = obj.sec_names[sec]
+        if name in ("__mcount_loc", "__patchable_function_entries"):
+            r = obj.relocs(sec)
+            for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
+                t = obj.symbol_at(int(obj.shndx[s]), a) if obj.stype[s] == C.STT_SECTION else s
+                if t >= 0:
+                    out.add(int(t))
+    hooks = {i for i, n in enumerate(obj.sym_names) if n in arch.fentry_names and not obj.defined[i]}
+    if hooks:
+        for sec, members in obj.syms_in_section.items():
+            if not obj.is_text(sec):
+                continue
+            r = obj.relocs(sec)
+            hit = r[np.isin(r["sym"], list(hooks))]
+            for f in members:
+                lo = int(obj.value[f])
+                if ((hit["offset"] >= lo) & (hit["offset"] < lo + 32)).any():
+                    out.add(f)
+    return out
+
+
+def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
+    """``KPATCH_IGNORE_FUNCTION`` symbols and ``KPATCH_IGNORE_SECTION`` names (kpatch-macros.h)."""
+    funcs: set[int] = set()
+    secs: set[str] = set()
+    f = obj.find_section(".kpatch.ignore.functions")
+    if f is not None:
+        funcs = {int(s) for s in obj.relocs(f)["sym"]}
+    s = obj.find_section(".kpatch.ignore.sections")
+    if s is not None:
+        for x in obj.relocs(s):
+            tsec = int(obj.shndx[int(x["sym"])])
+            secs.add(cstring_at(obj.section_data(tsec), int(x["addend"]) + int(obj.value[int(x["sym"])])))
+    return funcs, secs
+
+
+def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -> tuple[int, int]:
+    """For a section-symbol reference, the covering named symbol and the addend relative to it;
+    other references come back unchanged. Returns ``(symbol, addend)``; symbol is the section
+    symbol when nothing covers the place."""
+    if obj.stype[sym] != C.STT_SECTION:
+        return sym, addend
+    sec = int(obj.shndx[sym])
+    where = addend + arch.pcrel_bias.get(rtype, 0)
+    t = obj.symbol_at(sec, where)
+    if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
+        return t, addend - int(obj.value[t])
+    return sym, addend
+
+
+def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
+    """Decide the contents of the live patch (see the module docstring)."""
+    o, p = corr.orig, corr.patched
+    sel = Selection()
+    ign_funcs, ign_secs = _ignore_lists(p)
+    sel.ignored = ign_funcs
+    status = cmp.status
+    fentry = _fentry_functions(p, arch)
+    sel.has_fentry = fentry
+
+    changed = {i for i, s in status.items() if s == CHANGED and i not in ign_funcs}
+    by_name = {p.sym_names[i]: i for i in range(p.nsym) if p.stype[i] == C.STT_FUNC and p.defined[i]}
+    # A changed .cold part changes its parent: the parent's jumps into it must reach the new copy.
+    for i in list(changed):
+        parent = clone_parent(p.sym_names[i])
+        if parent and by_name.get(parent) is not None and p.stype[i] == C.STT_FUNC:
+            changed.add(by_name[parent])
+
+    work: list[int] = []
+
+    def include(sym: int, why: str) -> None:
+        if sym in sel.included:
+            return
+        sel.included[sym] = why
+        sec = int(p.shndx[sym])
+        if sec not in sel.sections:
+            sel.sections[sec] = f"holds {p.sym_names[sym]}"
+            work.append(sec)
+
+    for i in sorted(changed):
+        name = p.sym_names[i]
+        secname = p.sec_names[int(p.shndx[i])]
+        if p.stype[i] == C.STT_OBJECT:
+            continue  # judged below, once we know which data the patch uses
+        if _is_init(secname):
+            sel.refusals.append(f"changed function {name} is in {secname}: init/exit code has already run "
+                                "(or been freed) in the running kernel, so a live patch cannot change it")
+            continue
+        include(i, f"changed: {cmp.why.get(i, '')}".rstrip(": "))
+        if not clone_parent(name):
+            sel.patched.append(i)
+    # Every included function brings its .cold parts.
+    for i in list(sel.included):
+        _include_cold(p, i, by_name, include)
+    # New global functions and data: other code may use them (kpatch does the same).
+    for i, s in status.items():
+        if s == NEW and p.sbind[i] != C.STB_LOCAL and i not in ign_funcs \
+                and not _is_init(p.sec_names[int(p.shndx[i])]):
+            include(i, "new global")
+    # Callbacks (kpatch-macros.h KPATCH_*_CALLBACK).
+    for sec in range(1, p.nsec):
+        n = p.sec_names[sec]
+        if n.startswith(".kpatch.callbacks."):
+            kind = n[len(".kpatch.callbacks."):]
+            r = p.relocs(sec)
+            first = r[r["offset"] == 0]
+            if len(first):
+                t, _ = resolve_target(p, arch, int(first["sym"][0]), int(first["type"][0]),
+                                      int(first["addend"][0]))
+                sel.callbacks[kind] = t
+                include(t, f"{kind} callback")
+
+    # Follow relocations of everything included.
+    while work:
+        sec = work.pop()
+        owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
+        r = p.relocs(sec)
+        for s, t_, a in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(), strict=True):
+            t, _ = resolve_target(p, arch, s, t_, a)
+            if not p.defined[t]:
+                continue
+            tsec = int(p.shndx[t])
+            tname = p.sec_names[tsec]
+            if p.stype[t] == C.STT_SECTION:
+                if tsec not in sel.sections and not is_ignored_section(tname):
+                    if is_special_section(tname) and tname not in AUX_CODE:
+                        continue
+                    sel.sections[tsec] = f"used by {owner_names}"
+                    work.append(tsec)
+                continue
+            st = status.get(t)
+            name = p.sym_names[t]
+            if st == NEW or (corr.p2o[t] < 0 and p.stype[t] in (C.STT_FUNC, C.STT_OBJECT, C.STT_NOTYPE)):
+                kind = "function" if p.stype[t] == C.STT_FUNC else "data"
+                why = (f"fresh copy of special static {name}, used by {owner_names}"
+                       if is_special_static(name) or name.startswith(".L")
+                       else f"new {kind}, used by {owner_names}")
+                include(t, why)
+                if p.stype[t] == C.STT_FUNC:
+                    _include_cold(p, t, by_name, include)
+            elif st == CHANGED and p.stype[t] == C.STT_FUNC and t not in sel.included and t not in ign_funcs:
+                include(t, f"changed: {cmp.why.get(t, '')}")
+                if not clone_parent(name) and not _is_init(tname):
+                    sel.patched.append(t)
+
+    _judge_data(corr, cmp, sel, ign_secs)
+    _check_entries(p, sel)
+    _check_groups(p, sel)
+    if cmp.removed:
+        for oi in cmp.removed:
+            if o.stype[oi] == C.STT_FUNC and not is_special_static(o.sym_names[oi]):
+                sel.warnings.append(f"function {o.sym_names[oi]} no longer exists in the patched object; "
+                                    "the running kernel keeps its old copy for callers that are not patched")
+    sel.patched = sorted(set(sel.patched), key=lambda i: p.sym_names[i])
+    return sel
+
+
+def _include_cold(p: Object, f: int, by_name: dict[str, int], include) -> None:  # type: ignore[no-untyped-def]
+    base = p.sym_names[f]
+    for n, i in by_name.items():
+        if clone_parent(n) == base:
+            include(i, f".cold part of {base}: its jumps return into the new {base}")
+
+
+def _judge_data(corr: Correlation, cmp: Comparison, sel: Selection, ign_secs: set[str]) -> None:
+    p = corr.patched
+    for i, s in cmp.status.items():
+        if s != CHANGED or p.stype[i] != C.STT_OBJECT:
+            continue
+        secname = p.sec_names[int(p.shndx[i])]
+        if secname in ign_secs or is_special_section(secname) or _is_init(secname):
+            continue
+        sel.refusals.append(f"data {p.sym_names[i]} ({secname}) changed ({cmp.why.get(i, 'content differs')}): "
+                            "a live patch cannot change data that already exists in the running kernel; "
+                            "keep the old layout and use a shadow variable (klp_shadow_*) or a callback")
+    for sec, why in cmp.changed_sections.items():
+        name = p.sec_names[sec]
+        if sec in sel.sections or name in ign_secs or is_special_section(name) \
+                or p.section_flags(sec) & C.SHF_STRINGS or is_ignored_section(name):
+            continue
+        if why == "new section" and not (p.section_flags(sec) & C.SHF_WRITE):
+            continue  # unused new rodata (a literal of an unchanged inline copy) is harmless
+        sel.refusals.append(f"section {name} changed ({why}) but no changed function uses it: "
+                            + ("init code and data have already run in the running kernel"
+                               if _is_init(name) else "the change could not take effect in a live patch"))
+
+
+def _check_entries(p: Object, sel: Selection) -> None:
+    for i in sel.patched:
+        if i not in sel.has_fentry:
+            sel.refusals.append(f"function {p.sym_names[i]} has no ftrace entry (no __fentry__/mcount call or "
+                                "patchable entry: notrace, or built without ftrace), so it cannot be redirected")
+
+
+def _check_groups(p: Object, sel: Selection) -> None:
+    for g in p.elf.groups():
+        for m in g.members:
+            if m in sel.sections and p.is_text(m):
+                sel.refusals.append(f"changed section {p.sec_names[m]} is part of a section group (COMDAT): "
+                                    "the linker keeps one copy per group, which a live patch cannot replace")
