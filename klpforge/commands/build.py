@@ -1,0 +1,83 @@
+"""``klpforge build -s KERNEL_SRC [-O BUILD] fix.patch [-o FILE.ko]``: a livepatch module from a patch.
+
+>>> # klpforge build -s $KERNEL_SRC -O $KERNEL_BUILD fix.patch -o livepatch-fix.ko
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+
+__all__ = ["register", "run_build", "print_report"]
+
+
+def print_report(con: Console, res: BuildResult) -> None:
+    """The human report: which functions went in, for which object, and why."""
+    table = Table(title=f"{res.output} ({res.module_name})", title_justify="left")
+    table.add_column("target")
+    table.add_column("function")
+    table.add_column("sympos", justify="right")
+    table.add_column("from")
+    table.add_column("why")
+    for o in res.outcomes:
+        for f in o.funcs:
+            table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed")
+        for kind, sym in o.callbacks.items():
+            table.add_row(o.target, sym, "-", o.obj, f"{kind} callback")
+    con.print(table)
+    if res.unchanged:
+        con.print(f"unchanged objects: {', '.join(res.unchanged)}")
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())
+    con.print(f"[green]built[/] {res.output} in {sum(res.timings.values()):.1f} s ({steps})")
+    if res.tmpdir:
+        con.print(f"temporary files kept in {res.tmpdir}")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Build the module; progress and report on stderr."""
+    con = Console(stderr=True)
+    opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
+                        build=Path(args.build_dir) if args.build_dir else None,
+                        output=Path(args.output) if args.output else None, jobs=args.jobs,
+                        replace=not args.no_replace, keep_tmp=args.keep_tmp,
+                        skip_compiler_check=args.skip_compiler_check,
+                        report_json=Path(args.json) if args.json else None)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=con, transient=True) as prog:
+        task = prog.add_task("starting", total=len(STEPS))
+
+        def step(name: str, msg: str) -> None:
+            done = STEPS.index(name) if name in STEPS else len(STEPS)
+            prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
+
+        res = build_livepatch(opts, step)
+        prog.update(task, completed=len(STEPS))
+    print_report(con, res)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``build`` to the CLI."""
+    p = subparsers.add_parser(
+        "build", help="build a livepatch module from a source patch on an already built kernel tree",
+        description="Recompiles only the objects the patch changes (original and patched), diffs them, "
+                    "generates and links the livepatch module. The source tree is restored byte for "
+                    "byte afterwards, also on failure and Ctrl-C.")
+    p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
+    p.add_argument("-s", "--src", required=True, metavar="KERNEL_SRC", help="kernel source tree")
+    p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
+    p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
+    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--no-replace", action="store_true", help="do not atomically replace earlier patches")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--skip-compiler-check", action="store_true",
+                   help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
+    p.set_defaults(func=run_build)

@@ -1,0 +1,90 @@
+"""Call the diff engine (:mod:`klpforge.diff`, issue 2) for one object and adapt its result.
+
+The contract used here: ``run_diff(orig, patched, out, DiffOptions(target=, symtab=, symvers=, env=))``
+returns a result with ``patched_functions`` (each ``.old_name``, ``.sympos``, ``.new_symbol``), optional
+``callbacks`` and a ``report`` dict; it raises ``UnsafeChange``/``NoChange``/``InputError``.
+Linking through Kbuild uses ``klpforge.emit.postlink.strip_klp``/``apply_klp``.
+
+>>> adapt_callbacks({"pre_patch": "klp_cb_pre"})
+{'pre_patch': 'klp_cb_pre'}
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .module import CALLBACK_KINDS, KlpFunc
+
+__all__ = ["DiffOutcome", "run_object_diff", "adapt_callbacks", "postlink_api"]
+
+
+@dataclass
+class DiffOutcome:
+    """What the module builder needs from one object's diff."""
+
+    obj: str
+    target: str
+    out: Path
+    funcs: list[KlpFunc]
+    callbacks: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _diff_module() -> Any:
+    try:
+        return importlib.import_module("klpforge.diff")
+    except ModuleNotFoundError as e:
+        if e.name == "klpforge.diff":
+            raise InputError("the diff engine (klpforge.diff, issue 2) is not in this checkout") from None
+        raise
+
+
+def postlink_api() -> Any | None:
+    """``klpforge.emit.postlink`` if present (``strip_klp``, ``apply_klp``), else None."""
+    try:
+        mod = importlib.import_module("klpforge.emit.postlink")
+    except ModuleNotFoundError as e:
+        if e.name == "klpforge.emit.postlink":
+            return None
+        raise
+    return mod if hasattr(mod, "strip_klp") and hasattr(mod, "apply_klp") else None
+
+
+def adapt_callbacks(cbs: Any) -> dict[str, str]:
+    """Normalise the diff engine's callbacks to ``{kind: symbol}`` (kinds of :data:`CALLBACK_KINDS`).
+
+    Accepts a dict ``{kind: symbol}``, or a list of items with ``kind`` and ``symbol``/``new_symbol``.
+    """
+    out: dict[str, str] = {}
+    if not cbs:
+        return out
+    items = cbs.items() if isinstance(cbs, dict) else (
+        (getattr(c, "kind", None) or c.get("kind"),
+         getattr(c, "new_symbol", None) or getattr(c, "symbol", None)
+         or (c.get("new_symbol") or c.get("symbol") if isinstance(c, dict) else None))
+        for c in cbs)
+    for kind, sym in items:
+        k = str(kind).removesuffix("_callback").replace("-", "_")
+        if k not in CALLBACK_KINDS or not sym:
+            raise InputError(f"diff engine reported an unknown callback {kind!r} -> {sym!r}")
+        out[k] = str(sym)
+    return out
+
+
+def run_object_diff(obj: str, orig: Path, patched: Path, out: Path, target: str, symtab: Path,
+                    symvers: Path | None, env: dict[str, str]) -> DiffOutcome:
+    """Diff one object pair; ``NoChange``/``UnsafeChange``/``InputError`` propagate from the engine."""
+    diff = _diff_module()
+    opts = diff.DiffOptions(target=target, symtab=symtab, symvers=symvers, env=env)
+    res = diff.run_diff(orig, patched, out, opts)
+    funcs = []
+    for f in res.patched_functions:
+        why = getattr(f, "reason", "") or ""
+        funcs.append(KlpFunc(str(f.old_name), int(f.sympos or 0), str(f.new_symbol), str(why)))
+    report = getattr(res, "report", None) or {}
+    return DiffOutcome(obj, target, out, funcs, adapt_callbacks(getattr(res, "callbacks", None)),
+                       dict(report) if isinstance(report, dict) else {})

@@ -1,0 +1,262 @@
+"""``klpforge build``: from a built kernel tree and a source patch to a livepatch ``.ko``.
+
+Steps (each timed, see :attr:`BuildResult.timings`):
+
+1. *check*: tree built, ``CONFIG_LIVEPATCH``, gcc on PATH == compiler in vmlinux ``.comment``, the patch
+   applies (``patch --dry-run``) and touches no ``.S``/``lib/`` file; each changed object's parent.
+2. *orig*: recompile each changed object with its recorded Kbuild command plus
+   ``-ffunction-sections -fdata-sections``, output in a temp dir (never in the tree).
+3. *patched*: apply the patch under a :class:`~klpforge.kbuild.restore.TreeGuard`, recompile the same way,
+   restore the tree (byte for byte, mtimes too) -- also on failure and Ctrl-C.
+4. *diff*: :mod:`klpforge.diff` per object, with the parent's symbol table and ``Module.symvers``.
+5. *module*: generate the ``klp_patch`` source, link with Kbuild (``make -C BUILD M=tmp modules``).
+6. *postlink*: put the klp relocations back into the ``.ko`` (``klpforge.emit.postlink``), with sympos
+   from the linked vmlinux, and write the output atomically.
+
+>>> res = build_livepatch(BuildOptions(src=Path("linux"), patch=Path("fix.patch")))   # doctest: +SKIP
+>>> res.output                                                                        # doctest: +SKIP
+PosixPath('livepatch-fix.ko')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from elftools.elf.elffile import ELFFile
+
+from ..errors import InputError, NoChange
+from ..fsutil import atomic_write
+from .diffstep import DiffOutcome, postlink_api, run_object_diff
+from .module import KlpTarget, build_module, sanitize_module_name
+from .patchfile import SourcePatch
+from .restore import TreeGuard, recover_tree
+from .structsizes import struct_sizes
+from .tree import KernelTree, Parent
+
+__all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "data_include_dir"]
+
+#: Step names in order, for progress bars and the bench.
+STEPS = ("check", "orig", "patched", "diff", "module", "postlink")
+
+SECTION_FLAGS = "-ffunction-sections -fdata-sections"
+
+
+def data_include_dir() -> Path:
+    """Directory holding ``kpatch-macros.h`` (added with ``-I`` to both compiles)."""
+    return Path(str(resources.files("klpforge") / "data"))
+
+
+@dataclass
+class BuildOptions:
+    """Inputs of one build."""
+
+    src: Path
+    patch: Path
+    build: Path | None = None
+    output: Path | None = None
+    jobs: int = os.cpu_count() or 1
+    replace: bool = True
+    keep_tmp: bool = False
+    skip_compiler_check: bool = False
+    report_json: Path | None = None
+
+
+@dataclass
+class BuildResult:
+    """Outcome: the module written, what went in, how long each step took."""
+
+    output: Path
+    module_name: str
+    outcomes: list[DiffOutcome]
+    unchanged: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    tmpdir: Path | None = None
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able report: functions per target with sympos and reason, step timings."""
+        return {
+            "output": str(self.output),
+            "module": self.module_name,
+            "objects": [
+                {"object": o.obj, "target": o.target,
+                 "functions": [{"old_name": f.old_name, "sympos": f.sympos, "new_symbol": f.new_symbol,
+                                "reason": f.reason} for f in o.funcs],
+                 "callbacks": o.callbacks, "diff_report": o.report}
+                for o in self.outcomes],
+            "unchanged_objects": self.unchanged,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+ProgressFn = Callable[[str, str], None]
+
+
+def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], list[str]]:
+    """Objects to rebuild for ``patch`` and notes on files that affect none."""
+    objs: list[str] = []
+    notes: list[str] = []
+    for f in patch.files:
+        if f in patch.created and f.endswith((".c", ".h")):
+            raise InputError(f"{f}: the patch creates a source file; a live patch can only change "
+                             "existing objects (put new code in an existing file)")
+        if f.endswith(".c"):
+            objs.append(tree.object_for_source(f))
+        elif f.endswith(".h"):
+            users = tree.objects_including(f)
+            if not users:
+                notes.append(f"{f}: no built object includes it")
+            objs.extend(users)
+        else:
+            notes.append(f"{f}: not C source, ignored")
+    objs = list(dict.fromkeys(objs))
+    if not objs:
+        raise InputError(f"{patch.path.name} changes no C file built in this tree")
+    return objs, notes
+
+
+def _compile_all(tree: KernelTree, objs: list[str], outdir: Path, jobs: int, flags: str) -> dict[str, Path]:
+    """Recompile ``objs`` into ``outdir`` (mirroring their paths) with extra ``flags``; return the outputs."""
+    outs = {o: outdir / o for o in objs}
+    for p in outs.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+
+    def one(obj: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        cmd = tree.compile_command(obj).redirected(outs[obj], flags)
+        return obj, subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True,
+                                   check=False)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        for obj, r in ex.map(one, objs):
+            if r.returncode != 0 or not outs[obj].is_file():
+                err = "\n".join(ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln.lower())
+                raise InputError(f"compiling {obj} failed: {(err or r.stderr or r.stdout).strip()[:600]}")
+    return outs
+
+
+def _has_klp_sections(obj: Path) -> bool:
+    with obj.open("rb") as f:
+        return any(s.name.startswith(".klp.rela.") for s in ELFFile(f).iter_sections())
+
+
+@contextmanager
+def _step(name: str, timings: dict[str, float], progress: ProgressFn | None, msg: str) -> Iterator[None]:
+    if progress:
+        progress(name, msg)
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - t0
+
+
+def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> BuildResult:
+    """Run the whole pipeline; raise ``InputError``/``UnsafeChange``/``NoChange`` with one line on failure.
+
+    The source tree is restored before this returns or raises, whatever happens.
+    """
+    timings: dict[str, float] = {}
+    src = opts.src.resolve()
+    restored = recover_tree(src)
+    if restored and progress:
+        progress("check", f"restored {len(restored)} file(s) left patched by a killed build")
+    with _step("check", timings, progress, "checking tree and patch"):
+        tree = KernelTree(src, opts.build)
+        tree.check_livepatch()
+        if not opts.skip_compiler_check:
+            tree.check_compiler()
+        patch = SourcePatch.parse(opts.patch)
+        patch.refuse_unpatchable()
+        patch.dry_run(tree.src)
+        objs, _notes = _changed_objects(tree, patch)
+        parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
+        env = struct_sizes(tree)
+    stem = opts.patch.name.removesuffix(".patch").removesuffix(".diff")
+    output = opts.output or Path(f"livepatch-{stem}.ko")
+    modname = sanitize_module_name(output.name.removesuffix(".ko"))
+    tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-"))
+    log = tmp / "build.log"
+    flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
+    ok = False
+    try:
+        with _step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
+            orig = _compile_all(tree, objs, tmp / "orig", opts.jobs, flags)
+        with _step("patched", timings, progress, "applying the patch and compiling patched objects"):
+            with TreeGuard(tree.src, patch.files):
+                patch.apply(tree.src)
+                pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
+                if pause:
+                    time.sleep(float(pause))
+                patched = _compile_all(tree, objs, tmp / "patched", opts.jobs, flags)
+        outcomes: list[DiffOutcome] = []
+        unchanged: list[str] = []
+        with _step("diff", timings, progress, "diffing objects"):
+            for i, obj in enumerate(objs):
+                par = parents[obj]
+                out = tmp / "diff" / f"{i}-{Path(obj).name}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    outcomes.append(run_object_diff(obj, orig[obj], patched[obj], out, par.target,
+                                                    par.binary, tree.symvers, env))
+                except NoChange:
+                    unchanged.append(obj)
+            if not outcomes:
+                raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
+        targets: dict[str, KlpTarget] = {}
+        sidecars: list[Any] = []
+        with _step("module", timings, progress, f"building module {modname} with Kbuild"):
+            post = postlink_api()
+            for o in outcomes:
+                t = targets.setdefault(o.target, KlpTarget(o.target))
+                t.funcs.extend(o.funcs)
+                for kind, sym in o.callbacks.items():
+                    if kind in t.callbacks:
+                        raise InputError(f"two {kind} callbacks for {o.target}")
+                    t.callbacks[kind] = sym
+                linkable = o.out
+                if _has_klp_sections(o.out):
+                    if post is None:
+                        raise InputError(f"{o.obj}: the livepatch needs klp relocations but "
+                                         "klpforge.emit.postlink is not available yet")
+                    linkable = o.out.with_suffix(".link.o")
+                    sidecars.append(post.strip_klp(o.out, linkable))
+                t.objects.append(linkable)
+            if not any(t.funcs for t in targets.values()):
+                raise NoChange(f"{patch.path.name}: the diff found no function to replace")
+            ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
+                              opts.jobs, log)
+        with _step("postlink", timings, progress, "writing klp relocations"):
+            for sc in sidecars:
+                post.apply_klp(ko, sc, tree.vmlinux)  # type: ignore[union-attr]
+            if sidecars:
+                (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
+            atomic_write(output, ko.read_bytes())
+        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None)
+        if opts.report_json:
+            atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
+        ok = True
+        return res
+    finally:
+        if not opts.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif not ok and progress:
+            progress("done", f"kept temporary files in {tmp}")
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)
