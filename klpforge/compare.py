@@ -145,6 +145,9 @@ def _describe(name_of, t: tuple[object, ...]) -> str:  # type: ignore[no-untyped
             return name_of(what[1])
         if kind == "str":
             return repr(bytes(what[1]).decode(errors="replace")[:40])  # type: ignore[arg-type]
+        if kind in ("table", "anon", "label"):
+            return {"table": "a switch table (CSWTCH)", "anon": "anonymous data",
+                    "label": "a local label"}[str(kind)] + f" #{str(what[1])[:8]}"
         return f"{kind} {what[1]}"
     return str(what)
 

@@ -1,0 +1,67 @@
+"""``klpforge diff ORIG.o PATCHED.o -o OUT.o --target vmlinux|MOD --symtab FILE [--symvers F] [--json F]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import EXIT_OK, InputError, KlpError
+from ..fsutil import atomic_write
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "diff", help="turn an original and a patched object into a livepatch object",
+        description="Correlate, compare and select; write a livepatch object with .klp.rela/.klp.sym. "
+                    "Exit 0 written, 1 error, 2 unsafe change refused, 3 no change (nothing written on 1-3).")
+    p.add_argument("orig", type=Path, help="object built from the original source")
+    p.add_argument("patched", type=Path, help="the same object built from the patched source")
+    p.add_argument("-o", "--output", type=Path, required=True, help="livepatch object to write")
+    p.add_argument("--target", default="vmlinux", help="object being patched: vmlinux or a module name")
+    p.add_argument("--symtab", type=Path, required=True,
+                   help="symbol table of the target: vmlinux / the .ko, or `readelf -s --wide` output")
+    p.add_argument("--symvers", type=Path, help="Module.symvers (exported symbols stay normal relocations)")
+    p.add_argument("--json", type=Path, metavar="REPORT", help="write the JSON report here")
+    p.add_argument("--entsize", action="append", default=[], metavar="VAR=N",
+                   help="special-section entry size, e.g. JUMP_STRUCT_SIZE=16 (default: environment)")
+    p.add_argument("--impact", metavar="DUMPS", help="ipa-clones dumps: check changed functions were predicted")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..diff import DiffOptions, run_diff
+    from ..report import print_summary
+
+    env = dict(os.environ)
+    for kv in args.entsize:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise InputError(f"--entsize {kv!r}: expected VAR=N")
+        env[k] = v
+    if args.target.find(".") >= 0:
+        raise InputError(f"--target {args.target!r}: a module name has no dots (the kernel parses "
+                         ".klp.rela.<obj>.<section> with %55[^.])")
+    report: dict[str, object] = {}
+    try:
+        res = run_diff(args.orig, args.patched, args.output,
+                       DiffOptions(target=args.target, symtab=args.symtab, symvers=args.symvers, env=env))
+        report = res.report
+    except KlpError as e:
+        if args.json:
+            atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
+                                                "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
+        raise
+    if args.impact:
+        from ..impact_check import check_impact
+        report["impact"] = check_impact(Path(args.impact), res)
+    if args.json:
+        atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+    if not args.quiet:
+        print_summary(res)
+    return EXIT_OK
