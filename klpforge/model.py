@@ -150,6 +150,10 @@ class Object:
         members = self.syms_in_section.get(sec)
         if not members:
             return -1
+        if len(members) == 1 and self.section_owner[sec] == members[0]:
+            # -fdata-sections: a PC-relative access with an immediate after the displacement
+            # (``addl $3, x(%rip)`` stores x-8) still means x.
+            return members[0]
         best = -1
         for m in members:
             v, s = int(self.value[m]), int(self.size[m])

@@ -38,10 +38,11 @@ def cc(gcc: str, tmp_path: Path):
     """Compile C source text to an object: ``cc(src, name, *extra_flags) -> Path``."""
 
     def build(src: str, name: str = "t", *extra: str) -> Path:
-        c = tmp_path / f"{name}.c"
-        c.write_text(src)
-        o = tmp_path / f"{name}.o"
-        subprocess.run([gcc, *KCFLAGS, *extra, "-c", str(c), "-o", str(o)], check=True, cwd=tmp_path)
-        return o
+        # original and patched builds of one file: same file name (it scopes the locals), other directory
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        (d / "unit.c").write_text(src)
+        subprocess.run([gcc, *KCFLAGS, *extra, "-c", "unit.c", "-o", "unit.o"], check=True, cwd=d)
+        return d / "unit.o"
 
     return build

@@ -1,0 +1,207 @@
+"""Correlation, comparison and selection rules on objects compiled by the real gcc during the test run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from klpforge.correlate import correlate
+from klpforge.diff import DiffOptions, run_diff
+from klpforge.errors import NoChange, UnsafeChange
+from klpforge.model import Object
+
+
+def diff(a: Path, b: Path, tmp: Path):
+    return run_diff(a, b, tmp / "lp.o", DiffOptions(symtab=a, env={}))
+
+
+def reason(a: Path, b: Path, name: str) -> tuple[str, str]:
+    o, p = Object.load(a), Object.load(b)
+    c = correlate(o, p)
+    i = o.sym_names.index(name)
+    j = int(c.o2p[i])
+    return (p.sym_names[j] if j >= 0 else ""), c.reasons.get(i, "")
+
+
+INLINE = """
+static int helper(int x) { return x * %d + 1; }
+int caller_a(int x) { return helper(x) + 1; }
+int caller_b(int x) { return helper(x) - 1; }
+int untouched(int x) { return x ^ 7; }
+"""
+
+
+def test_inlined_static_helper_means_replacing_its_callers(cc, tmp_path: Path) -> None:
+    a, b = cc(INLINE % 3, "a"), cc(INLINE % 5, "b")
+    res = diff(a, b, tmp_path)
+    assert sorted(f.old_name for f in res.patched_functions) == ["caller_a", "caller_b"]
+    assert "untouched" not in res.included_functions
+    assert (tmp_path / "lp.o").exists()
+
+
+def test_no_change_exits_3_and_writes_nothing(cc, tmp_path: Path) -> None:
+    a, b = cc(INLINE % 3, "a"), cc(INLINE % 3, "b")
+    with pytest.raises(NoChange, match="no change found"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
+
+
+CONSTPROP = """
+__attribute__((noinline)) static int scale(int v, int k) { return v * k + %d; }
+int user1(int v) { return scale(v, 3); }
+int user2(int v) { return scale(v, 3) + 1; }
+"""
+
+
+def test_constprop_clone_correlates_despite_renumbering(cc, tmp_path: Path) -> None:
+    a, b = cc(CONSTPROP % 1, "a"), cc(CONSTPROP % 2, "b")
+    syms = Object.load(a).sym_names
+    clone = next(n for n in syms if n.startswith("scale."))
+    assert ".constprop." in clone or ".isra." in clone
+    twin, why = reason(a, b, clone)
+    assert twin.startswith("scale.") and why in ("same local name", "same name up to GCC clone number")
+    res = diff(a, b, tmp_path)
+    assert clone in [f.old_name for f in res.patched_functions]
+    assert "user1" not in res.included_functions  # callers of an out-of-line clone stay untouched
+
+
+COLD = """
+extern void panic_hook(const char *);
+extern int printk(const char *, ...);
+int process(int *p, int n) {
+    int s = 0;
+    for (int i = 0; i < n; i++) {
+        if (__builtin_expect(p[i] < 0, 0)) { printk("bad %%d\\n", i); panic_hook("%s"); return -1; }
+        s += p[i];
+    }
+    return s;
+}
+"""
+
+
+def test_cold_part_travels_with_its_parent(cc, tmp_path: Path) -> None:
+    a, b = cc(COLD % "x", "a"), cc(COLD % "y", "b")
+    names = Object.load(a).sym_names
+    if "process.cold" not in names:
+        pytest.skip("this gcc did not split a cold part")
+    res = diff(a, b, tmp_path)
+    assert res.included_functions == ["process", "process.cold"]
+    assert [f.old_name for f in res.patched_functions] == ["process"]  # .cold is reached via process
+    assert any("cold part of process" in i["why"] for i in res.report["included"])
+
+
+STATIC_LOCAL = """
+int counter_a(void) { static int count; return ++count; }
+int counter_b(void) { static int count; return count += %d; }
+"""
+
+
+def test_static_locals_match_by_referencing_function(cc, tmp_path: Path) -> None:
+    a, b = cc(STATIC_LOCAL % 2, "a"), cc(STATIC_LOCAL % 3, "b")
+    o = Object.load(a)
+    locals_ = [n for n in o.sym_names if n.startswith("count.")]
+    assert len(locals_) == 2
+    res = diff(a, b, tmp_path)
+    assert res.included_functions == ["counter_b"]
+    # both static locals stay references to the running kernel's variables: never copied
+    assert all(i["type"] == "function" for i in res.report["included"])
+    klp = {r.symbol for r in res.klp_relocs}
+    assert any(s.startswith("count.") for s in klp)
+
+
+SWITCH = """
+const char *name(int s) {
+    switch (s) { case 0: return "a"; case 1: return "b"; case 2: return "c"; case 3: return "d";
+                 case 4: return "e"; case 5: return "f"; %s default: return "?"; }
+}
+int other(int s) { return s + 1; }
+"""
+
+
+def test_changed_switch_table_changes_its_function(cc, tmp_path: Path) -> None:
+    a, b = cc(SWITCH % "", "a"), cc(SWITCH % 'case 6: return "g";', "b")
+    res = diff(a, b, tmp_path)
+    assert res.included_functions == ["name"]
+    ch = {c["name"]: c["why"] for c in res.report["changed"]}
+    assert "name" in ch and "other" not in ch
+
+
+STRINGS = """
+extern int printk(const char *, ...);
+void hello(void) { printk("%s\\n"); }
+void bye(void) { printk("bye\\n"); }
+"""
+
+
+def test_string_literals_compared_by_content(cc, tmp_path: Path) -> None:
+    a, b = cc(STRINGS % "hello", "a"), cc(STRINGS % "hello, patched", "b")
+    res = diff(a, b, tmp_path)
+    assert res.included_functions == ["hello"]
+    why = {c["name"]: c["why"] for c in res.report["changed"]}["hello"]
+    assert "hello, patched" in why
+
+
+DATA = """
+int limit = %d;
+int get_limit(void) { return limit; }
+"""
+
+
+def test_changed_data_is_refused_with_its_name(cc, tmp_path: Path) -> None:
+    a, b = cc(DATA % 10, "a"), cc(DATA % 20, "b")
+    with pytest.raises(UnsafeChange) as ei:
+        diff(a, b, tmp_path)
+    assert "data limit" in str(ei.value) and "shadow variable" in str(ei.value)
+    assert not (tmp_path / "lp.o").exists()
+
+
+INIT = """
+extern int printk(const char *, ...);
+__attribute__((section(".init.text"))) int setup(void) { return printk("%s"); }
+"""
+
+
+def test_changed_init_code_is_refused(cc, tmp_path: Path) -> None:
+    a, b = cc(INIT % "v1", "a"), cc(INIT % "v2", "b")
+    with pytest.raises(UnsafeChange, match=r"setup is in \.init\.text"):
+        diff(a, b, tmp_path)
+
+
+NOTRACE = """
+__attribute__((no_instrument_function)) int raw(int x) { return x + %d; }
+"""
+
+
+def test_function_without_fentry_is_refused(cc, tmp_path: Path) -> None:
+    a, b = cc(NOTRACE % 1, "a"), cc(NOTRACE % 2, "b")
+    with pytest.raises(UnsafeChange, match="raw has no ftrace entry"):
+        diff(a, b, tmp_path)
+
+
+WARN = """
+extern void __warn_printk(const char *fmt, ...);
+%s
+void check(int x) { if (x) __warn_printk("bad at %%d\\n", __LINE__); }
+"""
+
+
+def test_line_number_only_change_is_not_a_change(cc, tmp_path: Path) -> None:
+    a, b = cc(WARN % "", "a"), cc(WARN % "\n\n\n", "b")
+    with pytest.raises(NoChange, match="__LINE__"):
+        diff(a, b, tmp_path)
+
+
+NEWFN = """
+extern int printk(const char *, ...);
+static __attribute__((noinline)) int added(int x) { return printk("added %%d", x); }
+int entry(int x) { return %s; }
+"""
+
+
+def test_new_function_is_included_and_not_patched(cc, tmp_path: Path) -> None:
+    a = cc("extern int printk(const char *, ...);\nint entry(int x) { return x; }\n", "a")
+    b = cc(NEWFN % "added(x)", "b")
+    res = diff(a, b, tmp_path)
+    assert res.new == ["added"] and res.included_functions == ["added", "entry"]
+    assert [f.old_name for f in res.patched_functions] == ["entry"]
