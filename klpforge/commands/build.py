@@ -54,6 +54,8 @@ def run_build(args: argparse.Namespace) -> int:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:
+            if msg.startswith(("restored", "kept")):
+                prog.console.print(msg, highlight=False)
             done = STEPS.index(name) if name in STEPS else len(STEPS)
             prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
 

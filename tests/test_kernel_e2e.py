@@ -1,0 +1,237 @@
+"""End to end on the prepared 6.1 kernel: ``klpforge build`` then ``klpforge verify`` in QEMU.
+
+Every test also proves the kernel source tree is byte-for-byte unchanged afterwards (a content checksum
+of the whole tree), including a build interrupted midway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from klpforge.kbuild.prepare import KernelLayout
+from klpforge.kbuild.restore import journal_dir, tree_checksum
+from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+
+pytestmark = pytest.mark.kernel
+
+PATCHES = Path(__file__).parent / "kernel_patches"
+
+
+@pytest.fixture(scope="module")
+def kernel() -> KernelLayout:
+    lay = prepared_kernel()
+    if lay is None:
+        if require_kernel():
+            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
+        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
+    return lay
+
+
+@pytest.fixture(scope="module")
+def baseline(kernel: KernelLayout) -> str:
+    return tree_checksum(kernel.src)
+
+
+@pytest.fixture()
+def unchanged_tree(kernel: KernelLayout, baseline: str):  # type: ignore[no-untyped-def]
+    yield
+    assert not journal_dir(kernel.src).exists(), "restore journal left behind"
+    assert tree_checksum(kernel.src) == baseline, "the kernel source tree was modified"
+
+
+def klpforge(*args: str, env: dict[str, str] | None = None, timeout: float = 600
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "klpforge", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def build(kernel: KernelLayout, patch: str, out: Path, *extra: str,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(PATCHES / patch),
+                    "-o", str(out), "--json", str(out.with_suffix(".json")), *extra, env=env)
+
+
+@dataclass
+class Case:
+    patch: str
+    check: str
+    expect: str
+    functions: set[str]
+    target: str = "vmlinux"
+    files: list[str] = field(default_factory=list)
+    after_check: str | None = None
+    after_expect: str | None = None
+    dmesg: list[str] = field(default_factory=list)
+
+
+KOBJ = "samples/kobject/kobject-example.ko"
+
+CASES = [
+    Case("00-cmdline-noreloc.patch", "cat /proc/cmdline", "klpforge: no relocation", {"cmdline_proc_show"},
+         after_check="cat /proc/cmdline", after_expect="console=ttyS0"),
+    Case("01-cmdline-text.patch", "cat /proc/cmdline", "console=ttyS0 panic=-1", {"cmdline_proc_show"},
+         after_check="cat /proc/cmdline", after_expect="oops=panic"),
+    Case("02-version-new-function.patch", "cat /proc/version", "klpforge: new function in 6.1",
+         {"version_proc_show"}),
+    Case("03-meminfo-inlined-static.patch", "grep MemTotal /proc/meminfo", " KiB", {"meminfo_proc_show"},
+         after_check="grep MemTotal /proc/meminfo", after_expect=" kB"),
+    Case("04-oom-adj-isra-clone.patch", "echo 123 > /proc/self/oom_score_adj && dmesg | grep klpforge-oom",
+         "klpforge-oom: 123", {"__set_oom_adj.isra.0"}),
+    # The target module is loaded after the live patch: klp_module_coming() must apply it then.
+    Case("05-kobject-module-function.patch",
+         "insmod /lib/klp/kobject-example.ko && cat /sys/kernel/kobject_example/foo", "0 klpforge",
+         {"foo_show"}, target="kobject_example", files=[KOBJ]),
+    Case("06-uptime-callbacks-shadow.patch",
+         "cat /proc/uptime >/dev/null; cat /proc/uptime; dmesg | grep -q 'klpforge-cb: post_patch'",
+         "klpforge-calls=2", {"uptime_proc_show"},
+         dmesg=["klpforge-cb: pre_patch", "klpforge-cb: post_patch", "klpforge-cb: pre_unpatch",
+                "klpforge-cb: post_unpatch"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.patch.removesuffix(".patch") for c in CASES])
+def test_build_then_verify(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path, case: Case) -> None:
+    ko = tmp_path / "livepatch-case.ko"
+    t0 = time.monotonic()
+    r = build(kernel, case.patch, ko)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert ko.is_file()
+    report = json.loads(ko.with_suffix(".json").read_text())
+    got = {f["old_name"] for o in report["objects"] for f in o["functions"]}
+    assert case.functions <= got, report
+    assert {o["target"] for o in report["objects"]} == {case.target}
+    assert took < 60, f"build took {took:.1f} s"
+    args = [str(ko), "--kernel", str(kernel.bzimage), "--check", case.check, "--expect", case.expect,
+            "--console-log", str(tmp_path / "console.log")]
+    for f in case.files:
+        args += ["--file", str(kernel.build / f)]
+    if case.after_check:
+        args += ["--after-check", case.after_check, "--after-expect", case.after_expect or ""]
+    v = klpforge("verify", *args, timeout=300)
+    assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
+    console = (tmp_path / "console.log").read_text()
+    assert "livepatch: 'livepatch_case': patching complete" in console
+    for line in case.dmesg:
+        assert line in console
+
+
+@pytest.mark.parametrize("patch,message", [
+    ("90-refuse-global-data.patch", "data console_printk (.data.console_printk) changed"),
+    ("91-refuse-init-code.patch", "changed function proc_cmdline_init is in .init.text"),
+])
+def test_unsafe_patches_refused(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path,
+                                patch: str, message: str) -> None:
+    out = tmp_path / "lp.ko"
+    r = build(kernel, patch, out)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not out.exists()
+
+
+def _write_patch(tmp_path: Path, rel: str, old: str, new: str, kernel: KernelLayout) -> Path:
+    text = (kernel.src / rel).read_text().splitlines()
+    i = text.index(old)
+    ctx = text[max(0, i - 1):i + 2]
+    body = [f" {ctx[0]}", f"-{old}", f"+{new}", f" {ctx[2]}"] if i > 0 else []
+    p = tmp_path / "t.patch"
+    p.write_text(f"--- a/{rel}\n+++ b/{rel}\n@@ -{i},3 +{i},3 @@\n" + "\n".join(body) + "\n")
+    return p
+
+
+def test_refuses_assembly_and_lib(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
+    asm = _write_patch(tmp_path, "arch/x86/kernel/head_64.S", "#include <linux/linkage.h>",
+                       "#include <linux/linkage.h> /* x */", kernel)
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(asm), "-o", str(tmp_path / "a.ko"))
+    assert r.returncode == 2
+    assert "arch/x86/kernel/head_64.S: assembly sources (.S) are not live-patchable" in r.stderr
+    lib = _write_patch(tmp_path, "lib/string.c", "#include <linux/types.h>", "#include <linux/types.h> ", kernel)
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(lib), "-o", str(tmp_path / "b.ko"))
+    assert r.returncode == 2
+    assert "lib/string.c: lib/ is linked into vmlinux as an archive" in r.stderr
+
+
+def test_refuses_patch_that_does_not_apply(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
+    p = tmp_path / "stale.patch"
+    p.write_text((PATCHES / "01-cmdline-text.patch").read_text().replace("saved_command_line", "old_cmdline"))
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(p), "-o", str(tmp_path / "x.ko"))
+    assert r.returncode == 1
+    assert "stale.patch does not apply to" in r.stderr
+
+
+def test_refuses_other_compiler(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    gcc = fake / "gcc"
+    gcc.write_text("#!/bin/sh\necho 'gcc (Debian 13.1.0-1) 13.1.0'\n")
+    gcc.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    r = build(kernel, "00-cmdline-noreloc.patch", tmp_path / "x.ko", env=env)
+    assert r.returncode == 1
+    assert "compiler mismatch: vmlinux was built by '(Debian" in r.stderr
+    assert "gcc on PATH is '(Debian 13.1.0-1) 13.1.0'" in r.stderr
+
+
+def test_refuses_kernel_without_livepatch(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
+    fake = tmp_path / "build"
+    fake.mkdir()
+    cfg = (kernel.build / ".config").read_text().replace("CONFIG_LIVEPATCH=y", "# CONFIG_LIVEPATCH is not set")
+    (fake / ".config").write_text(cfg)
+    (fake / "vmlinux").symlink_to(kernel.build / "vmlinux")
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(fake), str(PATCHES / "00-cmdline-noreloc.patch"),
+                 "-o", str(tmp_path / "x.ko"))
+    assert r.returncode == 1
+    assert "CONFIG_LIVEPATCH is not set; this kernel cannot load live patches" in r.stderr
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_build_restores_tree(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path,
+                                         sig: int, code: int) -> None:
+    target = kernel.src / "fs/proc/cmdline.c"
+    original = target.read_bytes()
+    env = dict(os.environ, KLPFORGE_PAUSE_AFTER_APPLY="60")
+    proc = subprocess.Popen([sys.executable, "-m", "klpforge", "build", "-s", str(kernel.src), "-O",
+                             str(kernel.build), str(PATCHES / "01-cmdline-text.patch"), "-o",
+                             str(tmp_path / "x.ko")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while target.read_bytes() == original:  # wait until the patch is applied: midway
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert target.read_bytes() == original
+    assert not (tmp_path / "x.ko").exists()
+
+
+def test_killed_build_is_recovered_by_next_build(kernel: KernelLayout, unchanged_tree: None,
+                                                 tmp_path: Path) -> None:
+    target = kernel.src / "fs/proc/cmdline.c"
+    original = target.read_bytes()
+    env = dict(os.environ, KLPFORGE_PAUSE_AFTER_APPLY="60")
+    proc = subprocess.Popen([sys.executable, "-m", "klpforge", "build", "-s", str(kernel.src), "-O",
+                             str(kernel.build), str(PATCHES / "01-cmdline-text.patch"), "-o",
+                             str(tmp_path / "x.ko")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while target.read_bytes() == original:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert target.read_bytes() != original  # SIGKILL cannot be caught; the journal remains
+    r = build(kernel, "00-cmdline-noreloc.patch", tmp_path / "y.ko")
+    assert r.returncode == 0, r.stderr
+    assert "restored 1 file(s) left patched by a killed build" in r.stderr or target.read_bytes() == original
+    assert target.read_bytes() == original
