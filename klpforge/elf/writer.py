@@ -30,7 +30,10 @@ from .constants import (
 )
 from .types import RELOC, raw_rel, raw_rela, raw_shdr, raw_sym
 
-__all__ = ["ObjectWriter", "StringTable"]
+__all__ = ["ObjectWriter", "StringTable", "LINK_SYMTAB"]
+
+#: ``link`` value meaning "the symbol table this writer creates" (for SHT_GROUP and similar sections).
+LINK_SYMTAB = -1
 
 
 class StringTable:
@@ -190,6 +193,8 @@ class ObjectWriter:
                 if sec.type == SHT_RELA:
                     raw["addend"] = r["addend"]
                 data = raw.tobytes()
+                link = symtab_h
+            elif link == LINK_SYMTAB:
                 link = symtab_h
             header(sec.name, sec.type, sec.flags, len(data) if sec.type != SHT_NOBITS else sec.size,
                    link, info_, sec.addralign, sec.entsize, data)

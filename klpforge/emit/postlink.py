@@ -1,0 +1,103 @@
+"""Carrying klp relocations through Kbuild's module link.
+
+``ld`` neither keeps ``SHN_LIVEPATCH`` symbols nor ``SHF_RELA_LIVEPATCH`` sections (objtool's
+``klp-post-link`` exists for the same reason), so the module builder links a *linkable* copy of each diff
+output and puts the klp relocations back into the linked ``.ko`` afterwards:
+
+1. :func:`strip_klp` removes ``.klp.rela.*`` and ``.klp.sym.*`` from a diff output and marks every
+   section that had klp relocations with a unique global *anchor* symbol at offset 0; the relocations
+   are returned as a JSON-serialisable sidecar, relative to the anchors.
+2. :func:`apply_klp` finds each anchor in the linked ``.ko`` (wherever the linker placed the section)
+   and writes ``.klp.rela.<obj>.<section>`` sections and ``.klp.sym.<obj>.<name>,<pos>`` symbols.
+
+>>> sc = strip_klp(Path("out.o"), Path("out.link.o"))
+>>> apply_klp(Path("livepatch-fix.ko"), sc, Path("vmlinux"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..elf import ElfFile
+from ..elf import constants as C
+from ..elf.rewrite import Rewriter
+from ..elf.types import RELOC
+from ..errors import InputError
+from ..fsutil import atomic_write
+
+__all__ = ["strip_klp", "apply_klp", "KlpSidecar"]
+
+KlpSidecar = dict[str, Any]
+
+
+def strip_klp(diff_obj: Path, linkable_obj: Path) -> KlpSidecar:
+    """Write ``linkable_obj`` (``diff_obj`` without klp sections/symbols, plus anchors); return the sidecar."""
+    elf = ElfFile.open(diff_obj, require_rel=True)
+    tag = hashlib.blake2b(Path(diff_obj).read_bytes(), digest_size=6).hexdigest()
+    klp_secs = [i for i, n in enumerate(elf.section_names) if n.startswith(".klp.rela.")]
+    relocs: list[dict[str, Any]] = []
+    anchors: dict[int, str] = {}
+    for i in klp_secs:
+        tgt = int(elf.shdrs["info"][i])
+        anchor = anchors.setdefault(tgt, f"__klpf_anchor_{tag}_{tgt}")
+        obj = elf.section_names[i][len(".klp.rela."):].split(".", 1)[0]
+        for x in elf.relocs(i):
+            relocs.append({"anchor": anchor, "section": elf.section_names[tgt], "offset": int(x["offset"]),
+                           "type": int(x["type"]), "symbol": elf.sym_names[int(x["sym"])],
+                           "addend": int(x["addend"]), "obj": obj})
+    rw = Rewriter(elf, drop_section=lambda i, n: n.startswith(".klp.rela."),
+                  drop_symbol=lambda i, n: n.startswith(".klp.sym."))
+    for tgt, name in anchors.items():
+        rw.writer.add_symbol(name, rw.sec_map[tgt], 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+    atomic_write(linkable_obj, rw.build())
+    return {"source": str(diff_obj), "relocations": relocs}
+
+
+def apply_klp(ko: Path, sidecar: KlpSidecar, vmlinux: Path | None = None) -> None:
+    """Add the sidecar's klp relocations to the linked module ``ko`` (rewritten in place, atomically)."""
+    elf = ElfFile.open(ko, require_rel=True)
+    where = {n: i for i, n in enumerate(elf.sym_names) if n.startswith("__klpf_anchor_")}
+    if vmlinux is not None and os.path.exists(vmlinux):
+        _check_vmlinux(sidecar, Path(vmlinux))
+    rw = Rewriter(elf, drop_symbol=lambda i, n: n.startswith("__klpf_anchor_"))
+    w = rw.writer
+    syms: dict[str, int] = {}
+    groups: dict[tuple[str, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+    for r in sidecar["relocations"]:
+        a = where.get(r["anchor"])
+        if a is None:
+            raise InputError(f"{ko}: anchor {r['anchor']} of {r['section']} is missing after the link")
+        sec = int(elf.syms["shndx"][a])
+        h = syms.get(r["symbol"])
+        if h is None:
+            h = syms[r["symbol"]] = w.add_symbol(r["symbol"], C.SHN_LIVEPATCH, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+        off = int(elf.syms["value"][a]) + int(r["offset"])
+        data = elf.section_bytes(sec)
+        if int(r["type"]) != 0 and any(data[off:off + 4]):  # x86 6.1 refuses to relocate non-zero places
+            raise InputError(f"{ko}: klp relocation target {elf.section_names[sec]}+{off:#x} is not zero")
+        groups[(r["obj"], rw.sec_map[sec])].append((off, h, int(r["type"]), int(r["addend"])))
+    for (obj, handle), entries in sorted(groups.items()):
+        arr = np.zeros(len(entries), RELOC)
+        arr["offset"], arr["sym"], arr["type"], arr["addend"] = zip(*entries, strict=True)
+        w.add_relocations(handle, arr, name=f".klp.rela.{obj}.{w.section_name(handle).lstrip('.')}",
+                          flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
+    atomic_write(ko, rw.build())
+
+
+def _check_vmlinux(sidecar: KlpSidecar, vmlinux: Path) -> None:
+    """Every vmlinux klp symbol must exist in the linked vmlinux, else the patch would fail to load."""
+    names = {r["symbol"] for r in sidecar["relocations"] if r["obj"] == "vmlinux"}
+    if not names:
+        return
+    elf = ElfFile.open(vmlinux)
+    have = set(elf.sym_names)
+    missing = sorted(n for n in names if n[len(".klp.sym.vmlinux."):].rsplit(",", 1)[0] not in have)
+    if missing:
+        raise InputError(f"{vmlinux}: has no symbol {missing[0][len('.klp.sym.vmlinux.'):]} "
+                         f"({len(missing)} klp symbol(s) unresolvable)")

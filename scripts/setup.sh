@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up klpforge on a fresh Debian machine (Python 3.11, pip, gcc, binutils):
+#   Debian packages from scripts/apt-packages.txt, the Python package with its test tools, and with
+#   --kernel the cached 6.1 test kernel that `klpforge verify` and the end-to-end tests boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_kernel=0
+for a in "$@"; do [[ $a == --kernel ]] && want_kernel=1; done
+
+pkgs=$(grep -v '^\s*#' scripts/apt-packages.txt | tr '\n' ' ')
+missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [[ -n $missing ]]; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+fi
+python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^$" || true
+if [[ $want_kernel -eq 1 ]]; then
+  klpforge kernel prepare
+fi
