@@ -28,11 +28,12 @@ from ..correlate import Correlation
 from ..elf import ObjectWriter
 from ..elf import constants as C
 from ..elf.types import RELOC
+from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
 from ..select import AUX_CODE, KEPT_SPECIAL, Selection, resolve_target
 from ..symtab import Export, TargetSymtab
-from .special import PAIRED, entry_size
+from .special import ENV_NAMES, PAIRED, entry_size
 
 __all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
 
@@ -284,8 +285,12 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             continue
         size = entry_size(name, opts.env, int(p.shdrs["entsize"][ps]), ptr)
         data = p.section_data(ps)
-        total = len(data) // size
+        # The assembler does not pad the last entry to the struct's alignment (.parainstructions).
+        total = -(-len(data) // size)
         r = p.relocs(ps)
+        if len(r) and int(r["offset"][-1]) >= total * size:
+            var = ENV_NAMES.get(name, "the entry size")
+            raise InputError(f"{name}: relocation beyond the last {size}-byte entry: {var} does not match")
         if name in PAIRED:
             keep = kept_index.get(PAIRED[name])
             if keep is None:
@@ -293,15 +298,22 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
         else:
             keep = []
             idx = (r["offset"] // size).astype(np.int64)
-            for e in range(total):
-                rr = r[idx == e]
+            tsec = p.shndx[r["sym"].astype(np.int64)]
+            inc = np.isin(tsec, np.fromiter(sections if name == ".printk_index" else included_text, np.int64))
+            if name == ".printk_index":  # entries point only at strings: keep those whose strings all came along
+                n_all = np.bincount(idx, minlength=total)
+                n_inc = np.bincount(idx[inc], minlength=total)
+                candidates = np.flatnonzero((n_all > 0) & (n_all == n_inc)).tolist()
+            else:
+                candidates = np.unique(idx[inc]).tolist()
+            bounds = np.searchsorted(r["offset"], np.arange(total + 1, dtype=np.uint64) * size)
+            for e in candidates:
+                rr = r[bounds[e]:bounds[e + 1]]
                 targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0]
                            for x in rr]
                 secs = [int(p.shndx[t]) for t in targets]
-                if name == ".printk_index":
-                    ok = bool(secs) and all(s in sections for s in secs)
-                else:
-                    ok = any(s in included_text and not p.sec_names[s].startswith(AUX_CODE) for s in secs)
+                ok = name == ".printk_index" or any(
+                    s in included_text and not p.sec_names[s].startswith(AUX_CODE) for s in secs)
                 if ok:
                     keep.append(e)
                     for t in targets:
@@ -309,11 +321,12 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
         kept_index[name] = keep
         if not keep:
             continue
-        new = b"".join(data[e * size:(e + 1) * size] for e in keep)
+        new = b"".join(data[e * size:(e + 1) * size].ljust(size, b"\0") for e in keep)
         relocs = []
+        starts = np.searchsorted(r["offset"], np.array(keep, dtype=np.uint64) * size)
+        ends = np.searchsorted(r["offset"], (np.array(keep, dtype=np.uint64) + 1) * size)
         for k, e in enumerate(keep):
-            rr = r[(r["offset"] >= e * size) & (r["offset"] < (e + 1) * size)]
-            for x in rr:
+            for x in r[starts[k]:ends[k]]:
                 relocs.append((int(x["offset"]) - e * size + k * size, int(x["sym"]), int(x["type"]),
                                int(x["addend"])))
         out[name] = (ps, new, relocs, total, len(keep))
