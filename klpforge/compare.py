@@ -14,6 +14,7 @@ WARN/printk-style call (a moved ``__LINE__``) is the same; capstone decodes the 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +87,16 @@ class TargetKeys:
             h.update(f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};".encode())
         return h.hexdigest()
 
+    def toc_key(self, obj: Object, sec: int, off: int) -> tuple[object, ...]:
+        """What the TOC slot at ``sec+off`` holds: the target of its relocation, else its bytes (a
+        constant). Slots are numbered per object, so their offsets never count."""
+        r = obj.relocs(sec)
+        a, b = np.searchsorted(r["offset"], [off, off + 1])
+        if b > a:
+            x = r[a]
+            return ("toc", int(x["type"]), *self.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])))
+        return ("tocval", obj.section_data(sec)[off:off + 8])
+
     def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
         """(what, addend relative to it) for one relocation of ``obj``."""
         k = self._symkey[id(obj)][sym]
@@ -103,6 +114,8 @@ class TargetKeys:
             start = data.rfind(b"\0", 0, max(where, 0)) + 1 if where > 0 else 0
             end = data.find(b"\0", max(where, 0))
             return ("str", data[start: end if end >= 0 else len(data)]), addend - start
+        if name in self.arch.toc_sections:
+            return self.toc_key(obj, sec, where), addend - where
         t = obj.symbol_at(sec, where)
         if t >= 0:
             return self._symkey[id(obj)][t], addend - int(obj.value[t])
@@ -137,14 +150,14 @@ def _reloc_tuples(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> 
                                                                int(x["addend"]))) for x in r]
 
 
-def _describe(name_of, t: tuple[object, ...]) -> str:  # type: ignore[no-untyped-def]
+def _describe(name_of: Callable[[int], str], t: tuple[object, ...]) -> str:
     what = t[2]
     if isinstance(what, tuple):
         kind = what[0]
         if kind == "sym":
-            return name_of(what[1])
+            return name_of(int(what[1]))
         if kind == "str":
-            return repr(bytes(what[1]).decode(errors="replace")[:40])  # type: ignore[arg-type]
+            return repr(bytes(what[1]).decode(errors="replace")[:40])
         if kind in ("table", "anon", "label"):
             return {"table": "a switch table (CSWTCH)", "anon": "anonymous data",
                     "label": "a local label"}[str(kind)] + f" #{str(what[1])[:8]}"
@@ -244,9 +257,9 @@ def _line_only(o: Object, p: Object, arch: Arch, osec: int, psec: int, olo: int,
             continue
         if x[0] != y[0] or x[1] != y[1]:  # size or mnemonic
             return False
-        if not x[1].startswith(("mov", "li", "lhi", "lghi", "lgfi", "iilf")):
+        if x[1] not in arch.line_mnemonics:
             return False
-        # capstone prints the destination first on every architecture we decode
+        # capstone prints the destination first on every architecture we decode (s390 as ``%r3``)
         dst_x, dst_y = x[2].replace(" ", "").split(",")[0], y[2].replace(" ", "").split(",")[0]
         if dst_x != dst_y or dst_y.lstrip("%") not in arch.line_regs:
             return False
@@ -269,8 +282,8 @@ def _compare_unowned(corr: Correlation, keys: TargetKeys, res: Comparison) -> No
             if int(p.shdrs["size"][ps]):
                 res.changed_sections[ps] = "new section"
             continue
-        if p.section_flags(ps) & C.SHF_STRINGS:
-            continue  # string literals are compared where they are used, by content
+        if p.section_flags(ps) & C.SHF_STRINGS or name in keys.arch.toc_sections:
+            continue  # string literals and TOC slots are compared where they are used, by content
         a = _reloc_tuples(o, keys, osec, 0, int(o.shdrs["size"][osec]))
         b = _reloc_tuples(p, keys, ps, 0, int(p.shdrs["size"][ps]))
         if a != b or o.section_data(osec) != p.section_data(ps):

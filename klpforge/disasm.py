@@ -11,7 +11,7 @@ from typing import Any
 
 from .arch import Arch
 
-__all__ = ["instructions", "decoder"]
+__all__ = ["instructions", "decoder", "mnemonic_at"]
 
 
 def decoder(arch: Arch) -> Any:
@@ -26,8 +26,6 @@ def _decoder(name: str, cs_arch: str, cs_mode: str) -> Any:
     mode = 0
     for part in cs_mode.split("|"):
         mode |= getattr(capstone, part.strip()) if part.strip() else 0
-    if name == "ppc64le":
-        mode = capstone.CS_MODE_64 | capstone.CS_MODE_LITTLE_ENDIAN
     md = capstone.Cs(getattr(capstone, cs_arch), mode)
     md.skipdata = True
     return md
@@ -36,3 +34,16 @@ def _decoder(name: str, cs_arch: str, cs_mode: str) -> Any:
 def instructions(arch: Arch, code: bytes) -> list[tuple[int, str, str]]:
     """``(size, mnemonic, operands)`` for every instruction in ``code`` (data bytes come out as .byte)."""
     return [(size, mn, ops) for _addr, size, mn, ops in decoder(arch).disasm_lite(code, 0)]
+
+
+def mnemonic_at(arch: Arch, code: bytes, start: int) -> str:
+    """Mnemonic of the one instruction that starts at ``start`` ('' if capstone cannot decode it).
+
+    >>> mnemonic_at(arch_for(21), bytes.fromhex("00000048"), 0)  # ppc64le ``b .``
+    'b'
+    """
+    if not arch.cs_arch:
+        return ""
+    for _addr, _size, mn, _ops in decoder(arch).disasm_lite(code[start:start + 16], 0, 1):
+        return str(mn)
+    return ""

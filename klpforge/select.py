@@ -13,6 +13,7 @@ raised one at a time, so the user sees every problem at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from .elf.file import cstring_at
 from .model import Object, is_ignored_section
 from .names import clone_parent, is_special_static
 
-__all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS"]
+__all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
 #: Code and data freed after boot or module init (kernel ``include/linux/init.h``).
 INIT_SECTIONS = (".init.", ".exit.", ".text.startup", ".text.exit", ".meminit.", ".memexit.", ".cpuinit.")
@@ -46,11 +47,17 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
 #: registrations (initcalls, tracepoint definitions) that a patch must not redo.
 KEPT_SPECIAL = SPECIAL_SECTIONS[:29]
 #: Code reached only through a special-section entry; copied whole when one of its entries is kept.
-AUX_CODE = (".altinstr_replacement", ".fixup", ".altinstr_aux")
+#: (ppc64 ``__ftr_alt_<label>`` holds the alternative instructions of ``__*ftr_fixup`` entries.)
+AUX_CODE = (".altinstr_replacement", ".fixup", ".altinstr_aux", "__ftr_alt_")
+
+
+def is_aux_code(name: str) -> bool:
+    """True for a section of code reached only through special-section entries (:data:`AUX_CODE`)."""
+    return name in AUX_CODE or name.startswith("__ftr_alt_")
 
 
 def is_special_section(name: str) -> bool:
-    return name.startswith(SPECIAL_SECTIONS) or name in AUX_CODE
+    return name.startswith(SPECIAL_SECTIONS) or is_aux_code(name)
 
 
 @dataclass
@@ -65,6 +72,8 @@ class Selection:
     ignored: set[int] = field(default_factory=set)  # KPATCH_IGNORE_FUNCTION
     callbacks: dict[str, int] = field(default_factory=dict)  # pre_patch/... -> patched function symbol
     has_fentry: set[int] = field(default_factory=set)
+    #: TOC sections (ppc64 ``.toc``) -> offsets of the slots included code uses; only those keep relocations
+    toc_slots: dict[int, set[int]] = field(default_factory=dict)
 
 
 def _is_init(name: str) -> bool:
@@ -80,7 +89,8 @@ def _fentry_functions(obj: Object, arch: Arch) -> set[int]:
         if name in ("__mcount_loc", "__patchable_function_entries"):
             r = obj.relocs(sec)
             for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
-                t = obj.symbol_at(int(obj.shndx[s]), a) if obj.stype[s] == C.STT_SECTION else s
+                t = s if obj.stype[s] == C.STT_FUNC else _function_near(obj, int(obj.shndx[s]),
+                                                                         int(obj.value[s]) + a)
                 if t >= 0:
                     out.add(int(t))
     hooks = {i for i, n in enumerate(obj.sym_names) if n in arch.fentry_names and not obj.defined[i]}
@@ -95,6 +105,20 @@ def _fentry_functions(obj: Object, arch: Arch) -> set[int]:
                 if ((hit["offset"] >= lo) & (hit["offset"] < lo + 32)).any():
                     out.add(f)
     return out
+
+
+def _function_near(obj: Object, sec: int, where: int) -> int:
+    """The function an ftrace entry at ``sec+where`` belongs to: the one covering it, else the first one
+    starting within 16 bytes after it (NOPs placed before the entry point, as aarch64's
+    ``-fpatchable-function-entry=4,2`` does since 6.1's CALL_OPS/BTI setups); -1 if none."""
+    if sec <= 0 or sec >= obj.nsec:
+        return -1
+    t = obj.symbol_at(sec, where)
+    if t >= 0 and obj.stype[t] == C.STT_FUNC:
+        return t
+    after = [m for m in obj.syms_in_section.get(sec, []) if obj.stype[m] == C.STT_FUNC
+             and where <= int(obj.value[m]) <= where + 16]
+    return min(after, key=lambda m: int(obj.value[m])) if after else -1
 
 
 def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
@@ -188,20 +212,34 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 sel.callbacks[kind] = t
                 include(t, f"{kind} callback")
 
-    # Follow relocations of everything included.
-    while work:
-        sec = work.pop()
-        owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
-        r = p.relocs(sec)
+    # Follow relocations of everything included; a TOC section is followed one used slot at a time.
+    slots: list[tuple[int, int, str]] = []
+    while work or slots:
+        if slots:
+            sec, off, owner_names = slots.pop()
+            r = p.relocs(sec)
+            r = r[r["offset"] == off]
+        else:
+            sec = work.pop()
+            owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
+            r = p.relocs(sec)
         for s, t_, a in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(), strict=True):
             t, _ = resolve_target(p, arch, s, t_, a)
             if not p.defined[t]:
                 continue
             tsec = int(p.shndx[t])
             tname = p.sec_names[tsec]
+            if tname in arch.toc_sections and p.stype[t] == C.STT_SECTION:
+                off = a + arch.pcrel_bias.get(t_, 0)
+                used = sel.toc_slots.setdefault(tsec, set())
+                sel.sections.setdefault(tsec, f"TOC slots used by {owner_names}")
+                if off not in used:
+                    used.add(off)
+                    slots.append((tsec, off, owner_names))
+                continue
             if p.stype[t] == C.STT_SECTION:
                 if tsec not in sel.sections and not is_ignored_section(tname):
-                    if is_special_section(tname) and tname not in AUX_CODE:
+                    if is_special_section(tname) and not is_aux_code(tname):
                         continue
                     sel.sections[tsec] = f"used by {owner_names}"
                     work.append(tsec)
@@ -233,7 +271,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
     return sel
 
 
-def _include_cold(p: Object, f: int, by_name: dict[str, int], include) -> None:  # type: ignore[no-untyped-def]
+def _include_cold(p: Object, f: int, by_name: dict[str, int], include: Callable[[int, str], None]) -> None:
     base = p.sym_names[f]
     for n, i in by_name.items():
         if clone_parent(n) == base:

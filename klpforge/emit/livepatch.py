@@ -31,7 +31,7 @@ from ..elf.types import RELOC
 from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
-from ..select import AUX_CODE, KEPT_SPECIAL, Selection, resolve_target
+from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
 from ..symtab import Export, TargetSymtab
 from .special import ENV_NAMES, PAIRED, entry_size
 
@@ -109,10 +109,15 @@ class _Emitter:
         p = self.p
         h = p.shdrs[ps]
         flags = int(h["flags"]) & ~C.SHF_GROUP
+        link = 0
+        if flags & _SHF_LINK_ORDER:  # one __patchable_function_entries per function, tied to its code
+            link = self.out_sec.get(int(h["link"]), 0)
+            if not link:
+                flags &= ~_SHF_LINK_ORDER
         blob = p.section_data(ps) if data is None else data
         handle = self.w.add_section(p.sec_names[ps], int(h["type"]), flags, blob,
                                     size=int(h["size"]) if data is None else len(data),
-                                    addralign=int(h["addralign"]), entsize=int(h["entsize"]))
+                                    addralign=int(h["addralign"]), entsize=int(h["entsize"]), link=link)
         self.out_sec[ps] = handle
         self.secsym[handle] = self.w.add_symbol("", handle, 0, 0, C.STT_SECTION, C.STB_LOCAL)
         return handle
@@ -147,6 +152,8 @@ class _Emitter:
     def resolve(self, sym: int, rtype: int, addend: int) -> tuple[int, int, str | None, str]:
         """Output symbol handle, addend, klp object name (None for a normal relocation), display name."""
         p = self.p
+        if sym == 0:  # no symbol (ppc64 R_PPC64_ENTRY, R_*_NONE)
+            return 0, addend, None, ""
         t, a = resolve_target(p, self.arch, sym, rtype, addend)
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
@@ -158,7 +165,7 @@ class _Emitter:
         name = p.sym_names[t]
         exp = (self.opts.symvers or {}).get(name)
         if not p.defined[t]:
-            if exp is not None and exp.module == "vmlinux":
+            if (exp is not None and exp.module == "vmlinux") or name in self.arch.loader_symbols:
                 return self.external(name), a, None, name
             obj = exp.module if exp is not None else (
                 self.opts.target if self.opts.symtab.has(name) else "vmlinux")
@@ -197,6 +204,10 @@ class _Emitter:
             self.w.add_relocations(handle, _reloc_array(entries),
                                    name=f".klp.rela.{obj}.{secname.lstrip('.')}", rela=True,
                                    flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
+
+
+#: gABI ``SHF_LINK_ORDER``: ``sh_link`` names the section this one belongs with.
+_SHF_LINK_ORDER = 0x80
 
 
 class _Unresolvable(Exception):
@@ -249,19 +260,23 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
             em.refusals.append(str(e))
             continue
         alias = alias_name(opts.target, oname, pos)
+        # st_other too: it carries the ppc64 local entry point that direct calls must land on
         em.w.add_symbol(alias, em.out_sec[int(p.shndx[s])], int(p.value[s]), int(p.size[s]), C.STT_FUNC,
-                        C.STB_GLOBAL)
+                        C.STB_GLOBAL, int(p.syms["other"][s]))
         patched.append(PatchedFunc(oname, pos, alias, p.sym_names[s]))
 
     for ps in sorted(sections):
         r = p.relocs(ps)
+        if ps in sel.toc_slots:  # only the slots included code uses; the others stay unrelocated
+            r = r[np.isin(r["offset"], sorted(sel.toc_slots[ps]))]
         em.relocate(em.out_sec[ps], list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(),
                                              r["addend"].tolist(), strict=True)), p.sec_names[ps])
     kept: dict[str, tuple[int, int]] = {}
-    for name, (ps, data, relocs, total, nkept) in specials.items():
+    for ps, (name, data, relocs, total, nkept) in specials.items():
         h = em.add_section(ps, data)
         em.relocate(h, relocs, name)
-        kept[name] = (nkept, total)
+        was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
+        kept[name] = (was[0] + nkept, was[1] + total)
     em.finish_klp()
     _check_module_keys(em, specials)
     cbs = {k: p.sym_names[v] for k, v in sel.callbacks.items()}
@@ -269,10 +284,10 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
 
 
 def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOptions, arch: Arch) \
-        -> dict[str, tuple[int, bytes, list[tuple[int, int, int, int]], int, int]]:
+        -> dict[int, tuple[str, bytes, list[tuple[int, int, int, int]], int, int]]:
     """Cut each special table down to the entries of included code.
 
-    Returns name -> (patched section, new bytes, relocations, entries before, entries kept); adds the
+    Returns patched section -> (name, new bytes, relocations, entries before, entries kept); adds the
     auxiliary code sections (``.altinstr_replacement``, ``.fixup``) that kept entries point into."""
     out = {}
     ptr = 8 if p.elf.is64 else 4
@@ -313,7 +328,7 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
                            for x in rr]
                 secs = [int(p.shndx[t]) for t in targets]
                 ok = name == ".printk_index" or any(
-                    s in included_text and not p.sec_names[s].startswith(AUX_CODE) for s in secs)
+                    s in included_text and not is_aux_code(p.sec_names[s]) for s in secs)
                 if ok:
                     keep.append(e)
                     for t in targets:
@@ -329,7 +344,7 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             for x in r[starts[k]:ends[k]]:
                 relocs.append((int(x["offset"]) - e * size + k * size, int(x["sym"]), int(x["type"]),
                                int(x["addend"])))
-        out[name] = (ps, new, relocs, total, len(keep))
+        out[ps] = (name, new, relocs, total, len(keep))
     return out
 
 
@@ -346,7 +361,7 @@ def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel:
         name = p.sec_names[s]
         uncorrelated = p.stype[t] == C.STT_SECTION or p.sym_names[t].startswith(".L") \
             or is_special_static(p.sym_names[t])
-        if name in AUX_CODE:
+        if is_aux_code(name):
             sel.sections[s] = f"code of a kept {table} entry"
             included_text.add(s)
         elif uncorrelated and not p.is_text(s):
@@ -362,7 +377,7 @@ def _table_names(name: str) -> tuple[str, ...]:
     return (name,)
 
 
-def _check_module_keys(em: _Emitter, specials: Mapping[str, object]) -> None:
+def _check_module_keys(em: _Emitter, specials: Mapping[int, object]) -> None:
     """Jump labels and static calls keyed in a module cannot be patched (6.1 sets their module entries up
     before the module's klp relocations are applied, ``kernel/livepatch/core.c``)."""
     if em.opts.target == "vmlinux":
