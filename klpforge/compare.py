@@ -23,7 +23,7 @@ from .arch import Arch
 from .correlate import Correlation
 from .elf import constants as C
 from .model import Object, is_ignored_section
-from .names import is_special_static
+from .names import is_special_static, special_kind
 
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_HELPERS"]
 
@@ -46,6 +46,39 @@ class TargetKeys:
         self._symkey = {id(corr.orig): self._sym_keys(corr.orig, True),
                         id(corr.patched): self._sym_keys(corr.patched, False)}
         self._anon: dict[tuple[int, int], str] = {}
+        self._ids: dict[object, int] = {}
+        self.by_id: list[object] = []
+        self._sid = {k: np.array([self.intern(x) if x is not None else -1 for x in v], dtype=np.int64)
+                     for k, v in self._symkey.items()}
+        self._seckeys: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def intern(self, k: object) -> int:
+        """A small integer standing for key ``k`` (equal keys, equal ids, in both objects)."""
+        i = self._ids.get(k)
+        if i is None:
+            i = self._ids[k] = len(self.by_id)
+            self.by_id.append(k)
+        return i
+
+    def section_keys(self, obj: Object, sec: int) -> tuple[np.ndarray, ...]:
+        """(offset, type, key id, addend relative to the key) for every relocation of ``sec``, cached.
+        Named targets are looked up as a vector; only section-symbol targets need a Python call."""
+        ck = (id(obj), sec)
+        c = self._seckeys.get(ck)
+        if c is None:
+            r = obj.relocs(sec)
+            syms = r["sym"].astype(np.int64)
+            kid = self._sid[id(obj)][syms] if len(r) else np.zeros(0, np.int64)
+            add = r["addend"].astype(np.int64)
+            todo = np.flatnonzero(kid < 0)
+            if len(todo):
+                todo = self._vector_section_refs(obj, r, syms, kid, add, todo)
+            for j in todo.tolist():
+                k, a = self.key(obj, int(syms[j]), int(r["type"][j]), int(add[j]))
+                kid[j] = self.intern(k)
+                add[j] = a
+            c = self._seckeys[ck] = (r["offset"].astype(np.int64), r["type"].astype(np.int64), kid, add)
+        return c
 
     def _sym_keys(self, obj: Object, is_orig: bool) -> list[object]:
         corr = self.corr
@@ -65,7 +98,7 @@ class TargetKeys:
             elif name.startswith("CSWTCH"):  # a switch table: what matters is its content
                 keys.append(("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
             elif is_special_static(name):
-                keys.append(("special", obj.canon[i]))
+                keys.append(("special", special_kind(name)))
             elif name.startswith(".L"):
                 keys.append(("label", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
             else:
@@ -97,6 +130,38 @@ class TargetKeys:
             return ("toc", int(x["type"]), *self.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])))
         return ("tocval", obj.section_data(sec)[off:off + 8])
 
+    def _vector_section_refs(self, obj: Object, r: np.ndarray, syms: np.ndarray, kid: np.ndarray, add: np.ndarray,
+                             todo: np.ndarray) -> np.ndarray:
+        """Resolve section-symbol references in bulk where that is simple: into a -ffunction-sections /
+        -fdata-sections section (its one symbol) and into string-literal sections (by content).
+        Fills ``kid``/``add`` in place and returns the entries left for :meth:`key`."""
+        tsec = obj.shndx[syms[todo]]
+        single = obj.single_symbol
+        m = single[np.clip(tsec, 0, len(single) - 1)]
+        m[(tsec <= 0) | (tsec >= len(single))] = -1
+        hit = m >= 0
+        j = todo[hit]
+        kid[j] = self._sid[id(obj)][m[hit]]
+        add[j] = add[j] - obj.value[m[hit]]
+        rest = todo[~hit]
+        strs = np.array([bool(obj.section_flags(int(t)) & C.SHF_STRINGS) if 0 < t < obj.nsec else False
+                         for t in obj.shndx[syms[rest]]], dtype=bool) if len(rest) else np.zeros(0, bool)
+        for sec in np.unique(obj.shndx[syms[rest[strs]]]).tolist():
+            sel = rest[strs][obj.shndx[syms[rest[strs]]] == sec]
+            data = obj.section_data(sec)
+            nul = np.flatnonzero(np.frombuffer(data, np.uint8) == 0)
+            bias = np.array([self.arch.pcrel_bias.get(int(t), 0) for t in r["type"][sel]], dtype=np.int64)
+            where = np.maximum(add[sel] + bias, 0)
+            k = np.searchsorted(nul, where, side="left")
+            start = np.where(k > 0, nul[np.clip(k - 1, 0, max(len(nul) - 1, 0))] + 1, 0) if len(nul) else 0 * where
+            end = np.where(k < len(nul), nul[np.clip(k, 0, max(len(nul) - 1, 0))], len(data)) if len(nul) \
+                else 0 * where + len(data)
+            for jj, st, en in zip(sel.tolist(), np.atleast_1d(start).tolist(), np.atleast_1d(end).tolist(),
+                                  strict=True):
+                kid[jj] = self.intern(("str", data[st:en]))
+                add[jj] = add[jj] - st
+        return rest[~strs]
+
     def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
         """(what, addend relative to it) for one relocation of ``obj``."""
         k = self._symkey[id(obj)][sym]
@@ -109,6 +174,8 @@ class TargetKeys:
         where = addend + bias
         name = obj.sec_names[sec]
         flags = obj.section_flags(sec)
+        if is_special_static(name):  # a section of its own per use site (.data..Lubsan_data12)
+            return ("special", special_kind(name)), addend
         if flags & C.SHF_STRINGS:
             data = obj.section_data(sec)
             start = data.rfind(b"\0", 0, max(where, 0)) + 1 if where > 0 else 0
@@ -141,13 +208,15 @@ class Comparison:
     keys: TargetKeys | None = None
 
 
+def _reloc_slice(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> np.ndarray:
+    """Rows (offset - lo, type, key id, addend) of the relocations in ``[lo, hi)`` of ``sec``."""
+    off, typ, kid, add = keys.section_keys(obj, sec)
+    a, b = np.searchsorted(off, [lo, hi])
+    return np.stack([off[a:b] - lo, typ[a:b], kid[a:b], add[a:b]], axis=1) if b > a else np.zeros((0, 4), np.int64)
+
+
 def _reloc_tuples(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[object, ...]]:
-    r = obj.relocs(sec)
-    if len(r):
-        a, b = np.searchsorted(r["offset"], [lo, hi])
-        r = r[a:b]
-    return [(int(x["offset"]) - lo, int(x["type"]), *keys.key(obj, int(x["sym"]), int(x["type"]),
-                                                               int(x["addend"]))) for x in r]
+    return [(int(o_), int(t), keys.by_id[int(k)], int(a)) for o_, t, k, a in _reloc_slice(obj, keys, sec, lo, hi)]
 
 
 def _describe(name_of: Callable[[int], str], t: tuple[object, ...]) -> str:
@@ -212,9 +281,11 @@ def _differs(o: Object, p: Object, keys: TargetKeys, oi: int, pi: int, osec: int
     """None when equal, else a short reason ('bytes' when only the bytes differ)."""
     if ohi - olo != phi - plo:
         return f"size {ohi - olo} -> {phi - plo}"
-    ot = _reloc_tuples(o, keys, osec, olo, ohi)
-    pt = _reloc_tuples(p, keys, psec, plo, phi)
-    if ot != pt:
+    oa = _reloc_slice(o, keys, osec, olo, ohi)
+    pa = _reloc_slice(p, keys, psec, plo, phi)
+    if not np.array_equal(oa, pa):
+        ot = _reloc_tuples(o, keys, osec, olo, ohi)
+        pt = _reloc_tuples(p, keys, psec, plo, phi)
         if len(ot) != len(pt):
             return f"{len(ot)} -> {len(pt)} relocations"
         for a, b in zip(ot, pt, strict=True):
@@ -282,7 +353,7 @@ def _compare_unowned(corr: Correlation, keys: TargetKeys, res: Comparison) -> No
             if int(p.shdrs["size"][ps]):
                 res.changed_sections[ps] = "new section"
             continue
-        if p.section_flags(ps) & C.SHF_STRINGS or name in keys.arch.toc_sections:
+        if p.section_flags(ps) & C.SHF_STRINGS or name in keys.arch.toc_sections or is_special_static(name):
             continue  # string literals and TOC slots are compared where they are used, by content
         a = _reloc_tuples(o, keys, osec, 0, int(o.shdrs["size"][osec]))
         b = _reloc_tuples(p, keys, ps, 0, int(p.shdrs["size"][ps]))

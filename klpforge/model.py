@@ -102,6 +102,12 @@ class Object:
                 pick = members[0]
             owner[sec] = pick
         self.section_owner = owner
+        # The one function/object of a section that holds exactly one (and owns it), else -1.
+        single = np.full(n, -1, np.int64)
+        for sec, members in by_sec.items():
+            if len(members) == 1 and owner[sec] == members[0]:
+                single[sec] = members[0]
+        self.single_symbol = single
 
     # -- lookups --------------------------------------------------------------------------------------
 
