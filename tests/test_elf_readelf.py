@@ -88,3 +88,28 @@ def test_writer_output_is_clean_for_readelf(tmp_path: Path, elfclass: int, endia
     assert back.sym_names[int(back.relocs(klp)["sym"][0])] == ".klp.sym.vmlinux.y,1"
     assert int(back.syms["shndx"][back.sym_names.index(".klp.sym.vmlinux.y,1")]) == C.SHN_LIVEPATCH
     assert "f" in subprocess.run(["readelf", "-sW", str(out)], capture_output=True, text=True).stdout
+
+
+def _model(elf: ElfFile) -> tuple[list[object], ...]:
+    # string tables may be laid out differently (GNU as shares suffixes); everything else must be equal
+    secs = sorted((n, int(h["flags"]), int(h["size"]) if int(h["type"]) != 3 else 0, elf.section_bytes(i) if int(h["type"]) not in (2, 3, 4, 9, 17) else b"",
+                   elf.section_names[int(h["link"])] if int(h["link"]) and int(h["type"]) not in (2, 4, 9) else "")
+                  for i, (n, h) in enumerate(zip(elf.section_names, elf.shdrs, strict=True)) if i)
+    rels = sorted((elf.section_names[t], int(x["offset"]), elf.sym_names[int(x["sym"])], int(x["type"]), int(x["addend"]))
+                  for t, rs in elf.reloc_sections.items() for x in elf.relocs(rs))
+    groups = sorted((elf.sym_names[g.signature], tuple(sorted(elf.section_names[m] for m in g.members)))
+                    for g in elf.groups())
+    syms = sorted(zip(elf.sym_names, elf.syms["value"].tolist(), elf.syms["info"].tolist(), strict=True))
+    return secs, rels, groups, syms  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_rewriter_keeps_everything(path: Path, tmp_path: Path) -> None:
+    from klpforge.elf.rewrite import Rewriter
+
+    elf = ElfFile.open(path)
+    out = tmp_path / "copy.o"
+    out.write_bytes(Rewriter(elf).build())
+    r = subprocess.run(["readelf", "-aW", str(out)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stderr == ""
+    assert _model(ElfFile.open(out)) == _model(elf)

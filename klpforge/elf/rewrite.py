@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from . import constants as C
 from .file import ElfFile
 from .writer import LINK_SYMTAB, ObjectWriter
@@ -42,11 +44,8 @@ class Rewriter:
                 continue
             if t in skip_types and (t != C.SHT_STRTAB or i in (symtab_strtab, elf.shstrndx)):
                 continue
-            link = int(sh["link"][i])
-            link = LINK_SYMTAB if link and link == elf.symtab_index else 0
             self.sec_map[i] = w.add_section(name, t, int(sh["flags"][i]), elf.section_bytes(i), size=int(sh["size"][i]),
-                                            addralign=int(sh["addralign"][i]), entsize=int(sh["entsize"][i]),
-                                            link=link, info=int(sh["info"][i]) if t == C.SHT_GROUP else 0)
+                                            addralign=int(sh["addralign"][i]), entsize=int(sh["entsize"][i]))
         self.sym_map: dict[int, int] = {0: 0}
         syms = elf.syms
         for i in range(1, len(syms)):
@@ -61,6 +60,7 @@ class Rewriter:
             info = int(syms["info"][i])
             self.sym_map[i] = w.add_symbol(name, shndx, int(syms["value"][i]), int(syms["size"][i]), info & 0xF,
                                            info >> 4, int(syms["other"][i]))
+        self._fix_links_and_groups()
         for i in relsecs:
             tgt = int(sh["info"][i])
             if tgt not in self.sec_map:
@@ -72,6 +72,27 @@ class Rewriter:
             w.add_relocations(self.sec_map[tgt], r, name=elf.section_names[i],
                               rela=int(sh["type"][i]) == C.SHT_RELA, flags=int(sh["flags"][i]))
             self.sec_map[i] = len(w._secs) - 1
+
+    def _fix_links_and_groups(self) -> None:
+        """``sh_link`` (SHF_LINK_ORDER targets, the symbol table) and group contents name sections and
+        symbols by index: renumber them."""
+        elf, w = self.elf, self.writer
+        sh = elf.shdrs
+        u4 = np.dtype("u4").newbyteorder(elf.endian)
+        for old, new in self.sec_map.items():
+            sec = w._secs[new]
+            link = int(sh["link"][old])
+            if link and link == elf.symtab_index:
+                sec.link = LINK_SYMTAB
+            elif link in self.sec_map:
+                sec.link = self.sec_map[link]
+            if sec.type == C.SHT_GROUP:
+                words = np.frombuffer(sec.data, u4).copy()
+                members = [self.sec_map[m] for m in words[1:].tolist() if m in self.sec_map]
+                sec.data = np.array([words[0], *members], dtype=u4).tobytes()
+                sec.size = len(sec.data)
+                sec.info = self.sym_map.get(int(sh["info"][old]), 0)
+                sec.info_is_symbol = True
 
     def build(self) -> bytes:
         return self.writer.build()

@@ -68,6 +68,7 @@ class _Section:
     link: int = 0  # section handle (index in this writer), resolved at build
     info: int = 0
     info_is_section: bool = False
+    info_is_symbol: bool = False  # SHT_GROUP: sh_info names the signature symbol (a handle until build)
     relocs: np.ndarray | None = None  # for REL/RELA sections: symbol field holds symbol handles
 
 
@@ -196,6 +197,8 @@ class ObjectWriter:
                 link = symtab_h
             elif link == LINK_SYMTAB:
                 link = symtab_h
+            if sec.info_is_symbol:
+                info_ = int(new_index[info_])
             header(sec.name, sec.type, sec.flags, len(data) if sec.type != SHT_NOBITS else sec.size,
                    link, info_, sec.addralign, sec.entsize, data)
         header(".symtab", SHT_SYMTAB, 0, symtab.nbytes, strtab_h, first_global, 8 if self.is64 else 4,
