@@ -19,7 +19,7 @@ import re
 
 __all__ = [
     "canonical", "base_function", "is_cold", "clone_parent", "is_special_static", "is_local_label",
-    "section_subject", "is_string_section", "CLONE_KINDS",
+    "section_subject", "is_string_section", "CLONE_KINDS", "special_kind",
 ]
 
 CLONE_KINDS = ("isra", "constprop", "part", "cold", "lto_priv", "localalias", "llvm")
@@ -59,19 +59,40 @@ def base_function(name: str) -> str:
 _SPECIAL_PREFIXES = ("__key.", "__warned.", "__already_done.", "__func__.", "_rs.", "CSWTCH.",
                      "__print_once.", "descriptor.", "_entry.", "_entry_ptr.", "__UNIQUE_ID_ddebug",
                      "__msg.", "__tpstrtab_", ".data..L__unnamed_", "__kstrtab_", "__kstrtabns_",
-                     "__ksymtab_")
+                     "__ksymtab_", ".Lubsan_", ".data..Lubsan_")
 _SPECIAL_EXACT = {"__key", "__warned", "__already_done", "__func__", "_rs", "CSWTCH", "descriptor",
                   "__print_once"}
 
 
 def is_special_static(name: str) -> bool:
-    """True for per-use-site statics that must never be correlated (see the comment above)."""
+    """True for per-use-site statics that must never be correlated (see the comment above; also UBSAN's
+    per-check source-location and type records, ``.Lubsan_data12`` or a ``.data..Lubsan_*`` section,
+    whose line numbers move with any edit above them)."""
     return name in _SPECIAL_EXACT or name.startswith(_SPECIAL_PREFIXES)
 
 
+def special_kind(name: str) -> str:
+    """What a special static is, without any numbering: two use sites' copies compare by kind.
+
+    >>> special_kind(".Lubsan_data167"), special_kind("__key.12")
+    ('.Lubsan_data', '__key')
+    """
+    return canonical(name).rstrip("0123456789")
+
+
+#: ELF mapping symbols (aarch64/arm ``$x``/``$d``, with an optional ``.N``): they mark code and data inside a
+#: section for disassemblers and say nothing about what the code is.
+_MAPPING = re.compile(r"^\$[adtx](\..*)?$")
+
+
 def is_local_label(name: str) -> bool:
-    """Assembler-local labels (``.LC0``, ``.L__unnamed_1``): compared by content, never by name."""
-    return name.startswith(".L")
+    """Assembler-local labels (``.LC0``, ``.L__unnamed_1``, loongarch's ``L0^A`` temporaries) and mapping
+    symbols (``$x``, ``$d``): never correlated by name (labels are compared by content).
+
+    >>> is_local_label("$x"), is_local_label("$d.12"), is_local_label("$xyz")
+    (True, True, False)
+    """
+    return name.startswith((".L", "L0\x01")) or _MAPPING.match(name) is not None
 
 
 _SUBJECT = re.compile(

@@ -261,6 +261,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
 
     _judge_data(corr, cmp, sel, ign_secs)
     _check_entries(p, sel)
+    _check_branches(p, arch, sel)
     _check_groups(p, sel)
     if cmp.removed:
         for oi in cmp.removed:
@@ -306,6 +307,44 @@ def _check_entries(p: Object, sel: Selection) -> None:
         if i not in sel.has_fentry:
             sel.refusals.append(f"function {p.sym_names[i]} has no ftrace entry (no __fentry__/mcount call or "
                                 "patchable entry: notrace, or built without ftrace), so it cannot be redirected")
+
+
+def _check_branches(p: Object, arch: Arch, sel: Selection) -> None:
+    """Direct branches from included code to code that stays in the running kernel go through a stub the
+    module loader makes, which switches to the kernel's TOC (ppc64). 6.1's loader then needs the caller's
+    TOC-restore slot: a nop right after the call. A tail call has none, and the stub would overwrite the
+    TOC saved in our caller's frame, so both are refused (kpatch refuses the tail call too)."""
+    if not arch.branch_relocs:
+        return
+    from .disasm import mnemonic_at
+
+    for sec in sorted(sel.sections):
+        if not p.is_text(sec) or is_aux_code(p.sec_names[sec]):
+            continue
+        r = p.relocs(sec)
+        r = r[np.isin(r["type"], arch.branch_relocs)]
+        if not len(r):
+            continue
+        data = p.section_data(sec)
+        for x in r:
+            s, off = int(x["sym"]), int(x["offset"])
+            t, _ = resolve_target(p, arch, s, int(x["type"]), int(x["addend"]))
+            name = p.sym_names[t] if p.stype[t] != C.STT_SECTION else p.sec_names[int(p.shndx[t])]
+            if name in arch.loader_symbols or t in sel.included or \
+                    (p.defined[t] and int(p.shndx[t]) in sel.sections and p.stype[t] == C.STT_SECTION):
+                continue
+            start = off - off % arch.insn_width if arch.insn_width else off
+            mn = mnemonic_at(arch, data, start)
+            owner = p.symbol_at(sec, start)
+            base = int(p.value[owner]) if owner >= 0 else 0
+            where = f"{p.sym_names[owner] if owner >= 0 else p.sec_names[sec]}+{start - base:#x}"
+            if mn in arch.tail_mnemonics:
+                sel.refusals.append(f"sibling call at {where} to {name}, which stays in the running kernel: the "
+                                    "stub that reaches it would clobber the caller's saved TOC; build the function "
+                                    "with __attribute__((optimize(\"no-optimize-sibling-calls\")))")
+            elif mnemonic_at(arch, data, start + arch.insn_width) != "nop":
+                sel.refusals.append(f"call at {where} to {name}, which stays in the running kernel, has no nop "
+                                    "after it for the loader to restore the TOC into")
 
 
 def _check_groups(p: Object, sel: Selection) -> None:

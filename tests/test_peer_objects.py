@@ -19,7 +19,7 @@ from klpforge.errors import KlpError
 from .conftest import PEER, peer_cases
 
 DIFFERENCES = json.loads((Path(__file__).parent / "expectations" / "peer-differences.json").read_text())
-ARCHES = ["x86_64"]
+ARCHES = ["x86_64", "ppc64le", "s390x", "aarch64", "loongarch64"]
 
 
 def _cases() -> list:
@@ -67,6 +67,17 @@ def _check_output(out: Path) -> None:
                 sym = elf.sym_names[int(rel["sym"])]
                 assert sym.startswith(f".klp.sym.{obj}.") and "," in sym
                 assert int(elf.syms["shndx"][int(rel["sym"])]) == C.SHN_LIVEPATCH
+    # Every relocation resolvable: against a defined symbol, an undefined global the module loader
+    # resolves, a klp symbol, or no symbol at all (ppc64 R_PPC64_ENTRY).
+    bind = elf.syms["info"] >> 4
+    for i in range(len(elf.shdrs)):
+        if int(elf.shdrs[i]["type"]) not in (C.SHT_RELA, C.SHT_REL):
+            continue
+        for rel in elf.relocs(i):
+            s = int(rel["sym"])
+            if s and int(elf.syms["shndx"][s]) == C.SHN_UNDEF:
+                assert int(bind[s]) != C.STB_LOCAL, f"{elf.section_names[i]}: local undefined {elf.sym_names[s]}"
+                assert elf.sym_names[s], f"{elf.section_names[i]}: relocation against an unnamed undefined symbol"
     for i, name in enumerate(elf.sym_names):
         if name.startswith(".klp.sym."):
             assert int(elf.syms["shndx"][i]) == C.SHN_LIVEPATCH
