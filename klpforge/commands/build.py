@@ -29,7 +29,7 @@ def print_report(con: Console, res: BuildResult) -> None:
     for o in res.outcomes:
         for f in o.funcs:
             table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed")
-        for kind, sym in o.callbacks.items():
+        for kind, sym in o.callback_sources.items():
             table.add_row(o.target, sym, "-", o.obj, f"{kind} callback")
     con.print(table)
     if res.unchanged:

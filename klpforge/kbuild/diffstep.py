@@ -32,6 +32,12 @@ class DiffOutcome:
     funcs: list[KlpFunc]
     callbacks: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    #: callbacks as named in the patch (``callbacks`` may be renamed for linking)
+    callback_sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.callback_sources:
+            self.callback_sources = dict(self.callbacks)
 
 
 def _diff_module() -> Any:

@@ -93,7 +93,7 @@ class BuildResult:
                 {"object": o.obj, "target": o.target,
                  "functions": [{"old_name": f.old_name, "sympos": f.sympos, "new_symbol": f.new_symbol,
                                 "reason": f.reason} for f in o.funcs],
-                 "callbacks": o.callbacks, "diff_report": o.report}
+                 "callbacks": o.callback_sources, "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
@@ -143,6 +143,60 @@ def _compile_all(tree: KernelTree, objs: list[str], outdir: Path, jobs: int, fla
                 err = "\n".join(ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln.lower())
                 raise InputError(f"compiling {obj} failed: {(err or r.stderr or r.stdout).strip()[:600]}")
     return outs
+
+
+def _symbol_bindings(obj: Path) -> dict[str, str]:
+    """Defined symbol name -> binding (``STB_LOCAL``/``STB_GLOBAL``/...)."""
+    with obj.open("rb") as f:
+        st = ELFFile(f).get_section_by_name(".symtab")
+        if st is None:
+            return {}
+        return {s.name: s["st_info"]["bind"] for s in st.iter_symbols()  # type: ignore[attr-defined, unused-ignore]
+                if s["st_shndx"] != "SHN_UNDEF" and s.name}
+
+
+def _export_callbacks(linkable: Path, o: DiffOutcome, uid: int) -> Path:
+    """Make the callback functions of ``o`` global so the generated core can point at them.
+
+    The diff engine keeps a callback under its (usually static) source name; ``objcopy`` renames it to a
+    unique ``klpforge_cb_<n>_<kind>`` and makes it global (a copy; the diff output stays as written).
+    """
+    if not o.callbacks:
+        return linkable
+    binds = _symbol_bindings(linkable)
+    redefine: list[str] = []
+    for kind, sym in list(o.callbacks.items()):
+        if binds.get(sym) == "STB_GLOBAL":
+            continue
+        if sym not in binds:
+            raise InputError(f"{o.obj}: callback {kind} -> {sym} is not defined in the diff output")
+        new = f"klpforge_cb_{uid}_{kind}"
+        redefine += ["--redefine-sym", f"{sym}={new}", "--globalize-symbol", new]
+        o.callbacks[kind] = new
+    if not redefine:
+        return linkable
+    out = linkable.with_name(linkable.stem + ".cb.o")
+    r = subprocess.run(["objcopy", *redefine, str(linkable), str(out)], capture_output=True, text=True,
+                       check=False)
+    if r.returncode != 0:
+        raise InputError(f"objcopy could not export the callbacks of {o.obj}: {r.stderr.strip()}")
+    return out
+
+
+def _check_resolvable(ko: Path, symvers: Path | None) -> None:
+    """Every undefined symbol of the module must be exported (Module.symvers); anything else would make
+    insmod fail with 'Unknown symbol' -- say so now, naming them."""
+    if symvers is None:
+        return
+    exported = {ln.split("\t")[1] for ln in symvers.read_text().splitlines() if ln.count("\t") >= 2}
+    with ko.open("rb") as f:
+        st = ELFFile(f).get_section_by_name(".symtab")
+        undef = {s.name for s in st.iter_symbols()  # type: ignore[attr-defined, unused-ignore]
+                 if s["st_shndx"] == "SHN_UNDEF" and s.name} if st is not None else set()
+    missing = sorted(undef - exported)
+    if missing:
+        raise InputError(f"{ko.name} would not load: unresolved symbols {', '.join(missing[:8])} "
+                         "(neither exported nor turned into klp relocations)")
 
 
 def _has_klp_sections(obj: Path) -> bool:
@@ -220,10 +274,9 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             for o in outcomes:
                 t = targets.setdefault(o.target, KlpTarget(o.target))
                 t.funcs.extend(o.funcs)
-                for kind, sym in o.callbacks.items():
+                for kind in o.callbacks:
                     if kind in t.callbacks:
                         raise InputError(f"two {kind} callbacks for {o.target}")
-                    t.callbacks[kind] = sym
                 linkable = o.out
                 if _has_klp_sections(o.out):
                     if post is None:
@@ -231,7 +284,9 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                                          "klpforge.emit.postlink is not available yet")
                     linkable = o.out.with_suffix(".link.o")
                     sidecars.append(post.strip_klp(o.out, linkable))
+                linkable = _export_callbacks(linkable, o, len(t.objects) + 100 * len(targets))
                 t.objects.append(linkable)
+                t.callbacks.update(o.callbacks)
             if not any(t.funcs for t in targets.values()):
                 raise NoChange(f"{patch.path.name}: the diff found no function to replace")
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
@@ -239,6 +294,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
         with _step("postlink", timings, progress, "writing klp relocations"):
             for sc in sidecars:
                 post.apply_klp(ko, sc, tree.vmlinux)  # type: ignore[union-attr]
+            _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
             atomic_write(output, ko.read_bytes())
