@@ -87,6 +87,56 @@ class TargetKeys:
             c = self._seckeys[ck] = (r["offset"].astype(np.int64), r["type"].astype(np.int64), kid, add)
         return c
 
+    def _sym_keys(self, obj: Object, is_orig: bool) -> list[object]:
+        corr = self.corr
+        m = corr.o2p if is_orig else corr.p2o
+        keys: list[object] = []
+        for i in range(obj.nsym):
+            name = obj.sym_names[i]
+            t = obj.stype[i]
+            if t == C.STT_SECTION:
+                keys.append(None)
+            elif not obj.defined[i]:
+                keys.append(("ext", name))
+            elif is_orig and m[i] >= 0:
+                keys.append(("sym", i))
+            elif not is_orig and m[i] >= 0:
+                keys.append(("sym", int(m[i])))
+            elif name.startswith("CSWTCH"):  # a switch table: what matters is its content
+                keys.append(("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
+            elif is_special_static(name):
+                keys.append(("special", special_kind(name)))
+            elif name.startswith(".L"):
+                keys.append(("label", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
+            else:
+                keys.append(("new" if not is_orig else "gone", name))
+        return keys
+
+    def content_digest(self, obj: Object, sec: int, lo: int, hi: int) -> str:
+        """Digest of a byte range and the *names* its relocations point at (for unnamed data)."""
+        h = hashlib.blake2b(digest_size=16)
+        if obj.shdrs["type"][sec] != C.SHT_NOBITS:
+            h.update(obj.section_data(sec)[lo:hi])
+        else:
+            h.update(str(hi - lo).encode())
+        r = obj.relocs(sec)
+        r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+        for x in r:
+            s = int(x["sym"])
+            tgt = obj.sym_names[s] if obj.stype[s] != C.STT_SECTION else obj.sec_names[int(obj.shndx[s])]
+            h.update(f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};".encode())
+        return h.hexdigest()
+
+    def toc_key(self, obj: Object, sec: int, off: int) -> tuple[object, ...]:
+        """What the TOC slot at ``sec+off`` holds: the target of its relocation, else its bytes (a
+        constant). Slots are numbered per object, so their offsets never count."""
+        r = obj.relocs(sec)
+        a, b = np.searchsorted(r["offset"], [off, off + 1])
+        if b > a:
+            x = r[a]
+            return ("toc", int(x["type"]), *self.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])))
+        return ("tocval", obj.section_data(sec)[off:off + 8])
+
     def _vector_section_refs(self, obj: Object, r: np.ndarray, syms: np.ndarray, kid: np.ndarray, add: np.ndarray,
                              todo: np.ndarray) -> np.ndarray:
         """Resolve section-symbol references in bulk where that is simple: into a -ffunction-sections /

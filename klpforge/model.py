@@ -129,24 +129,30 @@ class Object:
         return b
 
     @cached_property
-    def _reloc_cache(self) -> dict[int, np.ndarray]:
-        return {}
+    def all_relocs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every relocation of the object in one table sorted by (target section, offset): ``(relocs,
+        target section per entry, start index per section)``; section ``s`` owns
+        ``relocs[start[s]:start[s + 1]]``. One pass instead of one small array per section."""
+        from .elf.types import RELOC
+
+        parts, secs = [], []
+        for tgt, rs in self.elf.reloc_sections.items():
+            if tgt >= self.nsec:
+                continue
+            r = self.elf.relocs(rs)
+            parts.append(r)
+            secs.append(np.full(len(r), tgt, np.int64))
+        rel = np.concatenate(parts) if parts else np.zeros(0, RELOC)
+        sec = np.concatenate(secs) if secs else np.zeros(0, np.int64)
+        order = np.lexsort((rel["offset"], sec))
+        rel, sec = rel[order], sec[order]
+        start = np.searchsorted(sec, np.arange(self.nsec + 1))
+        return rel, sec, start
 
     def relocs(self, sec: int) -> np.ndarray:
-        """Relocations that apply to section ``sec`` (sorted by offset; empty array if none)."""
-        c = self._reloc_cache
-        r = c.get(sec)
-        if r is None:
-            rs = self.elf.reloc_sections.get(sec)
-            if rs is None:
-                from .elf.types import RELOC
-                r = np.zeros(0, RELOC)
-            else:
-                r = self.elf.relocs(rs)
-                if len(r) > 1 and (np.diff(r["offset"].astype(np.int64)) < 0).any():
-                    r = r[np.argsort(r["offset"], kind="stable")]
-            c[sec] = r
-        return r
+        """Relocations that apply to section ``sec``, sorted by offset (a view; empty if none)."""
+        rel, _, start = self.all_relocs
+        return rel[start[sec]:start[sec + 1]]
 
     def symbol_at(self, sec: int, offset: int) -> int:
         """The function/object symbol of section ``sec`` that covers ``offset`` (-1 if none).
