@@ -101,6 +101,7 @@ def test_guard_restores_content_mtime_and_created_files(tmp_path: Path, cache: P
     p.write_text(PATCH)
     target = root / "fs/proc/cmdline.c"
     os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    os.utime(target.parent, ns=(2_000_000_000, 2_000_000_000))
     before = tree_checksum(root)
     sp = SourcePatch.parse(p)
     with pytest.raises(RuntimeError, match="boom"):
@@ -110,6 +111,7 @@ def test_guard_restores_content_mtime_and_created_files(tmp_path: Path, cache: P
             raise RuntimeError("boom")
     assert tree_checksum(root) == before
     assert target.stat().st_mtime_ns == 1_000_000_000
+    assert target.parent.stat().st_mtime_ns == 2_000_000_000  # patch(1) renamed files in there
     assert not (root / "fs/proc/new.c").exists()
     assert not journal_dir(root).exists()
 

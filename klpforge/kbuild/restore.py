@@ -61,6 +61,12 @@ def _restore_from(journal: Path) -> list[str]:
                     (src / d).rmdir()
                 except OSError:
                     pass
+    # Directory mtimes too (patch(1) renames files into place), so nothing looks touched.
+    for rel, (atime, mtime) in manifest.get("dirs", {}).items():
+        try:
+            os.utime(src / rel, ns=(atime, mtime))
+        except OSError:
+            pass
     return restored
 
 
@@ -108,8 +114,17 @@ class TreeGuard:
                     made.append(str(d.relative_to(self.src)))
                     d = d.parent
                 files.append({"path": rel, "existed": False, "made_dirs": made})
+        dirs = {}
+        for rel in self.paths:
+            d = (self.src / rel).parent
+            while d.is_dir() and d != self.src.parent:
+                st = d.stat()
+                dirs[str(d.relative_to(self.src))] = [st.st_atime_ns, st.st_mtime_ns]
+                if d == self.src:
+                    break
+                d = d.parent
         tmp = self.journal / "manifest.json.tmp"
-        tmp.write_text(json.dumps({"src": str(self.src), "files": files}))
+        tmp.write_text(json.dumps({"src": str(self.src), "files": files, "dirs": dirs}))
         os.replace(tmp, self.journal / "manifest.json")
         for sig in (signal.SIGTERM, signal.SIGHUP):
             try:
