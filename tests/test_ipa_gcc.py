@@ -173,3 +173,23 @@ def test_cli_text_json_dot(build: Path, tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_unknown_function(build: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["impact", "--dumps", str(build), "--no-cache", "no_such_fn"]) == 1
     assert "no_such_fn: no function of that name" in capsys.readouterr().err
+
+
+def test_patch_maps_hunks_to_functions(build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = (DATA / "inline.c").read_text().splitlines(keepends=True)
+    i = next(n for n, line in enumerate(src) if "x * 3 + sink" in line)
+    patch = tmp_path / "fix.patch"
+    patch.write_text(f"--- a/inline.c\n+++ b/inline.c\n@@ -{i},3 +{i},3 @@\n {src[i - 1]}-{src[i]}"
+                     f"+{src[i].replace('x * 3', 'x * 4')} {src[i + 1]}")
+    rc = main(["impact", "--dumps", str(build), "--no-cache", "--json", "--patch", str(patch),
+               "--source", str(DATA)])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["functions"] == ["top_a", "top_b"]
+
+
+def test_clang_style_build_falls_back_to_dwarf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(DATA / "inline.c", tmp_path)
+    subprocess.run(["gcc", "-O2", "-g", "-c", "inline.c"], cwd=tmp_path, check=True)  # no dump written
+    assert main(["impact", "--dumps", str(tmp_path), "--no-cache", "leaf"]) == 0
+    out = capsys.readouterr().out
+    assert "no ipa-clones dumps under" in out and "replace: top_a top_b" in out

@@ -171,8 +171,9 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
     is12 = (nf == 12) & (head == np.uint64(_H_CLONE))
     is14 = (nf == 14) & (head == np.uint64(_H_CLONE))
     if is14.any():
-        bad14 = is14 & ((f.hash[first + 6] != np.uint64(_H_ARROW)) | (f.hash[first + 12] != np.uint64(_H_OPT)))
-        is14 &= ~bad14
+        f14 = first[is14]
+        ok = (f.hash[f14 + 6] == np.uint64(_H_ARROW)) & (f.hash[f14 + 12] == np.uint64(_H_OPT))
+        is14[np.flatnonzero(is14)[~ok]] = False
     isrm = (nf == 6) & (head == np.uint64(_H_REMOVAL))
     blank = (nf == 1) & (f.length[first] == 0)
     bad = ~(is12 | is14 | isrm | blank)

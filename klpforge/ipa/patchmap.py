@@ -1,0 +1,121 @@
+"""Which functions a unified diff touches, found by parsing the pre-patch C source with tree-sitter-c.
+
+>>> functions_of_patch(Path("fix.patch"), Path("linux"))  # doctest: +SKIP
+(['fs/x.c:foo'], [])
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+__all__ = ["changed_lines", "functions_in_source", "functions_of_patch"]
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def changed_lines(patch: Path) -> dict[str, set[int]]:
+    """Pre-patch file -> the old line numbers each hunk removes or inserts after.
+
+    >>> changed_lines(Path("fix.patch"))  # doctest: +SKIP
+    {'demo.c': {10}}
+    """
+    try:
+        text = patch.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{patch}: cannot read patch: {e}") from None
+    out: dict[str, set[int]] = {}
+    cur: set[int] | None = None
+    old = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("--- "):
+            name = line[4:].split("\t")[0].strip()
+            name = name[2:] if name.startswith(("a/", "b/")) else name
+            cur = None if name == "/dev/null" else out.setdefault(name, set())
+            continue
+        if line.startswith("+++ "):
+            continue
+        m = _HUNK.match(line)
+        if m:
+            if cur is None and not out:
+                raise InputError(f"{patch}:{n}: hunk before any '--- file' header")
+            old = int(m.group(1))
+            continue
+        if cur is None:
+            continue
+        if line.startswith("-"):
+            cur.add(old)
+            old += 1
+        elif line.startswith("+"):
+            cur.add(max(old - 1, 1) if old > 1 else 1)
+        elif line.startswith(" "):
+            old += 1
+    if not out:
+        raise InputError(f"{patch}:1: not a unified diff (no '--- file' line)")
+    return out
+
+
+def _parser() -> Any:
+    import tree_sitter
+    import tree_sitter_c
+
+    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_c.language()))
+
+
+def _name_of(decl: Any) -> str | None:
+    """The identifier a function_definition's declarator declares (through pointers and parentheses)."""
+    while decl is not None:
+        if decl.type == "identifier":
+            return str(decl.text.decode())
+        if decl.type == "function_declarator":
+            decl = decl.child_by_field_name("declarator")
+            continue
+        nxt = decl.child_by_field_name("declarator")
+        if nxt is None:
+            ids = [c for c in decl.children if c.type in ("identifier", "function_declarator",
+                                                          "parenthesized_declarator", "pointer_declarator")]
+            nxt = ids[0] if ids else None
+        decl = nxt
+    return None
+
+
+def functions_in_source(source: bytes, lines: set[int]) -> list[str]:
+    """Names of the function definitions that contain any of ``lines`` (1-based).
+
+    >>> functions_in_source(b"int f(void)\\n{\\n return 1;\\n}\\n", {3})
+    ['f']
+    """
+    tree = _parser().parse(source)
+    found: list[str] = []
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "function_definition":
+            lo, hi = node.start_point[0] + 1, node.end_point[0] + 1
+            if any(lo <= ln <= hi for ln in lines):
+                name = _name_of(node.child_by_field_name("declarator"))
+                if name and name not in found:
+                    found.append(name)
+            continue
+        stack.extend(node.children)
+    return sorted(found)
+
+
+def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None) -> tuple[
+        list[str], list[str]]:
+    """``file.c:name`` for every function a patch touches, and notes (files skipped, headers)."""
+    notes: list[str] = []
+    out: list[str] = []
+    for name, lines in sorted(changed_lines(patch).items()):
+        src = source_root / name
+        if not src.is_file():
+            notes.append(f"{src}: source not found, functions of {name} not analysed")
+            continue
+        funcs = functions_in_source(src.read_bytes(), lines)
+        if not funcs:
+            notes.append(f"{name}: the patch touches no function body")
+        out += [f"{name}:{f}" if name.endswith(".c") else f for f in funcs]
+    return out, notes
