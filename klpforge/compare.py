@@ -151,22 +151,33 @@ class TargetKeys:
         kid[j] = self._sid[id(obj)][m[hit]]
         add[j] = add[j] - obj.value[m[hit]]
         rest = todo[~hit]
-        strs = np.array([bool(obj.section_flags(int(t)) & C.SHF_STRINGS) if 0 < t < obj.nsec else False
-                         for t in obj.shndx[syms[rest]]], dtype=bool) if len(rest) else np.zeros(0, bool)
-        for sec in np.unique(obj.shndx[syms[rest[strs]]]).tolist():
-            sel = rest[strs][obj.shndx[syms[rest[strs]]] == sec]
-            data = obj.section_data(sec)
-            nul = np.flatnonzero(np.frombuffer(data, np.uint8) == 0)
-            bias = np.array([self.arch.pcrel_bias.get(int(t), 0) for t in r["type"][sel]], dtype=np.int64)
-            where = np.maximum(add[sel] + bias, 0)
+        rsec = obj.shndx[syms[rest]]
+        is_str = (obj.shdrs["flags"].astype(np.int64) & C.SHF_STRINGS) != 0
+        strs = (rsec > 0) & (rsec < obj.nsec) & is_str[np.clip(rsec, 0, obj.nsec - 1)]
+        sj = rest[strs]
+        if len(sj):
+            bias_of = np.zeros(max(int(r["type"].max()) + 1, 1), np.int64)
+            for t, b in self.arch.pcrel_bias.items():
+                if t < len(bias_of):
+                    bias_of[t] = b
+            # All string sections laid end to end: one searchsorted over every NUL finds each string.
+            ssec = rsec[strs]
+            uniq = np.unique(ssec)
+            blobs = [obj.section_data(int(x)) for x in uniq.tolist()]
+            sizes = np.array([len(b) for b in blobs], np.int64)
+            base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            buf = b"".join(blobs)
+            nul = np.flatnonzero(np.frombuffer(buf, np.uint8) == 0)
+            g = np.searchsorted(uniq, ssec)
+            lo, hi = base[g], base[g] + sizes[g]
+            where = lo + np.clip(add[sj] + bias_of[r["type"][sj].astype(np.int64)], 0, None)
             k = np.searchsorted(nul, where, side="left")
-            start = np.where(k > 0, nul[np.clip(k - 1, 0, max(len(nul) - 1, 0))] + 1, 0) if len(nul) else 0 * where
-            end = np.where(k < len(nul), nul[np.clip(k, 0, max(len(nul) - 1, 0))], len(data)) if len(nul) \
-                else 0 * where + len(data)
-            for jj, st, en in zip(sel.tolist(), np.atleast_1d(start).tolist(), np.atleast_1d(end).tolist(),
-                                  strict=True):
-                kid[jj] = self.intern(("str", data[st:en]))
-                add[jj] = add[jj] - st
+            prev = np.where(k > 0, nul[np.clip(k - 1, 0, max(len(nul) - 1, 0))] + 1, 0) if len(nul) else lo
+            nxt = np.where(k < len(nul), nul[np.clip(k, 0, max(len(nul) - 1, 0))], hi) if len(nul) else hi
+            start, end = np.maximum(prev, lo), np.minimum(nxt, hi)
+            for jj, st, en, b0 in zip(sj.tolist(), start.tolist(), end.tolist(), lo.tolist(), strict=True):
+                kid[jj] = self.intern(("str", buf[st:en]))
+                add[jj] = add[jj] - (st - b0)
         return rest[~strs]
 
     def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
