@@ -233,6 +233,21 @@ def _reloc_slice(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> n
     return np.stack([off[a:b] - lo, typ[a:b], kid[a:b], add[a:b]], axis=1) if b > a else np.zeros((0, 4), np.int64)
 
 
+def _same_relocs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int, olo: int, ohi: int, plo: int,
+                 phi: int) -> bool:
+    """Do the two ranges' relocations agree entry by entry? (no array built on the common path)"""
+    oo, ot, ok, oa = keys.section_keys(o, osec)
+    po, pt, pk, pa = keys.section_keys(p, psec)
+    a1, b1 = (0, len(oo)) if olo == 0 and ohi >= int(o.shdrs["size"][osec]) else np.searchsorted(oo, [olo, ohi])
+    a2, b2 = (0, len(po)) if plo == 0 and phi >= int(p.shdrs["size"][psec]) else np.searchsorted(po, [plo, phi])
+    if b1 - a1 != b2 - a2:
+        return False
+    if b1 == a1:
+        return True
+    return (np.array_equal(ok[a1:b1], pk[a2:b2]) and np.array_equal(oa[a1:b1], pa[a2:b2])
+            and np.array_equal(ot[a1:b1], pt[a2:b2]) and np.array_equal(oo[a1:b1] - olo, po[a2:b2] - plo))
+
+
 def _reloc_tuples(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[object, ...]]:
     return [(int(o_), int(t), keys.by_id[int(k)], int(a)) for o_, t, k, a in _reloc_slice(obj, keys, sec, lo, hi)]
 
@@ -299,9 +314,7 @@ def _differs(o: Object, p: Object, keys: TargetKeys, oi: int, pi: int, osec: int
     """None when equal, else a short reason ('bytes' when only the bytes differ)."""
     if ohi - olo != phi - plo:
         return f"size {ohi - olo} -> {phi - plo}"
-    oa = _reloc_slice(o, keys, osec, olo, ohi)
-    pa = _reloc_slice(p, keys, psec, plo, phi)
-    if not np.array_equal(oa, pa):
+    if not _same_relocs(o, p, keys, osec, psec, olo, ohi, plo, phi):
         ot = _reloc_tuples(o, keys, osec, olo, ohi)
         pt = _reloc_tuples(p, keys, psec, plo, phi)
         if len(ot) != len(pt):

@@ -16,6 +16,7 @@ numbers removed.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 __all__ = [
     "canonical", "base_function", "is_cold", "clone_parent", "is_special_static", "is_local_label",
@@ -29,6 +30,7 @@ _UNIQUE = re.compile(r"^(__UNIQUE_ID_.*?)\d+$")
 _LLVM = re.compile(r"\.llvm\.\d+$")
 
 
+@lru_cache(maxsize=1 << 18)
 def canonical(name: str) -> str:
     """``name`` with GCC's and the kernel's numbering removed."""
     n = _LLVM.sub("", name)

@@ -23,7 +23,7 @@ from ..errors import InputError
 from . import constants as C
 from .types import RELOC, SHDR, SYM, raw_rel, raw_rela, raw_shdr, raw_sym
 
-__all__ = ["ElfFile", "Group", "cstring_at"]
+__all__ = ["ElfFile", "Group", "cstring_at", "strings_at"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,21 @@ def cstring_at(buf: bytes, off: int) -> str:
         return ""
     end = buf.find(b"\0", off)
     return buf[off: end if end >= 0 else len(buf)].decode("utf-8", "surrogateescape")
+
+
+def strings_at(buf: bytes, offsets: np.ndarray) -> list[str]:
+    """:func:`cstring_at` for many offsets: split the table once; offsets into the middle of a string
+    (suffix sharing, ``.rela.text.f`` → ``.text.f``) fall back to a lookup each."""
+    starts: dict[int, str] = {}
+    pos = 0
+    for piece in buf.split(b"\0"):
+        starts[pos] = piece.decode("utf-8", "surrogateescape")
+        pos += len(piece) + 1
+    out = []
+    for o in offsets.tolist():
+        s = starts.get(o)
+        out.append(s if s is not None else cstring_at(buf, o))
+    return out
 
 
 class ElfFile:
@@ -140,7 +155,7 @@ class ElfFile:
             i = int(np.flatnonzero(sh["link"] >= n)[0])
             raise self._fail(f"corrupt: section [{i}] links to section {int(sh['link'][i])} of {n}")
         names = self.section_bytes(self.shstrndx)
-        self.section_names = [cstring_at(names, int(o)) for o in sh["name"]]
+        self.section_names = strings_at(names, sh["name"])
 
     def section_bytes(self, i: int) -> bytes:
         """Contents of section ``i`` (zeros for ``SHT_NOBITS``)."""
@@ -206,7 +221,7 @@ class ElfFile:
         self.syms = syms
         self.first_global = int(sh["info"][i])
         strtab = self.section_bytes(int(sh["link"][i]))
-        self.sym_names = [cstring_at(strtab, int(o)) for o in syms["name"]]
+        self.sym_names = strings_at(strtab, syms["name"])
 
     @property
     def sym_type(self) -> np.ndarray:
