@@ -65,10 +65,10 @@ ARCHES: dict[int, Arch] = {
         toc_sections=(".toc",), loader_symbols=(".TOC.", "_mcount"),
         branch_relocs=(10,), tail_mnemonics=("b",), insn_width=4,  # R_PPC64_REL24
     ),
-    # s390x: the PC16DBL/PLT16DBL/PC32DBL/PLT32DBL/GOTPCDBL/GOTENT field sits 2 bytes into its instruction,
-    # and the displacement counts from the instruction, so the addend is target-2.
+    # s390x: the PC16DBL/PLT16DBL/PC32DBL/PLT32DBL/GOTPCDBL/GOTENT field sits 2 bytes into its instruction
+    # and the displacement counts from the instruction, so the addend is target+2 (``brasl %r14,f`` is f+2).
     C.EM_S390: Arch(
-        "s390x", C.EM_S390, abs64=22, pc32=5, pcrel_bias={17: 2, 18: 2, 19: 2, 20: 2, 21: 2, 26: 2},
+        "s390x", C.EM_S390, abs64=22, pc32=5, pcrel_bias={17: -2, 18: -2, 19: -2, 20: -2, 21: -2, 26: -2},
         fentry_names=("__fentry__", "_mcount"), cs_arch="CS_ARCH_SYSZ", cs_mode="CS_MODE_BIG_ENDIAN",
         line_regs=("r3", "r4"), line_mnemonics=("lhi", "lghi", "lgfi", "iilf", "llilf", "llill", "lgfi"),
         loader_symbols=("__fentry__", "_mcount"),

@@ -22,10 +22,13 @@ other sections pair by name.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
+from .arch import arch_for
 from .elf import constants as C
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, section_subject
@@ -69,15 +72,23 @@ def _candidates(obj: Object) -> np.ndarray:
 def _referencers(obj: Object) -> dict[int, frozenset[str]]:
     """Symbol → canonical names of the functions whose code references it (for static locals)."""
     refs: dict[int, set[str]] = defaultdict(set)
+    arch = arch_for(obj.elf.machine)
     for tgt in obj.elf.reloc_sections:
         owner = int(obj.section_owner[tgt]) if tgt < obj.nsec else -1
         if owner < 0 or not obj.is_text(tgt):
             continue
         fname = canonical(obj.sym_names[owner])
         r = obj.relocs(tgt)
-        for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
+        for s, a, t in zip(r["sym"].tolist(), r["addend"].tolist(), r["type"].tolist(), strict=True):
+            if obj.stype[s] == C.STT_SECTION and obj.sec_names[int(obj.shndx[s])] in arch.toc_sections:
+                # ppc64: code reaches data through a TOC slot; the slot's relocation names the static
+                slot = obj.relocs(int(obj.shndx[s]))
+                slot = slot[slot["offset"] == a]
+                if not len(slot):
+                    continue
+                s, a, t = int(slot["sym"][0]), int(slot["addend"][0]), int(slot["type"][0])
             if obj.stype[s] == C.STT_SECTION:  # statics outside -fdata-sections: .bss + offset
-                s = obj.symbol_at(int(obj.shndx[s]), a + 4 if a < 0 else a)
+                s = obj.symbol_at(int(obj.shndx[s]), a + arch.pcrel_bias.get(t, 0))
                 if s < 0:
                     continue
             refs[int(s)].add(fname)
@@ -157,8 +168,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
             if oref is None:
                 oref, pref = _referencers(orig), _referencers(patched)
             assert pref is not None
-            _match_by(corr, olist, plist, lambda o: oref.get(o, frozenset()) or None,
-                      lambda p: pref.get(p, frozenset()) or None,
+            _match_by(corr, olist, plist, partial(_ref_key, oref), partial(_ref_key, pref),
                       "static local referenced by the same functions")
         else:
             _match_by(corr, olist, plist, lambda o: _code_digest(orig, o), lambda p: _code_digest(patched, p),
@@ -179,8 +189,8 @@ def correlate(orig: Object, patched: Object) -> Correlation:
         return g
 
     ob, pb = by_canon(orig, oc, corr.o2p), by_canon(patched, pc, corr.p2o)
-    for key, olist in ob.items():
-        plist = pb.get(key)
+    for ckey, olist in ob.items():
+        plist = pb.get(ckey)
         if plist and len(olist) == 1 and len(plist) == 1:
             _pair(corr, olist[0], plist[0], "same name, binding changed")
 
@@ -188,7 +198,12 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     return corr
 
 
-def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey, pkey, why: str) -> None:  # type: ignore[no-untyped-def]
+def _ref_key(refs: dict[int, frozenset[str]], i: int) -> frozenset[str] | None:
+    return refs.get(i, frozenset()) or None
+
+
+def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey: Callable[[int], object],
+              pkey: Callable[[int], object], why: str) -> None:
     """Pair the still-free members of ``olist``/``plist`` whose keys are equal and unique on both sides."""
     okeys: dict[object, list[int]] = defaultdict(list)
     for o in olist:
