@@ -31,6 +31,8 @@ def print_report(con: Console, res: BuildResult) -> None:
             table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed")
         for kind, sym in o.callback_sources.items():
             table.add_row(o.target, sym, "-", o.obj, f"{kind} callback")
+        for name, why in o.carried.items():
+            table.add_row(o.target, name, "-", o.obj, f"carried: {why}")
     con.print(table)
     if res.unchanged:
         con.print(f"unchanged objects: {', '.join(res.unchanged)}")

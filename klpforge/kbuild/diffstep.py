@@ -34,6 +34,8 @@ class DiffOutcome:
     report: dict[str, Any] = field(default_factory=dict)
     #: callbacks as named in the patch (``callbacks`` may be renamed for linking)
     callback_sources: dict[str, str] = field(default_factory=dict)
+    #: other functions carried in the module (new ones, callees), name -> why
+    carried: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.callback_sources:
@@ -81,16 +83,35 @@ def adapt_callbacks(cbs: Any) -> dict[str, str]:
     return out
 
 
+def _reasons(report: dict[str, Any]) -> dict[str, str]:
+    """Function name -> why the diff engine included it (``changed`` entries win over ``included``)."""
+    out: dict[str, str] = {}
+    for key in ("included", "changed"):
+        for ent in report.get(key) or []:
+            if isinstance(ent, dict) and ent.get("name") and ent.get("why"):
+                out[str(ent["name"])] = str(ent["why"])
+    return out
+
+
 def run_object_diff(obj: str, orig: Path, patched: Path, out: Path, target: str, symtab: Path,
                     symvers: Path | None, env: dict[str, str]) -> DiffOutcome:
     """Diff one object pair; ``NoChange``/``UnsafeChange``/``InputError`` propagate from the engine."""
     diff = _diff_module()
     opts = diff.DiffOptions(target=target, symtab=symtab, symvers=symvers, env=env)
     res = diff.run_diff(orig, patched, out, opts)
+    report = getattr(res, "report", None) or {}
+    whys = _reasons(report if isinstance(report, dict) else {})
     funcs = []
     for f in res.patched_functions:
-        why = getattr(f, "reason", "") or ""
+        why = (getattr(f, "reason", "") or whys.get(str(getattr(f, "new_name", "") or f.old_name))
+               or whys.get(str(f.old_name), ""))
         funcs.append(KlpFunc(str(f.old_name), int(f.sympos or 0), str(f.new_symbol), str(why)))
-    report = getattr(res, "report", None) or {}
-    return DiffOutcome(obj, target, out, funcs, adapt_callbacks(getattr(res, "callbacks", None)),
-                       dict(report) if isinstance(report, dict) else {})
+    cbs = adapt_callbacks(getattr(res, "callbacks", None))
+    replaced = {f.old_name for f in funcs} | {str(getattr(f, "new_name", "")) for f in res.patched_functions}
+    carried = {}
+    for ent in (report.get("included") or []) if isinstance(report, dict) else []:
+        if (isinstance(ent, dict) and ent.get("type") == "function" and ent.get("name") not in replaced
+                and ent.get("name") not in cbs.values()):
+            carried[str(ent["name"])] = str(ent.get("why", ""))
+    return DiffOutcome(obj, target, out, funcs, cbs, dict(report) if isinstance(report, dict) else {},
+                       carried=carried)

@@ -93,7 +93,8 @@ class BuildResult:
                 {"object": o.obj, "target": o.target,
                  "functions": [{"old_name": f.old_name, "sympos": f.sympos, "new_symbol": f.new_symbol,
                                 "reason": f.reason} for f in o.funcs],
-                 "callbacks": o.callback_sources, "diff_report": o.report}
+                 "callbacks": o.callback_sources, "carried_functions": o.carried,
+                 "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
