@@ -235,3 +235,19 @@ def test_killed_build_is_recovered_by_next_build(kernel: KernelLayout, unchanged
     assert r.returncode == 0, r.stderr
     assert "restored 1 file(s) left patched by a killed build" in r.stderr or target.read_bytes() == original
     assert target.read_bytes() == original
+
+
+def test_tree_knows_parents_and_header_users(kernel: KernelLayout) -> None:
+    from klpforge.errors import InputError
+    from klpforge.kbuild.tree import KernelTree
+
+    tree = KernelTree(kernel.src, kernel.build)
+    assert tree.parent_of("fs/proc/uptime.o").target == "vmlinux"
+    par = tree.parent_of("samples/kobject/kobject-example.o")
+    assert (par.target, par.binary.name) == ("kobject_example", "kobject-example.ko")
+    users = tree.objects_including("fs/proc/internal.h")
+    assert {"fs/proc/base.o", "fs/proc/meminfo.o", "fs/proc/uptime.o"} <= set(users)
+    assert "kernel/fork.o" not in users
+    with pytest.raises(InputError, match="not built in"):
+        tree.parent_of("drivers/gpu/drm/drm_drv.o")
+    assert tree.vmlinux_compiler().startswith("GCC: (")
