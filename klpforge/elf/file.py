@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import constants as C
-from .types import RELOC, SHDR, SYM, raw_rel, raw_rela, raw_shdr, raw_sym
+from .types import RELOC, SHDR, SYM, Endian, raw_rel, raw_rela, raw_shdr, raw_sym
 
 __all__ = ["ElfFile", "Group", "cstring_at", "strings_at"]
 
@@ -102,7 +102,7 @@ class ElfFile:
             raise self._fail(f"corrupt ELF header: unknown byte order {ei_data}")
         self.is64 = ei_class == 2
         self.elfclass = 64 if self.is64 else 32
-        self.endian = "<" if ei_data == 1 else ">"
+        self.endian: Endian = "<" if ei_data == 1 else ">"
         self.osabi = d[7]
         fmt = self.endian + ("HHIQQQIHHHHHH" if self.is64 else "HHIIIIIHHHHHH")
         need = 16 + struct.calcsize(fmt)
@@ -141,7 +141,7 @@ class ElfFile:
             raise self._fail(f"truncated: section headers end at byte {end}, file has {len(d)}")
         raw = np.frombuffer(d, rt, n, self.shoff)
         sh = np.empty(n, SHDR)
-        for f in SHDR.names:
+        for f in SHDR.names or ():
             sh[f] = raw[f]
         self.shdrs = sh
         bad = (sh["type"] != C.SHT_NOBITS) & (sh["type"] != C.SHT_NULL) & (sh["offset"] + sh["size"] > len(d))
@@ -204,7 +204,7 @@ class ElfFile:
         count = int(sh["size"][i]) // rt.itemsize
         raw = np.frombuffer(self.data, rt, count, int(sh["offset"][i]))
         syms = np.empty(count, SYM)
-        for f in SYM.names:
+        for f in SYM.names or ():
             syms[f] = raw[f]
         xi = np.flatnonzero(syms["shndx"] == C.SHN_XINDEX)
         if len(xi):

@@ -6,9 +6,13 @@ Tables are read as numpy structured arrays over the file's bytes and converted o
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
-__all__ = ["SHDR", "SYM", "RELOC", "raw_shdr", "raw_sym", "raw_rel", "raw_rela"]
+Endian = Literal["<", ">"]
+
+__all__ = ["Endian", "SHDR", "SYM", "RELOC", "raw_shdr", "raw_sym", "raw_rel", "raw_rela"]
 
 #: Normalised section header.
 SHDR = np.dtype([
@@ -23,7 +27,7 @@ SYM = np.dtype([
 RELOC = np.dtype([("offset", "u8"), ("sym", "u4"), ("type", "u4"), ("addend", "i8")])
 
 
-def raw_shdr(is64: bool, endian: str) -> np.dtype:
+def raw_shdr(is64: bool, endian: Endian) -> np.dtype:
     """Section header as stored: ``Elf64_Shdr`` or ``Elf32_Shdr`` in byte order ``endian`` ('<' or '>')."""
     w = "u8" if is64 else "u4"
     return np.dtype([
@@ -32,7 +36,7 @@ def raw_shdr(is64: bool, endian: str) -> np.dtype:
     ]).newbyteorder(endian)
 
 
-def raw_sym(is64: bool, endian: str) -> np.dtype:
+def raw_sym(is64: bool, endian: Endian) -> np.dtype:
     """``Elf64_Sym`` / ``Elf32_Sym`` as stored (the two classes order their fields differently)."""
     if is64:
         d = np.dtype([("name", "u4"), ("info", "u1"), ("other", "u1"), ("shndx", "u2"),
@@ -43,13 +47,13 @@ def raw_sym(is64: bool, endian: str) -> np.dtype:
     return d.newbyteorder(endian)
 
 
-def raw_rel(is64: bool, endian: str) -> np.dtype:
+def raw_rel(is64: bool, endian: Endian) -> np.dtype:
     """``Elf64_Rel`` / ``Elf32_Rel``."""
     w = "u8" if is64 else "u4"
     return np.dtype([("offset", w), ("info", w)]).newbyteorder(endian)
 
 
-def raw_rela(is64: bool, endian: str) -> np.dtype:
+def raw_rela(is64: bool, endian: Endian) -> np.dtype:
     """``Elf64_Rela`` / ``Elf32_Rela``."""
     w = "u8" if is64 else "u4"
     s = "i8" if is64 else "i4"

@@ -28,7 +28,7 @@ from .constants import (
     SHT_SYMTAB,
     STB_LOCAL,
 )
-from .types import RELOC, raw_rel, raw_rela, raw_shdr, raw_sym
+from .types import RELOC, Endian, raw_rel, raw_rela, raw_shdr, raw_sym
 
 __all__ = ["ObjectWriter", "StringTable", "LINK_SYMTAB"]
 
@@ -85,7 +85,7 @@ class _Symbols:
 class ObjectWriter:
     """Collects sections, symbols and relocations; :meth:`build` returns the object file bytes."""
 
-    def __init__(self, elfclass: int, endian: str, machine: int, e_flags: int = 0, osabi: int = 0):
+    def __init__(self, elfclass: int, endian: Endian, machine: int, e_flags: int = 0, osabi: int = 0):
         self.is64 = elfclass == 64
         self.endian = endian
         self.machine = machine
