@@ -38,14 +38,15 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
                     "__patchable_function_entries", ".ibt_endbr_seal", "__ftr_fixup", "__mmu_ftr_fixup",
                     "__fw_ftr_fixup", "__lwsync_fixup", "__stf_entry_barrier_fixup",
                     "__stf_exit_barrier_fixup", "__rfi_flush_fixup", "__barrier_nospec_fixup",
-                    "__spec_barrier_fixup", ".s390_indirect_jump", ".s390_indirect_call",
+                    "__spec_barrier_fixup", "__uaccess_flush_fixup", "__entry_flush_fixup",
+                    "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
                     ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches", "__tracepoints_ptrs",
                     "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
                     "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
                     "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")
 #: Tables whose entries point into included code are kept (emit/special.py); the rest only hold
 #: registrations (initcalls, tracepoint definitions) that a patch must not redo.
-KEPT_SPECIAL = SPECIAL_SECTIONS[:29]
+KEPT_SPECIAL = SPECIAL_SECTIONS[:SPECIAL_SECTIONS.index("__tracepoints_ptrs")]
 #: Code reached only through a special-section entry; copied whole when one of its entries is kept.
 #: (ppc64 ``__ftr_alt_<label>`` holds the alternative instructions of ``__*ftr_fixup`` entries.)
 AUX_CODE = (".altinstr_replacement", ".fixup", ".altinstr_aux", "__ftr_alt_")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from ..errors import InputError
 
-__all__ = ["ENV_NAMES", "DEFAULT_SIZES", "entry_size", "PAIRED"]
+__all__ = ["ENV_NAMES", "DEFAULT_SIZES", "POINTER_SIZED", "entry_size", "PAIRED"]
 
 #: Environment variable naming each table's entry size.
 ENV_NAMES = {
@@ -30,10 +30,14 @@ DEFAULT_SIZES = {
     ".orc_unwind": 6, ".orc_unwind_ip": 4, ".static_call_sites": 8, ".smp_locks": 4, ".retpoline_sites": 4,
     ".return_sites": 4, ".call_sites": 4, ".ibt_endbr_seal": 4, ".printk_index": 48,
     ".s390_indirect_jump": 4, ".s390_indirect_call": 4, ".s390_return_reg": 4, ".s390_return_mem": 4,
-    ".s390_indirect_branches": 4, "__stf_entry_barrier_fixup": 4, "__stf_exit_barrier_fixup": 4,
-    "__rfi_flush_fixup": 4, "__barrier_nospec_fixup": 4, "__spec_barrier_fixup": 4,
-    "__lwsync_fixup": 4, "__ftr_fixup": 48, "__mmu_ftr_fixup": 48, "__fw_ftr_fixup": 48,
+    ".s390_indirect_branches": 4, "__ftr_fixup": 48, "__mmu_ftr_fixup": 48, "__fw_ftr_fixup": 48,
 }
+
+#: ppc64 tables of one ``FTR_ENTRY_OFFSET`` each, which is ``.8byte`` on 64-bit kernels
+#: (``arch/powerpc/include/asm/feature-fixups.h``, 4.x-6.x): one pointer-sized entry.
+POINTER_SIZED = ("__lwsync_fixup", "__stf_entry_barrier_fixup", "__stf_exit_barrier_fixup",
+                 "__rfi_flush_fixup", "__barrier_nospec_fixup", "__spec_barrier_fixup",
+                 "__uaccess_flush_fixup", "__entry_flush_fixup", "__scv_entry_flush_fixup")
 
 #: Tables kept in step with another one, entry i with entry i (``.orc_unwind`` has no relocations).
 PAIRED = {".orc_unwind": ".orc_unwind_ip"}
@@ -42,6 +46,8 @@ PAIRED = {".orc_unwind": ".orc_unwind_ip"}
 def entry_size(name: str, env: Mapping[str, str], sh_entsize: int, pointer_size: int) -> int:
     """Entry size of special section ``name`` (see the module docstring)."""
     if name in ("__mcount_loc", "__patchable_function_entries"):
+        return pointer_size
+    if name in POINTER_SIZED and not (ENV_NAMES.get(name) and env.get(ENV_NAMES[name])):
         return pointer_size
     var = ENV_NAMES.get(name)
     if var and env.get(var):
