@@ -64,7 +64,7 @@ def test_writer_output_is_clean_for_readelf(tmp_path: Path, elfclass: int, endia
     w = ObjectWriter(elfclass, endian, machine)
     text = w.add_section(".text.f", C.SHT_PROGBITS, C.SHF_ALLOC | C.SHF_EXECINSTR, b"\x90" * 16, addralign=16)
     data = w.add_section(".bss.x", C.SHT_NOBITS, C.SHF_ALLOC | C.SHF_WRITE, size=64, addralign=8)
-    f = w.add_symbol("f", text, 0, 16, C.STT_FUNC, C.STB_GLOBAL)
+    w.add_symbol("f", text, 0, 16, C.STT_FUNC, C.STB_GLOBAL)
     x = w.add_symbol("x", data, 0, 64, C.STT_OBJECT, C.STB_LOCAL)
     ext = w.add_symbol(".klp.sym.vmlinux.y,1", C.SHN_LIVEPATCH, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
     r = np.zeros(2, RELOC)
@@ -92,11 +92,16 @@ def test_writer_output_is_clean_for_readelf(tmp_path: Path, elfclass: int, endia
 
 def _model(elf: ElfFile) -> tuple[list[object], ...]:
     # string tables may be laid out differently (GNU as shares suffixes); everything else must be equal
-    secs = sorted((n, int(h["flags"]), int(h["size"]) if int(h["type"]) != 3 else 0, elf.section_bytes(i) if int(h["type"]) not in (2, 3, 4, 9, 17) else b"",
-                   elf.section_names[int(h["link"])] if int(h["link"]) and int(h["type"]) not in (2, 4, 9) else "")
-                  for i, (n, h) in enumerate(zip(elf.section_names, elf.shdrs, strict=True)) if i)
-    rels = sorted((elf.section_names[t], int(x["offset"]), elf.sym_names[int(x["sym"])], int(x["type"]), int(x["addend"]))
-                  for t, rs in elf.reloc_sections.items() for x in elf.relocs(rs))
+    secs = []
+    for i, (n, h) in enumerate(zip(elf.section_names, elf.shdrs, strict=True)):
+        t, link = int(h["type"]), int(h["link"])
+        if i:
+            secs.append((n, int(h["flags"]), int(h["size"]) if t != 3 else 0,
+                         elf.section_bytes(i) if t not in (2, 3, 4, 9, 17) else b"",
+                         elf.section_names[link] if link and t not in (2, 4, 9) else ""))
+    secs.sort()
+    rels = sorted((elf.section_names[t], int(x["offset"]), elf.sym_names[int(x["sym"])], int(x["type"]),
+                   int(x["addend"])) for t, rs in elf.reloc_sections.items() for x in elf.relocs(rs))
     groups = sorted((elf.sym_names[g.signature], tuple(sorted(elf.section_names[m] for m in g.members)))
                     for g in elf.groups())
     syms = sorted(zip(elf.sym_names, elf.syms["value"].tolist(), elf.syms["info"].tolist(), strict=True))

@@ -22,7 +22,7 @@ CFLAGS = ["-O2", "-ffunction-sections", "-fdata-sections", "-pg", "-mfentry", "-
           "-fno-asynchronous-unwind-tables", "-fdump-ipa-clones"]
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="build the bundled example twice and show the live patch klpforge makes")
     p.add_argument("--outdir", type=Path, help="keep the objects, livepatch and report here")
     p.set_defaults(func=run)

@@ -12,7 +12,7 @@ from ..fsutil import atomic_write
 __all__ = ["register"]
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "diff", help="turn an original and a patched object into a livepatch object",
         description="Correlate, compare and select; write a livepatch object with .klp.rela/.klp.sym. "
