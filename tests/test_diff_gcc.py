@@ -67,13 +67,13 @@ def test_constprop_clone_correlates_despite_renumbering(cc, tmp_path: Path) -> N
 
 
 COLD = """
-extern void panic_hook(const char *);
+extern void report(const char *, int) __attribute__((cold));
 extern int printk(const char *, ...);
 int process(int *p, int n) {
     int s = 0;
     for (int i = 0; i < n; i++) {
-        if (__builtin_expect(p[i] < 0, 0)) { printk("bad %%d\\n", i); panic_hook("%s"); return -1; }
-        s += p[i];
+        if (p[i] < 0) { report("x", i); printk("bad %%d %%d\\n", i, s); return -1; }
+        s += p[i] * %s;
     }
     return s;
 }
@@ -81,14 +81,20 @@ int process(int *p, int n) {
 
 
 def test_cold_part_travels_with_its_parent(cc, tmp_path: Path) -> None:
-    a, b = cc(COLD % "x", "a"), cc(COLD % "y", "b")
-    names = Object.load(a).sym_names
-    if "process.cold" not in names:
-        pytest.skip("this gcc did not split a cold part")
+    a, b = cc(COLD % "3", "a"), cc(COLD % "5", "b")  # the hot path changes, the cold part does not
+    assert "process.cold" in Object.load(a).sym_names  # a report() call is cold: GCC splits it out
     res = diff(a, b, tmp_path)
     assert res.included_functions == ["process", "process.cold"]
     assert [f.old_name for f in res.patched_functions] == ["process"]  # .cold is reached via process
     assert any("cold part of process" in i["why"] for i in res.report["included"])
+
+
+def test_changed_cold_part_changes_its_parent(cc, tmp_path: Path) -> None:
+    a = cc(COLD.replace('report("x"', 'report("old"') % "3", "a")
+    b = cc(COLD.replace('report("x"', 'report("new"') % "3", "b")
+    res = diff(a, b, tmp_path)
+    assert res.included_functions == ["process", "process.cold"]
+    assert [f.old_name for f in res.patched_functions] == ["process"]
 
 
 STATIC_LOCAL = """
@@ -205,3 +211,70 @@ def test_new_function_is_included_and_not_patched(cc, tmp_path: Path) -> None:
     res = diff(a, b, tmp_path)
     assert res.new == ["added"] and res.included_functions == ["added", "entry"]
     assert [f.old_name for f in res.patched_functions] == ["entry"]
+
+
+PART = """
+extern int printk(const char *, ...);
+extern int work(int);
+int slow_path(int x)
+{
+	if (__builtin_expect(x < 10, 1))
+		return x;
+	for (int i = 0; i < x; i++)
+		printk("step %%d %%d\\\\n", i, work(i) * %s);
+	return work(x) + work(x + 1);
+}
+int user1(int x) { return slow_path(x) + 1; }
+"""
+
+
+def test_partial_inlining_patches_the_split_part_only(cc, tmp_path: Path) -> None:
+    a, b = cc(PART % "7", "a"), cc(PART % "9", "b")
+    assert "slow_path.part.0" in Object.load(a).sym_names
+    twin, why = reason(a, b, "slow_path.part.0")
+    assert twin == "slow_path.part.0" and why == "same local name"
+    res = diff(a, b, tmp_path)
+    # the inlined header of slow_path (in user1 and slow_path) is unchanged: only the split part changes
+    assert [f.old_name for f in res.patched_functions] == ["slow_path.part.0"]
+
+
+UNIQUE = """
+#define __PASTE(a, b) a##b
+#define PASTE(a, b) __PASTE(a, b)
+#define UNIQUE_ID(p) PASTE(PASTE(__UNIQUE_ID_, p), __COUNTER__)
+%s
+static const char UNIQUE_ID(note)[] __attribute__((used, section(".rodata.notes"))) = "v1";
+extern int get(void);
+int bump(void) { return get() + 1; }
+"""
+
+
+def test_unique_id_correlates_across_counter_shift(cc, tmp_path: Path) -> None:
+    # an extra __COUNTER__ use before it renumbers __UNIQUE_ID_note0 to __UNIQUE_ID_note1
+    a, b = cc(UNIQUE % "", "a"), cc(UNIQUE % "static int UNIQUE_ID(pad) __attribute__((unused));", "b")
+    assert "__UNIQUE_ID_note0" in Object.load(a).sym_names and "__UNIQUE_ID_note1" in Object.load(b).sym_names
+    twin, why = reason(a, b, "__UNIQUE_ID_note0")
+    assert twin == "__UNIQUE_ID_note1" and why == "same name up to GCC clone number"
+    with pytest.raises(NoChange):
+        diff(a, b, tmp_path)
+
+
+WARN_ONCE = """
+extern int printk(const char *, ...);
+int check(int x)
+{
+	static int __warned;
+	if (x < 0 && !__warned) { __warned = 1; printk("%s %%d\\\\n", x); }
+	return x;
+}
+"""
+
+
+def test_special_static_gets_a_fresh_copy(cc, tmp_path: Path) -> None:
+    a, b = cc(WARN_ONCE % "negative", "a"), cc(WARN_ONCE % "negative value", "b")
+    twin, why = reason(a, b, next(n for n in Object.load(a).sym_names if n.startswith("__warned")))
+    assert twin == "" and why == ""  # never correlated
+    res = diff(a, b, tmp_path)
+    inc = {i["name"]: i["why"] for i in res.report["included"]}
+    warned = next(n for n in inc if n.startswith("__warned"))
+    assert inc[warned].startswith("fresh copy of special static")
