@@ -15,13 +15,13 @@ struct static_key { int enabled; };
 static struct static_key mykey;
 static inline __attribute__((always_inline)) int key_on(void)
 {
-	asm goto("1: .byte 0x0f,0x1f,0x44,0x00,0x00\\n\\t"
-		 ".pushsection __jump_table, \\"aw\\"\\n\\t.balign 8\\n\\t"
-		 ".long 1b - ., %%l[l_yes] - .\\n\\t.quad %%c0 - .\\n\\t.popsection"
-		 : : "i"(&mykey) : : l_yes);
-	return 0;
+    asm goto("1: .byte 0x0f,0x1f,0x44,0x00,0x00\\n\\t"
+        ".pushsection __jump_table, \\"aw\\"\\n\\t.balign 8\\n\\t"
+        ".long 1b - ., %%l[l_yes] - .\\n\\t.quad %%c0 - .\\n\\t.popsection"
+        : : "i"(&mykey) : : l_yes);
+    return 0;
 l_yes:
-	return 1;
+    return 1;
 }
 void set_key(int v) { mykey.enabled = v; }
 int f(int x) { return key_on() ? x : x + %d; }
