@@ -23,7 +23,7 @@ from .arch import Arch
 from .correlate import Correlation
 from .elf import constants as C
 from .model import Object, is_ignored_section
-from .names import is_special_static, special_kind
+from .names import is_local_label, is_special_static, special_kind
 
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_HELPERS"]
 
@@ -43,6 +43,7 @@ class TargetKeys:
     def __init__(self, corr: Correlation, arch: Arch):
         self.corr = corr
         self.arch = arch
+        self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
         self._symkey = {id(corr.orig): self._sym_keys(corr.orig, True),
                         id(corr.patched): self._sym_keys(corr.patched, False)}
         self._anon: dict[tuple[int, int], str] = {}
@@ -106,11 +107,46 @@ class TargetKeys:
                 keys.append(("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
             elif is_special_static(name):
                 keys.append(("special", special_kind(name)))
-            elif name.startswith(".L"):
-                keys.append(("label", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
+            elif is_local_label(name):
+                keys.append(self._label_key(obj, i, m, is_orig))
             else:
                 keys.append(("new" if not is_orig else "gone", name))
         return keys
+
+    def _label_key(self, obj: Object, i: int, m: np.ndarray, is_orig: bool) -> object:
+        """Key of an assembler label: the string it starts, the function and offset it marks in code
+        (gcc emits thousands of ``.LVL``/``.LBB`` labels per object on loongarch64/aarch64), or the bytes
+        from it to the next symbol in data."""
+        sec, v = int(obj.shndx[i]), int(obj.value[i])
+        if obj.section_flags(sec) & C.SHF_STRINGS:
+            data = obj.section_data(sec)
+            end = data.find(b"\0", v)
+            return ("str", data[v:end if end >= 0 else len(data)])
+        if obj.is_text(sec):
+            f = obj.symbol_at(sec, v)
+            if f < 0 or obj.stype[f] != C.STT_FUNC:
+                return ("aux", obj.sec_names[sec], v)
+            fk = ("sym", f if is_orig else int(m[f])) if m[f] >= 0 else ("new" if not is_orig else "gone",
+                                                                          obj.sym_names[f])
+            return ("codelabel", fk, v - int(obj.value[f]))
+        if int(obj.size[i]):
+            return ("label", self.content_digest(obj, sec, *obj.sym_range(i)))
+        starts = self._starts(obj).get(sec)
+        nxt = starts[np.searchsorted(starts, v, side="right")] if starts is not None and starts[-1] > v else None
+        return ("label", self.content_digest(obj, sec, v, int(obj.shdrs["size"][sec]) if nxt is None else int(nxt)))
+
+    def _starts(self, obj: Object) -> dict[int, np.ndarray]:
+        """Per section, the sorted start offsets of the symbols defined in it (cached per object)."""
+        c = self._starts_cache.get(id(obj))
+        if c is None:
+            named = np.flatnonzero(obj.defined & (obj.stype != C.STT_SECTION))
+            order = named[np.lexsort((obj.value[named], obj.shndx[named]))]
+            secs = obj.shndx[order]
+            cut = np.flatnonzero(np.diff(secs)) + 1
+            c = {int(g[0]): np.unique(obj.value[o]) for g, o in zip(np.split(secs, cut), np.split(order, cut),
+                                                                      strict=True) if len(g)}
+            self._starts_cache[id(obj)] = c
+        return c
 
     def content_digest(self, obj: Object, sec: int, lo: int, hi: int) -> str:
         """Digest of a byte range and the *names* its relocations point at (for unnamed data)."""
