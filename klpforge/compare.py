@@ -44,6 +44,7 @@ class TargetKeys:
         self.corr = corr
         self.arch = arch
         self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
+        self._toc_cache: dict[tuple[int, int, int], tuple[object, ...]] = {}
         self._symkey = {id(corr.orig): self._sym_keys(corr.orig, True),
                         id(corr.patched): self._sym_keys(corr.patched, False)}
         self._anon: dict[tuple[int, int], str] = {}
@@ -166,12 +167,18 @@ class TargetKeys:
     def toc_key(self, obj: Object, sec: int, off: int) -> tuple[object, ...]:
         """What the TOC slot at ``sec+off`` holds: the target of its relocation, else its bytes (a
         constant). Slots are numbered per object, so their offsets never count."""
-        r = obj.relocs(sec)
-        a, b = np.searchsorted(r["offset"], [off, off + 1])
-        if b > a:
-            x = r[a]
-            return ("toc", int(x["type"]), *self.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])))
-        return ("tocval", obj.section_data(sec)[off:off + 8])
+        ck = (id(obj), sec, off)
+        k = self._toc_cache.get(ck)  # each slot is reached by an @ha/@l pair, often from many functions
+        if k is None:
+            r = obj.relocs(sec)
+            a, b = np.searchsorted(r["offset"], [off, off + 1])
+            if b > a:
+                x = r[a]
+                k = ("toc", int(x["type"]), *self.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])))
+            else:
+                k = ("tocval", obj.section_data(sec)[off:off + 8])
+            self._toc_cache[ck] = k
+        return k
 
     def _vector_section_refs(self, obj: Object, r: np.ndarray, syms: np.ndarray, kid: np.ndarray, add: np.ndarray,
                              todo: np.ndarray) -> np.ndarray:
