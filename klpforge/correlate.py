@@ -69,11 +69,23 @@ def _candidates(obj: Object) -> np.ndarray:
                      and not is_special_static(names[i])], dtype=np.int64)
 
 
-def _referencers(obj: Object) -> dict[int, frozenset[str]]:
-    """Symbol → canonical names of the functions whose code references it (for static locals)."""
+def _referencers(obj: Object, wanted: set[int] | None = None) -> dict[int, frozenset[str]]:
+    """Symbol → canonical names of the functions whose code references it (for static locals).
+
+    With ``wanted``, only relocations that can reach those symbols are looked at (a numpy pre-filter:
+    the symbol itself, its section's symbol, or a TOC slot)."""
     refs: dict[int, set[str]] = defaultdict(set)
     arch = arch_for(obj.elf.machine)
-    for tgt in obj.elf.reloc_sections:
+    rel, relsec, start = obj.all_relocs
+    keep: np.ndarray | None = None
+    if wanted is not None:
+        w = np.fromiter(wanted, np.int64)
+        wsecs = obj.shndx[w]
+        secsyms = obj.section_symbol[wsecs[(wsecs > 0) & (wsecs < obj.nsec)]]
+        tocs = [obj.section_symbol[i] for i, n in enumerate(obj.sec_names) if n in arch.toc_sections]
+        targets = np.concatenate([w, secsyms[secsyms >= 0], np.array(tocs, np.int64)])
+        keep = np.isin(rel["sym"].astype(np.int64), targets)
+    for tgt in np.unique(relsec[keep]).tolist() if keep is not None else obj.elf.reloc_sections:
         owner = int(obj.section_owner[tgt]) if tgt < obj.nsec else -1
         if owner < 0 or not obj.is_text(tgt):
             continue
@@ -155,6 +167,9 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     og, pg = groups(orig, oc, corr.o2p), groups(patched, pc, corr.p2o)
     oref: dict[int, frozenset[str]] | None = None
     pref: dict[int, frozenset[str]] | None = None
+    # static locals that share a canonical name: only their references need looking at
+    amb_o = {i for k, v in og.items() if k[2] == C.STT_OBJECT and (len(v) > 1 or len(pg.get(k, [])) > 1) for i in v}
+    amb_p = {i for k, v in pg.items() if k[2] == C.STT_OBJECT and (len(v) > 1 or len(og.get(k, [])) > 1) for i in v}
     for key, olist in og.items():
         plist = pg.get(key)
         if not plist:
@@ -166,7 +181,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
             continue
         if key[2] == C.STT_OBJECT:
             if oref is None:
-                oref, pref = _referencers(orig), _referencers(patched)
+                oref, pref = _referencers(orig, amb_o), _referencers(patched, amb_p)
             assert pref is not None
             _match_by(corr, olist, plist, partial(_ref_key, oref), partial(_ref_key, pref),
                       "static local referenced by the same functions")

@@ -135,15 +135,11 @@ class Object:
         ``relocs[start[s]:start[s + 1]]``. One pass instead of one small array per section."""
         from .elf.types import RELOC
 
-        parts, secs = [], []
-        for tgt, rs in self.elf.reloc_sections.items():
-            if tgt >= self.nsec:
-                continue
-            r = self.elf.relocs(rs)
-            parts.append(r)
-            secs.append(np.full(len(r), tgt, np.int64))
-        rel = np.concatenate(parts) if parts else np.zeros(0, RELOC)
-        sec = np.concatenate(secs) if secs else np.zeros(0, np.int64)
+        pairs = [(tgt, rs) for tgt, rs in self.elf.reloc_sections.items() if tgt < self.nsec]
+        rel, origin = self.elf.relocs_bulk([rs for _, rs in pairs])
+        if not len(rel):
+            rel = np.zeros(0, RELOC)
+        sec = np.array([t for t, _ in pairs], dtype=np.int64)[origin] if len(pairs) else np.zeros(0, np.int64)
         order = np.lexsort((rel["offset"], sec))
         rel, sec = rel[order], sec[order]
         start = np.searchsorted(sec, np.arange(self.nsec + 1))

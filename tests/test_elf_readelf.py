@@ -118,3 +118,12 @@ def test_rewriter_keeps_everything(path: Path, tmp_path: Path) -> None:
     r = subprocess.run(["readelf", "-aW", str(out)], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stderr == ""
     assert _model(ElfFile.open(out)) == _model(elf)
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bulk_relocations_equal_per_section(path: Path) -> None:
+    elf = ElfFile.open(path)
+    rsecs = sorted(elf.reloc_sections.values())
+    bulk, origin = elf.relocs_bulk(rsecs)
+    for k, rs in enumerate(rsecs):
+        assert bulk[origin == k].tolist() == elf.relocs(rs).tolist()

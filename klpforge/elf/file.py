@@ -269,6 +269,44 @@ class ElfFile:
                              f"{int(out['sym'].max())}, the symbol table has {len(self.syms)}")
         return out
 
+    def relocs_bulk(self, rsecs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """All entries of the RELA sections ``rsecs`` in one gather (no per-section array): returns the
+        RELOC table and, per entry, the index into ``rsecs`` it came from. REL sections go one by one."""
+        rt = raw_rela(self.is64, self.endian)
+        sh = self.shdrs
+        rs = np.asarray(rsecs, dtype=np.int64)
+        rela = sh["type"][rs] == C.SHT_RELA if len(rs) else np.zeros(0, bool)
+        bad = rela & (sh["entsize"][rs] != 0) & (sh["entsize"][rs] != rt.itemsize)
+        if bad.any():
+            raise self._fail(f"corrupt: relocation section [{int(rs[bad][0])}] entry size")
+        parts, origin = [], []
+        r_idx = np.flatnonzero(rela)
+        if len(r_idx):
+            counts = (sh["size"][rs[r_idx]] // rt.itemsize).astype(np.int64)
+            offs = sh["offset"][rs[r_idx]].astype(np.int64)
+            nbytes = counts * rt.itemsize
+            total = int(nbytes.sum())
+            u8 = np.frombuffer(self.data, np.uint8)
+            starts = np.repeat(offs - np.concatenate([[0], np.cumsum(nbytes)[:-1]]), nbytes)
+            raw = u8[np.arange(total, dtype=np.int64) + starts].view(rt)
+            out = np.empty(len(raw), RELOC)
+            out["offset"] = raw["offset"]
+            info = raw["info"].astype("u8")
+            out["sym"] = info >> 32 if self.is64 else info >> 8
+            out["type"] = info & 0xFFFFFFFF if self.is64 else info & 0xFF
+            out["addend"] = raw["addend"]
+            parts.append(out)
+            origin.append(np.repeat(r_idx, counts))
+        for k in np.flatnonzero(~rela).tolist():
+            r = self.relocs(int(rs[k]))
+            parts.append(r)
+            origin.append(np.full(len(r), k, np.int64))
+        allr = np.concatenate(parts) if parts else np.zeros(0, RELOC)
+        if len(allr) and int(allr["sym"].max()) >= len(self.syms):
+            raise self._fail(f"corrupt: a relocation names symbol {int(allr['sym'].max())}, "
+                             f"the symbol table has {len(self.syms)}")
+        return allr, (np.concatenate(origin) if origin else np.zeros(0, np.int64))
+
     # -- groups ---------------------------------------------------------------------------------------
 
     def groups(self) -> list[Group]:
