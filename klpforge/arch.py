@@ -1,7 +1,13 @@
 """What klpforge needs to know about each architecture: relocation types, function entries, decoding.
 
+The architecture comes from the ELF header's ``e_machine``. Facts that differ: how a PC-relative addend
+relates to its target (``pcrel_bias``), the ftrace hook, ppc64's TOC (``.toc`` slots, ``.TOC.``, tail calls),
+and capstone's names for the registers a moved ``__LINE__`` is loaded into.
+
 >>> arch_for(62).name
 'x86_64'
+>>> arch_for(22).pcrel_bias[20]  # s390x R_390_PLT32DBL: ``brasl %r14,f`` stores f+2
+-2
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ ARCHES: dict[int, Arch] = {
     C.EM_S390: Arch(
         "s390x", C.EM_S390, abs64=22, pc32=5, pcrel_bias={17: -2, 18: -2, 19: -2, 20: -2, 21: -2, 26: -2},
         fentry_names=("__fentry__", "_mcount"), cs_arch="CS_ARCH_SYSZ", cs_mode="CS_MODE_BIG_ENDIAN",
-        line_regs=("r3", "r4"), line_mnemonics=("lhi", "lghi", "lgfi", "iilf", "llilf", "llill", "lgfi"),
+        line_regs=("r3", "r4"), line_mnemonics=("lhi", "lghi", "lgfi", "iilf", "llilf", "llill"),
         loader_symbols=("__fentry__", "_mcount"),
     ),
     # aarch64: ftrace entries are patchable-function-entry NOPs (5.5+), older kernels call _mcount.
