@@ -287,26 +287,194 @@ def _clone_callers(idx: Index, wanted: dict[int, list[tuple[str, Entry]]], notes
     return out
 
 
+def _ranges(ptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``ptr[v]..ptr[v+1]-1`` for every ``v`` in ``nodes``, concatenated; and the count per node."""
+    lo = ptr[nodes]
+    cnt = ptr[nodes + 1] - lo
+    tot = int(cnt.sum())
+    pos = np.arange(tot, dtype=np.int64)
+    pos += np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
+    return pos, cnt
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    keys.sort()
+    if len(keys) < 2:
+        return keys
+    keep = np.empty(len(keys), np.bool_)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
+def _scc_reps(nn: int, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Representative (smallest node id) of each node's strongly connected component.
+
+    Nodes that cannot be on a cycle are peeled off first from both ends (vectorised); Tarjan's algorithm
+    then runs in Python over the few thousand that remain (mutually inlined functions, split parts
+    inlined back into their original).
+    """
+    rep = np.arange(nn, dtype=np.int64)
+    alive = np.ones(nn, np.bool_)
+    while True:
+        a = alive[s] & alive[d]
+        kill = alive & ((np.bincount(s[a], minlength=nn) == 0) | (np.bincount(d[a], minlength=nn) == 0))
+        if not kill.any():
+            break
+        alive &= ~kill
+    a = alive[s] & alive[d]
+    if not a.any():
+        return rep
+    es, ed = s[a], d[a]
+    succ: dict[int, list[int]] = {}
+    for u, v in zip(es.tolist(), ed.tolist(), strict=True):
+        succ.setdefault(u, []).append(v)
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on: set[int] = set()
+    counter = 0
+    for root in np.flatnonzero(alive).tolist():
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:  # iterative Tarjan
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on.add(v)
+            nxt = succ.get(v, [])
+            while i < len(nxt):
+                w = nxt[i]
+                i += 1
+                if w not in index:
+                    work.append((v, i))
+                    work.append((w, 0))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    rep[comp] = min(comp)
+                if work:
+                    u = work[-1][0]
+                    low[u] = min(low[u], low[v])
+    return rep
+
+
+def _dag_reach(nn: int, s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reach of every node of a DAG given as unique edges sorted by (s, d): CSR (ptr, reached nodes).
+
+    Nodes are peeled from the sinks upwards (Kahn's algorithm, one vectorised step per level): a node's
+    reach is its successors plus their reaches, which are complete by then.
+    """
+    sptr = np.searchsorted(s, np.arange(nn + 1))
+    order = np.argsort(d, kind="stable")
+    rs = s[order]
+    rptr = np.searchsorted(d[order], np.arange(nn + 1))
+    left = np.diff(sptr)  # successors not yet done
+    rstart = np.zeros(nn, np.int64)
+    rlen = np.zeros(nn, np.int64)
+    reach = np.empty(max(len(s) * 3, 1024), np.int64)
+    used = 0
+    done = left == 0
+    frontier = np.flatnonzero(done)
+    while len(frontier):
+        pos, _ = _ranges(rptr, frontier)
+        preds = rs[pos]
+        left -= np.bincount(preds, minlength=nn)
+        cand = _sorted_unique(preds)
+        ready = cand[(left[cand] == 0) & ~done[cand]]
+        done[ready] = True
+        epos, cnt = _ranges(sptr, ready)
+        ev, ew = np.repeat(ready, cnt), d[epos]
+        xpos, lens = _ranges2(rstart[ew], rlen[ew])
+        pk = _sorted_unique(np.concatenate([ev * nn + ew, np.repeat(ev, lens) * nn + reach[xpos]]))
+        pv, px = pk // nn, pk % nn
+        if used + len(px) > len(reach):
+            reach = np.concatenate([reach[:used], np.empty(max(len(reach), len(px)), np.int64)])
+        reach[used:used + len(px)] = px
+        first = np.searchsorted(pv, ready)
+        rstart[ready] = used + first
+        rlen[ready] = np.diff(np.append(first, len(pv)))
+        used += len(px)
+        frontier = ready
+    if not done.all():
+        raise AssertionError("closure: graph has a cycle after condensation")
+    pos, _ = _ranges2(rstart, rlen)
+    ptr = np.zeros(nn + 1, np.int64)
+    np.cumsum(rlen, out=ptr[1:])
+    return ptr, reach[pos]
+
+
+def _ranges2(lo: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``lo[i]..lo[i]+cnt[i]-1`` for every ``i``, concatenated; and ``cnt``."""
+    pos = np.arange(int(cnt.sum()), dtype=np.int64)
+    pos += np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
+    return pos, cnt
+
+
 def closure_all(idx: Index) -> tuple[np.ndarray, np.ndarray]:
-    """Transitive closure of every node at once (vectorised): pairs (src node, reached node).
+    """Transitive closure of every node at once: pairs (src node, reached node), sorted. A node reaches
+    itself only through a direct self edge (a recursion clone).
+
+    Strongly connected components are contracted (:func:`_scc_reps`), the reach of every node of the
+    resulting DAG is computed level by level (:func:`_dag_reach`), then expanded back to members.
 
     >>> s, d = closure_all(idx)  # doctest: +SKIP
     """
     nn = len(idx.n_group)
-    ptr = idx.e_ptr
-    deg = np.diff(ptr)
     src, dst = idx.e_src.astype(np.int64), idx.e_dst.astype(np.int64)
-    keys = np.unique(src * nn + dst)
-    fs, fd = keys // nn, keys % nn
-    while len(fs):
-        rep = deg[fd]
-        ns = np.repeat(fs, rep)
-        starts = np.repeat(ptr[fd], rep)
-        offs = np.arange(len(ns)) - np.repeat(np.cumsum(rep) - rep, rep)
-        nd = dst[starts + offs]
-        nk = np.unique(ns * nn + nd)
-        nk = nk[~np.isin(nk, keys, assume_unique=True)]
-        nk = nk[(nk // nn) != (nk % nn)]
-        keys = np.union1d(keys, nk)
-        fs, fd = nk // nn, nk % nn
-    return keys // nn, keys % nn
+    loop = src == dst
+    self_pairs = src[loop]
+    key = _sorted_unique(src[~loop] * nn + dst[~loop])
+    s, d = key // nn, key % nn
+    rep = _scc_reps(nn, s, d)
+    ck = rep[s] * nn + rep[d]
+    ck = _sorted_unique(ck[rep[s] != rep[d]])
+    ptr, reach = _dag_reach(nn, ck // nn, ck % nn)
+    pv = np.repeat(np.arange(nn, dtype=np.int64), np.diff(ptr))
+    px = reach
+    parts_v, parts_x = [pv], [px]
+    big = np.flatnonzero(rep != np.arange(nn))  # members of cycles other than their representative
+    if len(big):
+        mrep = np.concatenate([rep[big], np.unique(rep[big])])
+        mnode = np.concatenate([big, np.unique(rep[big])])
+        o = np.lexsort((mnode, mrep))
+        mrep, mnode = mrep[o], mnode[o]
+        mptr = np.searchsorted(mrep, np.arange(nn + 1))
+        msize = np.diff(mptr)
+        # a reached representative stands for all its members
+        hit = np.flatnonzero(msize[px] > 0)
+        mpos, cnt = _ranges(mptr, px[hit])
+        parts_v.append(np.repeat(pv[hit], cnt))
+        parts_x.append(mnode[mpos])
+        fv = np.concatenate(parts_v)
+        fx = np.concatenate(parts_x)
+        # members of one component reach each other, and all that their representative reaches
+        reps = np.flatnonzero(msize > 0)
+        fk = _sorted_unique(fv * nn + fx)
+        fv, fx = fk // nn, fk % nn
+        fptr = np.searchsorted(fv, np.arange(nn + 1))
+        mpos, mcnt = _ranges(mptr, reps)
+        mem, mem_rep = mnode[mpos], np.repeat(reps, mcnt)
+        rpos, rcnt = _ranges(fptr, mem_rep)
+        parts_v.append(np.repeat(mem, rcnt))
+        parts_x.append(fx[rpos])
+        inner_pos, icnt = _ranges(mptr, mem_rep)
+        parts_v.append(np.repeat(mem, icnt))
+        parts_x.append(mnode[inner_pos])
+    keys = np.concatenate([v * nn + x for v, x in zip(parts_v, parts_x, strict=True)] + [self_pairs * nn + self_pairs])
+    keys = _sorted_unique(keys)
+    v, x = keys // nn, keys % nn
+    keep = (v != x) | np.isin(v, self_pairs)
+    return v[keep], x[keep]

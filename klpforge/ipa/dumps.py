@@ -22,41 +22,60 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .tokens import FieldTooLong, hash_strings, split_fields
+from .tokens import PAD, find_seps, span_hash, u64_view
 
-__all__ = ["DUMP_SUFFIX", "RawDumps", "find_dumps", "parse_dumps", "object_for_dump", "lto_link_of"]
+__all__ = ["DUMP_SUFFIX", "KIND_CODES", "RawDumps", "find_dumps", "parse_dumps", "object_for_dump", "objects_for_dumps",
+           "lto_link_of", "read_files", "text_is", "classify"]
 
 DUMP_SUFFIX = ".ipa-clones"
 _LTO_RE = re.compile(r"^(?P<link>.+)\.(?:wpa|ltrans\d+\.ltrans)\.\d+i\.ipa-clones$")
-_H_CLONE, _H_REMOVAL, _H_ARROW, _H_OPT = (int(h) for h in hash_strings(
-    ["Callgraph clone", "Callgraph removal", "<-", "optimization:"]))
+#: kind field text -> kind code (index into ``index.KINDS``); anything else is "other" (5)
+KIND_CODES = {"inlining to": 0, "constprop": 1, "isra": 2, "part": 3, "(null)": 4}
+_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
 
 
 @dataclass
 class RawDumps:
-    """Records of a set of dumps, one row per record; strings are field hashes into ``data``.
+    """Records of a set of dumps, as positions in one buffer; nothing is decoded yet.
 
-    ``clone_*`` columns: ``o``/``n`` = original/new function, each with name, file, line, col hashes
-    and the byte offset of each field in ``data`` (to decode one representative per distinct value).
+    ``sp`` holds the offset of every ``;`` and newline in ``data``. A function mention is stored as the
+    index ``i`` into ``sp`` of the end of its name field: the name is ``data[sp[i-1]+1:sp[i]]`` and its
+    location ``FILE;LINE;COL`` is ``data[sp[i+1]+1:sp[i+4]]`` (the ORDER field between is skipped).
     """
 
     paths: list[Path]
-    data: bytearray
+    data: bytearray  # all dumps, newline-terminated, plus PAD zero bytes
     file_start: np.ndarray  # byte offset of each dump in data
-    c_dump: np.ndarray  # dump index per clone record
-    c_hash: np.ndarray  # (n, 9) uint64: oname ofile oline ocol nname nfile nline ncol kind
-    c_off: np.ndarray  # (n, 9) int64 offsets of those fields
-    c_len: np.ndarray  # (n, 9) int32 lengths
-    r_dump: np.ndarray
-    r_hash: np.ndarray  # (m, 4) name file line col
-    r_off: np.ndarray
-    r_len: np.ndarray
+    sp: np.ndarray  # int64 offsets of separators
+    c_dump: np.ndarray  # per clone record: dump index
+    c_orig: np.ndarray  # sp index of the original's name end
+    c_new: np.ndarray  # sp index of the new function's name end
+    c_kind: np.ndarray  # int8 kind code (KIND_CODES, 5 = other)
+    r_dump: np.ndarray  # per removal record
+    r_func: np.ndarray
 
     def locate(self, offset: int) -> str:
         """``path:line`` of a byte offset in ``data``."""
         i = int(np.searchsorted(self.file_start, offset, side="right")) - 1
         line = self.data.count(b"\n", int(self.file_start[i]), offset) + 1
         return f"{self.paths[i]}:{line}"
+
+    def name_span(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) of the name of mentions ``i``."""
+        return self.sp[i - 1] + 1, self.sp[i]
+
+    def loc_spans(self, i: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(file start, file end, line end, col end) of mentions ``i``: line is ``[file end+1, line end)``."""
+        return self.sp[i + 1] + 1, self.sp[i + 2], self.sp[i + 3], self.sp[i + 4]
+
+    def func_hash(self, i: np.ndarray) -> np.ndarray:
+        """One 64-bit hash of (name, file, line, col) per mention: equal functions, equal hashes."""
+        words = u64_view(self.data)
+        with np.errstate(over="ignore"):
+            h = span_hash(words, self.sp[i - 1] + 1, self.sp[i])
+            h *= _MIX
+            h ^= span_hash(words, self.sp[i + 1] + 1, self.sp[i + 4])
+        return h
 
 
 def find_dumps(spec: str | os.PathLike[str]) -> list[Path]:
@@ -127,82 +146,174 @@ def object_for_dump(dump: Path, objects: Path | None = None, dumps_root: Path | 
     return None
 
 
-# clone record field numbers (12-field layout) of: oname ofile oline ocol nname nfile nline ncol kind
-_COLS12 = np.array([1, 3, 4, 5, 6, 8, 9, 10, 11])
-_COLS14 = np.array([1, 3, 4, 5, 7, 9, 10, 11, 13])
-_COLSRM = np.array([1, 3, 4, 5])
+def objects_for_dumps(dumps: list[Path], objects: Path | None = None, dumps_root: Path | None = None) -> list[
+        Path | None]:
+    """:func:`object_for_dump` for many dumps, listing each directory once instead of probing files.
+
+    >>> objects_for_dumps([Path("/nonexistent/x.c.000i.ipa-clones")])
+    [None]
+    """
+    listing: dict[str, set[str]] = {}
+
+    def has(d: str, name: str) -> bool:
+        if d not in listing:
+            try:
+                listing[d] = set(os.listdir(d))
+            except OSError:
+                listing[d] = set()
+        return name in listing[d]
+
+    out: list[Path | None] = []
+    for dump in dumps:
+        if lto_link_of(dump) is not None or objects is not None:
+            out.append(object_for_dump(dump, objects, dumps_root))
+            continue
+        d = os.path.dirname(os.fspath(dump)) or "."
+        base = os.path.splitext(_DUMP_TAIL.sub("", dump.name))[0]
+        hit = next((c for c in (base + ".o.syms", base + ".o") if has(d, c)), None)
+        out.append(dump.with_name(hit) if hit else None)
+    return out
 
 
-def parse_dumps(paths: list[Path]) -> RawDumps:
-    """Read and split every dump; raise :class:`InputError` naming file and line for anything malformed."""
+_DUMP_TAIL = re.compile(r"\.\d+i\.ipa-clones$")
+
+
+def read_files(paths: list[Path], sep_after: bool = True) -> tuple[bytearray, np.ndarray]:
+    """All files in one buffer (each ending in a newline), followed by :data:`~.tokens.PAD` zero bytes;
+    and where each file starts. Raises :class:`InputError` naming an unreadable file.
+
+    >>> read_files([])[0]
+    bytearray(b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00')
+    """
+    names = [os.fspath(p) for p in paths]
     sizes = []
-    for p in paths:
+    for n in names:
         try:
-            sizes.append(p.stat().st_size)
+            sizes.append(os.stat(n).st_size)
         except OSError as e:
-            raise InputError(f"{p}: cannot read: {e.strerror}") from None
-    # one buffer for all dumps, filled in place: no second copy of ~60 MB
-    data = bytearray(sum(sizes) + len(paths))
+            raise InputError(f"{n}: cannot read: {e.strerror}") from None
+    # one buffer for all files, filled in place: no second copy of ~60 MB
+    data = bytearray(sum(sizes) + len(names) + PAD)
     view = memoryview(data)
-    starts = []
+    starts = np.empty(len(names), np.int64)
     pos = 0
-    for p, size in zip(paths, sizes, strict=True):
-        starts.append(pos)
+    for k, (n, size) in enumerate(zip(names, sizes, strict=True)):
+        starts[k] = pos
         try:
-            with open(p, "rb", buffering=0) as fh:
-                got = fh.readinto(view[pos:pos + size])
+            fd = os.open(n, os.O_RDONLY)
+            try:
+                got = os.readv(fd, [view[pos:pos + size]]) if size else 0
+            finally:
+                os.close(fd)
         except OSError as e:
-            raise InputError(f"{p}: cannot read: {e.strerror}") from None
+            raise InputError(f"{n}: cannot read: {e.strerror}") from None
         pos += got
-        if got and data[pos - 1] != 10:
+        if got and data[pos - 1] != 10 and sep_after:
             data[pos] = 10  # a cut-off last line is then reported by its field count
             pos += 1
     del view
     del data[pos:]
-    file_start = np.array(starts, np.int64)
-    raw = RawDumps(paths, data, file_start, *(np.zeros(0) for _ in range(8)))
-    try:
-        f = split_fields(data, b";")
-    except FieldTooLong as e:
-        raise InputError(f"{raw.locate(e.offset)}: not an ipa-clones dump (line too long or binary)") from None
-    nf = f.nfields
-    first = f.first
-    head = f.hash[first]
-    is12 = (nf == 12) & (head == np.uint64(_H_CLONE))
-    is14 = (nf == 14) & (head == np.uint64(_H_CLONE))
+    data += bytes(PAD)
+    return data, starts
+
+
+def text_is(words: np.ndarray, start: np.ndarray, end: np.ndarray, text: bytes) -> np.ndarray:
+    """Which spans ``[start, end)`` hold exactly ``text`` (compared eight bytes at a time).
+
+    >>> from .tokens import pad
+    >>> b = pad(b"isra;part"); text_is(u64_view(b), np.array([0, 5]), np.array([4, 9]), b"part").tolist()
+    [False, True]
+    """
+    return classify(words, start, end, [text]) == 0
+
+
+def classify(words: np.ndarray, start: np.ndarray, end: np.ndarray, texts: list[bytes]) -> np.ndarray:
+    """Index into ``texts`` of the text each span holds exactly, ``len(texts)`` for none (int8). Each
+    8-byte column of the spans is gathered once for all texts.
+
+    >>> from .tokens import pad
+    >>> b = pad(b"FUNC;FILE;X"); classify(u64_view(b), np.array([0, 5, 10]), np.array([4, 9, 11]),
+    ...                                  [b"FILE", b"FUNC"]).tolist()
+    [1, 0, 2]
+    """
+    ln = end - start
+    out = np.full(len(start), len(texts), np.int8)
+    cache: dict[int, np.ndarray] = {}
+    last = len(words) - 1
+    for code, text in enumerate(texts):
+        n = len(text)
+        ok = ln == n
+        padded = text + bytes(8)
+        for k in range(0, max(n, 1), 8):
+            if k not in cache:  # a shorter span already failed on length, so clamping is harmless
+                cache[k] = words[np.minimum(start + k, last)]
+            keep = min(8, n - k)
+            mask = (1 << (8 * keep)) - 1 if keep > 0 else 0
+            ok &= (cache[k] & np.uint64(mask)) == np.uint64(int.from_bytes(padded[k:k + 8], "little") & mask)
+        out[ok] = code
+    return out
+
+
+_CLONE, _REMOVAL = b"Callgraph clone", b"Callgraph removal"
+
+
+def parse_dumps(paths: list[Path]) -> RawDumps:
+    """Read and split every dump; raise :class:`InputError` naming file and line for anything malformed."""
+    data, file_start = read_files(paths)
+    text_end = len(data) - PAD
+    a = np.frombuffer(data, np.uint8)
+    words = u64_view(data)
+    sp = find_seps(data, b";", text_end)
+    nl = np.flatnonzero(a[sp] == 10)  # index in sp of each line's end
+    first = np.empty(len(nl), np.int64)  # index in sp of the end of each line's first field
+    first[:1] = 0
+    first[1:] = nl[:-1] + 1
+    nf = nl - first + 1
+    lstart = np.empty(len(nl), np.int64)
+    lstart[:1] = 0
+    lstart[1:] = sp[nl[:-1]] + 1
+    head_end = sp[first]
+    isc = text_is(words, lstart, head_end, _CLONE)
+    is12 = isc & (nf == 12)
+    is14 = isc & (nf == 14)
     if is14.any():
         f14 = first[is14]
-        ok = (f.hash[f14 + 6] == np.uint64(_H_ARROW)) & (f.hash[f14 + 12] == np.uint64(_H_OPT))
+        ok = (text_is(words, sp[f14 + 5] + 1, sp[f14 + 6], b"<-")
+              & text_is(words, sp[f14 + 11] + 1, sp[f14 + 12], b"optimization:"))
         is14[np.flatnonzero(is14)[~ok]] = False
-    isrm = (nf == 6) & (head == np.uint64(_H_REMOVAL))
-    blank = (nf == 1) & (f.length[first] == 0)
+    isrm = (nf == 6) & text_is(words, lstart, head_end, _REMOVAL)
+    blank = (nf == 1) & (head_end == lstart)
     bad = ~(is12 | is14 | isrm | blank)
     if bad.any():
         i = int(np.argmax(bad))
-        _bad_line(raw, f.start[first[i]], int(nf[i]), int(head[i]))
-    line_dump = np.searchsorted(file_start, f.start[first], side="right") - 1
-    clone_first = np.concatenate([first[is12][:, None] + _COLS12, first[is14][:, None] + _COLS14])
-    raw.c_dump = np.concatenate([line_dump[is12], line_dump[is14]])
-    raw.c_hash, raw.c_off, raw.c_len = f.hash[clone_first], f.start[clone_first], f.length[clone_first]
-    rm_first = first[isrm][:, None] + _COLSRM
-    raw.r_dump = line_dump[isrm]
-    raw.r_hash, raw.r_off, raw.r_len = f.hash[rm_first], f.start[rm_first], f.length[rm_first]
-    return raw
+        _bad_line(data, file_start, paths, int(lstart[i]), int(nf[i]), bool(isc[i]),
+                  bool(text_is(words, lstart[i:i + 1], head_end[i:i + 1], _REMOVAL)[0]))
+    line_dump = np.searchsorted(file_start, lstart, side="right") - 1
+    clone = is12 | is14
+    cf = first[clone]
+    c14 = is14[clone]
+    c_kind_end = cf + np.where(c14, 13, 11)
+    kstart, kend = sp[c_kind_end - 1] + 1, sp[c_kind_end]
+    c_kind = classify(words, kstart, kend, [k.encode() for k in KIND_CODES])  # codes are in dict order
+    return RawDumps(list(paths), data, file_start, sp, line_dump[clone], cf + 1, cf + np.where(c14, 7, 6), c_kind,
+                    line_dump[isrm], first[isrm] + 1)
 
 
-def _bad_line(raw: RawDumps, offset: int, nf: int, head: int) -> None:
-    where = raw.locate(int(offset))
-    end = raw.data.find(b"\n", int(offset))
-    text = raw.data[int(offset):end].decode("utf-8", "replace")
+def _bad_line(data: bytearray, file_start: np.ndarray, paths: list[Path], offset: int, nf: int, clone: bool,
+              removal: bool) -> None:
+    i = int(np.searchsorted(file_start, offset, side="right")) - 1
+    line_no = data.count(b"\n", int(file_start[i]), offset) + 1
+    where = f"{paths[i]}:{line_no}"
+    end = data.find(b"\n", offset)
+    text = data[offset:end].decode("utf-8", "replace")
     shown = text if len(text) <= 60 else text[:57] + "..."
-    if head == _H_CLONE:
+    if clone:
         if nf < 12:
             raise InputError(f"{where}: truncated clone record ({nf} of 12 fields): {shown!r}")
         raise InputError(f"{where}: unknown clone record format ({nf} fields; expected 12, or 14 with "
                          f"'<-' and 'optimization:'): {shown!r}")
-    if head == _H_REMOVAL:
+    if removal:
         raise InputError(f"{where}: malformed removal record ({nf} fields, expected 6): {shown!r}")
-    line_no = int(where.rsplit(":", 1)[1])
     if line_no == 1:
         raise InputError(f"{where}: not an ipa-clones dump (expected 'Callgraph clone;' or "
                          f"'Callgraph removal;' records, found {shown!r})")

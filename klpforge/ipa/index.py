@@ -19,19 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fsutil import atomic_write
-from .dumps import RawDumps, lto_link_of, object_for_dump, parse_dumps
+from .dumps import lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files, classify
 from .objsyms import read_symbols, syms_text
-from .tokens import FieldTooLong, hash_strings, split_fields
+from .tokens import PAD, FieldTooLong, StrTable, find_seps, first_order, group, hash_strings, parse_uint, \
+    span_hash, u64_view
 
 __all__ = ["Index", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPES", "SYM_BINDS"]
 
 #: Edge kinds; anything else GCC writes (simdclone, target clones) is kept as "other".
 KINDS = ("inline", "constprop", "isra", "part", "recursion", "other")
-_KIND_TEXT = {"inlining to": 0, "constprop": 1, "isra": 2, "part": 3, "(null)": 4}
 SYM_TYPES = ("NOTYPE", "FUNC", "OBJECT", "SECTION", "FILE", "OTHER")
 SYM_BINDS = ("LOCAL", "GLOBAL", "WEAK", "OTHER")
-_VERSION = 3
+_VERSION = 4
 _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 
@@ -48,9 +47,9 @@ class Index:
     dumps: list[str]
     objects: list[str]  # per group: symbol table path, "" when there is none
     dump_group: np.ndarray
-    names: list[str]
+    names: StrTable
     name_hash: np.ndarray  # sorted uint64, position = name id
-    files: list[str]
+    files: StrTable
     f_name: np.ndarray  # per function
     f_file: np.ndarray
     f_line: np.ndarray
@@ -92,67 +91,94 @@ class Index:
         return f"{self.files[int(self.f_file[fid])]}:{int(self.f_line[fid])}"
 
 
-def _intern(sources: list[tuple[np.ndarray, np.ndarray, np.ndarray, bytes | bytearray]]) -> tuple[
-        np.ndarray, list[np.ndarray], list[str]]:
-    """Intern hashes from several buffers at once: (sorted unique hashes, ids per source, strings)."""
-    allh = np.concatenate([s[0].ravel() for s in sources])
-    uniq, first, inv = np.unique(allh, return_index=True, return_inverse=True)
-    bounds = np.cumsum([0] + [s[0].size for s in sources])
-    allst = np.concatenate([s[1].ravel() for s in sources])[first].tolist()
-    allln = np.concatenate([s[2].ravel() for s in sources])[first].tolist()
-    src_of = (np.searchsorted(bounds, first, side="right") - 1).tolist()
-    views = [memoryview(s[3]) for s in sources]
-    strings = [bytes(views[si][st:st + n]).decode("utf-8", "replace")
-               for si, st, n in zip(src_of, allst, allln, strict=True)]
-    ids = [inv[bounds[i]:bounds[i + 1]].reshape(s[0].shape) for i, s in enumerate(sources)]
-    return uniq, ids, strings
-
-
-def _numbers(raw: RawDumps, h: np.ndarray, off: np.ndarray, ln: np.ndarray, what: str) -> np.ndarray:
-    uniq, ids, strings = _intern([(h, off, ln, raw.data)])
-    vals = np.empty(len(strings), np.int64)
-    for i, s in enumerate(strings):
-        if not s.isdigit():
-            j = int(np.flatnonzero(ids[0].ravel() == i)[0])
-            raise InputError(f"{raw.locate(int(off.ravel()[j]))}: {what} {s!r} is not a number")
-        vals[i] = int(s)
-    return vals[ids[0]]
-
-
-def _pack(cols: list[np.ndarray]) -> np.ndarray:
-    """One int64 key per row of small non-negative integer columns (exact, checked)."""
-    key = np.zeros(len(cols[0]), np.int64)
-    bits = 0
-    for c in cols:
-        width = max(int(c.max()).bit_length() if len(c) else 1, 1)
-        bits += width
-        key = (key << width) | c.astype(np.int64)
-    if bits > 63:
-        raise OverflowError("key too wide")
-    return key
-
-
 def _read_symtabs(objects: list[str]) -> tuple[bytearray, np.ndarray]:
-    """All symbol tables as one ``.syms``-format buffer, and the byte offset where each object starts."""
-    data = bytearray()
-    starts = []
+    """All symbol tables as one ``.syms``-format buffer (plus padding), and the byte offset where each
+    object starts. ``.syms`` files are read in place; ELF objects are converted with pyelftools."""
+    if all(not o or o.endswith(".syms") for o in objects):
+        real = [o for o in objects if o]
+        data, st = read_files([Path(o) for o in real])
+        starts = np.empty(len(objects), np.int64)
+        k = 0
+        for g, o in enumerate(objects):  # an object without a table starts where the next one does
+            starts[g] = st[k] if k < len(real) else len(data) - PAD
+            k += bool(o)
+        return data, starts
+    buf = bytearray()
+    offs = []
     for obj in objects:
-        starts.append(len(data))
+        offs.append(len(buf))
         if not obj:
             continue
         p = Path(obj)
         if p.name.endswith(".syms"):
             b = p.read_bytes()
-            data += b
+            buf += b
             if b and not b.endswith(b"\n"):
-                data += b"\n"
+                buf += b"\n"
         else:
-            data += syms_text(read_symbols(p))
-    return data, np.array(starts, np.int64)
+            buf += syms_text(read_symbols(p))
+    return buf + bytes(PAD), np.array(offs, np.int64)
+
+
+@dataclass
+class _Syms:
+    group: np.ndarray
+    name_hash: np.ndarray
+    name_start: np.ndarray
+    name_end: np.ndarray
+    type: np.ndarray
+    bind: np.ndarray
+    ndx: np.ndarray
+    value: np.ndarray
+    size: np.ndarray
+
+
+def _parse_symtabs(data: bytearray, starts: np.ndarray, group_obj: list[str]) -> _Syms:
+    """Split the ``value size type bind ndx name`` lines; FILE and SECTION symbols are dropped (no query
+    looks at them)."""
+    text_end = len(data) - PAD
+    words = u64_view(data)
+    sp = find_seps(data, b" ", text_end)
+    nl = np.flatnonzero(np.frombuffer(data, np.uint8)[sp] == 10)
+    first = np.empty(len(nl), np.int64)
+    first[:1] = 0
+    first[1:] = nl[:-1] + 1
+    nf = nl - first + 1
+    lstart = np.empty(len(nl), np.int64)
+    lstart[:1] = 0
+    lstart[1:] = sp[nl[:-1]] + 1
+    good = nf == 6
+    if not good.all():
+        i = int(np.argmax(~good))
+        off = int(lstart[i])
+        g = int(np.searchsorted(starts, off, side="right")) - 1
+        line = data.count(b"\n", int(starts[g]), off) + 1
+        raise InputError(f"{group_obj[g]}:{line}: expected 6 columns (value size type bind ndx name), "
+                         f"found {int(nf[i])}")
+    st = np.empty((len(nl), 6), np.int64)  # start of each column
+    st[:, 0] = lstart
+    st[:, 1:] = sp[first[:, None] + np.arange(5)] + 1
+    en = sp[first[:, None] + np.arange(6)]
+    typ = classify(words, st[:, 2], en[:, 2], [t.encode() for t in SYM_TYPES[:-1]])
+    keep = np.flatnonzero((typ != SYM_TYPES.index("FILE")) & (typ != SYM_TYPES.index("SECTION")))
+    st, en, typ = st[keep], en[keep], typ[keep]
+    bind = classify(words, st[:, 3], en[:, 3], [t.encode() for t in SYM_BINDS[:-1]])
+    ndx, ok = parse_uint(data, st[:, 4], en[:, 4])
+    ndx[~ok] = -1  # ABS, COM, UND
+    value, ok = parse_uint(data, st[:, 0], en[:, 0], 16)
+    value[~ok] = -1
+    size, ok = parse_uint(data, st[:, 1], en[:, 1])
+    size[~ok] = -1
+    return _Syms(np.searchsorted(starts, st[:, 0], side="right") - 1, span_hash(words, st[:, 5], en[:, 5]),
+                 st[:, 5], en[:, 5], typ, bind, ndx, value, size)
 
 
 def build_index(dumps: list[Path], objects: Path | None = None, root: Path | None = None) -> Index:
-    """Parse ``dumps`` and their objects' symbol tables into an :class:`Index`."""
+    """Parse ``dumps`` and their objects' symbol tables into an :class:`Index`.
+
+    Nodes and functions are numbered in order of first appearance in the dumps, so numbering (and so the
+    order of results) does not depend on the hash function.
+    """
     raw = parse_dumps(dumps)
     lto = any(lto_link_of(d) for d in dumps)
     if lto:  # one link: compile-time and link-time decisions chain into each other, so one group
@@ -162,82 +188,131 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
         group_obj = [str(obj) if obj else ""]
     else:
         dump_group = np.arange(len(dumps), dtype=np.int64)
-        group_obj = [str(o) if (o := object_for_dump(d, objects, root)) else "" for d in dumps]
-    sdata, sstart = _read_symtabs(group_obj)
-    try:
-        sf = split_fields(sdata, b" ")
-    except FieldTooLong as e:
-        raise InputError(f"symbol table near byte {e.offset}: not a .syms file") from None
-    good = sf.nfields == 6
-    if not good.all():
-        i = int(np.argmax(~good))
-        off = int(sf.start[sf.first[i]])
-        g = int(np.searchsorted(sstart, off, side="right")) - 1
-        line = sdata.count(b"\n", int(sstart[g]), off) + 1
-        raise InputError(f"{group_obj[g]}:{line}: expected 6 columns (value size type bind ndx name), "
-                         f"found {int(sf.nfields[i])}")
-    srow = sf.first[:, None] + np.arange(6)
-    s_hash, s_off, s_len = sf.hash[srow], sf.start[srow], sf.length[srow]
-    s_group = np.searchsorted(sstart, s_off[:, 0], side="right") - 1
+        group_obj = [str(o) if o else "" for o in objects_for_dumps(dumps, objects, root)]
 
-    name_hash, (c_names, r_names, s_names), names = _intern([
-        (raw.c_hash[:, [0, 4]], raw.c_off[:, [0, 4]], raw.c_len[:, [0, 4]], raw.data),
-        (raw.r_hash[:, 0], raw.r_off[:, 0], raw.r_len[:, 0], raw.data),
-        (s_hash[:, 5], s_off[:, 5], s_len[:, 5], sdata)])
-    _, (c_files, r_files), files = _intern([
-        (raw.c_hash[:, [1, 5]], raw.c_off[:, [1, 5]], raw.c_len[:, [1, 5]], raw.data),
-        (raw.r_hash[:, 1], raw.r_off[:, 1], raw.r_len[:, 1], raw.data)])
-    c_num = _numbers(raw, raw.c_hash[:, [2, 3, 6, 7]], raw.c_off[:, [2, 3, 6, 7]], raw.c_len[:, [2, 3, 6, 7]],
-                     "line/column")
-    r_num = _numbers(raw, raw.r_hash[:, 2:4], raw.r_off[:, 2:4], raw.r_len[:, 2:4], "line/column")
-    _, (kid,), ktext = _intern([(raw.c_hash[:, 8], raw.c_off[:, 8], raw.c_len[:, 8], raw.data)])
-    kmap = np.array([_KIND_TEXT.get(k, KINDS.index("other")) for k in ktext] or [0], np.int8)
-    kind = kmap[kid] if len(kid) else np.zeros(0, np.int8)
-
-    # functions: (name, file, line, col) of both ends of every clone record and of removals
-    fn_name = np.concatenate([c_names[:, 0], c_names[:, 1], r_names])
-    fn_file = np.concatenate([c_files[:, 0], c_files[:, 1], r_files])
-    fn_line = np.concatenate([c_num[:, 0], c_num[:, 2], r_num[:, 0]])
-    fn_col = np.concatenate([c_num[:, 1], c_num[:, 3], r_num[:, 1]])
-    fkey = _pack([fn_name, fn_file, fn_line, fn_col])
-    ukey, ufirst, fid = np.unique(fkey, return_index=True, return_inverse=True)
-    rec_group = np.concatenate([dump_group[raw.c_dump], dump_group[raw.c_dump], dump_group[raw.r_dump]])
-    nkey = _pack([rec_group, fid])
-    unode, nfirst, nid = np.unique(nkey, return_index=True, return_inverse=True)
+    # every mention of a function: both ends of each clone record, then each removal
     nc = len(raw.c_dump)
-    src, dst, rm = nid[:nc], nid[nc:2 * nc], nid[2 * nc:]
-    n_removed = np.zeros(len(unode), np.bool_)
-    n_removed[rm] = True
-    ekey = _pack([src, dst, kind.astype(np.int64)])
-    uedge, efirst, ecount = np.unique(ekey, return_index=True, return_counts=True)
-    e_src, e_dst, e_kind = src[efirst], dst[efirst], kind[efirst]
-    order = np.lexsort((e_dst, e_src))
-    e_src, e_dst, e_kind, ecount = e_src[order], e_dst[order], e_kind[order], ecount[order]
-    e_ptr = np.searchsorted(e_src, np.arange(len(unode) + 1))
+    men = np.concatenate([raw.c_orig, raw.c_new, raw.r_func])
+    men_group = dump_group[np.concatenate([raw.c_dump, raw.c_dump, raw.r_dump])]
+    try:
+        fh = raw.func_hash(men)
+    except FieldTooLong as e:
+        raise InputError(f"{raw.locate(e.offset)}: field too long for an ipa-clones dump") from None
+    # nodes = (group, function); ids in order of first mention
+    with np.errstate(over="ignore"):
+        nkey = fh ^ ((men_group.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    _, nfirst, ninv = group(nkey)
+    del nkey
+    renum = first_order(nfirst, len(men))
+    nid = renum[ninv]
+    del ninv
+    nrep = np.empty(len(nfirst), np.int64)  # first mention of each node
+    nrep[renum] = nfirst
+    del nfirst, renum
+    # functions = (name, file, line, col)
+    _, ffirst, finv = group(fh[nrep])
+    del fh
+    frenum = first_order(ffirst, len(nrep))
+    n_func = frenum[finv]
+    frep = np.empty(len(ffirst), np.int64)
+    frep[frenum] = nrep[ffirst]  # mention index of each function's first mention
+    fmen = men[frep]
+    n_group = men_group[nrep]
+    src, dst = nid[:nc], nid[nc:2 * nc]
+    n_removed = np.zeros(len(nrep), np.bool_)
+    n_removed[nid[2 * nc:]] = True
+    del nid, men, men_group
 
-    # symbols
-    base = np.arange(len(names), dtype=np.int64)
-    for i, n in enumerate(names):
-        if ".lto_priv." in n:
-            j = _name_index(name_hash, _LTO_PRIV.sub("", n))
-            if j >= 0:
-                base[i] = j
-    s_type = _enum(s_hash[:, 2], SYM_TYPES)
-    s_bind = _enum(s_hash[:, 3], SYM_BINDS)
-    _, (ndx_id, val_id, size_id), small = _intern([
-        (s_hash[:, 4], s_off[:, 4], s_len[:, 4], sdata), (s_hash[:, 0], s_off[:, 0], s_len[:, 0], sdata),
-        (s_hash[:, 1], s_off[:, 1], s_len[:, 1], sdata)])
-    conv = np.array([_int_or(s) for s in small] or [0], np.int64)
-    s_ndx, s_value, s_size = conv[ndx_id], conv[val_id], conv[size_id]
-    s_base = base[s_names] if len(s_names) else np.zeros(0, np.int64)
-    so = np.lexsort((s_base, s_group))
+    # function fields, decoded from the first mention only
+    fs, fe, le, ce = raw.loc_spans(fmen)
+    f_line, ok1 = parse_uint(raw.data, fe + 1, le)
+    f_col, ok2 = parse_uint(raw.data, le + 1, ce)
+    if not (ok1 & ok2).all():
+        i = int(np.argmax(~(ok1 & ok2)))
+        bad_s, bad_e = (fe[i] + 1, le[i]) if not ok1[i] else (le[i] + 1, ce[i])
+        text = raw.data[int(bad_s):int(bad_e)].decode("utf-8", "replace")
+        raise InputError(f"{raw.locate(int(bad_s))}: line/column {text!r} is not a number")
+    words = u64_view(raw.data)
+    _, ffile_first, f_file = group(span_hash(words, fs, fe))
+    files = StrTable.from_spans(raw.data, fs[ffile_first], fe[ffile_first])
+    ns, ne = raw.name_span(fmen)
+    fname_hash = span_hash(words, ns, ne)
+
+    # edges: (src, dst, kind) deduplicated with counts, sorted by (src, dst): CSR by src
+    nn = len(nrep)
+    bits = max(nn.bit_length(), 1)
+    ekey = (src.astype(np.uint64) << np.uint64(bits + 3)) | (dst.astype(np.uint64) << np.uint64(3)) \
+        | raw.c_kind.astype(np.uint64)
+    ekey.sort()
+    new = np.empty(len(ekey), np.bool_)
+    new[:1] = True
+    np.not_equal(ekey[1:], ekey[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    e_count = np.diff(np.append(starts, len(ekey))).astype(np.int32)
+    ekey = ekey[starts]
+    e_src = (ekey >> np.uint64(bits + 3)).astype(np.int32)
+    e_dst = ((ekey >> np.uint64(3)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+    e_kind = (ekey & np.uint64(7)).astype(np.int8)
+    e_ptr = np.searchsorted(e_src, np.arange(nn + 1)).astype(np.int64)
+
+    # symbols, and one name table for functions and symbols
+    sdata, sstart = _read_symtabs(group_obj)
+    sy = _parse_symtabs(sdata, sstart, group_obj)
+    allh = np.concatenate([fname_hash, sy.name_hash])
+    name_hash, nmfirst, nminv = group(allh)
+    nf_ = len(fname_hash)
+    src_is_sym = nmfirst >= nf_
+    nm_s = np.where(src_is_sym, 0, ns[np.minimum(nmfirst, nf_ - 1)] if nf_ else 0)
+    nm_e = np.where(src_is_sym, 0, ne[np.minimum(nmfirst, nf_ - 1)] if nf_ else 0)
+    names = _names_table(raw.data, sdata, nm_s, nm_e, src_is_sym, nmfirst - nf_, sy)
+    f_name = nminv[:nf_]
+    s_names = nminv[nf_:]
+    s_base = _lto_base(names, name_hash)[s_names] if len(s_names) else np.zeros(0, np.int64)
+    so = np.lexsort((s_base, sy.group))
+    i32 = np.int32
     return Index(
         dumps=[str(d) for d in dumps], objects=group_obj, dump_group=dump_group, names=names,
-        name_hash=name_hash, files=files, f_name=fn_name[ufirst], f_file=fn_file[ufirst],
-        f_line=fn_line[ufirst], f_col=fn_col[ufirst], n_group=rec_group[nfirst], n_func=fid[nfirst],
-        n_removed=n_removed, e_src=e_src, e_dst=e_dst, e_kind=e_kind, e_count=ecount, e_ptr=e_ptr,
-        s_group=s_group[so], s_name=s_names[so], s_base=s_base[so], s_type=s_type[so], s_bind=s_bind[so],
-        s_ndx=s_ndx[so], s_value=s_value[so], s_size=s_size[so], lto=lto)
+        name_hash=name_hash, files=files, f_name=f_name.astype(i32), f_file=f_file.astype(i32),
+        f_line=f_line.astype(i32), f_col=f_col.astype(i32), n_group=n_group.astype(i32),
+        n_func=n_func.astype(i32), n_removed=n_removed, e_src=e_src, e_dst=e_dst, e_kind=e_kind,
+        e_count=e_count, e_ptr=e_ptr, s_group=sy.group[so].astype(i32), s_name=s_names[so].astype(i32),
+        s_base=s_base[so].astype(i32), s_type=sy.type[so], s_bind=sy.bind[so], s_ndx=sy.ndx[so].astype(i32),
+        s_value=sy.value[so], s_size=sy.size[so], lto=lto)
+
+
+def _names_table(ddata: bytearray, sdata: bytearray, ds: np.ndarray, de: np.ndarray, from_sym: np.ndarray,
+                 srow: np.ndarray, sy: _Syms) -> StrTable:
+    """Strings of the distinct names: each from the dump or the symbol table where it first appears."""
+    a = StrTable.from_spans(ddata, ds[~from_sym], de[~from_sym])
+    b = StrTable.from_spans(sdata, sy.name_start[srow[from_sym]], sy.name_end[srow[from_sym]])
+    la, lb = np.diff(a.ends, prepend=0), np.diff(b.ends, prepend=0)
+    ln = np.empty(len(ds), np.int64)
+    ln[~from_sym], ln[from_sym] = la, lb
+    ends = np.cumsum(ln)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, np.uint8)
+    pos_a = np.flatnonzero(~from_sym)
+    pos_b = np.flatnonzero(from_sym)
+    for pos, t, lens in ((pos_a, a, la), (pos_b, b, lb)):
+        if not len(pos):
+            continue
+        idx = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat((ends[pos] - lens) - (t.ends - lens), lens)
+        out[idx] = np.frombuffer(t.blob, np.uint8)
+    return StrTable(out.tobytes(), ends)
+
+
+def _lto_base(names: StrTable, name_hash: np.ndarray) -> np.ndarray:
+    """Name id of each name with ``.lto_priv.N`` removed (itself when there is none or no such name)."""
+    base = np.arange(len(names), dtype=np.int64)
+    blob = names.blob
+    at = blob.find(b".lto_priv.")
+    while at >= 0:  # only names of LTO builds have it: a short loop
+        i = int(np.searchsorted(names.ends, at, side="right"))
+        n = names[i]
+        j = _name_index(name_hash, _LTO_PRIV.sub("", n))
+        if j >= 0:
+            base[i] = j
+        at = blob.find(b".lto_priv.", int(names.ends[i]))
+    return base
 
 
 def _name_index(name_hash: np.ndarray, name: str) -> int:
@@ -246,33 +321,26 @@ def _name_index(name_hash: np.ndarray, name: str) -> int:
     return i if i < len(name_hash) and name_hash[i] == h else -1
 
 
-def _enum(h: np.ndarray, values: tuple[str, ...]) -> np.ndarray:
-    out = np.full(len(h), len(values) - 1, np.int8)
-    for i, hv in enumerate(hash_strings(list(values[:-1]))):
-        out[h == hv] = i
-    return out
-
-
-def _int_or(s: str) -> int:
-    try:
-        return int(s, 16) if len(s) >= 8 and not s.startswith("0x") else int(s, 0)
-    except ValueError:
-        return -1  # ABS, COM, UND section indexes
-
-
 def _fingerprint(dumps: list[Path], objects: Path | None) -> str:
     h = hashlib.sha256(f"v{_VERSION};{objects}".encode())
+    parts = []
     for d in dumps:
-        st = d.stat()
-        h.update(f"{d};{st.st_size};{st.st_mtime_ns}\n".encode())
-        for side in (d.with_name(re.sub(r"\.c\.\d+i\.ipa-clones$", ".o.syms", d.name)),
-                     d.with_name(re.sub(r"\.c\.\d+i\.ipa-clones$", ".o", d.name))):
-            try:
-                s2 = side.stat()
-                h.update(f"{side};{s2.st_size};{s2.st_mtime_ns}\n".encode())
-            except OSError:
-                pass
+        ds = os.fspath(d)
+        st = os.stat(ds)
+        parts.append(f"{ds};{st.st_size};{st.st_mtime_ns}\n")
+        stem = _DUMP_C.sub("", ds)
+        if stem != ds:
+            for side in (stem + ".o.syms", stem + ".o"):
+                try:
+                    s2 = os.stat(side)
+                except OSError:
+                    continue
+                parts.append(f"{side};{s2.st_size};{s2.st_mtime_ns}\n")
+    h.update("".join(parts).encode())
     return h.hexdigest()
+
+
+_DUMP_C = re.compile(r"\.c\.\d+i\.ipa-clones$")
 
 
 def _save(idx: Index, path: Path, fp: str) -> None:
@@ -281,17 +349,23 @@ def _save(idx: Index, path: Path, fp: str) -> None:
         v = getattr(idx, f.name)
         if f.name.startswith("_"):
             continue
-        if isinstance(v, list):
+        if isinstance(v, StrTable):
+            arrays[f.name] = np.frombuffer(v.blob, np.uint8)
+            arrays[f.name + "__ends"] = v.ends
+        elif isinstance(v, list):
             arrays[f.name] = np.frombuffer("\0".join(v).encode() + b"\0", np.uint8)
         elif isinstance(v, bool):
             arrays[f.name] = np.array([v])
         else:
             arrays[f.name] = v
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load(path: Path, fp: str) -> Index | None:
@@ -300,19 +374,24 @@ def _load(path: Path, fp: str) -> Index | None:
     except (OSError, ValueError):
         return None
     with z:
-        if bytes(z["fingerprint"]).decode() != fp:
-            return None
-        kw: dict[str, object] = {}
-        for f in fields(Index):
-            if f.name.startswith("_"):
-                continue
-            a = z[f.name]
-            if f.type in ("list[str]",):
-                kw[f.name] = bytes(a).decode().split("\0")[:-1]
-            elif f.type == "bool":
-                kw[f.name] = bool(a[0])
-            else:
-                kw[f.name] = a
+        try:
+            if bytes(z["fingerprint"]).decode() != fp:
+                return None
+            kw: dict[str, object] = {}
+            for f in fields(Index):
+                if f.name.startswith("_"):
+                    continue
+                a = z[f.name]
+                if f.type == "StrTable":
+                    kw[f.name] = StrTable(a.tobytes(), z[f.name + "__ends"])
+                elif f.type in ("list[str]",):
+                    kw[f.name] = bytes(a).decode().split("\0")[:-1]
+                elif f.type == "bool":
+                    kw[f.name] = bool(a[0])
+                else:
+                    kw[f.name] = a
+        except (KeyError, ValueError, OSError):
+            return None  # a cache file from another version
     return Index(**kw)  # type: ignore[arg-type]
 
 

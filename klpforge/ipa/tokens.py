@@ -1,153 +1,293 @@
-"""Vectorised splitting of text records into fields, each field reduced to a 64-bit hash.
+"""Vectorised text primitives for dumps and symbol files: separators, span hashes, grouping, string tables.
 
-A dump or symbol file is never turned into one Python object per line: the whole buffer is scanned with
-numpy for separators, and every field gets a hash computed from its bytes, so equal strings get equal
-hashes wherever they appear. Strings are decoded only once per distinct value (see :func:`intern`).
+A dump is never turned into one Python object per line. The whole buffer is scanned once for separators
+(``bytes.translate`` + ``np.flatnonzero``), and every span we need gets a 64-bit hash computed eight bytes
+at a time (unaligned little-endian words), so equal strings get equal hashes wherever they appear. Strings
+are decoded only for the distinct values a query shows (see :class:`StrTable`).
 
->>> t = split_fields(b"a;bb\\nccc;a\\n", b";")
->>> t.nfields.tolist(), bool(t.hash[0] == t.hash[3])
-([2, 2], True)
+>>> buf = pad(b"ab;cd;ab\\n"); sp = find_seps(buf, b";")
+>>> sp.tolist()
+[2, 5, 8]
+>>> h = span_hash(u64_view(buf), np.array([0, 3, 6]), np.array([2, 5, 8])); bool(h[0] == h[2] != h[1])
+True
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["MAX_FIELD", "Fields", "split_fields", "hash_strings", "intern", "FieldTooLong"]
+__all__ = ["MAX_FIELD", "FieldTooLong", "PAD", "pad", "u64_view", "find_seps", "span_hash", "hash_strings",
+           "group", "first_order", "parse_uint", "StrTable"]
 
-#: Longest field accepted; longer ones mean the file is not the text we expect.
+#: Longest span hashed; longer ones mean the file is not the text we expect.
 MAX_FIELD = 4096
-_CHUNK = 1 << 18  # bytes per vectorised step: small enough to stay in the CPU cache
-_P = 0x100000001B3 * 2 + 1  # odd, so invertible modulo 2**64
-_PW = np.empty(_CHUNK + 1, np.uint64)  # _P**i, and its inverse, for positions within a chunk
-_IPW = np.empty(_CHUNK + 1, np.uint64)
+#: Bytes of zero padding a buffer needs after its text, so an 8-byte load at any text offset stays inside.
+PAD = 8
+_CHUNK_SPANS = 1 << 16  # spans hashed per vectorised step: keeps the temporaries small (peak memory)
+_CHUNK_BYTES = 1 << 23  # bytes scanned per separator step
+_BLOCK = 4  # words per span hashed in one vectorised step
+_K = np.uint64(0x9E3779B97F4A7C15)  # odd multipliers: word mix, length term
+_P = 0x100000001B3 * 2 + 1
+_NW = MAX_FIELD // 8 + 2 * _BLOCK
 with np.errstate(over="ignore"):
-    _PW[0] = _IPW[0] = 1
-    _PW[1:] = _P
-    _IPW[1:] = pow(_P, -1, 2**64)
-    np.cumprod(_PW, out=_PW)
-    np.cumprod(_IPW, out=_IPW)
-_LEN_MUL = np.uint64(0x9E3779B97F4A7C15)
+    # word j of a span is weighted by K * P**j: one multiply per word does both the mix and the position
+    _PWK = np.empty(_NW, np.uint64)
+    _PWK[0] = 1
+    _PWK[1:] = _P
+    np.cumprod(_PWK, out=_PWK)
+    _PWK *= _K
+_MASKS = np.array([0] + [(1 << (8 * k)) - 1 for k in range(1, 8)] + [2**64 - 1], np.uint64)
+
 
 class FieldTooLong(ValueError):
-    """A field is longer than :data:`MAX_FIELD`; ``offset`` is where it starts in the buffer."""
+    """A span is longer than :data:`MAX_FIELD`; ``offset`` is where it starts in the buffer."""
 
     def __init__(self, offset: int):
         super().__init__(f"field longer than {MAX_FIELD} bytes at offset {offset}")
         self.offset = offset
 
 
-@dataclass
-class Fields:
-    """Fields of a buffer: ``start``/``length``/``hash`` per field, ``first``/``nfields`` per line."""
+def pad(data: bytes | bytearray) -> bytearray:
+    """A copy of ``data`` ending in a newline, followed by :data:`PAD` zero bytes.
 
-    start: np.ndarray  # int64, offset of each field in the buffer
-    length: np.ndarray  # int32
-    hash: np.ndarray  # uint64
-    first: np.ndarray  # int64, index of each line's first field
-    nfields: np.ndarray  # int32, fields per line
-
-
-def _split_chunk(a: np.ndarray, seps: bytes, base: int, out: Fields, k: int) -> int:
-    """Fill ``out``'s field arrays from index ``k`` with the fields of chunk ``a``; return the next index."""
-    mask = a == 10
-    for s in seps:
-        mask |= a == s
-    sp = np.flatnonzero(mask)
-    n = len(sp)
-    starts = np.empty(n, np.int64)
-    starts[:1] = 0
-    starts[1:] = sp[:-1] + 1
-    lens = sp - starts
-    if n and int(lens.max()) > MAX_FIELD:
-        raise FieldTooLong(base + int(starts[int(np.argmax(lens))]))
-    # polynomial hash: field [s, e) -> sum(a[j] * P**j) * P**-s, all modulo 2**64
-    v = a.astype(np.uint64)
-    v[sp] = 0  # separators do not count, so a name hashes the same before ';' and before '\n'
-    h = out.hash[k:k + n]
-    with np.errstate(over="ignore"):
-        np.multiply(v, _PW[:len(a)], out=v)
-        np.add.reduceat(v, starts, out=h)
-        h *= _IPW[starts]
-        h += lens.astype(np.uint64) * _LEN_MUL
-    out.start[k:k + n] = starts + base
-    out.length[k:k + n] = lens
-    out.first[k:k + n] = a[sp] == 10  # line ends for now; turned into line starts by split_fields
-    return k + n
-
-
-def _grow(x: np.ndarray, cap: int, used: int) -> np.ndarray:
-    y = np.empty(cap, x.dtype)
-    y[:used] = x[:used]
-    return y
-
-
-def split_fields(data: bytes | bytearray, seps: bytes = b";") -> Fields:
-    """Split ``data`` (lines ending in ``\\n``) into fields separated by any byte of ``seps``.
-
-    Raises :class:`FieldTooLong` for a field longer than :data:`MAX_FIELD` (binary or foreign input).
-
-    >>> split_fields(b"x y\\n", b" ").length.tolist()
-    [1, 1]
+    >>> pad(b"x")
+    bytearray(b'x\\n\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00')
     """
-    if data and not data.endswith(b"\n"):
-        data += b"\n"
-    out = Fields(*(np.empty(0, t) for t in (np.int64, np.int32, np.uint64, np.bool_, np.int32)))
-    cap = 0
-    buf = np.frombuffer(data, np.uint8)
-    pos = k = 0
-    n = len(data)
-    while pos < n:
-        end = data.rfind(b"\n", pos, min(n, pos + _CHUNK)) + 1
-        if end <= pos:  # a line longer than a chunk: no real record is that long
-            raise FieldTooLong(pos)
-        if cap - k < end - pos:
-            if cap == 0:  # estimate the field count from a few samples, so growing is rare
-                seps_b = np.frombuffer(seps + b"\n", np.uint8)
-                probe = [buf[i:i + 65536] for i in range(0, n, max(65536, n // 8))]
-                dense = sum(int(np.count_nonzero(np.isin(x, seps_b))) for x in probe)
-                cap = int(dense * 1.2 * n / sum(len(x) for x in probe)) + (end - pos)
-            else:
-                cap = max(cap * 3 // 2, k + end - pos)
-            out.start, out.length, out.hash, out.first = (
-                _grow(x, cap, k) for x in (out.start, out.length, out.hash, out.first))
-        k = _split_chunk(buf[pos:end], seps, pos, out, k)
-        pos = end
-    out.start, out.length, out.hash, out.first = out.start[:k], out.length[:k], out.hash[:k], out.first[:k]
-    ends = np.flatnonzero(out.first)
-    first = np.empty(len(ends), np.int64)
-    first[:1] = 0
-    first[1:] = ends[:-1] + 1
-    out.first = first
-    out.nfields = (ends - first + 1).astype(np.int32)
+    out = bytearray(data)
+    if out and not out.endswith(b"\n"):
+        out += b"\n"
+    return out + bytes(PAD)
+
+
+def u64_view(buf: bytearray | bytes) -> np.ndarray:
+    """Unaligned little-endian 64-bit words at every byte offset of ``buf`` (which must end in :data:`PAD`
+    zero bytes): ``u64_view(b)[i]`` is ``b[i:i + 8]``. No copy.
+
+    >>> int(u64_view(pad(b"ab"))[0]) == int.from_bytes(b"ab\\n", "little")
+    True
+    """
+    return np.ndarray((max(len(buf) - 7, 0),), np.dtype("<u8"), buffer=buf, strides=(1,))
+
+
+def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None) -> np.ndarray:
+    """Offsets (int64, ascending) of every newline and every byte of ``seps`` in ``buf[:end]``.
+
+    >>> find_seps(b"a b\\nc\\n", b" ").tolist()
+    [1, 3, 5]
+    """
+    table = bytearray(256)
+    for s in seps + b"\n":
+        table[s] = 1
+    n = len(buf) if end is None else end
+    view = memoryview(buf)
+    parts = []
+    for lo in range(0, n, _CHUNK_BYTES):  # in chunks: the 0/1 copy of the buffer stays small
+        hi = min(n, lo + _CHUNK_BYTES)
+        flags = np.frombuffer(view[lo:hi].tobytes().translate(table), np.bool_)
+        parts.append(np.flatnonzero(flags) + lo)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def span_hash(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """64-bit hash of each span ``[start, end)`` of the buffer behind ``words`` (:func:`u64_view`).
+
+    Word ``j`` (bytes ``8j..8j+7`` of the span, zero past its end) is mixed, weighted by a per-position
+    odd multiplier and summed, plus a length term; equal bytes give equal hashes whatever their offset.
+    Words are taken in blocks of four columns, each block only over the spans still long enough.
+
+    >>> b = pad(b"name;name\\n"); h = span_hash(u64_view(b), np.array([0, 5]), np.array([4, 9]))
+    >>> bool(h[0] == h[1])
+    True
+    """
+    n = len(start)
+    out = np.empty(n, np.uint64)
+    last = len(words) - 1
+    cols = np.arange(_BLOCK, dtype=np.int64) << 3
+    for c in range(0, n, _CHUNK_SPANS):
+        s = start[c:c + _CHUNK_SPANS].astype(np.int64)
+        e = end[c:c + _CHUNK_SPANS].astype(np.int64)
+        ln = e - s
+        if len(ln) and int(ln.max()) > MAX_FIELD:
+            raise FieldTooLong(int(s[int(np.argmax(ln))]))
+        with np.errstate(over="ignore"):
+            h = ln.astype(np.uint64) * _K
+            rows = None  # spans (indexes into this chunk) still to hash; None = all
+            j0 = 0
+            while True:
+                ss = s if rows is None else s[rows]
+                ee = e if rows is None else e[rows]
+                pos = ss[:, None] + (cols + (j0 << 3))
+                rem = ee[:, None] - pos
+                np.clip(rem, 0, 8, out=rem)
+                np.minimum(pos, last, out=pos)
+                w = words[pos]
+                w &= _MASKS[rem]  # bytes past the span's end do not count
+                w ^= w >> np.uint64(29)  # so that the sum is not linear in the bytes
+                w *= _PWK[j0:j0 + _BLOCK]
+                part = w.sum(axis=1, dtype=np.uint64)
+                if rows is None:
+                    h += part
+                else:
+                    h[rows] += part
+                j0 += _BLOCK
+                more = np.flatnonzero(ee - ss > j0 << 3)
+                if not len(more):
+                    break
+                rows = more if rows is None else rows[more]
+        out[c:c + _CHUNK_SPANS] = h
     return out
 
 
-def hash_strings(strings: list[str]) -> np.ndarray:
-    """Hash each string the way :func:`split_fields` hashes a field.
+def hash_strings(strings: Iterable[str]) -> np.ndarray:
+    """Hash each string the way :func:`span_hash` hashes the same bytes in a buffer.
 
-    >>> t = split_fields(b"foo;bar\\n"); bool((hash_strings(["bar"]) == t.hash[1]).all())
+    >>> b = pad(b"foo;bar"); bool(hash_strings(["bar"])[0] == span_hash(u64_view(b), np.array([4]), np.array([7]))[0])
     True
     """
-    if not strings:
+    enc = [s.encode() for s in strings]
+    if not enc:
         return np.zeros(0, np.uint64)
-    data = "\n".join(strings).encode() + b"\n"
-    return split_fields(data, b"").hash
+    lens = np.array([len(x) for x in enc], np.int64)
+    end = np.cumsum(lens + 1) - 1
+    buf = bytearray(b"\n".join(enc) + b"\n" + bytes(PAD))
+    return span_hash(u64_view(buf), end - lens, end)
 
 
-def intern(hashes: np.ndarray, starts: np.ndarray, lengths: np.ndarray, data: bytes | bytearray) -> tuple[
-        np.ndarray, np.ndarray, list[str]]:
-    """Give equal hashes one id; return (sorted unique hashes, id per input, decoded string per id).
+def group(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal values of ``h`` (uint64): (sorted distinct values, first index of each, group per item).
 
-    >>> d = b"ab;cd;ab\\n"; t = split_fields(d)
-    >>> intern(t.hash, t.start, t.length, d)[2] == sorted(["ab", "cd"], key=lambda s: int(hash_strings([s])[0]))
-    True
+    Like ``np.unique(h, return_index=True, return_inverse=True)``, but it sorts the hash's high bits packed
+    with the item index (a plain ``sort``, several times faster than ``argsort``), and falls back to a
+    stable ``argsort`` when the high bits do not already order the full values.
+
+    >>> [a.tolist() for a in group(np.array([5, 3, 5], np.uint64))]
+    [[3, 5], [1, 0], [1, 0, 1]]
     """
-    uniq, first, inv = np.unique(hashes, return_index=True, return_inverse=True)
-    st = starts[first].tolist()
-    ln = lengths[first].tolist()
-    mv = memoryview(data)
-    strings = [bytes(mv[s:s + n]).decode("utf-8", "replace") for s, n in zip(st, ln, strict=True)]
-    return uniq, inv.astype(np.int64), strings
+    n = len(h)
+    if n == 0:
+        return h[:0], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    b = max(1, (n - 1).bit_length())
+    perm = None
+    if b <= 28:
+        low = np.uint64((1 << b) - 1)
+        packed = h & ~low
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        packed &= low
+        perm = packed.view(np.int64)
+        hs = h[perm]
+        if n > 1 and not (hs[1:] >= hs[:-1]).all():
+            perm = None
+    if perm is None:
+        perm = np.argsort(h, kind="stable")
+        hs = h[perm]
+    new = np.empty(n, np.bool_)
+    new[0] = True
+    np.not_equal(hs[1:], hs[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    gid = np.cumsum(new, dtype=np.int64)
+    gid -= 1
+    inv = np.empty(n, np.int64)
+    inv[perm] = gid
+    return hs[starts], perm[starts], inv
+
+
+def first_order(first: np.ndarray, n: int) -> np.ndarray:
+    """Renumbering of groups (given each group's first item index, all < ``n``) in order of first
+    appearance: ``new_id[group]``. Linear, no sort.
+
+    >>> first_order(np.array([4, 0, 2]), 5).tolist()
+    [2, 0, 1]
+    """
+    mark = np.zeros(n, np.bool_)
+    mark[first] = True
+    rank = np.cumsum(mark, dtype=np.int64)
+    rank -= 1
+    return rank[first]
+
+
+def parse_uint(buf: bytes | bytearray, start: np.ndarray, end: np.ndarray, base: int = 10) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Unsigned integers written in spans (decimal or hex, at most 16 digits): (values, ok mask).
+
+    Digits are gathered right-aligned into an (n, width) matrix, so one weighted sum converts them all.
+
+    >>> v, ok = parse_uint(b"12;x;ff", np.array([0, 3, 5]), np.array([2, 4, 7]), 16)
+    >>> v.tolist(), ok.tolist()
+    ([18, 0, 255], [True, False, True])
+    """
+    n = len(start)
+    ln = (end - start).astype(np.int64)
+    ok = (ln > 0) & (ln <= 16)
+    width = min(int(ln.max()) if n else 0, 16)
+    if not width:
+        return np.zeros(n, np.int64), ok
+    a = np.frombuffer(buf, np.uint8)
+    idx = end.astype(np.int64)[:, None] + np.arange(-width, 0, dtype=np.int64)
+    inside = idx >= start.astype(np.int64)[:, None]
+    np.maximum(idx, 0, out=idx)
+    c = a[idx]
+    c[~inside] = 48  # leading zeros
+    if base == 16:
+        lo = c | np.uint8(32)
+        d = np.where(lo >= 97, lo - np.uint8(87), c - np.uint8(48))
+        ok &= (((c >= 48) & (c <= 57)) | ((lo >= 97) & (lo <= 102))).all(axis=1)
+    else:
+        d = c - np.uint8(48)  # wraps for bytes below '0'
+        ok &= (d <= 9).all(axis=1)
+    pw = np.uint64(base) ** np.arange(width - 1, -1, -1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        val = (d.astype(np.uint64) * pw).sum(axis=1, dtype=np.uint64)
+    val[~ok] = 0
+    return val.view(np.int64), ok
+
+
+class StrTable:
+    """An immutable list of strings stored as one UTF-8 blob and end offsets; items decode on access.
+
+    >>> t = StrTable.from_list(["a", "bc"]); t[1], len(t), list(t)
+    ('bc', 2, ['a', 'bc'])
+    """
+
+    __slots__ = ("blob", "ends")
+
+    def __init__(self, blob: bytes, ends: np.ndarray):
+        self.blob = blob
+        self.ends = ends
+
+    @classmethod
+    def from_list(cls, items: list[str]) -> StrTable:
+        """Table of ``items``."""
+        enc = [s.encode() for s in items]
+        return cls(b"".join(enc), np.cumsum([len(x) for x in enc], dtype=np.int64))
+
+    @classmethod
+    def from_spans(cls, buf: bytes | bytearray, start: np.ndarray, end: np.ndarray) -> StrTable:
+        """Table of the spans ``buf[start[i]:end[i]]``, gathered with numpy."""
+        ln = (end - start).astype(np.int64)
+        ends = np.cumsum(ln)
+        if not len(ln) or not ends[-1]:
+            return cls(b"", ends)
+        idx = np.arange(int(ends[-1]), dtype=np.int64)
+        idx += np.repeat(start.astype(np.int64) - (ends - ln), ln)
+        return cls(np.frombuffer(buf, np.uint8)[idx].tobytes(), ends)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        i = int(i)
+        if i < 0:
+            i += len(self.ends)
+        e = int(self.ends[i])
+        s = int(self.ends[i - 1]) if i > 0 else 0
+        return self.blob[s:e].decode("utf-8", "replace")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def many(self, ids: np.ndarray) -> list[str]:
+        """Strings for an array of ids (one decode per id)."""
+        return [self[i] for i in ids.tolist()]
