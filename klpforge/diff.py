@@ -61,6 +61,10 @@ def _check_pair(a: Object, b: Object) -> None:
         if x != y:
             raise InputError(f"{a.path} and {b.path} differ in {what} ({x} vs {y}): "
                              "both must come from the same build")
+    if ea.machine == C.EM_PPC64 and ea.endian == ">":
+        # 6.1 ppc64 live patching needs -mprofile-kernel ftrace, which exists only for the ELFv2 (LE) ABI
+        raise InputError(f"{a.path}: big-endian ppc64 (ELFv1) objects are not supported: the kernel live-patches "
+                         "ppc64 only in little-endian ELFv2 builds")
     ca, cb = a.find_section(".comment"), b.find_section(".comment")
     if ca is not None and cb is not None and a.section_data(ca) != b.section_data(cb):
         va = a.section_data(ca).split(b"\0")[0].decode(errors="replace")

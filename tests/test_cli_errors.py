@@ -105,3 +105,12 @@ def test_success_writes_output_and_json(cc, tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["patched_functions"][0]["old_name"] == "f"
     assert rep["patched_functions"][0]["new_symbol"] == "klpf_vmlinux__f__0"
+
+
+def test_big_endian_ppc64_is_refused(tmp_path: Path) -> None:
+    w = ObjectWriter(64, ">", C.EM_PPC64)
+    t = w.add_section(".text.f", C.SHT_PROGBITS, C.SHF_ALLOC | C.SHF_EXECINSTR, b"\x4e\x80\x00\x20")
+    w.add_symbol("f", t, 0, 4, C.STT_FUNC, C.STB_GLOBAL)
+    obj = tmp_path / "be.o"
+    obj.write_bytes(w.build())
+    assert_one_line_error(diff(obj, obj, tmp_path / "out.o"), 1, "big-endian ppc64 (ELFv1) objects are not supported")
