@@ -81,23 +81,29 @@ def _is_init(name: str) -> bool:
     return name.startswith(INIT_SECTIONS)
 
 
-def _fentry_functions(obj: Object, arch: Arch) -> set[int]:
-    """Functions that ftrace can redirect: listed in ``__mcount_loc``/``__patchable_function_entries``
-    or calling an fentry/mcount hook within their first instructions."""
+def _fentry_functions(obj: Object, arch: Arch, only: set[int]) -> set[int]:
+    """Which of the functions ``only`` ftrace can redirect: listed in ``__mcount_loc``/
+    ``__patchable_function_entries`` or calling an fentry/mcount hook within their first instructions.
+    (Asked only for the functions being replaced: a whole-object scan would cost O(object).)"""
     out: set[int] = set()
+    if not only:
+        return out
+    want_secs = np.array(sorted({int(obj.shndx[f]) for f in only}), dtype=np.int64)
     for sec in range(1, obj.nsec):
         name = obj.sec_names[sec]
         if name in ("__mcount_loc", "__patchable_function_entries"):
             r = obj.relocs(sec)
+            r = r[np.isin(obj.shndx[r["sym"].astype(np.int64)], want_secs)]
             for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
                 t = s if obj.stype[s] == C.STT_FUNC else _function_near(obj, int(obj.shndx[s]),
                                                                          int(obj.value[s]) + a)
-                if t >= 0:
+                if t >= 0 and int(t) in only:
                     out.add(int(t))
     hooks = {i for i, n in enumerate(obj.sym_names) if n in arch.fentry_names and not obj.defined[i]}
     if hooks:
-        for sec, members in obj.syms_in_section.items():
-            if not obj.is_text(sec):
+        for sec in want_secs.tolist():
+            members = [m for m in obj.syms_in_section.get(sec, []) if m in only]
+            if not members or not obj.is_text(sec):
                 continue
             r = obj.relocs(sec)
             hit = r[np.isin(r["sym"], list(hooks))]
@@ -158,8 +164,6 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
     ign_funcs, ign_secs = _ignore_lists(p)
     sel.ignored = ign_funcs
     status = cmp.status
-    fentry = _fentry_functions(p, arch)
-    sel.has_fentry = fentry
 
     changed = {i for i, s in status.items() if s == CHANGED and i not in ign_funcs}
     by_name = {p.sym_names[i]: i for i in range(p.nsym) if p.stype[i] == C.STT_FUNC and p.defined[i]}
@@ -261,6 +265,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                     sel.patched.append(t)
 
     _judge_data(corr, cmp, sel, ign_secs)
+    sel.has_fentry = _fentry_functions(p, arch, set(sel.patched))
     _check_entries(p, sel)
     _check_branches(p, arch, sel)
     _check_groups(p, sel)
@@ -305,7 +310,7 @@ def _judge_data(corr: Correlation, cmp: Comparison, sel: Selection, ign_secs: se
 
 def _check_entries(p: Object, sel: Selection) -> None:
     for i in sel.patched:
-        if i not in sel.has_fentry:
+        if i not in sel.has_fentry:  # filled by select() just before this check
             sel.refusals.append(f"function {p.sym_names[i]} has no ftrace entry (no __fentry__/mcount call or "
                                 "patchable entry: notrace, or built without ftrace), so it cannot be redirected")
 
