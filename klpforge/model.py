@@ -178,6 +178,13 @@ class Object:
             s = int(self.shdrs["size"][self.shndx[i]]) - v
         return v, v + s
 
+    def sym_ranges(self, syms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sym_range` for many symbols at once."""
+        v, s = self.value[syms], self.size[syms]
+        secsize = self.shdrs["size"].astype(np.int64)[np.clip(self.shndx[syms], 0, self.nsec - 1)]
+        s = np.where((s == 0) & self.defined[syms], secsize - v, s)
+        return v, v + s
+
     def is_text(self, sec: int) -> bool:
         return bool(int(self.shdrs["flags"][sec]) & C.SHF_EXECINSTR)
 
