@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def find_dumps(spec: str | os.PathLike[str]) -> list[Path]:
         found: list[Path] = []
         for root, dirs, files in os.walk(p):
             dirs.sort()
-            found.extend(Path(root, f) for f in sorted(files) if f.endswith(DUMP_SUFFIX))
+            r = Path(root)
+            found.extend(r / f for f in sorted(files) if f.endswith(DUMP_SUFFIX))  # '/' is cheaper than Path()
         return found
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
@@ -147,8 +149,9 @@ def object_for_dump(dump: Path, objects: Path | None = None, dumps_root: Path | 
 
 
 def objects_for_dumps(dumps: list[Path], objects: Path | None = None, dumps_root: Path | None = None) -> list[
-        Path | None]:
-    """:func:`object_for_dump` for many dumps, listing each directory once instead of probing files.
+        str | os.PathLike[str] | None]:
+    """:func:`object_for_dump` for many dumps, listing each directory once instead of probing files
+    (plain strings where that is faster than paths).
 
     >>> objects_for_dumps([Path("/nonexistent/x.c.000i.ipa-clones")])
     [None]
@@ -163,7 +166,7 @@ def objects_for_dumps(dumps: list[Path], objects: Path | None = None, dumps_root
                 listing[d] = set()
         return name in listing[d]
 
-    out: list[Path | None] = []
+    out: list[str | os.PathLike[str] | None] = []
     for dump in dumps:
         if lto_link_of(dump) is not None or objects is not None:
             out.append(object_for_dump(dump, objects, dumps_root))
@@ -171,14 +174,14 @@ def objects_for_dumps(dumps: list[Path], objects: Path | None = None, dumps_root
         d = os.path.dirname(os.fspath(dump)) or "."
         base = os.path.splitext(_DUMP_TAIL.sub("", dump.name))[0]
         hit = next((c for c in (base + ".o.syms", base + ".o") if has(d, c)), None)
-        out.append(dump.with_name(hit) if hit else None)
+        out.append(os.path.join(d, hit) if hit else None)
     return out
 
 
 _DUMP_TAIL = re.compile(r"\.\d+i\.ipa-clones$")
 
 
-def read_files(paths: list[Path], sep_after: bool = True) -> tuple[bytearray, np.ndarray]:
+def read_files(paths: Sequence[str | os.PathLike[str]], sep_after: bool = True) -> tuple[bytearray, np.ndarray]:
     """All files in one buffer (each ending in a newline), followed by :data:`~.tokens.PAD` zero bytes;
     and where each file starts. Raises :class:`InputError` naming an unreadable file.
 
@@ -273,7 +276,8 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
     lstart[:1] = 0
     lstart[1:] = sp[nl[:-1]] + 1
     head_end = sp[first]
-    isc = text_is(words, lstart, head_end, _CLONE)
+    head = classify(words, lstart, head_end, [_CLONE, _REMOVAL])
+    isc = head == 0
     is12 = isc & (nf == 12)
     is14 = isc & (nf == 14)
     if is14.any():
@@ -281,13 +285,12 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
         ok = (text_is(words, sp[f14 + 5] + 1, sp[f14 + 6], b"<-")
               & text_is(words, sp[f14 + 11] + 1, sp[f14 + 12], b"optimization:"))
         is14[np.flatnonzero(is14)[~ok]] = False
-    isrm = (nf == 6) & text_is(words, lstart, head_end, _REMOVAL)
+    isrm = (nf == 6) & (head == 1)
     blank = (nf == 1) & (head_end == lstart)
     bad = ~(is12 | is14 | isrm | blank)
     if bad.any():
         i = int(np.argmax(bad))
-        _bad_line(data, file_start, paths, int(lstart[i]), int(nf[i]), bool(isc[i]),
-                  bool(text_is(words, lstart[i:i + 1], head_end[i:i + 1], _REMOVAL)[0]))
+        _bad_line(data, file_start, paths, int(lstart[i]), int(nf[i]), bool(isc[i]), bool(head[i] == 1))
     line_dump = np.searchsorted(file_start, lstart, side="right") - 1
     clone = is12 | is14
     cf = first[clone]

@@ -19,10 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .dumps import lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files, classify
+from .dumps import RawDumps, classify, lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files
 from .objsyms import read_symbols, syms_text
-from .tokens import PAD, FieldTooLong, StrTable, find_seps, first_order, group, hash_strings, parse_uint, \
-    span_hash, u64_view
+from .tokens import (
+    PAD,
+    FieldTooLong,
+    StrTable,
+    find_seps,
+    first_order,
+    group,
+    hash_strings,
+    parse_uint,
+    span_hash,
+    u64_view,
+)
 
 __all__ = ["Index", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPES", "SYM_BINDS"]
 
@@ -48,7 +58,8 @@ class Index:
     objects: list[str]  # per group: symbol table path, "" when there is none
     dump_group: np.ndarray
     names: StrTable
-    name_hash: np.ndarray  # sorted uint64, position = name id
+    name_hash: np.ndarray  # sorted uint64 hash of every name
+    name_order: np.ndarray  # name id of each name_hash entry (ids: dump names first, by first appearance)
     files: StrTable
     f_name: np.ndarray  # per function
     f_file: np.ndarray
@@ -75,9 +86,7 @@ class Index:
 
     def name_id(self, name: str) -> int:
         """Id of ``name``, or -1 when no dump or symbol table mentions it."""
-        h = hash_strings([name])[0]
-        i = int(np.searchsorted(self.name_hash, h))
-        return i if i < len(self.name_hash) and self.name_hash[i] == h else -1
+        return _name_index(self.name_hash, self.name_order, name)
 
     def group_label(self, g: int) -> str:
         """The object (or first dump) a group stands for, for messages."""
@@ -96,7 +105,7 @@ def _read_symtabs(objects: list[str]) -> tuple[bytearray, np.ndarray]:
     object starts. ``.syms`` files are read in place; ELF objects are converted with pyelftools."""
     if all(not o or o.endswith(".syms") for o in objects):
         real = [o for o in objects if o]
-        data, st = read_files([Path(o) for o in real])
+        data, st = read_files(real)
         starts = np.empty(len(objects), np.int64)
         k = 0
         for g, o in enumerate(objects):  # an object without a table starts where the next one does
@@ -173,55 +182,62 @@ def _parse_symtabs(data: bytearray, starts: np.ndarray, group_obj: list[str]) ->
                  st[:, 5], en[:, 5], typ, bind, ndx, value, size)
 
 
-def build_index(dumps: list[Path], objects: Path | None = None, root: Path | None = None) -> Index:
-    """Parse ``dumps`` and their objects' symbol tables into an :class:`Index`.
+@dataclass
+class _DumpTables:
+    """Everything the index needs from the dumps, so the dump text can be freed before symbols are read."""
 
-    Nodes and functions are numbered in order of first appearance in the dumps, so numbering (and so the
-    order of results) does not depend on the hash function.
-    """
-    raw = parse_dumps(dumps)
-    lto = any(lto_link_of(d) for d in dumps)
-    if lto:  # one link: compile-time and link-time decisions chain into each other, so one group
-        links = sorted({lto_link_of(d) for d in dumps} - {None}, key=str)
-        dump_group = np.zeros(len(dumps), np.int64)
-        obj = object_for_dump(dumps[[lto_link_of(d) for d in dumps].index(links[0])], objects, root)
-        group_obj = [str(obj) if obj else ""]
-    else:
-        dump_group = np.arange(len(dumps), dtype=np.int64)
-        group_obj = [str(o) if o else "" for o in objects_for_dumps(dumps, objects, root)]
+    f_line: np.ndarray
+    f_col: np.ndarray
+    f_file: np.ndarray
+    files: StrTable
+    f_name: np.ndarray  # id into names (distinct function names, by first appearance)
+    names: StrTable
+    name_hash: np.ndarray  # hash of each of names
+    n_group: np.ndarray
+    n_func: np.ndarray
+    n_removed: np.ndarray
+    e_src: np.ndarray
+    e_dst: np.ndarray
+    e_kind: np.ndarray
+    e_count: np.ndarray
+    e_ptr: np.ndarray
 
+
+def _dump_tables(raw: RawDumps, dump_group: np.ndarray) -> _DumpTables:
+    """Functions, nodes and edges of the parsed dumps. Nodes and functions are numbered in order of first
+    mention, so the numbering (and the order of results) does not depend on the hash function."""
     # every mention of a function: both ends of each clone record, then each removal
     nc = len(raw.c_dump)
-    men = np.concatenate([raw.c_orig, raw.c_new, raw.r_func])
-    men_group = dump_group[np.concatenate([raw.c_dump, raw.c_dump, raw.r_dump])]
+    men = np.concatenate([raw.c_orig, raw.c_new, raw.r_func]).astype(np.int64)
+    mdump = np.concatenate([raw.c_dump, raw.c_dump, raw.r_dump])
+    unit, unit_men = _units(raw, men, mdump)
     try:
-        fh = raw.func_hash(men)
+        fh = raw.func_hash(men[unit_men])  # one hash per unit, not per mention
     except FieldTooLong as e:
         raise InputError(f"{raw.locate(e.offset)}: field too long for an ipa-clones dump") from None
-    # nodes = (group, function); ids in order of first mention
+    ugroup = dump_group[mdump[unit_men]]
+    # nodes = (group, function); units are in order of first mention, so nodes are too
     with np.errstate(over="ignore"):
-        nkey = fh ^ ((men_group.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+        nkey = fh ^ ((ugroup.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
     _, nfirst, ninv = group(nkey)
-    del nkey
-    renum = first_order(nfirst, len(men))
-    nid = renum[ninv]
-    del ninv
-    nrep = np.empty(len(nfirst), np.int64)  # first mention of each node
-    nrep[renum] = nfirst
-    del nfirst, renum
+    renum = first_order(nfirst, len(unit_men))
+    unit_node = renum[ninv]
+    nrep_u = np.empty(len(nfirst), np.int64)  # first unit of each node
+    nrep_u[renum] = nfirst
+    nid = unit_node[unit]
+    del nkey, ninv, renum, unit, unit_node
     # functions = (name, file, line, col)
-    _, ffirst, finv = group(fh[nrep])
-    del fh
-    frenum = first_order(ffirst, len(nrep))
+    _, ffirst, finv = group(fh[nrep_u])
+    frenum = first_order(ffirst, len(nrep_u))
     n_func = frenum[finv]
     frep = np.empty(len(ffirst), np.int64)
-    frep[frenum] = nrep[ffirst]  # mention index of each function's first mention
-    fmen = men[frep]
-    n_group = men_group[nrep]
+    frep[frenum] = nrep_u[ffirst]  # first unit of each function
+    fmen = men[unit_men[frep]]
+    n_group = ugroup[nrep_u]
     src, dst = nid[:nc], nid[nc:2 * nc]
-    n_removed = np.zeros(len(nrep), np.bool_)
+    n_removed = np.zeros(len(nrep_u), np.bool_)
     n_removed[nid[2 * nc:]] = True
-    del nid, men, men_group
+    del nid, men, mdump, fh, ugroup
 
     # function fields, decoded from the first mention only
     fs, fe, le, ce = raw.loc_spans(fmen)
@@ -236,10 +252,16 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
     _, ffile_first, f_file = group(span_hash(words, fs, fe))
     files = StrTable.from_spans(raw.data, fs[ffile_first], fe[ffile_first])
     ns, ne = raw.name_span(fmen)
-    fname_hash = span_hash(words, ns, ne)
+    nh, nfirst, ninv = group(span_hash(words, ns, ne))
+    nm_id = first_order(nfirst, len(fmen))
+    nm_rep = np.empty(len(nfirst), np.int64)
+    nm_rep[nm_id] = nfirst
+    names = StrTable.from_spans(raw.data, ns[nm_rep], ne[nm_rep])
+    name_hash = np.empty(len(nh), np.uint64)
+    name_hash[nm_id] = nh
 
     # edges: (src, dst, kind) deduplicated with counts, sorted by (src, dst): CSR by src
-    nn = len(nrep)
+    nn = len(nrep_u)
     bits = max(nn.bit_length(), 1)
     ekey = (src.astype(np.uint64) << np.uint64(bits + 3)) | (dst.astype(np.uint64) << np.uint64(3)) \
         | raw.c_kind.astype(np.uint64)
@@ -254,53 +276,88 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
     e_dst = ((ekey >> np.uint64(3)) & np.uint64((1 << bits) - 1)).astype(np.int32)
     e_kind = (ekey & np.uint64(7)).astype(np.int8)
     e_ptr = np.searchsorted(e_src, np.arange(nn + 1)).astype(np.int64)
+    i32 = np.int32
+    return _DumpTables(f_line.astype(i32), f_col.astype(i32), f_file.astype(i32), files,
+                       nm_id[ninv].astype(i32), names, name_hash, n_group.astype(i32), n_func.astype(i32),
+                       n_removed, e_src, e_dst, e_kind, e_count, e_ptr)
 
-    # symbols, and one name table for functions and symbols
+
+def _units(raw: RawDumps, men: np.ndarray, mdump: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group mentions that are certainly the same function, cheaply: same dump and same ORDER number.
+
+    ORDER is never used as an identity (it differs between units and is not stable), only to avoid
+    hashing the same (name, file, line, col) text again: GCC's symtab order counter is never reused
+    within one compilation, so one (dump, order) is one cgraph node with one declaration. Every mention is
+    still checked against its unit's first mention (the length of its text); one that differs becomes a unit
+    of its own and is hashed in full.
+
+    Returns (unit of each mention, mention index of each unit's first mention); units are numbered in
+    order of first mention.
+    """
+    sp = raw.sp
+    order, ok = parse_uint(raw.data, sp[men] + 1, sp[men + 1])
+    okey = (mdump.astype(np.uint64) << np.uint64(32)) | order.astype(np.uint64)
+    bad = np.flatnonzero(~ok | (order >= 2**32))
+    okey[bad] = np.uint64(1 << 63) | bad.astype(np.uint64)  # unparsable: a unit of its own
+    _, ufirst, uinv = group(okey)
+    del okey
+    urank = first_order(ufirst, len(men))
+    unit = urank[uinv]
+    unit_men = np.empty(len(ufirst), np.int64)
+    unit_men[urank] = ufirst
+    del uinv, urank, ufirst
+    # "name;order;file;line;col" must have the same length as in the unit's first mention
+    span = sp[men + 4] - sp[men - 1]
+    differ = span != span[unit_men[unit]]
+    odd = np.flatnonzero(differ)
+    if len(odd):  # never seen with GCC: keep them apart, identified by their full text
+        unit[odd] = len(unit_men) + np.arange(len(odd))
+        unit_men = np.concatenate([unit_men, odd])
+    return unit, unit_men
+
+
+def build_index(dumps: list[Path], objects: Path | None = None, root: Path | None = None) -> Index:
+    """Parse ``dumps`` and their objects' symbol tables into an :class:`Index`."""
+    lto = any(lto_link_of(d) for d in dumps)
+    if lto:  # one link: compile-time and link-time decisions chain into each other, so one group
+        links = sorted({lto_link_of(d) for d in dumps} - {None}, key=str)
+        dump_group = np.zeros(len(dumps), np.int64)
+        obj = object_for_dump(dumps[[lto_link_of(d) for d in dumps].index(links[0])], objects, root)
+        group_obj = [str(obj) if obj else ""]
+    else:
+        dump_group = np.arange(len(dumps), dtype=np.int64)
+        group_obj = [os.fspath(o) if o else "" for o in objects_for_dumps(dumps, objects, root)]
+    dt = _dump_tables(parse_dumps(dumps), dump_group)  # the dump text is freed on return
+
+    # symbols; their names join the function names (ids of function names stay as they are)
     sdata, sstart = _read_symtabs(group_obj)
     sy = _parse_symtabs(sdata, sstart, group_obj)
-    allh = np.concatenate([fname_hash, sy.name_hash])
+    k0 = len(dt.names)
+    allh = np.concatenate([dt.name_hash, sy.name_hash])
     name_hash, nmfirst, nminv = group(allh)
-    nf_ = len(fname_hash)
-    src_is_sym = nmfirst >= nf_
-    nm_s = np.where(src_is_sym, 0, ns[np.minimum(nmfirst, nf_ - 1)] if nf_ else 0)
-    nm_e = np.where(src_is_sym, 0, ne[np.minimum(nmfirst, nf_ - 1)] if nf_ else 0)
-    names = _names_table(raw.data, sdata, nm_s, nm_e, src_is_sym, nmfirst - nf_, sy)
-    f_name = nminv[:nf_]
-    s_names = nminv[nf_:]
-    s_base = _lto_base(names, name_hash)[s_names] if len(s_names) else np.zeros(0, np.int64)
+    del allh
+    nm_id = first_order(nmfirst, len(nminv))  # function names are distinct and first: ids 0..k0-1 kept
+    nm_rep = np.empty(len(nmfirst), np.int64)
+    nm_rep[nm_id] = nmfirst
+    srow = nm_rep[k0:] - k0
+    extra = StrTable.from_spans(sdata, sy.name_start[srow], sy.name_end[srow])
+    names = StrTable(dt.names.blob + extra.blob, np.concatenate([dt.names.ends, extra.ends + len(dt.names.blob)]))
+    del sdata
+    s_names = nm_id[nminv[k0:]]
+    s_base = _lto_base(names, name_hash, nm_id)[s_names] if len(s_names) else np.zeros(0, np.int64)
     so = np.lexsort((s_base, sy.group))
     i32 = np.int32
     return Index(
         dumps=[str(d) for d in dumps], objects=group_obj, dump_group=dump_group, names=names,
-        name_hash=name_hash, files=files, f_name=f_name.astype(i32), f_file=f_file.astype(i32),
-        f_line=f_line.astype(i32), f_col=f_col.astype(i32), n_group=n_group.astype(i32),
-        n_func=n_func.astype(i32), n_removed=n_removed, e_src=e_src, e_dst=e_dst, e_kind=e_kind,
-        e_count=e_count, e_ptr=e_ptr, s_group=sy.group[so].astype(i32), s_name=s_names[so].astype(i32),
+        name_hash=name_hash, name_order=nm_id.astype(i32), files=dt.files, f_name=dt.f_name,
+        f_file=dt.f_file, f_line=dt.f_line, f_col=dt.f_col, n_group=dt.n_group, n_func=dt.n_func,
+        n_removed=dt.n_removed, e_src=dt.e_src, e_dst=dt.e_dst, e_kind=dt.e_kind, e_count=dt.e_count,
+        e_ptr=dt.e_ptr, s_group=sy.group[so].astype(i32), s_name=s_names[so].astype(i32),
         s_base=s_base[so].astype(i32), s_type=sy.type[so], s_bind=sy.bind[so], s_ndx=sy.ndx[so].astype(i32),
         s_value=sy.value[so], s_size=sy.size[so], lto=lto)
 
 
-def _names_table(ddata: bytearray, sdata: bytearray, ds: np.ndarray, de: np.ndarray, from_sym: np.ndarray,
-                 srow: np.ndarray, sy: _Syms) -> StrTable:
-    """Strings of the distinct names: each from the dump or the symbol table where it first appears."""
-    a = StrTable.from_spans(ddata, ds[~from_sym], de[~from_sym])
-    b = StrTable.from_spans(sdata, sy.name_start[srow[from_sym]], sy.name_end[srow[from_sym]])
-    la, lb = np.diff(a.ends, prepend=0), np.diff(b.ends, prepend=0)
-    ln = np.empty(len(ds), np.int64)
-    ln[~from_sym], ln[from_sym] = la, lb
-    ends = np.cumsum(ln)
-    out = np.empty(int(ends[-1]) if len(ends) else 0, np.uint8)
-    pos_a = np.flatnonzero(~from_sym)
-    pos_b = np.flatnonzero(from_sym)
-    for pos, t, lens in ((pos_a, a, la), (pos_b, b, lb)):
-        if not len(pos):
-            continue
-        idx = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat((ends[pos] - lens) - (t.ends - lens), lens)
-        out[idx] = np.frombuffer(t.blob, np.uint8)
-    return StrTable(out.tobytes(), ends)
-
-
-def _lto_base(names: StrTable, name_hash: np.ndarray) -> np.ndarray:
+def _lto_base(names: StrTable, name_hash: np.ndarray, name_order: np.ndarray) -> np.ndarray:
     """Name id of each name with ``.lto_priv.N`` removed (itself when there is none or no such name)."""
     base = np.arange(len(names), dtype=np.int64)
     blob = names.blob
@@ -308,17 +365,17 @@ def _lto_base(names: StrTable, name_hash: np.ndarray) -> np.ndarray:
     while at >= 0:  # only names of LTO builds have it: a short loop
         i = int(np.searchsorted(names.ends, at, side="right"))
         n = names[i]
-        j = _name_index(name_hash, _LTO_PRIV.sub("", n))
+        j = _name_index(name_hash, name_order, _LTO_PRIV.sub("", n))
         if j >= 0:
             base[i] = j
         at = blob.find(b".lto_priv.", int(names.ends[i]))
     return base
 
 
-def _name_index(name_hash: np.ndarray, name: str) -> int:
+def _name_index(name_hash: np.ndarray, name_order: np.ndarray, name: str) -> int:
     h = hash_strings([name])[0]
     i = int(np.searchsorted(name_hash, h))
-    return i if i < len(name_hash) and name_hash[i] == h else -1
+    return int(name_order[i]) if i < len(name_hash) and name_hash[i] == h else -1
 
 
 def _fingerprint(dumps: list[Path], objects: Path | None) -> str:

@@ -72,7 +72,8 @@ def u64_view(buf: bytearray | bytes) -> np.ndarray:
 
 
 def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None) -> np.ndarray:
-    """Offsets (int64, ascending) of every newline and every byte of ``seps`` in ``buf[:end]``.
+    """Offsets (ascending; int32 when the buffer allows, to halve the biggest array) of every newline and
+    every byte of ``seps`` in ``buf[:end]``.
 
     >>> find_seps(b"a b\\nc\\n", b" ").tolist()
     [1, 3, 5]
@@ -82,12 +83,15 @@ def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None) -> np
         table[s] = 1
     n = len(buf) if end is None else end
     view = memoryview(buf)
+    dt = np.int32 if len(buf) < 2**31 - 16 else np.int64
     parts = []
     for lo in range(0, n, _CHUNK_BYTES):  # in chunks: the 0/1 copy of the buffer stays small
         hi = min(n, lo + _CHUNK_BYTES)
         flags = np.frombuffer(view[lo:hi].tobytes().translate(table), np.bool_)
-        parts.append(np.flatnonzero(flags) + lo)
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        part = np.flatnonzero(flags).astype(dt)
+        part += lo
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros(0, dt)
 
 
 def span_hash(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -212,21 +216,102 @@ def parse_uint(buf: bytes | bytearray, start: np.ndarray, end: np.ndarray, base:
         np.ndarray, np.ndarray]:
     """Unsigned integers written in spans (decimal or hex, at most 16 digits): (values, ok mask).
 
-    Digits are gathered right-aligned into an (n, width) matrix, so one weighted sum converts them all.
+    ``buf`` must end in :data:`PAD` zero bytes. Decimal spans of up to 8 digits and hex spans of exactly
+    16 digits (symbol values) are converted eight digits per 64-bit word (SWAR); others go through a
+    right-aligned digit matrix.
 
-    >>> v, ok = parse_uint(b"12;x;ff", np.array([0, 3, 5]), np.array([2, 4, 7]), 16)
+    >>> b = pad(b"12;x;ff;0000000000000010")
+    >>> v, ok = parse_uint(b, np.array([0, 3, 5, 8]), np.array([2, 4, 7, 24]), 16)
     >>> v.tolist(), ok.tolist()
-    ([18, 0, 255], [True, False, True])
+    ([18, 0, 255, 16], [True, False, True, True])
     """
     n = len(start)
-    ln = (end - start).astype(np.int64)
+    start = start.astype(np.int64)
+    end = end.astype(np.int64)
+    ln = end - start
+    val = np.zeros(n, np.int64)
+    ok = np.zeros(n, np.bool_)
+    words = u64_view(buf)
+    if base == 10:
+        fast = (ln > 0) & (ln <= 8)
+        if fast.all():
+            return _swar_dec(words, start, ln)
+        f = np.flatnonzero(fast)
+        val[f], ok[f] = _swar_dec(words, start[f], ln[f])
+    else:
+        fast = ln == 16
+        if fast.all():
+            return _swar_hex16(words, start)
+        f = np.flatnonzero(fast)
+        val[f], ok[f] = _swar_hex16(words, start[f])
+    slow = np.flatnonzero(~fast)
+    val[slow], ok[slow] = _digits_matrix(buf, start[slow], end[slow], base)
+    return val, ok
+
+
+_ZEROS = np.uint64(0x3030303030303030)
+_HI = np.uint64(0x8080808080808080)
+
+
+def _swar_dec(words: np.ndarray, start: np.ndarray, ln: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1 to 8 decimal digits per span, converted in one word: right-aligned, '0'-filled, then combined
+    pairwise (the classic SWAR digit parse)."""
+    w = words[start]
+    sh = ((8 - ln) << 3).astype(np.uint64)
+    w <<= sh  # digits to the top bytes; the first digit is the most significant
+    w |= _ZEROS & ~(~np.uint64(0) << sh)
+    v = w - _ZEROS
+    # every byte must be 0..9: no byte below '0' (the subtraction would borrow), none above '9'
+    ok = ((w & np.uint64(0xF0F0F0F0F0F0F0F0)) == _ZEROS) & (((v + np.uint64(0x7676767676767676)) & _HI) == 0)
+    with np.errstate(over="ignore"):
+        v = (v * np.uint64(10) + (v >> np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+        v = (v * np.uint64(100) + (v >> np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+        v = (v * np.uint64(10000) + (v >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    v[~ok] = 0
+    return v.view(np.int64), ok
+
+
+def _swar_hex16(words: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly 16 hex digits per span, as two words of eight nibbles each."""
+    out = np.zeros(len(start), np.uint64)
+    ok = np.ones(len(start), np.bool_)
+    for half in (0, 8):
+        w = words[start + half]
+        lo4 = w & np.uint64(0x0F0F0F0F0F0F0F0F)
+        hi4 = w & np.uint64(0xF0F0F0F0F0F0F0F0)
+        alpha = (w >> np.uint64(6)) & np.uint64(0x0101010101010101)
+        # digit bytes are 0x30..0x39; letters 0x41..0x46 / 0x61..0x66
+        dig = hi4 == _ZEROS
+        ok &= np.where(dig, ((lo4 + np.uint64(0x0606060606060606)) & np.uint64(0xF0F0F0F0F0F0F0F0)) == 0,
+                       _all_hex_letters(w))
+        v = lo4 + alpha * np.uint64(9)
+        v = v.byteswap()  # most significant nibble to the top byte
+        v = (v | (v >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+        v = (v | (v >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+        v = (v | (v >> np.uint64(16))) & np.uint64(0xFFFFFFFF)
+        out = (out << np.uint64(32)) | v
+    out[~ok] = 0
+    return out.view(np.int64), ok
+
+
+def _all_hex_letters(w: np.ndarray) -> np.ndarray:
+    """Per word: all eight bytes are hex digits (digits or a-f/A-F), checked byte-wise (rare path)."""
+    b = w.view(np.uint8).reshape(-1, 8)
+    lo = b | np.uint8(32)
+    return (((b >= 48) & (b <= 57)) | ((lo >= 97) & (lo <= 102))).all(axis=1)
+
+
+def _digits_matrix(buf: bytes | bytearray, start: np.ndarray, end: np.ndarray, base: int) -> tuple[
+        np.ndarray, np.ndarray]:
+    n = len(start)
+    ln = end - start
     ok = (ln > 0) & (ln <= 16)
     width = min(int(ln.max()) if n else 0, 16)
     if not width:
         return np.zeros(n, np.int64), ok
     a = np.frombuffer(buf, np.uint8)
-    idx = end.astype(np.int64)[:, None] + np.arange(-width, 0, dtype=np.int64)
-    inside = idx >= start.astype(np.int64)[:, None]
+    idx = end[:, None] + np.arange(-width, 0, dtype=np.int64)
+    inside = idx >= start[:, None]
     np.maximum(idx, 0, out=idx)
     c = a[idx]
     c[~inside] = 48  # leading zeros
