@@ -25,7 +25,8 @@ __all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section"]
 #: Sections that never take part in the diff: metadata, regenerated tables, debug info.
 IGNORED_SECTIONS = (".comment", ".note.GNU-stack", ".note.gnu.property", "__mcount_loc",
                     "__patchable_function_entries", ".sframe", ".llvm_addrsig", ".modinfo",
-                    ".kpatch.ignore.sections", ".kpatch.ignore.functions", ".BTF", ".BTF.ext",
+                    ".kpatch.ignore.sections", ".kpatch.ignore.functions", ".kpatch.ignore.data",
+                    ".kpatch.ignore.static", ".kpatch.force", ".BTF", ".BTF.ext",
                     ".eh_frame", ".gnu.build.attributes")
 _IGNORED_PREFIXES = (".discard", ".debug_", ".note", ".llvm", ".rela.debug_", ".gnu.lto",
                      "___ksymtab", "___kcrctab", "__ksymtab", "__kcrctab", ".comment", ".stab")

@@ -24,7 +24,7 @@ from .correlate import Correlation
 from .elf import constants as C
 from .elf.file import cstring_at
 from .model import Object, is_ignored_section
-from .names import clone_parent, is_special_static
+from .names import canonical, clone_parent, is_special_static
 
 __all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
@@ -128,19 +128,33 @@ def _function_near(obj: Object, sec: int, where: int) -> int:
     return min(after, key=lambda m: int(obj.value[m])) if after else -1
 
 
-def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
-    """``KPATCH_IGNORE_FUNCTION`` symbols and ``KPATCH_IGNORE_SECTION`` names (kpatch-macros.h)."""
-    funcs: set[int] = set()
-    secs: set[str] = set()
-    f = obj.find_section(".kpatch.ignore.functions")
-    if f is not None:
-        funcs = {int(s) for s in obj.relocs(f)["sym"]}
-    s = obj.find_section(".kpatch.ignore.sections")
+def _pointed_strings(obj: Object, secname: str) -> set[str]:
+    """The strings a table of ``char *`` (one relocation each) points at."""
+    out: set[str] = set()
+    s = obj.find_section(secname)
     if s is not None:
         for x in obj.relocs(s):
             tsec = int(obj.shndx[int(x["sym"])])
-            secs.add(cstring_at(obj.section_data(tsec), int(x["addend"]) + int(obj.value[int(x["sym"])])))
-    return funcs, secs
+            out.add(cstring_at(obj.section_data(tsec), int(x["addend"]) + int(obj.value[int(x["sym"])])))
+    return out
+
+
+def _pointed_functions(obj: Object, arch: Arch, secname: str) -> set[int]:
+    """The functions a table of function pointers points at."""
+    s = obj.find_section(secname)
+    if s is None:
+        return set()
+    r = obj.relocs(s)
+    return {resolve_target(obj, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0] for x in r}
+
+
+def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
+    """``KPATCH_IGNORE_FUNCTION`` symbols and ``KPATCH_IGNORE_SECTION`` names (kpatch-macros.h)."""
+    funcs: set[int] = set()
+    f = obj.find_section(".kpatch.ignore.functions")
+    if f is not None:
+        funcs = {int(s) for s in obj.relocs(f)["sym"]}
+    return funcs, _pointed_strings(obj, ".kpatch.ignore.sections")
 
 
 def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -> tuple[int, int]:
@@ -166,6 +180,11 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
     status = cmp.status
 
     changed = {i for i, s in status.items() if s == CHANGED and i not in ign_funcs}
+    # KPATCH_FORCE_UNSAFE(fn): replace fn even though it compiled the same
+    forced = {f for f in _pointed_functions(p, arch, ".kpatch.force") if p.stype[f] == C.STT_FUNC}
+    changed |= forced
+    # KPATCH_IGNORE_STATIC("x"): the static local x gets a fresh copy instead of the kernel's
+    fresh_statics = _pointed_strings(p, ".kpatch.ignore.data") | _pointed_strings(p, ".kpatch.ignore.static")
     by_name = {p.sym_names[i]: i for i in range(p.nsym) if p.stype[i] == C.STT_FUNC and p.defined[i]}
     # A changed .cold part changes its parent: the parent's jumps into it must reach the new copy.
     for i in list(changed):
@@ -193,7 +212,9 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
             sel.refusals.append(f"changed function {name} is in {secname}: init/exit code has already run "
                                 "(or been freed) in the running kernel, so a live patch cannot change it")
             continue
-        include(i, f"changed: {cmp.why.get(i, '')}".rstrip(": "))
+        why = "forced by KPATCH_FORCE_UNSAFE" if i in forced and status.get(i) != CHANGED else \
+            f"changed: {cmp.why.get(i, '')}".rstrip(": ")
+        include(i, why)
         if not clone_parent(name):
             sel.patched.append(i)
     # Every included function brings its .cold parts.
@@ -251,9 +272,12 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 continue
             st = status.get(t)
             name = p.sym_names[t]
-            if st == NEW or (corr.p2o[t] < 0 and p.stype[t] in (C.STT_FUNC, C.STT_OBJECT, C.STT_NOTYPE)):
+            if st == NEW or (corr.p2o[t] < 0 and p.stype[t] in (C.STT_FUNC, C.STT_OBJECT, C.STT_NOTYPE)) \
+                    or (p.stype[t] == C.STT_OBJECT and canonical(name) in fresh_statics):
                 kind = "function" if p.stype[t] == C.STT_FUNC else "data"
-                why = (f"fresh copy of special static {name}, used by {owner_names}"
+                why = (f"fresh copy of {name} (KPATCH_IGNORE_STATIC), used by {owner_names}"
+                       if canonical(name) in fresh_statics and corr.p2o[t] >= 0 else
+                       f"fresh copy of special static {name}, used by {owner_names}"
                        if is_special_static(name) or name.startswith(".L")
                        else f"new {kind}, used by {owner_names}")
                 include(t, why)

@@ -278,3 +278,29 @@ def test_special_static_gets_a_fresh_copy(cc, tmp_path: Path) -> None:
     inc = {i["name"]: i["why"] for i in res.report["included"]}
     warned = next(n for n in inc if n.startswith("__warned"))
     assert inc[warned].startswith("fresh copy of special static")
+
+
+MACROS = """
+extern int printk(const char *, ...);
+int same(int x) { return x * 3; }
+int counter(void) { static int count; return count += %s; }
+static void *__kpatch_force_func_same __attribute__((used, section(".kpatch.force"))) = same;
+%s
+"""
+
+
+def test_kpatch_force_unsafe_replaces_an_unchanged_function(cc, tmp_path: Path) -> None:
+    a, b = cc(MACROS % ("1", ""), "a"), cc(MACROS % ("2", ""), "b")
+    res = diff(a, b, tmp_path)
+    assert sorted(f.old_name for f in res.patched_functions) == ["counter", "same"]
+    assert {i["name"]: i["why"] for i in res.report["included"]}["same"] == "forced by KPATCH_FORCE_UNSAFE"
+
+
+def test_kpatch_ignore_static_gives_a_fresh_copy(cc, tmp_path: Path) -> None:
+    ign = 'static char *__ign_count __attribute__((used, section(".kpatch.ignore.data"))) = "count";'
+    a, b = cc(MACROS % ("1", ign), "a"), cc(MACROS % ("2", ign), "b")
+    res = diff(a, b, tmp_path)
+    inc = {i["name"]: i["why"] for i in res.report["included"]}
+    count = next(n for n in inc if n.startswith("count"))
+    assert "KPATCH_IGNORE_STATIC" in inc[count]
+    assert not any(r.symbol.startswith("count") for r in res.klp_relocs)

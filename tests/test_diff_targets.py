@@ -71,3 +71,21 @@ def test_sympos_counts_same_named_locals_of_other_files(gcc: str, tmp_path: Path
     (tmp_path / "symtab.txt").write_text(text)
     res2 = run_diff(objs[1], p / "two.o", tmp_path / "lp2.o", DiffOptions(symtab=tmp_path / "symtab.txt", env={}))
     assert [(f.old_name, f.sympos) for f in res2.patched_functions] == [("helper", 2)]
+
+
+def test_callbacks_get_global_aliases(tmp_path: Path) -> None:
+    from klpforge.elf import ElfFile
+    from klpforge.elf import constants as C
+
+    from .conftest import PEER
+
+    case = PEER / "x86_64" / "clang-lstr"
+    if not Path(f"{case}.ORIG.o").exists():
+        pytest.skip("peer objects not present")
+    res = run_diff(Path(f"{case}.ORIG.o"), Path(f"{case}.PATCHED.o"), tmp_path / "cb.o",
+                   DiffOptions(symtab=Path(f"{case}.ORIG.o"), env={}))
+    assert sorted(res.callbacks) == ["post_patch", "post_unpatch", "pre_patch", "pre_unpatch"]
+    elf = ElfFile.open(tmp_path / "cb.o")
+    for alias in res.callbacks.values():
+        i = elf.sym_names.index(alias)
+        assert int(elf.syms["info"][i]) >> 4 == C.STB_GLOBAL and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC

@@ -279,7 +279,15 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         kept[name] = (was[0] + nkept, was[1] + total)
     em.finish_klp()
     _check_module_keys(em, specials)
-    cbs = {k: p.sym_names[v] for k, v in sel.callbacks.items()}
+    # Callbacks are usually static: give each a global alias the generated module source can name.
+    cbs: dict[str, str] = {}
+    for kind, v in sel.callbacks.items():
+        if v not in em.out_sym:
+            continue
+        alias = alias_name(opts.target, f"cb_{kind}_{p.sym_names[v]}", 0)
+        em.w.add_symbol(alias, em.out_sec[int(p.shndx[v])], int(p.value[v]), int(p.size[v]), C.STT_FUNC,
+                        C.STB_GLOBAL)
+        cbs[kind] = alias
     return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs)
 
 
