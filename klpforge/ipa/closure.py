@@ -8,13 +8,13 @@ cloning, checked against the objects' symbol tables.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
 from .index import KINDS, SYM_BINDS, SYM_TYPES, Index
+from .tokens import hash_strings
 from .objsyms import reloc_callers
 
 __all__ = ["Step", "Entry", "ImpactResult", "impact", "MODES", "closure_all"]
@@ -125,54 +125,103 @@ def _file_match(path: str, want: str) -> bool:
     return p == want or p.endswith("/" + want) or p.split(".c.", 1)[0].endswith(want.removesuffix(".c"))
 
 
+class _Lookups:
+    """Per-index arrays for vectorised symbol lookups, built once per index (a few ms) and cached on it."""
+
+    def __init__(self, idx: Index):
+        func = np.flatnonzero(idx.s_type == _FUNC)
+        g = idx.s_group[func].astype(np.int64) << 32
+        self.func_rows = func
+        self.by_base = g | idx.s_base[func].astype(np.int64)  # sorted: symbols are sorted by (group, base)
+        o = np.argsort(g | idx.s_name[func].astype(np.int64), kind="stable")
+        self.by_name_rows = func[o]
+        self.by_name = (g | idx.s_name[func].astype(np.int64))[o]
+        self.is_global = np.zeros(len(idx.names), np.bool_)
+        self.is_global[idx.s_base[idx.s_bind != _LOCAL]] = True
+        # identical-code-folded aliases: FUNC symbols at the same (group, section, value)
+        key = np.stack([idx.s_group[func].astype(np.int64), idx.s_ndx[func].astype(np.int64), idx.s_value[func]])
+        o2 = np.lexsort(key[::-1])
+        self.at_rows = func[o2]
+        self.at_key = key[:, o2]
+        self.names: dict[int, str] = {}
+        self.locs: dict[int, str] = {}
+
+    def name(self, idx: Index, i: int) -> str:
+        """Decoded name ``i`` (memoised)."""
+        s = self.names.get(i)
+        if s is None:
+            s = self.names[i] = idx.names[i]
+        return s
+
+    def loc(self, idx: Index, fid: int) -> str:
+        """``file:line`` of function ``fid`` (memoised)."""
+        s = self.locs.get(fid)
+        if s is None:
+            s = self.locs[fid] = idx.loc(fid)
+        return s
+
+
+def _lookups(idx: Index) -> _Lookups:
+    lk = idx._cache.get("lookups")
+    if lk is None:
+        lk = idx._cache["lookups"] = _Lookups(idx)
+    return lk  # type: ignore[no-any-return]
+
+
 def _syms_of(idx: Index, g: int) -> tuple[int, int]:
-    lo = int(np.searchsorted(idx.s_group, g, side="left"))
-    hi = int(np.searchsorted(idx.s_group, g, side="right"))
+    lo = int(np.searchsorted(idx.s_group, np.int32(g), side="left"))
+    hi = int(np.searchsorted(idx.s_group, np.int32(g), side="right"))
     return lo, hi
 
 
 def _find_sym(idx: Index, g: int, name_id: int) -> list[int]:
     """Rows of FUNC symbols in group ``g`` whose name (without .lto_priv.N) has id ``name_id``."""
-    lo, hi = _syms_of(idx, g)
-    a = lo + int(np.searchsorted(idx.s_base[lo:hi], name_id, side="left"))
-    b = lo + int(np.searchsorted(idx.s_base[lo:hi], name_id, side="right"))
-    return [r for r in range(a, b) if idx.s_type[r] == _FUNC]
+    lk = _lookups(idx)
+    k = np.int64((g << 32) | name_id)
+    a, b = np.searchsorted(lk.by_base, [k, k + 1])
+    return lk.func_rows[a:b].tolist()
 
 
 def _is_global(idx: Index, name_id: int) -> bool:
-    rows = np.flatnonzero(idx.s_base == name_id)
-    return bool(len(rows)) and bool((idx.s_bind[rows] != _LOCAL).any())
+    return bool(_lookups(idx).is_global[name_id])
 
 
-def _edge_kind(idx: Index, k: int, src_name: int) -> str:
-    kind = KINDS[k]
-    if kind == "inline" and _is_global(idx, src_name):
-        return "inline-global"
-    return kind
+#: edge label codes: KINDS, then 6 = inlining of a function visible outside its unit
+_LABELS = (*KINDS, "inline-global")
 
 
-def _reach(idx: Index, seeds: list[int], skip: frozenset[str]) -> dict[int, tuple[int, str] | None]:
-    """Breadth-first closure over nodes; value = (parent node, edge kind), None for seeds."""
-    parent: dict[int, tuple[int, str] | None] = {s: None for s in seeds}
-    todo = deque(seeds)
-    gcache: dict[int, bool] = {}
-    while todo:
-        n = todo.popleft()
-        src_name = int(idx.f_name[idx.n_func[n]])
-        for e in range(int(idx.e_ptr[n]), int(idx.e_ptr[n + 1])):
-            d = int(idx.e_dst[e])
-            if d in parent:
-                continue
-            k = KINDS[int(idx.e_kind[e])]
-            if k == "inline":
-                if src_name not in gcache:
-                    gcache[src_name] = _is_global(idx, src_name)
-                k = "inline-global" if gcache[src_name] else "inline"
-            if k in skip:
-                continue
-            parent[d] = (n, k)
-            todo.append(d)
-    return parent
+def _reach(idx: Index, seeds: list[int], skip: frozenset[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Breadth-first closure over nodes, one vectorised step per level: (nodes in discovery order, parent
+    node of each (-1 for seeds), edge label code of each). Same result as a queue-based BFS: within a
+    level, frontier nodes and their edges are taken in order and the first discovery wins."""
+    lk = _lookups(idx)
+    nn = len(idx.n_group)
+    skip_codes = np.array([i for i, k in enumerate(_LABELS) if k in skip], np.int8)
+    seen = np.zeros(nn, np.bool_)
+    first = np.asarray(list(dict.fromkeys(seeds)), np.int64)
+    seen[first] = True
+    out_n, out_p, out_k = [first], [np.full(len(first), -1, np.int64)], [np.full(len(first), -1, np.int8)]
+    frontier = first
+    while len(frontier):
+        pos, cnt = _ranges(idx.e_ptr, frontier)
+        par = np.repeat(frontier, cnt)
+        dst = idx.e_dst[pos].astype(np.int64)
+        lab = idx.e_kind[pos].astype(np.int8)
+        inl = np.flatnonzero(lab == 0)
+        lab[inl[lk.is_global[idx.f_name[idx.n_func[par[inl]]]]]] = 6
+        ok = ~seen[dst]
+        if len(skip_codes):
+            ok &= ~np.isin(lab, skip_codes)
+        sel = np.flatnonzero(ok)
+        dst, par, lab = dst[sel], par[sel], lab[sel]
+        _, firsti = np.unique(dst, return_index=True)
+        firsti.sort()  # first discovery of each node, in discovery order
+        frontier = dst[firsti]
+        seen[frontier] = True
+        out_n.append(frontier)
+        out_p.append(par[firsti])
+        out_k.append(lab[firsti])
+    return np.concatenate(out_n), np.concatenate(out_p), np.concatenate(out_k)
 
 
 def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactResult:
@@ -190,41 +239,68 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
                              f"({len(idx.dumps)} dumps)")
         seeds += nodes
         sym_only += extra
-    reach = {m: _reach(idx, seeds, MODES[m]) for m in MODES}
-    full = reach["O2"]
+    lk = _lookups(idx)
+    # modes with the same effective edge filter share one walk (no edge is labelled "icf")
+    walks: dict[frozenset[int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    in_mode: dict[str, np.ndarray] = {}
+    nn = len(idx.n_group)
+    for m, skip in MODES.items():
+        key = frozenset(i for i, k in enumerate(_LABELS) if k in skip)
+        if key not in walks:
+            walks[key] = _reach(idx, seeds, skip)
+        mask = np.zeros(nn, np.bool_)
+        mask[walks[key][0]] = True
+        in_mode[m] = mask
+    nodes, parents, labels = walks[frozenset()]
+    fids = idx.n_func[nodes].astype(np.int64)
+    name_ids = idx.f_name[fids].astype(np.int64)
+    groups = idx.n_group[nodes].astype(np.int64)
+    # first FUNC symbol row of each reached node's (group, base name), -1 when none
+    k = (groups << 32) | name_ids
+    at = np.searchsorted(lk.by_base, k)
+    hit = at < len(lk.by_base)
+    hit[hit] = lk.by_base[at[hit]] == k[hit]
+    rows = np.where(hit, lk.func_rows[np.minimum(at, len(lk.func_rows) - 1)], -1)
+    has_obj = np.array([bool(o) for o in idx.objects], np.bool_)[groups] if len(groups) else np.zeros(0, bool)
+    status = np.where(~has_obj, "unknown", np.where(rows >= 0, "replace",
+                                                    np.where(idx.n_removed[nodes], "removed", "missing")))
+    avoided = {m: ~in_mode[m][nodes] for m in MODES if m != "O2"}
+    chains: dict[int, list[Step]] = {}
+    pos_of = {n: i for i, n in enumerate(nodes.tolist())}
     entries: list[Entry] = []
+    want_pieces: list[tuple[int, int, int, str]] = []
     callers_wanted: dict[int, list[tuple[str, Entry]]] = {}
-    for n in full:
-        g = int(idx.n_group[n])
-        fid = int(idx.n_func[n])
-        name_id = int(idx.f_name[fid])
-        name = idx.names[name_id]
-        chain = _chain(idx, full, n)
-        rows = _find_sym(idx, g, name_id)
-        if not idx.objects[g]:
-            status = "unknown"
-        elif rows:
-            status = "replace"
-        elif idx.n_removed[n]:
-            status = "removed"
+    nodes_l, parents_l, labels_l = nodes.tolist(), parents.tolist(), labels.tolist()
+    for i, n in enumerate(nodes_l):
+        p = parents_l[i]
+        if p < 0:
+            chain: list[Step] = []
         else:
-            status = "missing"
-        sym_name = idx.names[int(idx.s_name[rows[0]])] if rows else name
-        ent = Entry(sym_name, idx.loc(fid), idx.group_label(g), status, chain,
-                    sorted({s.kind for s in chain}),
-                    [m for m in MODES if m != "O2" and n not in reach[m]])
-        if rows:
-            ent.pieces = _pieces(idx, g, rows[0], sym_name)
+            j = pos_of[p]
+            fs, fd = int(fids[j]), int(fids[i])
+            chain = chains[p] + [Step(_LABELS[labels_l[i]], lk.name(idx, int(name_ids[j])), lk.loc(idx, fs),
+                                      lk.name(idx, int(name_ids[i])), lk.loc(idx, fd))]
+        chains[n] = chain
+        g = int(groups[i])
+        name = lk.name(idx, int(name_ids[i]))
+        r = int(rows[i])
+        sym_name = lk.name(idx, int(idx.s_name[r])) if r >= 0 else name
+        ent = Entry(sym_name, lk.loc(idx, int(fids[i])), idx.group_label(g), str(status[i]), chain,
+                    sorted({s.kind for s in chain}), [m for m in avoided if avoided[m][i]])
+        if r >= 0:
+            want_pieces.append((len(entries), g, r, sym_name))
             if sym_name != name:
                 ent.chain = chain + [Step("lto_priv", name, ent.loc, sym_name, ent.loc)]
         entries.append(ent)
         last = chain[-1].kind if chain else ""
-        if status == "replace" and last in ("constprop", "isra", "part", "other"):
+        if ent.status == "replace" and last in ("constprop", "isra", "part", "other"):
             callers_wanted.setdefault(g, []).append((sym_name, ent))
     for g, r in sym_only:
-        name = idx.names[int(idx.s_name[r])]
-        ent = Entry(name, "?", idx.group_label(g), "replace", [], [], [], _pieces(idx, g, r, name))
-        entries.append(ent)
+        name = lk.name(idx, int(idx.s_name[r]))
+        want_pieces.append((len(entries), g, r, name))
+        entries.append(Entry(name, "?", idx.group_label(g), "replace", [], [], [], []))
+    for (i, *_), pieces in zip(want_pieces, _pieces_many(idx, [w[1:] for w in want_pieces]), strict=True):
+        entries[i].pieces = pieces
     if with_callers:
         entries += _clone_callers(idx, callers_wanted, notes)
     seen: set[tuple[str, str]] = set()
@@ -236,34 +312,50 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     return ImpactResult(list(queries), uniq, notes)
 
 
-def _chain(idx: Index, parent: dict[int, tuple[int, str] | None], n: int) -> list[Step]:
-    steps: list[Step] = []
-    cur = n
-    while (p := parent.get(cur)) is not None:
-        src, kind = p
-        fs, fd = int(idx.n_func[src]), int(idx.n_func[cur])
-        steps.append(Step(kind, idx.names[int(idx.f_name[fs])], idx.loc(fs), idx.names[int(idx.f_name[fd])],
-                          idx.loc(fd)))
-        cur = src
-    return steps[::-1]
+def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[list[str]]:
+    """:func:`_pieces` for many (group, symbol row, name) at once: the ``.cold``/``.localalias`` names are
+    hashed and looked up in one vectorised step."""
+    lk = _lookups(idx)
+    if not items:
+        return []
+    cand = [it[2] + sfx for it in items for sfx in (".cold", ".localalias")]
+    h = hash_strings(cand)
+    at = np.minimum(np.searchsorted(idx.name_hash, h), max(len(idx.name_hash) - 1, 0))
+    known = idx.name_hash[at] == h if len(idx.name_hash) else np.zeros(len(h), np.bool_)
+    nid = np.where(known, idx.name_order[at], -1).astype(np.int64)
+    g = np.repeat(np.array([it[0] for it in items], np.int64), 2)
+    k = (g << 32) | np.maximum(nid, 0)
+    j = np.minimum(np.searchsorted(lk.by_name, k), max(len(lk.by_name) - 1, 0))
+    present = (nid >= 0) & (lk.by_name[j] == k) if len(lk.by_name) else np.zeros(len(k), np.bool_)
+    out = []
+    for i, (gi, row, name) in enumerate(items):
+        pieces = [cand[2 * i + t] for t in (0, 1) if present[2 * i + t]]
+        out.append(_aliases(idx, gi, row, name, pieces))
+    return out
 
 
 def _pieces(idx: Index, g: int, row: int, name: str) -> list[str]:
     """``.cold``/``.localalias`` parts and identical-code-folded aliases that go with symbol ``row``."""
-    lo, hi = _syms_of(idx, g)
-    out = []
-    for suffix in (".cold", ".localalias"):
-        nid = idx.name_id(name + suffix)
-        if nid >= 0 and ((idx.s_name[lo:hi] == nid) & (idx.s_type[lo:hi] == _FUNC)).any():
-            out.append(name + suffix)
+    return _pieces_many(idx, [(g, row, name)])[0]
+
+
+def _aliases(idx: Index, g: int, row: int, name: str, out: list[str]) -> list[str]:
+    """``out`` plus the FUNC symbols at the same address as ``row`` (ICF aliases), in symbol-table order."""
+    lk = _lookups(idx)
     ndx, val = int(idx.s_ndx[row]), int(idx.s_value[row])
     if ndx >= 0 and int(idx.s_size[row]) > 0:
-        same = np.flatnonzero((idx.s_ndx[lo:hi] == ndx) & (idx.s_value[lo:hi] == val)
-                              & (idx.s_type[lo:hi] == _FUNC)) + lo
-        for r in same.tolist():
-            other = idx.names[int(idx.s_name[r])]
-            if other != name and other not in out and other != name + ".localalias":
-                out.append(other)
+        kg, kn, kv = lk.at_key
+        lo = int(np.searchsorted(kg, g))
+        hi = int(np.searchsorted(kg, g, side="right"))
+        a = lo + int(np.searchsorted(kn[lo:hi], ndx))
+        b = lo + int(np.searchsorted(kn[lo:hi], ndx, side="right"))
+        c = a + int(np.searchsorted(kv[a:b], val))
+        d = a + int(np.searchsorted(kv[a:b], val, side="right"))
+        if d - c > 1:
+            for r in sorted(lk.at_rows[c:d].tolist()):
+                other = lk.name(idx, int(idx.s_name[r]))
+                if other != name and other not in out and other != name + ".localalias":
+                    out.append(other)
     return out
 
 

@@ -82,7 +82,7 @@ class Index:
     s_value: np.ndarray
     s_size: np.ndarray
     lto: bool = False
-    _name_ids: dict[str, int] = field(default_factory=dict, repr=False)
+    _cache: dict[str, object] = field(default_factory=dict, repr=False)  # lookups built by queries
 
     def name_id(self, name: str) -> int:
         """Id of ``name``, or -1 when no dump or symbol table mentions it."""
