@@ -126,23 +126,16 @@ def _file_match(path: str, want: str) -> bool:
 
 
 class _Lookups:
-    """Per-index arrays for vectorised symbol lookups, built once per index (a few ms) and cached on it."""
+    """Sorted symbol keys for vectorised lookups (built with the index, see ``index.lookup_arrays``) and
+    memoised decoded strings."""
 
     def __init__(self, idx: Index):
-        func = np.flatnonzero(idx.s_type == _FUNC)
-        g = idx.s_group[func].astype(np.int64) << 32
-        self.func_rows = func
-        self.by_base = g | idx.s_base[func].astype(np.int64)  # sorted: symbols are sorted by (group, base)
-        o = np.argsort(g | idx.s_name[func].astype(np.int64), kind="stable")
-        self.by_name_rows = func[o]
-        self.by_name = (g | idx.s_name[func].astype(np.int64))[o]
-        self.is_global = np.zeros(len(idx.names), np.bool_)
-        self.is_global[idx.s_base[idx.s_bind != _LOCAL]] = True
-        # identical-code-folded aliases: FUNC symbols at the same (group, section, value)
-        key = np.stack([idx.s_group[func].astype(np.int64), idx.s_ndx[func].astype(np.int64), idx.s_value[func]])
-        o2 = np.lexsort(key[::-1])
-        self.at_rows = func[o2]
-        self.at_key = key[:, o2]
+        self.func_rows = idx.lk_func_rows  # FUNC symbol rows, by (group, base name)
+        self.by_base = idx.lk_by_base  # (group << 32 | base name id) of those rows: sorted
+        self.by_name = idx.lk_by_name  # (group << 32 | name id) of FUNC symbols: sorted
+        self.is_global = idx.lk_global  # per name id: some symbol of that base name is not LOCAL
+        self.at_rows = idx.lk_at_rows  # FUNC rows sorted by (group, section, value): ICF aliases
+        self.at_key = (idx.s_group[self.at_rows], idx.s_ndx[self.at_rows], idx.s_value[self.at_rows])
         self.names: dict[int, str] = {}
         self.locs: dict[int, str] = {}
 
@@ -260,7 +253,8 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     at = np.searchsorted(lk.by_base, k)
     hit = at < len(lk.by_base)
     hit[hit] = lk.by_base[at[hit]] == k[hit]
-    rows = np.where(hit, lk.func_rows[np.minimum(at, len(lk.func_rows) - 1)], -1)
+    rows = np.full(len(k), -1, np.int64)
+    rows[hit] = lk.func_rows[at[hit]]
     has_obj = np.array([bool(o) for o in idx.objects], np.bool_)[groups] if len(groups) else np.zeros(0, bool)
     status = np.where(~has_obj, "unknown", np.where(rows >= 0, "replace",
                                                     np.where(idx.n_removed[nodes], "removed", "missing")))

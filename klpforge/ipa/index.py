@@ -40,7 +40,7 @@ __all__ = ["Index", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPE
 KINDS = ("inline", "constprop", "isra", "part", "recursion", "other")
 SYM_TYPES = ("NOTYPE", "FUNC", "OBJECT", "SECTION", "FILE", "OTHER")
 SYM_BINDS = ("LOCAL", "GLOBAL", "WEAK", "OTHER")
-_VERSION = 4
+_VERSION = 5
 _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 
@@ -81,6 +81,11 @@ class Index:
     s_ndx: np.ndarray
     s_value: np.ndarray
     s_size: np.ndarray
+    lk_func_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lk_by_base: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lk_by_name: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lk_global: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
+    lk_at_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lto: bool = False
     _cache: dict[str, object] = field(default_factory=dict, repr=False)  # lookups built by queries
 
@@ -354,7 +359,25 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
         n_removed=dt.n_removed, e_src=dt.e_src, e_dst=dt.e_dst, e_kind=dt.e_kind, e_count=dt.e_count,
         e_ptr=dt.e_ptr, s_group=sy.group[so].astype(i32), s_name=s_names[so].astype(i32),
         s_base=s_base[so].astype(i32), s_type=sy.type[so], s_bind=sy.bind[so], s_ndx=sy.ndx[so].astype(i32),
-        s_value=sy.value[so], s_size=sy.size[so], lto=lto)
+        s_value=sy.value[so], s_size=sy.size[so], lto=lto, **lookup_arrays(
+            len(names), sy.group[so], s_names[so], s_base[so], sy.type[so], sy.bind[so], sy.ndx[so], sy.value[so]))
+
+
+def lookup_arrays(nnames: int, group: np.ndarray, name: np.ndarray, base: np.ndarray, typ: np.ndarray,
+                  bind: np.ndarray, ndx: np.ndarray, value: np.ndarray) -> dict[str, np.ndarray]:
+    """Sorted keys over the FUNC symbols (given sorted by (group, base)) that queries search, so a warm
+    query does no sorting: ``lk_*`` fields of :class:`Index`.
+
+    >>> sorted(lookup_arrays(1, *(np.zeros(1, np.int64) for _ in range(7))))
+    ['lk_at_rows', 'lk_by_base', 'lk_by_name', 'lk_func_rows', 'lk_global']
+    """
+    func = np.flatnonzero(typ == SYM_TYPES.index("FUNC"))
+    g = group[func].astype(np.int64) << 32
+    glob = np.zeros(nnames, np.bool_)
+    glob[base[bind != SYM_BINDS.index("LOCAL")]] = True
+    return {"lk_func_rows": func, "lk_by_base": g | base[func].astype(np.int64),
+            "lk_by_name": np.sort(g | name[func].astype(np.int64)), "lk_global": glob,
+            "lk_at_rows": func[np.lexsort((value[func], ndx[func], group[func]))]}
 
 
 def _lto_base(names: StrTable, name_hash: np.ndarray, name_order: np.ndarray) -> np.ndarray:
