@@ -134,8 +134,9 @@ class _Lookups:
         self.by_base = idx.lk_by_base  # (group << 32 | base name id) of those rows: sorted
         self.by_name = idx.lk_by_name  # (group << 32 | name id) of FUNC symbols: sorted
         self.is_global = idx.lk_global  # per name id: some symbol of that base name is not LOCAL
-        self.at_rows = idx.lk_at_rows  # FUNC rows sorted by (group, section, value): ICF aliases
-        self.at_key = (idx.s_group[self.at_rows], idx.s_ndx[self.at_rows], idx.s_value[self.at_rows])
+        self.at_rows = idx.lk_at_rows  # FUNC rows sorted by address (group, section, value)
+        self.at_ptr = idx.lk_at_ptr  # rows of address a: at_rows[at_ptr[a]:at_ptr[a + 1]]
+        self.addr = idx.lk_addr  # address id of each symbol row (-1: not a function)
         self.names: dict[int, str] = {}
         self.locs: dict[int, str] = {}
 
@@ -321,36 +322,26 @@ def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[list[str
     k = (g << 32) | np.maximum(nid, 0)
     j = np.minimum(np.searchsorted(lk.by_name, k), max(len(lk.by_name) - 1, 0))
     present = (nid >= 0) & (lk.by_name[j] == k) if len(lk.by_name) else np.zeros(len(k), np.bool_)
+    rows = np.array([it[1] for it in items], np.int64)
+    addr = lk.addr[rows]
+    shared = (addr >= 0) & (idx.s_ndx[rows] >= 0) & (idx.s_size[rows] > 0)
+    shared[shared] = (lk.at_ptr[addr[shared] + 1] - lk.at_ptr[addr[shared]]) > 1
     out = []
-    for i, (gi, row, name) in enumerate(items):
+    for i, (_, row, name) in enumerate(items):
         pieces = [cand[2 * i + t] for t in (0, 1) if present[2 * i + t]]
-        out.append(_aliases(idx, gi, row, name, pieces))
+        if shared[i]:  # identical-code-folded aliases: other functions at the same address
+            a = int(addr[i])
+            for r in sorted(lk.at_rows[lk.at_ptr[a]:lk.at_ptr[a + 1]].tolist()):  # symbol-table order
+                other = lk.name(idx, int(idx.s_name[r]))
+                if other != name and other not in pieces and other != name + ".localalias":
+                    pieces.append(other)
+        out.append(pieces)
     return out
 
 
 def _pieces(idx: Index, g: int, row: int, name: str) -> list[str]:
     """``.cold``/``.localalias`` parts and identical-code-folded aliases that go with symbol ``row``."""
     return _pieces_many(idx, [(g, row, name)])[0]
-
-
-def _aliases(idx: Index, g: int, row: int, name: str, out: list[str]) -> list[str]:
-    """``out`` plus the FUNC symbols at the same address as ``row`` (ICF aliases), in symbol-table order."""
-    lk = _lookups(idx)
-    ndx, val = int(idx.s_ndx[row]), int(idx.s_value[row])
-    if ndx >= 0 and int(idx.s_size[row]) > 0:
-        kg, kn, kv = lk.at_key
-        lo = int(np.searchsorted(kg, g))
-        hi = int(np.searchsorted(kg, g, side="right"))
-        a = lo + int(np.searchsorted(kn[lo:hi], ndx))
-        b = lo + int(np.searchsorted(kn[lo:hi], ndx, side="right"))
-        c = a + int(np.searchsorted(kv[a:b], val))
-        d = a + int(np.searchsorted(kv[a:b], val, side="right"))
-        if d - c > 1:
-            for r in sorted(lk.at_rows[c:d].tolist()):
-                other = lk.name(idx, int(idx.s_name[r]))
-                if other != name and other not in out and other != name + ".localalias":
-                    out.append(other)
-    return out
 
 
 def _clone_callers(idx: Index, wanted: dict[int, list[tuple[str, Entry]]], notes: list[str]) -> list[Entry]:

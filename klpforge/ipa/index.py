@@ -40,7 +40,7 @@ __all__ = ["Index", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPE
 KINDS = ("inline", "constprop", "isra", "part", "recursion", "other")
 SYM_TYPES = ("NOTYPE", "FUNC", "OBJECT", "SECTION", "FILE", "OTHER")
 SYM_BINDS = ("LOCAL", "GLOBAL", "WEAK", "OTHER")
-_VERSION = 5
+_VERSION = 6
 _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 
@@ -86,6 +86,8 @@ class Index:
     lk_by_name: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lk_global: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
     lk_at_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lk_at_ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    lk_addr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lto: bool = False
     _cache: dict[str, object] = field(default_factory=dict, repr=False)  # lookups built by queries
 
@@ -369,15 +371,21 @@ def lookup_arrays(nnames: int, group: np.ndarray, name: np.ndarray, base: np.nda
     query does no sorting: ``lk_*`` fields of :class:`Index`.
 
     >>> sorted(lookup_arrays(1, *(np.zeros(1, np.int64) for _ in range(7))))
-    ['lk_at_rows', 'lk_by_base', 'lk_by_name', 'lk_func_rows', 'lk_global']
+    ['lk_addr', 'lk_at_ptr', 'lk_at_rows', 'lk_by_base', 'lk_by_name', 'lk_func_rows', 'lk_global']
     """
     func = np.flatnonzero(typ == SYM_TYPES.index("FUNC"))
     g = group[func].astype(np.int64) << 32
     glob = np.zeros(nnames, np.bool_)
     glob[base[bind != SYM_BINDS.index("LOCAL")]] = True
+    # address id of each FUNC symbol: equal (group, section, value) = one address (ICF aliases share it)
+    at = func[np.lexsort((value[func], ndx[func], group[func]))]
+    new = np.ones(len(at), np.bool_)
+    new[1:] = (group[at][1:] != group[at][:-1]) | (ndx[at][1:] != ndx[at][:-1]) | (value[at][1:] != value[at][:-1])
+    addr = np.full(len(group), -1, np.int64)
+    addr[at] = np.cumsum(new) - 1
     return {"lk_func_rows": func, "lk_by_base": g | base[func].astype(np.int64),
             "lk_by_name": np.sort(g | name[func].astype(np.int64)), "lk_global": glob,
-            "lk_at_rows": func[np.lexsort((value[func], ndx[func], group[func]))]}
+            "lk_at_rows": at, "lk_at_ptr": np.append(np.flatnonzero(new), len(at)), "lk_addr": addr}
 
 
 def _lto_base(names: StrTable, name_hash: np.ndarray, name_order: np.ndarray) -> np.ndarray:
