@@ -304,7 +304,7 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
     names = [(ps, p.sec_names[ps]) for ps in range(1, p.nsec)]
     order = sorted(names, key=lambda x: x[1] in PAIRED)  # paired tables after their partners
     for ps, name in order:
-        if not (name.startswith(KEPT_SPECIAL) and name in _table_names(name)) or not int(p.shdrs["size"][ps]):
+        if not name.startswith(KEPT_SPECIAL) or not int(p.shdrs["size"][ps]):
             continue
         size = entry_size(name, opts.env, int(p.shdrs["entsize"][ps]), ptr)
         data = p.section_data(ps)
@@ -379,10 +379,6 @@ def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel:
         sections.add(s)
         r = p.relocs(s)
         todo.extend(resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0] for x in r)
-
-
-def _table_names(name: str) -> tuple[str, ...]:
-    return (name,)
 
 
 def _check_module_keys(em: _Emitter, specials: Mapping[int, object]) -> None:
