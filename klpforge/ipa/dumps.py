@@ -54,6 +54,11 @@ class RawDumps:
     c_kind: np.ndarray  # int8 kind code (KIND_CODES, 5 = other)
     r_dump: np.ndarray  # per removal record
     r_func: np.ndarray
+    # per mention (clone originals, clone new functions, removals - in that order): the ORDER field's
+    # bytes as a key with the dump index (bit 63 set: no usable ORDER), and the length of
+    # "name;order;file;line;col"
+    m_okey: np.ndarray
+    m_span: np.ndarray
 
     def locate(self, offset: int) -> str:
         """``path:line`` of a byte offset in ``data``."""
@@ -260,20 +265,60 @@ def classify(words: np.ndarray, start: np.ndarray, end: np.ndarray, texts: list[
 _CLONE, _REMOVAL = b"Callgraph clone", b"Callgraph removal"
 
 
+_BATCH = 1 << 20  # bytes of dump text split per step: the per-line arrays of a step stay in the CPU cache
+_MASK5 = np.array([(1 << (8 * k)) - 1 for k in range(6)], np.uint64)
+
+
 def parse_dumps(paths: list[Path]) -> RawDumps:
-    """Read and split every dump; raise :class:`InputError` naming file and line for anything malformed."""
+    """Read and split every dump; raise :class:`InputError` naming file and line for anything malformed.
+
+    The text is split in batches of whole files of about :data:`_BATCH` bytes; each batch yields its
+    records' positions, and the batches are concatenated.
+    """
     data, file_start = read_files(paths)
     text_end = len(data) - PAD
-    a = np.frombuffer(data, np.uint8)
     words = u64_view(data)
-    sp = find_seps(data, b";", text_end)
-    nl = np.flatnonzero(a[sp] == 10)  # index in sp of each line's end
+    bounds = np.append(file_start, text_end)
+    cuts = [0]
+    for f in range(1, len(paths)):
+        if bounds[f] - bounds[cuts[-1]] >= _BATCH:
+            cuts.append(f)
+    cuts.append(len(paths))
+    out: dict[str, list[np.ndarray]] = {}
+    sp_parts: list[np.ndarray] = []
+    base = 0
+    for f0, f1 in zip(cuts[:-1], cuts[1:], strict=True):
+        lo, hi = int(bounds[f0]), int(bounds[f1])
+        if hi <= lo:
+            continue
+        sp, part = _parse_batch(data, words, paths, file_start, f0, f1, lo, hi, base)
+        sp_parts.append(sp)
+        base += len(sp)
+        for k, v in part.items():
+            out.setdefault(k, []).append(v)
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    empty = np.zeros(0, np.int64)
+    g = {k: cat.get(k, empty) for k in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func", "ok_o",
+                                        "ok_n", "ok_r", "span_o", "span_n", "span_r")}
+    sp_all = np.concatenate(sp_parts) if sp_parts else np.zeros(0, np.int32)
+    return RawDumps(list(paths), data, file_start, sp_all, g["c_dump"], g["c_orig"], g["c_new"],
+                    g["c_kind"].astype(np.int8), g["r_dump"], g["r_func"],
+                    np.concatenate([g["ok_o"], g["ok_n"], g["ok_r"]]).astype(np.uint64),
+                    np.concatenate([g["span_o"], g["span_n"], g["span_r"]]))
+
+
+def _parse_batch(data: bytearray, words: np.ndarray, paths: list[Path], file_start: np.ndarray, f0: int, f1: int,
+                 lo: int, hi: int, base: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Split dumps ``f0..f1-1`` (bytes ``lo..hi``); sp indexes in the result are global (``base`` +)."""
+    found: list[np.ndarray] = []
+    sp = _seps_from(data, lo, hi, found)
+    nl = found[0]  # index in sp of each line's end
     first = np.empty(len(nl), np.int64)  # index in sp of the end of each line's first field
     first[:1] = 0
     first[1:] = nl[:-1] + 1
     nf = nl - first + 1
     lstart = np.empty(len(nl), np.int64)
-    lstart[:1] = 0
+    lstart[:1] = lo
     lstart[1:] = sp[nl[:-1]] + 1
     head_end = sp[first]
     head = classify(words, lstart, head_end, [_CLONE, _REMOVAL])
@@ -291,15 +336,37 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
     if bad.any():
         i = int(np.argmax(bad))
         _bad_line(data, file_start, paths, int(lstart[i]), int(nf[i]), bool(isc[i]), bool(head[i] == 1))
-    line_dump = np.searchsorted(file_start, lstart, side="right") - 1
+    # lines and files are both in buffer order: count the lines of each file instead of searching per line
+    line_dump = np.repeat(np.arange(f0, f1, dtype=np.int64),
+                          np.diff(np.append(np.searchsorted(lstart, file_start[f0:f1]), len(lstart))))
     clone = is12 | is14
     cf = first[clone]
     c14 = is14[clone]
     c_kind_end = cf + np.where(c14, 13, 11)
-    kstart, kend = sp[c_kind_end - 1] + 1, sp[c_kind_end]
-    c_kind = classify(words, kstart, kend, [k.encode() for k in KIND_CODES])  # codes are in dict order
-    return RawDumps(list(paths), data, file_start, sp, line_dump[clone], cf + 1, cf + np.where(c14, 7, 6), c_kind,
-                    line_dump[isrm], first[isrm] + 1)
+    c_kind = classify(words, sp[c_kind_end - 1] + 1, sp[c_kind_end], [k.encode() for k in KIND_CODES])
+    c_orig = cf + 1
+    c_new = cf + np.where(c14, 7, 6)
+    r_func = first[isrm] + 1
+    part = {"c_dump": line_dump[clone], "c_orig": c_orig + base, "c_new": c_new + base, "c_kind": c_kind,
+            "r_dump": line_dump[isrm], "r_func": r_func + base}
+    for tag, men, dump in (("o", c_orig, part["c_dump"]), ("n", c_new, part["c_dump"]),
+                           ("r", r_func, part["r_dump"])):
+        ostart = sp[men] + 1
+        olen = sp[men + 1] - ostart
+        okey = words[ostart]
+        okey &= _MASK5[np.minimum(olen, 5)]
+        okey |= dump.astype(np.uint64) << np.uint64(40)
+        okey[(olen > 5) | (olen < 1)] = np.uint64(1 << 63)
+        part["ok_" + tag] = okey
+        part["span_" + tag] = (sp[men + 4] - sp[men - 1]).astype(np.int32)
+    return sp, part
+
+
+def _seps_from(data: bytearray, lo: int, hi: int, found: list[np.ndarray]) -> np.ndarray:
+    """:func:`~.tokens.find_seps` of ``data[lo:hi]``, as offsets in ``data``."""
+    sp = find_seps(memoryview(data)[lo:hi], b";", None, found)
+    sp += lo
+    return sp
 
 
 def _bad_line(data: bytearray, file_start: np.ndarray, paths: list[Path], offset: int, nf: int, clone: bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from .tokens import (
     u64_view,
 )
 
-__all__ = ["Index", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPES", "SYM_BINDS"]
+__all__ = ["Index", "StageTimes", "build_index", "load_index", "cache_dir", "KINDS", "SYM_TYPES", "SYM_BINDS"]
 
 #: Edge kinds; anything else GCC writes (simdclone, target clones) is kept as "other".
 KINDS = ("inline", "constprop", "isra", "part", "recursion", "other")
@@ -154,8 +155,9 @@ def _parse_symtabs(data: bytearray, starts: np.ndarray, group_obj: list[str]) ->
     looks at them)."""
     text_end = len(data) - PAD
     words = u64_view(data)
-    sp = find_seps(data, b" ", text_end)
-    nl = np.flatnonzero(np.frombuffer(data, np.uint8)[sp] == 10)
+    found: list[np.ndarray] = []
+    sp = find_seps(data, b" ", text_end, found)
+    nl = found[0]
     first = np.empty(len(nl), np.int64)
     first[:1] = 0
     first[1:] = nl[:-1] + 1
@@ -301,11 +303,9 @@ def _units(raw: RawDumps, men: np.ndarray, mdump: np.ndarray) -> tuple[np.ndarra
     Returns (unit of each mention, mention index of each unit's first mention); units are numbered in
     order of first mention.
     """
-    sp = raw.sp
-    order, ok = parse_uint(raw.data, sp[men] + 1, sp[men + 1])
-    okey = (mdump.astype(np.uint64) << np.uint64(32)) | order.astype(np.uint64)
-    bad = np.flatnonzero(~ok | (order >= 2**32))
-    okey[bad] = np.uint64(1 << 63) | bad.astype(np.uint64)  # unparsable: a unit of its own
+    okey = raw.m_okey
+    bad = np.flatnonzero(okey >> np.uint64(63))
+    okey[bad] |= bad.astype(np.uint64)  # no usable ORDER: a unit of its own
     _, ufirst, uinv = group(okey)
     del okey
     urank = first_order(ufirst, len(men))
@@ -314,7 +314,7 @@ def _units(raw: RawDumps, men: np.ndarray, mdump: np.ndarray) -> tuple[np.ndarra
     unit_men[urank] = ufirst
     del uinv, urank, ufirst
     # "name;order;file;line;col" must have the same length as in the unit's first mention
-    span = sp[men + 4] - sp[men - 1]
+    span = raw.m_span
     differ = span != span[unit_men[unit]]
     odd = np.flatnonzero(differ)
     if len(odd):  # never seen with GCC: keep them apart, identified by their full text
@@ -323,8 +323,29 @@ def _units(raw: RawDumps, men: np.ndarray, mdump: np.ndarray) -> tuple[np.ndarra
     return unit, unit_men
 
 
+class StageTimes:
+    """CPU and wall seconds per build stage, kept for the last build (``bench/bench_impact.py`` prints them).
+
+    >>> t = StageTimes(); t.lap("x"); list(t.laps)
+    ['x']
+    """
+
+    last: StageTimes | None = None
+
+    def __init__(self) -> None:
+        self.laps: dict[str, tuple[float, float]] = {}
+        self._t = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        """Close the stage ``name``."""
+        now = (time.perf_counter(), time.process_time())
+        self.laps[name] = (now[0] - self._t[0], now[1] - self._t[1])
+        self._t = now
+
+
 def build_index(dumps: list[Path], objects: Path | None = None, root: Path | None = None) -> Index:
     """Parse ``dumps`` and their objects' symbol tables into an :class:`Index`."""
+    st = StageTimes.last = StageTimes()
     lto = any(lto_link_of(d) for d in dumps)
     if lto:  # one link: compile-time and link-time decisions chain into each other, so one group
         links = sorted({lto_link_of(d) for d in dumps} - {None}, key=str)
@@ -334,10 +355,16 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
     else:
         dump_group = np.arange(len(dumps), dtype=np.int64)
         group_obj = [os.fspath(o) if o else "" for o in objects_for_dumps(dumps, objects, root)]
-    dt = _dump_tables(parse_dumps(dumps), dump_group)  # the dump text is freed on return
+    st.lap("find objects")
+    raw = parse_dumps(dumps)
+    st.lap("read + split dumps")
+    dt = _dump_tables(raw, dump_group)
+    del raw  # the dump text is freed here
+    st.lap("functions, nodes, edges")
 
     # symbols; their names join the function names (ids of function names stay as they are)
     sdata, sstart = _read_symtabs(group_obj)
+    st.lap("read symbol tables")
     sy = _parse_symtabs(sdata, sstart, group_obj)
     k0 = len(dt.names)
     allh = np.concatenate([dt.name_hash, sy.name_hash])
@@ -354,6 +381,7 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
     s_base = _lto_base(names, name_hash, nm_id)[s_names] if len(s_names) else np.zeros(0, np.int64)
     so = np.lexsort((s_base, sy.group))
     i32 = np.int32
+    st.lap("split symbols, names")
     return Index(
         dumps=[str(d) for d in dumps], objects=group_obj, dump_group=dump_group, names=names,
         name_hash=name_hash, name_order=nm_id.astype(i32), files=dt.files, f_name=dt.f_name,
@@ -418,12 +446,13 @@ def _fingerprint(dumps: list[Path], objects: Path | None) -> str:
         parts.append(f"{ds};{st.st_size};{st.st_mtime_ns}\n")
         stem = _DUMP_C.sub("", ds)
         if stem != ds:
-            for side in (stem + ".o.syms", stem + ".o"):
+            for side in (stem + ".o.syms", stem + ".o"):  # the first that exists is the one used
                 try:
                     s2 = os.stat(side)
                 except OSError:
                     continue
                 parts.append(f"{side};{s2.st_size};{s2.st_mtime_ns}\n")
+                break
     h.update("".join(parts).encode())
     return h.hexdigest()
 

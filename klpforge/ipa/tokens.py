@@ -26,7 +26,7 @@ MAX_FIELD = 4096
 #: Bytes of zero padding a buffer needs after its text, so an 8-byte load at any text offset stays inside.
 PAD = 8
 _CHUNK_SPANS = 1 << 16  # spans hashed per vectorised step: keeps the temporaries small (peak memory)
-_CHUNK_BYTES = 1 << 23  # bytes scanned per separator step
+_CHUNK_BYTES = 1 << 18  # bytes scanned per separator step (fits in L2)
 _BLOCK = 4  # words per span hashed in one vectorised step
 _K = np.uint64(0x9E3779B97F4A7C15)  # odd multipliers: word mix, length term
 _P = 0x100000001B3 * 2 + 1
@@ -71,26 +71,42 @@ def u64_view(buf: bytearray | bytes) -> np.ndarray:
     return np.ndarray((max(len(buf) - 7, 0),), np.dtype("<u8"), buffer=buf, strides=(1,))
 
 
-def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None) -> np.ndarray:
+def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None, lines: list[np.ndarray] | None = None
+              ) -> np.ndarray:
     """Offsets (ascending; int32 when the buffer allows, to halve the biggest array) of every newline and
-    every byte of ``seps`` in ``buf[:end]``.
+    every byte of ``seps`` in ``buf[:end]``. Scanned in cache-sized chunks: comparing a chunk that stays
+    in the CPU cache is several times faster than one pass over the whole buffer per separator. When
+    ``lines`` is a list, the index into the result of every newline is appended to it (one array).
 
     >>> find_seps(b"a b\\nc\\n", b" ").tolist()
     [1, 3, 5]
     """
-    table = bytearray(256)
-    for s in seps + b"\n":
-        table[s] = 1
     n = len(buf) if end is None else end
-    view = memoryview(buf)
+    a = np.frombuffer(buf, np.uint8)
     dt = np.int32 if len(buf) < 2**31 - 16 else np.int64
+    codes = [10, *seps]
     parts = []
-    for lo in range(0, n, _CHUNK_BYTES):  # in chunks: the 0/1 copy of the buffer stays small
+    done = 0
+    mask = np.empty(_CHUNK_BYTES, np.bool_)
+    tmp = np.empty(_CHUNK_BYTES, np.bool_)
+    for lo in range(0, n, _CHUNK_BYTES):
         hi = min(n, lo + _CHUNK_BYTES)
-        flags = np.frombuffer(view[lo:hi].tobytes().translate(table), np.bool_)
-        part = np.flatnonzero(flags).astype(dt)
+        x = a[lo:hi]
+        m, t = mask[:hi - lo], tmp[:hi - lo]
+        np.equal(x, codes[0], out=m)
+        for c in codes[1:]:
+            np.equal(x, c, out=t)
+            m |= t
+        part = np.flatnonzero(m).astype(dt)
+        if lines is not None:
+            nl = np.flatnonzero(x[part] == 10)
+            nl += done
+            lines.append(nl)
+            done += len(part)
         part += lo
         parts.append(part)
+    if lines is not None:
+        lines[:] = [np.concatenate(lines) if lines else np.zeros(0, np.int64)]
     return np.concatenate(parts) if parts else np.zeros(0, dt)
 
 
