@@ -173,22 +173,29 @@ def _parse_symtabs(data: bytearray, starts: np.ndarray, group_obj: list[str]) ->
         line = data.count(b"\n", int(starts[g]), off) + 1
         raise InputError(f"{group_obj[g]}:{line}: expected 6 columns (value size type bind ndx name), "
                          f"found {int(nf[i])}")
-    st = np.empty((len(nl), 6), np.int64)  # start of each column
-    st[:, 0] = lstart
-    st[:, 1:] = sp[first[:, None] + np.arange(5)] + 1
-    en = sp[first[:, None] + np.arange(6)]
-    typ = classify(words, st[:, 2], en[:, 2], [t.encode() for t in SYM_TYPES[:-1]])
+    def col(k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (start, end) of column k
+        f = first[rows]
+        return (lstart[rows] if k == 0 else sp[f + (k - 1)] + 1), sp[f + k]
+
+    allrows = np.arange(len(nl))
+    typ = classify(words, *col(2, allrows), [t.encode() for t in SYM_TYPES[:-1]])
     keep = np.flatnonzero((typ != SYM_TYPES.index("FILE")) & (typ != SYM_TYPES.index("SECTION")))
-    st, en, typ = st[keep], en[keep], typ[keep]
-    bind = classify(words, st[:, 3], en[:, 3], [t.encode() for t in SYM_BINDS[:-1]])
-    ndx, ok = parse_uint(data, st[:, 4], en[:, 4])
-    ndx[~ok] = -1  # ABS, COM, UND
-    value, ok = parse_uint(data, st[:, 0], en[:, 0], 16)
-    value[~ok] = -1
-    size, ok = parse_uint(data, st[:, 1], en[:, 1])
-    size[~ok] = -1
-    return _Syms(np.searchsorted(starts, st[:, 0], side="right") - 1, span_hash(words, st[:, 5], en[:, 5]),
-                 st[:, 5], en[:, 5], typ, bind, ndx, value, size)
+    typ = typ[keep]
+    bind = classify(words, *col(3, keep), [t.encode() for t in SYM_BINDS[:-1]])
+    # numbers matter only for functions (aliases at one address); -1 elsewhere, as for ABS/COM/UND
+    fn = keep[typ == SYM_TYPES.index("FUNC")]
+    isfn = typ == SYM_TYPES.index("FUNC")
+    ndx = np.full(len(keep), -1, np.int64)
+    value = np.full(len(keep), -1, np.int64)
+    size = np.full(len(keep), -1, np.int64)
+    for arr, k, base in ((ndx, 4, 10), (value, 0, 16), (size, 1, 10)):
+        v, ok = parse_uint(data, *col(k, fn), base)
+        v[~ok] = -1
+        arr[isfn] = v
+    ns, ne = col(5, keep)
+    grp = np.repeat(np.arange(len(starts), dtype=np.int64),
+                    np.diff(np.append(np.searchsorted(lstart, starts), len(lstart))))[keep]
+    return _Syms(grp, span_hash(words, ns, ne), ns, ne, typ, bind, ndx, value, size)
 
 
 @dataclass
