@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from klpforge.kbuild.prepare import KernelLayout
+from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 PEER = SHARED / "peer-objs"
@@ -46,3 +49,14 @@ def cc(gcc: str, tmp_path: Path):
         return d / "unit.o"
 
     return build
+
+
+@pytest.fixture(scope="session")
+def kernel() -> KernelLayout:
+    """The prepared 6.1 test kernel; skips without it, fails instead under KLPFORGE_REQUIRE_KERNEL=1."""
+    lay = prepared_kernel()
+    if lay is None:
+        if require_kernel():
+            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
+        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
+    return lay

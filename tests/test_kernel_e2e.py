@@ -19,21 +19,10 @@ import pytest
 
 from klpforge.kbuild.prepare import KernelLayout
 from klpforge.kbuild.restore import journal_dir, tree_checksum
-from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
 
 pytestmark = pytest.mark.kernel
 
 PATCHES = Path(__file__).parent / "kernel_patches"
-
-
-@pytest.fixture(scope="module")
-def kernel() -> KernelLayout:
-    lay = prepared_kernel()
-    if lay is None:
-        if require_kernel():
-            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
-        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
-    return lay
 
 
 @pytest.fixture(scope="module")

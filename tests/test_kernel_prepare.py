@@ -9,19 +9,8 @@ import time
 import pytest
 
 from klpforge.kbuild.prepare import KernelLayout, check_config, fragment_lines, fragment_text
-from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def kernel() -> KernelLayout:
-    lay = prepared_kernel()
-    if lay is None:
-        if require_kernel():
-            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
-        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
-    return lay
 
 
 def test_prepare_is_cached_and_evaluable(kernel: KernelLayout) -> None:

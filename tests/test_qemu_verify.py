@@ -9,20 +9,9 @@ from pathlib import Path
 import pytest
 
 from klpforge.kbuild.prepare import KernelLayout
-from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
 from klpforge.qemu.verify import guest_init, parse_console
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def kernel() -> KernelLayout:
-    lay = prepared_kernel()
-    if lay is None:
-        if require_kernel():
-            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no prepared kernel: run `klpforge kernel prepare`")
-        pytest.skip("no prepared kernel (run `klpforge kernel prepare`, ~4 min)")
-    return lay
 
 
 def _verify(*args: str) -> subprocess.CompletedProcess[str]:
