@@ -364,6 +364,17 @@ def _clone_callers(idx: Index, wanted: dict[int, list[tuple[str, Entry]]], notes
     return out
 
 
+def _ptr(sorted_ids: np.ndarray, n: int) -> np.ndarray:
+    """CSR pointers of sorted ids in ``0..n-1``: items of id ``i`` are ``ptr[i]:ptr[i+1]`` (a count, not a search).
+
+    >>> _ptr(np.array([0, 0, 2]), 3).tolist()
+    [0, 2, 2, 3]
+    """
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(sorted_ids, minlength=n), out=ptr[1:])
+    return ptr
+
+
 def _ranges(ptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``ptr[v]..ptr[v+1]-1`` for every ``v`` in ``nodes``, concatenated; and the count per node."""
     lo = ptr[nodes]
@@ -392,7 +403,22 @@ def _scc_reps(nn: int, s: np.ndarray, d: np.ndarray) -> np.ndarray:
     inlined back into their original).
     """
     rep = np.arange(nn, dtype=np.int64)
+    # sinks upwards (Kahn, touching each edge once), then sources downwards on the small rest
+    order = np.argsort(d, kind="stable")
+    rs = s[order]
+    rptr = _ptr(d[order], nn)
+    left = np.bincount(s, minlength=nn)
     alive = np.ones(nn, np.bool_)
+    frontier = np.flatnonzero(left == 0)
+    while len(frontier):
+        alive[frontier] = False
+        pos, _ = _ranges(rptr, frontier)
+        preds = rs[pos]
+        left -= np.bincount(preds, minlength=nn)
+        cand = _sorted_unique(preds)
+        frontier = cand[(left[cand] == 0) & alive[cand]]
+    a = alive[s] & alive[d]
+    s, d = s[a], d[a]
     while True:
         a = alive[s] & alive[d]
         kill = alive & ((np.bincount(s[a], minlength=nn) == 0) | (np.bincount(d[a], minlength=nn) == 0))
@@ -403,48 +429,65 @@ def _scc_reps(nn: int, s: np.ndarray, d: np.ndarray) -> np.ndarray:
     if not a.any():
         return rep
     es, ed = s[a], d[a]
-    succ: dict[int, list[int]] = {}
-    for u, v in zip(es.tolist(), ed.tolist(), strict=True):
-        succ.setdefault(u, []).append(v)
-    index: dict[int, int] = {}
-    low: dict[int, int] = {}
+    # Tarjan's algorithm (iterative) on the remaining nodes, renumbered 0..k-1, adjacency as lists
+    nodes = np.flatnonzero(alive)
+    local = np.full(nn, -1, np.int64)
+    local[nodes] = np.arange(len(nodes))
+    o = np.argsort(local[es], kind="stable")
+    ls, ld = local[es][o], local[ed][o]
+    k = len(nodes)
+    ptr = np.zeros(k + 1, np.int64)
+    np.cumsum(np.bincount(ls, minlength=k), out=ptr[1:])
+    succ = ld.tolist()
+    sp = ptr.tolist()
+    index = [-1] * k
+    low = [0] * k
+    on = [False] * k
     stack: list[int] = []
-    on: set[int] = set()
+    comp_of = [-1] * k
     counter = 0
-    for root in np.flatnonzero(alive).tolist():
-        if root in index:
+    for root in range(k):
+        if index[root] >= 0:
             continue
-        work = [(root, 0)]
-        while work:  # iterative Tarjan
-            v, i = work.pop()
-            if i == 0:
-                index[v] = low[v] = counter
-                counter += 1
-                stack.append(v)
-                on.add(v)
-            nxt = succ.get(v, [])
-            while i < len(nxt):
-                w = nxt[i]
+        work = [(root, sp[root])]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on[root] = True
+        while work:
+            v, i = work[-1]
+            end = sp[v + 1]
+            while i < end:
+                w = succ[i]
                 i += 1
-                if w not in index:
-                    work.append((v, i))
-                    work.append((w, 0))
+                if index[w] < 0:
+                    work[-1] = (v, i)
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on[w] = True
+                    work.append((w, sp[w]))
                     break
-                if w in on:
-                    low[v] = min(low[v], index[w])
+                if on[w] and index[w] < low[v]:
+                    low[v] = index[w]
             else:
+                work.pop()
                 if low[v] == index[v]:
-                    comp = []
                     while True:
                         w = stack.pop()
-                        on.discard(w)
-                        comp.append(w)
+                        on[w] = False
+                        comp_of[w] = v
                         if w == v:
                             break
-                    rep[comp] = min(comp)
                 if work:
                     u = work[-1][0]
-                    low[u] = min(low[u], low[v])
+                    if low[v] < low[u]:
+                        low[u] = low[v]
+    comp = np.array(comp_of, np.int64)
+    # representative = smallest node id of the component
+    first = np.full(k, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, comp, nodes)
+    rep[nodes] = first[comp]
     return rep
 
 
@@ -454,10 +497,10 @@ def _dag_reach(nn: int, s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.nd
     Nodes are peeled from the sinks upwards (Kahn's algorithm, one vectorised step per level): a node's
     reach is its successors plus their reaches, which are complete by then.
     """
-    sptr = np.searchsorted(s, np.arange(nn + 1))
+    sptr = _ptr(s, nn)
     order = np.argsort(d, kind="stable")
     rs = s[order]
-    rptr = np.searchsorted(d[order], np.arange(nn + 1))
+    rptr = _ptr(d[order], nn)
     left = np.diff(sptr)  # successors not yet done
     rstart = np.zeros(nn, np.int64)
     rlen = np.zeros(nn, np.int64)
@@ -528,7 +571,7 @@ def closure_all(idx: Index) -> tuple[np.ndarray, np.ndarray]:
         mnode = np.concatenate([big, np.unique(rep[big])])
         o = np.lexsort((mnode, mrep))
         mrep, mnode = mrep[o], mnode[o]
-        mptr = np.searchsorted(mrep, np.arange(nn + 1))
+        mptr = _ptr(mrep, nn)
         msize = np.diff(mptr)
         # a reached representative stands for all its members
         hit = np.flatnonzero(msize[px] > 0)
@@ -541,7 +584,7 @@ def closure_all(idx: Index) -> tuple[np.ndarray, np.ndarray]:
         reps = np.flatnonzero(msize > 0)
         fk = _sorted_unique(fv * nn + fx)
         fv, fx = fk // nn, fk % nn
-        fptr = np.searchsorted(fv, np.arange(nn + 1))
+        fptr = _ptr(fv, nn)
         mpos, mcnt = _ranges(mptr, reps)
         mem, mem_rep = mnode[mpos], np.repeat(reps, mcnt)
         rpos, rcnt = _ranges(fptr, mem_rep)

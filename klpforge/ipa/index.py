@@ -291,7 +291,8 @@ def _dump_tables(raw: RawDumps, dump_group: np.ndarray) -> _DumpTables:
     e_src = (ekey >> np.uint64(bits + 3)).astype(np.int32)
     e_dst = ((ekey >> np.uint64(3)) & np.uint64((1 << bits) - 1)).astype(np.int32)
     e_kind = (ekey & np.uint64(7)).astype(np.int8)
-    e_ptr = np.searchsorted(e_src, np.arange(nn + 1)).astype(np.int64)
+    e_ptr = np.zeros(nn + 1, np.int64)
+    np.cumsum(np.bincount(e_src, minlength=nn), out=e_ptr[1:])
     i32 = np.int32
     return _DumpTables(f_line.astype(i32), f_col.astype(i32), f_file.astype(i32), files,
                        nm_id[ninv].astype(i32), names, name_hash, n_group.astype(i32), n_func.astype(i32),
