@@ -364,6 +364,22 @@ def _clone_callers(idx: Index, wanted: dict[int, list[tuple[str, Entry]]], notes
     return out
 
 
+def _order_by(ids: np.ndarray, n: int) -> np.ndarray:
+    """Stable argsort of ids in ``0..n-1``: the ids and positions packed in one integer and sorted with a
+    plain sort, several times faster than ``argsort``.
+
+    >>> _order_by(np.array([2, 0, 2, 1]), 3).tolist()
+    [1, 3, 0, 2]
+    """
+    b = max(1, (len(ids) - 1).bit_length())
+    if len(ids) == 0 or (max(n, 1) - 1).bit_length() + b > 62:
+        return np.argsort(ids, kind="stable")
+    packed = (ids.astype(np.int64) << b) | np.arange(len(ids), dtype=np.int64)
+    packed.sort()
+    packed &= (1 << b) - 1
+    return packed
+
+
 def _ptr(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     """CSR pointers of sorted ids in ``0..n-1``: items of id ``i`` are ``ptr[i]:ptr[i+1]`` (a count, not a search).
 
@@ -404,7 +420,7 @@ def _scc_reps(nn: int, s: np.ndarray, d: np.ndarray) -> np.ndarray:
     """
     rep = np.arange(nn, dtype=np.int64)
     # sinks upwards (Kahn, touching each edge once), then sources downwards on the small rest
-    order = np.argsort(d, kind="stable")
+    order = _order_by(d, nn)
     rs = s[order]
     rptr = _ptr(d[order], nn)
     left = np.bincount(s, minlength=nn)
@@ -433,7 +449,7 @@ def _scc_reps(nn: int, s: np.ndarray, d: np.ndarray) -> np.ndarray:
     nodes = np.flatnonzero(alive)
     local = np.full(nn, -1, np.int64)
     local[nodes] = np.arange(len(nodes))
-    o = np.argsort(local[es], kind="stable")
+    o = _order_by(local[es], len(nodes))
     ls, ld = local[es][o], local[ed][o]
     k = len(nodes)
     ptr = np.zeros(k + 1, np.int64)
@@ -498,7 +514,7 @@ def _dag_reach(nn: int, s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.nd
     reach is its successors plus their reaches, which are complete by then.
     """
     sptr = _ptr(s, nn)
-    order = np.argsort(d, kind="stable")
+    order = _order_by(d, nn)
     rs = s[order]
     rptr = _ptr(d[order], nn)
     left = np.diff(sptr)  # successors not yet done

@@ -126,7 +126,10 @@ def lto_link_of(dump: Path) -> Path | None:
     >>> lto_link_of(Path("out/prog.ltrans0.ltrans.000i.ipa-clones"))
     PosixPath('out/prog')
     """
-    m = _LTO_RE.match(dump.name)
+    name = dump.name
+    if ".wpa." not in name and ".ltrans" not in name:  # cheap test first: called for every dump
+        return None
+    m = _LTO_RE.match(name)
     return dump.with_name(m.group("link")) if m else None
 
 
@@ -173,13 +176,18 @@ def objects_for_dumps(dumps: list[Path], objects: Path | None = None, dumps_root
 
     out: list[str | os.PathLike[str] | None] = []
     for dump in dumps:
-        if lto_link_of(dump) is not None or objects is not None:
+        if objects is not None or lto_link_of(dump) is not None:
             out.append(object_for_dump(dump, objects, dumps_root))
             continue
-        d = os.path.dirname(os.fspath(dump)) or "."
-        base = os.path.splitext(_DUMP_TAIL.sub("", dump.name))[0]
-        hit = next((c for c in (base + ".o.syms", base + ".o") if has(d, c)), None)
-        out.append(os.path.join(d, hit) if hit else None)
+        d, _, name = os.fspath(dump).rpartition("/")
+        d = d or "."
+        base = os.path.splitext(_DUMP_TAIL.sub("", name))[0]
+        if has(d, base + ".o.syms"):
+            out.append(f"{d}/{base}.o.syms")
+        elif has(d, base + ".o"):
+            out.append(f"{d}/{base}.o")
+        else:
+            out.append(None)
     return out
 
 
