@@ -54,7 +54,7 @@ class Object:
         self.shndx = self.syms["shndx"].astype(np.int64)
         self.value = self.syms["value"].astype(np.int64)
         self.size = self.syms["size"].astype(np.int64)
-        self.defined = (self.shndx != C.SHN_UNDEF) & (self.shndx < C.SHN_LORESERVE)
+        self.defined = (self.shndx != C.SHN_UNDEF) & ~elf.sym_special
         self.canon = [canonical(n) for n in self.sym_names]
         self._scopes()
         self._sections()

@@ -193,6 +193,7 @@ class ElfFile:
         self.symtab_index = int(tabs[0]) if len(tabs) else None
         if self.symtab_index is None:
             self.syms = np.zeros(0, SYM)
+            self.sym_special = np.zeros(0, bool)
             self.sym_names: list[str] = []
             self.first_global = 0
             return
@@ -206,7 +207,11 @@ class ElfFile:
         syms = np.empty(count, SYM)
         for f in SYM.names or ():
             syms[f] = raw[f]
-        xi = np.flatnonzero(syms["shndx"] == C.SHN_XINDEX)
+        # SHN_ABS, SHN_COMMON, SHN_LIVEPATCH...: reserved values, not sections. With extended numbering
+        # (vmlinux.o has more than 65,280 sections) real indices can be that large too, so keep a mask.
+        raw_ndx = syms["shndx"].copy()
+        self.sym_special = (raw_ndx >= C.SHN_LORESERVE) & (raw_ndx != C.SHN_XINDEX)
+        xi = np.flatnonzero(raw_ndx == C.SHN_XINDEX)
         if len(xi):
             ext = np.flatnonzero((sh["type"] == C.SHT_SYMTAB_SHNDX) & (sh["link"] == i))
             if not len(ext):
@@ -214,7 +219,7 @@ class ElfFile:
             table = np.frombuffer(self.data, np.dtype("u4").newbyteorder(self.endian), count,
                                   int(sh["offset"][ext[0]]))
             syms["shndx"][xi] = table[xi]
-        real = syms["shndx"] < C.SHN_LORESERVE
+        real = ~self.sym_special
         if (syms["shndx"][real] >= self.shnum).any():
             j = int(np.flatnonzero(real & (syms["shndx"] >= self.shnum))[0])
             raise self._fail(f"corrupt: symbol {j} points at section {int(syms['shndx'][j])} of {self.shnum}")

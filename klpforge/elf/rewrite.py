@@ -53,7 +53,7 @@ class Rewriter:
             if drop_symbol(i, name):
                 continue
             shndx = int(syms["shndx"][i])
-            if 0 < shndx < C.SHN_LORESERVE:
+            if shndx and not elf.sym_special[i]:
                 if shndx not in self.sec_map:
                     continue  # defined in a dropped section
                 shndx = self.sec_map[shndx]
