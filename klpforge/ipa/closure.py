@@ -14,8 +14,8 @@ import numpy as np
 
 from ..errors import InputError
 from .index import KINDS, SYM_BINDS, SYM_TYPES, Index
-from .tokens import hash_strings
 from .objsyms import reloc_callers
+from .tokens import hash_strings
 
 __all__ = ["Step", "Entry", "ImpactResult", "impact", "MODES", "closure_all"]
 
@@ -159,7 +159,8 @@ def _lookups(idx: Index) -> _Lookups:
     lk = idx._cache.get("lookups")
     if lk is None:
         lk = idx._cache["lookups"] = _Lookups(idx)
-    return lk  # type: ignore[no-any-return]
+    assert isinstance(lk, _Lookups)
+    return lk
 
 
 def _syms_of(idx: Index, g: int) -> tuple[int, int]:
@@ -245,10 +246,10 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
         mask = np.zeros(nn, np.bool_)
         mask[walks[key][0]] = True
         in_mode[m] = mask
-    nodes, parents, labels = walks[frozenset()]
-    fids = idx.n_func[nodes].astype(np.int64)
+    reached, parents, labels = walks[frozenset()]
+    fids = idx.n_func[reached].astype(np.int64)
     name_ids = idx.f_name[fids].astype(np.int64)
-    groups = idx.n_group[nodes].astype(np.int64)
+    groups = idx.n_group[reached].astype(np.int64)
     # first FUNC symbol row of each reached node's (group, base name), -1 when none
     k = (groups << 32) | name_ids
     at = np.searchsorted(lk.by_base, k)
@@ -258,14 +259,14 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     rows[hit] = lk.func_rows[at[hit]]
     has_obj = np.array([bool(o) for o in idx.objects], np.bool_)[groups] if len(groups) else np.zeros(0, bool)
     status = np.where(~has_obj, "unknown", np.where(rows >= 0, "replace",
-                                                    np.where(idx.n_removed[nodes], "removed", "missing")))
-    avoided = {m: ~in_mode[m][nodes] for m in MODES if m != "O2"}
+                                                    np.where(idx.n_removed[reached], "removed", "missing")))
+    avoided = {m: ~in_mode[m][reached] for m in MODES if m != "O2"}
     chains: dict[int, list[Step]] = {}
-    pos_of = {n: i for i, n in enumerate(nodes.tolist())}
+    pos_of = {n: i for i, n in enumerate(reached.tolist())}
     entries: list[Entry] = []
     want_pieces: list[tuple[int, int, int, str]] = []
     callers_wanted: dict[int, list[tuple[str, Entry]]] = {}
-    nodes_l, parents_l, labels_l = nodes.tolist(), parents.tolist(), labels.tolist()
+    nodes_l, parents_l, labels_l = reached.tolist(), parents.tolist(), labels.tolist()
     for i, n in enumerate(nodes_l):
         p = parents_l[i]
         if p < 0:
@@ -327,7 +328,7 @@ def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[list[str
     shared = (addr >= 0) & (idx.s_ndx[rows] >= 0) & (idx.s_size[rows] > 0)
     shared[shared] = (lk.at_ptr[addr[shared] + 1] - lk.at_ptr[addr[shared]]) > 1
     out = []
-    for i, (_, row, name) in enumerate(items):
+    for i, (_, _row, name) in enumerate(items):
         pieces = [cand[2 * i + t] for t in (0, 1) if present[2 * i + t]]
         if shared[i]:  # identical-code-folded aliases: other functions at the same address
             a = int(addr[i])

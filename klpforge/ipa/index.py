@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class Index:
     lk_at_ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     lk_addr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lto: bool = False
-    _cache: dict[str, object] = field(default_factory=dict, repr=False)  # lookups built by queries
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)  # lookups built by queries
 
     def name_id(self, name: str) -> int:
         """Id of ``name``, or -1 when no dump or symbol table mentions it."""
@@ -390,15 +391,18 @@ def build_index(dumps: list[Path], objects: Path | None = None, root: Path | Non
     so = np.lexsort((s_base, sy.group))
     i32 = np.int32
     st.lap("split symbols, names")
-    return Index(
+    idx = Index(
         dumps=[str(d) for d in dumps], objects=group_obj, dump_group=dump_group, names=names,
         name_hash=name_hash, name_order=nm_id.astype(i32), files=dt.files, f_name=dt.f_name,
         f_file=dt.f_file, f_line=dt.f_line, f_col=dt.f_col, n_group=dt.n_group, n_func=dt.n_func,
         n_removed=dt.n_removed, e_src=dt.e_src, e_dst=dt.e_dst, e_kind=dt.e_kind, e_count=dt.e_count,
         e_ptr=dt.e_ptr, s_group=sy.group[so].astype(i32), s_name=s_names[so].astype(i32),
         s_base=s_base[so].astype(i32), s_type=sy.type[so], s_bind=sy.bind[so], s_ndx=sy.ndx[so].astype(i32),
-        s_value=sy.value[so], s_size=sy.size[so], lto=lto, **lookup_arrays(
-            len(names), sy.group[so], s_names[so], s_base[so], sy.type[so], sy.bind[so], sy.ndx[so], sy.value[so]))
+        s_value=sy.value[so], s_size=sy.size[so], lto=lto)
+    for k, v in lookup_arrays(len(names), sy.group[so], s_names[so], s_base[so], sy.type[so], sy.bind[so],
+                              sy.ndx[so], sy.value[so]).items():
+        setattr(idx, k, v)
+    return idx
 
 
 def lookup_arrays(nnames: int, group: np.ndarray, name: np.ndarray, base: np.ndarray, typ: np.ndarray,

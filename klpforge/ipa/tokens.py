@@ -71,8 +71,8 @@ def u64_view(buf: bytearray | bytes) -> np.ndarray:
     return np.ndarray((max(len(buf) - 7, 0),), np.dtype("<u8"), buffer=buf, strides=(1,))
 
 
-def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None, lines: list[np.ndarray] | None = None
-              ) -> np.ndarray:
+def find_seps(buf: bytearray | bytes | memoryview, seps: bytes, end: int | None = None,
+              lines: list[np.ndarray] | None = None) -> np.ndarray:
     """Offsets (ascending; int32 when the buffer allows, to halve the biggest array) of every newline and
     every byte of ``seps`` in ``buf[:end]``. Scanned in cache-sized chunks: comparing a chunk that stays
     in the CPU cache is several times faster than one pass over the whole buffer per separator. When
@@ -99,12 +99,10 @@ def find_seps(buf: bytearray | bytes, seps: bytes, end: int | None = None, lines
             m |= t
         part = np.flatnonzero(m).astype(dt)
         if lines is not None:
-            nl = np.flatnonzero(x[part] == 10)
-            nl += done
+            nl = np.flatnonzero(x[part] == 10) + done
             lines.append(nl)
             done += len(part)
-        part += lo
-        parts.append(part)
+        parts.append(part + lo)
     if lines is not None:
         lines[:] = [np.concatenate(lines) if lines else np.zeros(0, np.int64)]
     return np.concatenate(parts) if parts else np.zeros(0, dt)
@@ -314,7 +312,7 @@ def _all_hex_letters(w: np.ndarray) -> np.ndarray:
     """Per word: all eight bytes are hex digits (digits or a-f/A-F), checked byte-wise (rare path)."""
     b = w.view(np.uint8).reshape(-1, 8)
     lo = b | np.uint8(32)
-    return (((b >= 48) & (b <= 57)) | ((lo >= 97) & (lo <= 102))).all(axis=1)
+    return np.asarray((((b >= 48) & (b <= 57)) | ((lo >= 97) & (lo <= 102))).all(axis=1))
 
 
 def _digits_matrix(buf: bytes | bytearray, start: np.ndarray, end: np.ndarray, base: int) -> tuple[
