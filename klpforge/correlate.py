@@ -240,13 +240,20 @@ def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey: Calla
 
 def _correlate_sections(corr: Correlation) -> None:
     o, p = corr.orig, corr.patched
-    # Sections holding a correlated function/object follow it.
-    for sec in range(1, o.nsec):
-        own = int(o.section_owner[sec])
-        if own >= 0 and corr.o2p[own] >= 0:
-            ps = int(p.shndx[corr.o2p[own]])
-            if corr.sp2o[ps] < 0 and int(p.section_owner[ps]) == corr.o2p[own]:
-                corr.so2p[sec], corr.sp2o[ps] = ps, sec
+    # Sections holding a correlated function/object follow it (vectorised: one per section pair).
+    own = o.section_owner
+    twin = np.where(own >= 0, corr.o2p[np.clip(own, 0, None)], -1)
+    secs = np.flatnonzero(twin >= 0)
+    secs = secs[secs > 0]
+    if len(secs):
+        ps = p.shndx[twin[secs]]
+        good = (ps > 0) & (ps < p.nsec)
+        secs, ps = secs[good], ps[good]
+        good = p.section_owner[ps] == twin[secs]
+        secs, ps = secs[good], ps[good]
+        _, first = np.unique(ps, return_index=True)
+        secs, ps = secs[first], ps[first]
+        corr.so2p[secs], corr.sp2o[ps] = ps, secs
     # The rest by name, with GCC numbering removed from the name's symbol part.
     def key(obj: Object, sec: int) -> str:
         n = obj.sec_names[sec]
@@ -254,12 +261,12 @@ def _correlate_sections(corr: Correlation) -> None:
         return n[: len(n) - len(subj)] + canonical(subj) if subj else canonical(n) if ".str1." in n else n
 
     pk: dict[str, list[int]] = defaultdict(list)
-    for sec in range(1, p.nsec):
-        if corr.sp2o[sec] < 0 and int(p.section_owner[sec]) < 0:
+    for sec in np.flatnonzero((corr.sp2o < 0) & (p.section_owner < 0)).tolist():
+        if sec:
             pk[key(p, sec)].append(sec)
     ok: dict[str, list[int]] = defaultdict(list)
-    for sec in range(1, o.nsec):
-        if corr.so2p[sec] < 0 and int(o.section_owner[sec]) < 0:
+    for sec in np.flatnonzero((corr.so2p < 0) & (o.section_owner < 0)).tolist():
+        if sec:
             ok[key(o, sec)].append(sec)
     for k, olist in ok.items():
         plist = pk.get(k)
