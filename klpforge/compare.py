@@ -417,6 +417,9 @@ def _differs(o: Object, p: Object, keys: TargetKeys, oi: int, pi: int, osec: int
             return f"{len(ot)} -> {len(pt)} relocations"
         for a, b in zip(ot, pt, strict=True):
             if a != b:
+                ka, kb = a[2], b[2]
+                if isinstance(ka, tuple) and isinstance(kb, tuple) and ka[0] == kb[0] == "table":
+                    return f"the switch table (CSWTCH) it uses at +{b[0]:#x} has new contents"
                 return (f"reference at +{b[0]:#x} changed: {_describe(lambda i: o.sym_names[i], a)} -> "
                         f"{_describe(lambda i: o.sym_names[i], b)}")
     onob = o.shdrs["type"][osec] == C.SHT_NOBITS

@@ -28,5 +28,5 @@ def print_summary(res: DiffResult, console: Console | None = None) -> None:
         con.print(f"[yellow]warning:[/] {w}")
     pf = ", ".join(f"{f.old_name}" + (f",{f.sympos}" if f.sympos else "") for f in res.patched_functions)
     con.print(f"replaces: {pf or '(nothing: new code only)'}")
-    con.print(f"{len(res.klp_relocs)} klp relocations, {len(rep['normal_externals'])} exported symbols used; "
+    con.print(f"{len(res.klp_relocs)} klp relocation(s), {len(rep['normal_externals'])} exported symbol(s) used; "
               + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in rep["special_sections"].items()))

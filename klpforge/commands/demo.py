@@ -70,14 +70,11 @@ def run(args: argparse.Namespace) -> int:
         res = run_diff(out / "orig" / "demo.o", out / "patched" / "demo.o", out / "livepatch-demo.o",
                        DiffOptions(target="vmlinux", symtab=out / "orig" / "demo.o", env={}))
         print_summary(res, con)
-        con.print("why each function is 'changed':")
-        for ch in res.report["changed"]:
-            con.print(f"  {ch['name']}: {ch['why']}")
         dumps = sorted(out.glob("patched/*.ipa-clones"))
         if dumps:
             inlined = [ln.split(";") for ln in dumps[0].read_text().splitlines() if ln.endswith(";inlining to")]
             for f in inlined:
-                con.print(f"  gcc -fdump-ipa-clones: {f[1]} inlined into {f[6]} ({f[3]}:{f[4]})")
+                con.print(f"gcc -fdump-ipa-clones: {f[1]} ({Path(f[3]).name}:{f[4]}) was inlined into {f[6]}")
         con.rule("the livepatch object")
         elf = ElfFile.open(out / "livepatch-demo.o")
         for i, n in enumerate(elf.section_names):
