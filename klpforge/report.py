@@ -30,3 +30,7 @@ def print_summary(res: DiffResult, console: Console | None = None) -> None:
     con.print(f"replaces: {pf or '(nothing: new code only)'}")
     con.print(f"{len(res.klp_relocs)} klp relocation(s), {len(rep['normal_externals'])} exported symbol(s) used; "
               + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in rep["special_sections"].items()))
+    if "impact" in rep:  # klpforge diff --impact: a few lines from klpforge/impact_check.py
+        from .impact_check import summary_lines
+        for line in summary_lines(rep["impact"]):
+            con.print(line, markup=False)
