@@ -43,29 +43,30 @@ def _patched_names(path: str) -> set[str] | None:
         return None
 
 
-def _load(dumps: Path) -> tuple[Any, list[str]]:
+def _load(dumps: Path, use_cache: bool = True) -> tuple[Any, list[str]]:
     """The impact index of ``dumps`` (DWARF fallback when there are none, as ``klpforge impact`` does)."""
     from .ipa import find_dumps, load_index
 
     files = find_dumps(dumps)
     if files:
-        return load_index(files, None, dumps if dumps.is_dir() else None), []
+        return load_index(files, None, dumps if dumps.is_dir() else None, use_cache=use_cache), []
     from .ipa.dwarf import fallback_index
 
     idx, note = fallback_index(dumps, None)
     return idx, [note]
 
 
-def check_impact(dumps: Path, res: Any) -> dict[str, Any]:
+def check_impact(dumps: Path, res: Any, use_cache: bool = True) -> dict[str, Any]:
     """Compare ``res.changed`` (a :class:`~klpforge.diff.DiffResult`) with the impact predicted from the dumps.
 
     Returns a JSON-able dict: ``seeds``; ``changed`` (per changed function: predicted or not, by which seed
     and chain); ``unpredicted`` (with a likely cause); ``predicted_unchanged`` (with the reason the predicted
-    copy did not change); ``predicted`` (names); ``notes``.
+    copy did not change); ``predicted`` (names); ``notes``. ``use_cache``: keep the index in the user cache
+    (off for throw-away builds such as the demo's).
     """
     from .ipa.closure import Entry, impact
 
-    idx, notes = _load(dumps)
+    idx, notes = _load(dumps, use_cache)
     orig = Path(str(res.report.get("orig", "")))
     changed = [c for c in res.changed]
     bases = sorted({base_function(c) for c in changed})

@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         for n in elf.sym_names:
             if n.startswith((".klp.sym.", "klpf_")):
                 con.print(f"  symbol  {n}")
+        # klpforge impact: what -fdump-ipa-clones predicted for the changed helper, next to what diff found
+        from ..impact_check import check_impact, summary_lines
+        con.rule("klpforge diff --impact orig/ (ipa-clones prediction vs what diff found)")
+        for line in summary_lines(check_impact(out / "orig", res, use_cache=False)):
+            con.print(line, markup=False)
         con.print(f"written: {out / 'livepatch-demo.o'}" if args.outdir else
                   "(run with --outdir DIR to keep the files)")
     finally:
