@@ -65,6 +65,7 @@ class KlpReloc:
     type: int
     symbol: str
     addend: int
+    obj: str = "vmlinux"  # the object the symbol lives in
 
 
 @dataclass
@@ -194,7 +195,7 @@ class _Emitter:
                 normal.append((off, sym, t, add))
             else:
                 self.klp[(klp_obj, handle)].append((off, sym, t, add))
-                self.klp_report.append(KlpReloc(self.w.section_name(handle), off, t, disp, add))
+                self.klp_report.append(KlpReloc(self.w.section_name(handle), off, t, disp, add, klp_obj))
         if normal:
             self.w.add_relocations(handle, _reloc_array(normal), rela=True)
 
@@ -387,8 +388,9 @@ def _check_module_keys(em: _Emitter, specials: Mapping[int, object]) -> None:
     if em.opts.target == "vmlinux":
         return
     for r in em.klp_report:
-        if r.section in ("__jump_table", ".static_call_sites") and not r.symbol.startswith("__tracepoint_"):
+        if r.section in ("__jump_table", ".static_call_sites") and r.obj != "vmlinux" \
+                and not r.symbol.startswith("__tracepoint_"):
             what = "jump label" if r.section == "__jump_table" else "static call"
-            em.refusals.append(f"{what} key {r.symbol} is defined in module {em.opts.target}: its entry would "
+            em.refusals.append(f"{what} key {r.symbol} is defined in module {r.obj}: its entry would "
                                "be set up before the key is resolved; use static_key_enabled() or a plain "
                                "call instead")
