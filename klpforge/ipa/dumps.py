@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .tokens import PAD, find_seps, span_hash, u64_view
+from .tokens import PAD, find_seps, group, span_hash, u64_view
 
 __all__ = ["DUMP_SUFFIX", "KIND_CODES", "RawDumps", "find_dumps", "parse_dumps", "object_for_dump", "objects_for_dumps",
            "lto_link_of", "read_files", "text_is", "classify"]
@@ -54,11 +54,10 @@ class RawDumps:
     c_kind: np.ndarray  # int8 kind code (KIND_CODES, 5 = other)
     r_dump: np.ndarray  # per removal record
     r_func: np.ndarray
-    # per mention (clone originals, clone new functions, removals - in that order): the ORDER field's
-    # bytes as a key with the dump index (bit 63 set: no usable ORDER), and the length of
-    # "name;order;file;line;col"
-    m_okey: np.ndarray
-    m_span: np.ndarray
+    # per mention (clone originals, clone new functions, removals - in that order): its unit (see
+    # index._units); and per unit, the index of its first mention
+    m_unit: np.ndarray
+    u_men: np.ndarray
 
     def locate(self, offset: int) -> str:
         """``path:line`` of a byte offset in ``data``."""
@@ -302,17 +301,35 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
         sp, part = _parse_batch(data, words, paths, file_start, f0, f1, lo, hi, base)
         sp_parts.append(sp)
         base += len(sp)
-        for k, v in part.items():
-            out.setdefault(k, []).append(v)
-    cat = {k: np.concatenate(v) for k, v in out.items()}
+        for key, v in part.items():
+            out.setdefault(key, []).append(v)
+    cat = {key: np.concatenate(out[key]) for key in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func")
+           if key in out}
     empty = np.zeros(0, np.int64)
-    g = {k: cat.get(k, empty) for k in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func", "ok_o",
-                                        "ok_n", "ok_r", "span_o", "span_n", "span_r")}
+    g = {k: cat.get(k, empty) for k in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func")}
     sp_all = np.concatenate(sp_parts) if sp_parts else np.zeros(0, np.int32)
+    # units were numbered per batch: make the ids global, and find each unit's first mention in the
+    # global mention order (all originals, then all new functions, then all removals)
+    counts = {t: np.array([len(v) for v in out.get("u_" + t, [])], np.int64) for t in "onr"}
+    tot = {t: int(counts[t].sum()) for t in "onr"}
+    base_t = {"o": 0, "n": tot["o"], "r": tot["o"] + tot["n"]}
+    prior = {t: np.concatenate([[0], np.cumsum(counts[t])[:-1]]) for t in "onr"}  # earlier batches' mentions
+    unit_parts: dict[str, list[np.ndarray]] = {t: [] for t in "onr"}
+    men_parts = []
+    nu = 0
+    for b, uf in enumerate(out.get("u_first", [])):
+        # a unit's first mention, from its index in the batch's (originals, new, removals) to the global one
+        k1, k2 = int(counts["o"][b]), int(counts["o"][b] + counts["n"][b])
+        glob = np.where(uf < k1, base_t["o"] + prior["o"][b] + uf,
+                        np.where(uf < k2, base_t["n"] + prior["n"][b] + uf - k1, base_t["r"] + prior["r"][b] + uf - k2))
+        men_parts.append(glob)
+        for t in "onr":
+            unit_parts[t].append(out["u_" + t][b] + nu)
+        nu += len(uf)
+    m_unit = np.concatenate([x for t in "onr" for x in unit_parts[t]]) if men_parts else empty
+    u_men = np.concatenate(men_parts) if men_parts else empty
     return RawDumps(list(paths), data, file_start, sp_all, g["c_dump"], g["c_orig"], g["c_new"],
-                    g["c_kind"].astype(np.int8), g["r_dump"], g["r_func"],
-                    np.concatenate([g["ok_o"], g["ok_n"], g["ok_r"]]).astype(np.uint64),
-                    np.concatenate([g["span_o"], g["span_n"], g["span_r"]]))
+                    g["c_kind"].astype(np.int8), g["r_dump"], g["r_func"], m_unit, u_men)
 
 
 def _parse_batch(data: bytearray, words: np.ndarray, paths: list[Path], file_start: np.ndarray, f0: int, f1: int,
@@ -357,16 +374,27 @@ def _parse_batch(data: bytearray, words: np.ndarray, paths: list[Path], file_sta
     r_func = first[isrm] + 1
     part = {"c_dump": line_dump[clone], "c_orig": c_orig + base, "c_new": c_new + base, "c_kind": c_kind,
             "r_dump": line_dump[isrm], "r_func": r_func + base}
-    for tag, men, dump in (("o", c_orig, part["c_dump"]), ("n", c_new, part["c_dump"]),
-                           ("r", r_func, part["r_dump"])):
-        ostart = sp[men] + 1
-        olen = sp[men + 1] - ostart
-        okey = words[ostart]
-        okey &= _MASK5[np.minimum(olen, 5)]
-        okey |= dump.astype(np.uint64) << np.uint64(40)
-        okey[(olen > 5) | (olen < 1)] = np.uint64(1 << 63)
-        part["ok_" + tag] = okey
-        part["span_" + tag] = (sp[men + 4] - sp[men - 1]).astype(np.int32)
+    # units: mentions with the same dump and ORDER bytes (see index._units); a batch holds whole dumps, so
+    # units are found per batch, on arrays that stay in cache
+    men = np.concatenate([c_orig, c_new, r_func])
+    mdump = np.concatenate([part["c_dump"], part["c_dump"], part["r_dump"]])
+    ostart = sp[men] + 1
+    olen = sp[men + 1] - ostart
+    okey = words[ostart]
+    okey &= _MASK5[np.minimum(olen, 5)]
+    okey |= mdump.astype(np.uint64) << np.uint64(40)
+    bad = np.flatnonzero((olen > 5) | (olen < 1))
+    okey[bad] = np.uint64(1 << 63) | bad.astype(np.uint64)  # no usable ORDER: a unit of its own
+    _, ufirst, uinv = group(okey)
+    # "name;order;file;line;col" must have the same length as in the unit's first mention
+    span = sp[men + 4] - sp[men - 1]
+    unit = uinv
+    odd = np.flatnonzero(span != span[ufirst[unit]])
+    if len(odd):  # never seen with GCC: keep them apart, identified by their full text
+        unit[odd] = len(ufirst) + np.arange(len(odd))
+    k1, k2 = len(c_orig), len(c_orig) + len(c_new)
+    part["u_o"], part["u_n"], part["u_r"] = unit[:k1], unit[k1:k2], unit[k2:]
+    part["u_first"] = np.concatenate([ufirst, odd])  # first mention of each unit, as an index into men
     return sp, part
 
 

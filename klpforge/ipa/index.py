@@ -312,23 +312,11 @@ def _units(raw: RawDumps, men: np.ndarray, mdump: np.ndarray) -> tuple[np.ndarra
     Returns (unit of each mention, mention index of each unit's first mention); units are numbered in
     order of first mention.
     """
-    okey = raw.m_okey
-    bad = np.flatnonzero(okey >> np.uint64(63))
-    okey[bad] |= bad.astype(np.uint64)  # no usable ORDER: a unit of its own
-    _, ufirst, uinv = group(okey)
-    del okey
-    urank = first_order(ufirst, len(men))
-    unit = urank[uinv]
-    unit_men = np.empty(len(ufirst), np.int64)
-    unit_men[urank] = ufirst
-    del uinv, urank, ufirst
-    # "name;order;file;line;col" must have the same length as in the unit's first mention
-    span = raw.m_span
-    differ = span != span[unit_men[unit]]
-    odd = np.flatnonzero(differ)
-    if len(odd):  # never seen with GCC: keep them apart, identified by their full text
-        unit[odd] = len(unit_men) + np.arange(len(odd))
-        unit_men = np.concatenate([unit_men, odd])
+    # units come numbered per batch (parse_dumps): renumber them in order of first mention
+    rank = first_order(raw.u_men, len(men))
+    unit = rank[raw.m_unit]
+    unit_men = np.empty(len(raw.u_men), np.int64)
+    unit_men[rank] = raw.u_men
     return unit, unit_men
 
 
