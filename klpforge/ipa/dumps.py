@@ -303,11 +303,12 @@ def parse_dumps(paths: list[Path]) -> RawDumps:
         base += len(sp)
         for key, v in part.items():
             out.setdefault(key, []).append(v)
-    cat = {key: np.concatenate(out[key]) for key in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func")
+    cat = {key: np.concatenate(out.pop(key)) for key in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func")
            if key in out}
     empty = np.zeros(0, np.int64)
     g = {k: cat.get(k, empty) for k in ("c_dump", "c_orig", "c_new", "c_kind", "r_dump", "r_func")}
     sp_all = np.concatenate(sp_parts) if sp_parts else np.zeros(0, np.int32)
+    del sp_parts  # the batches' copies: 4 bytes per separator
     # units were numbered per batch: make the ids global, and find each unit's first mention in the
     # global mention order (all originals, then all new functions, then all removals)
     counts = {t: np.array([len(v) for v in out.get("u_" + t, [])], np.int64) for t in "onr"}
