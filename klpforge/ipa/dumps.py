@@ -386,6 +386,8 @@ def _parse_batch(data: bytearray, words: np.ndarray, paths: list[Path], file_sta
     okey |= mdump.astype(np.uint64) << np.uint64(40)
     bad = np.flatnonzero((olen > 5) | (olen < 1))
     okey[bad] = np.uint64(1 << 63) | bad.astype(np.uint64)  # no usable ORDER: a unit of its own
+    with np.errstate(over="ignore"):
+        okey *= _MIX  # odd multiplier, a bijection: spreads the key over the high bits group() sorts on
     _, ufirst, uinv = group(okey)
     # "name;order;file;line;col" must have the same length as in the unit's first mention
     span = sp[men + 4] - sp[men - 1]
