@@ -193,3 +193,41 @@ def test_clang_style_build_falls_back_to_dwarf(tmp_path: Path, capsys: pytest.Ca
     assert main(["impact", "--dumps", str(tmp_path), "--no-cache", "leaf"]) == 0
     out = capsys.readouterr().out
     assert "no ipa-clones dumps under" in out and "replace: top_a top_b" in out
+
+
+def test_patch_mapped_with_dwarf_line_table_without_source(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # built with -g: the hunks are mapped from the object's line table, no source tree (--source) needed
+    build = tmp_path / "build"
+    build.mkdir()
+    shutil.copy(DATA / "inline.c", build)
+    _cc(build / "inline.c", build / "inline.o", ["-g"])
+    src = (DATA / "inline.c").read_text().splitlines(keepends=True)
+    i = next(n for n, line in enumerate(src) if "x * 3 + sink" in line)  # in leaf, 0-based
+    patch = tmp_path / "fix.patch"
+    patch.write_text(f"--- a/inline.c\n+++ b/inline.c\n@@ -{i},3 +{i},3 @@\n {src[i - 1]}-{src[i]}"
+                     f"+{src[i].replace('x * 3', 'x * 4')} {src[i + 1]}")
+    nosrc = tmp_path / "no-source"
+    nosrc.mkdir()
+    assert main(["impact", "--dumps", str(build), "--no-cache", "--json", "--patch", str(patch),
+                 "--source", str(nosrc)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["queries"] == ["inline.c:leaf"]
+    assert doc["functions"] == ["top_a", "top_b"]
+    assert any("DWARF line table" in n for n in doc["notes"])
+
+
+def test_dwarf_extents_follow_function_bodies(tmp_path: Path) -> None:
+    from klpforge.ipa.dwarflines import function_extents, functions_at_lines
+
+    shutil.copy(DATA / "inline.c", tmp_path)
+    obj = _cc(tmp_path / "inline.c", tmp_path / "inline.o", ["-g"])
+    lines = (DATA / "inline.c").read_text().splitlines()
+    at = {name: next(n for n, t in enumerate(lines, 1) if t.startswith(("static int " + name, "int " + name)))
+          for name in ("leaf", "mid", "top_a", "helper")}
+    ext = {n: (lo, hi) for f, e in function_extents(obj).items() if f.endswith("inline.c") for n, lo, hi in e}
+    assert ext["leaf"][0] == at["leaf"] and ext["leaf"][1] < at["mid"]  # inlined-only leaf has a body too
+    assert ext["mid"][0] == at["mid"]
+    assert functions_at_lines(obj, "inline.c", {at["top_a"] + 2}) == ["top_a"]
+    assert functions_at_lines(obj, "inline.c", {at["helper"] - 1}) == []  # the blank line between functions
+    assert functions_at_lines(obj, "inline.c", {2}) == []  # `int sink;`: not in any function

@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--objects", metavar="DIR", type=Path,
                    help="directory of the objects (default: X.o or X.o.syms beside each dump)")
     p.add_argument("funcs", nargs="*", metavar="FUNC", help="function name or file.c:name")
-    p.add_argument("--patch", type=Path, help="unified diff: analyse the functions its hunks touch")
+    p.add_argument("--patch", type=Path, help="unified diff: analyse the functions its hunks touch (found from "
+                   "the objects' DWARF line tables when built with -g, else by parsing the source)")
     p.add_argument("--source", type=Path, default=Path("."),
                    help="source tree the patch applies to (default: current directory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text tree")
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     funcs = list(args.funcs)
     if args.patch:
         from ..ipa.patchmap import functions_of_patch
-        funcs, pnotes = functions_of_patch(args.patch, args.source, args.objects)
+        dumps_dir = Path(args.dumps) if Path(args.dumps).is_dir() else Path(args.dumps).parent
+        funcs, pnotes = functions_of_patch(args.patch, args.source, args.objects or dumps_dir)
         notes += pnotes
         if not funcs:
             raise InputError(f"{args.patch}: no hunk touches a function")

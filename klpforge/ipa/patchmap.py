@@ -104,17 +104,44 @@ def functions_in_source(source: bytes, lines: set[int]) -> list[str]:
     return sorted(found)
 
 
+def _object_for(name: str, objects: Path | None) -> Path | None:
+    """The object built from source file ``name`` under ``objects`` (same relative path, else same file name),
+    when it has debug info."""
+    from .dwarflines import has_dwarf
+
+    if objects is None or not name.endswith(".c"):
+        return None
+    stem = Path(name).with_suffix(".o")
+    cands = [objects / stem, objects / stem.name]
+    if objects.is_dir():
+        cands += sorted(objects.rglob(stem.name))
+    return next((c for c in cands if c.is_file() and has_dwarf(c)), None)
+
+
 def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None) -> tuple[
         list[str], list[str]]:
-    """``file.c:name`` for every function a patch touches, and notes (files skipped, headers)."""
+    """``file.c:name`` for every function a patch touches, and notes (files skipped, headers).
+
+    A ``.c`` file whose object (under ``objects``) has debug info is mapped with the object's DWARF line
+    table (:mod:`klpforge.ipa.dwarflines`: no source needed); other files by parsing the pre-patch source
+    under ``source_root`` with tree-sitter-c.
+    """
+    from .dwarflines import functions_at_lines
+
     notes: list[str] = []
     out: list[str] = []
     for name, lines in sorted(changed_lines(patch).items()):
-        src = source_root / name
-        if not src.is_file():
-            notes.append(f"{src}: source not found, functions of {name} not analysed")
-            continue
-        funcs = functions_in_source(src.read_bytes(), lines)
+        obj = _object_for(name, objects)
+        if obj is not None:
+            funcs = functions_at_lines(obj, name, lines)
+            notes.append(f"{name}: functions found from the DWARF line table of {obj}")
+        else:
+            src = source_root / name
+            if not src.is_file():
+                notes.append(f"{src}: source not found (and no object with debug info), functions of {name} "
+                             "not analysed")
+                continue
+            funcs = functions_in_source(src.read_bytes(), lines)
         if not funcs:
             notes.append(f"{name}: the patch touches no function body")
         out += [f"{name}:{f}" if name.endswith(".c") else f for f in funcs]
