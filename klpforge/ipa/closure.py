@@ -163,6 +163,18 @@ def _lookups(idx: Index) -> _Lookups:
     return lk
 
 
+def _decode(idx: Index, lk: _Lookups, ids: list[int]) -> list[str]:
+    """Name strings for a list of name ids (-1 gives ""), each distinct id decoded once."""
+    memo = lk.names
+    out = []
+    for i in ids:
+        s = memo.get(i)
+        if s is None:
+            s = memo[i] = idx.names[i] if i >= 0 else ""
+        out.append(s)
+    return out
+
+
 def _syms_of(idx: Index, g: int) -> tuple[int, int]:
     lo = int(np.searchsorted(idx.s_group, np.int32(g), side="left"))
     hi = int(np.searchsorted(idx.s_group, np.int32(g), side="right"))
@@ -267,22 +279,30 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     want_pieces: list[tuple[int, int, int, str]] = []
     callers_wanted: dict[int, list[tuple[str, Entry]]] = {}
     nodes_l, parents_l, labels_l = reached.tolist(), parents.tolist(), labels.tolist()
+    # strings decoded once per distinct id, into plain lists indexed like the reached nodes
+    names_l = _decode(idx, lk, name_ids.tolist())
+    rows_l = rows.tolist()
+    sym_l = _decode(idx, lk, [int(idx.s_name[r]) if r >= 0 else -1 for r in rows_l])
+    fids_l = fids.tolist()
+    locs_l = [lk.loc(idx, f) for f in fids_l]
+    groups_l = groups.tolist()
+    status_l = status.tolist()
+    labels_txt = {g: idx.group_label(g) for g in set(groups_l)}
+    avoided_l = [[m for m in avoided if avoided[m][i]] for i in range(len(nodes_l))] if avoided else None
     for i, n in enumerate(nodes_l):
         p = parents_l[i]
         if p < 0:
             chain: list[Step] = []
         else:
             j = pos_of[p]
-            fs, fd = int(fids[j]), int(fids[i])
-            chain = chains[p] + [Step(_LABELS[labels_l[i]], lk.name(idx, int(name_ids[j])), lk.loc(idx, fs),
-                                      lk.name(idx, int(name_ids[i])), lk.loc(idx, fd))]
+            chain = chains[p] + [Step(_LABELS[labels_l[i]], names_l[j], locs_l[j], names_l[i], locs_l[i])]
         chains[n] = chain
-        g = int(groups[i])
-        name = lk.name(idx, int(name_ids[i]))
-        r = int(rows[i])
-        sym_name = lk.name(idx, int(idx.s_name[r])) if r >= 0 else name
-        ent = Entry(sym_name, lk.loc(idx, int(fids[i])), idx.group_label(g), str(status[i]), chain,
-                    sorted({s.kind for s in chain}), [m for m in avoided if avoided[m][i]])
+        g = groups_l[i]
+        name = names_l[i]
+        r = rows_l[i]
+        sym_name = sym_l[i] if r >= 0 else name
+        ent = Entry(sym_name, locs_l[i], labels_txt[g], status_l[i], chain, sorted({s.kind for s in chain}),
+                    avoided_l[i] if avoided_l is not None else [])
         if r >= 0:
             want_pieces.append((len(entries), g, r, sym_name))
             if sym_name != name:
