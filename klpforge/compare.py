@@ -28,6 +28,8 @@ from .names import is_local_label, is_special_static, special_kind
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_HELPERS"]
 
 SAME, CHANGED, NEW = "same", "changed", "new"
+#: Key ids at or above this stand for a correlated symbol (``SYM_BASE + orig index``), below for interned keys.
+SYM_BASE = 1 << 40
 
 #: Calls that take ``__LINE__`` as an argument (kernel 6.1 ``include/asm-generic/bug.h``,
 #: ``include/linux/kernel.h``, ``include/linux/printk.h``, ``include/linux/rcupdate.h``).
@@ -45,13 +47,12 @@ class TargetKeys:
         self.arch = arch
         self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
         self._toc_cache: dict[tuple[int, int, int], tuple[object, ...]] = {}
-        self._symkey = {id(corr.orig): self._sym_keys(corr.orig, True),
-                        id(corr.patched): self._sym_keys(corr.patched, False)}
         self._anon: dict[tuple[int, int], str] = {}
         self._ids: dict[object, int] = {}
         self.by_id: list[object] = []
-        self._sid = {k: np.array([self.intern(x) if x is not None else -1 for x in v], dtype=np.int64)
-                     for k, v in self._symkey.items()}
+        self._sid: dict[int, np.ndarray] = {}
+        self._sid[id(corr.orig)] = self._sym_ids(corr.orig, True)
+        self._sid[id(corr.patched)] = self._sym_ids(corr.patched, False)
         self._seckeys: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
     def intern(self, k: object) -> int:
@@ -89,30 +90,39 @@ class TargetKeys:
             c = self._seckeys[ck] = (r["offset"].astype(np.int64), r["type"].astype(np.int64), kid, add)
         return c
 
-    def _sym_keys(self, obj: Object, is_orig: bool) -> list[object]:
-        corr = self.corr
-        m = corr.o2p if is_orig else corr.p2o
-        keys: list[object] = []
-        for i in range(obj.nsym):
-            name = obj.sym_names[i]
-            t = obj.stype[i]
-            if t == C.STT_SECTION:
-                keys.append(None)
-            elif not obj.defined[i]:
-                keys.append(("ext", name))
-            elif is_orig and m[i] >= 0:
-                keys.append(("sym", i))
-            elif not is_orig and m[i] >= 0:
-                keys.append(("sym", int(m[i])))
-            elif name.startswith("CSWTCH"):  # a switch table: what matters is its content
-                keys.append(("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i))))
-            elif is_special_static(name):
-                keys.append(("special", special_kind(name)))
-            elif is_local_label(name):
-                keys.append(self._label_key(obj, i, m, is_orig))
-            else:
-                keys.append(("new" if not is_orig else "gone", name))
-        return keys
+    def _sym_ids(self, obj: Object, is_orig: bool) -> np.ndarray:
+        """Key id of every symbol: correlated ones are ``SYM_BASE + orig index`` (no Python object each),
+        section symbols -1 (resolved per relocation), the rest interned from :meth:`_other_key`."""
+        m = self.corr.o2p if is_orig else self.corr.p2o
+        n = obj.nsym
+        sid = np.full(n, -1, np.int64)
+        corr_ok = obj.defined & (m[:n] >= 0) & (obj.stype != C.STT_SECTION)
+        sid[corr_ok] = SYM_BASE + (np.arange(n) if is_orig else m[:n])[corr_ok]
+        rest = np.flatnonzero(~corr_ok & (obj.stype != C.STT_SECTION))
+        for i in rest.tolist():
+            sid[i] = self.intern(self._other_key(obj, i, m, is_orig))
+        return sid
+
+    def _other_key(self, obj: Object, i: int, m: np.ndarray, is_orig: bool) -> object:
+        name = obj.sym_names[i]
+        if not obj.defined[i]:
+            return ("ext", name)
+        if name.startswith("CSWTCH"):  # a switch table: what matters is its content
+            return ("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i)))
+        if is_special_static(name):
+            return ("special", special_kind(name))
+        if is_local_label(name):
+            return self._label_key(obj, i, m, is_orig)
+        return ("new" if not is_orig else "gone", name)
+
+    def key_of(self, kid: int) -> object:
+        """The key an id stands for."""
+        return ("sym", kid - SYM_BASE) if kid >= SYM_BASE else self.by_id[kid]
+
+    def symkey(self, obj: Object, i: int) -> object:
+        """The key of symbol ``i`` of ``obj`` (None for a section symbol)."""
+        kid = int(self._sid[id(obj)][i])
+        return None if kid < 0 else self.key_of(kid)
 
     def _label_key(self, obj: Object, i: int, m: np.ndarray, is_orig: bool) -> object:
         """Key of an assembler label: the string it starts, the function and offset it marks in code
@@ -250,7 +260,7 @@ class TargetKeys:
 
     def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
         """(what, addend relative to it) for one relocation of ``obj``."""
-        k = self._symkey[id(obj)][sym]
+        k = self.symkey(obj, sym)
         if k is not None:
             return k, addend
         sec = int(obj.shndx[sym])
@@ -271,7 +281,7 @@ class TargetKeys:
             return self.toc_key(obj, sec, where), addend - where
         t = obj.symbol_at(sec, where)
         if t >= 0:
-            return self._symkey[id(obj)][t], addend - int(obj.value[t])
+            return self.symkey(obj, t), addend - int(obj.value[t])
         if obj.is_text(sec):
             # Code outside any function (.altinstr_replacement, .fixup, .altinstr_aux) is compared through
             # the special-section entries that point at it; .altinstr_aux offsets shift with any edit.
@@ -317,7 +327,7 @@ def _same_relocs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int, o
 
 
 def _reloc_tuples(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[object, ...]]:
-    return [(int(o_), int(t), keys.by_id[int(k)], int(a)) for o_, t, k, a in _reloc_slice(obj, keys, sec, lo, hi)]
+    return [(int(o_), int(t), keys.key_of(int(k)), int(a)) for o_, t, k, a in _reloc_slice(obj, keys, sec, lo, hi)]
 
 
 def _describe(name_of: Callable[[int], str], t: tuple[object, ...]) -> str:
@@ -399,8 +409,9 @@ def _quick_same(o: Object, p: Object, keys: TargetKeys, pairs: list[tuple[int, i
     ok &= onob == pnob
     out = set()
     for k in np.flatnonzero(ok).tolist():
-        if onob[k] or o.section_data(int(o.shndx[oi[k]]))[olo[k]:ohi[k]] == \
-                p.section_data(int(p.shndx[pi[k]]))[plo[k]:phi[k]]:
+        # views of the mapped files: comparing 100k functions must not copy (and cache) every section
+        if onob[k] or o.elf.section_view(int(o.shndx[oi[k]]))[olo[k]:ohi[k]] == \
+                p.elf.section_view(int(p.shndx[pi[k]]))[plo[k]:phi[k]]:
             out.add(int(pi[k]))
     return out
 

@@ -166,6 +166,11 @@ class ElfFile:
         off = int(h["offset"])
         return bytes(self.data[off: off + size])
 
+    def section_view(self, i: int) -> memoryview:
+        """Contents of a non-NOBITS section ``i`` as a view of the mapped file (no copy)."""
+        off, size = int(self.shdrs["offset"][i]), int(self.shdrs["size"][i])
+        return memoryview(self.data)[off: off + size]
+
     def find_section(self, name: str) -> int | None:
         """Index of the first section called ``name``, or None."""
         try:
