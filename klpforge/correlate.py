@@ -246,14 +246,14 @@ def _correlate_sections(corr: Correlation) -> None:
     secs = np.flatnonzero(twin >= 0)
     secs = secs[secs > 0]
     if len(secs):
-        ps = p.shndx[twin[secs]]
-        good = (ps > 0) & (ps < p.nsec)
-        secs, ps = secs[good], ps[good]
-        good = p.section_owner[ps] == twin[secs]
-        secs, ps = secs[good], ps[good]
-        _, first = np.unique(ps, return_index=True)
-        secs, ps = secs[first], ps[first]
-        corr.so2p[secs], corr.sp2o[ps] = ps, secs
+        psecs = p.shndx[twin[secs]]
+        good = (psecs > 0) & (psecs < p.nsec)
+        secs, psecs = secs[good], psecs[good]
+        good = p.section_owner[psecs] == twin[secs]
+        secs, psecs = secs[good], psecs[good]
+        _, first = np.unique(psecs, return_index=True)
+        secs, psecs = secs[first], psecs[first]
+        corr.so2p[secs], corr.sp2o[psecs] = psecs, secs
     # The rest by name, with GCC numbering removed from the name's symbol part.
     def key(obj: Object, sec: int) -> str:
         n = obj.sec_names[sec]
