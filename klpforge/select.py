@@ -298,8 +298,23 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
             if o.stype[oi] == C.STT_FUNC and not is_special_static(o.sym_names[oi]):
                 sel.warnings.append(f"function {o.sym_names[oi]} no longer exists in the patched object; "
                                     "the running kernel keeps its old copy for callers that are not patched")
-    sel.patched = sorted(set(sel.patched), key=lambda i: p.sym_names[i])
+    sel.patched = _one_per_address(p, sorted(set(sel.patched), key=lambda i: p.sym_names[i]))
     return sel
+
+
+def _one_per_address(p: Object, funcs: list[int]) -> list[int]:
+    """Aliases (``foo`` and ``foo.localalias``, identical-code-folded twins) share one body: ftrace
+    redirects it once, so keep one name per (section, offset), preferring a global, then the shortest."""
+    best: dict[tuple[int, int], int] = {}
+    for f in funcs:
+        k = (int(p.shndx[f]), int(p.value[f]))
+        cur = best.get(k)
+        rank = (p.sbind[f] == C.STB_LOCAL, ".localalias" in p.sym_names[f], len(p.sym_names[f]))
+        if cur is None or rank < (p.sbind[cur] == C.STB_LOCAL, ".localalias" in p.sym_names[cur],
+                                  len(p.sym_names[cur])):
+            best[k] = f
+    keep = set(best.values())
+    return [f for f in funcs if f in keep]
 
 
 def _include_cold(p: Object, f: int, by_name: dict[str, int], include: Callable[[int, str], None]) -> None:

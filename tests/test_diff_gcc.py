@@ -304,3 +304,66 @@ def test_kpatch_ignore_static_gives_a_fresh_copy(cc, tmp_path: Path) -> None:
     count = next(n for n in inc if n.startswith("count"))
     assert "KPATCH_IGNORE_STATIC" in inc[count]
     assert not any(r.symbol.startswith("count") for r in res.klp_relocs)
+
+
+ISRA = """
+struct big { int a, b, c, d, e[16]; };
+extern int printk(const char *, ...);
+static __attribute__((noinline)) int use_b(struct big *p, int unused) { return p->b * %s + printk("x"); }
+int caller1(struct big *p) { return use_b(p, 1); }
+int caller2(struct big *p) { return use_b(p, 2) + 1; }
+"""
+
+
+def test_isra_clone_is_patched_under_its_own_name(cc, tmp_path: Path) -> None:
+    a, b = cc(ISRA % "5", "a"), cc(ISRA % "7", "b")
+    clone = next(n for n in Object.load(a).sym_names if n.startswith("use_b."))
+    assert ".isra." in clone
+    res = diff(a, b, tmp_path)
+    assert [f.old_name for f in res.patched_functions] == [clone]
+
+
+LOCALALIAS = """
+__attribute__((noinline)) int helper(int x) { return x * %s + 1; }
+int user(int x) { return helper(x) + helper(x + 1); }
+"""
+
+
+def test_localalias_is_one_function(cc, tmp_path: Path) -> None:
+    flags = ("-fPIC", "-fno-semantic-interposition")
+    a, b = cc(LOCALALIAS % "3", "a", *flags), cc(LOCALALIAS % "4", "b", *flags)
+    assert "helper.localalias" in Object.load(a).sym_names
+    twin, why = reason(a, b, "helper.localalias")
+    assert twin == "helper.localalias" and why == "same local name"
+    res = diff(a, b, tmp_path)
+    # helper and helper.localalias are one body at one address: one klp_func, under the global name
+    assert [f.old_name for f in res.patched_functions] == ["helper"]
+
+
+LTO_UNIT = "static __attribute__((noinline)) int helper(int x) { return x + %s; }\nint f%s(int x) { return helper(x) * 2; }\n"
+
+
+def test_lto_priv_renames_correlate_by_code(gcc: str, tmp_path: Path) -> None:
+    import subprocess
+
+    def build(name: str, k1: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for unit, src in (("l1", LTO_UNIT % (k1, "1")), ("l2", LTO_UNIT % ("2", "2"))):
+            (d / f"{unit}.c").write_text(src)
+            subprocess.run([gcc, "-O2", "-flto", "-ffunction-sections", "-pg", "-mfentry", "-c", f"{unit}.c"],
+                           cwd=d, check=True)
+        subprocess.run([gcc, "-O2", "-flto", "-ffunction-sections", "-pg", "-mfentry", "-r", "-nostdlib",
+                        "-flinker-output=nolto-rel", "l1.o", "l2.o", "-o", "lto.o"], cwd=d, check=True)
+        return d / "lto.o"
+
+    a, b = build("a", "1"), build("b", "9")
+    privs = [n for n in Object.load(a).sym_names if ".lto_priv." in n]
+    assert len(privs) == 2
+    res = diff(a, b, tmp_path)
+    assert len(res.patched_functions) == 1 and ".lto_priv." in res.patched_functions[0].old_name
+    # the unchanged twin (l2's helper) matched by identical code, whatever number GCC gave it
+    o, p = Object.load(a), Object.load(b)
+    c = correlate(o, p)
+    reasons = {o.sym_names[i]: c.reasons.get(i, "") for i in range(o.nsym) if ".lto_priv." in o.sym_names[i]}
+    assert all(r for r in reasons.values())
