@@ -340,7 +340,8 @@ def test_localalias_is_one_function(cc, tmp_path: Path) -> None:
     assert [f.old_name for f in res.patched_functions] == ["helper"]
 
 
-LTO_UNIT = "static __attribute__((noinline)) int helper(int x) { return x + %s; }\nint f%s(int x) { return helper(x) * 2; }\n"
+LTO_UNIT = ("static __attribute__((noinline)) int helper(int x) { return x + %s; }\n"
+            "int f%s(int x) { return helper(x) * 2; }\n")
 
 
 def test_lto_priv_renames_correlate_by_code(gcc: str, tmp_path: Path) -> None:
