@@ -15,6 +15,8 @@ if [[ -n $missing ]]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^$" || true
+# under pyenv the `klpforge` command is a shim that exists only after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ $want_kernel -eq 1 ]]; then
-  klpforge kernel prepare
+  python3 -m klpforge kernel prepare
 fi
