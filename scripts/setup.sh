@@ -14,7 +14,11 @@ if [[ -n $missing ]]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
-python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^$" || true
+log=$(mktemp)
+if ! python3 -m pip install -q -e '.[test]' >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
 # under pyenv the `klpforge` command is a shim that exists only after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ $want_kernel -eq 1 ]]; then
