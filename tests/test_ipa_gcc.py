@@ -1,10 +1,9 @@
 """impact on C files compiled here with gcc -O2 -fdump-ipa-clones: each IPA transform, checked against the
-functions that really change when the helper is edited and rebuilt."""
+functions `klpforge diff` puts in the live patch when the helper is edited and rebuilt."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,36 +34,21 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _func_bodies(obj: Path) -> dict[str, tuple[bytes, tuple[str, ...]]]:
-    """Function name -> (bytes, relocation target names): what a change to the function shows up in."""
-    from elftools.elf.elffile import ELFFile
-    from elftools.elf.relocation import RelocationSection
-
-    out = {}
-    with open(obj, "rb") as fh:
-        elf = ELFFile(fh)
-        tab = elf.get_section_by_name(".symtab")
-        syms = list(tab.iter_symbols())
-        rel = {s["sh_info"]: s for s in elf.iter_sections() if isinstance(s, RelocationSection)}
-        for s in syms:
-            if s["st_info"]["type"] != "STT_FUNC" or not isinstance(s["st_shndx"], int):
-                continue
-            sec = elf.get_section(s["st_shndx"])
-            body = sec.data()[s["st_value"]:s["st_value"] + s["st_size"]]
-            targets = tuple(re.sub(r"\.\d+$", "", syms[r["r_info_sym"]].name or ".sec")
-                            + f"+{r['r_addend']}" for r in rel[s["st_shndx"]].iter_relocations()
-                            ) if s["st_shndx"] in rel else ()
-            out[s.name] = (body, targets)
-    return out
-
-
 def _changed(build: Path, name: str, old: str, new: str, tmp: Path) -> set[str]:
+    """What ``klpforge diff`` puts in the live patch when ``old`` becomes ``new`` in ``name.c``."""
+    from klpforge.diff import DiffOptions, run_diff
+
     src = (build / f"{name}.c").read_text()
     assert old in src
-    (tmp / f"{name}.c").write_text(src.replace(old, new))
-    patched = _cc(tmp / f"{name}.c", tmp / f"{name}.o")
-    a, b = _func_bodies(build / f"{name}.o"), _func_bodies(patched)
-    return {f for f in a.keys() | b.keys() if a.get(f) != b.get(f)}
+    (tmp / "orig").mkdir()
+    (tmp / "new").mkdir()
+    (tmp / "orig" / f"{name}.c").write_text(src)
+    (tmp / "new" / f"{name}.c").write_text(src.replace(old, new))
+    fentry = ["-pg", "-mfentry"]  # kernel-like: every function has an ftrace entry
+    a = _cc(tmp / "orig" / f"{name}.c", tmp / "orig" / f"{name}.o", fentry)
+    b = _cc(tmp / "new" / f"{name}.c", tmp / "new" / f"{name}.o", fentry)
+    res = run_diff(a, b, tmp / "lp.o", DiffOptions(symtab=a, env={}))
+    return set(res.included_functions)
 
 
 def _covered(res_functions: set[str], pieces: dict[str, list[str]]) -> set[str]:
