@@ -130,6 +130,31 @@ def test_lto_link_dumps(tmp_path: Path) -> None:
     assert res.reasons("a_util")[0].status == "missing"
 
 
+def test_lto_prediction_covers_real_change(tmp_path: Path) -> None:
+    """LTO: the compile- and link-time (wpa, ltrans) dumps of an LTO relocatable link predict what diff finds
+    in it (a relocatable link keeps a_util visible, so here it stays out of main)."""
+    from klpforge.diff import DiffOptions, run_diff
+
+    flags = ["-O2", "-flto", "-ffunction-sections", "-pg", "-mfentry", "-fdump-ipa-clones"]
+    objs = {}
+    for tag, k in (("orig", "5"), ("new", "7")):
+        d = tmp_path / tag
+        d.mkdir()
+        for n in ("lto_a", "lto_b"):
+            (d / f"{n}.c").write_text((DATA / f"{n}.c").read_text().replace("x * 5", f"x * {k}"))
+            subprocess.run(["gcc", *flags, "-c", f"{n}.c"], cwd=d, check=True)
+        subprocess.run(["gcc", *flags, "-r", "-nostdlib", "-flinker-output=nolto-rel", "lto_a.o", "lto_b.o",
+                        "-o", "prog.o"], cwd=d, check=True)
+        objs[tag] = d / "prog.o"
+    res = run_diff(objs["orig"], objs["new"], tmp_path / "lp.o", DiffOptions(symtab=objs["orig"], env={}))
+    changed = set(res.included_functions)
+    assert changed == {"a_util"}
+    assert any(".wpa." in d.name for d in find_dumps(tmp_path / "orig"))
+    pred = predict([tmp_path / "orig"], ["a_helper"], use_cache=False)
+    pieces = {e.name: e.pieces for e in pred.entries if e.status == "replace"}
+    assert changed <= _covered(pred.functions, pieces), (changed, pred.functions)
+
+
 def test_closure_all_matches_queries(build: Path) -> None:
     idx = load_index(find_dumps(build), use_cache=False)
     src, dst = closure_all(idx)
