@@ -230,7 +230,8 @@ class TargetKeys:
         add[j] = add[j] - obj.value[m[hit]]
         rest = todo[~hit]
         rsec = obj.shndx[syms[rest]]
-        is_str = (obj.shdrs["flags"].astype(np.int64) & C.SHF_STRINGS) != 0
+        # string sections, but not those named like a special static (key() treats those as special first)
+        is_str = ((obj.shdrs["flags"].astype(np.int64) & C.SHF_STRINGS) != 0) & ~obj.special_named_sections
         strs = (rsec > 0) & (rsec < obj.nsec) & is_str[np.clip(rsec, 0, obj.nsec - 1)]
         sj = rest[strs]
         if len(sj):
@@ -256,7 +257,43 @@ class TargetKeys:
             for jj, st, en, b0 in zip(sj.tolist(), start.tolist(), end.tolist(), lo.tolist(), strict=True):
                 kid[jj] = self.intern(("str", buf[st:en]))
                 add[jj] = add[jj] - (st - b0)
-        return rest[~strs]
+        return self._vector_covering(obj, r, syms, kid, add, rest[~strs])
+
+    def _vector_covering(self, obj: Object, r: np.ndarray, syms: np.ndarray, kid: np.ndarray, add: np.ndarray,
+                         left: np.ndarray) -> np.ndarray:
+        """References ``.text+off`` into sections holding many symbols (no -ffunction-sections): binary
+        search per section for all of them at once; a place covered by exactly one symbol is settled
+        here, anything else (no symbol, overlaps, special sections) is left for :meth:`key`."""
+        if not len(left):
+            return left
+        lsec = obj.shndx[syms[left]]
+        order = np.argsort(lsec, kind="stable")
+        left, lsec = left[order], lsec[order]
+        bias_of = np.zeros(max(int(r["type"].max()) + 1, 1), np.int64)
+        for t, b in self.arch.pcrel_bias.items():
+            if t < len(bias_of):
+                bias_of[t] = b
+        done = np.zeros(len(left), bool)
+        bounds = np.flatnonzero(np.diff(lsec)) + 1
+        sid = self._sid[id(obj)]
+        for grp in np.split(np.arange(len(left)), bounds):
+            sec = int(lsec[grp[0]])
+            if not 0 < sec < obj.nsec or len(obj.syms_in_section.get(sec, ())) < 2:
+                continue
+            name = obj.sec_names[sec]
+            if is_special_static(name) or name in self.arch.toc_sections:
+                continue
+            starts, ends, msyms, prev = obj.sorted_members(sec)
+            j = left[grp]
+            where = add[j] + bias_of[r["type"][j].astype(np.int64)]
+            k = np.searchsorted(starts, where, side="right") - 1
+            kk = np.clip(k, 0, None)
+            ok = (k >= 0) & (ends[kk] > where) & (prev[kk] <= where)
+            t = msyms[kk[ok]]
+            kid[j[ok]] = sid[t]
+            add[j[ok]] = add[j[ok]] - obj.value[t]
+            done[grp[ok]] = True
+        return left[~done]
 
     def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
         """(what, addend relative to it) for one relocation of ``obj``."""

@@ -163,6 +163,8 @@ class Object:
             # -fdata-sections: a PC-relative access with an immediate after the displacement
             # (``addl $3, x(%rip)`` stores x-8) still means x.
             return members[0]
+        if len(members) > 16:
+            return self._symbol_at_sorted(sec, members, offset)
         best = -1
         for m in members:
             v, s = int(self.value[m]), int(self.size[m])
@@ -172,12 +174,52 @@ class Object:
                 best = m
         return best
 
+    @cached_property
+    def _sorted_members(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        return {}
+
+    def sorted_members(self, sec: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The function/object symbols of ``sec`` sorted by (address, symbol index): starts, ends (at
+        least one byte long), symbols, and the largest end among the symbols before each one (to tell
+        at once whether an earlier symbol overlaps a place)."""
+        t = self._sorted_members.get(sec)
+        if t is None:
+            m = np.array(self.syms_in_section.get(sec, []), np.int64)
+            m = m[np.lexsort((m, self.value[m]))]
+            starts = self.value[m]
+            ends = starts + np.maximum(self.size[m], 1)
+            prev = np.concatenate([[np.iinfo(np.int64).min], np.maximum.accumulate(ends)[:-1]]) if len(m) else ends
+            t = self._sorted_members[sec] = (starts, ends, m, prev)
+        return t
+
+    def _symbol_at_sorted(self, sec: int, members: list[int], offset: int) -> int:
+        """:meth:`symbol_at` for a section holding many symbols (a vmlinux.o ``.text`` built without
+        -ffunction-sections has thousands): binary search, then the same tie rules over the few
+        symbols that can overlap the place (aliases, nested labels)."""
+        starts, ends, syms, prev = self.sorted_members(sec)
+        k = int(np.searchsorted(starts, offset, side="right"))
+        if k and ends[k - 1] > offset and prev[k - 1] <= offset:
+            return int(syms[k - 1])  # the only symbol covering the place
+        lo = max(0, k - 64)
+        cover = [int(syms[j]) for j in range(lo, k) if ends[j] > offset]
+        if cover:
+            return min(cover)  # the first in symbol-table order, like the linear rule
+        at_end = [int(syms[j]) for j in range(lo, k) if int(starts[j]) + int(self.size[syms[j]]) == offset]
+        return min(at_end) if at_end else -1
+
     def sym_range(self, i: int) -> tuple[int, int]:
         """Byte range ``[start, end)`` of symbol ``i`` in its section (the whole section if size 0)."""
         v, s = int(self.value[i]), int(self.size[i])
         if s == 0 and self.defined[i]:
             s = int(self.shdrs["size"][self.shndx[i]]) - v
         return v, v + s
+
+    @cached_property
+    def special_named_sections(self) -> np.ndarray:
+        """Per section: is its name that of a special static (``.data..Lubsan_data12``...)?"""
+        from .names import is_special_static
+
+        return np.array([is_special_static(n) for n in self.sec_names], dtype=bool)
 
     def sym_ranges(self, syms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`sym_range` for many symbols at once."""

@@ -33,3 +33,37 @@ def test_diff_across_extended_section_numbers(tmp_path: Path) -> None:
     assert not elf.sym_special[i]
     res = run_diff(a, b, tmp_path / "lp.o", DiffOptions(symtab=a, env={}))
     assert res.included_functions == [f"f{N - 1}"]
+
+
+def test_symbol_at_many_symbols_agrees_with_linear_rule(tmp_path: Path) -> None:
+    """A .text with many functions (no -ffunction-sections) uses a binary search; it must give the same
+    answers as the linear rule, ties included."""
+    from klpforge.model import Object
+
+    lines = [".text"]
+    for i in range(200):
+        lines.append(f".globl g{i}\n.type g{i},@function\ng{i}:\n .byte {', '.join(['0x90'] * (i % 7 + 1))}\n"
+                     f".size g{i},.-g{i}")
+        if i % 50 == 0:  # an alias at the same address
+            lines.append(f".set a{i}, g{i}\n.type a{i},@function\n.size a{i},{i % 7 + 1}")
+    src = tmp_path / "many.s"
+    src.write_text("\n".join(lines) + "\n")
+    subprocess.run(["as", str(src), "-o", str(tmp_path / "many.o")], check=True)
+    obj = Object.load(tmp_path / "many.o")
+    sec = obj.find_section(".text")
+    assert sec is not None
+    members = obj.syms_in_section[sec]
+    assert len(members) > 16
+    size = int(obj.shdrs["size"][sec])
+
+    def linear(off: int) -> int:
+        best = -1
+        for m in members:
+            v, s = int(obj.value[m]), int(obj.size[m])
+            if v <= off < v + max(s, 1):
+                return m
+            if off == v + s and best < 0:
+                best = m
+        return best
+
+    assert all(obj.symbol_at(sec, off) == linear(off) for off in range(-1, size + 2))
