@@ -115,6 +115,20 @@ def main() -> None:
             lin = first[1] * n / first[0]
             print(f"synthetic N={n:>6} functions: {t:.3f} s, {1e6 * t / n:.1f} us/function, "
                   f"ratio to linear extrapolation from N={first[0]}: {t / lin:.2f}")
+        vmo = Path.home() / ".cache" / "klpforge" / "kernel-6.1" / "build" / "vmlinux.o"
+        if vmo.is_file():  # a real kernel object: the prepared 6.1 tinyconfig vmlinux.o against itself
+            from klpforge.errors import NoChange
+
+            def self_diff() -> float:
+                t0 = time.process_time()
+                try:
+                    run_diff(vmo, vmo, out / "vm.o", DiffOptions(symtab=vmo.with_name("vmlinux"), env={}))
+                except NoChange:
+                    pass
+                return time.process_time() - t0
+
+            print(f"vmlinux.o of the prepared 6.1 kernel against itself: {best(self_diff, args.repeat):.3f} s "
+                  f"(no change found, as it must)")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS: {rss:.0f} MB")
 
