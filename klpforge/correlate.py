@@ -217,21 +217,22 @@ def _ref_key(refs: dict[int, frozenset[str]], i: int) -> frozenset[str] | None:
     return refs.get(i, frozenset()) or None
 
 
+def _by_key(members: list[int], taken: np.ndarray, key: Callable[[int], object]) -> dict[object, list[int]]:
+    """Still-unpaired ``members`` grouped by ``key`` (None: no key, left out)."""
+    out: dict[object, list[int]] = defaultdict(list)
+    for i in members:
+        if taken[i] < 0:
+            k = key(i)
+            if k is not None:
+                out[k].append(i)
+    return out
+
+
 def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey: Callable[[int], object],
               pkey: Callable[[int], object], why: str) -> None:
     """Pair the still-free members of ``olist``/``plist`` whose keys are equal and unique on both sides."""
-    okeys: dict[object, list[int]] = defaultdict(list)
-    for o in olist:
-        if corr.o2p[o] < 0:
-            k = okey(o)
-            if k is not None:
-                okeys[k].append(o)
-    pkeys: dict[object, list[int]] = defaultdict(list)
-    for p in plist:
-        if corr.p2o[p] < 0:
-            k = pkey(p)
-            if k is not None:
-                pkeys[k].append(p)
+    okeys = _by_key(olist, corr.o2p, okey)
+    pkeys = _by_key(plist, corr.p2o, pkey)
     for k, os_ in okeys.items():
         ps = pkeys.get(k)
         if ps and len(os_) == 1 and len(ps) == 1:

@@ -165,6 +165,11 @@ class Object:
             return members[0]
         if len(members) > 16:
             return self._symbol_at_sorted(sec, members, offset)
+        return self.symbol_at_linear(members, offset)
+
+    def symbol_at_linear(self, members: list[int], offset: int) -> int:
+        """The rule :meth:`symbol_at` implements, by a scan of ``members`` in symbol-table order: the first
+        symbol covering ``offset``, else the first ending exactly there."""
         best = -1
         for m in members:
             v, s = int(self.value[m]), int(self.size[m])
