@@ -18,6 +18,7 @@ import numpy as np
 
 from .elf import ElfFile
 from .elf import constants as C
+from .errors import InputError
 from .names import canonical, section_subject
 
 __all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section"]
@@ -41,6 +42,8 @@ class Object:
     """A relocatable object prepared for correlation."""
 
     def __init__(self, elf: ElfFile):
+        if elf.symtab_index is None:
+            raise InputError(f"{elf.path}: has no symbol table (stripped?): nothing to correlate")
         self.elf = elf
         self.path = elf.path
         self.sec_names = elf.section_names

@@ -160,7 +160,8 @@ class TargetKeys:
         for x in r:
             s = int(x["sym"])
             tgt = obj.sym_names[s] if obj.stype[s] != C.STT_SECTION else obj.sec_names[int(obj.shndx[s])]
-            h.update(f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};".encode())
+            row = f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};"
+            h.update(row.encode("utf-8", "surrogateescape"))  # names may hold undecodable bytes
         return h.hexdigest()
 
     def toc_key(self, obj: Object, sec: int, off: int) -> tuple[object, ...]:
@@ -204,6 +205,14 @@ class TargetKeys:
             s2 = sho[b] - sho[a]
             return s2 - (lo.astype(u) - u(1)) * s1 + (b - a).astype(u) * u(0x94D049BB133111EB)
 
+    def biases(self, types: np.ndarray) -> np.ndarray:
+        """:attr:`Arch.pcrel_bias` for an array of relocation types (0 for the others, and for any
+        nonsense type a damaged file may hold)."""
+        out = np.zeros(len(types), np.int64)
+        for t, b in self.arch.pcrel_bias.items():
+            out[types == t] = b
+        return out
+
     def _vector_section_refs(self, obj: Object, r: np.ndarray, syms: np.ndarray, kid: np.ndarray, add: np.ndarray,
                              todo: np.ndarray) -> np.ndarray:
         """Resolve section-symbol references in bulk where that is simple: into a -ffunction-sections /
@@ -224,10 +233,6 @@ class TargetKeys:
         strs = (rsec > 0) & (rsec < obj.nsec) & is_str[np.clip(rsec, 0, obj.nsec - 1)]
         sj = rest[strs]
         if len(sj):
-            bias_of = np.zeros(max(int(r["type"].max()) + 1, 1), np.int64)
-            for t, b in self.arch.pcrel_bias.items():
-                if t < len(bias_of):
-                    bias_of[t] = b
             # All string sections laid end to end: one searchsorted over every NUL finds each string.
             ssec = rsec[strs]
             uniq = np.unique(ssec)
@@ -238,7 +243,7 @@ class TargetKeys:
             nul = np.flatnonzero(np.frombuffer(buf, np.uint8) == 0)
             g = np.searchsorted(uniq, ssec)
             lo, hi = base[g], base[g] + sizes[g]
-            where = lo + np.clip(add[sj] + bias_of[r["type"][sj].astype(np.int64)], 0, None)
+            where = lo + np.clip(add[sj] + self.biases(r["type"][sj]), 0, None)
             k = np.searchsorted(nul, where, side="left")
             prev = np.where(k > 0, nul[np.clip(k - 1, 0, max(len(nul) - 1, 0))] + 1, 0) if len(nul) else lo
             nxt = np.where(k < len(nul), nul[np.clip(k, 0, max(len(nul) - 1, 0))], hi) if len(nul) else hi
@@ -258,10 +263,6 @@ class TargetKeys:
         lsec = obj.shndx[syms[left]]
         order = np.argsort(lsec, kind="stable")
         left, lsec = left[order], lsec[order]
-        bias_of = np.zeros(max(int(r["type"].max()) + 1, 1), np.int64)
-        for t, b in self.arch.pcrel_bias.items():
-            if t < len(bias_of):
-                bias_of[t] = b
         done = np.zeros(len(left), bool)
         bounds = np.flatnonzero(np.diff(lsec)) + 1
         sid = self._sid[id(obj)]
@@ -274,7 +275,7 @@ class TargetKeys:
                 continue
             starts, ends, msyms, prev = obj.sorted_members(sec)
             j = left[grp]
-            where = add[j] + bias_of[r["type"][j].astype(np.int64)]
+            where = add[j] + self.biases(r["type"][j])
             k = np.searchsorted(starts, where, side="right") - 1
             kk = np.clip(k, 0, None)
             ok = (k >= 0) & (ends[kk] > where) & (prev[kk] <= where)

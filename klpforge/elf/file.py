@@ -149,6 +149,11 @@ class ElfFile:
             i = int(np.flatnonzero(bad)[0])
             raise self._fail(f"truncated or corrupt: section [{i}] extends past the end of the file "
                              f"(ends at {int(sh['offset'][i] + sh['size'][i])}, file has {len(d)} bytes)")
+        align = sh["addralign"]
+        bad = (align > (1 << 24)) | ((align & (align - 1)) != 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise self._fail(f"corrupt: section [{i}] alignment {int(align[i])} is not a power of two up to 16 MiB")
         if not 0 < self.shstrndx < n:
             raise self._fail(f"corrupt: section-name table index {self.shstrndx} out of range")
         if (sh["link"] >= n).any():
@@ -162,6 +167,8 @@ class ElfFile:
         h = self.shdrs[i]
         size = int(h["size"])
         if h["type"] == C.SHT_NOBITS:
+            if size > 1 << 30:  # zero-fill is materialised: refuse a damaged header's absurd size
+                raise self._fail(f"corrupt: zero-filled section [{i}] claims {size} bytes")
             return bytes(size)
         off = int(h["offset"])
         return bytes(self.data[off: off + size])

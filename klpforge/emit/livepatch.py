@@ -309,6 +309,9 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             continue
         size = entry_size(name, opts.env, int(p.shdrs["entsize"][ps]), ptr)
         data = p.section_data(ps)
+        if size > len(data):
+            raise InputError(f"{name}: entry size {size} is larger than the whole section ({len(data)} bytes): "
+                             f"{ENV_NAMES.get(name, 'the entry size')} or the section header is wrong")
         # The assembler does not pad the last entry to the struct's alignment (.parainstructions).
         total = -(-len(data) // size)
         r = p.relocs(ps)
