@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_arch import time_arch  # noqa: E402  (same peer-pair loop, CPU clock here)
+
 from klpforge.diff import DiffOptions, run_diff  # noqa: E402
-from klpforge.errors import KlpError  # noqa: E402
 
 PEER = ROOT.parent / "shared" / "peer-objs"
 CFLAGS = ["-O2", "-ffunction-sections", "-fdata-sections", "-pg", "-mfentry", "-mrecord-mcount", "-fno-PIE"]
@@ -32,17 +33,6 @@ CFLAGS = ["-O2", "-ffunction-sections", "-fdata-sections", "-pg", "-mfentry", "-
 def peer_pairs(arch: str) -> list[dict]:
     cases = json.loads((PEER / "manifest.json").read_text())["cases"]
     return [c for c in cases if c["arch"] == arch]
-
-
-def run_peers(cases: list[dict], out: Path) -> float:
-    t = time.process_time()
-    for c in cases:
-        try:
-            run_diff(PEER / c["orig"], PEER / c["patched"], out / f"{c['case']}.o",
-                     DiffOptions(symtab=PEER / c["orig"], env=c["env"]))
-        except KlpError:
-            pass
-    return time.process_time() - t
 
 
 def pyelftools_read(cases: list[dict]) -> float:
@@ -99,7 +89,7 @@ def main() -> None:
         out = Path(tmp)
         if (PEER / "manifest.json").is_file():
             cases = peer_pairs("x86_64")
-            ours = best(lambda: run_peers(cases, out), args.repeat)
+            ours = best(lambda: time_arch(cases, out, time.process_time), args.repeat)
             base = best(lambda: pyelftools_read(cases), args.repeat)
             print(f"x86_64 peer pairs: {len(cases)} diffs in {ours:.3f} s (target < 1 s); pyelftools only reading "
                   f"the same files: {base:.3f} s; ratio ours/pyelftools-read = {ours / base:.2f}")

@@ -99,7 +99,6 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
     keys = TargetKeys(corr, arch)
     res = Comparison(keys=keys)
     want = (C.STT_FUNC, C.STT_OBJECT)
-    helpers_cache: dict[int, bool] = {}
     cand = [pi for pi in range(p.nsym) if p.defined[pi] and p.stype[pi] in want
             and not is_ignored_section(p.sec_names[int(p.shndx[pi])])]
     pairs = [(pi, int(corr.p2o[pi])) for pi in cand if corr.p2o[pi] >= 0]
@@ -117,12 +116,12 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
         osec = int(o.shndx[oi])
         olo, ohi = o.sym_range(oi)
         plo, phi = p.sym_range(pi)
-        why = _differs(o, p, keys, oi, pi, osec, psec, olo, ohi, plo, phi)
+        why = _differs(o, p, keys, osec, psec, olo, ohi, plo, phi)
         if why is None:
             res.status[pi] = SAME
             continue
         if why == "bytes" and p.is_text(psec):
-            if _line_only(o, p, arch, osec, psec, olo, ohi, plo, phi, helpers_cache, pi):
+            if _line_only(o, p, arch, osec, psec, olo, ohi, plo, phi):
                 res.status[pi] = SAME
                 res.line_only.add(pi)
                 res.why[pi] = "only __LINE__ arguments of WARN/printk-style calls moved (ignored)"
@@ -161,7 +160,7 @@ def _quick_same(o: Object, p: Object, keys: TargetKeys, pairs: list[tuple[int, i
     return out
 
 
-def _differs(o: Object, p: Object, keys: TargetKeys, oi: int, pi: int, osec: int, psec: int,
+def _differs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int,
              olo: int, ohi: int, plo: int, phi: int) -> str | None:
     """None when equal, else a short reason ('bytes' when only the bytes differ)."""
     if ohi - olo != phi - plo:
@@ -197,7 +196,7 @@ def _calls_line_helper(obj: Object, sec: int, lo: int, hi: int) -> bool:
 
 
 def _line_only(o: Object, p: Object, arch: Arch, osec: int, psec: int, olo: int, ohi: int, plo: int,
-               phi: int, cache: dict[int, bool], pi: int) -> bool:
+               phi: int) -> bool:
     """True when every differing instruction loads an immediate into an argument register of a
     __LINE__-taking helper and the function calls such a helper."""
     if not arch.cs_arch or not arch.line_regs:

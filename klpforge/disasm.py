@@ -16,11 +16,11 @@ __all__ = ["instructions", "decoder", "mnemonic_at"]
 
 def decoder(arch: Arch) -> Any:
     """A capstone ``Cs`` for ``arch`` (detail off: sizes, mnemonics and operands are all we need)."""
-    return _decoder(arch.name, arch.cs_arch, arch.cs_mode)
+    return _decoder(arch.cs_arch, arch.cs_mode)  # Arch holds dicts: cache on the hashable part
 
 
 @cache
-def _decoder(name: str, cs_arch: str, cs_mode: str) -> Any:
+def _decoder(cs_arch: str, cs_mode: str) -> Any:
     import capstone
 
     mode = 0

@@ -279,7 +279,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
         kept[name] = (was[0] + nkept, was[1] + total)
     em.finish_klp()
-    _check_module_keys(em, specials)
+    _check_module_keys(em)
     # Callbacks are usually static: give each a global alias the generated module source can name.
     cbs: dict[str, str] = {}
     for kind, v in sel.callbacks.items():
@@ -385,7 +385,7 @@ def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel:
         todo.extend(resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0] for x in r)
 
 
-def _check_module_keys(em: _Emitter, specials: Mapping[int, object]) -> None:
+def _check_module_keys(em: _Emitter) -> None:
     """Jump labels and static calls keyed in a module cannot be patched (6.1 sets their module entries up
     before the module's klp relocations are applied, ``kernel/livepatch/core.c``)."""
     if em.opts.target == "vmlinux":
