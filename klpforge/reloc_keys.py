@@ -20,7 +20,7 @@ from .arch import Arch
 from .correlate import Correlation
 from .elf import constants as C
 from .model import Object
-from .names import is_local_label, is_special_static, special_kind
+from .names import canonical, is_local_label, is_special_static, special_kind
 
 __all__ = ["TargetKeys", "SYM_BASE"]
 
@@ -96,7 +96,7 @@ class TargetKeys:
         name = obj.sym_names[i]
         if not obj.defined[i]:
             return ("ext", name)
-        if name.startswith("CSWTCH"):  # a switch table: what matters is its content
+        if canonical(name) == "CSWTCH":  # a switch table (CSWTCH.12): what matters is its content
             return ("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i)))
         if is_special_static(name):
             return ("special", special_kind(name))
