@@ -1,0 +1,319 @@
+"""Issue 12, items 5-9, 15, 16: the ../shared/cases inputs and their siblings, compiled by the real gcc in the run.
+
+Each case is compiled the way ../shared/cases/compile.sh does (same flags, both sides as ``unit.c``) into
+a temporary directory, then diffed through the CLI; what is checked is what the case's expected.txt says.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klpforge.arch import ARCHES
+from klpforge.lineargs import only_lines_differ
+
+from .conftest import SHARED
+
+CASES = SHARED / "cases"
+#: ../shared/cases/compile.sh's flags (read, not called: it writes into the read-only case folder)
+CASE_FLAGS = ["-O2", "-ffunction-sections", "-fdata-sections", "-fno-pic", "-mcmodel=kernel", "-mfentry", "-pg",
+              "-mrecord-mcount", "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mno-sse",
+              "-fno-strict-aliasing", "-fno-common", "-nostdinc", "-ffreestanding", "-fno-stack-protector"]
+needs_cases = pytest.mark.skipif(not CASES.is_dir(), reason="../shared/cases not present")
+
+
+def compile_unit(src: str, d: Path, *extra: str) -> Path:
+    """``src`` compiled as ``d/unit.c`` with the case flags; returns the object."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not installed")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "unit.c").write_text(src)
+    subprocess.run([gcc, *CASE_FLAGS, *extra, "-c", "unit.c", "-o", "unit.o"], cwd=d, check=True)
+    return d / "unit.o"
+
+
+class Run:
+    """One ``klpforge diff`` of a compiled pair: exit code, stderr, the JSON report (when written)."""
+
+    def __init__(self, orig_src: str, patched_src: str, tmp: Path, *extra: str):
+        a = compile_unit(orig_src, tmp / "orig", *extra)
+        b = compile_unit(patched_src, tmp / "patched", *extra)
+        symtab = tmp / "symtab.txt"
+        symtab.write_text(subprocess.run(["readelf", "-s", "--wide", str(a)], capture_output=True, text=True,
+                                         check=True).stdout)
+        self.out = tmp / "out.o"
+        rep = tmp / "report.json"
+        r = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(a), str(b), "-o", str(self.out),
+                            "--symtab", str(symtab), "--json", str(rep)], capture_output=True, text=True,
+                           check=False)
+        self.code, self.stderr = r.returncode, r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+        self.report = json.loads(rep.read_text()) if rep.is_file() and r.returncode == 0 else {}
+
+    @property
+    def replaced(self) -> list[str]:
+        return sorted(f["old_name"] for f in self.report.get("patched_functions", []))
+
+    @property
+    def included(self) -> list[str]:
+        return sorted(x["name"] for x in self.report.get("included", []) if x["type"] == "function")
+
+
+def case(name: str, tmp: Path, *extra: str) -> Run:
+    d = CASES / name
+    return Run((d / "orig.c").read_text(), (d / "patched.c").read_text(), tmp, *extra)
+
+
+def refused(r: Run, *needles: str) -> None:
+    assert r.code == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(n in r.stderr for n in needles), r.stderr
+    assert not r.out.exists()
+
+
+# -- item 5: the __LINE__ filter ------------------------------------------------------------------------------
+
+
+@needs_cases
+def test_case_line_filter_real_change(tmp_path: Path) -> None:
+    # expected.txt: dev_tune changed (set_limit's 2nd argument 64 -> 16): replaced, exit 0
+    r = case("line-filter-real-change", tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["dev_tune"]
+    assert r.report["line_only"] == []
+
+
+MIGHT = """
+extern void __might_sleep(const char *file, int line);
+extern void __might_resched(const char *file, int line, unsigned int offsets);
+extern int ns_capable(void *ns, int cap);
+extern int _printk(const char *fmt, ...);
+extern void warn_slowpath_fmt(const char *file, const int line, unsigned taint, const char *fmt, ...);
+extern void set_quota(void *q, int blocks);
+%(pad)s
+int may_admin(void *ns)
+{
+	__might_sleep(__FILE__, __LINE__);
+	return ns_capable(ns, %(cap)s);
+}
+
+void tune_quota(void *q, int warn)
+{
+	_printk("quota\\n");
+	if (warn)
+		warn_slowpath_fmt(__FILE__, __LINE__, 9, "quota %%d", warn);
+	set_quota(q, %(quota)s);
+}
+
+void report_limit(void)
+{
+	_printk("limit %%d\\n", %(limit)s);
+}
+
+void resched_point(void)
+{
+	__might_resched(__FILE__, __LINE__, %(offsets)s);
+}
+"""
+BASE = {"pad": "", "cap": "21", "quota": "100", "limit": "64", "offsets": "0"}
+
+
+@pytest.mark.parametrize(("what", "value", "func"), [
+    ("cap", "12", "may_admin"),  # CAP_SYS_ADMIN -> CAP_NET_ADMIN given to ns_capable after __might_sleep
+    ("quota", "200", "tune_quota"),  # a constant to an ordinary function, next to printk and WARN
+    ("limit", "16", "report_limit"),  # a printk argument is not a line
+    ("offsets", "1", "resched_point"),  # a line-taking helper's *other* argument
+])
+def test_constant_in_an_argument_register_is_a_change(what: str, value: str, func: str, tmp_path: Path) -> None:
+    r = Run(MIGHT % BASE, MIGHT % {**BASE, what: value}, tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == [func] and r.report["line_only"] == []
+
+
+def test_only_moved_lines_are_still_no_change(tmp_path: Path) -> None:
+    r = Run(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n\n\n"}, tmp_path)
+    assert r.code == 3, r.stderr
+    assert "only __LINE__ values moved in may_admin, resched_point, tune_quota" in r.stderr
+
+
+def test_moved_line_and_real_change_together_is_a_change(tmp_path: Path) -> None:
+    r = Run(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n", "cap": "12"}, tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["may_admin"]
+    assert r.report["line_only"] == ["resched_point", "tune_quota"]
+
+
+def _le(*words: int) -> bytes:
+    return b"".join(struct.pack("<I", w) for w in words)
+
+
+#: Per architecture: (code loading the file name, the line into the 2nd argument register and calling),
+#: the offsets of the file-string and callee relocations, and the same with the line in the 3rd register.
+#: and a conditional branch between the load and the call.
+SEQS = {
+    "x86_64": (lambda n: bytes.fromhex("bf00000000") + b"\xbe" + struct.pack("<I", n) + bytes.fromhex("e800000000"),
+               lambda n: bytes.fromhex("bf00000000") + b"\xba" + struct.pack("<I", n) + bytes.fromhex("e800000000"),
+               1, 11, lambda n: bytes.fromhex("bf00000000") + b"\xbe" + struct.pack("<I", n) + bytes.fromhex("7400")
+               + bytes.fromhex("e800000000")),
+    "ppc64le": (lambda n: _le(0x3C620000, 0x38630000, 0x38800000 | n, 0x48000001, 0x60000000),
+                lambda n: _le(0x3C620000, 0x38630000, 0x38A00000 | n, 0x48000001, 0x60000000),
+                4, 12, lambda n: _le(0x3C620000, 0x38630000, 0x38800000 | n, 0x41820008, 0x48000001, 0x60000000)),
+    "s390x": (lambda n: bytes.fromhex("c02000000000a738") + struct.pack(">H", n) + bytes.fromhex("c0e500000000"),
+              lambda n: bytes.fromhex("c02000000000a748") + struct.pack(">H", n) + bytes.fromhex("c0e500000000"),
+              2, 12, lambda n: bytes.fromhex("c02000000000a738") + struct.pack(">H", n) + bytes.fromhex("a7840002")
+              + bytes.fromhex("c0e500000000")),
+    "aarch64": (lambda n: _le(0x90000000, 0x91000000, 0x52800001 | (n << 5), 0x94000000),
+                lambda n: _le(0x90000000, 0x91000000, 0x52800002 | (n << 5), 0x94000000),
+                4, 12, lambda n: _le(0x90000000, 0x91000000, 0x52800001 | (n << 5), 0x54000020, 0x94000000)),
+}
+
+
+@pytest.mark.parametrize("arch_name", sorted(SEQS))
+def test_line_rule_per_architecture(arch_name: str) -> None:
+    """The rule on each capstone architecture, with the ABI's own registers: a line reaches the helper's
+    line parameter at that call; the same immediate anywhere else (another callee, another register,
+    across a branch) is a change."""
+    arch = next(a for a in ARCHES.values() if a.name == arch_name)
+    second, third, file_off, call_off, split = SEQS[arch_name]
+    fname = b"kernel/sched/core.c"
+
+    def rel(callee: str, off: int = call_off, with_file: bytes | None = fname) -> list:
+        return [(file_off, "", with_file), (off, callee, None)]
+
+    def same(a: bytes, b: bytes, r: list, r2: list | None = None) -> bool:
+        return only_lines_differ(arch, a, r, b, r2 or r)
+
+    assert same(second(120), second(125), rel("__might_sleep"))
+    assert not same(second(120), second(125), rel("ns_capable", with_file=b"fmt %d\n"))
+    assert not same(second(120), second(125), rel("set_quota", with_file=None))
+    assert not same(third(120), third(125), rel("__might_sleep", with_file=None))  # not its line parameter
+    assert same(third(120), third(125), rel("__btrfs_abort_transaction", with_file=None))  # its 3rd is the line
+    # (__FILE__, __LINE__) given to any external call: the line follows the file name
+    assert same(second(120), second(125), rel("__warn_printk"))
+    assert not same(second(120), second(125), rel("__warn_printk", with_file=b"%s (%d)\n"))
+    # a branch between the load and the call: the value may reach something else
+    c = len(split(1)) - (len(second(1)) - call_off)
+    assert not same(split(120), split(125), rel("__might_sleep", off=c))
+
+
+def test_loongarch_difference_is_always_a_change() -> None:
+    arch = next(a for a in ARCHES.values() if a.name == "loongarch64")
+    assert not only_lines_differ(arch, b"\x00" * 8, [], b"\x01" + b"\x00" * 7, [])
+
+
+# -- item 6: the ftrace entry of the ORIGINAL function counts ---------------------------------------------------
+
+
+@needs_cases
+def test_case_notrace_fix_of_a_traced_function_is_built(tmp_path: Path) -> None:
+    # expected.txt: the original spin_forever has __fentry__: the kernel can redirect it, exit 0
+    r = case("same-bytes-reloc-lost", tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["spin_forever"]
+
+
+@needs_cases
+def test_case_original_without_entry_is_refused(tmp_path: Path) -> None:
+    # expected.txt: the original poke is notrace: refuse naming poke
+    r = case("same-bytes-reloc-lost/variant-converse", tmp_path)
+    refused(r, "function poke has no ftrace entry in the original object")
+
+
+NOINSTR = """
+extern void touch(int);
+%s void probe(int v) { touch(v + %s); }
+void other(int v) { touch(v); }
+"""
+
+
+def test_noinstr_added_by_the_fix_is_built(tmp_path: Path) -> None:
+    attr = "__attribute__((noinline, __no_instrument_function__, section(\".noinstr.text\")))"
+    r = Run(NOINSTR % ("__attribute__((noinline))", "1"), NOINSTR % (attr, "2"), tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["probe"]
+
+
+def test_fix_to_a_notrace_original_is_refused_even_when_the_copy_is_traced(tmp_path: Path) -> None:
+    r = Run(NOINSTR % ("__attribute__((noinline, __no_instrument_function__))", "1"),
+            NOINSTR % ("__attribute__((noinline))", "2"), tmp_path)
+    refused(r, "function probe has no ftrace entry in the original object")
+
+
+# -- item 8: section names are matched exactly ------------------------------------------------------------------
+
+EXITS = """
+extern void touch(int);
+void exit_signals(int v) { touch(v + %(k)s); }
+void exit_mm(int v) { touch(v * %(k)s); }
+void startup_secondary(int v) { touch(v - %(k)s); }
+void unlikely_path(int v) { touch(v ^ %(k)s); }
+"""
+
+
+def test_functions_named_exit_or_startup_are_ordinary(tmp_path: Path) -> None:
+    r = Run(EXITS % {"k": "1"}, EXITS % {"k": "3"}, tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["exit_mm", "exit_signals", "startup_secondary", "unlikely_path"]
+
+
+@pytest.mark.parametrize("sec", [".text.exit", ".text.startup", ".init.text", ".exit.text", ".text.exit.f"])
+def test_gcc_and_kernel_init_exit_sections_are_still_refused(sec: str, tmp_path: Path) -> None:
+    src = 'extern void touch(int);\n__attribute__((section("%s"))) void f(int v) { touch(v + %%s); }\n' % sec
+    r = Run(src % "1", src % "2", tmp_path)
+    refused(r, f"changed function f is in {sec}: init/exit code")
+
+
+def test_section_name_rules() -> None:
+    from klpforge.names import is_string_section, section_subject
+    from klpforge.secnames import is_init_section, merge_kind
+
+    for name in (".text.exit_signals", ".text.exit_mm", ".text.startup_64", ".text.exitx", ".init_array",
+                 ".text.init.x", ".data.exit"):
+        assert not is_init_section(name), name
+    for name in (".text.exit", ".text.startup", ".text.startup.main", ".init.text", ".exit.data", ".meminit.text",
+                 ".init.rodata"):
+        assert is_init_section(name), name
+    assert section_subject(".rodata.cstate") == "cstate" and section_subject(".rodata.cst8") is None
+    assert section_subject(".rodata.strings") == "strings" and section_subject(".rodata.str1.1") is None
+    assert not is_string_section(".rodata.strings", 0) and is_string_section(".rodata.str1.8", 0)
+    assert merge_kind(".rodata.foo.cst16") == "cst" and merge_kind(".rodata.cst_table") == ""
+
+
+CST = """
+extern void consume(const void *p);
+const char strings[4] = "%s";
+const long cstate[2] = { 5, 6 };
+void use(void) { consume(strings); consume(cstate); }
+"""
+
+
+def test_data_named_like_merge_sections_is_data(tmp_path: Path) -> None:
+    """-fdata-sections puts ``strings`` in .rodata.strings and ``cstate`` in .rodata.cstate: objects, not
+    merge sections; changing one is changed data (refused by name), not a string/constant pool."""
+    r = Run(CST % "abc", CST % "abd", tmp_path)
+    refused(r, "data strings (.rodata.strings) changed")
+
+
+# -- item 15: objects holding only LTO IR -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [["-c"], ["-r", "-nostdlib"]])
+def test_lto_ir_only_object_is_an_input_error(how: list[str], tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not installed")
+    (tmp_path / "l.c").write_text("int f(int x) { return x + 1; }\n")
+    subprocess.run([gcc, "-O2", "-flto", *how, "l.c", "-o", "l.o"], cwd=tmp_path, check=True)
+    r = subprocess.run([sys.executable, "-m", "klpforge", "diff", "l.o", "l.o", "-o", "out.o", "--symtab", "l.o"],
+                       cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == ("klpforge diff: l.o: holds only LTO IR (GCC's .gnu.lto_* sections, no machine code): "
+                                "link with -flinker-output=nolto-rel (or -ffat-lto-objects), or build without -flto")
+    assert not (tmp_path / "out.o").exists()
