@@ -204,7 +204,7 @@ def _string_of(k: object, rel: int) -> bytes | None:
         if k[0] == "str" and rel == 0 and isinstance(k[1], bytes):
             return k[1]
         if k[0] == "toc" and len(k) >= 4:
-            return _string_of(k[2], int(k[3]))  # type: ignore[call-overload]
+            return _string_of(k[2], int(k[3]))
     return None
 
 

@@ -265,8 +265,8 @@ def test_functions_named_exit_or_startup_are_ordinary(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sec", [".text.exit", ".text.startup", ".init.text", ".exit.text", ".text.exit.f"])
 def test_gcc_and_kernel_init_exit_sections_are_still_refused(sec: str, tmp_path: Path) -> None:
-    src = 'extern void touch(int);\n__attribute__((section("%s"))) void f(int v) { touch(v + %%s); }\n' % sec
-    r = Run(src % "1", src % "2", tmp_path)
+    src = 'extern void touch(int);\n__attribute__((section("' + sec + '"))) void f(int v) {{ touch(v + {}); }}\n'
+    r = Run(src.format("1"), src.format("2"), tmp_path)
     refused(r, f"changed function f is in {sec}: init/exit code")
 
 
