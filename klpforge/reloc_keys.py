@@ -36,7 +36,8 @@ class TargetKeys:
         self.arch = arch
         self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
         self._toc_cache: dict[tuple[int, int, int], tuple[object, ...]] = {}
-        self._anon: dict[tuple[int, int], str] = {}
+        self._anon: dict[tuple[int, int, int], str] = {}
+        self._points: dict[int, dict[int, np.ndarray]] = {}
         self._ids: dict[object, int] = {}
         self.by_id: list[object] = []
         self._sid: dict[int, np.ndarray] = {}
@@ -134,6 +135,45 @@ class TargetKeys:
         starts = self._starts(obj).get(sec)
         nxt = starts[np.searchsorted(starts, v, side="right")] if starts is not None and starts[-1] > v else None
         return ("label", self.content_digest(obj, sec, v, int(obj.shdrs["size"][sec]) if nxt is None else int(nxt)))
+
+    def anon_extent(self, obj: Object, sec: int, where: int) -> tuple[int, int]:
+        """The bytes ``[lo, hi)`` a reference to ``sec+where`` addresses in a section with no symbol there
+        (anonymous ``.rodata`` constants, ``.rodata.cstN``): one entry of a merge section (``sh_entsize``),
+        else from the place to the next place anything references or a symbol starts, or the section end.
+        Comparing these bytes, not the whole section, keeps one changed constant from marking every user of
+        the section changed."""
+        size = int(obj.shdrs["size"][sec])
+        lo = min(max(where, 0), size)
+        ent = int(obj.shdrs["entsize"][sec])
+        if obj.section_flags(sec) & C.SHF_MERGE and ent > 0:
+            lo -= lo % ent
+            return lo, min(lo + ent, size)
+        pts = self._ref_points(obj).get(sec)
+        starts = self._starts(obj).get(sec)
+        nxt = size
+        for arr in (pts, starts):
+            if arr is not None and len(arr):
+                k = int(np.searchsorted(arr, lo, side="right"))
+                if k < len(arr):
+                    nxt = min(nxt, int(arr[k]))
+        return lo, max(lo, nxt)
+
+    def _ref_points(self, obj: Object) -> dict[int, np.ndarray]:
+        """Per section, the sorted places that section-symbol relocations of ``obj`` point at (cached)."""
+        c = self._points.get(id(obj))
+        if c is None:
+            r = obj.all_relocs[0]
+            syms = r["sym"].astype(np.int64)
+            m = obj.stype[syms] == C.STT_SECTION if len(r) else np.zeros(0, bool)
+            tsec = obj.shndx[syms[m]]
+            where = r["addend"][m].astype(np.int64) + self.biases(r["type"][m])
+            order = np.lexsort((where, tsec))
+            tsec, where = tsec[order], where[order]
+            cut = np.flatnonzero(np.diff(tsec)) + 1
+            c = {int(g[0]): np.unique(w) for g, w in zip(np.split(tsec, cut), np.split(where, cut), strict=True)
+                 if len(g)}
+            self._points[id(obj)] = c
+        return c
 
     def _starts(self, obj: Object) -> dict[int, np.ndarray]:
         """Per section, the sorted start offsets of the symbols defined in it (cached per object)."""
@@ -313,7 +353,8 @@ class TargetKeys:
             # Code outside any function (.altinstr_replacement, .fixup, .altinstr_aux) is compared through
             # the special-section entries that point at it; .altinstr_aux offsets shift with any edit.
             return ("aux", name), (0 if name == ".altinstr_aux" else addend)
-        ak = self._anon.get((id(obj), sec))
+        lo, hi = self.anon_extent(obj, sec, where)
+        ak = self._anon.get((id(obj), sec, lo))
         if ak is None:
-            ak = self._anon[(id(obj), sec)] = self.content_digest(obj, sec, 0, int(obj.shdrs["size"][sec]))
-        return ("anon", ak), addend
+            ak = self._anon[(id(obj), sec, lo)] = self.content_digest(obj, sec, lo, hi)
+        return ("anon", ak), addend - lo

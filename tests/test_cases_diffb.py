@@ -317,3 +317,63 @@ def test_lto_ir_only_object_is_an_input_error(how: list[str], tmp_path: Path) ->
     assert r.stderr.strip() == ("klpforge diff: l.o: holds only LTO IR (GCC's .gnu.lto_* sections, no machine code): "
                                 "link with -flinker-output=nolto-rel (or -ffat-lto-objects), or build without -flto")
     assert not (tmp_path / "out.o").exists()
+
+
+# -- item 7: references into symbol-less shared sections --------------------------------------------------------
+
+
+@needs_cases
+def test_case_rodata_anon_shared(tmp_path: Path) -> None:
+    # expected.txt: only seed_low is replaced; seed_high's bytes and its .rodata constant are identical
+    r = case("rodata-anon-shared", tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["seed_low"] and "seed_high" not in r.included
+
+
+@needs_cases
+def test_case_rodata_anon_shared_init_user_is_not_refused(tmp_path: Path) -> None:
+    """The kept-back form: the unchanged seed_high is __init; comparing it by its own constant keeps it
+    unchanged, so it is not refused as changed init code."""
+    d = CASES / "rodata-anon-shared"
+    init = '__attribute__((section(".init.text"))) void seed_high'
+    a, b = ((d / f).read_text().replace("void seed_high", init) for f in ("orig.c", "patched.c"))
+    r = Run(a, b, tmp_path)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["seed_low"]
+
+
+CONSTS = """
+double scale_a(double x) { return x * %s; }
+double scale_b(double x) { return x * 7.25; }
+double scale_c(double x) { return x * 9.125; }
+"""
+
+
+def test_merge_constants_compare_one_entry(tmp_path: Path) -> None:
+    """.rodata.cst8 holds every function's double constant: only the function whose constant changed is."""
+    r = Run(CONSTS % "3.5", CONSTS % "4.5", tmp_path, "-msse2")
+    obj = subprocess.run(["readelf", "-SW", str(tmp_path / "orig" / "unit.o")], capture_output=True, text=True,
+                         check=True).stdout
+    assert ".rodata.cst8" in obj
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["scale_a"]
+
+
+def test_anon_extent_stops_at_the_next_referenced_place(tmp_path: Path) -> None:
+    """The converse of the case: the constant at the end of the shared .rodata (seed_high's) changes; only
+    seed_high changes, seed_low's extent ends where seed_high's constant starts."""
+    from klpforge.arch import arch_for
+    from klpforge.compare import compare
+    from klpforge.correlate import correlate
+    from klpforge.model import Object
+
+    d = CASES / "rodata-anon-shared"
+    if not d.is_dir():
+        pytest.skip("../shared/cases not present")
+    src = (d / "orig.c").read_text()
+    a = compile_unit(src, tmp_path / "a")
+    b = compile_unit(src.replace("1024 }", "1025 }"), tmp_path / "b")
+    o, p = Object.load(a), Object.load(b)
+    cmp = compare(correlate(o, p), arch_for(o.elf.machine))
+    changed = sorted(p.sym_names[i] for i, s in cmp.status.items() if s == "changed")
+    assert changed == ["seed_high"]
