@@ -377,3 +377,72 @@ def test_anon_extent_stops_at_the_next_referenced_place(tmp_path: Path) -> None:
     cmp = compare(correlate(o, p), arch_for(o.elf.machine))
     changed = sorted(p.sym_names[i] for i, s in cmp.status.items() if s == "changed")
     assert changed == ["seed_high"]
+
+
+# -- item 9: aliases of a body whose ftrace entry is a __patchable_function_entries record -----------------------
+
+SYSCALL = """
+extern void touch(long);
+static long __do_sys_foo(long a) { touch(a + %s); return 0; }
+%s long __se_sys_foo(long a) { return __do_sys_foo(a); }
+long sys_foo(long a) __attribute__((alias("__se_sys_foo")));
+"""
+PFE_FLAGS = [f for f in CASE_FLAGS if f not in ("-pg", "-mfentry", "-mrecord-mcount")]
+
+
+def _pfe_run(tmp: Path, entry: str, orig_attr: str = "") -> Run:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not installed")
+    objs = []
+    for side, k, attr in (("orig", "1", orig_attr), ("patched", "2", "")):
+        d = tmp / side
+        d.mkdir()
+        (d / "unit.c").write_text(SYSCALL % (k, attr))
+        subprocess.run([gcc, *PFE_FLAGS, f"-fpatchable-function-entry={entry}", "-c", "unit.c", "-o", "unit.o"],
+                       cwd=d, check=True)
+        objs.append(d / "unit.o")
+    r = Run.__new__(Run)
+    r.out = tmp / "out.o"
+    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(objs[0]), str(objs[1]), "-o", str(r.out),
+                        "--symtab", str(objs[0]), "--json", str(tmp / "rep.json")], capture_output=True, text=True,
+                       check=False)
+    r.code, r.stderr = p.returncode, p.stderr
+    r.report = json.loads((tmp / "rep.json").read_text()) if p.returncode == 0 else {}
+    return r
+
+
+@pytest.mark.parametrize("entry", ["2", "4,2"])  # NOPs at the entry (loongarch64, x86), or partly before (arm64)
+def test_alias_of_a_body_with_a_patchable_entry_has_it(entry: str, tmp_path: Path) -> None:
+    """SYSCALL_DEFINE's shape: ``sys_foo`` is a global alias of ``__se_sys_foo``; the entry record names
+    the place (a section symbol or local label), so every alias at that address has the entry."""
+    r = _pfe_run(tmp_path, entry)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["sys_foo"]
+
+
+def test_alias_of_a_body_without_entry_is_refused_by_its_name(tmp_path: Path) -> None:
+    r = _pfe_run(tmp_path, "2", "__attribute__((patchable_function_entry(0, 0)))")
+    refused(r, "function sys_foo has no ftrace entry in the original object")
+
+
+def test_entry_record_through_a_local_label_resolves_by_address() -> None:
+    """loongarch64's form on a peer object: records against local labels; each resolves to the function
+    starting there, and every alias at that address counts."""
+    from klpforge.arch import arch_for
+    from klpforge.elf import constants as C
+    from klpforge.ftrace_entry import with_entry
+    from klpforge.model import Object
+
+    from .conftest import PEER
+
+    path = PEER / "loongarch64" / "new-function.ORIG.o"
+    if not path.is_file():
+        pytest.skip("../shared/peer-objs not present")
+    o = Object.load(path)
+    funcs = {i for i in range(o.nsym) if o.defined[i] and o.stype[i] == C.STT_FUNC and o.is_text(int(o.shndx[i]))}
+    got = with_entry(o, arch_for(o.elf.machine), funcs)
+    secs = [s for s in range(o.nsec) if o.sec_names[s] == "__patchable_function_entries"]
+    labels = [int(s) for sec in secs for s in o.relocs(sec)["sym"]]
+    assert len(labels) > 20 and all(o.stype[s] != C.STT_FUNC for s in labels)  # labels, not functions
+    assert len(got) >= len(labels)  # each record gives its function (and any alias) the entry
