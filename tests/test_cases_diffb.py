@@ -446,3 +446,86 @@ def test_entry_record_through_a_local_label_resolves_by_address() -> None:
     labels = [int(s) for sec in secs for s in o.relocs(sec)["sym"]]
     assert len(labels) > 20 and all(o.stype[s] != C.STT_FUNC for s in labels)  # labels, not functions
     assert len(got) >= len(labels)  # each record gives its function (and any alias) the entry
+
+
+# -- item 16: one patch parser for build and impact -------------------------------------------------------------
+
+GIT_PATCH = """From 1234 Mon Sep 17 00:00:00 2001
+From: A <a@b>
+Subject: [PATCH] fix
+
+---
+ fs/proc/cmdline.c | 2 +-
+ 1 file changed
+
+diff --git a/fs/proc/cmdline.c b/fs/proc/cmdline.c
+index 1..2 100644
+--- a/fs/proc/cmdline.c
++++ b/fs/proc/cmdline.c
+@@ -3,3 +3,3 @@ static int f(void)
+ a
+--- removed line that looks like a header
++-- added line that looks like a header
+ c
+diff --git a/kernel/new.c b/kernel/new.c
+new file mode 100644
+--- /dev/null
++++ b/kernel/new.c
+@@ -0,0 +1 @@
++int x;
+--
+2.39.0
+"""
+
+
+@pytest.mark.parametrize(("old", "new"), [("a", "b"), ("src.orig", "src"), ("linux.orig", "linux"),
+                                          ("linux-6.1.orig", "linux-6.1")])
+def test_prefixes_parse_the_same_for_build_and_impact(old: str, new: str, tmp_path: Path) -> None:
+    from klpforge.ipa.patchmap import changed_lines
+    from klpforge.kbuild.patchfile import SourcePatch
+
+    p = tmp_path / "fix.patch"
+    p.write_text(f"--- {old}/fs/proc/cmdline.c\t2024-01-01 00:00:00\n+++ {new}/fs/proc/cmdline.c\n"
+                 "@@ -10,2 +10,2 @@\n ctx\n-old\n+new\n")
+    assert SourcePatch.parse(p).files == ("fs/proc/cmdline.c",)
+    assert changed_lines(p) == {"fs/proc/cmdline.c": {11}}
+
+
+def test_git_format_patch_with_header_lookalike_lines(tmp_path: Path) -> None:
+    from klpforge.ipa.patchmap import changed_lines
+    from klpforge.kbuild.patchfile import SourcePatch
+    from klpforge.unidiff import parse_patch
+
+    files = parse_patch(GIT_PATCH)
+    assert [(f.old, f.new) for f in files] == [("fs/proc/cmdline.c", "fs/proc/cmdline.c"), (None, "kernel/new.c")]
+    assert files[0].hunks[0].lines[1] == "--- removed line that looks like a header"
+    p = tmp_path / "git.patch"
+    p.write_text(GIT_PATCH)
+    sp = SourcePatch.parse(p)
+    assert sp.files == ("fs/proc/cmdline.c", "kernel/new.c") and sp.created == ("kernel/new.c",)
+    assert changed_lines(p) == {"fs/proc/cmdline.c": {4}}
+
+
+def test_impact_takes_a_kpatch_build_style_patch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``src.orig/`` -> ``src/`` (kpatch-build's -p1 style): the same functions as an a/ b/ patch."""
+    from klpforge.cli import main
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not installed")
+    data = Path(__file__).parent / "ipa_data"
+    build = tmp_path / "build"
+    build.mkdir()
+    shutil.copy(data / "inline.c", build)
+    subprocess.run([gcc, "-O2", "-fdump-ipa-clones", "-ffunction-sections", "-c", "inline.c"], cwd=build, check=True)
+    src = (data / "inline.c").read_text().splitlines(keepends=True)
+    i = next(n for n, line in enumerate(src) if "x * 3 + sink" in line)
+    body = f"@@ -{i},3 +{i},3 @@\n {src[i - 1]}-{src[i]}+{src[i].replace('x * 3', 'x * 4')} {src[i + 1]}"
+    got = []
+    for old, new in (("a", "b"), ("src.orig", "src"), ("linux.orig", "linux")):
+        patch = tmp_path / f"{old}.patch"
+        patch.write_text(f"--- {old}/inline.c\n+++ {new}/inline.c\n{body}")
+        assert main(["impact", "--dumps", str(build), "--no-cache", "--json", "--patch", str(patch),
+                     "--source", str(data)]) == 0
+        got.append(json.loads(capsys.readouterr().out)["functions"])
+    assert got == [["top_a", "top_b"]] * 3

@@ -6,55 +6,31 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..unidiff import read_patch
 
 __all__ = ["changed_lines", "functions_in_source", "functions_of_patch"]
 
-_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
-
-
-def changed_lines(patch: Path) -> dict[str, set[int]]:
-    """Pre-patch file -> the old line numbers each hunk removes or inserts after.
+def changed_lines(patch: Path, strip: int = 1) -> dict[str, set[int]]:
+    """Pre-patch file -> the old line numbers each hunk removes or inserts after, with the one parser
+    ``build`` uses too (:mod:`klpforge.unidiff`: ``-p1`` by default, so ``a/``, ``src.orig/``, ``linux.orig/``
+    prefixes all work). New files (``/dev/null`` before) have no old lines and are left out.
 
     >>> changed_lines(Path("fix.patch"))  # doctest: +SKIP
     {'demo.c': {10}}
     """
-    try:
-        text = patch.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{patch}: cannot read patch: {e}") from None
     out: dict[str, set[int]] = {}
-    cur: set[int] | None = None
-    old = 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.startswith("--- "):
-            name = line[4:].split("\t")[0].strip()
-            name = name[2:] if name.startswith(("a/", "b/")) else name
-            cur = None if name == "/dev/null" else out.setdefault(name, set())
+    for f in read_patch(patch, strip):
+        if f.old is None:
             continue
-        if line.startswith("+++ "):
-            continue
-        m = _HUNK.match(line)
-        if m:
-            if cur is None and not out:
-                raise InputError(f"{patch}:{n}: hunk before any '--- file' header")
-            old = int(m.group(1))
-            continue
-        if cur is None:
-            continue
-        if line.startswith("-"):
-            cur.add(old)
-            old += 1
-        elif line.startswith("+"):
-            cur.add(max(old - 1, 1) if old > 1 else 1)
-        elif line.startswith(" "):
-            old += 1
+        cur = out.setdefault(f.old, set())
+        for h in f.hunks:
+            cur |= h.old_lines_touched()
     if not out:
-        raise InputError(f"{patch}:1: not a unified diff (no '--- file' line)")
+        raise InputError(f"{patch}: the patch only creates files: no existing function changes")
     return out
 
 
@@ -118,7 +94,7 @@ def _object_for(name: str, objects: Path | None) -> Path | None:
     return next((c for c in cands if c.is_file() and has_dwarf(c)), None)
 
 
-def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None) -> tuple[
+def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None, strip: int = 1) -> tuple[
         list[str], list[str]]:
     """``file.c:name`` for every function a patch touches, and notes (files skipped, headers).
 
@@ -130,7 +106,7 @@ def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = No
 
     notes: list[str] = []
     out: list[str] = []
-    for name, lines in sorted(changed_lines(patch).items()):
+    for name, lines in sorted(changed_lines(patch, strip).items()):
         obj = _object_for(name, objects)
         if obj is not None:
             funcs = functions_at_lines(obj, name, lines)

@@ -7,25 +7,14 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UnsafeChange
+from ..unidiff import read_patch
 
 __all__ = ["SourcePatch", "refusal_reason"]
-
-_PLUS = re.compile(r"^\+\+\+ (\S+)")
-_MINUS = re.compile(r"^--- (\S+)")
-
-
-def _strip(path: str, n: int) -> str | None:
-    if path == "/dev/null":
-        return None
-    parts = path.split("/")
-    return "/".join(parts[n:]) if len(parts) > n else None
-
 
 def refusal_reason(path: str) -> str | None:
     """Why a changed source file cannot be live-patched, or None (Linux 6.1 layout).
@@ -60,34 +49,18 @@ class SourcePatch:
 
     @classmethod
     def parse(cls, path: Path, strip: int = 1) -> SourcePatch:
-        """Read ``path`` (``patch -p<strip>`` convention, default ``-p1`` as git writes)."""
-        try:
-            text = path.read_text(errors="replace")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read patch ({e.strerror})") from None
+        """Read ``path`` (``patch -p<strip>`` convention, default ``-p1`` as git and kpatch-build write),
+        with the one parser ``impact --patch`` uses too (:mod:`klpforge.unidiff`)."""
         files: list[str] = []
         created: list[str] = []
         deleted: list[str] = []
-        old: str | None = None
-        for line in text.splitlines():
-            m = _MINUS.match(line)
-            if m:
-                old = m.group(1)
-                continue
-            m = _PLUS.match(line)
-            if m and old is not None:
-                new = _strip(m.group(1), strip)
-                was = _strip(old, strip)
-                name = new or was
-                if name and name not in files:
-                    files.append(name)
-                if was is None and new:
-                    created.append(new)
-                if new is None and was:
-                    deleted.append(was)
-                old = None
-        if not files:
-            raise InputError(f"{path}: no file changes found (not a unified diff?)")
+        for f in read_patch(path, strip):
+            if f.name not in files:
+                files.append(f.name)
+            if f.old is None and f.new:
+                created.append(f.new)
+            if f.new is None and f.old:
+                deleted.append(f.old)
         return cls(path, strip, tuple(files), tuple(created), tuple(deleted))
 
     def refuse_unpatchable(self) -> None:
