@@ -529,3 +529,15 @@ def test_impact_takes_a_kpatch_build_style_patch(tmp_path: Path, capsys: pytest.
                      "--source", str(data)]) == 0
         got.append(json.loads(capsys.readouterr().out)["functions"])
     assert got == [["top_a", "top_b"]] * 3
+
+
+def test_refusal_by_path_matches_whole_names() -> None:
+    """Item 8's audit in the build's path rules: directory and file names, never bare prefixes/suffixes."""
+    from klpforge.kbuild.patchfile import refusal_reason
+
+    for path in ("Makefile", "fs/ext4/Makefile", "arch/x86/Kconfig.debug", "arch/x86/Makefile.um", "fs/Kbuild"):
+        assert refusal_reason(path) == "build-system files cannot change in a live patch", path
+    for path in ("drivers/net/libfoo/x.c", "fs/ext4/myKbuild.c", "kernel/usr_ns.c", "drivers/Makefile_gen.c",
+                 "kernel/toolsx/a.c"):
+        assert refusal_reason(path) is None, path
+    assert refusal_reason("lib/string.c") is not None and refusal_reason("tools/x.c") is not None

@@ -32,7 +32,8 @@ def refusal_reason(path: str) -> str | None:
         return "lib/ is linked into vmlinux as an archive and partly used before livepatch works"
     if "/vdso/" in path or "/realmode/" in path or path.startswith(("scripts/", "tools/", "usr/")):
         return "code that does not run in the kernel proper (vdso, realmode, host tools)"
-    if path.endswith(("Makefile", "Kconfig", "Kbuild")) or "/Kconfig" in path:
+    base = path.rsplit("/", 1)[-1]
+    if base in ("Makefile", "Kbuild") or base.startswith(("Kconfig", "Makefile.", "Kbuild.")):
         return "build-system files cannot change in a live patch"
     return None
 
