@@ -3,8 +3,8 @@
 Two symbols are the same when their bytes are equal and their relocations agree entry by entry on
 offset, type, addend and *what* they point at: a correlated symbol (never a raw index or displacement),
 a string by its content, an anonymous table by its content, or a special static by its kind.
-A function whose bytes differ only in immediates loaded into the argument registers of a
-WARN/printk-style call (a moved ``__LINE__``) is the same; capstone decodes the instructions.
+A function whose bytes differ only in immediates that reach the line argument of a line-taking call
+at that call (a moved ``__LINE__``, klpforge/lineargs.py) is the same; capstone decodes the instructions.
 
 >>> cmp = compare(corr, arch_for(62))
 >>> cmp.status["meminfo_proc_show"]
