@@ -541,3 +541,57 @@ def test_refusal_by_path_matches_whole_names() -> None:
                  "kernel/toolsx/a.c"):
         assert refusal_reason(path) is None, path
     assert refusal_reason("lib/string.c") is not None and refusal_reason("tools/x.c") is not None
+
+
+# -- items 5 and 9 on the other architectures, with Debian's cross compilers when installed ----------------------
+
+CROSS = {
+    "aarch64": ("aarch64-linux-gnu-gcc", ["-fpatchable-function-entry=2", "-mgeneral-regs-only", "-fno-pic"]),
+    "ppc64le": ("powerpc64le-linux-gnu-gcc", ["-pg", "-mprofile-kernel", "-mcmodel=medium"]),
+    "s390x": ("s390x-linux-gnu-gcc", ["-pg", "-mfentry", "-mrecord-mcount", "-mnop-mcount", "-fno-pic"]),
+}
+
+
+def _cross_pair(arch: str, orig: str, patched: str, tmp: Path, *extra: str) -> Run:
+    cc, flags = CROSS[arch]
+    if shutil.which(cc) is None:
+        pytest.skip(f"{cc} not installed (Debian gcc-*-linux-gnu; scripts/apt-packages.txt)")
+    objs = []
+    for side, src in (("orig", orig), ("patched", patched)):
+        d = tmp / side
+        d.mkdir()
+        (d / "unit.c").write_text(src)
+        subprocess.run([cc, "-O2", "-ffunction-sections", "-fdata-sections", "-ffreestanding", "-nostdinc", *flags,
+                        *extra, "-c", "unit.c", "-o", "unit.o"], cwd=d, check=True)
+        objs.append(d / "unit.o")
+    r = Run.__new__(Run)
+    r.out = tmp / "out.o"
+    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(objs[0]), str(objs[1]), "-o", str(r.out),
+                        "--symtab", str(objs[0]), "--json", str(tmp / "rep.json")], capture_output=True, text=True,
+                       check=False)
+    assert "Traceback" not in p.stderr, p.stderr
+    r.code, r.stderr = p.returncode, p.stderr
+    r.report = json.loads((tmp / "rep.json").read_text()) if p.returncode == 0 else {}
+    return r
+
+
+@pytest.mark.parametrize("arch", sorted(CROSS))
+@pytest.mark.parametrize(("what", "value", "func"), [("cap", "12", "may_admin"), ("quota", "200", "tune_quota"),
+                                                     ("limit", "16", "report_limit"), ("offsets", "1", "resched_point"),
+                                                     ("pad", "\n\n\n\n", "")])
+def test_line_rule_on_real_cross_compiled_code(arch: str, what: str, value: str, func: str, tmp_path: Path) -> None:
+    r = _cross_pair(arch, MIGHT % BASE, MIGHT % {**BASE, what: value}, tmp_path)
+    if not func:
+        assert r.code == 3, r.stderr
+        assert "only __LINE__ values moved in may_admin, resched_point, tune_quota" in r.stderr
+        return
+    assert r.code == 0, r.stderr
+    assert r.replaced == [func] and r.report["line_only"] == []
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "ppc64le", "s390x"])
+def test_syscall_alias_has_the_body_entry_on_real_cross_compiled_code(arch: str, tmp_path: Path) -> None:
+    extra = ["-fpatchable-function-entry=4,2"] if arch == "aarch64" else []
+    r = _cross_pair(arch, SYSCALL % ("1", ""), SYSCALL % ("2", ""), tmp_path, *extra)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["sys_foo"]
