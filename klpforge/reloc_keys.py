@@ -195,9 +195,9 @@ class TargetKeys:
             h.update(obj.section_data(sec)[lo:hi])
         else:
             h.update(str(hi - lo).encode())
-        r = obj.relocs(sec)
-        r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
-        for x in r:
+        r = obj.relocs(sec)  # sorted by offset: a place-sized digest must not scan the whole section
+        a, b = np.searchsorted(r["offset"], [lo, hi])
+        for x in r[a:b]:
             s = int(x["sym"])
             tgt = obj.sym_names[s] if obj.stype[s] != C.STT_SECTION else obj.sec_names[int(obj.shndx[s])]
             row = f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};"
