@@ -123,15 +123,15 @@ def _canon(arch: str, name: str) -> str:
     return name
 
 
-def decode(arch: Arch, code: bytes) -> list[Insn]:
-    """Decode ``code`` (one function's bytes, offsets relative to its start) with capstone's detail.
-    Empty when capstone has no decoder for ``arch``."""
+def decode(arch: Arch, code: bytes, base: int = 0) -> list[Insn]:
+    """Decode ``code`` (bytes of one function from offset ``base``, which must be an instruction boundary)
+    with capstone's detail; offsets are ``base``-relative. Empty when capstone has no decoder for ``arch``."""
     if not arch.cs_arch or arch.name not in ARG_REGS:
         return []
     md = _detail_decoder(arch.cs_arch, arch.cs_mode)
     args = frozenset(ARG_REGS[arch.name])
     out = []
-    for ins in md.disasm(code, 0):
+    for ins in md.disasm(code, base):
         raw = bytes(ins.bytes)
         mn = ins.mnemonic
         if mn == ".byte":
@@ -202,7 +202,7 @@ def line_loads(arch: Arch, insns: list[Insn], relocs: list[tuple[int, str, bytes
     at: dict[int, list[tuple[str, bytes | None]]] = {}
     for off, callee, s in relocs:
         k = bisect.bisect_right(starts, off) - 1
-        if k >= 0:
+        if k >= 0 and off < insns[k].off + insns[k].size:
             at.setdefault(k, []).append((callee, s))
     calls = _CALLS[arch.name]
     out: set[int] = set()
@@ -228,18 +228,48 @@ def line_loads(arch: Arch, insns: list[Insn], relocs: list[tuple[int, str, bytes
     return out
 
 
+#: How many instructions before a differing one the detailed decoding starts (where the call's other
+#: arguments are loaded); a source further back is not seen, and the difference then counts as a change.
+WINDOW = 16
+
+
 def only_lines_differ(arch: Arch, a: bytes, a_rel: list[tuple[int, str, bytes | None]], b: bytes,
                       b_rel: list[tuple[int, str, bytes | None]]) -> bool:
     """True when ``a`` and ``b`` (the original and patched bytes of one function, whose relocations
-    already agree) differ only in ``__LINE__`` immediates (see the module docstring)."""
-    x, y = decode(arch, a), decode(arch, b)
-    if not x or len(x) != len(y):
+    already agree) differ only in ``__LINE__`` immediates (see the module docstring).
+
+    The whole function is decoded cheaply (sizes and mnemonics); only the few instructions from
+    :data:`WINDOW` before each difference to the call it feeds are decoded with detail."""
+    if not arch.cs_arch or arch.name not in ARG_REGS:
         return False
-    diff = [k for k, (p, q) in enumerate(zip(x, y, strict=True)) if p.raw != q.raw]
+    from .disasm import decoder
+
+    md = decoder(arch)
+    la = list(md.disasm_lite(a, 0))
+    lb = list(md.disasm_lite(b, 0))
+    if len(la) != len(lb):
+        return False
+    diff = []
+    for k, (x, y) in enumerate(zip(la, lb, strict=True)):
+        if x[0] != y[0] or x[1] != y[1]:
+            return False  # different instruction boundaries
+        if a[x[0]:x[0] + x[1]] != b[y[0]:y[0] + y[1]]:
+            if x[2] != y[2] or x[2] not in arch.line_mnemonics:
+                return False
+            diff.append(k)
     if not diff:
         return False
-    if any(x[k].size != y[k].size or x[k].mnemonic != y[k].mnemonic or not x[k].imm_to
-           or x[k].imm_to != y[k].imm_to for k in diff):
-        return False
-    la, lb = line_loads(arch, x, a_rel), line_loads(arch, y, b_rel)
-    return all(k in la and k in lb for k in diff)
+    calls = _CALLS[arch.name]
+    for k in diff:
+        j = next((i for i in range(k + 1, len(la)) if la[i][2] in calls), -1)
+        if j < 0:
+            return False
+        w0 = max(0, k - WINDOW)
+        lo, hi = la[w0][0], la[j][0] + la[j][1]
+        xa, xb = decode(arch, a[lo:hi], lo), decode(arch, b[lo:hi], lo)
+        i = k - w0
+        if len(xa) != j - w0 + 1 or len(xb) != len(xa) or not xa[i].imm_to or xa[i].imm_to != xb[i].imm_to:
+            return False
+        if i not in line_loads(arch, xa, a_rel) or i not in line_loads(arch, xb, b_rel):
+            return False
+    return True

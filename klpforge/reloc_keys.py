@@ -37,7 +37,7 @@ class TargetKeys:
         self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
         self._toc_cache: dict[tuple[int, int, int], tuple[object, ...]] = {}
         self._anon: dict[tuple[int, int, int], str] = {}
-        self._points: dict[int, dict[int, np.ndarray]] = {}
+        self._points: dict[int, np.ndarray] = {}
         self._ids: dict[object, int] = {}
         self.by_id: list[object] = []
         self._sid: dict[int, np.ndarray] = {}
@@ -148,30 +148,23 @@ class TargetKeys:
         if obj.section_flags(sec) & C.SHF_MERGE and ent > 0:
             lo -= lo % ent
             return lo, min(lo + ent, size)
-        pts = self._ref_points(obj).get(sec)
-        starts = self._starts(obj).get(sec)
-        nxt = size
-        for arr in (pts, starts):
-            if arr is not None and len(arr):
-                k = int(np.searchsorted(arr, lo, side="right"))
-                if k < len(arr):
-                    nxt = min(nxt, int(arr[k]))
-        return lo, max(lo, nxt)
+        keys = self._bounds(obj)
+        k = int(np.searchsorted(keys, (sec << 40) | lo, side="right"))
+        nxt = int(keys[k]) & ((1 << 40) - 1) if k < len(keys) and int(keys[k]) >> 40 == sec else size
+        return lo, max(lo, min(nxt, size))
 
-    def _ref_points(self, obj: Object) -> dict[int, np.ndarray]:
-        """Per section, the sorted places that section-symbol relocations of ``obj`` point at (cached)."""
+    def _bounds(self, obj: Object) -> np.ndarray:
+        """Sorted ``section << 40 | place`` of every place a section-symbol relocation points at and every
+        named symbol's start (cached per object): where an anonymous constant ends."""
         c = self._points.get(id(obj))
         if c is None:
             r = obj.all_relocs[0]
             syms = r["sym"].astype(np.int64)
             m = obj.stype[syms] == C.STT_SECTION if len(r) else np.zeros(0, bool)
-            tsec = obj.shndx[syms[m]]
-            where = r["addend"][m].astype(np.int64) + self.biases(r["type"][m])
-            order = np.lexsort((where, tsec))
-            tsec, where = tsec[order], where[order]
-            cut = np.flatnonzero(np.diff(tsec)) + 1
-            c = {int(g[0]): np.unique(w) for g, w in zip(np.split(tsec, cut), np.split(where, cut), strict=True)
-                 if len(g)}
+            where = np.clip(r["addend"][m].astype(np.int64) + self.biases(r["type"][m]), 0, (1 << 40) - 1)
+            named = np.flatnonzero(obj.defined & (obj.stype != C.STT_SECTION))
+            c = np.unique(np.concatenate([(obj.shndx[syms[m]] << 40) | where,
+                                          (obj.shndx[named] << 40) | np.clip(obj.value[named], 0, (1 << 40) - 1)]))
             self._points[id(obj)] = c
         return c
 
