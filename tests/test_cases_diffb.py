@@ -40,11 +40,10 @@ def compile_unit(src: str, d: Path, *extra: str) -> Path:
 
 
 class Run:
-    """One ``klpforge diff`` of a compiled pair: exit code, stderr, the JSON report (when written)."""
+    """One ``klpforge diff`` of an object pair through the CLI: exit code, stderr, the JSON report (when
+    written). The symbol table given is ``readelf -s --wide`` of the original, as compile.sh does."""
 
-    def __init__(self, orig_src: str, patched_src: str, tmp: Path, *extra: str):
-        a = compile_unit(orig_src, tmp / "orig", *extra)
-        b = compile_unit(patched_src, tmp / "patched", *extra)
+    def __init__(self, a: Path, b: Path, tmp: Path):
         symtab = tmp / "symtab.txt"
         symtab.write_text(subprocess.run(["readelf", "-s", "--wide", str(a)], capture_output=True, text=True,
                                          check=True).stdout)
@@ -57,6 +56,12 @@ class Run:
         assert "Traceback" not in r.stderr, r.stderr
         self.report = json.loads(rep.read_text()) if rep.is_file() and r.returncode == 0 else {}
 
+    @classmethod
+    def sources(cls, orig_src: str, patched_src: str, tmp: Path, *extra: str) -> Run:
+        """Compile both sides with the case flags (plus ``extra``), then diff."""
+        return cls(compile_unit(orig_src, tmp / "orig", *extra), compile_unit(patched_src, tmp / "patched", *extra),
+                   tmp)
+
     @property
     def replaced(self) -> list[str]:
         return sorted(f["old_name"] for f in self.report.get("patched_functions", []))
@@ -68,7 +73,7 @@ class Run:
 
 def case(name: str, tmp: Path, *extra: str) -> Run:
     d = CASES / name
-    return Run((d / "orig.c").read_text(), (d / "patched.c").read_text(), tmp, *extra)
+    return Run.sources((d / "orig.c").read_text(), (d / "patched.c").read_text(), tmp, *extra)
 
 
 def refused(r: Run, *needles: str) -> None:
@@ -132,19 +137,19 @@ BASE = {"pad": "", "cap": "21", "quota": "100", "limit": "64", "offsets": "0"}
     ("offsets", "1", "resched_point"),  # a line-taking helper's *other* argument
 ])
 def test_constant_in_an_argument_register_is_a_change(what: str, value: str, func: str, tmp_path: Path) -> None:
-    r = Run(MIGHT % BASE, MIGHT % {**BASE, what: value}, tmp_path)
+    r = Run.sources(MIGHT % BASE, MIGHT % {**BASE, what: value}, tmp_path)
     assert r.code == 0, r.stderr
     assert r.replaced == [func] and r.report["line_only"] == []
 
 
 def test_only_moved_lines_are_still_no_change(tmp_path: Path) -> None:
-    r = Run(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n\n\n"}, tmp_path)
+    r = Run.sources(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n\n\n"}, tmp_path)
     assert r.code == 3, r.stderr
     assert "only __LINE__ values moved in may_admin, resched_point, tune_quota" in r.stderr
 
 
 def test_moved_line_and_real_change_together_is_a_change(tmp_path: Path) -> None:
-    r = Run(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n", "cap": "12"}, tmp_path)
+    r = Run.sources(MIGHT % BASE, MIGHT % {**BASE, "pad": "\n\n", "cap": "12"}, tmp_path)
     assert r.code == 0, r.stderr
     assert r.replaced == ["may_admin"]
     assert r.report["line_only"] == ["resched_point", "tune_quota"]
@@ -235,13 +240,13 @@ void other(int v) { touch(v); }
 
 def test_noinstr_added_by_the_fix_is_built(tmp_path: Path) -> None:
     attr = "__attribute__((noinline, __no_instrument_function__, section(\".noinstr.text\")))"
-    r = Run(NOINSTR % ("__attribute__((noinline))", "1"), NOINSTR % (attr, "2"), tmp_path)
+    r = Run.sources(NOINSTR % ("__attribute__((noinline))", "1"), NOINSTR % (attr, "2"), tmp_path)
     assert r.code == 0, r.stderr
     assert r.replaced == ["probe"]
 
 
 def test_fix_to_a_notrace_original_is_refused_even_when_the_copy_is_traced(tmp_path: Path) -> None:
-    r = Run(NOINSTR % ("__attribute__((noinline, __no_instrument_function__))", "1"),
+    r = Run.sources(NOINSTR % ("__attribute__((noinline, __no_instrument_function__))", "1"),
             NOINSTR % ("__attribute__((noinline))", "2"), tmp_path)
     refused(r, "function probe has no ftrace entry in the original object")
 
@@ -258,7 +263,7 @@ void unlikely_path(int v) { touch(v ^ %(k)s); }
 
 
 def test_functions_named_exit_or_startup_are_ordinary(tmp_path: Path) -> None:
-    r = Run(EXITS % {"k": "1"}, EXITS % {"k": "3"}, tmp_path)
+    r = Run.sources(EXITS % {"k": "1"}, EXITS % {"k": "3"}, tmp_path)
     assert r.code == 0, r.stderr
     assert r.replaced == ["exit_mm", "exit_signals", "startup_secondary", "unlikely_path"]
 
@@ -266,7 +271,7 @@ def test_functions_named_exit_or_startup_are_ordinary(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sec", [".text.exit", ".text.startup", ".init.text", ".exit.text", ".text.exit.f"])
 def test_gcc_and_kernel_init_exit_sections_are_still_refused(sec: str, tmp_path: Path) -> None:
     src = 'extern void touch(int);\n__attribute__((section("' + sec + '"))) void f(int v) {{ touch(v + {}); }}\n'
-    r = Run(src.format("1"), src.format("2"), tmp_path)
+    r = Run.sources(src.format("1"), src.format("2"), tmp_path)
     refused(r, f"changed function f is in {sec}: init/exit code")
 
 
@@ -297,7 +302,7 @@ void use(void) { consume(strings); consume(cstate); }
 def test_data_named_like_merge_sections_is_data(tmp_path: Path) -> None:
     """-fdata-sections puts ``strings`` in .rodata.strings and ``cstate`` in .rodata.cstate: objects, not
     merge sections; changing one is changed data (refused by name), not a string/constant pool."""
-    r = Run(CST % "abc", CST % "abd", tmp_path)
+    r = Run.sources(CST % "abc", CST % "abd", tmp_path)
     refused(r, "data strings (.rodata.strings) changed")
 
 
@@ -337,7 +342,7 @@ def test_case_rodata_anon_shared_init_user_is_not_refused(tmp_path: Path) -> Non
     d = CASES / "rodata-anon-shared"
     init = '__attribute__((section(".init.text"))) void seed_high'
     a, b = ((d / f).read_text().replace("void seed_high", init) for f in ("orig.c", "patched.c"))
-    r = Run(a, b, tmp_path)
+    r = Run.sources(a, b, tmp_path)
     assert r.code == 0, r.stderr
     assert r.replaced == ["seed_low"]
 
@@ -351,7 +356,7 @@ double scale_c(double x) { return x * 9.125; }
 
 def test_merge_constants_compare_one_entry(tmp_path: Path) -> None:
     """.rodata.cst8 holds every function's double constant: only the function whose constant changed is."""
-    r = Run(CONSTS % "3.5", CONSTS % "4.5", tmp_path, "-msse2")
+    r = Run.sources(CONSTS % "3.5", CONSTS % "4.5", tmp_path, "-msse2")
     obj = subprocess.run(["readelf", "-SW", str(tmp_path / "orig" / "unit.o")], capture_output=True, text=True,
                          check=True).stdout
     assert ".rodata.cst8" in obj
@@ -402,14 +407,7 @@ def _pfe_run(tmp: Path, entry: str, orig_attr: str = "") -> Run:
         subprocess.run([gcc, *PFE_FLAGS, f"-fpatchable-function-entry={entry}", "-c", "unit.c", "-o", "unit.o"],
                        cwd=d, check=True)
         objs.append(d / "unit.o")
-    r = Run.__new__(Run)
-    r.out = tmp / "out.o"
-    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(objs[0]), str(objs[1]), "-o", str(r.out),
-                        "--symtab", str(objs[0]), "--json", str(tmp / "rep.json")], capture_output=True, text=True,
-                       check=False)
-    r.code, r.stderr = p.returncode, p.stderr
-    r.report = json.loads((tmp / "rep.json").read_text()) if p.returncode == 0 else {}
-    return r
+    return Run(objs[0], objs[1], tmp)
 
 
 @pytest.mark.parametrize("entry", ["2", "4,2"])  # NOPs at the entry (loongarch64, x86), or partly before (arm64)
@@ -564,15 +562,7 @@ def _cross_pair(arch: str, orig: str, patched: str, tmp: Path, *extra: str) -> R
         subprocess.run([cc, "-O2", "-ffunction-sections", "-fdata-sections", "-ffreestanding", "-nostdinc", *flags,
                         *extra, "-c", "unit.c", "-o", "unit.o"], cwd=d, check=True)
         objs.append(d / "unit.o")
-    r = Run.__new__(Run)
-    r.out = tmp / "out.o"
-    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(objs[0]), str(objs[1]), "-o", str(r.out),
-                        "--symtab", str(objs[0]), "--json", str(tmp / "rep.json")], capture_output=True, text=True,
-                       check=False)
-    assert "Traceback" not in p.stderr, p.stderr
-    r.code, r.stderr = p.returncode, p.stderr
-    r.report = json.loads((tmp / "rep.json").read_text()) if p.returncode == 0 else {}
-    return r
+    return Run(objs[0], objs[1], tmp)
 
 
 @pytest.mark.parametrize("arch", sorted(CROSS))
