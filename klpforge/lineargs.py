@@ -19,7 +19,9 @@ Decoding is capstone's, with detail (registers an instruction reads and writes, 
 where capstone reports them; s390 register pairs and ranges are widened here). LoongArch has no capstone
 decoder: there every difference is a change.
 
->>> line_loads(arch_for(62), code, [(8, "__might_sleep", None)])
+>>> x86 = arch_for(62)  # mov edi, file; mov esi, 120; call __might_sleep
+>>> line_loads(x86, decode(x86, bytes.fromhex("bf00000000be78000000e800000000")),
+...            [(1, "", b"kernel/sched/core.c"), (11, "__might_sleep", None)])
 {1}
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 
 from .arch import Arch
 
-__all__ = ["LINE_ARGS", "Insn", "decode", "line_loads", "only_lines_differ", "is_source_file_name"]
+__all__ = ["LINE_ARGS", "ARG_REGS", "Insn", "decode", "line_loads", "only_lines_differ", "is_source_file_name"]
 
 #: Kernel helpers that take ``__LINE__``, with the 1-based position of the line parameter (kernel 6.1:
 #: include/asm-generic/bug.h, include/linux/kernel.h, include/linux/sched.h, include/linux/lockdep.h,
