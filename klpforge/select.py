@@ -39,7 +39,9 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
                     "__stf_exit_barrier_fixup", "__rfi_flush_fixup", "__barrier_nospec_fixup",
                     "__spec_barrier_fixup", "__uaccess_flush_fixup", "__entry_flush_fixup",
                     "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
-                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches", "__tracepoints_ptrs",
+                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches",
+                    # Xen 4.17 (xen/arch/x86/include/asm/bug.h, asm_defns.h): per-site tables too
+                    ".bug_frames.", ".ex_table", "__tracepoints_ptrs",
                     "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
                     "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
                     "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")
@@ -123,8 +125,9 @@ def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -
     return sym, addend
 
 
-def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
-    """Decide the contents of the live patch (see the module docstring)."""
+def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool = True) -> Selection:
+    """Decide the contents of the live patch (see the module docstring). ``require_ftrace=False`` for
+    targets that redirect a function by overwriting its first instruction (Xen), not through ftrace."""
     o, p = corr.orig, corr.patched
     sel = Selection()
     ign_funcs, ign_secs = _ignore_lists(p)
@@ -241,7 +244,8 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                     sel.patched.append(t)
 
     _judge_data(corr, cmp, sel, ign_secs)
-    _check_entries(corr, arch, sel)
+    if require_ftrace:  # Xen redirects with a jump it writes itself: no ftrace entry needed
+        _check_entries(corr, arch, sel)
     _check_branches(p, arch, sel)
     _check_groups(p, sel)
     if cmp.removed:

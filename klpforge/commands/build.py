@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import InputError
 from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
 
@@ -43,7 +45,11 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build the module; progress and report on stderr."""
+    """Build the module (or a Xen payload); progress and report on stderr."""
+    if wants_xen_build(args):
+        return run_xen_build(args)
+    if not args.src:
+        raise InputError("-s KERNEL_SRC is required")
     con = Console(stderr=True)
     opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
                         build=Path(args.build_dir) if args.build_dir else None,
@@ -75,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "generates and links the livepatch module. The source tree is restored byte for "
                     "byte afterwards, also on failure and Ctrl-C.")
     p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
-    p.add_argument("-s", "--src", required=True, metavar="KERNEL_SRC", help="kernel source tree")
+    p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -84,4 +90,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--skip-compiler-check", action="store_true",
                    help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
+    add_build_args(p)
     p.set_defaults(func=run_build)

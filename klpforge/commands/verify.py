@@ -12,8 +12,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..errors import InputError
 from ..fsutil import atomic_write
 from ..qemu.verify import VerifySpec, verify_module
+from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]
 
@@ -28,6 +30,10 @@ def _files(specs: list[str]) -> dict[str, Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
+    if wants_xen_verify(args):
+        return run_xen_verify(args)
+    if not args.kernel:
+        raise InputError("--kernel BZIMAGE is required")
     con = Console(stderr=True)
     spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),
@@ -63,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(sysfs dir gone), unpatched, rmmod. Exit 0 only if all pass and the check "
                     "exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
-    p.add_argument("--kernel", required=True, metavar="BZIMAGE", help="kernel image to boot")
+    p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")
@@ -79,4 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--append", metavar="ARGS", help="extra kernel command line")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg: software emulation)")
     p.add_argument("--gen-init-cpio", metavar="PATH", help="usr/gen_init_cpio (default: next to the kernel)")
+    p.add_argument("--before-check", metavar="CMD", help="command run before the patch is applied (Xen)")
+    add_verify_args(p)
     p.set_defaults(func=run_verify)
