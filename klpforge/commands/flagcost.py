@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--distro", metavar="debian:RELEASE",
                    help="measure a distribution's configuration (its prepared tree) instead of -s/-O")
     p.add_argument("--flag", default="-flive-patching=inline-clone",
-                   help="flag(s) added to the second build (default: %(default)s)")
+                   help="flag(s) added to the second build, written --flag=-fX (default: %(default)s)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="compilers at once")
     p.add_argument("--json", type=Path, metavar="F", help="write the full result as JSON")
     p.add_argument("--svg", type=Path, metavar="DIR", help="write one SVG chart per directory into DIR")
@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give either --distro or -s/-O, not both")
     if args.jobs < 1:
         raise InputError("-j must be at least 1")
+    if args.json is not None and not args.json.resolve().parent.is_dir():
+        raise InputError(f"--json {args.json}: directory {args.json.parent} does not exist")
+    if args.svg is not None and args.svg.exists() and not args.svg.is_dir():
+        raise InputError(f"--svg {args.svg}: not a directory")
     if args.keep is not None:
         if args.keep.exists() and any(args.keep.iterdir()):
             raise InputError(f"--keep {args.keep}: directory is not empty")

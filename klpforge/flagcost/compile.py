@@ -9,8 +9,10 @@ private directory and ``-dumpdir`` puts GCC's dumps next to it. Both builds get 
 
 >>> argv = compile_argv("gcc -Wp,-MMD,a/.b.o.d -O2 -c -o a/b.o /s/a/b.c ; ./tools/objtool/objtool a/b.o",
 ...                     Path("/t/A/a/b.o"), ["-flive-patching=inline-clone"])
->>> " ".join(argv)
-'gcc -O2 -ffunction-sections -fdata-sections -fdump-ipa-clones -dumpdir /t/A/a/ -flive-patching=inline-clone -c -o /t/A/a/b.o /s/a/b.c'
+>>> " ".join(argv[2:8])
+'-ffunction-sections -fdata-sections -fdump-ipa-clones -dumpdir /t/A/a/ -flive-patching=inline-clone'
+>>> argv[8:]
+['-c', '-o', '/t/A/a/b.o', '/s/a/b.c']
 """
 
 from __future__ import annotations

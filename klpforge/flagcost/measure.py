@@ -18,7 +18,7 @@ from ..correlate import correlate
 from ..elf import constants as C
 from ..errors import InputError, KlpError
 from ..model import Object
-from ..names import is_cold
+from ..names import base_function, is_cold
 from .calls import Func, function_facts
 from .reasons import REASON_KINDS, Context, Reason, explain, read_dump
 
@@ -171,18 +171,25 @@ def _impact_sizes(cost: ObjectCost, pair: BuildPair, fa: dict[str, Func], fb: di
             cost.notes.append(f"{cost.obj}: {e}")
             continue
         rev = _callers(facts)
+        by_base: dict[str, set[str]] = {}
         for name in facts:
             if is_cold(name):
                 continue
-            try:
-                r = impact(idx, [name], with_callers=False)
-            except InputError:
-                res[name] = (1, 1)
-                continue
-            funcs = set(r.functions) | {name}
-            for ent in r.entries:
-                if ent.status == "replace" and ent.chain and ent.chain[-1].kind in ("constprop", "isra", "part"):
-                    funcs |= rev.get(ent.name, set())
+            base = base_function(name)  # a patch edits the source function: scale, not scale.constprop.0
+            if base not in by_base:
+                try:
+                    r = impact(idx, [base], with_callers=False)
+                except InputError:
+                    by_base[base] = set()
+                    continue_with = by_base[base]
+                else:
+                    continue_with = set(r.functions)
+                    for ent in r.entries:  # callers of the IPA clones reached, from the relocations
+                        if ent.status == "replace" and ent.chain and ent.chain[-1].kind in ("constprop", "isra",
+                                                                                            "part"):
+                            continue_with |= rev.get(ent.name, set())
+                    by_base[base] = continue_with
+            funcs = by_base[base] | {name}
             callers = set(funcs)
             for n in funcs:
                 callers |= rev.get(n, set())

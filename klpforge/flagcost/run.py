@@ -102,7 +102,7 @@ def flag_cost(opts: FlagCostOptions, progress: Callable[[CompileResult], None] |
         raise InputError("--flag is empty")
     work = Path(tempfile.mkdtemp(prefix="klpforge-flagcost-"))
     try:
-        units = find_units(src, build, opts.paths, record=True, workdir=work, jobs=opts.jobs)
+        units = find_units(src, build, opts.paths, record=bool(opts.distro), workdir=work, jobs=opts.jobs)
         out_root = opts.keep or work
         jobs: list[CompileJob] = []
         ipa_ra: dict[str, bool] = {}

@@ -90,6 +90,11 @@ def find_units(src: Path, build: Path, paths: list[str], record: bool = False,
     under ``workdir`` (see :func:`record_in_copy`). Raises :class:`InputError` for a path that names no
     object compiled from C."""
     rels = [_relative(p, src, build) for p in paths]
+    for r in rels:
+        here = [src / r, build / r] if not r.endswith(".o") else [src / (r[:-2] + ".c"), build / r]
+        if not any(p.exists() for p in here):
+            raise InputError(f"{r}: neither an object (.o) nor a directory of the tree"
+                             if not r.endswith(".o") else f"{r}: no {r[:-2]}.c in {src} and no {r} in {build}")
     missing = [r for r in rels if not _has_cmds(build, r)]
     if missing and record:
         if workdir is None:
