@@ -136,8 +136,9 @@ def test_pure_const_and_noreturn(gcc: str, tmp_path: Path) -> None:
 
 
 ICF = r"""
-static __attribute__((noinline)) int s_a(int *p, int n) { int s = 0; for (int i = 0; i < n; i++) s += p[i] * 5; return s; }
-static __attribute__((noinline)) int s_b(int *p, int n) { int s = 0; for (int i = 0; i < n; i++) s += p[i] * 5; return s; }
+#define NI __attribute__((noinline))
+static NI int s_a(int *p, int n) { int s = 0; for (int i = 0; i < n; i++) s += p[i] * 5; return s; }
+static NI int s_b(int *p, int n) { int s = 0; for (int i = 0; i < n; i++) s += p[i] * 5; return s; }
 int use_ab(int *p, int n) { return s_a(p, n) + s_b(p + 1, n); }
 """
 

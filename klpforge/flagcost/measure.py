@@ -140,7 +140,7 @@ def measure_object(obj_name: str, pair: BuildPair, with_impact: bool = True) -> 
             out.append(FunctionCost(name, obj_name, "built-only", g.own_size, 0, explain(ctx, g, None)))
     cost = ObjectCost(obj_name, out, text_size(a), text_size(b), clone_count(fa), clone_count(fb))
     if with_impact:
-        _impact_sizes(cost, pair, fa, fb)
+        _impact_sizes(cost, pair, (a, fa), (b, fb))
     return cost
 
 
@@ -153,20 +153,45 @@ def _callers(facts: dict[str, Func]) -> dict[str, set[str]]:
     return rev
 
 
-def _impact_sizes(cost: ObjectCost, pair: BuildPair, fa: dict[str, Func], fb: dict[str, Func]) -> None:
+_TYPES = {C.STT_NOTYPE: "NOTYPE", C.STT_FUNC: "FUNC", C.STT_OBJECT: "OBJECT", C.STT_SECTION: "SECTION",
+          C.STT_FILE: "FILE"}
+_BINDS = {C.STB_LOCAL: "LOCAL", C.STB_GLOBAL: "GLOBAL", C.STB_WEAK: "WEAK"}
+
+
+def _write_syms(obj: Object, dump: Path) -> None:
+    """``X.o.syms`` beside ``X.c.000i.ipa-clones`` (the symbol table layout ``klpforge.ipa`` reads first),
+    from the already-read object: reading it again with pyelftools costs seconds on a large ``-g`` object."""
+    from ..ipa.objsyms import Sym, syms_text
+
+    rows = []
+    for i in range(1, obj.nsym):
+        name = obj.sym_names[i]
+        if not obj.defined[i] or not name:
+            continue
+        sec = int(obj.shndx[i])
+        rows.append(Sym(name, _TYPES.get(int(obj.stype[i]), "OTHER"), _BINDS.get(int(obj.sbind[i]), "OTHER"),
+                        obj.sec_names[sec] if 0 < sec < obj.nsec else "ABS", int(obj.size[i]), int(obj.value[i]),
+                        sec if 0 < sec < obj.nsec else -1))
+    stem = dump.name.split(".c.", 1)[0] if ".c." in dump.name else dump.name.split(".", 1)[0]
+    (dump.parent / f"{stem}.o.syms").write_bytes(syms_text(rows))
+
+
+def _impact_sizes(cost: ObjectCost, pair: BuildPair, built: tuple[Object, dict[str, Func]],
+                  flag: tuple[Object, dict[str, Func]]) -> None:
     """Fill the impact set sizes of every function with klpforge's ipa closure (``klpforge.ipa.impact``)
     over each build's dump, plus the callers of the clones it reaches (one level, as ``klpforge impact``)."""
     from ..ipa import impact, load_index
 
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
-    for tag, dump, obj, facts in (("built", pair.built_dump, pair.built, fa), ("flag", pair.flag_dump, pair.flag, fb)):
+    for tag, dump, (obj, facts) in (("built", pair.built_dump, built), ("flag", pair.flag_dump, flag)):
         res: dict[str, tuple[int, int]] = {}
         sizes[tag] = res
         if dump is None or not dump.is_file():
             cost.notes.append(f"{cost.obj}: no ipa-clones dump for the {tag} build: impact sizes left at 0")
             continue
         try:
-            idx = load_index([dump], obj.parent, obj.parent, use_cache=False)
+            _write_syms(obj, dump)
+            idx = load_index([dump], None, None, use_cache=False)
         except KlpError as e:
             cost.notes.append(f"{cost.obj}: {e}")
             continue

@@ -18,7 +18,8 @@ ipa-ra        a caller-saved register read after a call to a function of the uni
               ``-fpatchable-function-entry``, ``toplev.cc``)
 callee-ipa    none of the above, but F calls functions of its unit: what IPA learned about their bodies
               (modref, ipa-reference, ipa-vrp/bit-cp) is no longer used
-unexplained   no evidence found
+unexplained   no evidence found (instruction order or register choice differs: summaries such as
+              modref leave no trace in the objects)
 ============  =====================================================================================
 
 >>> Reason("inline", "`g` inlined in the build, called with the flag").kind
@@ -57,6 +58,23 @@ class Dump:
 
     inlined: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     clones: list[tuple[str, str, str]] = field(default_factory=list)
+    inlined_any: set[str] = field(default_factory=set)
+    _all: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def inlined_all(self, f: str) -> frozenset[str]:
+        """Every function whose body ended up in ``f``: the dump records one level at a time (``x`` into
+        ``y``, then ``y`` into ``f``), so this is their closure."""
+        got = self._all.get(f)
+        if got is None:
+            seen: set[str] = set()
+            todo = list(self.inlined.get(f, ()))
+            while todo:
+                x = todo.pop()
+                if x not in seen and x != f:
+                    seen.add(x)
+                    todo.extend(self.inlined.get(x, ()))
+            got = self._all[f] = frozenset(seen)
+        return got
 
 
 def read_dump(path: Path | None) -> Dump:
@@ -73,6 +91,7 @@ def read_dump(path: Path | None) -> Dump:
         kind = f[-1]
         if kind == "inlining to":
             d.inlined[f[6]].add(f[1])
+            d.inlined_any.add(f[1])
         elif kind in ("constprop", "isra", "part"):
             d.clones.append((f[1], f[6], kind))
     return d
@@ -148,15 +167,21 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     if fa.thunk_to and not fb.thunk_to:
         out.append(Reason("icf", f"a jump to the identical `{fa.thunk_to}` in the build; its own body with the "
                                  "flag"))
-    # inlining decisions
-    ia, ib = ctx.da.inlined.get(fa.name, set()), ctx.db.inlined.get(fb.name, set())
+    # inlining decisions: every body that ended up in F (records chain: x into y, y into F)
+    ia, ib = ctx.da.inlined_all(fa.name), ctx.db.inlined_all(fb.name)
     for x in sorted(ia - ib):
         out.append(Reason("inline", f"`{x}` inlined in the build, "
                                     + ("called with the flag" if any(canonical(r) == canonical(x) or
                                                                      r.split('.', 1)[0] == x for r in fb.refs)
                                        else "not inlined with the flag")))
     for x in sorted(ib - ia):
-        out.append(Reason("inline", f"`{x}` inlined only with the flag"))
+        if x not in ctx.da.inlined_any and x not in ctx.fa:
+            # no call of it survived to be inlined anywhere in the build: ipa-pure-const found it const or
+            # pure and its calls were deleted as dead first (the flag turns the pass off)
+            out.append(Reason("pure-const", f"`{x}`: its calls were deleted in the build (found const/pure; "
+                                            "it is inlined nowhere in the unit), inlined with the flag"))
+        else:
+            out.append(Reason("inline", f"`{x}` inlined only with the flag"))
     # references: clones and folded twins
     ca, cb = _by_canon(fa.refs), _by_canon(fb.refs)
     al = _aliases(ctx.fa)
