@@ -275,3 +275,13 @@ def test_command_on_test_kernel(kernel, tmp_path: Path) -> None:
     assert all(f["reasons"] for f in changed)
     assert any(k != "unexplained" for f in changed for k in (x["kind"] for x in f["reasons"]))
     assert any("IPA-RA was already off" in n for n in doc["notes"])  # the kernel builds with -pg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--distro", "fedora:38", "sub/"], "--distro fedora:38: expected debian:RELEASE"),
+    (["--distro", "debian:6.1.0-56-amd64", "-s", "/tmp", "sub/"], "give either --distro or -s/-O, not both"),
+    (["sub/"], "give the kernel source tree with -s"),
+])
+def test_command_bad_tree(args: list[str], message: str) -> None:
+    r = _cli(*args)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 from ..errors import InputError
 from .compile import CompileJob, CompileResult, compile_argv, lto_refusal, run_jobs
 from .measure import BuildPair, ObjectCost, measure_object
-from .sources import find_units, remove_tree
+from .sources import MakeArgs, find_units, plain_make, remove_tree
 
 __all__ = ["FlagCostOptions", "FlagCostResult", "flag_cost", "DEFAULT_FLAG", "resolve_tree"]
 
@@ -59,19 +60,24 @@ class FlagCostResult:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_tree(src: Path | None, build: Path | None, distro: str | None) -> tuple[Path, Path]:
-    """(source, build) directories; ``distro`` ``debian:RELEASE`` asks :mod:`klpforge.distro.debian`
-    (imported only then) for its prepared tree."""
+def resolve_tree(src: Path | None, build: Path | None, distro: str | None) -> tuple[Path, Path, MakeArgs]:
+    """(source, build, how to run ``make`` there). ``distro`` ``debian:RELEASE`` asks
+    :func:`klpforge.distro.debian.prepare_tree` (imported only then) for its prepared tree, and builds
+    missing objects with that backend's ``make`` variables (``make_command``)."""
     if distro:
         kind, _, release = distro.partition(":")
         if kind != "debian" or not release:
-            raise InputError(f"--distro {distro}: expected debian:RELEASE (e.g. debian:bookworm)")
+            raise InputError(f"--distro {distro}: expected debian:RELEASE (e.g. debian:6.1.0-56-amd64)")
         try:
-            from ..distro.debian import prepare_tree  # type: ignore[import-not-found,unused-ignore]
+            from ..distro import debian  # type: ignore[attr-defined,unused-ignore]
         except ImportError:
             raise InputError("--distro needs klpforge.distro.debian, which this installation lacks") from None
-        t: Any = prepare_tree(release)
-        return Path(t.src), Path(t.build)
+        t: Any = debian.prepare_tree(release)
+        mk = getattr(debian, "make_command", None)
+        tsrc, tbuild = Path(t.src), Path(t.build)
+        if mk is None:
+            return tsrc, tbuild, plain_make(tsrc)
+        return tsrc, tbuild, lambda b, targets, jobs: list(mk(dataclasses.replace(t, build=b), *targets, jobs=jobs))
     if src is None:
         raise InputError("give the kernel source tree with -s (or --distro debian:RELEASE)")
     if not (src / "Makefile").is_file():
@@ -79,7 +85,7 @@ def resolve_tree(src: Path | None, build: Path | None, distro: str | None) -> tu
     b = build or src
     if not b.is_dir():
         raise InputError(f"{b}: no such build directory")
-    return src.resolve(), b.resolve()
+    return src.resolve(), b.resolve(), plain_make(src.resolve())
 
 
 def _dump_for(out: Path) -> Path | None:
@@ -93,7 +99,7 @@ def flag_cost(opts: FlagCostOptions, progress: Callable[[CompileResult], None] |
 
     Raises :class:`InputError`: bad tree or PATH, a compile that fails (its first error line), or LTO with
     ``-flive-patching`` (gcc 12 refuses it)."""
-    src, build = resolve_tree(opts.src, opts.build, opts.distro)
+    src, build, make = resolve_tree(opts.src, opts.build, opts.distro)
     try:
         flag = shlex.split(opts.flag)
     except ValueError as e:
@@ -102,7 +108,8 @@ def flag_cost(opts: FlagCostOptions, progress: Callable[[CompileResult], None] |
         raise InputError("--flag is empty")
     work = Path(tempfile.mkdtemp(prefix="klpforge-flagcost-"))
     try:
-        units = find_units(src, build, opts.paths, record=bool(opts.distro), workdir=work, jobs=opts.jobs)
+        units = find_units(src, build, opts.paths, record=bool(opts.distro), workdir=work, jobs=opts.jobs,
+                           make=make)
         out_root = opts.keep or work
         jobs: list[CompileJob] = []
         ipa_ra: dict[str, bool] = {}

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["Unit", "find_units", "read_cmd", "record_in_copy"]
+__all__ = ["Unit", "find_units", "read_cmd", "record_in_copy", "plain_make", "MakeArgs", "remove_tree"]
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,17 @@ def _relative(path: str, src: Path, build: Path) -> str:
     return os.path.normpath(path)
 
 
+#: Builds the ``make`` command for ``targets`` in build directory ``build`` with ``jobs`` jobs.
+MakeArgs = Callable[[Path, list[str], int], list[str]]
+
+
+def plain_make(src: Path) -> MakeArgs:
+    """``make -C SRC O=BUILD -jN TARGETS``: an ``O=`` tree prepared with no extra make variables."""
+    return lambda build, targets, jobs: ["make", "-C", str(src), f"O={build}", f"-j{jobs}", *targets]
+
+
 def find_units(src: Path, build: Path, paths: list[str], record: bool = False,
-               workdir: Path | None = None, jobs: int = 2) -> list[Unit]:
+               workdir: Path | None = None, jobs: int = 2, make: MakeArgs | None = None) -> list[Unit]:
     """Units for ``paths`` (objects or directories, tree-relative or absolute).
 
     With ``record``, objects without a ``.cmd`` are first built by Kbuild in a private copy of ``build``
@@ -99,7 +109,7 @@ def find_units(src: Path, build: Path, paths: list[str], record: bool = False,
     if missing and record:
         if workdir is None:
             raise InputError("internal: recording commands needs a work directory")
-        build = record_in_copy(src, build, missing, workdir, jobs)
+        build = record_in_copy(src, build, missing, workdir, jobs, make or plain_make(src))
     units: list[Unit] = []
     seen: set[str] = set()
     for r in rels:
@@ -136,12 +146,14 @@ def _has_cmds(build: Path, rel: str) -> bool:
     return bool(_objects_in(build, rel))
 
 
-def record_in_copy(src: Path, build: Path, rels: list[str], workdir: Path, jobs: int) -> Path:
+def record_in_copy(src: Path, build: Path, rels: list[str], workdir: Path, jobs: int, make: MakeArgs) -> Path:
     """Copy ``build`` (a prepared ``O=`` directory) to ``workdir/kbuild`` and let Kbuild build ``rels``
     there (directories get a trailing ``/``: Kbuild's single-directory target). Returns the copy.
 
-    The copy keeps modification times (``cp -a``), so Kbuild rebuilds nothing of ``prepare``; the
-    commands it records are relative to the build directory, so they run in the copy unchanged."""
+    The copy keeps modification times (``cp -a``), so Kbuild rebuilds nothing of ``prepare`` as long as
+    ``make`` passes the variables the tree was prepared with (a changed ``KCFLAGS`` would remake
+    ``prepare``'s outputs); the commands it records are relative to the build directory, so they run in
+    the copy unchanged."""
     if src.resolve() == build.resolve():
         raise InputError(f"{src}: objects {', '.join(rels)} are not built and this is an in-tree build: "
                          "build them first (make " + " ".join(rels) + ")")
@@ -151,8 +163,7 @@ def record_in_copy(src: Path, build: Path, rels: list[str], workdir: Path, jobs:
     if r.returncode:
         raise InputError(f"cannot copy {build}: {r.stderr.strip().splitlines()[-1] if r.stderr else 'cp failed'}")
     targets = [x if x.endswith(".o") else x.rstrip("/") + "/" for x in rels]
-    r = subprocess.run(["make", "-C", str(src), f"O={copy}", f"-j{jobs}", *targets], capture_output=True,
-                       text=True, check=False)
+    r = subprocess.run(make(copy, targets, jobs), capture_output=True, text=True, check=False)
     if r.returncode:
         err = [x for x in r.stderr.splitlines() if "rror" in x] or r.stderr.splitlines()[-1:]
         raise InputError(f"Kbuild could not build {' '.join(targets)} in a copy of {build}: "
