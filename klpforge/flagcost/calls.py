@@ -45,6 +45,7 @@ class Func:
     own_size: int
     section: int
     binding: int
+    compiled: bool = True  # GCC compiled it into a section of its own (not asm, e.g. a static-call trampoline)
     alias_of: str | None = None
     thunk_to: str | None = None
     refs: Counter[str] = field(default_factory=Counter)
@@ -92,7 +93,8 @@ def function_facts(obj: Object) -> dict[str, Func]:
         alias = None
         if owner >= 0 and owner != i and int(obj.value[owner]) == lo and obj.stype[owner] == C.STT_FUNC:
             alias = obj.sym_names[owner]  # same address as the section's own function: folded into it
-        f = Func(obj.sym_names[i], i, hi - lo, 0 if alias else hi - lo, sec, int(obj.sbind[i]), alias)
+        f = Func(obj.sym_names[i], i, hi - lo, 0 if alias else hi - lo, sec, int(obj.sbind[i]),
+                 obj.sec_names[sec].startswith(".text.") and (owner == i or alias is not None), alias)
         r = obj.relocs(sec)
         if len(r):
             a, b = np.searchsorted(r["offset"], [lo, hi])

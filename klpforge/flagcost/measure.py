@@ -18,7 +18,7 @@ from ..correlate import correlate
 from ..elf import constants as C
 from ..errors import InputError, KlpError
 from ..model import Object
-from ..names import base_function, is_cold
+from ..names import base_function, clone_parent, is_cold
 from .calls import Func, function_facts
 from .reasons import REASON_KINDS, Context, Reason, explain, read_dump
 
@@ -86,11 +86,11 @@ class ObjectCost:
         return self.clones_built - self.clones_flag
 
     def reason_counts(self) -> dict[str, int]:
-        """Changed functions per reason kind (a function with several kinds counts once for each)."""
+        """Changed functions (``.cold`` parts left out) per primary reason: the first, most direct one."""
         out = dict.fromkeys(REASON_KINDS, 0)
         for f in self.functions:
-            for k in {r.kind for r in f.reasons}:
-                out[k] += 1
+            if f.reasons and not is_cold(f.name):
+                out[f.reasons[0].kind] += 1
         return out
 
 
@@ -138,6 +138,12 @@ def measure_object(obj_name: str, pair: BuildPair, with_impact: bool = True) -> 
     for name, g in fa.items():
         if name not in paired_a:
             out.append(FunctionCost(name, obj_name, "built-only", g.own_size, 0, explain(ctx, g, None)))
+    # a .cold part is the unlikely half of its parent: it changes with it, for the parent's reasons
+    by_name = {f.name: f for f in out}
+    for f in out:
+        parent = by_name.get(clone_parent(f.name) or "")
+        if is_cold(f.name) and f.status != "same" and parent is not None and parent.reasons:
+            f.reasons = [Reason(r.kind, f"(cold part of `{parent.name}`) {r.detail}", r.rank) for r in parent.reasons]
     cost = ObjectCost(obj_name, out, text_size(a), text_size(b), clone_count(fa), clone_count(fb))
     if with_impact:
         _impact_sizes(cost, pair, (a, fa), (b, fb))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model import Object
-from ..names import canonical
+from ..names import base_function, canonical, is_cold
 from .calls import Func, can_return, live_across_calls
 
 __all__ = ["Reason", "REASON_KINDS", "Dump", "read_dump", "explain", "Context"]
@@ -45,10 +45,13 @@ _CLONE = re.compile(r"\.(constprop|isra|part)\.\d+")
 
 @dataclass(frozen=True)
 class Reason:
-    """One cause of a change: ``kind`` (one of :data:`REASON_KINDS`) and a sentence with the evidence."""
+    """One cause of a change: ``kind`` (one of :data:`REASON_KINDS`), a sentence with the evidence, and
+    ``rank``: how directly the evidence shows the code change (lower first; the first reason of a function
+    is the one totals count)."""
 
     kind: str
     detail: str
+    rank: int = 0
 
 
 @dataclass
@@ -120,6 +123,10 @@ class Context:
         return r
 
 
+def _r(kind: str, rank: int, detail: str) -> Reason:
+    return Reason(kind, detail, rank)
+
+
 def _by_canon(refs: dict[str, int]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
     for n in refs:
@@ -148,29 +155,29 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
         base = fb.name.split(".", 1)[0]
         clones = sorted(n for n in ctx.fa if _CLONE.search(n) and n.split(".", 1)[0] == base)
         if clones:
-            out.append(Reason("clone", f"only with the flag: the build replaced it by {', '.join(clones)}"))
+            out.append(_r("clone", 1, f"only with the flag: the build replaced it by {', '.join(clones)}"))
         elif any(fb.name in v for v in ctx.da.inlined.values()) or fb.name in _inlined_everywhere(ctx.da):
-            out.append(Reason("inline", "only with the flag: the build inlined it into every caller"))
-        return out or [Reason("unexplained", "only with the flag")]
+            out.append(_r("inline", 3, "only with the flag: the build inlined it into every caller"))
+        return out or [_r("unexplained", 9, "only with the flag")]
     if fb is None and fa is not None:
         if _CLONE.search(fa.name):
             kind = _CLONE.search(fa.name).group(1)  # type: ignore[union-attr]
-            out.append(Reason("clone", f"a {kind} clone only the build made"))
+            out.append(_r("clone", 1, f"a {kind} clone only the build made"))
         elif fa.alias_of or fa.thunk_to:
-            out.append(Reason("icf", f"folded into `{fa.alias_of or fa.thunk_to}` in the build"))
-        return out or [Reason("unexplained", "only in the build")]
+            out.append(_r("icf", 0, f"folded into `{fa.alias_of or fa.thunk_to}` in the build"))
+        return out or [_r("unexplained", 9, "only in the build")]
     assert fa is not None and fb is not None
     # icf: the function itself
     if fa.alias_of and not fb.alias_of:
-        out.append(Reason("icf", f"shares the code of `{fa.alias_of}` in the build (identical code folded); "
+        out.append(_r("icf", 0, f"shares the code of `{fa.alias_of}` in the build (identical code folded); "
                                  "its own copy with the flag"))
     if fa.thunk_to and not fb.thunk_to:
-        out.append(Reason("icf", f"a jump to the identical `{fa.thunk_to}` in the build; its own body with the "
-                                 "flag"))
+        out.append(_r("icf", 0, f"a jump to the identical `{fa.thunk_to}` in the build; its own "
+                                                  "body with the flag"))
     # inlining decisions: every body that ended up in F (records chain: x into y, y into F)
     ia, ib = ctx.da.inlined_all(fa.name), ctx.db.inlined_all(fb.name)
     for x in sorted(ia - ib):
-        out.append(Reason("inline", f"`{x}` inlined in the build, "
+        out.append(_r("inline", 2, f"`{x}` inlined in the build, "
                                     + ("called with the flag" if any(canonical(r) == canonical(x) or
                                                                      r.split('.', 1)[0] == x for r in fb.refs)
                                        else "not inlined with the flag")))
@@ -178,10 +185,10 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
         if x not in ctx.da.inlined_any and x not in ctx.fa:
             # no call of it survived to be inlined anywhere in the build: ipa-pure-const found it const or
             # pure and its calls were deleted as dead first (the flag turns the pass off)
-            out.append(Reason("pure-const", f"`{x}`: its calls were deleted in the build (found const/pure; "
+            out.append(_r("pure-const", 5, f"`{x}`: its calls were deleted in the build (found const/pure; "
                                             "it is inlined nowhere in the unit), inlined with the flag"))
         else:
-            out.append(Reason("inline", f"`{x}` inlined only with the flag"))
+            out.append(_r("inline", 3, f"`{x}` inlined only with the flag"))
     # references: clones and folded twins
     ca, cb = _by_canon(fa.refs), _by_canon(fb.refs)
     al = _aliases(ctx.fa)
@@ -190,42 +197,46 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
             if _CLONE.search(t):
                 base = t.split(".", 1)[0]
                 other = sorted(n for n in fb.refs if n.split(".", 1)[0] == base)
-                out.append(Reason("clone", f"calls the clone `{t}` in the build"
+                out.append(_r("clone", 1, f"calls the clone `{t}` in the build"
                                            + (f", `{other[0]}` with the flag" if other else "")))
     for key in sorted(set(cb) - set(ca)):
         for t in cb[key]:
             if _CLONE.search(t):
-                out.append(Reason("clone", f"calls the clone `{t}` only with the flag"))
+                out.append(_r("clone", 1, f"calls the clone `{t}` only with the flag"))
             elif t in al or any(t in al.get(x, ()) for x in fa.refs):
                 twin = next((x for x in fa.refs if t in al.get(x, ())), None)
                 if twin:
-                    out.append(Reason("icf", f"calls `{twin}` for `{t}` in the build: identical code folded"))
+                    out.append(_r("icf", 1, f"calls `{twin}` for `{t}` in the build: identical code folded"))
     # the unit's functions it calls: call counts, noreturn, live registers
-    local = {n for n in fb.refs if n in ctx.fb}
+    # calls into code GCC compiled in this unit (not asm, not F's own .cold part): what IPA summarises
+    local = {n for n in fb.refs if n in ctx.fb and ctx.fb[n].compiled and not is_cold(n)
+             and base_function(n) != base_function(fb.name)}
     for n in sorted(local):
         group = al.get(n, {n})  # folded twins share their calls in the build
         na = _twin(n, fa.refs)
         c_a = sum(fa.refs.get(x, 0) for x in group | ({na} if na else set()))
         c_b = sum(fb.refs.get(x, 0) for x in group | {n})
         if c_a < c_b and not _inlined_in(ctx.da, fa.name, n):
-            out.append(Reason("pure-const", f"{c_b} reference(s) to `{n}` with the flag, {c_a} in the build: "
+            out.append(_r("pure-const", 1, f"{c_b} reference(s) to `{n}` with the flag, {c_a} in the build: "
                                             "found const/pure, its result reused or the call dropped"))
         elif not ctx.returns(n):
-            out.append(Reason("pure-const", f"`{n}` never returns: the build knew it (noreturn discovery) and "
+            out.append(_r("pure-const", 1, f"`{n}` never returns: the build knew it (noreturn discovery) and "
                                             "dropped the code after its call"))
     if ctx.ipa_ra:
         live = live_across_calls(ctx.a, fa, {n for n in fa.refs if n in ctx.fa})
         for n, regs in sorted(live.items()):
-            out.append(Reason("ipa-ra", f"keeps {', '.join('%' + r for r in regs)} live across its call to `{n}` "
+            out.append(_r("ipa-ra", 1, f"keeps {', '.join('%' + r for r in regs)} live across its call to `{n}` "
                                         "in the build (IPA-RA knew the callee leaves them alone)"))
-    if not out and local:
-        out.append(Reason("callee-ipa", "calls " + ", ".join(f"`{n}`" for n in sorted(local)[:3])
+    if local and not any(r.rank <= 2 for r in out):
+        out.append(_r("callee-ipa", 4, "calls " + ", ".join(f"`{n}`" for n in sorted(local)[:3])
                           + (" ..." if len(local) > 3 else "")
-                          + " of its unit: the build used what IPA learned about their bodies"))
+                          + " of its unit: the build used what IPA learned about their bodies (modref, "
+                            "ipa-reference: memory they leave alone need not be reloaded after the call)"))
     # one line per distinct reason
     seen: set[Reason] = set()
     uniq = [r for r in out if not (r in seen or seen.add(r))]  # type: ignore[func-returns-value]
-    return uniq or [Reason("unexplained", "no inlining, clone, folding or call difference found")]
+    uniq.sort(key=lambda r: r.rank)  # stable: same-rank evidence keeps its order
+    return uniq or [_r("unexplained", 9, "no inlining, clone, folding or call difference found")]
 
 
 def _twin(name: str, refs: dict[str, int]) -> str | None:
