@@ -139,11 +139,12 @@ def measure_object(obj_name: str, pair: BuildPair, with_impact: bool = True) -> 
         if name not in paired_a:
             out.append(FunctionCost(name, obj_name, "built-only", g.own_size, 0, explain(ctx, g, None)))
     # a .cold part is the unlikely half of its parent: it changes with it, for the parent's reasons
-    by_name = {f.name: f for f in out}
-    for f in out:
-        parent = by_name.get(clone_parent(f.name) or "")
-        if is_cold(f.name) and f.status != "same" and parent is not None and parent.reasons:
-            f.reasons = [Reason(r.kind, f"(cold part of `{parent.name}`) {r.detail}", r.rank) for r in parent.reasons]
+    by_name = {fc.name: fc for fc in out}
+    for fc in out:
+        parent = by_name.get(clone_parent(fc.name) or "")
+        if is_cold(fc.name) and fc.status != "same" and parent is not None and parent.reasons:
+            fc.reasons = [Reason(r.kind, f"(cold part of `{parent.name}`) {r.detail}", r.rank)
+                          for r in parent.reasons]
     cost = ObjectCost(obj_name, out, text_size(a), text_size(b), clone_count(fa), clone_count(fb))
     if with_impact:
         _impact_sizes(cost, pair, (a, fa), (b, fb))
