@@ -212,10 +212,10 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     local = {n for n in fb.refs if n in ctx.fb and ctx.fb[n].compiled and not is_cold(n)
              and base_function(n) != base_function(fb.name)}
     for n in sorted(local):
-        group = al.get(n, {n})  # folded twins share their calls in the build
-        na = _twin(n, fa.refs)
-        c_a = sum(fa.refs.get(x, 0) for x in group | ({na} if na else set()))
-        c_b = sum(fb.refs.get(x, 0) for x in group | {n})
+        # folded twins share their calls in the build; clones of one function (g, g.constprop.0) count as g
+        group = al.get(n, {n}) | {x for x in fa.refs if base_function(x) == base_function(n)}
+        c_a = sum(fa.refs.get(x, 0) for x in group)
+        c_b = sum(fb.refs.get(x, 0) for x in group | {x for x in fb.refs if base_function(x) == base_function(n)})
         if c_a < c_b and not _inlined_in(ctx.da, fa.name, n):
             out.append(_r("pure-const", 1, f"{c_b} reference(s) to `{n}` with the flag, {c_a} in the build: "
                                             "found const/pure, its result reused or the call dropped"))
@@ -237,13 +237,6 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     uniq = [r for r in out if not (r in seen or seen.add(r))]  # type: ignore[func-returns-value]
     uniq.sort(key=lambda r: r.rank)  # stable: same-rank evidence keeps its order
     return uniq or [_r("unexplained", 9, "no inlining, clone, folding or call difference found")]
-
-
-def _twin(name: str, refs: dict[str, int]) -> str | None:
-    if name in refs:
-        return name
-    c = canonical(name)
-    return next((r for r in refs if canonical(r) == c), None)
 
 
 def _inlined_in(d: Dump, into: str, name: str) -> bool:
