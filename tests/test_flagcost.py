@@ -285,3 +285,33 @@ def test_command_on_test_kernel(kernel, tmp_path: Path) -> None:
 def test_command_bad_tree(args: list[str], message: str) -> None:
     r = _cli(*args)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+# -- a distribution's configuration (--distro) --------------------------------------------------------------
+
+DEBIAN_RELEASE = "6.1.0-56-amd64"
+
+
+@pytest.mark.kernel
+def test_command_distro_debian(tmp_path: Path) -> None:
+    """Debian's shipped 6.1 config through the distribution backend's prepared (unbuilt) tree: the object is
+    built by Kbuild in a private copy, the cached tree is left as it was; in the build IPA-CP made
+    ``ext4_find_shared.constprop.0``, with the flag it did not (docs/flag-cost.md, spot check 3)."""
+    debian = pytest.importorskip("klpforge.distro.debian")
+    root = debian.release_root(DEBIAN_RELEASE)
+    if not (root / "prepared.json").is_file() and not (os.environ.get("KLPFORGE_REQUIRE_KERNEL") == "1"
+                                                       or os.environ.get("KLPFORGE_DISTRO") == "1"):
+        pytest.skip(f"Debian {DEBIAN_RELEASE} not prepared (KLPFORGE_DISTRO=1 downloads and prepares it)")
+    tree = debian.prepare_tree(DEBIAN_RELEASE)
+    before = _snapshot(Path(tree.build))
+    r = _cli("--distro", f"debian:{DEBIAN_RELEASE}", "-j", "2", "fs/ext4/indirect.o", "--json",
+             str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    assert _snapshot(Path(tree.build)) == before
+    doc = json.loads((tmp_path / "r.json").read_text())
+    funcs = {f["name"]: f for f in doc["functions"]}
+    clone = funcs["ext4_find_shared.constprop.0"]
+    assert clone["status"] == "built-only" and clone["reasons"][0]["kind"] == "clone"
+    assert funcs["ext4_find_shared"]["status"] == "flag-only"
+    assert {x["kind"] for x in funcs["ext4_ind_truncate"]["reasons"]} == {"clone"}
+    assert doc["objects"]["fs/ext4/indirect.o"]["clones_avoided"] == 1
