@@ -11,7 +11,7 @@ records the commands there; the copy is the working directory of the two compile
 afterwards. The source tree is only read (an ``O=`` build never writes into it).
 
 >>> units = find_units(Path("linux"), Path("build"), ["kernel/sched/"])   # doctest: +SKIP
->>> units[0].obj
+>>> units[0].obj                                                           # doctest: +SKIP
 'kernel/sched/build_policy.o'
 """
 
