@@ -315,3 +315,43 @@ def test_command_distro_debian(tmp_path: Path) -> None:
     assert funcs["ext4_find_shared"]["status"] == "flag-only"
     assert {x["kind"] for x in funcs["ext4_ind_truncate"]["reasons"]} == {"clone"}
     assert doc["objects"]["fs/ext4/indirect.o"]["clones_avoided"] == 1
+
+
+FAKE_KBUILD = """\
+# A stand-in for Kbuild's single-directory target: `make -C SRC O=BUILD sub/` compiles the unit into
+# BUILD and records its command there, as Linux 6.1 does in .unit.o.cmd.
+CMD = {gcc} {flags} -c -o sub/dir/unit.o $(CURDIR)/sub/dir/unit.c
+.PHONY: sub/
+sub/:
+\tmkdir -p $(O)/sub/dir
+\tcd $(O) && $(CMD)
+\tprintf 'cmd_sub/dir/unit.o := %s\\n\\nsource_sub/dir/unit.o := %s\\n' '$(CMD)' '$(CURDIR)/sub/dir/unit.c' \
+> $(O)/sub/dir/.unit.o.cmd
+"""
+
+
+def test_record_in_private_copy(gcc: str, tmp_path: Path) -> None:
+    """A prepared but unbuilt tree (what --distro gets): the objects are built by "Kbuild" in a copy of the
+    build directory, whose recorded commands then run there; the prepared tree gains nothing."""
+    from klpforge.flagcost.compile import compile_argv
+    from klpforge.flagcost.sources import find_units, plain_make
+
+    src, build, work = tmp_path / "src", tmp_path / "build", tmp_path / "work"
+    (src / "sub/dir").mkdir(parents=True)
+    (src / "sub/dir/unit.c").write_text(TREE_SRC)
+    (src / "Makefile").write_text(FAKE_KBUILD.format(gcc=gcc, flags=" ".join(KFLAGS)))
+    (build / "include/generated").mkdir(parents=True)
+    (build / "include/generated/autoconf.h").write_text("#define CONFIG_X 1\n")
+    work.mkdir()
+    before = _snapshot(tmp_path / "build")
+    with pytest.raises(Exception, match="no object compiled from C"):
+        find_units(src, build, ["sub/"])  # without recording: nothing is built
+    units = find_units(src, build, ["sub/"], record=True, workdir=work, jobs=1, make=plain_make(src))
+    assert [u.obj for u in units] == ["sub/dir/unit.o"]
+    assert units[0].cwd == work / "kbuild" and (work / "kbuild/include/generated/autoconf.h").is_file()
+    assert _snapshot(tmp_path / "build") == before
+    out = tmp_path / "out/unit.o"
+    out.parent.mkdir()
+    argv = compile_argv(units[0].command, out, ["-flive-patching=inline-clone"])
+    subprocess.run(argv, cwd=units[0].cwd, check=True)
+    assert out.is_file() and (out.parent / "unit.c.000i.ipa-clones").is_file()
