@@ -355,3 +355,18 @@ def test_record_in_private_copy(gcc: str, tmp_path: Path) -> None:
     argv = compile_argv(units[0].command, out, ["-flive-patching=inline-clone"])
     subprocess.run(argv, cwd=units[0].cwd, check=True)
     assert out.is_file() and (out.parent / "unit.c.000i.ipa-clones").is_file()
+
+
+def test_interrupt_starts_no_queued_compile(tmp_path: Path) -> None:
+    """Ctrl-C while compiling: the error propagates and no compile still queued is started."""
+    import signal
+    import threading
+
+    from klpforge.flagcost.compile import CompileJob, run_jobs
+
+    jobs = [CompileJob(str(i), "built", ("sh", "-c", f"sleep 3; touch {tmp_path}/{i}"), tmp_path, tmp_path / str(i))
+            for i in range(6)]
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, 2)
+    assert len(list(tmp_path.iterdir())) <= 2  # at most the two that were running

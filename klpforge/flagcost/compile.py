@@ -147,9 +147,15 @@ def run_jobs(jobs: Sequence[CompileJob], parallel: int,
     """Run ``jobs`` with at most ``parallel`` compilers at once (threads waiting on subprocesses); results
     in job order. A compiler that fails is reported in its result, never raised."""
     out: list[CompileResult] = []
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
+    ex = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         for res in ex.map(_run, jobs):
             out.append(res)
             if progress is not None:
                 progress(res)
+    except BaseException:
+        # Ctrl-C: the running compilers got the signal too; start no queued one
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
     return out
