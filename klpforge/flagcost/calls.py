@@ -222,3 +222,33 @@ def _full_reg(name: str | None) -> str:
     if name.startswith("r") and name[1:].rstrip("dwb").isdigit():
         return name.rstrip("dwb") if name[-1] in "dwb" else name
     return name
+
+
+def call_segments(obj: Object, f: Func) -> list[tuple[str, tuple[str, ...]]] | None:
+    """``f``'s code cut at its calls: for each call, the callee and the mnemonics from just after it up to
+    the next call or the end (x86-64; None elsewhere). Two builds of one function whose call sequences
+    match can be compared call site by call site: what follows a call is where a caller uses what IPA
+    knew of the callee (modref: memory it leaves alone is not reloaded, a local it does not let escape is
+    not stored)."""
+    arch = arch_for(obj.elf.machine)
+    if arch.name != "x86_64":
+        return None
+    lo = int(obj.value[f.index])
+    code = obj.section_data(f.section)[lo:lo + f.size]
+    r = obj.relocs(f.section)
+    rel_at: dict[int, str | None] = {}
+    for off, s, add, typ in zip(r["offset"].tolist(), r["sym"].tolist(), r["addend"].tolist(), r["type"].tolist(),
+                                strict=True):
+        if lo <= off < lo + f.size:
+            rel_at[off - lo] = _target_name(obj, arch, int(s), int(add), int(typ))
+    fentry = set(arch.fentry_names)
+    out: list[tuple[str, list[str]]] = []
+    for addr, size, mn, _ops in _cs(arch.cs_arch, arch.cs_mode, False).disasm_lite(code, 0):
+        if mn == "call":
+            tgt = next((rel_at[o] for o in range(addr, addr + size) if o in rel_at), None) or "?"
+            if tgt in fentry:
+                continue
+            out.append((tgt, []))
+        elif out:
+            out[-1][1].append(mn)
+    return [(t, tuple(m)) for t, m in out]

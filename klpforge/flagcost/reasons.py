@@ -28,6 +28,7 @@ unexplained   no evidence found (instruction order or register choice differs: s
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from ..model import Object
 from ..names import base_function, canonical, is_cold
-from .calls import Func, can_return, live_across_calls
+from .calls import Func, call_segments, can_return, live_across_calls
 
 __all__ = ["Reason", "REASON_KINDS", "Dump", "read_dump", "explain", "Context"]
 
@@ -228,15 +229,38 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
             out.append(_r("ipa-ra", 1, f"keeps {', '.join('%' + r for r in regs)} live across its call to `{n}` "
                                         "in the build (IPA-RA knew the callee leaves them alone)"))
     if local and not any(r.rank <= 2 for r in out):
-        out.append(_r("callee-ipa", 4, "calls " + ", ".join(f"`{n}`" for n in sorted(local)[:3])
-                          + (" ..." if len(local) > 3 else "")
-                          + " of its unit: the build used what IPA learned about their bodies (modref, "
-                            "ipa-reference: memory they leave alone need not be reloaded after the call)"))
+        out.append(_callee_ipa(ctx, fa, fb, local))
     # one line per distinct reason
     seen: set[Reason] = set()
     uniq = [r for r in out if not (r in seen or seen.add(r))]  # type: ignore[func-returns-value]
     uniq.sort(key=lambda r: r.rank)  # stable: same-rank evidence keeps its order
     return uniq or [_r("unexplained", 9, "no inlining, clone, folding or call difference found")]
+
+
+def _callee_ipa(ctx: Context, fa: Func, fb: Func, local: set[str]) -> Reason:
+    """The callee-ipa reason, naming the calls after which the code differs when both builds make the
+    same calls in the same order (see :func:`~.calls.call_segments`), else the unit's callees."""
+    sa, sb = call_segments(ctx.a, fa), call_segments(ctx.b, fb)
+    if sa is not None and sb is not None:
+        # call sites paired by aligning the two call sequences (a call may exist in one build only)
+        sm = difflib.SequenceMatcher(None, [canonical(t) for t, _ in sa], [canonical(t) for t, _ in sb],
+                                     autojunk=False)
+        grew: dict[str, list[int]] = defaultdict(list)
+        for i, j, n in sm.get_matching_blocks():
+            for (_t, ma), (tb, mb) in zip(sa[i:i + n], sb[j:j + n], strict=True):
+                if ma != mb and tb in local:
+                    grew[tb].append(len(mb) - len(ma))
+        if grew:
+            parts = [f"`{n}` ({len(d)} of {sum(1 for t, _ in sb if t == n)} call sites, "
+                     f"{sum(d):+d} instructions)" for n, d in sorted(grew.items(), key=lambda kv: -abs(sum(kv[1])))]
+            return _r("callee-ipa", 4, "the code right after its calls to " + ", ".join(parts[:3])
+                      + (" ..." if len(parts) > 3 else "") + " differs: the build used what IPA learned about "
+                      "those callees (modref, ipa-reference: memory they leave alone is not reloaded, a local "
+                      "they do not let escape is not stored)")
+    return _r("callee-ipa", 4, "calls " + ", ".join(f"`{n}`" for n in sorted(local)[:3])
+              + (" ..." if len(local) > 3 else "")
+              + " of its unit: the build used what IPA learned about their bodies (modref, "
+                "ipa-reference: memory they leave alone need not be reloaded after the call)")
 
 
 def _inlined_in(d: Dump, into: str, name: str) -> bool:
