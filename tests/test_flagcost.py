@@ -152,6 +152,34 @@ def test_identical_code_folding(gcc: str, tmp_path: Path) -> None:
     assert cost.text_flag - cost.text_built == sb.size_flag
 
 
+MODREF = r"""
+struct rf { int flags; int cookie; };
+extern void ext_unlock(void);
+extern int glob;
+__attribute__((noinline)) void activate(int *p, struct rf *rf) { *p += rf->cookie; }
+int ttwu(int *p)
+{
+    struct rf rf = { 0, 3 };
+    activate(p, &rf);
+    if (glob > 2)
+        rf.flags = 4;   /* dead unless activate() let &rf escape: modref says it does not */
+    ext_unlock();
+    return 0;
+}
+"""
+
+
+def test_callee_summary(gcc: str, tmp_path: Path) -> None:
+    # try_to_wake_up's rq_unpin_lock() pattern (docs/flag-cost.md): without modref's summary of activate(),
+    # the store to the local and its test come back after the call
+    cost = _pair(gcc, tmp_path, MODREF, "-flive-patching=inline-clone")
+    t = _func(cost, "ttwu")
+    assert t.status == "changed" and t.growth > 0
+    assert t.reasons[0].kind == "callee-ipa"
+    assert "right after its calls to `activate` (1 of 1 call sites" in t.reasons[0].detail
+    assert _func(cost, "activate").status == "same"
+
+
 # -- the command, end to end -------------------------------------------------------------------------------
 
 TREE_SRC = GLOBAL_INLINE + PURE_CONST + ICF
