@@ -19,7 +19,7 @@ from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
 __all__ = ["main", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel")
+COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost")
 
 
 def _parser() -> argparse.ArgumentParser:
