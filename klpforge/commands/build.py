@@ -56,7 +56,7 @@ def run_build(args: argparse.Namespace) -> int:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:
-            if msg.startswith(("restored", "kept")):
+            if msg.startswith("kept"):
                 prog.console.print(msg, highlight=False)
             done = STEPS.index(name) if name in STEPS else len(STEPS)
             prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build", help="build a livepatch module from a source patch on an already built kernel tree",
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
-                    "generates and links the livepatch module. The source tree is restored byte for "
-                    "byte afterwards, also on failure and Ctrl-C.")
+                    "generates and links the livepatch module. The source and build trees are only read: "
+                    "the patch is applied to private copies and every output goes to a temporary directory.")
     p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
     p.add_argument("-s", "--src", required=True, metavar="KERNEL_SRC", help="kernel source tree")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UnsafeChange
+from ..proc import run
 
 __all__ = ["SourcePatch", "refusal_reason"]
 
 _PLUS = re.compile(r"^\+\+\+ (\S+)")
 _MINUS = re.compile(r"^--- (\S+)")
+_GIT = re.compile(r"^diff --git (\S+) (\S+)$")
+_GITHDR = re.compile(r"^(rename from|rename to|copy from|copy to|new file mode|deleted file mode|new mode|"
+                     r"old mode) (.+)$")
 
 
 def _strip(path: str, n: int) -> str | None:
@@ -50,13 +54,22 @@ def refusal_reason(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class SourcePatch:
-    """A parsed patch file; ``files`` are tree-relative paths of the files it changes or creates."""
+    """A parsed patch file; ``files`` are tree-relative paths of every file it changes, creates, deletes,
+    renames (both names), copies or changes the mode of.
+
+    git's extended headers (``diff --git``, ``rename from/to``, ``copy from/to``, ``new file mode``,
+    ``deleted file mode``, ``old mode``/``new mode``) are read too: GNU patch 2.7 carries them out, and a
+    git patch creating an empty file or only changing a mode has no ``---``/``+++`` lines at all.
+    """
 
     path: Path
     strip: int
     files: tuple[str, ...]
     created: tuple[str, ...]
     deleted: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...] = ()
+    copied: tuple[tuple[str, str], ...] = ()
+    mode_changed: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, path: Path, strip: int = 1) -> SourcePatch:
@@ -68,8 +81,44 @@ class SourcePatch:
         files: list[str] = []
         created: list[str] = []
         deleted: list[str] = []
+        renamed: list[tuple[str, str]] = []
+        copied: list[tuple[str, str]] = []
+        modes: list[str] = []
         old: str | None = None
+        git_old: str | None = None  # the a/ name of the current "diff --git" section
+        git_new: str | None = None
+        pending: dict[str, str] = {}  # rename/copy from/to of the current section
+
+        def add(name: str | None) -> None:
+            if name and name not in files:
+                files.append(name)
+
         for line in text.splitlines():
+            g = _GIT.match(line)
+            if g:
+                git_old, git_new = _strip(g.group(1), strip), _strip(g.group(2), strip)
+                add(git_old)
+                add(git_new)
+                pending = {}
+                old = None
+                continue
+            h = _GITHDR.match(line)
+            if h and git_new is not None:
+                key, val = h.group(1), h.group(2)
+                if key in ("rename from", "rename to", "copy from", "copy to"):
+                    pending[key] = val
+                    add(val)
+                    if "rename from" in pending and "rename to" in pending:
+                        renamed.append((pending.pop("rename from"), pending.pop("rename to")))
+                    if "copy from" in pending and "copy to" in pending:
+                        copied.append((pending.pop("copy from"), pending.pop("copy to")))
+                elif key == "new file mode" and git_new not in created:
+                    created.append(git_new)
+                elif key == "deleted file mode" and git_old and git_old not in deleted:
+                    deleted.append(git_old)
+                elif key == "new mode" and git_new not in modes:
+                    modes.append(git_new)
+                continue
             m = _MINUS.match(line)
             if m:
                 old = m.group(1)
@@ -78,17 +127,16 @@ class SourcePatch:
             if m and old is not None:
                 new = _strip(m.group(1), strip)
                 was = _strip(old, strip)
-                name = new or was
-                if name and name not in files:
-                    files.append(name)
-                if was is None and new:
+                add(new or was)
+                if was is None and new and new not in created:
                     created.append(new)
-                if new is None and was:
+                if new is None and was and was not in deleted:
                     deleted.append(was)
                 old = None
         if not files:
             raise InputError(f"{path}: no file changes found (not a unified diff?)")
-        return cls(path, strip, tuple(files), tuple(created), tuple(deleted))
+        return cls(path, strip, tuple(files), tuple(created), tuple(deleted), tuple(renamed), tuple(copied),
+                   tuple(modes))
 
     def refuse_unpatchable(self) -> None:
         """Raise :class:`UnsafeChange` naming the first file a live patch cannot change."""
@@ -97,10 +145,9 @@ class SourcePatch:
             raise UnsafeChange(reasons)
 
     def _patch(self, src: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["patch", f"-p{self.strip}", "--forward", "--batch", "--no-backup-if-mismatch",
-             "-r", "-", "-d", str(src), "-i", str(self.path.resolve()), *extra],
-            capture_output=True, text=True, check=False)
+        return run(["patch", f"-p{self.strip}", "--forward", "--batch", "--no-backup-if-mismatch",
+                    "-r", "-", "-d", str(src), "-i", str(self.path.resolve()), *extra],
+                   capture_output=True, text=True)
 
     def dry_run(self, src: Path) -> None:
         """``patch --dry-run``; raise :class:`InputError` with patch's complaint if it does not apply."""
@@ -109,9 +156,13 @@ class SourcePatch:
             msg = " ".join((r.stdout + r.stderr).split())
             raise InputError(f"{self.path.name} does not apply to {src}: {msg[:400]}")
 
-    def apply(self, src: Path) -> None:
-        """Apply for real (callers hold a :class:`~klpforge.kbuild.restore.TreeGuard`)."""
-        r = self._patch(src)
+    def apply(self, copy: Path, shown: Path | None = None) -> None:
+        """Apply for real to ``copy``, a private copy of the files the patch touches (klpforge never
+        patches a user's tree: :mod:`klpforge.kbuild.overlay`); ``shown`` names the tree in messages.
+
+        Raises :class:`InputError` with patch's complaint if it does not apply.
+        """
+        r = self._patch(copy)
         if r.returncode != 0:
             msg = " ".join((r.stdout + r.stderr).split())
-            raise InputError(f"{self.path.name} failed to apply to {src}: {msg[:400]}")
+            raise InputError(f"{self.path.name} does not apply to {shown or copy}: {msg[:400]}")

@@ -12,11 +12,11 @@ engine takes.
 from __future__ import annotations
 
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 from .tree import KernelTree
 
 __all__ = ["struct_sizes", "PROBE_SOURCE"]
@@ -73,7 +73,7 @@ def struct_sizes(tree: KernelTree, reference_obj: str = "init/main.o") -> dict[s
         cmd = cmd.replace(str(cc.source), str(probe))
         if str(probe) not in cmd or str(out) not in cmd:
             raise InputError(f"cannot derive a probe compile from the command of {reference_obj}")
-        r = subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True, check=False)
+        r = run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True)
         if r.returncode != 0:
             raise InputError(f"struct-size probe failed to compile: {r.stderr.strip()[:300]}")
         text = out.read_text()
