@@ -57,6 +57,27 @@ def test_non_livepatch_module_refused(kernel: KernelLayout) -> None:
     assert "not a livepatch module" in r.stderr
 
 
+def test_kernel_that_is_not_a_bzimage_is_named(kernel: KernelLayout) -> None:
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.build / "vmlinux"), "--check", "true")
+    assert r.returncode == 1
+    assert r.stderr == (f'klpforge verify: {kernel.build / "vmlinux"}: not a bzImage (no "HdrS" boot header at '
+                        "0x202: an ELF file: pass arch/x86/boot/bzImage, not vmlinux)\n")
+
+
+def test_bad_accel_reports_qemu_own_error_unwrapped(kernel: KernelLayout, tmp_path: Path) -> None:
+    """QEMU's own complaint, not "kernel did not reach /init", on one line however long."""
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    log = tmp_path / "console.log"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "true", "--accel", "nosuch",
+                "--console-log", str(log))
+    assert r.returncode == 1
+    last = r.stderr.splitlines()[-1]
+    assert last == (f"klpforge verify: failed: qemu-system-x86_64: -accel nosuch: invalid accelerator nosuch "
+                    f"(console log: {log})")
+    assert len(last) > 80
+
+
 def test_markers_cannot_be_faked_by_check_output() -> None:
     script = guest_init("KLPVabc", "p", "/lib/klp/p.ko", [])
     assert "KLPVabc" in script

@@ -224,11 +224,13 @@ def check_bzimage(path: Path) -> None:
 def qemu_error(console: str, qemu: str) -> str | None:
     """QEMU's own complaint in the captured output (``qemu-system-x86_64: -accel kvm: ...``), if any.
 
-    >>> qemu_error("qemu-system-x86_64: invalid accelerator foo\n", "/usr/bin/qemu-system-x86_64")
+    >>> qemu_error("qemu-system-x86_64: invalid accelerator foo\\n", "/usr/bin/qemu-system-x86_64")
     'qemu-system-x86_64: invalid accelerator foo'
     """
-    name = Path(qemu).name + ":"
-    return next((ln.strip() for ln in console.splitlines() if ln.startswith(name)), None)
+    names = (Path(qemu).name + ":", "qemu:")
+    said = [ln.strip() for ln in console.splitlines() if ln.startswith(names)]
+    errors = [ln for ln in said if ": warning:" not in ln]
+    return (errors or said)[0] if said else None
 
 
 def _gen_init_cpio(spec: VerifySpec) -> Path:
