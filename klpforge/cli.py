@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
-from .proc import Terminated, install_signal_handlers, kill_children, restore_signal_handlers
+from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
 __all__ = ["main", "COMMANDS"]
 
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(set KLPFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        kill_children()  # whatever still runs (a QEMU, a make) ends with klpforge
+        end_children()  # whatever still runs (a QEMU, a make) ends with klpforge
         restore_signal_handlers(old_handlers)
 
 

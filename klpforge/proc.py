@@ -20,18 +20,24 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 __all__ = ["Terminated", "install_signal_handlers", "restore_signal_handlers", "run", "start", "release",
-           "kill_children", "live_children"]
+           "kill_children", "end_children", "live_children", "GRACE"]
 
 _lock = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
 _live: dict[int, subprocess.Popen[Any]] = {}
 #: Set once a terminating signal arrived: no new child may start after that.
 _stopping = threading.Event()
+#: Children :func:`kill_children` signalled: their groups are emptied on :func:`release`.
+_ended: set[int] = set()
+#: Seconds a group gets after SIGTERM (gcc removes its temporary files, make its partial targets)
+#: before SIGKILL.
+GRACE = 3.0
 
 
 class Terminated(BaseException):
@@ -95,22 +101,46 @@ def start(cmd: str | Sequence[str | os.PathLike[str]], *, shell: bool = False, c
     return p
 
 
-def release(p: subprocess.Popen[Any]) -> None:
-    """Unregister ``p``; if it is still running, end its whole process group first."""
-    if p.poll() is None:
-        _kill_group(p)
+def release(p: subprocess.Popen[Any], early: bool = False) -> None:
+    """Unregister ``p``. If it is still running, was signalled by :func:`kill_children`, or ``early``
+    (klpforge stops waiting for it), end its whole process group first: the group leader (``sh``,
+    ``make``) may be gone while its children (``cc1``) still run."""
+    with _lock:
+        signalled = p.pid in _ended
+        _ended.discard(p.pid)
+    if early or signalled or p.poll() is None:
+        _end_group(p)
     with _lock:
         _live.pop(p.pid, None)
 
 
-def _kill_group(p: subprocess.Popen[Any]) -> None:
+def _group_alive(pgid: int) -> bool:
     try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a member changed its credentials
+        return True
+    return True
+
+
+def _end_group(p: subprocess.Popen[Any]) -> None:
+    """SIGTERM the group, SIGKILL what is left after :data:`GRACE` seconds; bounded in time (an orphan
+    zombie nobody reaps would keep the group "alive" for ever)."""
+    for sig, wait in ((signal.SIGTERM, GRACE), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            p.poll()  # reap the leader
+            if not _group_alive(p.pid):
+                return
+            time.sleep(0.02)
     try:
-        p.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not get ignored
+        p.wait(timeout=1)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
         pass
 
 
@@ -128,22 +158,33 @@ def run(cmd: str | Sequence[str | os.PathLike[str]], *, shell: bool = False, cwd
         track.append(p.pid)
     try:
         out, err = p.communicate()
-    finally:
-        release(p)
+    except BaseException:
+        release(p, early=True)
+        raise
+    release(p)
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def kill_children(pids: Iterable[int] | None = None) -> None:
-    """SIGKILL the process group of every registered child still running (any thread's), or only of
-    those in ``pids``."""
+    """SIGTERM the process group of every registered child (any thread's), or only of those in ``pids``;
+    does not wait (it runs in the signal handler): :func:`release`, in the thread waiting for the child,
+    waits for the group to go and SIGKILLs what stays."""
     with _lock:
         procs = list(_live.values()) if pids is None else [_live[p] for p in pids if p in _live]
+        _ended.update(p.pid for p in procs)
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def end_children() -> None:
+    """End every registered child's group and wait for it (:func:`release` with ``early``)."""
+    with _lock:
+        procs = list(_live.values())
+    for p in procs:
+        release(p, early=True)
 
 
 def live_children() -> list[int]:

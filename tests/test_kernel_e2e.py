@@ -32,7 +32,10 @@ def baseline(kernel: KernelLayout) -> tuple[dict, dict]:
 
 
 def _diff(before: dict, after: dict) -> list[str]:
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))[:10]
+    """Entries added, removed, or with another mode, mtime or content (the ctime only speeds up hashing:
+    one test edits a file as a user would and puts it back)."""
+    return sorted(k for k in before.keys() | after.keys()
+                  if (before.get(k) or ())[:3] != (after.get(k) or ())[:3])[:10]
 
 
 @pytest.fixture()
@@ -41,7 +44,7 @@ def unchanged_tree(kernel: KernelLayout, baseline: tuple[dict, dict]):  # type: 
     mtime (directories too): klpforge only reads them."""
     yield
     for before, root in zip(baseline, (kernel.src, kernel.build), strict=True):
-        changed = _diff(before, tree_manifest(root))
+        changed = _diff(before, tree_manifest(root, reuse=before))
         assert not changed, f"{root} was modified: {changed}"
 
 
@@ -254,7 +257,8 @@ MOMENTS = {
     "check": lambda tmp, proc: any(tmp.glob("klpforge-build-*")),
     "orig-compile": lambda tmp, proc: _has_child(proc, {"cc1", "objtool"}),
     "patched-pause": lambda tmp, proc: any(tmp.glob("klpforge-build-*/orig/fs/proc/cmdline.o")),
-    "module-make": lambda tmp, proc: _has_child(proc, {"make"}),
+    # make M= compiling the generated core: cc1 under make (gcc's temporary files must go too)
+    "module-make": lambda tmp, proc: {"make", "cc1"} <= {n for _st, n in _descendants(proc.pid).values()},
 }
 
 
@@ -279,7 +283,7 @@ def test_signal_ends_build_and_children(kernel: KernelLayout, unchanged_tree: No
     assert proc.returncode == code, err
     name = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated by SIGTERM",
             signal.SIGHUP: "terminated by SIGHUP"}[sig]
-    assert err.strip().splitlines() == [f"klpforge build: {name}"], err
+    assert err == f"klpforge build: {name}\n"
     _assert_all_ended(snapshot)
     assert list(tmp.iterdir()) == []
     assert not (tmp_path / "x.ko").exists()

@@ -52,7 +52,7 @@ def run_build(args: argparse.Namespace) -> int:
                         skip_compiler_check=args.skip_compiler_check,
                         report_json=Path(args.json) if args.json else None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=con, transient=True) as prog:
+                  console=con, transient=True, disable=not con.is_terminal) as prog:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:

@@ -58,26 +58,35 @@ def check_old_journal(src: Path) -> None:
     shutil.rmtree(journal, ignore_errors=True)
 
 
-def tree_manifest(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Relative path -> (mode, mtime in ns, SHA-1 of the content / symlink target / "" for a directory),
-    for every entry under ``root``; used by the tests to prove a tree untouched, directory mtimes included.
+def tree_manifest(root: Path, reuse: dict[str, tuple[int, int, str, int, int]] | None = None
+                  ) -> dict[str, tuple[int, int, str, int, int]]:
+    """Relative path -> (mode, mtime ns, content SHA-1 / ``->target`` of a symlink / "" for a directory,
+    ctime ns, inode) for every entry under ``root`` (``"."`` for ``root``); used by the tests to prove a
+    tree untouched, directory mtimes included.
+
+    The ctime is part of the record because no system call can set it back: restoring a file's bytes and
+    mtime after writing it still shows. It also makes ``reuse`` (an earlier manifest of the same tree)
+    safe: an entry whose inode, ctime and mode are unchanged keeps its digest without being read again.
     """
-    out: dict[str, tuple[int, int, str]] = {}
+    out: dict[str, tuple[int, int, str, int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             rel = os.path.relpath(p, root)
-            if os.path.islink(p):
+            old = reuse.get(rel) if reuse else None
+            if old is not None and old[3:] == (st.st_ctime_ns, st.st_ino) and old[0] == st.st_mode:
+                digest = old[2]
+            elif os.path.islink(p):
                 digest = "->" + os.readlink(p)
             elif name in filenames:
                 with open(p, "rb") as f:
                     digest = hashlib.file_digest(f, "sha1").hexdigest()
             else:
                 digest = ""
-            out[rel] = (st.st_mode, st.st_mtime_ns, digest)
+            out[rel] = (st.st_mode, st.st_mtime_ns, digest, st.st_ctime_ns, st.st_ino)
     st = os.stat(root)
-    out["."] = (st.st_mode, st.st_mtime_ns, "")
+    out["."] = (st.st_mode, st.st_mtime_ns, "", st.st_ctime_ns, st.st_ino)
     return out
 
 
