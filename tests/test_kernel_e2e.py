@@ -403,3 +403,50 @@ def test_tree_knows_parents_and_header_users(kernel: KernelLayout) -> None:
     with pytest.raises(InputError, match="not built in"):
         tree.parent_of("drivers/gpu/drm/drm_drv.o")
     assert tree.vmlinux_compiler().startswith("GCC: (")
+
+
+HEADER_PATCH = (
+    "--- a/fs/proc/internal.h\n+++ b/fs/proc/internal.h\n@@ -213,7 +213,8 @@\n \n"
+    " static inline void pde_get(struct proc_dir_entry *pde)\n {\n \trefcount_inc(&pde->refcnt);\n"
+    "+\tWRITE_ONCE(pde->flags, READ_ONCE(pde->flags));\n }\n extern void pde_put(struct proc_dir_entry *);\n \n")
+
+
+def _text_sections(obj: Path) -> dict[str, bytes]:
+    from elftools.elf.elffile import ELFFile
+
+    with obj.open("rb") as f:
+        return {s.name: s.data() for s in ELFFile(f).iter_sections()
+                if s.name.startswith(".text") and s["sh_type"] == "SHT_PROGBITS"}
+
+
+def test_header_change_compiles_every_user_from_the_overlay(kernel: KernelLayout, unchanged_tree: None,
+                                                            tmp_path: Path) -> None:
+    """A static inline changed in fs/proc/internal.h: every object whose .cmd lists the header is compiled
+    twice through the view, and exactly the functions calling the inline differ (pde_get: generic.c's
+    lookup/readdir, root.c's proc_fill_super); nothing is read from the tree's copy of the header."""
+    from klpforge.kbuild.overlay import Overlay
+    from klpforge.kbuild.patchfile import SourcePatch
+    from klpforge.kbuild.pipeline import SECTION_FLAGS, _changed_objects, _compile_all
+    from klpforge.kbuild.tree import KernelTree
+
+    p = tmp_path / "h.patch"
+    p.write_text(HEADER_PATCH)
+    sp = SourcePatch.parse(p)
+    tree = KernelTree(kernel.src, kernel.build)
+    objs, _ = _changed_objects(tree, sp)
+    users = {str(c.relative_to(kernel.build)).replace("/.", "/")[:-4] for c in kernel.build.rglob(".*.o.cmd")
+             if f"{kernel.src}/fs/proc/internal.h" in c.read_text()}
+    assert set(objs) == {u for u in users if (kernel.build / u).is_file()}
+    assert {"fs/proc/generic.o", "fs/proc/root.o", "fs/proc/base.o"} <= set(objs)
+    ov = Overlay(tree.src, tmp_path / "src", sp.files)
+    ov.snapshot(sp)
+    ov.build_view()
+    out = {}
+    for which in ("orig", "new"):
+        ov.show(which)
+        out[which] = _compile_all(tree, ov, objs, tmp_path / which, 2, SECTION_FLAGS)
+    changed = {o: sorted(k for k, v in _text_sections(out["new"][o]).items()
+                         if _text_sections(out["orig"][o]).get(k) != v) for o in objs}
+    changed = {o: c for o, c in changed.items() if c}
+    assert set(changed) == {"fs/proc/generic.o", "fs/proc/root.o"}, changed
+    assert ".text.proc_fill_super" in changed["fs/proc/root.o"]
