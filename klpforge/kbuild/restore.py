@@ -16,13 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import InputError
 from .prepare import cache_root
 
-__all__ = ["check_old_journal", "journal_dir", "tree_checksum", "tree_manifest"]
+__all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 
 
 def journal_dir(src: Path) -> Path:
@@ -88,36 +87,3 @@ def tree_manifest(root: Path, reuse: dict[str, tuple[int, int, str, int, int]] |
     st = os.stat(root)
     out["."] = (st.st_mode, st.st_mtime_ns, "", st.st_ctime_ns, st.st_ino)
     return out
-
-
-def tree_checksum(root: Path, exclude: Iterable[str] = ()) -> str:
-    """SHA-256 over every regular file's relative path, mode and content under ``root`` (sorted).
-
-    Used by the tests to prove a tree is unchanged. Skips top-level entries named in ``exclude``.
-
-    >>> len(tree_checksum(Path("/nonexistent")))
-    64
-    """
-    h = hashlib.sha256()
-    skip = set(exclude)
-    if not root.is_dir():
-        return h.hexdigest()
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if rel_dir == "." and name in skip:
-                continue
-            st = os.lstat(p)
-            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
-            if os.path.islink(p):
-                h.update(os.readlink(p).encode())
-            else:
-                with open(p, "rb") as f:
-                    h.update(hashlib.file_digest(f, "sha1").digest())
-            h.update(b"\n")
-    return h.hexdigest()
