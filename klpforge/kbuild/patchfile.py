@@ -149,13 +149,6 @@ class SourcePatch:
                     "-r", "-", "-d", str(src), "-i", str(self.path.resolve()), *extra],
                    capture_output=True, text=True)
 
-    def dry_run(self, src: Path) -> None:
-        """``patch --dry-run``; raise :class:`InputError` with patch's complaint if it does not apply."""
-        r = self._patch(src, "--dry-run")
-        if r.returncode != 0:
-            msg = " ".join((r.stdout + r.stderr).split())
-            raise InputError(f"{self.path.name} does not apply to {src}: {msg[:400]}")
-
     def apply(self, copy: Path, shown: Path | None = None) -> None:
         """Apply for real to ``copy``, a private copy of the files the patch touches (klpforge never
         patches a user's tree: :mod:`klpforge.kbuild.overlay`); ``shown`` names the tree in messages.
