@@ -56,6 +56,10 @@ class FilePatch:
     old: str | None
     new: str | None
     hunks: tuple[Hunk, ...]
+    #: git's extended headers (GNU patch 2.7 carries them out): ``rename``/``copy`` source, new mode
+    renamed_from: str | None = None
+    copied_from: str | None = None
+    new_mode: str | None = None
 
     @property
     def name(self) -> str:
@@ -80,6 +84,18 @@ def _header_path(rest: str) -> str:
     return name
 
 
+_GIT = re.compile(r"^diff --git (\S+) (\S+)$")
+_GITHDR = re.compile(r"^(rename from|rename to|copy from|copy to|new file mode|deleted file mode|new mode|"
+                     r"old mode|similarity index|dissimilarity index|index) (.+)$")
+
+
+def _with_ext(fp: FilePatch, ext: dict[str, str]) -> FilePatch:
+    if not ext:
+        return fp
+    return FilePatch(fp.old, fp.new, fp.hunks, renamed_from=ext.get("rename from"),
+                     copied_from=ext.get("copy from"), new_mode=ext.get("new mode"))
+
+
 def parse_patch(text: str, strip: int = 1, origin: str = "patch") -> list[FilePatch]:
     """Every file a unified diff (``diff -u``, ``git diff``/``format-patch``, quilt) changes, in order.
 
@@ -93,7 +109,32 @@ def parse_patch(text: str, strip: int = 1, origin: str = "patch") -> list[FilePa
         line = lines[i]
         if line.startswith("@@ ") and _HUNK.match(line):
             raise InputError(f"{origin}:{i + 1}: hunk before any '--- file' header")
-        if not (line.startswith("--- ") and i + 1 < n and lines[i + 1].startswith("+++ ")):
+        ext: dict[str, str] = {}
+        if line.startswith("diff --git "):
+            # a git section may carry no ---/+++ at all (an empty new file, a pure rename or mode change)
+            g = _GIT.match(line)
+            i += 1
+            while i < n and _GITHDR.match(lines[i]):
+                h = _GITHDR.match(lines[i])
+                assert h is not None
+                ext[h.group(1)] = h.group(2).strip()
+                i += 1
+            if g is None:
+                continue
+            if not (i + 1 < n and lines[i].startswith("--- ") and lines[i + 1].startswith("+++ ")):
+                gold, gnew = strip_path(_header_path(g.group(1)), strip), strip_path(_header_path(g.group(2)), strip)
+                if "rename from" in ext or "copy from" in ext:
+                    gold = strip_path("x/" + ext.get("rename from", ext.get("copy from", "")), 1)
+                    gnew = strip_path("x/" + ext.get("rename to", ext.get("copy to", "")), 1)
+                if "new file mode" in ext:
+                    gold = None
+                if "deleted file mode" in ext:
+                    gnew = None
+                if ext and (gold or gnew):
+                    out.append(_with_ext(FilePatch(gold, gnew, ()), ext))
+                continue
+            line = lines[i]
+        elif not (line.startswith("--- ") and i + 1 < n and lines[i + 1].startswith("+++ ")):
             i += 1
             continue
         old = strip_path(_header_path(line[4:]), strip)
@@ -130,7 +171,7 @@ def parse_patch(text: str, strip: int = 1, origin: str = "patch") -> list[FilePa
                 i += 1
             hunks.append(Hunk(os_, oc, ns_, nc, tuple(body)))
         if old or new:
-            out.append(FilePatch(old, new, tuple(hunks)))
+            out.append(_with_ext(FilePatch(old, new, tuple(hunks)), ext))
     if not out:
         raise InputError(f"{origin}: no file changes found (not a unified diff?)")
     return out

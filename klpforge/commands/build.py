@@ -58,11 +58,11 @@ def run_build(args: argparse.Namespace) -> int:
                         skip_compiler_check=args.skip_compiler_check,
                         report_json=Path(args.json) if args.json else None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=con, transient=True) as prog:
+                  console=con, transient=True, disable=not con.is_terminal) as prog:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:
-            if msg.startswith(("restored", "kept")):
+            if msg.startswith("kept"):
                 prog.console.print(msg, highlight=False)
             done = STEPS.index(name) if name in STEPS else len(STEPS)
             prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
@@ -78,8 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build", help="build a livepatch module from a source patch on an already built kernel tree",
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
-                    "generates and links the livepatch module. The source tree is restored byte for "
-                    "byte afterwards, also on failure and Ctrl-C.")
+                    "generates and links the livepatch module. The source and build trees are only read: "
+                    "the patch is applied to private copies and every output goes to a temporary directory.")
     p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
     p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")

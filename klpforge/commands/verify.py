@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def run_verify(args: argparse.Namespace) -> int:
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
     for s in res.steps:
         mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
-        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False)
+        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False, soft_wrap=True)
     if res.check_output:
         con.print("  check output:", highlight=False)
         for line in res.check_output.splitlines():
@@ -57,7 +58,8 @@ def run_verify(args: argparse.Namespace) -> int:
         fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{spec.ko.stem}-", suffix=".log")
         Path(log).unlink()
         atomic_write(log, res.console)
-    con.print(f"[red]verify failed[/]: {res.reason} (console log: {log})", highlight=False)
+    # Plain text: rich would wrap the line at the console width (80 when stderr is not a terminal).
+    print(f"klpforge verify: failed: {res.reason} (console log: {log})", file=sys.stderr)
     return 1
 
 
