@@ -2,8 +2,8 @@
 
 Steps (each timed): *check* (tree built with CONFIG_LIVEPATCH, the patch applies, which objects it
 changes), *orig* and *patched* (recompile those objects with their recorded commands into a temp dir; the
-patch is applied under a :class:`~klpforge.kbuild.restore.TreeGuard` and the tree restored byte for
-byte), *diff* (read → correlate → compare → select → :func:`klpforge.emit.xen.emit_xen` per object),
+patch is applied to private copies and both compiles read the tree through an
+:class:`~klpforge.kbuild.overlay.Overlay` view: the user's tree is never written), *diff* (read → correlate → compare → select → :func:`klpforge.emit.xen.emit_xen` per object),
 *link* (``ld -r --build-id=sha1`` with the dependency notes).
 
 >>> res = build_xen_payload(XenBuildOptions(src=Path("xen"), patch=Path("fix.patch"),
@@ -27,8 +27,8 @@ from ..correlate import correlate
 from ..diff import _check_pair
 from ..emit.xen import XenEmitOptions, XenFunc, emit_xen
 from ..errors import InputError, NoChange, UnsafeChange
+from ..kbuild.overlay import Overlay
 from ..kbuild.patchfile import SourcePatch
-from ..kbuild.restore import TreeGuard
 from ..model import Object
 from ..select import select
 from .payload import link_payload
@@ -139,23 +139,25 @@ def build_xen_payload(opts: XenBuildOptions,
                              "with the running hypervisor's configuration")
     xs = XenSyms.load(opts.xen_syms)
     patch = SourcePatch.parse(opts.patch)
-    patch.dry_run(tree.root)
     objs = _objects(tree, patch)
     out = opts.output or Path(f"{opts.patch.stem}.livepatch")
     inc = ["-I", str(hooks_include_dir())]
     tmp = Path(tempfile.mkdtemp(prefix="klpforge-xen-"))
     try:
+        ov = Overlay(tree.root, tmp / "overlay", patch.files)
+        ov.snapshot(patch)  # raises if the patch does not apply
+        ov.build_view()
         lap("check")
         progress("orig", f"compiling {len(objs)} original object(s)")
+        ov.show("orig")
         for o in objs:
-            tree.compile(o, tmp / "orig" / o, inc)
+            tree.compile(o, tmp / "orig" / o, inc, view=ov.view)
         _check_compiler(xs, tmp / "orig" / objs[0])
         lap("orig")
-        progress("patched", "applying the patch and compiling the patched object(s)")
-        with TreeGuard(tree.root, patch.files):
-            patch.apply(tree.root)
-            for o in objs:
-                tree.compile(o, tmp / "patched" / o, inc)
+        progress("patched", "compiling the patched object(s)")
+        ov.show("new")
+        for o in objs:
+            tree.compile(o, tmp / "patched" / o, inc, view=ov.view)
         lap("patched")
         progress("diff", "diffing")
         funcs: list[XenFunc] = []

@@ -111,8 +111,10 @@ class XenTree:
                 hits.append(obj)
         return sorted(hits)
 
-    def compile(self, obj: str, out: Path, extra: list[str] | None = None) -> None:
-        """Recompile ``obj`` from the tree's current sources into ``out``, FILE symbol as Xen names it.
+    def compile(self, obj: str, out: Path, extra: list[str] | None = None, view: Path | None = None) -> None:
+        """Recompile ``obj`` into ``out``, FILE symbol as Xen names it, reading the sources through
+        ``view`` (a :class:`~klpforge.kbuild.overlay.Overlay` view of :attr:`root`; the tree itself is never
+        written) or from the tree when None.
 
         ``extra`` flags are added (``-I`` for the hooks header). Raises :class:`InputError` with the
         compiler's first error lines if it fails."""
@@ -121,7 +123,12 @@ class XenTree:
             raise InputError(f"{obj}: no recorded compile command in {self.hv}")
         out.parent.mkdir(parents=True, exist_ok=True)
         argv = c.for_output(out)
-        r = subprocess.run(argv[:-2] + list(extra or []) + argv[-2:], cwd=self.hv, capture_output=True,
+        cwd = self.hv
+        if view is not None:  # Xen's recorded commands are relative to xen/; map any absolute path too
+            cwd = view / self.hv.relative_to(self.root)
+            top = str(self.root) + "/"
+            argv = [a.replace(top, str(view) + "/") if top in a else a for a in argv[:-2]] + argv[-2:]
+        r = subprocess.run(argv[:-2] + list(extra or []) + argv[-2:], cwd=cwd, capture_output=True,
                            text=True, check=False)
         if r.returncode != 0:
             err = [x for x in r.stderr.splitlines() if "error" in x][:3] or r.stderr.splitlines()[-3:]
