@@ -3,7 +3,8 @@
 Steps (each timed): *check* (tree built with CONFIG_LIVEPATCH, the patch applies, which objects it
 changes), *orig* and *patched* (recompile those objects with their recorded commands into a temp dir; the
 patch is applied to private copies and both compiles read the tree through an
-:class:`~klpforge.kbuild.overlay.Overlay` view: the user's tree is never written), *diff* (read → correlate → compare → select → :func:`klpforge.emit.xen.emit_xen` per object),
+:class:`~klpforge.kbuild.overlay.Overlay` view: the user's tree is never written), *diff* (read →
+correlate → compare → select → :func:`klpforge.emit.xen.emit_xen` per object),
 *link* (``ld -r --build-id=sha1`` with the dependency notes).
 
 >>> res = build_xen_payload(XenBuildOptions(src=Path("xen"), patch=Path("fix.patch"),
