@@ -39,7 +39,8 @@ from elftools.elf.elffile import ELFFile
 from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
-from .module import KlpTarget, build_module, sanitize_module_name
+from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
+from .newsyms import patch_exports, patch_globals
 from .patchfile import SourcePatch
 from .restore import TreeGuard, recover_tree
 from .structsizes import struct_sizes
@@ -83,6 +84,8 @@ class BuildResult:
     unchanged: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     tmpdir: Path | None = None
+    #: symbols the patch adds with EXPORT_SYMBOL*, exported by the live patch module
+    exports: list[ModuleExport] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         """JSON-able report: functions per target with sympos and reason, step timings."""
@@ -97,6 +100,7 @@ class BuildResult:
                  "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
+            "exports": [{"name": e.name, "gpl": e.gpl, "namespace": e.namespace} for e in self.exports],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -268,6 +272,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                     unchanged.append(obj)
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
+            exports = patch_exports(orig, patched)
         targets: dict[str, KlpTarget] = {}
         sidecars: list[Any] = []
         with _step("module", timings, progress, f"building module {modname} with Kbuild"):
@@ -291,15 +296,17 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             if not any(t.funcs for t in targets.values()):
                 raise NoChange(f"{patch.path.name}: the diff found no function to replace")
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log)
+                              opts.jobs, log, exports)
         with _step("postlink", timings, progress, "writing klp relocations"):
-            for sc in sidecars:
-                post.apply_klp(ko, sc, tree.vmlinux)  # type: ignore[union-attr]
+            if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
+                post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
+                               patch_globals(orig, patched))
             _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
             atomic_write(output, ko.read_bytes())
-        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None)
+        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
+                          exports)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
         ok = True

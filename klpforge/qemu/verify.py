@@ -83,18 +83,28 @@ class VerifyResult:
 
 
 def guest_init(nonce: str, patch: str, ko_guest: str, preload: list[str],
-               transition_timeout: int = 60) -> str:
+               transition_timeout: int = 60, signal_after: float = 2.0) -> str:
     """The ``/init`` shell script (busybox ``sh``) run in the guest.
 
     Linux 6.1 behaviour it relies on: ``/sys/kernel/livepatch/<patch>/{enabled,transition}``; once a patch is
     disabled and unpatched its directory disappears (the patch is freed), so we wait for that, not for
     ``transition`` to read 0. ``reboot -f`` with QEMU's ``-no-reboot`` ends the run (``poweroff`` only halts).
 
+    A transition lasts until every task has left the functions being replaced. A task sleeping in one (the
+    guest's own shell waits for its children in ``do_wait``) switches only when it returns to user space, so
+    the wait keeps re-reading ``transition`` and, after ``signal_after`` seconds and then every two
+    seconds, writes 1 to ``<patch>/signal``: the kernel's fake signal wakes such tasks
+    (``klp_send_signals``, ``kernel/livepatch/transition.c``; 6.1 does it by itself only after 15 s). On a
+    real timeout the failure names every task whose ``/proc/<pid>/patch_state`` is not the target state,
+    with the top of its ``/proc/<pid>/stack``. The shell reads sysfs with ``read`` (a builtin, no child to
+    wait for) so that the waiting itself blocks as little as possible.
+
     >>> "insmod /lib/klp/p.ko" in guest_init("N", "p", "/lib/klp/p.ko", [])
     True
     """
     lp = f"/sys/kernel/livepatch/{patch}"
     tries = transition_timeout * 10
+    first_signal = max(1, int(signal_after * 10))
     pre = "\n".join(
         f"insmod {shlex.quote(p)} 2>/tmp/err || fail preload \"$(cat /tmp/err)\"" for p in preload)
     return f"""#!/bin/sh
@@ -116,6 +126,35 @@ waitfor() {{ # waitfor STEP CONDITION...
     s=$1; shift; i=0
     until "$@"; do i=$((i+1)); [ $i -gt {tries} ] && fail "$s" "timed out"; sleep 0.1; done
 }}
+blockers() {{ # tasks whose patch_state is not $1, with the top of their kernel stacks
+    for d in /proc/[0-9]*; do
+        read -r ps < $d/patch_state 2>/dev/null || continue
+        [ "$ps" = "$1" ] && continue
+        read -r comm < $d/comm 2>/dev/null
+        st=""; n=0
+        while read -r _addr fn && [ $n -lt 4 ]; do st="$st${{st:+<}}${{fn%%+*}}"; n=$((n+1)); done < $d/stack
+        printf '%s ' "pid ${{d#/proc/}} ($comm) in $st;"
+    done
+}}
+settled() {{ # settled STEP: the transition is over (patching: transition reads 0; disable: patch freed)
+    if [ "$1" = disable ]; then [ ! -e {lp} ]; return; fi
+    read -r t < {lp}/transition 2>/dev/null && [ "$t" = 0 ]
+}}
+klpwait() {{ # klpwait STEP TARGET_STATE: wait for the transition, sending fake signals when it lingers
+    s=$1; i=0; sent=0
+    until settled "$s"; do
+        i=$((i+1))
+        if [ $i -ge {first_signal} ] && [ $(( (i - {first_signal}) % 20 )) = 0 ]; then
+            echo 1 > {lp}/signal 2>/dev/null && sent=$((sent+1))
+        fi
+        if [ $i -gt {tries} ]; then
+            b=$(blockers $2)
+            fail "$s" "transition not over after {transition_timeout} s ($sent fake-signal round(s)); blocked by: $b"
+        fi
+        sleep 0.1
+    done
+    [ $sent = 0 ] || echo "$M:NOTE:$s:$sent fake-signal round(s)"
+}}
 step boot OK "$(uname -r)"
 dmesg -c >/dev/null
 {pre}
@@ -125,7 +164,7 @@ step insmod OK ""
 waitfor enabled test -e {lp}/enabled
 [ "$(cat {lp}/enabled)" = 1 ] || fail enabled "enabled=$(cat {lp}/enabled)"
 step enabled OK ""
-waitfor transition test "$(cat {lp}/transition 2>/dev/null)" = 0
+klpwait transition 1
 step transition OK ""
 echo "$M:CHECK-BEGIN"
 sh /check.sh 2>&1
@@ -133,7 +172,7 @@ rc=$?
 echo "$M:CHECK-END:$rc"
 step check OK "$rc"
 echo 0 > {lp}/enabled || fail disable "write to enabled failed"
-waitfor disable test ! -e {lp}
+klpwait disable 0
 step disable OK ""
 if [ -s /after.sh ]; then
     echo "$M:AFTER-BEGIN"; sh /after.sh 2>&1; echo "$M:AFTER-END:$?"
