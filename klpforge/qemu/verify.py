@@ -52,10 +52,19 @@ class VerifySpec:
     preload: list[Path] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     after_check: str | None = None
+    #: a command run in the guest before the module is loaded (start background tasks with ``&``)
+    setup: str | None = None
+    #: seconds a transition may linger before the fake signal is sent (``<patch>/signal``)
+    signal_after: float = 2.0
+    #: seconds a transition may take at most (default: a third of ``timeout``, at least 20)
+    transition_timeout: float | None = None
     after_expect: str | None = None
     append: str = ""
     memory: str = "256M"
     accel: str = "tcg"
+    #: QEMU CPU model; "max" has SMAP/SMEP, so the alternatives of patched code (stac/clac around user
+    #: accesses) are applied at module load as on real hardware, not left as no-ops
+    cpu: str = "max"
 
 
 @dataclass
@@ -90,14 +99,15 @@ def guest_init(nonce: str, patch: str, ko_guest: str, preload: list[str],
     disabled and unpatched its directory disappears (the patch is freed), so we wait for that, not for
     ``transition`` to read 0. ``reboot -f`` with QEMU's ``-no-reboot`` ends the run (``poweroff`` only halts).
 
-    A transition lasts until every task has left the functions being replaced. A task sleeping in one (the
-    guest's own shell waits for its children in ``do_wait``) switches only when it returns to user space, so
-    the wait keeps re-reading ``transition`` and, after ``signal_after`` seconds and then every two
-    seconds, writes 1 to ``<patch>/signal``: the kernel's fake signal wakes such tasks
-    (``klp_send_signals``, ``kernel/livepatch/transition.c``; 6.1 does it by itself only after 15 s). On a
-    real timeout the failure names every task whose ``/proc/<pid>/patch_state`` is not the target state,
-    with the top of its ``/proc/<pid>/stack``. The shell reads sysfs with ``read`` (a builtin, no child to
-    wait for) so that the waiting itself blocks as little as possible.
+    A transition lasts until every task has left the functions being replaced. A task sleeping in one (a
+    shell waiting for its children sleeps in ``do_wait``) switches only when it returns to user space, which
+    the kernel's fake signal makes it do (``klp_send_signals``, ``kernel/livepatch/transition.c``). 6.1
+    sends it by itself every 15 s (``SIGNALS_TIMEOUT``; the ``<patch>/signal`` file of 5.0 is gone), so the
+    wait keeps re-reading ``transition`` and, where ``<patch>/signal`` exists, writes 1 to it after
+    ``signal_after`` seconds and every two seconds after that. On a real timeout the failure names every
+    task whose ``/proc/<pid>/patch_state`` is not the target state, with the top of its
+    ``/proc/<pid>/stack``. The shell reads sysfs with ``read`` (a builtin, no child to wait for) so that the
+    waiting itself blocks as little as possible.
 
     >>> "insmod /lib/klp/p.ko" in guest_init("N", "p", "/lib/klp/p.ko", [])
     True
@@ -145,11 +155,11 @@ klpwait() {{ # klpwait STEP TARGET_STATE: wait for the transition, sending fake 
     until settled "$s"; do
         i=$((i+1))
         if [ $i -ge {first_signal} ] && [ $(( (i - {first_signal}) % 20 )) = 0 ]; then
-            echo 1 > {lp}/signal 2>/dev/null && sent=$((sent+1))
+            [ -e {lp}/signal ] && echo 1 > {lp}/signal && sent=$((sent+1))
         fi
         if [ $i -gt {tries} ]; then
             b=$(blockers $2)
-            fail "$s" "transition not over after {transition_timeout} s ($sent fake-signal round(s)); blocked by: $b"
+            fail "$s" "transition not over after {transition_timeout} s; blocked by: $b"
         fi
         sleep 0.1
     done
@@ -159,6 +169,7 @@ step boot OK "$(uname -r)"
 dmesg -c >/dev/null
 {pre}
 step preload OK ""
+[ -s /setup.sh ] && sh /setup.sh
 insmod {shlex.quote(ko_guest)} 2>/tmp/err || fail insmod "$(cat /tmp/err)"
 step insmod OK ""
 waitfor enabled test -e {lp}/enabled
@@ -231,7 +242,8 @@ def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
     if not qemu:
         raise InputError("qemu-system-x86_64 not found: install Debian's qemu-system-x86 package")
     append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 {spec.append}".strip()
-    return [qemu, "-accel", spec.accel, "-m", spec.memory, "-smp", "1", "-nodefaults", "-display", "none",
+    return [qemu, "-accel", spec.accel, "-cpu", spec.cpu, "-m", spec.memory, "-smp", "1", "-nodefaults",
+            "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(spec.bzimage), "-initrd", str(initrd),
             "-append", append]
 
@@ -273,14 +285,19 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
         check.write_text(spec.check + "\n")
         after = tdp / "after.sh"
         after.write_text((spec.after_check or "") + ("\n" if spec.after_check else ""))
-        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, f"/lib/klp/{spec.ko.name}": spec.ko}
+        setup = tdp / "setup.sh"
+        setup.write_text((spec.setup or "") + ("\n" if spec.setup else ""))
+        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, "/setup.sh": setup,
+                                  f"/lib/klp/{spec.ko.name}": spec.ko}
         pre_guest = []
         for p in spec.preload:
             files[f"/lib/klp/pre/{p.name}"] = p
             pre_guest.append(f"/lib/klp/pre/{p.name}")
         files.update(spec.files)
-        transition_timeout = max(5, int(spec.timeout / 3))
-        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout)
+        # at least one round of the kernel's own fake signals (every 15 s in 6.1) must fit
+        transition_timeout = int(spec.transition_timeout or max(20, int(spec.timeout / 3)))
+        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout,
+                          spec.signal_after)
         initrd = build_initramfs(_gen_init_cpio(spec), tdp / "initramfs.cpio", init, files)
         cmd = _qemu_cmd(spec, initrd)
         raw = tdp / "console.raw"
