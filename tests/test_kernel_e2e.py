@@ -204,6 +204,8 @@ def test_blocked_transition_names_the_blocking_task(kernel: KernelLayout, unchan
 @pytest.mark.parametrize("patch,message", [
     ("90-refuse-global-data.patch", "data console_printk (.data.console_printk) changed"),
     ("91-refuse-init-code.patch", "changed function proc_cmdline_init is in .init.text"),
+    ("92-refuse-export-existing.patch", "kernel/exit.o: the patch exports is_current_pgrp_orphaned, which the "
+                                        "running kernel already has"),
 ])
 def test_unsafe_patches_refused(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path,
                                 patch: str, message: str) -> None:

@@ -270,9 +270,9 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                                                     par.binary, tree.symvers, env))
                 except NoChange:
                     unchanged.append(obj)
+            exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
-            exports = patch_exports(orig, patched)
         targets: dict[str, KlpTarget] = {}
         sidecars: list[Any] = []
         with _step("module", timings, progress, f"building module {modname} with Kbuild"):
