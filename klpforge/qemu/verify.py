@@ -54,7 +54,8 @@ class VerifySpec:
     after_check: str | None = None
     #: a command run in the guest before the module is loaded (start background tasks with ``&``)
     setup: str | None = None
-    #: seconds a transition may linger before the fake signal is sent (``<patch>/signal``)
+    #: seconds a transition may linger before verify sends the fake signal (where ``<patch>/signal``
+    #: exists: Linux 5.0 up to its removal; 6.1 signals by itself every 15 s)
     signal_after: float = 2.0
     #: seconds a transition may take at most (default: a third of ``timeout``, at least 20)
     transition_timeout: float | None = None
@@ -142,7 +143,9 @@ blockers() {{ # tasks whose patch_state is not $1, with the top of their kernel 
         [ "$ps" = "$1" ] && continue
         read -r comm < $d/comm 2>/dev/null
         st=""; n=0
-        while read -r _addr fn && [ $n -lt 4 ]; do st="$st${{st:+<}}${{fn%%+*}}"; n=$((n+1)); done < $d/stack
+        while read -r _addr fn && [ $n -lt 4 ]; do
+            st="$st${{st:+<}}${{fn%%+*}}"; n=$((n+1))
+        done 2>/dev/null < $d/stack
         printf '%s ' "pid ${{d#/proc/}} ($comm) in $st;"
     done
 }}
