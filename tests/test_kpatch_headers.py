@@ -77,3 +77,52 @@ def test_kpatch_headers_compile_with_kernel_flags(kernel: KernelLayout, tmp_path
     assert {".kpatch.callbacks.pre_patch", ".kpatch.callbacks.post_patch", ".kpatch.callbacks.pre_unpatch",
             ".kpatch.ignore.sections", ".kpatch.force"} <= names
     assert "__SCK__tp_func_console" in syms
+
+
+SYSCALL_ONLY = r"""
+#include <linux/module.h>
+#include "kpatch-syscall.h"
+
+KPATCH_SYSCALL_DEFINE2(klpf_test, int, a, unsigned long __user *, p)
+{
+	unsigned long v;
+
+	if (get_user(v, p))
+		return -EFAULT;
+	return a + v;
+}
+MODULE_LICENSE("GPL");
+"""
+
+
+@pytest.mark.parametrize("arch,cross,config,entry", [
+    ("arm64", "aarch64-linux-gnu-", "tinyconfig", "__arm64_sys_klpf_test"),
+    ("s390", "s390x-linux-gnu-", "tinyconfig", "__s390x_sys_klpf_test"),
+    ("powerpc", "powerpc64le-linux-gnu-", "ppc64le_defconfig", "sys_klpf_test"),
+])
+def test_kpatch_syscall_other_architectures(kernel: KernelLayout, tmp_path: Path, arch: str, cross: str,
+                                            config: str, entry: str) -> None:
+    """KPATCH_SYSCALL_DEFINEn builds each architecture's own entry (6.1 syscall wrappers), and no
+    ``__do_sys_*`` symbol: the body is inlined or renamed, as with kpatch."""
+    import shutil
+
+    if shutil.which(cross + "gcc") is None:
+        pytest.skip(f"{cross}gcc not installed")
+    out, mod = tmp_path / "o", tmp_path / "m"
+    mod.mkdir()
+    make = ["make", "-s", "-C", str(kernel.src), f"O={out}", f"ARCH={arch}", f"CROSS_COMPILE={cross}"]
+    subprocess.run([*make, config], check=True, capture_output=True)
+    with (out / ".config").open("a") as f:
+        f.write("CONFIG_MODULES=y\n")
+    subprocess.run([*make, "olddefconfig"], check=True, capture_output=True)
+    r = subprocess.run([*make, "-j2", "modules_prepare"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (mod / "klpft.c").write_text(SYSCALL_ONLY)
+    (mod / "Kbuild").write_text("obj-m := klpft.o\n")
+    r = subprocess.run([*make, f"M={mod}", "KBUILD_MODPOST_WARN=1", f"EXTRA_CFLAGS=-I{data_include_dir()}",
+                        "modules"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    elf = ElfFile.open(mod / "klpft.o")
+    syms = {n: int(b) for n, b, ndx in zip(elf.sym_names, elf.sym_bind, elf.syms["shndx"], strict=True) if ndx}
+    assert syms.get(entry) == C.STB_GLOBAL, sorted(syms)
+    assert not any(n.startswith("__do_sys_") for n in syms)
