@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,9 +72,22 @@ class Case:
     after_check: str | None = None
     after_expect: str | None = None
     dmesg: list[str] = field(default_factory=list)
+    #: ordinary modules (directories under tests/kernel_patches/) built against the kernel and the live
+    #: patch's exports, shipped to the guest as /lib/klp/<name>.ko
+    modules: list[str] = field(default_factory=list)
+    #: objects that must each come with klp relocations (several objects in one module)
+    klp_objects: set[str] = field(default_factory=set)
+    #: run in the guest before the live patch is loaded
+    setup: str | None = None
+    #: lines the console log must contain besides the kernel's (e.g. verify's notes)
+    console: list[str] = field(default_factory=list)
+    #: build time allowed (a header rebuilds every object that includes it)
+    budget_s: float = 60
 
 
 KOBJ = "samples/kobject/kobject-example.ko"
+#: a shell that waits (in do_wait) for a child sleeping ten minutes
+SLEEPER = "sh -c 'sleep 600; true' & sleep 0.5"
 
 CASES = [
     Case("00-cmdline-noreloc.patch", "cat /proc/cmdline", "klpforge: no relocation", {"cmdline_proc_show"},
@@ -95,7 +109,52 @@ CASES = [
          "klpforge-calls=2", {"uptime_proc_show"},
          dmesg=["klpforge-cb: pre_patch", "klpforge-cb: post_patch", "klpforge-cb: pre_unpatch",
                 "klpforge-cb: post_unpatch"]),
+    # Issue 12 item 4: the live patch exports a new function; a module built against it loads after it
+    # (and is unloaded again, or the live patch could not be).
+    Case("07-export-new-function.patch",
+         "grep klpforge-answer /proc/version && insmod /lib/klp/klpforge_consumer.ko && "
+         "rmmod klpforge_consumer && dmesg | grep klpforge-consumer:",
+         "klpforge-consumer: answer(7)=42", {"version_proc_show"}, modules=["consumer"]),
+    # Item 10: klp relocations in two objects (a static callee in each file) ...
+    Case("08-fork-exit-two-objects.patch", "sh -c true; dmesg | grep -c -E 'klpforge-(fork|wait4):'", "2",
+         {"kernel_clone", "kernel_wait4"}, klp_objects={"kernel/fork.o", "kernel/exit.o"}),
+    # ... and a static inline of a header inlined in two objects.
+    Case("09-header-static-inline.patch", "cat /proc/version >/dev/null; dmesg | grep klpforge-pde",
+         "klpforge-pde: empty-directory check", {"proc_get_inode", "__proc_create"},
+         klp_objects={"fs/proc/inode.o", "fs/proc/generic.o"}, budget_s=120),
+    # Item 11: a new global of cmdline.o called by meminfo.o binds inside the live patch.
+    Case("10-new-global-across-objects.patch", "grep KlpforgeNote /proc/meminfo", "KlpforgeNote:   console=ttyS0",
+         {"meminfo_proc_show"}, after_check="grep -c KlpforgeNote /proc/meminfo", after_expect="0"),
+    # Item 12: a kpatch-build syscall patch: only the syscall entry is replaced.
+    Case("11-kpatch-syscall.patch", "uname -m", "klpforge-syscall", {"__x64_sys_newuname"},
+         after_check="uname -m", after_expect="x86_64"),
+    # Item 13: a shell sleeps in do_wait() (waiting for a long sleep) when the patch is loaded: the
+    # transition finishes only through the kernel's fake signal (6.1: after 15 s), which verify waits for.
+    # The check ends the sleep, so that disabling does not wait 15 s more.
+    Case("12-do-wait-sleeping.patch", "sh -c true; killall sleep; dmesg | grep klpforge-do_wait",
+         "klpforge-do_wait:", {"do_wait"}, setup=SLEEPER,
+         console=["livepatch: signaling remaining tasks"]),
+    # Item 14: a jump label and a static call (the console tracepoint) in patched code.
+    Case("13-static-key-and-call.patch",
+         "a=$(cat /proc/cmdline); T=/sys/kernel/tracing; mount -t tracefs nodev $T && "
+         "echo 1 > $T/events/printk/console/enable && b=$(cat /proc/cmdline) && cat /proc/version >/dev/null && "
+         "echo 0 > $T/events/printk/console/enable && [ \"${a%klpforge-key=on}\" = \"$a\" ] && echo \"$b\" && "
+         "grep -o 'console: klpforge-static-call' $T/trace",
+         "klpforge-key=on\nconsole: klpforge-static-call", {"cmdline_proc_show", "version_proc_show"}),
 ]
+
+
+def _build_modules(kernel: KernelLayout, names: list[str], symvers: Path, tmp_path: Path) -> list[Path]:
+    """Build ordinary out-of-tree modules against the kernel and the live patch's ``Module.symvers``."""
+    out = []
+    for name in names:
+        d = tmp_path / f"mod-{name}"
+        shutil.copytree(PATCHES / name, d)
+        r = subprocess.run(["make", "-C", str(kernel.build), f"M={d}", "-j2", f"KBUILD_EXTRA_SYMBOLS={symvers}",
+                            "modules"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        out.extend(sorted(d.glob("*.ko")))
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.patch.removesuffix(".patch") for c in CASES])
@@ -110,24 +169,54 @@ def test_build_then_verify(kernel: KernelLayout, unchanged_tree: None, tmp_path:
     got = {f["old_name"] for o in report["objects"] for f in o["functions"]}
     assert case.functions <= got, report
     assert {o["target"] for o in report["objects"]} == {case.target}
-    assert took < 60, f"build took {took:.1f} s"
+    with_klp = {o["object"] for o in report["objects"] if o["diff_report"].get("klp_relocations")}
+    assert case.klp_objects <= with_klp, report
+    assert took < case.budget_s, f"build took {took:.1f} s"
     args = [str(ko), "--kernel", str(kernel.bzimage), "--check", case.check, "--expect", case.expect,
             "--console-log", str(tmp_path / "console.log")]
     for f in case.files:
         args += ["--file", str(kernel.build / f)]
+    if case.modules:
+        symvers = tmp_path / "livepatch.symvers"
+        symvers.write_text("".join(f"0x00000000\t{e['name']}\t{ko.with_suffix('')}\t"
+                                   f"EXPORT_SYMBOL{'_GPL' if e['gpl'] else ''}\t{e['namespace']}\n"
+                                   for e in report["exports"]))
+        for m in _build_modules(kernel, case.modules, symvers, tmp_path):
+            args += ["--file", str(m)]
+    if case.setup:
+        args += ["--setup", case.setup]
     if case.after_check:
         args += ["--after-check", case.after_check, "--after-expect", case.after_expect or ""]
     v = klpforge("verify", *args, timeout=300)
     assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
     console = (tmp_path / "console.log").read_text()
     assert "livepatch: 'livepatch_case': patching complete" in console
-    for line in case.dmesg:
+    for line in case.dmesg + case.console:
         assert line in console
+
+
+def test_blocked_transition_names_the_blocking_task(kernel: KernelLayout, unchanged_tree: None,
+                                                    tmp_path: Path) -> None:
+    """Without the fake signal the sleeping shell keeps the patch in transition: verify fails naming it,
+    with where it sleeps."""
+    from klpforge.qemu.verify import VerifySpec, verify_module
+
+    ko = tmp_path / "livepatch-case.ko"
+    r = build(kernel, "12-do-wait-sleeping.patch", ko)
+    assert r.returncode == 0, r.stderr
+    res = verify_module(VerifySpec(ko=ko, bzimage=kernel.bzimage, check="true", setup=SLEEPER, timeout=180,
+                                   transition_timeout=6, signal_after=1000))
+    assert not res.ok
+    assert res.reason.startswith("step transition failed: transition not over after 6 s; blocked by: pid "), \
+        res.reason
+    assert "(sh) in do_wait<kernel_wait4<" in res.reason, res.reason
 
 
 @pytest.mark.parametrize("patch,message", [
     ("90-refuse-global-data.patch", "data console_printk (.data.console_printk) changed"),
     ("91-refuse-init-code.patch", "changed function proc_cmdline_init is in .init.text"),
+    ("92-refuse-export-existing.patch", "kernel/exit.o: the patch exports is_current_pgrp_orphaned, which the "
+                                        "running kernel already has"),
 ])
 def test_unsafe_patches_refused(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path,
                                 patch: str, message: str) -> None:

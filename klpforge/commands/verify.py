@@ -39,6 +39,7 @@ def run_verify(args: argparse.Namespace) -> int:
     spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),
                       after_check=args.after_check, after_expect=args.after_expect, append=args.append or "",
+                      setup=args.setup,
                       accel=args.accel,
                       gen_init_cpio=Path(args.gen_init_cpio) if args.gen_init_cpio else None)
     with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
@@ -75,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")
+    p.add_argument("--setup", metavar="CMD", help="command run in the guest before the module is loaded "
+                   "(e.g. start a task that sleeps in the patched function, with '&')")
     p.add_argument("--after-check", metavar="CMD", help="command run after the patch is disabled")
     p.add_argument("--after-expect", metavar="TEXT", help="text --after-check's output must contain")
     p.add_argument("--preload", action="append", default=[], metavar="MOD.ko",

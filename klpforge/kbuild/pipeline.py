@@ -41,7 +41,8 @@ from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
 from ..proc import kill_children, run
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
-from .module import KlpTarget, build_module, sanitize_module_name
+from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
+from .newsyms import patch_exports, patch_globals
 from .overlay import Overlay, reads_from_tree, rewrite_command
 from .patchfile import SourcePatch
 from .restore import check_old_journal
@@ -86,6 +87,8 @@ class BuildResult:
     unchanged: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     tmpdir: Path | None = None
+    #: symbols the patch adds with EXPORT_SYMBOL*, exported by the live patch module
+    exports: list[ModuleExport] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         """JSON-able report: functions per target with sympos and reason, step timings."""
@@ -100,6 +103,7 @@ class BuildResult:
                  "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
+            "exports": [{"name": e.name, "gpl": e.gpl, "namespace": e.namespace} for e in self.exports],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -299,6 +303,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                                                     par.binary, tree.symvers, env))
                 except NoChange:
                     unchanged.append(obj)
+            exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
         targets: dict[str, KlpTarget] = {}
@@ -324,15 +329,17 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             if not any(t.funcs for t in targets.values()):
                 raise NoChange(f"{patch.path.name}: the diff found no function to replace")
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log)
+                              opts.jobs, log, exports)
         with _step("postlink", timings, progress, "writing klp relocations"):
-            for sc in sidecars:
-                post.apply_klp(ko, sc, tree.vmlinux)  # type: ignore[union-attr]
+            if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
+                post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
+                               patch_globals(orig, patched))
             _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
             atomic_write(output, ko.read_bytes())
-        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None)
+        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
+                          exports)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
         ok = True

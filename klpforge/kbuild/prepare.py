@@ -45,6 +45,7 @@ __all__ = [
     "prepare_kernel",
     "build_base_initramfs",
     "BUSYBOX",
+    "is_current",
 ]
 
 #: Busybox binary of Debian's ``busybox-static`` package.
@@ -221,6 +222,16 @@ def _stamp_key(layout: KernelLayout, fragment: str) -> dict[str, str]:
         "tarball": f"{layout.tarball}:{st.st_size}:{int(st.st_mtime)}",
         "gcc": gcc.splitlines()[0] if gcc else "unknown",
     }
+
+
+def is_current(layout: KernelLayout) -> bool:
+    """True when ``layout`` was prepared with today's fragment, tarball and gcc (its stamp's key matches):
+    a kernel prepared before the fragment changed (say, before ``CONFIG_JUMP_LABEL`` was added) is not."""
+    try:
+        return bool(json.loads(layout.stamp.read_text()).get("key")
+                    == _stamp_key(layout, fragment_text(layout.version)))
+    except (OSError, ValueError, InputError):
+        return False
 
 
 def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:

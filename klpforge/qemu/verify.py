@@ -54,10 +54,20 @@ class VerifySpec:
     preload: list[Path] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     after_check: str | None = None
+    #: a command run in the guest before the module is loaded (start background tasks with ``&``)
+    setup: str | None = None
+    #: seconds a transition may linger before verify sends the fake signal (where ``<patch>/signal``
+    #: exists: Linux 5.0 up to its removal; 6.1 signals by itself every 15 s)
+    signal_after: float = 2.0
+    #: seconds a transition may take at most (default: a third of ``timeout``, at least 20)
+    transition_timeout: float | None = None
     after_expect: str | None = None
     append: str = ""
     memory: str = "256M"
     accel: str = "tcg"
+    #: QEMU CPU model; "max" has SMAP/SMEP, so the alternatives of patched code (stac/clac around user
+    #: accesses) are applied at module load as on real hardware, not left as no-ops
+    cpu: str = "max"
 
 
 @dataclass
@@ -85,18 +95,29 @@ class VerifyResult:
 
 
 def guest_init(nonce: str, patch: str, ko_guest: str, preload: list[str],
-               transition_timeout: int = 60) -> str:
+               transition_timeout: int = 60, signal_after: float = 2.0) -> str:
     """The ``/init`` shell script (busybox ``sh``) run in the guest.
 
     Linux 6.1 behaviour it relies on: ``/sys/kernel/livepatch/<patch>/{enabled,transition}``; once a patch is
     disabled and unpatched its directory disappears (the patch is freed), so we wait for that, not for
     ``transition`` to read 0. ``reboot -f`` with QEMU's ``-no-reboot`` ends the run (``poweroff`` only halts).
 
+    A transition lasts until every task has left the functions being replaced. A task sleeping in one (a
+    shell waiting for its children sleeps in ``do_wait``) switches only when it returns to user space, which
+    the kernel's fake signal makes it do (``klp_send_signals``, ``kernel/livepatch/transition.c``). 6.1
+    sends it by itself every 15 s (``SIGNALS_TIMEOUT``; the ``<patch>/signal`` file of 5.0 is gone), so the
+    wait keeps re-reading ``transition`` and, where ``<patch>/signal`` exists, writes 1 to it after
+    ``signal_after`` seconds and every two seconds after that. On a real timeout the failure names every
+    task whose ``/proc/<pid>/patch_state`` is not the target state, with the top of its
+    ``/proc/<pid>/stack``. The shell reads sysfs with ``read`` (a builtin, no child to wait for) so that the
+    waiting itself blocks as little as possible.
+
     >>> "insmod /lib/klp/p.ko" in guest_init("N", "p", "/lib/klp/p.ko", [])
     True
     """
     lp = f"/sys/kernel/livepatch/{patch}"
     tries = transition_timeout * 10
+    first_signal = max(1, int(signal_after * 10))
     pre = "\n".join(
         f"insmod {shlex.quote(p)} 2>/tmp/err || fail preload \"$(cat /tmp/err)\"" for p in preload)
     return f"""#!/bin/sh
@@ -118,16 +139,48 @@ waitfor() {{ # waitfor STEP CONDITION...
     s=$1; shift; i=0
     until "$@"; do i=$((i+1)); [ $i -gt {tries} ] && fail "$s" "timed out"; sleep 0.1; done
 }}
+blockers() {{ # tasks whose patch_state is not $1, with the top of their kernel stacks
+    for d in /proc/[0-9]*; do
+        read -r ps < $d/patch_state 2>/dev/null || continue
+        [ "$ps" = "$1" ] && continue
+        read -r comm < $d/comm 2>/dev/null
+        st=""; n=0
+        while read -r _addr fn && [ $n -lt 4 ]; do
+            st="$st${{st:+<}}${{fn%%+*}}"; n=$((n+1))
+        done 2>/dev/null < $d/stack
+        printf '%s ' "pid ${{d#/proc/}} ($comm) in $st;"
+    done
+}}
+settled() {{ # settled STEP: the transition is over (patching: transition reads 0; disable: patch freed)
+    if [ "$1" = disable ]; then [ ! -e {lp} ]; return; fi
+    read -r t < {lp}/transition 2>/dev/null && [ "$t" = 0 ]
+}}
+klpwait() {{ # klpwait STEP TARGET_STATE: wait for the transition, sending fake signals when it lingers
+    s=$1; i=0; sent=0
+    until settled "$s"; do
+        i=$((i+1))
+        if [ $i -ge {first_signal} ] && [ $(( (i - {first_signal}) % 20 )) = 0 ]; then
+            [ -e {lp}/signal ] && echo 1 > {lp}/signal && sent=$((sent+1))
+        fi
+        if [ $i -gt {tries} ]; then
+            b=$(blockers $2)
+            fail "$s" "transition not over after {transition_timeout} s; blocked by: $b"
+        fi
+        sleep 0.1
+    done
+    [ $sent = 0 ] || echo "$M:NOTE:$s:$sent fake-signal round(s)"
+}}
 step boot OK "$(uname -r)"
 dmesg -c >/dev/null
 {pre}
 step preload OK ""
+[ -s /setup.sh ] && sh /setup.sh
 insmod {shlex.quote(ko_guest)} 2>/tmp/err || fail insmod "$(cat /tmp/err)"
 step insmod OK ""
 waitfor enabled test -e {lp}/enabled
 [ "$(cat {lp}/enabled)" = 1 ] || fail enabled "enabled=$(cat {lp}/enabled)"
 step enabled OK ""
-waitfor transition test "$(cat {lp}/transition 2>/dev/null)" = 0
+klpwait transition 1
 step transition OK ""
 echo "$M:CHECK-BEGIN"
 sh /check.sh 2>&1
@@ -135,7 +188,7 @@ rc=$?
 echo "$M:CHECK-END:$rc"
 step check OK "$rc"
 echo 0 > {lp}/enabled || fail disable "write to enabled failed"
-waitfor disable test ! -e {lp}
+klpwait disable 0
 step disable OK ""
 if [ -s /after.sh ]; then
     echo "$M:AFTER-BEGIN"; sh /after.sh 2>&1; echo "$M:AFTER-END:$?"
@@ -196,7 +249,8 @@ def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
     # no_timer_check: under a loaded host TCG can miss the IO-APIC timer probe and 6.1 panics
     # ("IO-APIC + timer doesn't work", arch/x86/kernel/apic/io_apic.c check_timer()).
     append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 no_timer_check {spec.append}".strip()
-    return [qemu, "-accel", spec.accel, "-m", spec.memory, "-smp", "1", "-nodefaults", "-display", "none",
+    return [qemu, "-accel", spec.accel, "-cpu", spec.cpu, "-m", spec.memory, "-smp", "1", "-nodefaults",
+            "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(spec.bzimage), "-initrd", str(initrd),
             "-append", append]
 
@@ -273,14 +327,19 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
         check.write_text(spec.check + "\n")
         after = tdp / "after.sh"
         after.write_text((spec.after_check or "") + ("\n" if spec.after_check else ""))
-        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, f"/lib/klp/{spec.ko.name}": spec.ko}
+        setup = tdp / "setup.sh"
+        setup.write_text((spec.setup or "") + ("\n" if spec.setup else ""))
+        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, "/setup.sh": setup,
+                                  f"/lib/klp/{spec.ko.name}": spec.ko}
         pre_guest = []
         for p in spec.preload:
             files[f"/lib/klp/pre/{p.name}"] = p
             pre_guest.append(f"/lib/klp/pre/{p.name}")
         files.update(spec.files)
-        transition_timeout = max(5, int(spec.timeout / 3))
-        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout)
+        # at least one round of the kernel's own fake signals (every 15 s in 6.1) must fit
+        transition_timeout = int(spec.transition_timeout or max(20, int(spec.timeout / 3)))
+        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout,
+                          spec.signal_after)
         initrd = build_initramfs(_gen_init_cpio(spec), tdp / "initramfs.cpio", init, files)
         cmd = _qemu_cmd(spec, initrd)
         raw = tdp / "console.raw"
