@@ -23,6 +23,7 @@ from .compare import CHANGED, NEW, Comparison
 from .correlate import Correlation
 from .elf import constants as C
 from .elf.file import cstring_at
+from .icf import split_folded
 from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
 
@@ -157,14 +158,21 @@ def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
     return funcs, _pointed_strings(obj, ".kpatch.ignore.sections")
 
 
-def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -> tuple[int, int]:
+def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int,
+                   site: tuple[int, int] | None = None) -> tuple[int, int]:
     """For a section-symbol reference, the covering named symbol and the addend relative to it;
     other references come back unchanged. Returns ``(symbol, addend)``; symbol is the section
-    symbol when nothing covers the place."""
+    symbol when nothing covers the place. ``site`` (section, offset) of the relocation lets an x86-64
+    ``%rip``-relative reference into a section shared by several symbols count the immediate that
+    follows its field (``addl $1, x(%rip)``: klpforge/pcrel.py)."""
     if obj.stype[sym] != C.STT_SECTION:
         return sym, addend
     sec = int(obj.shndx[sym])
     where = addend + arch.pcrel_bias.get(rtype, 0)
+    if site is not None and len(obj.syms_in_section.get(sec, ())) > 1:
+        from .pcrel import pcrel_tail
+
+        where += pcrel_tail(obj, arch, site[0], site[1], rtype)
     t = obj.symbol_at(sec, where)
     if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
         return t, addend - int(obj.value[t])
@@ -238,6 +246,11 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 sel.callbacks[kind] = t
                 include(t, f"{kind} callback")
 
+    # Identical-code-folded functions the patch unfolds: the other members keep their old code.
+    sel.refusals.extend(split_folded(corr, sel.patched, include, _is_init, is_special_section))
+    for i in list(sel.included):
+        _include_cold(p, i, by_name, include)
+
     # Follow relocations of everything included; a TOC section is followed one used slot at a time.
     slots: list[tuple[int, int, str]] = []
     while work or slots:
@@ -249,8 +262,9 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
             sec = work.pop()
             owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
             r = p.relocs(sec)
-        for s, t_, a in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(), strict=True):
-            t, _ = resolve_target(p, arch, s, t_, a)
+        for s, t_, a, roff in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                                  r["offset"].tolist(), strict=True):
+            t, _ = resolve_target(p, arch, s, t_, a, (sec, roff))
             if not p.defined[t]:
                 continue
             tsec = int(p.shndx[t])
@@ -288,6 +302,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 if not clone_parent(name) and not _is_init(tname):
                     sel.patched.append(t)
 
+    sel.refusals.extend(why for i, why in sorted(corr.ambiguous.items()) if i in sel.included)
     _judge_data(corr, cmp, sel, ign_secs)
     sel.has_fentry = _fentry_functions(p, arch, set(sel.patched))
     _check_entries(p, sel)

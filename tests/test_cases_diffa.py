@@ -1,0 +1,320 @@
+"""Issue 12 items 1-3: the shared failing cases (../shared/cases) and siblings of each kind, compiled by the
+real gcc during the run with the cases' kernel-like flags, under one file name for both sides.
+
+1. a symbol in a section shared by several symbols is carved out alone (klpforge/emit/carve.py);
+2. function-scope statics pair through their users, never by GCC's number (klpforge/statics.py);
+3. identical-code-folded functions keep their own behaviour for their own callers (klpforge/icf.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.elf import constants as C
+from klpforge.errors import UnsafeChange
+from klpforge.model import Object
+
+from .conftest import SHARED
+
+CASES = SHARED / "cases"
+
+#: the flags of ../shared/cases/compile.sh (copied: it writes into the read-only case folder)
+CASE_FLAGS = ["-O2", "-ffunction-sections", "-fdata-sections", "-fno-pic", "-mcmodel=kernel", "-mfentry", "-pg",
+              "-mrecord-mcount", "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mno-sse",
+              "-fno-strict-aliasing", "-fno-common", "-nostdinc", "-ffreestanding", "-fno-stack-protector"]
+
+
+@dataclass
+class Out:
+    """What a diff wrote: its result and the output object's symbols."""
+
+    res: DiffResult
+    obj: Object
+
+    def defined(self) -> dict[str, tuple[int, int, str]]:
+        """name -> (bind, type, section name) of every named function/object the patch defines."""
+        o = self.obj
+        return {o.sym_names[i]: (int(o.sbind[i]), int(o.stype[i]), o.sec_names[int(o.shndx[i])])
+                for i in range(1, o.nsym) if o.defined[i] and o.stype[i] in (C.STT_FUNC, C.STT_OBJECT)
+                and not o.sym_names[i].startswith("klpf_")}
+
+    def klp_targets(self) -> set[str]:
+        return {r.symbol for r in self.res.klp_relocs}
+
+    def refs_from(self, secname: str) -> list[str]:
+        """Names every relocation of output section ``secname`` (and its klp relocations) points at."""
+        o = self.obj
+        out = []
+        for tgt, rs in o.elf.reloc_sections.items():
+            if o.sec_names[tgt] != secname:
+                continue
+            for s in o.elf.relocs(rs)["sym"].tolist():
+                out.append(o.sym_names[s] if o.stype[s] != C.STT_SECTION else o.sec_names[int(o.shndx[s])])
+        return out
+
+
+def build(gcc: str, tmp: Path, orig: str, patched: str, *extra: str) -> tuple[Path, Path]:
+    """Compile both sides as ``unit.c`` (the FILE symbol must match), in two directories."""
+    objs = []
+    for side, src in (("orig", orig), ("patched", patched)):
+        d = tmp / side
+        d.mkdir(exist_ok=True)
+        (d / "unit.c").write_text(src)
+        subprocess.run([gcc, *CASE_FLAGS, *extra, "-c", "unit.c", "-o", "unit.o"], check=True, cwd=d)
+        objs.append(d / "unit.o")
+    return objs[0], objs[1]
+
+
+def diff(a: Path, b: Path, tmp: Path) -> Out:
+    res = run_diff(a, b, tmp / "lp.o", DiffOptions(symtab=a, env={}))
+    return Out(res, Object.load(tmp / "lp.o"))
+
+
+def case(name: str) -> tuple[str, str]:
+    d = CASES / name
+    if not d.is_dir():
+        pytest.skip(f"{d} not present")
+    return (d / "orig.c").read_text(), (d / "patched.c").read_text()
+
+
+# -- item 2: static locals ------------------------------------------------------------------------------
+
+
+def test_case_static_local_clone_rename(gcc: str, tmp_path: Path) -> None:
+    """expected.txt: alpha.constprop.0's count is the kernel's alpha count (orig count.1); delta's count
+    (patched count.1) is a fresh variable."""
+    a, b = build(gcc, tmp_path, *case("static-local-clone-rename"))
+    o, p = Object.load(a), Object.load(b)
+    # the numbers the case is about: alpha's count is count.1 in orig, delta's is count.1 in patched
+    assert {o.sym_names[i] for i in range(o.nsym)} >= {"count.1", "count.0", "alpha"}
+    assert "alpha.constprop.0" in p.sym_names and "count.2" in p.sym_names
+    out = diff(a, b, tmp_path)
+    d = out.defined()
+    # delta's counter is new (defined in the patch), alpha's clone uses the kernel's alpha counter
+    assert "delta" in d and "count.1" in d and d["count.1"][0] == C.STB_LOCAL
+    assert "count.2" not in d
+    assert "count.1" in out.klp_targets()
+    assert out.refs_from(".text.delta").count("count.1") == 3  # delta reads and writes its own new counter
+    clone_refs = [r.symbol for r in out.res.klp_relocs if r.section == ".text.alpha.constprop.0"]
+    assert clone_refs.count("count.1") == 3  # ... and the clone the kernel's one (orig alpha's count.1)
+
+
+NEW_SAME_NAME = """
+extern void note(int);
+static __attribute__((noinline)) int alpha(int step)
+{
+	static int count;
+	count += step%s;
+	note(count);
+	return count;
+}
+%s
+int run_alpha(int x) { return alpha(x)%s; }
+"""
+DELTA = """
+static __attribute__((noinline)) int delta(int step)
+{
+	static int count;
+	count -= step;
+	note(count);
+	return count;
+}
+"""
+
+
+def test_new_function_static_of_the_only_name_is_fresh(gcc: str, tmp_path: Path) -> None:
+    """Orig has one ``count`` (alpha's), patched adds delta with its own and alpha stops using one: the one
+    ``count`` of each side must not pair by name."""
+    orig = NEW_SAME_NAME % ("", "", "")
+    patched = orig.replace("static int count;\n\tcount += step;\n\tnote(count);\n\treturn count;",
+                           "note(step);\n\treturn step;").replace("int run_alpha", DELTA + "int run_alpha")
+    patched = patched.replace("return alpha(x);", "return alpha(x) + delta(x);")
+    a, b = build(gcc, tmp_path, orig, patched)
+    assert sum(n.startswith("count.") for n in Object.load(b).sym_names) == 1
+    out = diff(a, b, tmp_path)
+    assert any(n.startswith("count.") for n in out.defined())  # delta's counter: a new variable
+    assert not any(t.startswith("count") for t in out.klp_targets())
+
+
+TWO_CALLERS = """
+extern void note(int);
+static %s int bump(int step)
+{
+	static int count;
+	count += step * %d;
+	return count;
+}
+static __attribute__((noinline)) int other(int step)
+{
+	static int count;
+	count ^= step;
+	note(count);
+	return count;
+}
+int caller_one(int x) { return bump(x) + 1; }
+int caller_two(int x) { return bump(x) + other(x); }
+"""
+
+
+def test_static_of_a_function_inlined_into_two_callers(gcc: str, tmp_path: Path) -> None:
+    """bump was out of line; the fix lets GCC inline it into both callers: its counter is still the
+    kernel's bump counter, reached from both new callers."""
+    a, b = build(gcc, tmp_path, TWO_CALLERS % ("__attribute__((noinline))", 3),
+                 TWO_CALLERS % ("inline", 5))
+    p = Object.load(b)
+    assert "bump" not in p.sym_names  # inlined away, as the test means
+    out = diff(a, b, tmp_path)
+    assert {f.old_name for f in out.res.patched_functions} == {"caller_one", "caller_two"}
+    assert not any(n.startswith("count") for n in out.defined())
+    o = Object.load(a)
+    bump_count = {o.sym_names[i] for i in users_of_names(o, "bump")}
+    klp = [r for r in out.res.klp_relocs if r.symbol.startswith("count.")]
+    assert {r.section for r in klp} == {".text.caller_one", ".text.caller_two"}
+    assert len(bump_count) == 1 and {r.symbol for r in klp} == bump_count
+
+
+def test_static_whose_only_user_became_a_part_clone(gcc: str, tmp_path: Path) -> None:
+    """The fix lets GCC split scan (-fpartial-inlining): the static's only user is now ``scan.part.0``; it
+    is still the kernel's scan counter, not other()'s counter of the same name."""
+    src = """
+extern int fetch(int);
+extern void note(int);
+static %s int scan(int n)
+{
+	static int seen;
+	if (__builtin_expect(n < 4, 1))
+		return 0;
+	for (int i = 0; i < n; i++)
+		seen += fetch(i) * fetch(i + %d);
+	note(seen);
+	note(seen + 1);
+	return seen;
+}
+static __attribute__((noinline)) int other(int n) { static int seen; seen += n; note(seen); return seen; }
+int run_scan(int n) { return scan(n) + other(n); }
+int run_scan2(int n) { return scan(n + 1) * 3; }
+"""
+    a, b = build(gcc, tmp_path, src % ("__attribute__((noinline))", 1), src % ("", 2))
+    names_b = Object.load(b).sym_names
+    assert any(n.startswith("scan.part.") for n in names_b) and "scan" not in names_b
+    out = diff(a, b, tmp_path)
+    assert not any(n.startswith("seen") for n in out.defined())
+    o = Object.load(a)
+    scan_seen = {o.sym_names[i] for i in users_of_names(o, "scan")}
+    klp = {r.symbol for r in out.res.klp_relocs if r.symbol.startswith("seen.")}
+    assert len(scan_seen) == 1 and klp == scan_seen
+
+
+def users_of_names(o: Object, func: str) -> set[int]:
+    """The static locals function ``func`` of ``o`` references."""
+    from klpforge.statics import is_static_local, users_of
+
+    statics = {i for i in range(o.nsym) if is_static_local(o, i)}
+    return {s for s, fs in users_of(o, statics).items() if any(o.sym_names[f] == func for f in fs)}
+
+
+def test_ambiguous_static_is_refused_by_name(gcc: str, tmp_path: Path) -> None:
+    """alpha is inlined into beta, which has its own ``count``: beta now references two counters, either
+    of which may be alpha's; the diff refuses, naming the static."""
+    orig = """
+extern void note(int);
+static __attribute__((noinline)) int alpha(int s) { static int count; count += s; note(count); return count; }
+__attribute__((noinline)) int beta(int s) { static int count; count ^= s; return alpha(s) + count; }
+"""
+    patched = orig.replace("static __attribute__((noinline)) int alpha", "static inline int alpha") \
+        .replace("count += s;", "count += 2 * s;")
+    a, b = build(gcc, tmp_path, orig, patched)
+    assert "alpha" not in Object.load(b).sym_names
+    with pytest.raises(UnsafeChange, match=r"static local count\.\d+ \(used by beta\) cannot be correlated"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
+
+
+# -- item 3: identical code folding ---------------------------------------------------------------------
+
+
+def _icf_other_member(orig: str) -> str:
+    """The kept-back form of the icf-alias case: the fix edits sum_back instead of sum_front."""
+    i = orig.index("sum_back(int n)")
+    return orig[:i] + orig[i:].replace("* 7", "* 9", 1)
+
+
+def _folded(a: Path) -> bool:
+    o = Object.load(a)
+    f, b = o.sym_names.index("sum_front"), o.sym_names.index("sum_back")
+    return bool(o.shndx[f] == o.shndx[b] and o.value[f] == o.value[b])
+
+
+@pytest.mark.parametrize("edited", ["sum_front", "sum_back"])
+def test_case_icf_alias(gcc: str, tmp_path: Path, edited: str) -> None:
+    """expected.txt: the member that is not edited keeps its old body for its callers (copied into the patch,
+    its callers replaced); no caller is bound to the redirected shared address."""
+    orig, patched = case("icf-alias")
+    if edited == "sum_back":
+        patched = _icf_other_member(orig)
+    other = "sum_back" if edited == "sum_front" else "sum_front"
+    a, b = build(gcc, tmp_path, orig, patched)
+    assert _folded(a) and not _folded(b)
+    out = diff(a, b, tmp_path)
+    replaced = {f.old_name for f in out.res.patched_functions}
+    # one klp_func redirects the shared address to the edited body; the other member's caller is replaced
+    # (use_back also changed by itself: its call now names sum_back, which the original folded away)
+    assert replaced == {edited, "use_back"} | ({"use_front"} if edited == "sum_back" else set())
+    d = out.defined()
+    assert d[other][1] == C.STT_FUNC and d[other][0] == C.STB_LOCAL  # the old body, as a new function
+    caller = "use_back" if other == "sum_back" else "use_front"
+    assert other in out.refs_from(f".text.{caller}")  # calls the copy ...
+    assert other not in out.klp_targets() and edited not in out.klp_targets()  # ... never the shared address
+    lp = Object.load(tmp_path / "lp.o")
+    po = Object.load(b)
+    # the copy is the patched object's (= the original's) body of the member, byte for byte
+    i, j = lp.sym_names.index(other), po.sym_names.index(other)
+    lo, hi = lp.sym_range(i)
+    plo, phi = po.sym_range(j)
+    assert lp.section_data(int(lp.shndx[i]))[lo:hi] == po.section_data(int(po.shndx[j]))[plo:phi]
+
+
+def test_icf_global_member_is_refused_naming_both(gcc: str, tmp_path: Path) -> None:
+    """A folded member whose address is stored in data cannot be moved to a copy: refused, naming both."""
+    orig, _ = case("icf-alias")
+    orig += "int (*const back_ops[])(int) = { sum_back };\n"
+    patched = orig.replace("* 7", "* 9", 1)
+    a, b = build(gcc, tmp_path, orig, patched)
+    if not _folded(a):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    with pytest.raises(UnsafeChange, match=r"sum_front and sum_back were one body at one address.*identical "
+                                           r"code folding.*address of sum_back is stored in"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
+
+
+def test_unfolded_functions_are_untouched(gcc: str, tmp_path: Path) -> None:
+    """Without folding (-fno-ipa-icf) nothing is copied: only the edited function is replaced."""
+    orig, patched = case("icf-alias")
+    a, b = build(gcc, tmp_path, orig, patched, "-fno-ipa-icf")
+    out = diff(a, b, tmp_path)
+    assert {f.old_name for f in out.res.patched_functions} == {"sum_front"}
+    assert "sum_back" not in out.defined()
+
+
+# -- item 1: symbols in shared sections -----------------------------------------------------------------
+
+
+def test_case_readmostly_new(gcc: str, tmp_path: Path) -> None:
+    """expected.txt: only knob_read is replaced and only the new knob_hits allocated; knob_a and knob_b stay
+    klp relocations to the running kernel's variables, never copies (least of all a GLOBAL knob_b)."""
+    a, b = build(gcc, tmp_path, *case("readmostly-new"))
+    out = diff(a, b, tmp_path)
+    assert [f.old_name for f in out.res.patched_functions] == ["knob_read"]
+    d = out.defined()
+    assert set(d) == {"knob_read", "knob_hits"}
+    assert d["knob_hits"] == (C.STB_LOCAL, C.STT_OBJECT, ".data..read_mostly")
+    assert out.klp_targets() == {"knob_a", "knob_b"}
+    assert out.refs_from(".text.knob_read").count("knob_hits") == 1
+    lp = out.obj
+    assert int(lp.shdrs["size"][lp.find_section(".data..read_mostly")]) == 4  # knob_hits alone
