@@ -26,6 +26,7 @@ from .elf.file import cstring_at
 from .icf import split_folded
 from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
+from .sharedsec import gap, is_shared, resolved_refs
 
 __all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
@@ -200,16 +201,22 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
         if parent and by_name.get(parent) is not None and p.stype[i] == C.STT_FUNC:
             changed.add(by_name[parent])
 
-    work: list[int] = []
+    # work items: (section, lo, hi): the bytes whose references are followed; a section shared by several
+    # symbols (sharedsec.py) is followed one included symbol (or anonymous gap) at a time
+    work: list[tuple[int, int, int]] = []
+    gaps: set[tuple[int, int, int]] = set()
 
     def include(sym: int, why: str) -> None:
         if sym in sel.included:
             return
         sel.included[sym] = why
         sec = int(p.shndx[sym])
-        if sec not in sel.sections:
+        if is_shared(p, arch, sec):
+            sel.sections.setdefault(sec, f"holds {p.sym_names[sym]}")
+            work.append((sec, int(p.value[sym]), int(p.value[sym]) + int(p.size[sym])))
+        elif sec not in sel.sections:
             sel.sections[sec] = f"holds {p.sym_names[sym]}"
-            work.append(sec)
+            work.append((sec, 0, int(p.shdrs["size"][sec])))
 
     for i in sorted(changed):
         name = p.sym_names[i]
@@ -259,9 +266,14 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
             r = p.relocs(sec)
             r = r[r["offset"] == off]
         else:
-            sec = work.pop()
-            owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
+            sec, lo, hi = work.pop()
+            members = [m for m in p.syms_in_section.get(sec, []) if lo <= int(p.value[m]) < hi]
+            owner_names = ", ".join(p.sym_names[m] for m in members) or p.sec_names[sec]
             r = p.relocs(sec)
+            if is_shared(p, arch, sec):
+                r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+                if p.is_text(sec):  # branches the assembler resolved inside the section count too
+                    r = np.concatenate([r, resolved_refs(p, arch, sec, lo, hi)[0]])
         for s, t_, a, roff in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
                                   r["offset"].tolist(), strict=True):
             t, _ = resolve_target(p, arch, s, t_, a, (sec, roff))
@@ -278,11 +290,18 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                     slots.append((tsec, off, owner_names))
                 continue
             if p.stype[t] == C.STT_SECTION:
+                if is_shared(p, arch, tsec):  # anonymous bytes beside symbols: that gap alone
+                    g = (tsec, *gap(p, tsec, a + arch.pcrel_bias.get(t_, 0)))
+                    if g not in gaps:
+                        gaps.add(g)
+                        sel.sections.setdefault(tsec, f"used by {owner_names}")
+                        work.append(g)
+                    continue
                 if tsec not in sel.sections and not is_ignored_section(tname):
                     if is_special_section(tname) and not is_aux_code(tname):
                         continue
                     sel.sections[tsec] = f"used by {owner_names}"
-                    work.append(tsec)
+                    work.append((tsec, 0, int(p.shdrs["size"][tsec])))
                 continue
             st = status.get(t)
             name = p.sym_names[t]

@@ -9,6 +9,7 @@ real gcc during the run with the cases' kernel-like flags, under one file name f
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from klpforge.elf import constants as C
 from klpforge.errors import UnsafeChange
 from klpforge.model import Object
 
-from .conftest import SHARED
+from .conftest import ROOT, SHARED
 
 CASES = SHARED / "cases"
 
@@ -318,3 +319,169 @@ def test_case_readmostly_new(gcc: str, tmp_path: Path) -> None:
     assert out.refs_from(".text.knob_read").count("knob_hits") == 1
     lp = out.obj
     assert int(lp.shdrs["size"][lp.find_section(".data..read_mostly")]) == 4  # knob_hits alone
+
+
+#: text-section attributes of kernel 6.1 (include/linux/sched/debug.h, kprobes.h, spinlock.h, objtool's
+#: noinstr, arch/x86 entry code)
+TEXT_SECTIONS = [".sched.text", ".kprobes.text", ".spinlock.text", ".entry.text", ".noinstr.text"]
+
+SHARED_TEXT = """
+#define __shared __attribute__((__section__("%s")))
+extern void sink(int);
+static __attribute__((noinline)) int __shared helper(int x) { sink(x); return x * 3; }
+int __shared first(int x) { return helper(x) + %d; }
+int __shared second(int x) { sink(x + 2); return helper(x) + 2; }
+"""
+
+
+@pytest.mark.parametrize("secname", TEXT_SECTIONS)
+def test_changed_function_in_shared_text_section(gcc: str, tmp_path: Path, secname: str) -> None:
+    """first changes; helper and second share its section and stay the kernel's: first's call to helper
+    (which the assembler resolved inside the section, with no relocation) becomes a klp relocation."""
+    a, b = build(gcc, tmp_path, SHARED_TEXT % (secname, 1), SHARED_TEXT % (secname, 5))
+    po = Object.load(b)
+    sec = po.find_section(secname)
+    assert sec is not None and len(po.syms_in_section[sec]) == 3
+    assert not len(po.relocs(sec)[po.relocs(sec)["sym"] == po.sym_names.index("helper")])  # resolved call
+    out = diff(a, b, tmp_path)
+    assert [f.old_name for f in out.res.patched_functions] == ["first"]
+    assert set(out.defined()) == {"first"}
+    assert out.defined()["first"][2] == secname
+    helper = [r for r in out.res.klp_relocs if r.symbol == "helper"]
+    assert len(helper) == 1 and helper[0].section == secname and helper[0].type == 4  # R_X86_64_PLT32
+    lp = out.obj
+    s = lp.find_section(secname)
+    f = lp.sym_names.index("first")
+    assert int(lp.shdrs["size"][s]) == int(po.size[po.sym_names.index("first")])  # first alone
+    # the field the klp relocation fills is zero (6.1's x86 loader refuses a non-zero one)
+    field = helper[0].offset
+    assert lp.section_data(s)[field:field + 4] == bytes(4) and int(lp.value[f]) == 0
+    assert out.res.report["special_sections"]["__mcount_loc"] == {"kept": 1, "total": 3}
+
+
+def test_shared_text_change_calls_a_new_neighbour(gcc: str, tmp_path: Path) -> None:
+    """first now calls a new function of the same section: both are carved out, and the call between them
+    (resolved by the assembler) gets a relocation to the new copy; second stays the kernel's."""
+    orig = SHARED_TEXT % (".sched.text", 1)
+    patched = orig.replace("int __shared first(int x) { return helper(x) + 1; }",
+                           "static __attribute__((noinline)) int __shared extra(int x) { sink(x * 7); return x; }\n"
+                           "int __shared first(int x) { return helper(x) + extra(x); }")
+    a, b = build(gcc, tmp_path, orig, patched)
+    out = diff(a, b, tmp_path)
+    assert set(out.defined()) == {"first", "extra"}
+    assert "extra" in out.refs_from(".sched.text")
+    assert {r.symbol for r in out.res.klp_relocs} >= {"helper"}
+    assert "second" not in out.klp_targets()
+
+
+def test_function_in_text_without_function_sections(gcc: str, tmp_path: Path) -> None:
+    """-fno-function-sections: every function in .text; one changes, its neighbours stay the kernel's."""
+    src = """
+extern void sink(int);
+static __attribute__((noinline)) int helper(int x) { sink(x); return x * 3; }
+int first(int x) { return helper(x) + %d; }
+int second(int x) { sink(x + 2); return helper(x) + 2; }
+"""
+    a, b = build(gcc, tmp_path, src % 1, src % 5, "-fno-function-sections")
+    out = diff(a, b, tmp_path)
+    assert set(out.defined()) == {"first"}
+    assert "helper" in out.klp_targets()
+
+
+#: data-section attributes of kernel 6.1 (include/linux/cache.h, percpu-defs.h)
+DATA_SECTIONS = [".data..read_mostly", ".data..ro_after_init", ".data..percpu", ".data..cacheline_aligned"]
+
+SHARED_DATA = """
+#define __shared __attribute__((__section__("%s")))
+static int dial_a __shared = 3;
+int dial_b __shared = 7;
+static int *dial_p __shared = &dial_a;
+%s
+int dial_read(void)
+{
+	%s
+	return dial_a + dial_b + *dial_p;
+}
+"""
+
+
+@pytest.mark.parametrize("secname", DATA_SECTIONS)
+def test_new_variable_in_shared_data_section(gcc: str, tmp_path: Path, secname: str) -> None:
+    """A new variable beside old ones in a shared data section: only it is allocated; the function's
+    accesses to the old ones (one with an immediate after the displacement: ``addl $5, x(%rip)``) stay
+    klp relocations to the kernel's variables; the new one's own pointer to an old one too."""
+    orig = SHARED_DATA % (secname, "", "")
+    patched = SHARED_DATA % (secname, "static int *dial_q __shared = &dial_b;\nstatic int dial_hits __shared;",
+                             "dial_hits++; dial_a += 5; *dial_q += 1;")
+    a, b = build(gcc, tmp_path, orig, patched)
+    out = diff(a, b, tmp_path)
+    d = out.defined()
+    assert set(d) == {"dial_read", "dial_hits", "dial_q"}
+    assert d["dial_hits"][2] == secname and d["dial_q"][2] == secname  # the loader treats some by name
+    assert out.klp_targets() == {"dial_a", "dial_b", "dial_p"}
+    text = [r for r in out.res.klp_relocs if r.section == ".text.dial_read"]
+    assert {r.symbol for r in text} == {"dial_a", "dial_b", "dial_p"}
+    data = [r for r in out.res.klp_relocs if r.section == secname]
+    assert [(r.symbol, r.offset) for r in data] == [("dial_b", int(out.obj.value[out.obj.sym_names.index("dial_q")]))]
+    assert out.refs_from(".text.dial_read").count("dial_hits") >= 1
+
+
+def test_static_in_bss_without_data_sections(gcc: str, tmp_path: Path) -> None:
+    """-fno-data-sections: statics share .bss/.data; a new one is carved out, the old stay references."""
+    src = """
+static int seen_a;
+static int seen_b = 4;
+%s
+void set_b(int v) { seen_b = v; }
+int look(int x) { %s seen_a += x; return seen_a + seen_b; }
+"""
+    a, b = build(gcc, tmp_path, src % ("", ""), src % ("static int seen_new;", "seen_new += 2;"), "-fno-data-sections")
+    out = diff(a, b, tmp_path)
+    assert set(out.defined()) == {"look", "seen_new"}
+    assert out.klp_targets() == {"seen_a", "seen_b"}
+    assert {out.obj.sec_names[int(out.obj.shndx[out.obj.sym_names.index("seen_new")])]} == {".bss"}
+
+
+def test_grown_function_does_not_change_its_shared_section_neighbours(gcc: str, tmp_path: Path) -> None:
+    """helper grows; first and second move, so the displacements of their (assembler-resolved) calls to
+    helper change, but their code does not: only helper is replaced."""
+    orig = SHARED_TEXT % (".sched.text", 1)
+    patched = orig.replace("sink(x); return x * 3;", "sink(x); sink(x + 9); sink(x + 10); sink(x + 11); return x * 3;")
+    a, b = build(gcc, tmp_path, orig, patched)
+    po, oo = Object.load(b), Object.load(a)
+    assert po.value[po.sym_names.index("second")] != oo.value[oo.sym_names.index("second")]
+    out = diff(a, b, tmp_path)
+    assert [f.old_name for f in out.res.patched_functions] == ["helper"]
+    assert set(out.defined()) == {"helper"}
+
+
+# -- item 3, the impact side ----------------------------------------------------------------------------
+
+
+def test_impact_keeps_folded_functions_separate(gcc: str, tmp_path: Path) -> None:
+    """``klpforge impact`` and ``diff --impact`` on the icf-alias case: sum_front and sum_back share an
+    address but are separate functions (``folded``), never pieces of one another; use_back's change is
+    explained by the fold breaking."""
+    import json
+
+    from klpforge.ipa import predict
+
+    orig, patched = case("icf-alias")
+    a, b = build(gcc, tmp_path, orig, patched, "-fdump-ipa-clones")
+    assert _folded(a)
+    res = predict([a.parent], ["sum_front"], use_cache=False)
+    e = res.reasons("sum_front")[0]
+    assert e.folded == ["sum_back"] and e.pieces == []
+    assert res.functions == {"sum_front"}
+    from klpforge.ipa.report import to_text
+
+    assert "shares its address with sum_back (identical code folding)" in to_text(res, color=False)
+    rep = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(a), str(b), "-o", str(tmp_path / "lp.o"),
+                        "--symtab", str(a), "--json", str(rep), "--impact", str(a.parent)],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stderr
+    imp = json.loads(rep.read_text())["impact"]
+    assert "sum_back" not in {x["name"] for x in imp["predicted_unchanged"]}  # not a "piece" of sum_front
+    ub = next(u for u in imp["unpredicted"] if u["name"] == "use_back")
+    assert "identical code folding" in ub["cause"] and "sum_back" in ub["cause"]

@@ -11,8 +11,8 @@ treats ``.data..percpu`` and ``.data..ro_after_init`` by name) but holds only th
 other reference into it stays a reference to the running kernel's symbol.
 
 The assembler resolves a branch or ``%rip``-relative access to a local symbol of the *same* section
-without a relocation; once the section is carved such a displacement would point at garbage. Those are
-found with capstone and given a relocation (x86-64); on other architectures the diff refuses instead.
+without a relocation; once the section is carved such a displacement would point at garbage. Those get a
+relocation (x86-64, klpforge/sharedsec.py); on other architectures the diff refuses instead.
 
 >>> cv = carve(p, arch, sel, set(sel.sections))
 >>> cv.place(p.find_section(".data..read_mostly"), 0)  # knob_hits, the one new variable
@@ -28,13 +28,10 @@ import numpy as np
 from ..arch import Arch
 from ..elf import constants as C
 from ..model import Object
-from ..select import Selection, is_aux_code, is_special_section, resolve_target
+from ..select import Selection, resolve_target
+from ..sharedsec import gap, is_shared, resolved_refs
 
 __all__ = ["Carving", "carve"]
-
-#: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
-_X86_PC32, _X86_PLT32 = 2, 4
-
 
 @dataclass
 class Carving:
@@ -60,26 +57,20 @@ class Carving:
         return None
 
 
-def _carvable(p: Object, arch: Arch, sec: int) -> bool:
-    name = p.sec_names[sec]
-    return not (is_special_section(name) or is_aux_code(name) or name in arch.toc_sections
-                or p.section_flags(sec) & C.SHF_STRINGS)
-
-
 def carve(p: Object, arch: Arch, sel: Selection, candidates: set[int]) -> Carving:
     """Carve every section of ``candidates`` that holds a function/object symbol the live patch does not
     include (see the module docstring). Errors: none raised; what cannot be carved safely is returned in
     :attr:`Carving.refusals`."""
     cv = Carving()
-    shared = [s for s in sorted(candidates) if p.syms_in_section.get(s)
-              and any(m not in sel.included for m in p.syms_in_section[s]) and _carvable(p, arch, s)]
+    shared = [s for s in sorted(candidates) if is_shared(p, arch, s)
+              and any(m not in sel.included for m in p.syms_in_section[s])]
     if not shared:
         return cv
     anon = _anonymous_places(p, arch, sel, set(shared))
     for sec in shared:
         keep = [(int(p.value[m]), int(p.value[m]) + int(p.size[m])) for m in p.syms_in_section[sec]
                 if m in sel.included]
-        keep += [_gap(p, sec, w) for w in anon.get(sec, ())]
+        keep += [gap(p, sec, w) for w in anon.get(sec, ())]
         keep.sort()
         merged: list[list[int]] = []
         for lo, hi in keep:
@@ -104,11 +95,17 @@ def carve(p: Object, arch: Arch, sel: Selection, candidates: set[int]) -> Carvin
                 buf[new:new + hi - lo] = src[lo:hi]
             cv.data[sec] = bytes(buf)
         if p.is_text(sec):
-            _resolved_references(p, arch, sec, cv)
-            if cv.extra.get(sec) and cv.data[sec]:
+            extra = cv.extra.setdefault(sec, [])
+            for m in p.syms_in_section[sec]:
+                if m in sel.included:
+                    refs, problems = resolved_refs(p, arch, sec, int(p.value[m]), int(p.value[m]) + int(p.size[m]))
+                    cv.refusals.extend(problems)
+                    extra.extend(zip(refs["offset"].tolist(), refs["sym"].tolist(), refs["type"].tolist(),
+                                     refs["addend"].tolist(), strict=True))
+            if extra and cv.data[sec]:
                 # x86 (6.1 arch/x86/kernel/module.c) refuses to relocate a field that is not zero
                 buf = bytearray(cv.data[sec])
-                for off, *_ in cv.extra[sec]:
+                for off, *_ in extra:
                     at = cv.place(sec, off, inside=True)
                     if at is not None:
                         buf[at:at + 4] = bytes(4)
@@ -132,86 +129,3 @@ def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -
             if p.stype[t] == C.STT_SECTION:
                 out.setdefault(sec_syms[s], set()).add(a + arch.pcrel_bias.get(t_, 0))
     return out
-
-
-def _gap(p: Object, sec: int, where: int) -> tuple[int, int]:
-    """The symbol-free byte range around ``where``: from the end of the symbol before to the start of the
-    one after (the section's bounds when none)."""
-    lo, hi = 0, int(p.shdrs["size"][sec])
-    for m in p.syms_in_section.get(sec, []):
-        v, e = int(p.value[m]), int(p.value[m]) + int(p.size[m])
-        if e <= where:
-            lo = max(lo, e)
-        elif v > where:
-            hi = min(hi, v)
-    return lo, hi
-
-
-def _resolved_references(p: Object, arch: Arch, sec: int, cv: Carving) -> None:
-    """Find branches and ``%rip``-relative accesses of the kept code that leave their kept range with no
-    relocation (the assembler resolved them inside the section); relocate them (x86-64) or refuse."""
-    name = p.sec_names[sec]
-    rows = cv.ranges[sec]
-    if not arch.cs_arch:
-        cv.refusals.append(f"{name} is shared with functions that stay in the running kernel, and klpforge "
-                           f"cannot decode {arch.name} code to check the branches between them: put the "
-                           "changed function in a section of its own")
-        return
-    import capstone
-
-    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
-    md.detail = True
-    code = p.section_data(sec)
-    roffs = p.relocs(sec)["offset"].astype(np.int64)
-    x86 = arch.machine == C.EM_X86_64
-    extra = cv.extra.setdefault(sec, [])
-    for lo, hi, _new in rows.tolist():
-        for insn in md.disasm(code[lo:hi], lo):
-            a, n = int(insn.address), int(insn.size)
-            target, field, fsize, kind = _pcrel_operand(capstone, insn, x86)
-            if target is None or lo <= target < hi:
-                continue
-            k = int(np.searchsorted(roffs, a))
-            if k < len(roffs) and roffs[k] < a + n:
-                continue  # relocated: the linker computes it
-            f = p.symbol_at(sec, a)
-            t = p.symbol_at(sec, target)
-            where = f"{p.sym_names[f] if f >= 0 else name}+{a - (int(p.value[f]) if f >= 0 else 0):#x}"
-            tname = p.sym_names[t] if t >= 0 else f"{name}+{target:#x}"
-            if not x86 or fsize != 4 or t < 0:
-                cv.refusals.append(f"{where} reaches {tname} in the shared section {name} through a displacement "
-                                   "the assembler resolved without a relocation, which cannot be kept when only "
-                                   "the changed symbols are copied out of that section: put the changed "
-                                   "function in a section of its own")
-                continue
-            rtype = _X86_PLT32 if kind == "branch" else _X86_PC32
-            extra.append((a + field, t, rtype, target - int(p.value[t]) - (a + n - (a + field))))
-
-
-def _mode(capstone: object, spec: str) -> int:
-    mode = 0
-    for part in spec.split("|"):
-        if part.strip():
-            mode |= getattr(capstone, part.strip())
-    return mode
-
-
-def _pcrel_operand(capstone: object, insn: object, x86: bool) -> tuple[int | None, int, int, str]:
-    """(absolute target, field offset in the instruction, field size, 'branch'/'data') of a PC-relative
-    operand of ``insn``, or (None, 0, 0, '') when it has none."""
-    groups = set(insn.groups)  # type: ignore[attr-defined]
-    ops = insn.operands  # type: ignore[attr-defined]
-    if groups & {capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL}:  # type: ignore[attr-defined]
-        for op in ops:
-            if op.type == capstone.CS_OP_IMM:  # type: ignore[attr-defined]
-                if x86:
-                    return int(op.imm), int(insn.imm_offset), int(insn.imm_size), "branch"  # type: ignore[attr-defined]
-                return int(op.imm), 0, 0, "branch"
-    if x86:
-        from capstone import x86 as cx86
-
-        for op in ops:
-            if op.type == capstone.CS_OP_MEM and op.mem.base == cx86.X86_REG_RIP:  # type: ignore[attr-defined]
-                tgt = int(insn.address) + int(insn.size) + int(op.mem.disp)  # type: ignore[attr-defined]
-                return tgt, int(insn.disp_offset), int(insn.disp_size), "data"  # type: ignore[attr-defined]
-    return None, 0, 0, ""
