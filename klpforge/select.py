@@ -173,7 +173,10 @@ def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int,
     if site is not None and len(obj.syms_in_section.get(sec, ())) > 1:
         from .pcrel import pcrel_tail
 
-        where += pcrel_tail(obj, arch, site[0], site[1], rtype)
+        if 0 < site[0] < obj.nsec and not obj.is_text(site[0]):
+            where = addend  # data (``.long x - .`` in __jump_table, ORC): no instruction around the field
+        else:
+            where += pcrel_tail(obj, arch, site[0], site[1], rtype)
     t = obj.symbol_at(sec, where)
     if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
         return t, addend - int(obj.value[t])

@@ -190,13 +190,15 @@ class _Emitter:
 
     # -- relocations ----------------------------------------------------------------------------------
 
-    def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str, src: int = 0) -> None:
+    def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str, src: int = 0,
+                 table: int = 0) -> None:
         """Convert ``(offset, patched symbol, type, addend)`` entries for output section ``handle``. With
         ``src`` (the patched section they come from), offsets are patched ones: entries outside the kept
-        part of a carved section are dropped, the others moved."""
+        part of a carved section are dropped, the others moved. ``table``: the patched special section
+        a rebuilt table comes from (its offsets are new)."""
         normal = []
         for off, s, t, a in relocs:
-            site = None
+            site = (table, off) if table else None
             if src:
                 site = (src, off)
                 new = self.cv.place(src, off, inside=True)
@@ -300,7 +302,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
     kept: dict[str, tuple[int, int]] = {}
     for ps, (name, data, relocs, total, nkept) in specials.items():
         h = em.add_section(ps, data)
-        em.relocate(h, relocs, name)
+        em.relocate(h, relocs, name, table=ps)
         was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
         kept[name] = (was[0] + nkept, was[1] + total)
     em.finish_klp()
@@ -368,14 +370,12 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             bounds = np.searchsorted(r["offset"], np.arange(total + 1, dtype=np.uint64) * size)
             for e in candidates:
                 rr = r[bounds[e]:bounds[e + 1]]
-                targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0]
-                           for x in rr]
+                targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]),
+                                          (ps, int(x["offset"])))[0] for x in rr]
                 secs = [int(p.shndx[t]) for t in targets]
                 ok = name == ".printk_index" or any(
                     s in included_text and not is_aux_code(p.sec_names[s])
-                    and cv.place(s, int(p.value[int(x["sym"])]) + int(x["addend"])
-                                 + arch.pcrel_bias.get(int(x["type"]), 0) * (p.stype[int(x["sym"])] == C.STT_SECTION),
-                                 inside=True) is not None
+                    and cv.place(s, int(p.value[int(x["sym"])]) + int(x["addend"]), inside=True) is not None
                     for s, x in zip(secs, rr, strict=True))
                 if ok:
                     keep.append(e)
