@@ -217,6 +217,10 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
         if is_shared(p, arch, sec):
             sel.sections.setdefault(sec, f"holds {p.sym_names[sym]}")
             work.append((sec, int(p.value[sym]), int(p.value[sym]) + int(p.size[sym])))
+            for m in p.syms_in_section[sec]:  # aliases (foo.localalias, still-folded twins) come along
+                if m != sym and p.value[m] == p.value[sym] and p.size[m] == p.size[sym] \
+                        and p.stype[m] == p.stype[sym]:
+                    include(m, f"alias of {p.sym_names[sym]} (same bytes)")
         elif sec not in sel.sections:
             sel.sections[sec] = f"holds {p.sym_names[sym]}"
             work.append((sec, 0, int(p.shdrs["size"][sec])))

@@ -70,10 +70,15 @@ def resolved_refs(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[
 
 def _find(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
     name = obj.sec_names[sec]
-    if not arch.cs_arch:
-        return np.zeros(0, RELOC), [f"{name} is shared with code that stays in the running kernel, and klpforge "
-                                    f"cannot decode {arch.name} code to check the branches between them: put "
-                                    "the changed function in a section of its own"]
+    if arch.machine != C.EM_X86_64:
+        # capstone does not mark every PC-relative form as one on the others (s390 ``brasl``/``larl`` carry
+        # no branch group, aarch64 ``adr``), so a resolved reference could go unseen: refuse instead
+        f = obj.symbol_at(sec, lo)
+        what = obj.sym_names[f] if f >= 0 else f"{name}+{lo:#x}"
+        return np.zeros(0, RELOC), [f"{what} is in {name}, shared with code that stays in the running kernel; "
+                                    f"on {arch.name} klpforge cannot find every reference the assembler resolved "
+                                    "inside that section, so it cannot copy the function out alone: give it a "
+                                    "section of its own"]
     import capstone
 
     md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))

@@ -262,7 +262,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
             if ps in cv.ranges and s not in sel.included:
                 continue  # an unchanged neighbour: references to it stay references to the kernel's
             bind = int(p.sbind[s])
-            if s in patched_set or cmp.status.get(s) == "changed":
+            if s in patched_set or cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
                 bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
             em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], _out_value(cv, p, s), int(p.size[s]),
                                             int(p.stype[s]), bind, int(p.syms["other"][s]))
