@@ -31,11 +31,15 @@ _X86_PC32, _X86_PLT32 = 2, 4
 
 
 def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
-    """True for a section holding two or more function/object symbols that is taken symbol by symbol
-    (not a special table, auxiliary code, a TOC or merged strings, which have rules of their own)."""
+    """True for a section taken symbol by symbol: it holds two or more function/object symbols, or one
+    beside anonymous bytes (a jump table next to a named constant in ``.rodata``), all of them sized; not a
+    special table, auxiliary code, a TOC or merged strings, which have rules of their own."""
     from .select import is_special_section
 
-    if len(obj.syms_in_section.get(sec, ())) < 2:
+    members = obj.syms_in_section.get(sec, ())
+    if not members or any(int(obj.size[m]) <= 0 for m in members):
+        return False
+    if len(members) == 1 and (obj.section_owner[sec] >= 0 or int(obj.size[members[0]]) >= int(obj.shdrs["size"][sec])):
         return False
     name = obj.sec_names[sec]
     return not (is_special_section(name) or name in arch.toc_sections

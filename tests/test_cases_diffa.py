@@ -485,3 +485,41 @@ def test_impact_keeps_folded_functions_separate(gcc: str, tmp_path: Path) -> Non
     assert "sum_back" not in {x["name"] for x in imp["predicted_unchanged"]}  # not a "piece" of sum_front
     ub = next(u for u in imp["unpredicted"] if u["name"] == "use_back")
     assert "identical code folding" in ub["cause"] and "sum_back" in ub["cause"]
+
+
+def test_jump_table_beside_named_constants(gcc: str, tmp_path: Path) -> None:
+    """Without -ffunction-sections/-fdata-sections a switch's anonymous jump table shares .rodata with named
+    constants: the changed function takes its table (whose entries point into it) and nothing else."""
+    src = """
+extern void sink(int);
+static const int weights[8] = { 3, 1, 4, 1, 5, 9, 2, 6 };
+int weigh(int i) { return weights[i & 7]; }
+int pick(int k)
+{
+	switch (k) {
+	case 0: sink(11); return 1;
+	case 1: sink(12); return 4;
+	case 2: sink(13); return 9;
+	case 3: sink(14); return 16;
+	case 4: sink(15); return 25;
+	case 5: sink(16); return %d;
+	default: return 0;
+	}
+}
+"""
+    a, b = build(gcc, tmp_path, src % 36, src % 37, "-fno-function-sections", "-fno-data-sections",
+                 "-fjump-tables")
+    po = Object.load(b)
+    ro = po.find_section(".rodata")
+    assert ro is not None and len(po.syms_in_section.get(ro, [])) == 1  # weights, beside the table
+    assert any(po.stype[int(s)] == C.STT_SECTION and po.shndx[int(s)] == ro
+               for s in po.relocs(po.find_section(".text"))["sym"])  # pick reaches its table anonymously
+    out = diff(a, b, tmp_path)
+    assert set(out.defined()) <= {"pick", "pick.cold"} and "pick" in out.defined()
+    lp = out.obj
+    lro = lp.find_section(".rodata")
+    assert lro is not None
+    # the table (one eight-byte entry per case, each into the new pick) came along; weights did not
+    table = [r for r in lp.elf.relocs(lp.elf.reloc_sections[lro])["sym"].tolist()]
+    assert len(table) == len(po.relocs(ro)) and {lp.sym_names[s] for s in table} <= {"pick", ".text"}
+    assert int(lp.shdrs["size"][lro]) == int(po.shdrs["size"][ro]) - 32

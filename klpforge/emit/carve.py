@@ -123,6 +123,13 @@ def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -
     for src in sel.sections:
         r = p.relocs(src)
         hit = r[np.isin(r["sym"].astype(np.int64), list(sec_syms))]
+        if is_shared(p, arch, src):  # only what the included symbols' own bytes reference
+            mine = np.zeros(len(hit), bool)
+            for m in p.syms_in_section[src]:
+                if m in sel.included:
+                    v = int(p.value[m])
+                    mine |= (hit["offset"] >= v) & (hit["offset"] < v + int(p.size[m]))
+            hit = hit[mine]
         for x in hit:
             s, t_, a, off = int(x["sym"]), int(x["type"]), int(x["addend"]), int(x["offset"])
             t, _ = resolve_target(p, arch, s, t_, a, (src, off))
