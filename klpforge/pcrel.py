@@ -19,7 +19,7 @@ from .arch import Arch
 from .elf import constants as C
 from .model import Object
 
-__all__ = ["pcrel_tail"]
+__all__ = ["pcrel_tail", "pcrel_tails"]
 
 #: x86-64 relocation types whose field is a 32-bit displacement from the next instruction
 #: (PC32, PLT32, GOTPCREL, GOTPCRELX, REX_GOTPCRELX)
@@ -48,3 +48,25 @@ def pcrel_tail(obj: Object, arch: Arch, sec: int, off: int, rtype: int) -> int:
         return 0
     tail = int(ends[k]) - (off + 4)
     return tail if 0 <= tail <= 8 else 0
+
+
+def pcrel_tails(obj: Object, arch: Arch, rel: np.ndarray, relsec: np.ndarray) -> np.ndarray:
+    """:func:`pcrel_tail` for every relocation of ``rel`` (applied to sections ``relsec``) that reaches a
+    section shared by several symbols through its section symbol from code; 0 for the rest. Added to the
+    addends before they are resolved to symbols, so ``addl $1, b(%rip)`` does not name the symbol before b."""
+    out = np.zeros(len(rel), np.int64)
+    if arch.machine != C.EM_X86_64 or not len(rel):
+        return out
+    syms = rel["sym"].astype(np.int64)
+    tsec = obj.shndx[syms]
+    nmem = np.zeros(obj.nsec + 1, np.int64)
+    for sec, members in obj.syms_in_section.items():
+        if 0 <= sec < obj.nsec:
+            nmem[sec] = len(members)
+    text = (obj.shdrs["flags"].astype(np.int64) & C.SHF_EXECINSTR) != 0
+    cand = (obj.stype[syms] == C.STT_SECTION) & (tsec > 0) & (tsec < obj.nsec) \
+        & (nmem[np.clip(tsec, 0, obj.nsec)] > 1) & np.isin(rel["type"].astype(np.int64), list(_X86_PCREL)) \
+        & text[np.clip(relsec, 0, obj.nsec - 1)]
+    for j in np.flatnonzero(cand).tolist():
+        out[j] = pcrel_tail(obj, arch, int(relsec[j]), int(rel["offset"][j]), int(rel["type"][j]))
+    return out

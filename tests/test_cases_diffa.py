@@ -21,6 +21,9 @@ from klpforge.errors import UnsafeChange
 from klpforge.model import Object
 
 from .conftest import ROOT, SHARED
+from .test_kernel_e2e import baseline, unchanged_tree  # noqa: F401 - fixtures of the kernel test below
+from .test_kernel_e2e import build as kbuild
+from .test_kernel_e2e import klpforge as run_klpforge
 
 CASES = SHARED / "cases"
 
@@ -523,3 +526,47 @@ int pick(int k)
     table = [r for r in lp.elf.relocs(lp.elf.reloc_sections[lro])["sym"].tolist()]
     assert len(table) == len(po.relocs(ro)) and {lp.sym_names[s] for s in table} <= {"pick", ".text"}
     assert int(lp.shdrs["size"][lro]) == int(po.shdrs["size"][ro]) - 32
+
+
+# -- item 1 on the real kernel: built, loaded and checked in QEMU ---------------------------------------
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("unchanged_tree")
+def test_kernel_new_read_mostly_variable_beside_the_kernels(kernel, tmp_path: Path) -> None:
+    """kernel/printk/printk.c: devkmsg_write() gains a new ``__read_mostly`` counter beside devkmsg_log and
+    the other variables of .data..read_mostly. The sysctl handler (unchanged, the kernel's) turns
+    devkmsg_log on; the patched function must see that (the kernel's variable, not a copy) and count two
+    writes in its own new variable."""
+    import json
+
+    ko = tmp_path / "livepatch-readmostly.ko"
+    r = kbuild(kernel, "20-printk-readmostly-new.patch", ko)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(ko.with_suffix(".json").read_text())
+    assert {f["old_name"] for o in report["objects"] for f in o["functions"]} == {"devkmsg_write"}
+    check = ("echo on > /proc/sys/kernel/printk_devkmsg && echo a > /dev/kmsg && echo b > /dev/kmsg && "
+             "dmesg | grep klpforge-kmsg | tail -n 1")
+    v = run_klpforge("verify", str(ko), "--kernel", str(kernel.bzimage), "--check", check,
+                     "--expect", "klpforge-kmsg: 2 writes, devkmsg_log 1",
+                     "--console-log", str(tmp_path / "console.log"), timeout=300)
+    assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
+
+
+def test_store_with_immediate_into_shared_section_is_not_a_change(gcc: str, tmp_path: Path) -> None:
+    """``movl $1, keep(%rip)`` stores ``keep - 8``: read naively it names the variable before keep. When a
+    new variable moves keep, set_keep (unchanged) must still compare equal, and the new reader's accesses
+    must name the right kernel variables (printk.c's keep_bootcon_setup beside a new __read_mostly)."""
+    src = """
+#define __read_mostly __attribute__((__section__(".data..read_mostly")))
+static int first __read_mostly = 5;
+%s
+static int keep __read_mostly;
+void set_keep(void) { keep = 1; first = 2; }
+int read_all(void) { %s return first + keep; }
+"""
+    a, b = build(gcc, tmp_path, src % ("", ""), src % ("static int added __read_mostly;", "added += 3;"))
+    out = diff(a, b, tmp_path)
+    assert [f.old_name for f in out.res.patched_functions] == ["read_all"]
+    assert set(out.defined()) == {"read_all", "added"}
+    assert out.klp_targets() == {"first", "keep"}
