@@ -570,3 +570,24 @@ int read_all(void) { %s return first + keep; }
     assert [f.old_name for f in out.res.patched_functions] == ["read_all"]
     assert set(out.defined()) == {"read_all", "added"}
     assert out.klp_targets() == {"first", "keep"}
+
+
+def test_icf_global_other_member_is_refused(gcc: str, tmp_path: Path) -> None:
+    """The member that would have to move to a copy is global (callers in other objects): refused, naming
+    both functions and the folding; editing the global one instead works (the static one is copied)."""
+    orig, patched = case("icf-alias")
+    glob = "__attribute__((noinline)) int sum_back"
+    orig = orig.replace("__attribute__((noinline)) static int sum_back", glob)
+    patched = patched.replace("__attribute__((noinline)) static int sum_back", glob)
+    a, b = build(gcc, tmp_path, orig, patched)
+    if not _folded(a):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    with pytest.raises(UnsafeChange, match=r"sum_front and sum_back were one body at one address in the original "
+                                           r"object .*identical code folding.*sum_back is global"):
+        diff(a, b, tmp_path)
+    d2 = tmp_path / "other"
+    d2.mkdir()
+    a2, b2 = build(gcc, d2, orig, _icf_other_member(orig))
+    out = diff(a2, b2, d2)
+    assert {f.old_name for f in out.res.patched_functions} == {"sum_back", "use_front"}
+    assert "sum_front" in out.defined() and "sum_front" not in out.klp_targets()
