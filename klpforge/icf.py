@@ -81,7 +81,7 @@ def split_folded(corr: Correlation, patched: list[int], include: Callable[[int, 
                 refusals.append(f"{fold}, and the address of {gname} is stored in {', '.join(data_refs)}, "
                                 "which stays in the running kernel")
                 continue
-            callers = users_of(p, {g}).get(g, set())
+            callers = {c for c in users_of(p, {g}).get(g, set()) if p.stype[c] == C.STT_FUNC}
             callers = {_parent(p, c) for c in callers} - {g}
             bad = sorted(p.sym_names[c] for c in callers if is_init(p.sec_names[int(p.shndx[c])]))
             if bad:

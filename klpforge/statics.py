@@ -54,10 +54,11 @@ def _number(name: str) -> int:
 
 
 def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
-    """For each symbol of ``wanted``: the function symbols whose code references it (directly, through its
-    section symbol plus an offset, or through a ppc64 TOC slot). Shape: ``{symbol: {function symbol}}``;
-    a symbol nobody's code references is absent. Works with or without ``-ffunction-sections``: the
-    referencing function is the one covering the relocation's place."""
+    """For each symbol of ``wanted``: the function and data symbols whose bytes reference it (directly,
+    through its section symbol plus an offset, or through a ppc64 TOC slot; a compound literal's user is the
+    table holding its address). Shape: ``{symbol: {function or object symbol}}``; a symbol nobody
+    references is absent. Works with or without ``-ffunction-sections``: the referencing symbol is the one
+    covering the relocation's place."""
     out: dict[int, set[int]] = defaultdict(set)
     if not wanted:
         return out
@@ -69,24 +70,66 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
     tocs = [int(obj.section_symbol[i]) for i, n in enumerate(obj.sec_names) if n in arch.toc_sections]
     targets = np.concatenate([w, secsyms[secsyms >= 0], np.array(tocs, np.int64)])
     hit = np.flatnonzero(np.isin(rel["sym"].astype(np.int64), targets))
-    for j in hit.tolist():
-        tgt = int(relsec[j])
-        if not obj.is_text(tgt):
+    alloc = (obj.shdrs["flags"].astype(np.int64) & C.SHF_ALLOC) != 0
+    hs = relsec[hit].astype(np.int64)
+    hit = hit[(hs > 0) & (hs < obj.nsec) & alloc[np.clip(hs, 0, obj.nsec - 1)]]
+    if not len(hit):
+        return out
+    users = _covering(obj, relsec[hit].astype(np.int64), rel["offset"][hit].astype(np.int64))
+    ok = users >= 0
+    ok[ok] = np.isin(obj.stype[users[ok]], (C.STT_FUNC, C.STT_OBJECT))
+    hit, users = hit[ok], users[ok]
+    syms = rel["sym"][hit].astype(np.int64)
+    adds = rel["addend"][hit].astype(np.int64)
+    types = rel["type"][hit].astype(np.int64)
+    tsec = obj.shndx[syms]
+    is_sec = obj.stype[syms] == C.STT_SECTION
+    toc = np.zeros(len(hit), bool)
+    if tocs:
+        toc = is_sec & np.isin(obj.section_symbol[np.clip(tsec, 0, obj.nsec - 1)], tocs)
+        for j in np.flatnonzero(toc).tolist():  # ppc64: code reaches data through a TOC slot
+            slot = obj.relocs(int(tsec[j]))
+            slot = slot[slot["offset"] == adds[j]]
+            if len(slot):
+                syms[j], adds[j], types[j] = int(slot["sym"][0]), int(slot["addend"][0]), int(slot["type"][0])
+                tsec[j] = obj.shndx[syms[j]]
+        is_sec = obj.stype[syms] == C.STT_SECTION
+    bias = np.zeros(len(types), np.int64)
+    for t, b in arch.pcrel_bias.items():
+        bias[types == t] = b
+    target = syms.copy()
+    target[is_sec] = _covering(obj, tsec[is_sec], adds[is_sec] + bias[is_sec])
+    keep = np.isin(target, w)
+    for s_, f_ in zip(target[keep].tolist(), users[keep].tolist(), strict=True):
+        out[s_].add(f_)
+    return out
+
+
+def _covering(obj: Object, secs: np.ndarray, offs: np.ndarray) -> np.ndarray:
+    """:meth:`Object.symbol_at` for many (section, offset) places at once (-1 where none): the symbol
+    covering the place, else one ending exactly there (``&array[N]``); a section owned by its one symbol
+    maps every place to it."""
+    out = np.full(len(secs), -1, np.int64)
+    if not len(secs):
+        return out
+    order = np.argsort(secs, kind="stable")
+    ss = secs[order]
+    cuts = np.flatnonzero(np.diff(ss)) + 1
+    for grp in np.split(order, cuts):
+        sec = int(secs[grp[0]])
+        members = obj.syms_in_section.get(sec)
+        if not 0 < sec < obj.nsec or not members:
             continue
-        off, s, a, t = int(rel["offset"][j]), int(rel["sym"][j]), int(rel["addend"][j]), int(rel["type"][j])
-        f = obj.symbol_at(tgt, off)
-        if f < 0 or obj.stype[f] != C.STT_FUNC:
+        if len(members) == 1 and obj.section_owner[sec] == members[0]:
+            out[grp] = members[0]
             continue
-        if obj.stype[s] == C.STT_SECTION and obj.sec_names[int(obj.shndx[s])] in arch.toc_sections:
-            slot = obj.relocs(int(obj.shndx[s]))
-            slot = slot[slot["offset"] == a]
-            if not len(slot):
-                continue
-            s, a, t = int(slot["sym"][0]), int(slot["addend"][0]), int(slot["type"][0])
-        if obj.stype[s] == C.STT_SECTION:
-            s = obj.symbol_at(int(obj.shndx[s]), a + arch.pcrel_bias.get(t, 0))
-        if s in wanted:
-            out[s].add(f)
+        starts, ends, msyms, _prev = obj.sorted_members(sec)
+        o = offs[grp]
+        k = np.searchsorted(starts, o, side="right") - 1
+        kk = np.clip(k, 0, None)
+        cover = (k >= 0) & (ends[kk] > o)
+        at_end = (k >= 0) & ~cover & (starts[kk] + obj.size[msyms[kk]] == o)
+        out[grp] = np.where(cover | at_end, msyms[kk], -1)
     return out
 
 
