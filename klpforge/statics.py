@@ -85,14 +85,18 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
     tsec = obj.shndx[syms]
     is_sec = obj.stype[syms] == C.STT_SECTION
     toc = np.zeros(len(hit), bool)
-    if tocs:
+    if tocs:  # ppc64: code reaches data through a TOC slot, whose relocation names the static
         toc = is_sec & np.isin(obj.section_symbol[np.clip(tsec, 0, obj.nsec - 1)], tocs)
-        for j in np.flatnonzero(toc).tolist():  # ppc64: code reaches data through a TOC slot
-            slot = obj.relocs(int(tsec[j]))
-            slot = slot[slot["offset"] == adds[j]]
-            if len(slot):
-                syms[j], adds[j], types[j] = int(slot["sym"][0]), int(slot["addend"][0]), int(slot["type"][0])
-                tsec[j] = obj.shndx[syms[j]]
+        for ts in np.unique(tsec[toc]).tolist():
+            j = np.flatnonzero(toc & (tsec == ts))
+            slots = obj.relocs(int(ts))
+            k = np.minimum(np.searchsorted(slots["offset"].astype(np.int64), adds[j]), max(len(slots) - 1, 0))
+            found = (slots["offset"][k].astype(np.int64) == adds[j]) if len(slots) else np.zeros(len(j), bool)
+            j, k = j[found], k[found]
+            syms[j] = slots["sym"][k].astype(np.int64)
+            adds[j] = slots["addend"][k].astype(np.int64)
+            types[j] = slots["type"][k].astype(np.int64)
+        tsec = obj.shndx[syms]
         is_sec = obj.stype[syms] == C.STT_SECTION
     bias = np.zeros(len(types), np.int64)
     for t, b in arch.pcrel_bias.items():
