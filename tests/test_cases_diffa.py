@@ -531,63 +531,38 @@ int pick(int k)
 # -- item 1 on the real kernel: built, loaded and checked in QEMU ---------------------------------------
 
 
+#: (patch, functions replaced, what the patch defines, check, expected output)
+KERNEL_CASES = [
+    # devkmsg_write() gains a new __read_mostly counter beside devkmsg_log and the other variables of
+    # .data..read_mostly; the kernel's own sysctl handler turns devkmsg_log on, and the patched function
+    # must see that (the kernel's variable, not a copy)
+    ("20-printk-readmostly-new.patch", {"devkmsg_write"}, {"devkmsg_write", "devkmsg_write.cold", "klp_kmsg_writes"},
+     "echo on > /proc/sys/kernel/printk_devkmsg && echo a > /dev/kmsg && echo b > /dev/kmsg && "
+     "dmesg | grep klpforge-kmsg | tail -n 1", "klpforge-kmsg: 2 writes, devkmsg_log 1"),
+    # do_nanosleep() calls a new __sched helper: both leave .sched.text alone (their call, resolved by the
+    # assembler, relocated); hrtimer_nanosleep_restart() and the global schedule_hrtimeout*() stay the kernel's
+    ("21-hrtimer-sched-text.patch", {"do_nanosleep"}, {"do_nanosleep", "klp_note_sleep", "klp_sleeps"},
+     "sleep 0.1; dmesg | grep -m1 klpforge-nanosleep", "klpforge-nanosleep: mode 1"),
+]
+
+
 @pytest.mark.kernel
 @pytest.mark.usefixtures("unchanged_tree")
-def test_kernel_new_read_mostly_variable_beside_the_kernels(kernel, tmp_path: Path) -> None:
-    """kernel/printk/printk.c: devkmsg_write() gains a new ``__read_mostly`` counter beside devkmsg_log and
-    the other variables of .data..read_mostly. The sysctl handler (unchanged, the kernel's) turns
-    devkmsg_log on; the patched function must see that (the kernel's variable, not a copy) and count two
-    writes in its own new variable."""
+@pytest.mark.parametrize("patch,replaced,included,check,expect", KERNEL_CASES,
+                         ids=[c[0].removesuffix(".patch") for c in KERNEL_CASES])
+def test_kernel_shared_section(kernel, tmp_path: Path, patch: str, replaced: set[str], included: set[str],
+                               check: str, expect: str) -> None:
+    """Built with ``klpforge build`` on the prepared 6.1 kernel, loaded and checked in QEMU: only the
+    changed and new symbols of a shared section go in, and the patched code uses the kernel's others."""
     import json
 
-    ko = tmp_path / "livepatch-readmostly.ko"
-    r = kbuild(kernel, "20-printk-readmostly-new.patch", ko)
+    ko = tmp_path / "livepatch-shared.ko"
+    r = kbuild(kernel, patch, ko)
     assert r.returncode == 0, r.stderr
     report = json.loads(ko.with_suffix(".json").read_text())
-    assert {f["old_name"] for o in report["objects"] for f in o["functions"]} == {"devkmsg_write"}
-    check = ("echo on > /proc/sys/kernel/printk_devkmsg && echo a > /dev/kmsg && echo b > /dev/kmsg && "
-             "dmesg | grep klpforge-kmsg | tail -n 1")
-    v = run_klpforge("verify", str(ko), "--kernel", str(kernel.bzimage), "--check", check,
-                     "--expect", "klpforge-kmsg: 2 writes, devkmsg_log 1",
+    assert {f["old_name"] for o in report["objects"] for f in o["functions"]} == replaced
+    diff_report = report["objects"][0]["diff_report"]
+    assert {i["name"] for i in diff_report["included"]} == included
+    v = run_klpforge("verify", str(ko), "--kernel", str(kernel.bzimage), "--check", check, "--expect", expect,
                      "--console-log", str(tmp_path / "console.log"), timeout=300)
     assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
-
-
-def test_store_with_immediate_into_shared_section_is_not_a_change(gcc: str, tmp_path: Path) -> None:
-    """``movl $1, keep(%rip)`` stores ``keep - 8``: read naively it names the variable before keep. When a
-    new variable moves keep, set_keep (unchanged) must still compare equal, and the new reader's accesses
-    must name the right kernel variables (printk.c's keep_bootcon_setup beside a new __read_mostly)."""
-    src = """
-#define __read_mostly __attribute__((__section__(".data..read_mostly")))
-static int first __read_mostly = 5;
-%s
-static int keep __read_mostly;
-void set_keep(void) { keep = 1; first = 2; }
-int read_all(void) { %s return first + keep; }
-"""
-    a, b = build(gcc, tmp_path, src % ("", ""), src % ("static int added __read_mostly;", "added += 3;"))
-    out = diff(a, b, tmp_path)
-    assert [f.old_name for f in out.res.patched_functions] == ["read_all"]
-    assert set(out.defined()) == {"read_all", "added"}
-    assert out.klp_targets() == {"first", "keep"}
-
-
-def test_icf_global_other_member_is_refused(gcc: str, tmp_path: Path) -> None:
-    """The member that would have to move to a copy is global (callers in other objects): refused, naming
-    both functions and the folding; editing the global one instead works (the static one is copied)."""
-    orig, patched = case("icf-alias")
-    glob = "__attribute__((noinline)) int sum_back"
-    orig = orig.replace("__attribute__((noinline)) static int sum_back", glob)
-    patched = patched.replace("__attribute__((noinline)) static int sum_back", glob)
-    a, b = build(gcc, tmp_path, orig, patched)
-    if not _folded(a):
-        pytest.skip("gcc did not fold sum_front and sum_back")
-    with pytest.raises(UnsafeChange, match=r"sum_front and sum_back were one body at one address in the original "
-                                           r"object .*identical code folding.*sum_back is global"):
-        diff(a, b, tmp_path)
-    d2 = tmp_path / "other"
-    d2.mkdir()
-    a2, b2 = build(gcc, d2, orig, _icf_other_member(orig))
-    out = diff(a2, b2, d2)
-    assert {f.old_name for f in out.res.patched_functions} == {"sum_back", "use_front"}
-    assert "sum_front" in out.defined() and "sum_front" not in out.klp_targets()
