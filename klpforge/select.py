@@ -26,7 +26,7 @@ from .elf.file import cstring_at
 from .icf import split_folded
 from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
-from .sharedsec import gap, is_shared, resolved_refs
+from .sharedsec import gap, is_shared, place_of, resolved_refs
 
 __all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
@@ -171,12 +171,7 @@ def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int,
     sec = int(obj.shndx[sym])
     where = addend + arch.pcrel_bias.get(rtype, 0)
     if site is not None and len(obj.syms_in_section.get(sec, ())) > 1:
-        from .pcrel import pcrel_tail
-
-        if 0 < site[0] < obj.nsec and not obj.is_text(site[0]):
-            where = addend  # data (``.long x - .`` in __jump_table, ORC): no instruction around the field
-        else:
-            where += pcrel_tail(obj, arch, site[0], site[1], rtype)
+        where = place_of(obj, arch, rtype, addend, site)
     t = obj.symbol_at(sec, where)
     if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
         return t, addend - int(obj.value[t])
@@ -298,7 +293,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 continue
             if p.stype[t] == C.STT_SECTION:
                 if is_shared(p, arch, tsec):  # anonymous bytes beside symbols: that gap alone
-                    g = (tsec, *gap(p, tsec, a + arch.pcrel_bias.get(t_, 0)))
+                    g = (tsec, *gap(p, tsec, place_of(p, arch, t_, a, (sec, roff))))
                     if g not in gaps:
                         gaps.add(g)
                         sel.sections.setdefault(tsec, f"used by {owner_names}")

@@ -24,7 +24,7 @@ from .elf import constants as C
 from .elf.types import RELOC
 from .model import Object
 
-__all__ = ["is_shared", "gap", "resolved_refs", "same_but_resolved"]
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
 _X86_PC32, _X86_PLT32 = 2, 4
@@ -44,6 +44,17 @@ def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
     name = obj.sec_names[sec]
     return not (is_special_section(name) or name in arch.toc_sections
                 or obj.section_flags(sec) & C.SHF_STRINGS)
+
+
+def place_of(obj: Object, arch: Arch, rtype: int, addend: int, site: tuple[int, int]) -> int:
+    """The byte a section-symbol relocation at ``site`` (section, offset) addresses in its target section:
+    the addend, plus the architecture's PC-relative bias and any x86-64 immediate after the field when the
+    relocation sits in code (``.long x - .`` in data has no instruction around it)."""
+    if 0 < site[0] < obj.nsec and not obj.is_text(site[0]):
+        return addend
+    from .pcrel import pcrel_tail
+
+    return addend + arch.pcrel_bias.get(rtype, 0) + pcrel_tail(obj, arch, site[0], site[1], rtype)
 
 
 def gap(obj: Object, sec: int, where: int) -> tuple[int, int]:

@@ -1,14 +1,12 @@
 """Per-symbol inclusion from sections shared by several symbols (the *emit* stage's first step).
 
-Every explicit section attribute puts many symbols into one section: ``__read_mostly``
-(``.data..read_mostly``), ``__ro_after_init``, ``.data..percpu``, ``__cacheline_aligned``, and for code
-``__sched`` (``.sched.text``), ``__kprobes``, ``__lockfunc`` (``.spinlock.text``), ``.entry.text``,
-``.noinstr.text``; so do ``.data``/``.bss``/``.text`` without ``-fdata-sections``/``-ffunction-sections``.
-Copying such a section whole would copy its unchanged neighbours, and the patched code would read and call
-the copies instead of the running kernel's objects. A shared section keeps its name (the module loader
-treats ``.data..percpu`` and ``.data..ro_after_init`` by name) but holds only the included symbols' bytes
-(and the anonymous bytes included code addresses), each at an offset aligned as the section is; every
-other reference into it stays a reference to the running kernel's symbol.
+A section an explicit attribute (``__read_mostly``, ``__sched`` ...) or a build without
+``-fdata-sections``/``-ffunction-sections`` shares among symbols (klpforge/sharedsec.py) is not copied
+whole: that would copy its unchanged neighbours, and the patched code would read and call the copies
+instead of the running kernel's objects. It keeps its name (the module loader treats ``.data..percpu`` and
+``.data..ro_after_init`` by name) but holds only the included symbols' bytes (and the anonymous bytes they
+address), each at an offset aligned as the section is; every other reference into it stays a reference
+to the running kernel's symbol.
 
 The assembler resolves a branch or ``%rip``-relative access to a local symbol of the *same* section
 without a relocation; once the section is carved such a displacement would point at garbage. Those get a
@@ -29,9 +27,10 @@ from ..arch import Arch
 from ..elf import constants as C
 from ..model import Object
 from ..select import Selection, resolve_target
-from ..sharedsec import gap, is_shared, resolved_refs
+from ..sharedsec import gap, is_shared, place_of, resolved_refs
 
 __all__ = ["Carving", "carve"]
+
 
 @dataclass
 class Carving:
@@ -134,5 +133,5 @@ def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -
             s, t_, a, off = int(x["sym"]), int(x["type"]), int(x["addend"]), int(x["offset"])
             t, _ = resolve_target(p, arch, s, t_, a, (src, off))
             if p.stype[t] == C.STT_SECTION:
-                out.setdefault(sec_syms[s], set()).add(a + arch.pcrel_bias.get(t_, 0))
+                out.setdefault(sec_syms[s], set()).add(place_of(p, arch, t_, a, (src, off)))
     return out
