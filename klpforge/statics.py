@@ -3,8 +3,9 @@
 GCC names a function's ``static int count`` ``count.N``, with N counted over the whole translation unit,
 so a patch that adds, removes or reorders any such static renumbers the others, and a clone
 (``.constprop``/``.isra``/``.part``) or an inlining moves the code that uses one. A static is therefore paired
-through the functions that use it, never through its number or its position: each side's *users* are
-the source functions (clone suffixes removed) whose code references it. Two statics pair when
+through what uses it, never through its number or its position: each side's *users* are the source
+functions (clone suffixes removed) whose code, and the data objects whose bytes, reference it (GCC 12
+naming; clang's ``func.var`` form of macro statics is left to correlate's rules). Two statics pair when
 
 1. their user sets are equal and no other static of the name on either side has that set (several of one
    name in the same functions, as a macro's block-scope statics, pair in declaration order), else
@@ -14,8 +15,10 @@ the source functions (clone suffixes removed) whose code references it. Two stat
 A patched static with no compatible candidate is new (a fresh variable in the live patch); one with
 several is *ambiguous*: recorded so that select refuses a patch that would use it, naming it.
 
->>> pair_statics(corr, olist=[4, 7], plist=[4, 7, 10])  # doctest: +SKIP
-{10: 'static local referenced by the same functions'}
+>>> pair_statics(corr, [([4, 7], [4, 7, 10])])  # count.1/count.0 vs count.1/count.0/count.2  # doctest: +SKIP
+{}
+>>> corr.reasons[4]  # doctest: +SKIP
+'static local referenced by the same functions'
 """
 
 from __future__ import annotations
