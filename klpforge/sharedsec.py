@@ -33,7 +33,16 @@ _X86_PC32, _X86_PLT32 = 2, 4
 def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
     """True for a section taken symbol by symbol: it holds two or more function/object symbols, or one
     beside anonymous bytes (a jump table next to a named constant in ``.rodata``), all of them sized; not a
-    special table, auxiliary code, a TOC or merged strings, which have rules of their own."""
+    special table, auxiliary code, a TOC or merged strings, which have rules of their own. Cached per
+    object."""
+    cache: dict[int, bool] = obj.__dict__.setdefault("_shared", {})
+    got = cache.get(sec)
+    if got is None:
+        got = cache[sec] = _is_shared(obj, arch, sec)
+    return got
+
+
+def _is_shared(obj: Object, arch: Arch, sec: int) -> bool:
     from .select import is_special_section
 
     members = obj.syms_in_section.get(sec, ())
