@@ -322,6 +322,7 @@ def test_case_readmostly_new(gcc: str, tmp_path: Path) -> None:
     assert out.refs_from(".text.knob_read").count("knob_hits") == 1
     lp = out.obj
     assert int(lp.shdrs["size"][lp.find_section(".data..read_mostly")]) == 4  # knob_hits alone
+    assert out.res.report["carved_sections"] == {".data..read_mostly": {"kept_bytes": 4, "total_bytes": 12}}
 
 
 #: text-section attributes of kernel 6.1 (include/linux/sched/debug.h, kprobes.h, spinlock.h, objtool's

@@ -78,6 +78,8 @@ class EmitResult:
     special_kept: dict[str, tuple[int, int]]  # table -> (kept, total)
     refusals: list[str]
     callbacks: dict[str, str]
+    #: shared sections taken symbol by symbol -> (bytes kept, bytes in the patched object's section)
+    carved: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def alias_name(obj: str, name: str, sympos: int) -> str:
@@ -316,7 +318,8 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         em.w.add_symbol(alias, em.out_sec[int(p.shndx[v])], _out_value(cv, p, v), int(p.size[v]), C.STT_FUNC,
                         C.STB_GLOBAL)
         cbs[kind] = alias
-    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs)
+    carved = {p.sec_names[s]: (cv.size[s], int(p.shdrs["size"][s])) for s in sorted(cv.ranges)}
+    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs, carved)
 
 
 def _out_value(cv: Carving, p: Object, s: int) -> int:
