@@ -567,3 +567,18 @@ def test_kernel_shared_section(kernel, tmp_path: Path, patch: str, replaced: set
     v = run_klpforge("verify", str(ko), "--kernel", str(kernel.bzimage), "--check", check, "--expect", expect,
                      "--console-log", str(tmp_path / "console.log"), timeout=300)
     assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
+
+
+def test_refusals_through_the_cli(gcc: str, tmp_path: Path) -> None:
+    """The CLI: a refused folded pair exits 2 with one line per reason on stderr, no traceback, no output."""
+    orig, _ = case("icf-alias")
+    orig += "int (*const back_ops[])(int) = { sum_back };\n"
+    a, b = build(gcc, tmp_path, orig, orig.replace("* 7", "* 9", 1))
+    if not _folded(a):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    out = tmp_path / "lp.o"
+    p = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(a), str(b), "-o", str(out), "--symtab", str(a)],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
+    assert p.returncode == 2
+    assert "sum_front and sum_back were one body at one address" in p.stderr and "back_ops" in p.stderr
+    assert "Traceback" not in p.stderr and not out.exists()
