@@ -25,6 +25,7 @@ from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static
 from .reloc_keys import TargetKeys
+from .sharedsec import is_shared, same_but_resolved
 
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_ARGS"]
 
@@ -112,6 +113,10 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
         why = _differs(o, p, keys, osec, psec, olo, ohi, plo, phi)
         if why is None:
             res.status[pi] = SAME
+            continue
+        if why == "bytes" and p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
+                and same_but_resolved(o, p, corr.o2p, arch, osec, psec, olo, ohi, plo, phi):
+            res.status[pi] = SAME  # only calls into moved neighbours of its shared section differ
             continue
         if why == "bytes" and p.is_text(psec):
             if _line_only(o, p, keys, osec, psec, olo, ohi, plo, phi):

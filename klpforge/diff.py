@@ -141,6 +141,7 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
     report["klp_relocations"] = [r.__dict__ for r in res.klp_relocs]
     report["normal_externals"] = res.normal_externals
     report["special_sections"] = {k: {"kept": v[0], "total": v[1]} for k, v in res.special_kept.items()}
+    report["carved_sections"] = {k: {"kept_bytes": v[0], "total_bytes": v[1]} for k, v in res.carved.items()}
     report["callbacks"] = res.callbacks
     if out is not None:
         atomic_write(out, res.data)

@@ -21,6 +21,7 @@ from .correlate import Correlation
 from .elf import constants as C
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, special_kind
+from .pcrel import pcrel_tails
 
 __all__ = ["TargetKeys", "SYM_BASE"]
 
@@ -69,7 +70,7 @@ class TargetKeys:
             r = obj.all_relocs[0]
             syms = r["sym"].astype(np.int64)
             kid = self._sid[id(obj)][syms] if len(r) else np.zeros(0, np.int64)
-            add = r["addend"].astype(np.int64)
+            add = r["addend"].astype(np.int64) + pcrel_tails(obj, self.arch, r, obj.all_relocs[1])
             todo = np.flatnonzero(kid < 0)
             if len(todo):
                 todo = self._vector_section_refs(obj, r, syms, kid, add, todo)
@@ -318,8 +319,15 @@ class TargetKeys:
             done[grp[ok]] = True
         return left[~done]
 
-    def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
-        """(what, addend relative to it) for one relocation of ``obj``."""
+    def key(self, obj: Object, sym: int, rtype: int, addend: int,
+            site: tuple[int, int] | None = None) -> tuple[object, int]:
+        """(what, addend relative to it) for one relocation of ``obj``. With the relocation's ``site``
+        (section, offset), an x86-64 immediate after the field counts (klpforge/pcrel.py); without it the
+        addend is taken to include that already."""
+        if site is not None:
+            rel = np.zeros(1, obj.all_relocs[0].dtype)
+            rel["offset"], rel["sym"], rel["type"], rel["addend"] = site[1], sym, rtype, addend
+            addend += int(pcrel_tails(obj, self.arch, rel, np.array([site[0]], np.int64))[0])
         k = self.symkey(obj, sym)
         if k is not None:
             return k, addend

@@ -24,9 +24,11 @@ from .correlate import Correlation
 from .elf import constants as C
 from .elf.file import cstring_at
 from .ftrace_entry import with_entry
+from .icf import split_folded
 from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
 from .secnames import is_init_section
+from .sharedsec import gap, is_shared, place_of, resolved_refs
 
 __all__ = ["Selection", "select", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
@@ -111,14 +113,19 @@ def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
     return funcs, _pointed_strings(obj, ".kpatch.ignore.sections")
 
 
-def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -> tuple[int, int]:
+def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int,
+                   site: tuple[int, int] | None = None) -> tuple[int, int]:
     """For a section-symbol reference, the covering named symbol and the addend relative to it;
     other references come back unchanged. Returns ``(symbol, addend)``; symbol is the section
-    symbol when nothing covers the place."""
+    symbol when nothing covers the place. ``site`` (section, offset) of the relocation lets an x86-64
+    ``%rip``-relative reference into a section shared by several symbols count the immediate that
+    follows its field (``addl $1, x(%rip)``: klpforge/pcrel.py)."""
     if obj.stype[sym] != C.STT_SECTION:
         return sym, addend
     sec = int(obj.shndx[sym])
     where = addend + arch.pcrel_bias.get(rtype, 0)
+    if site is not None and len(obj.syms_in_section.get(sec, ())) > 1:
+        where = place_of(obj, arch, rtype, addend, site)
     t = obj.symbol_at(sec, where)
     if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
         return t, addend - int(obj.value[t])
@@ -147,16 +154,26 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
         if parent and by_name.get(parent) is not None and p.stype[i] == C.STT_FUNC:
             changed.add(by_name[parent])
 
-    work: list[int] = []
+    # work items: (section, lo, hi): the bytes whose references are followed; a section shared by several
+    # symbols (sharedsec.py) is followed one included symbol (or anonymous gap) at a time
+    work: list[tuple[int, int, int]] = []
+    gaps: set[tuple[int, int, int]] = set()
 
     def include(sym: int, why: str) -> None:
         if sym in sel.included:
             return
         sel.included[sym] = why
         sec = int(p.shndx[sym])
-        if sec not in sel.sections:
+        if is_shared(p, arch, sec):
+            sel.sections.setdefault(sec, f"holds {p.sym_names[sym]}")
+            work.append((sec, int(p.value[sym]), int(p.value[sym]) + int(p.size[sym])))
+            for m in p.syms_in_section[sec]:  # aliases (foo.localalias, still-folded twins) come along
+                if m != sym and p.value[m] == p.value[sym] and p.size[m] == p.size[sym] \
+                        and p.stype[m] == p.stype[sym]:
+                    include(m, f"alias of {p.sym_names[sym]} (same bytes)")
+        elif sec not in sel.sections:
             sel.sections[sec] = f"holds {p.sym_names[sym]}"
-            work.append(sec)
+            work.append((sec, 0, int(p.shdrs["size"][sec])))
 
     for i in sorted(changed):
         name = p.sym_names[i]
@@ -193,6 +210,11 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
                 sel.callbacks[kind] = t
                 include(t, f"{kind} callback")
 
+    # Identical-code-folded functions the patch unfolds: the other members keep their old code.
+    sel.refusals.extend(split_folded(corr, sel.patched, include, _is_init, is_special_section))
+    for i in list(sel.included):
+        _include_cold(p, i, by_name, include)
+
     # Follow relocations of everything included; a TOC section is followed one used slot at a time.
     slots: list[tuple[int, int, str]] = []
     while work or slots:
@@ -201,11 +223,17 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
             r = p.relocs(sec)
             r = r[r["offset"] == off]
         else:
-            sec = work.pop()
-            owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
+            sec, lo, hi = work.pop()
+            members = [m for m in p.syms_in_section.get(sec, []) if lo <= int(p.value[m]) < hi]
+            owner_names = ", ".join(p.sym_names[m] for m in members) or p.sec_names[sec]
             r = p.relocs(sec)
-        for s, t_, a in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(), strict=True):
-            t, _ = resolve_target(p, arch, s, t_, a)
+            if is_shared(p, arch, sec):
+                r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+                if p.is_text(sec):  # branches the assembler resolved inside the section count too
+                    r = np.concatenate([r, resolved_refs(p, arch, sec, lo, hi)[0]])
+        for s, t_, a, roff in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                                  r["offset"].tolist(), strict=True):
+            t, _ = resolve_target(p, arch, s, t_, a, (sec, roff))
             if not p.defined[t]:
                 continue
             tsec = int(p.shndx[t])
@@ -219,11 +247,18 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
                     slots.append((tsec, off, owner_names))
                 continue
             if p.stype[t] == C.STT_SECTION:
+                if is_shared(p, arch, tsec):  # anonymous bytes beside symbols: that gap alone
+                    g = (tsec, *gap(p, tsec, place_of(p, arch, t_, a, (sec, roff))))
+                    if g not in gaps:
+                        gaps.add(g)
+                        sel.sections.setdefault(tsec, f"used by {owner_names}")
+                        work.append(g)
+                    continue
                 if tsec not in sel.sections and not is_ignored_section(tname):
                     if is_special_section(tname) and not is_aux_code(tname):
                         continue
                     sel.sections[tsec] = f"used by {owner_names}"
-                    work.append(tsec)
+                    work.append((tsec, 0, int(p.shdrs["size"][tsec])))
                 continue
             st = status.get(t)
             name = p.sym_names[t]
@@ -243,6 +278,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
                 if not clone_parent(name) and not _is_init(tname):
                     sel.patched.append(t)
 
+    sel.refusals.extend(why for i, why in sorted(corr.ambiguous.items()) if i in sel.included)
     _judge_data(corr, cmp, sel, ign_secs)
     if require_ftrace:  # Xen redirects with a jump it writes itself: no ftrace entry needed
         _check_entries(corr, arch, sel)

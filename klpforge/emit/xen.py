@@ -26,7 +26,8 @@ from ..correlate import Correlation
 from ..elf import constants as C
 from ..select import Selection, resolve_target
 from ..xen.syms import ENDBR64, XenSyms, xen_name
-from .livepatch import EmitOptions, _Emitter, _reloc_array, _special_tables, _Unresolvable
+from .carve import carve
+from .livepatch import EmitOptions, _Emitter, _out_value, _reloc_array, _special_tables, _Unresolvable
 
 __all__ = ["XenEmitOptions", "XenFunc", "XenPart", "emit_xen", "FUNC_SIZE", "PAYLOAD_VERSION",
            "PATCH_INSN_SIZE", "XEN_RELOCS", "XEN_TABLES"]
@@ -84,17 +85,21 @@ class _XenEmitter(_Emitter):
         file = o.file_names[sc] if sc >= 0 else o.main_file
         return xen_name(o.sym_names[oi], file, bool(o.sbind[oi] == C.STB_LOCAL))
 
-    def resolve(self, sym: int, rtype: int, addend: int) -> tuple[int, int, str | None, str]:
+    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None) \
+            -> tuple[int, int, str | None, str]:
         p = self.p
         if sym == 0:
             return 0, addend, None, ""
         if rtype not in XEN_RELOCS:
             raise _Unresolvable(f"relocation type {rtype}, which Xen's payload loader does not apply")
-        t, a = resolve_target(p, self.arch, sym, rtype, addend)
+        t, a = resolve_target(p, self.arch, sym, rtype, addend, site)
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
             if ps in self.out_sec:
-                return self.secsym[self.out_sec[ps]], addend, None, p.sec_names[ps]
+                bias = self.arch.pcrel_bias.get(rtype, 0)
+                new = self.cv.place(ps, addend + bias)
+                if new is not None:  # in a carved shared section: where the kept bytes now are
+                    return self.secsym[self.out_sec[ps]], new - bias, None, p.sec_names[ps]
             raise _Unresolvable(f"{p.sec_names[ps]}+{addend:#x}, which is not included")
         if t in self.out_sym:
             return self.out_sym[t], a, None, p.sym_names[t]
@@ -121,25 +126,31 @@ def emit_xen(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opt
     if len(files):
         em.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
     sections = set(sel.sections)
-    specials = _special_tables(p, sel, sections, em.opts, arch)
+    # sections shared by several symbols keep only the included ones, as for Linux (carve.py)
+    cv = em.cv = carve(p, arch, sel, sections)
+    em.refusals.extend(cv.refusals)
+    specials = _special_tables(p, sel, sections, em.opts, arch, cv)
     for name, _d, _r, _t, nkept in specials.values():
         if name not in XEN_TABLES:
             em.refusals.append(f"{name}: {nkept} entries for included code, but Xen 4.17's payload loader "
                                "does not register this table (prepare_payload), so they would not work")
     for ps in sorted(sections):
-        em.add_section(ps)
+        em.add_section(ps, cv.data.get(ps), cv.size.get(ps))
     for ps in sorted(sections):
         for s in p.syms_in_section.get(ps, []):
+            if ps in cv.ranges and s not in sel.included:
+                continue  # an unchanged neighbour: references to it stay references to the hypervisor's
             bind = int(p.sbind[s])
-            if s in sel.patched or cmp.status.get(s) == "changed":
+            if s in sel.patched or cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
                 bind = C.STB_LOCAL
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), int(p.size[s]),
+            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], _out_value(cv, p, s), int(p.size[s]),
                                             int(p.stype[s]), bind, int(p.syms["other"][s]))
     for s in range(1, p.nsym):
         ps = int(p.shndx[s])
         if s not in em.out_sym and ps in em.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), 0,
-                                            C.STT_NOTYPE, C.STB_LOCAL)
+            v = cv.place(ps, int(p.value[s]))
+            if v is not None:
+                em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], v, 0, C.STT_NOTYPE, C.STB_LOCAL)
     funcs: list[XenFunc] = []
     for s in sel.patched:
         oi = em.orig_of(s)
@@ -164,12 +175,13 @@ def emit_xen(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opt
         funcs.append(XenFunc(name, p.sym_names[s], int(p.size[s]), old.size, old.addr))
     for ps in sorted(sections):
         r = p.relocs(ps)
-        em.relocate(em.out_sec[ps], list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(),
-                                             r["addend"].tolist(), strict=True)), p.sec_names[ps])
+        entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                           strict=True)) + cv.extra.get(ps, [])
+        em.relocate(em.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
     kept: dict[str, tuple[int, int]] = {}
     for ps, (name, data, relocs, total, nkept) in specials.items():
         h = em.add_section(ps, data)
-        em.relocate(h, relocs, name)
+        em.relocate(h, relocs, name, table=ps)
         was = kept.get(name, (0, 0))
         kept[name] = (was[0] + nkept, was[1] + total)
     if funcs:
