@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from ..outputs import check_paths
 
-from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+if TYPE_CHECKING:  # rich and the build pipeline load only when a build runs (start-up time)
+    from rich.console import Console
+
+    from ..kbuild.pipeline import BuildResult
 
 __all__ = ["register", "run_build", "print_report"]
 
 
 def print_report(con: Console, res: BuildResult) -> None:
     """The human report: which functions went in, for which object, and why."""
+    from rich.table import Table
+
     table = Table(title=f"{res.output} ({res.module_name})", title_justify="left")
     table.add_column("target")
     table.add_column("function")
@@ -44,6 +48,15 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build the module; progress and report on stderr."""
+    stem = Path(args.patch).name.removesuffix(".patch").removesuffix(".diff")
+    check_paths({"-o": args.output or f"livepatch-{stem}.ko", "--json": args.json},
+                {"patch": args.patch, "-s": args.src, "-O": args.build_dir},
+                kinds={"-s": "dir", "-O": "dir"})
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..kbuild.pipeline import STEPS, BuildOptions, build_livepatch
+
     con = Console(stderr=True)
     opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
                         build=Path(args.build_dir) if args.build_dir else None,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import EXIT_OK, InputError, KlpError
-from ..fsutil import atomic_write
+from ..outputs import atomic_write, check_paths
 
 __all__ = ["register"]
 
@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.target.find(".") >= 0:
         raise InputError(f"--target {args.target!r}: a module name has no dots (the kernel parses "
                          ".klp.rela.<obj>.<section> with %55[^.])")
+    # every input and output before any work: nothing is written when one is wrong
+    check_paths({"-o": args.output, "--json": args.json},
+                {"ORIG": args.orig, "PATCHED": args.patched, "--symtab": args.symtab, "--symvers": args.symvers,
+                 "--impact": args.impact}, kinds={"--impact": "any"})
     report: dict[str, object] = {}
     try:
         res = run_diff(args.orig, args.patched, args.output,

@@ -10,10 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-
-from ..fsutil import atomic_write
-from ..qemu.verify import VerifySpec, verify_module
+from ..outputs import atomic_write, check_paths
 
 __all__ = ["register", "run_verify"]
 
@@ -28,6 +25,15 @@ def _files(specs: list[str]) -> dict[str, Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
+    ins: dict[str, str | Path | None] = {"MOD.ko": args.module, "--kernel": args.kernel,
+                                         "--gen-init-cpio": args.gen_init_cpio}
+    ins.update({f"--preload {p}": p for p in args.preload})
+    ins.update({f"--file {h}": h for h in _files(args.file).values()})
+    check_paths({"--console-log": args.console_log}, ins)
+    from rich.console import Console
+
+    from ..qemu.verify import VerifySpec, verify_module
+
     con = Console(stderr=True)
     spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),

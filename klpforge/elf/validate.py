@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
 from . import constants as C
 from .file import ElfFile
 
@@ -24,7 +23,8 @@ RELOCATABLE_TYPES = (C.SHT_PROGBITS, C.SHT_NOBITS, C.SHT_NOTE, C.SHT_INIT_ARRAY,
 _SHT_LOOS = 0x60000000
 _SHN_HIRESERVE = 0xFFFF
 #: Sections that cannot hold a symbol's definition: they are ELF metadata, not code or data.
-_NO_DEFINITIONS = (C.SHT_NULL, C.SHT_SYMTAB, C.SHT_RELA, C.SHT_REL, C.SHT_GROUP, C.SHT_SYMTAB_SHNDX, 11)
+#: (A group section may: gcc -g3 defines the ``wm4.*`` signatures of its DWARF macro groups there.)
+_NO_DEFINITIONS = (C.SHT_NULL, C.SHT_SYMTAB, C.SHT_RELA, C.SHT_REL, C.SHT_SYMTAB_SHNDX, 11)
 _I64_MAX = (1 << 63) - 1
 
 
@@ -95,15 +95,45 @@ def check_sections(elf: ElfFile) -> None:
         words = np.frombuffer(elf.section_view(i), np.dtype("u4").newbyteorder(elf.endian))
         if ((words[1:] == 0) | (words[1:] >= n)).any():
             raise fail(f"corrupt: group section [{i}] names a member section out of range")
+    # SHF_INFO_LINK: sh_info is a section index (readelf 2.40 warns otherwise)
+    link_info = ((sh["flags"] & C.SHF_INFO_LINK) != 0) & (typ != C.SHT_REL) & (typ != C.SHT_RELA) & \
+        (typ != C.SHT_NOBITS) & ((sh["info"] == 0) | (sh["info"] >= n))
+    if link_info.any():
+        i = _first(link_info)
+        raise fail(f"corrupt: section [{i}] has SHF_INFO_LINK but its info field {int(sh['info'][i])} "
+                   "is not a section")
+    for i in np.flatnonzero(typ == C.SHT_NOTE).tolist():
+        _check_notes(elf, i)
     for i in np.flatnonzero(typ == C.SHT_SYMTAB_SHNDX).tolist():
         if int(sh["link"][i]) != st or int(sh["size"][i]) != 4 * nsym:
             raise fail(f"corrupt: extended section index table [{i}] does not match the symbol table")
 
 
+def _check_notes(elf: ElfFile, i: int) -> None:
+    """A ``SHT_NOTE`` section is a list of (namesz, descsz, type, name, desc) records, each part padded
+    to 4 bytes (8 for a section aligned to 8, as ``.note.gnu.property`` on 64-bit)."""
+    data = elf.section_view(i) if elf.shdrs["type"][i] != C.SHT_NOBITS else memoryview(b"")
+    pad = 8 if int(elf.shdrs["addralign"][i]) == 8 else 4
+    order = "little" if elf.endian == "<" else "big"
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 12:
+            raise elf._fail(f"corrupt: note section [{i}] ends inside a note header at {pos}")
+        namesz = int.from_bytes(data[pos:pos + 4], order)
+        descsz = int.from_bytes(data[pos + 4:pos + 8], order)
+        desc = -(-(pos + 12 + namesz) // pad) * pad  # the name is padded so the descriptor is aligned
+        end = desc + -(-descsz // pad) * pad
+        if end > len(data):
+            raise elf._fail(f"corrupt: note section [{i}] note at {pos} (name {namesz}, desc {descsz} bytes) "
+                            f"runs past the section ({len(data)} bytes)")
+        pos = end
+
+
 def check_symbols(elf: ElfFile) -> None:
     """Symbols: names inside the string table, section indices that name real content sections (or
-    the reserved ``SHN_UNDEF``/``SHN_ABS``/``SHN_COMMON``, and ``SHN_LIVEPATCH`` for ``.klp.sym.*``), values and sizes inside their section,
-    locals before ``sh_info``. Raises InputError naming the file and the first bad symbol."""
+    the reserved ``SHN_UNDEF``/``SHN_ABS``/``SHN_COMMON``, and ``SHN_LIVEPATCH`` for ``.klp.sym.*``),
+    values and sizes inside their section, locals before ``sh_info``. Raises InputError naming the file
+    and the first bad symbol."""
     st = elf.symtab_index
     if st is None:
         return
