@@ -73,13 +73,15 @@ def check_input(label: str, path: str | os.PathLike[str], kind: str = "file") ->
 
 
 def check_paths(outputs: Mapping[str, PathArg], inputs: Mapping[str, PathArg] | None = None,
-                kinds: Mapping[str, str] | None = None) -> None:
+                kinds: Mapping[str, str] | None = None, reads: tuple[str, ...] = ()) -> None:
     """Check every output and input of a command before it starts (None entries are skipped).
 
     ``outputs``/``inputs`` map the option that names a path (``-o``, ``--json``, ``ORIG``) to the path;
     ``kinds`` gives an input's kind for :func:`check_input` (default ``"file"``). Raises
     :class:`InputError` with one line on the first problem: an input that is missing, an output that
-    is also an input or another output, or an output that cannot be written."""
+    is also an input or another output, or an output that cannot be written. ``reads``: suffixes of the
+    files the command reads from input directories (``.o``, ``.ipa-clones``); an existing such file under
+    an input directory counts as an input too."""
     ins = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
     outs = {k: Path(v) for k, v in outputs.items() if v is not None}
     for label, p in ins.items():
@@ -89,6 +91,9 @@ def check_paths(outputs: Mapping[str, PathArg], inputs: Mapping[str, PathArg] | 
         for ilabel, ip in ins.items():
             if _same(p, ip):
                 raise InputError(f"{label} {p} would overwrite the input {ilabel} {ip}")
+            if reads and p.name.endswith(reads) and p.is_file() and ip.is_dir() and \
+                    p.resolve().is_relative_to(ip.resolve()):
+                raise InputError(f"{label} {p} would overwrite a file read from the input {ilabel} {ip}")
         for olabel, op in seen.items():
             if _same(p, op):
                 raise InputError(f"{label} {p} and {olabel} {op} are the same file")

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     check_paths({"--dot": args.dot, "--svg": args.svg},
                 {"--dumps": args.dumps, "--objects": args.objects, "--patch": args.patch,
                  "--source": args.source if args.patch else None},
-                kinds={"--dumps": "any", "--objects": "dir", "--source": "dir"})
+                kinds={"--dumps": "any", "--objects": "dir", "--source": "dir"},
+                reads=(".o", ".ipa-clones", ".syms", ".c", ".h", ".ko"))
     dumps = find_dumps(args.dumps)
     notes: list[str] = []
     if not dumps:

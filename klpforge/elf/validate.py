@@ -10,6 +10,8 @@ vectorised pass over a table, so a ``vmlinux.o`` with 400k sections costs millis
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from . import constants as C
@@ -114,7 +116,7 @@ def _check_notes(elf: ElfFile, i: int) -> None:
     to 4 bytes (8 for a section aligned to 8, as ``.note.gnu.property`` on 64-bit)."""
     data = elf.section_view(i) if elf.shdrs["type"][i] != C.SHT_NOBITS else memoryview(b"")
     pad = 8 if int(elf.shdrs["addralign"][i]) == 8 else 4
-    order = "little" if elf.endian == "<" else "big"
+    order: Literal["little", "big"] = "little" if elf.endian == "<" else "big"
     pos = 0
     while pos < len(data):
         if len(data) - pos < 12:
