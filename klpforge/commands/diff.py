@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from ..diff import DiffOptions, run_diff
-    from ..report import print_summary
 
     env = dict(os.environ)
     for kv in args.entsize:
@@ -67,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
     if not args.quiet:
+        from ..report import print_summary  # rich: only for the summary (process-per-object runs use -q)
+
         print_summary(res)
     return EXIT_OK

@@ -105,6 +105,10 @@ def check_sections(elf: ElfFile) -> None:
         raise fail(f"corrupt: section [{i}] has SHF_INFO_LINK but its info field {int(sh['info'][i])} "
                    "is not a section")
     for i in np.flatnonzero(typ == C.SHT_NOTE).tolist():
+        # the emitter cuts special sections entry by entry and keeps their type: a note's content must be
+        # notes, and only .note* sections are (gcc, gas and the kernel's ELFNOTE() name them so)
+        if not elf.section_names[i].startswith(".note"):
+            raise fail(f"corrupt: section [{i}] {elf.section_names[i]} has type SHT_NOTE but is not a .note section")
         _check_notes(elf, i)
     for i in np.flatnonzero(typ == C.SHT_SYMTAB_SHNDX).tolist():
         if int(sh["link"][i]) != st or int(sh["size"][i]) != 4 * nsym:
