@@ -29,9 +29,11 @@ IMPORTS = "import klpforge.cli, klpforge.commands.diff, klpforge.diff"
 
 
 def child_cpu(cmd: list[str], env: dict[str, str]) -> float:
-    """CPU seconds (user + sys) of one child process."""
+    """CPU seconds (user + sys) of one child process, run in a directory without a klpforge package
+    (``-m``/``-c`` put the working directory first on sys.path, ahead of PYTHONPATH)."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   cwd=tempfile.gettempdir())
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
@@ -68,6 +70,8 @@ def main() -> int:
         env_old = dict(base_env, PYTHONPATH=str(old))
         t_pass = median_cpu([sys.executable, "-c", "pass"], base_env, args.repeat)
         t_numpy = median_cpu([sys.executable, "-c", "import numpy"], base_env, args.repeat)
+        ver_new = median_cpu([sys.executable, "-m", "klpforge", "--version"], env_new, args.repeat)
+        ver_old = median_cpu([sys.executable, "-m", "klpforge", "--version"], env_old, args.repeat)
         imp_new = median_cpu([sys.executable, "-c", IMPORTS], env_new, args.repeat)
         imp_old = median_cpu([sys.executable, "-c", IMPORTS + ", klpforge.report, klpforge.commands.build"],
                              env_old, args.repeat)
@@ -96,6 +100,8 @@ def main() -> int:
     print(f"{n} {args.arch} peer pairs, CPU seconds (user+sys), medians of {args.repeat}")
     print(f"baseline python3 -c pass        {t_pass:.3f} s")
     print(f"baseline python3 -c 'import numpy' {t_numpy:.3f} s ({t_numpy / t_pass:.2f}x pass)")
+    print(f"klpforge --version (CLI start-up): before {ver_old:.3f} s ({ver_old / t_pass:.2f}x pass), "
+          f"after {ver_new:.3f} s ({ver_new / t_pass:.2f}x pass); after/before {ver_new / ver_old:.2f}")
     print(f"import diff command: before {imp_old:.3f} s ({imp_old / t_pass:.2f}x pass), "
           f"after {imp_new:.3f} s ({imp_new / t_pass:.2f}x pass); after/before {imp_new / imp_old:.2f}")
     print(f"per pair, process per pair: before {po:.3f} s, after {pn:.3f} s (after/before {pn / po:.2f})")

@@ -201,3 +201,24 @@ def test_impact_patch_not_matching_source(dumps: Path, tmp_path: Path) -> None:
     q.write_text("--- a/u.c\n+++ b/u.c\n@@ -1,1 +1,1 @@\n-int x;\n+int y;\n")
     one_line(run("impact", "--dumps", dumps, "--no-cache", "--patch", q, "--source", dumps),
              f"u.c is not in --source {dumps}")
+
+
+def test_diff_imports_only_what_it_uses(tmp_path: Path) -> None:
+    # issue 9: a process per object pair pays for every import; `diff -q` needs no rich, pyelftools,
+    # tree-sitter, graphviz, nor the build/verify/impact packages
+    peer = Path(__file__).resolve().parent.parent.parent / "shared" / "peer-objs" / "x86_64"
+    if not (peer / "cold-add2.ORIG.o").exists():
+        pytest.skip("peer objects not present")
+    a, b = peer / "cold-add2.ORIG.o", peer / "cold-add2.PATCHED.o"
+    code = ("import sys\nfrom klpforge.cli import main\n"
+            f"rc = main(['diff', {str(a)!r}, {str(b)!r}, '-o', {str(tmp_path / 'lp.o')!r}, '--symtab', {str(a)!r}, "
+            "'-q'])\nprint(rc, ' '.join(sorted(sys.modules)))\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    rc, mods = r.stdout.split(" ", 1)
+    assert rc == "0", r.stderr
+    loaded = set(mods.split())
+    for heavy in ("rich", "elftools", "tree_sitter", "graphviz", "klpforge.kbuild", "klpforge.qemu",
+                  "klpforge.ipa", "klpforge.report", "klpforge.commands.build", "klpforge.commands.verify"):
+        assert heavy not in loaded, heavy
+    assert "klpforge.diff" in loaded and "numpy" in loaded  # the test sees the modules it should

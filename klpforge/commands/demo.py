@@ -10,7 +10,6 @@ import argparse
 import shutil
 import subprocess
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 from ..errors import EXIT_OK, InputError
@@ -41,6 +40,8 @@ def compile_object(src: Path, out: Path, extra: list[str] | None = None) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from importlib import resources
+
     from rich.console import Console
 
     from ..diff import DiffOptions, run_diff

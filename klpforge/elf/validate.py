@@ -174,7 +174,9 @@ def check_symbols(elf: ElfFile) -> None:
 
     ndx, special = syms["shndx"].astype(np.int64), elf.sym_special
     styp = syms["info"] & 0xF
-    ok_special = (ndx == C.SHN_ABS) | (ndx == C.SHN_COMMON)
+    # with extended numbering a real section index can equal a reserved value: always test `special` too
+    is_abs, is_common = special & (ndx == C.SHN_ABS), special & (ndx == C.SHN_COMMON)
+    ok_special = is_abs | is_common
     bad = special & ~ok_special
     for j in np.flatnonzero(bad & (ndx == C.SHN_LIVEPATCH)).tolist():
         bad[j] = not elf.sym_names[j].startswith(".klp.sym.")  # kernel 4.7+: klp_resolve_symbols()
@@ -193,7 +195,7 @@ def check_symbols(elf: ElfFile) -> None:
         raise fail(f"corrupt: {name(_first(bad))} is a section symbol of no section (SHN_UNDEF)")
     value, size = syms["value"], syms["size"]
     # ABS values are addresses and may use the top bit; everything else is an offset or a size.
-    bad = ((value > _I64_MAX) & (ndx != C.SHN_ABS)) | (size > _I64_MAX)
+    bad = ((value > _I64_MAX) & ~is_abs) | (size > _I64_MAX)
     if bad.any():
         j = _first(bad)
         raise fail(f"corrupt: {name(j)} has value {int(value[j]):#x} / size {int(size[j]):#x} "
@@ -217,7 +219,7 @@ def check_symbols(elf: ElfFile) -> None:
             j = int(idx[k])
             raise fail(f"corrupt: {name(j)} at {int(v[k]):#x} size {int(s[k])} does not fit in section "
                        f"[{int(ndx[j])}] {elf.section_names[int(ndx[j])]} ({int(secsize[k])} bytes)")
-    com = ndx == C.SHN_COMMON
+    com = is_common
     if com.any():
         align = value[com]
         bad = (align == 0) | ((align & (align - np.uint64(1))) != 0) | (align > (1 << 24)) | (size[com] > 1 << 40)
