@@ -6,8 +6,10 @@ All numbers are CPU seconds (user + system) of child processes or of this proces
 ``--repeat`` runs, with baselines measured in the same run: a bare ``python3 -c pass`` and
 ``python3 -c "import numpy"`` (numpy is the floor: the ELF tables are numpy arrays). "Before" is the
 package as of ``--before`` (a git revision, unpacked with ``git archive`` into a temporary directory).
+Both trees are byte-compiled first (``compileall``), as an installed package is; ``--no-bytecode`` measures
+instead with ``PYTHONDONTWRITEBYTECODE=1`` and no cache, where every process compiles klpforge's sources.
 
-    python3 bench/bench_startup.py [--arch x86_64] [--repeat 5] [--before 5d99f26]
+    python3 bench/bench_startup.py [--arch x86_64] [--repeat 5] [--before 5d99f26] [--no-bytecode]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> int:
     ap.add_argument("--arch", default="x86_64")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--before", default="5d99f26", help="git revision for the 'before' imports")
+    ap.add_argument("--no-bytecode", action="store_true", help="measure without .pyc files")
     args = ap.parse_args()
     cases = [c for c in json.loads((PEER / "manifest.json").read_text())["cases"]
              if c["arch"] == args.arch and c["expect"] == "accept"]
@@ -65,7 +68,16 @@ def main() -> int:
         arc = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "klpforge"], capture_output=True,
                              check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=arc, check=True)
-        base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+        if args.no_bytecode:
+            base_env["PYTHONDONTWRITEBYTECODE"] = "1"
+            for tree in (ROOT / "klpforge", old / "klpforge"):
+                for cache in tree.rglob("__pycache__"):
+                    for f in cache.glob("*.pyc"):
+                        f.unlink()
+        else:
+            for tree in (ROOT / "klpforge", old / "klpforge"):
+                subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True, env=base_env)
         env_new = dict(base_env, PYTHONPATH=str(ROOT))
         env_old = dict(base_env, PYTHONPATH=str(old))
         t_pass = median_cpu([sys.executable, "-c", "pass"], base_env, args.repeat)
@@ -97,7 +109,8 @@ def main() -> int:
             inproc.append(statistics.median(runs))
     n = len(cases)
     pn, po, ip = sum(proc_new) / n, sum(proc_old) / n, sum(inproc) / n
-    print(f"{n} {args.arch} peer pairs, CPU seconds (user+sys), medians of {args.repeat}")
+    print(f"{n} {args.arch} peer pairs, CPU seconds (user+sys), medians of {args.repeat}, "
+          f"{'no bytecode cache' if args.no_bytecode else 'byte-compiled'}")
     print(f"baseline python3 -c pass        {t_pass:.3f} s")
     print(f"baseline python3 -c 'import numpy' {t_numpy:.3f} s ({t_numpy / t_pass:.2f}x pass)")
     print(f"klpforge --version (CLI start-up): before {ver_old:.3f} s ({ver_old / t_pass:.2f}x pass), "
