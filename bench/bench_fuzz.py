@@ -1,7 +1,8 @@
 """Long fuzz run of ``klpforge diff`` on damaged peer objects (the suite's ``tests/test_fuzz_input.py``
 runs 400 of these; this runs as many as asked, default 10,000).
 
-Each run corrupts one object of a random peer pair (all five architectures, original or patched side)
+Each run corrupts one object of a random peer pair (all five architectures; the original, the patched, or
+the original standing in for the target's symbol table)
 with :func:`tests.elf_mutate.mutate` and checks every promise: exit code in {0,1,2,3}, one stderr line on
 failure naming the damaged file, no output or temporary file left, and every exit-0 output read by
 ``readelf -aW`` without a warning and accepted by ``klpforge.elf.validate``. Prints the outcome counts,
@@ -53,9 +54,9 @@ def main() -> int:
         t0 = time.process_time()
         for k in range(args.runs):
             c = rng.choice(cases)
-            side = rng.choice(["orig", "patched"])
+            side = rng.choice(["orig", "patched", "symtab"])
             orig, patched = PEER / c["orig"], PEER / c["patched"]
-            src = orig if side == "orig" else patched
+            src = patched if side == "patched" else orig
             lay = layouts.get(src) or layouts.setdefault(src, layout(src.read_bytes()))
             data, desc = mutate(lay, rng)
             r = run_mutated(orig, patched, side, data, desc, tmp, c["env"])

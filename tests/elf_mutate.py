@@ -179,17 +179,18 @@ def check_output(path: Path) -> str | None:
 
 def run_mutated(orig: Path, patched: Path, side: str, data: bytes, desc: str, tmp: Path,
                 env: dict[str, str]) -> Outcome:
-    """``klpforge diff`` (in this process, through the CLI entry point) with ``side`` ('orig' or 'patched')
-    replaced by ``data``; checks the promises: exit code in {0,1,2,3}, one stderr line naming the damaged
-    file on exit 1, no output (or temporary file) left unless exit 0, and a valid output on exit 0."""
+    """``klpforge diff`` (in this process, through the CLI entry point) with ``side`` replaced by ``data``:
+    'orig', 'patched', or 'symtab' (the original object standing in for the target's symbol table).
+    Checks the promises: exit code in {0,1,2,3}, one stderr line naming the damaged file on exit 1, no
+    output (or temporary file) left unless exit 0, and a valid output on exit 0."""
     from klpforge.cli import main
 
     bad = tmp / f"bad-{side}.o"
     bad.write_bytes(data)
     out = tmp / "lp.o"
     out.unlink(missing_ok=True)
-    a, b = (bad, patched) if side == "orig" else (orig, bad)
-    args = ["diff", str(a), str(b), "-o", str(out), "--symtab", str(orig), "-q"]
+    a, b = (bad, patched) if side == "orig" else (orig, bad) if side == "patched" else (orig, patched)
+    args = ["diff", str(a), str(b), "-o", str(out), "--symtab", str(bad if side == "symtab" else orig), "-q"]
     for k, v in env.items():
         args += ["--entsize", f"{k}={v}"]
     err, sout = io.StringIO(), io.StringIO()
