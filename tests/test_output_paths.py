@@ -222,3 +222,16 @@ def test_diff_imports_only_what_it_uses(tmp_path: Path) -> None:
                   "klpforge.ipa", "klpforge.report", "klpforge.commands.build", "klpforge.commands.verify"):
         assert heavy not in loaded, heavy
     assert "klpforge.diff" in loaded and "numpy" in loaded  # the test sees the modules it should
+
+
+def test_diff_bad_impact_dumps_leave_output_untouched(objs: tuple[Path, Path], tmp_path: Path) -> None:
+    # the --impact check runs after the diff: its failure must not leave a new -o behind either
+    a, b = objs
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    (dumps / "x.ipa-clones").write_text("garbage;;\n")
+    out = tmp_path / "lp.o"
+    out.write_bytes(b"old")
+    one_line(run("diff", a, b, "-o", out, "--symtab", a, "-q", "--impact", dumps), "not an ipa-clones dump")
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dumps", "lp.o"]  # no temporary file

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import tempfile
 
     from ..diff import DiffOptions, run_diff
 
@@ -51,20 +52,29 @@ def run(args: argparse.Namespace) -> int:
                 {"ORIG": args.orig, "PATCHED": args.patched, "--symtab": args.symtab, "--symvers": args.symvers,
                  "--impact": args.impact}, kinds={"--impact": "any"})
     report: dict[str, object] = {}
+    # the livepatch goes to a hidden file beside -o and is renamed over it only when everything else
+    # (the --impact check included) has succeeded: a failure leaves no new output and the old one intact
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{args.output.name}.", suffix=".tmp", dir=args.output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        res = run_diff(args.orig, args.patched, args.output,
-                       DiffOptions(target=args.target, symtab=args.symtab, symvers=args.symvers, env=env))
-        report = res.report
-    except KlpError as e:
+        try:
+            res = run_diff(args.orig, args.patched, tmp,
+                           DiffOptions(target=args.target, symtab=args.symtab, symvers=args.symvers, env=env))
+            report = res.report
+        except KlpError as e:
+            if args.json:
+                atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
+                                                    "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
+            raise
+        if args.impact:
+            from ..impact_check import check_impact
+            report["impact"] = check_impact(Path(args.impact), res)
         if args.json:
-            atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
-                                                "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
-        raise
-    if args.impact:
-        from ..impact_check import check_impact
-        report["impact"] = check_impact(Path(args.impact), res)
-    if args.json:
-        atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, args.output)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not args.quiet:
         from ..report import print_summary  # rich: only for the summary (process-per-object runs use -q)
 
