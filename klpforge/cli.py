@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "one_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
 COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel")
@@ -43,6 +43,14 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str) -> str:
+    """``msg`` with control characters escaped (a symbol name read from a damaged string table can hold a
+    newline): an error stays one line on stderr."""
+    if msg.isprintable():
+        return msg
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run klpforge with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KlpError as e:
-        print(f"klpforge {args.command}: {e}", file=sys.stderr)
+        print(f"klpforge {args.command}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"klpforge {args.command}: interrupted", file=sys.stderr)
@@ -64,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback, unless debugging
         if os.environ.get("KLPFORGE_DEBUG"):
             raise
-        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {e} "
+        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {one_line(str(e))} "
               "(set KLPFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_ERROR
 

@@ -129,3 +129,19 @@ def test_validate_refuses_a_livepatch_symbol_outside_klp_sym(pair: tuple[Path, P
     _put(bad, *_sym_field(e, _sym(e, "counter"), "shndx"), C.SHN_LIVEPATCH)
     with pytest.raises(InputError, match=r"symbol \d+ \('counter'\) has reserved section index 0xff20"):
         validate(ElfFile.open(bad))
+
+
+def test_control_characters_in_names_stay_on_one_line(cc, tmp_path: Path) -> None:
+    # a damaged string table can put a newline into a symbol name that a refusal then quotes
+    objs = []
+    for name, v in (("a", 1), ("b", 2)):
+        o = cc(f"int limit = {v};\nint g(void) {{ return limit; }}\n", name)
+        data = o.read_bytes()
+        assert data.count(b"\0limit\0") == 1
+        o.write_bytes(data.replace(b"\0limit\0", b"\0li\nit\0"))
+        objs.append(o)
+    r = subprocess.run([sys.executable, "-m", "klpforge", "diff", str(objs[0]), str(objs[1]), "-o",
+                        str(tmp_path / "lp.o"), "--symtab", str(objs[0])], capture_output=True, text=True, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "li\\nit" in lines[0], lines[0]
