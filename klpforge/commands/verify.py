@@ -27,8 +27,8 @@ def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
     ins: dict[str, str | Path | None] = {"MOD.ko": args.module, "--kernel": args.kernel,
                                          "--gen-init-cpio": args.gen_init_cpio}
-    ins.update({f"--preload {p}": p for p in args.preload})
-    ins.update({f"--file {h}": h for h in _files(args.file).values()})
+    for opt, paths in (("--preload", list(args.preload)), ("--file", list(_files(args.file).values()))):
+        ins.update({opt if len(paths) == 1 else f"{opt} #{k}": p for k, p in enumerate(paths, 1)})
     check_paths({"--console-log": args.console_log}, ins)
     from rich.console import Console
 
