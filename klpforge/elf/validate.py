@@ -21,12 +21,12 @@ __all__ = ["validate", "check_sections", "check_symbols", "check_relocs", "RELOC
 
 #: Section types a relocation section may apply to (readelf 2.40 ``process_section_headers``), besides
 #: every type from ``SHT_LOOS`` up (``SHT_X86_64_UNWIND``, ``SHT_ARM_EXIDX``...).
-RELOCATABLE_TYPES = (C.SHT_PROGBITS, C.SHT_NOBITS, C.SHT_NOTE, C.SHT_INIT_ARRAY, C.SHT_FINI_ARRAY, 16)
-_SHT_LOOS = 0x60000000
-_SHN_HIRESERVE = 0xFFFF
+_SHT_PREINIT_ARRAY, _SHT_DYNSYM, _SHT_LOOS = 16, 11, 0x60000000
+RELOCATABLE_TYPES = (C.SHT_PROGBITS, C.SHT_NOBITS, C.SHT_NOTE, C.SHT_INIT_ARRAY, C.SHT_FINI_ARRAY,
+                     _SHT_PREINIT_ARRAY)
 #: Sections that cannot hold a symbol's definition: they are ELF metadata, not code or data.
 #: (A group section may: gcc -g3 defines the ``wm4.*`` signatures of its DWARF macro groups there.)
-_NO_DEFINITIONS = (C.SHT_NULL, C.SHT_SYMTAB, C.SHT_RELA, C.SHT_REL, C.SHT_SYMTAB_SHNDX, 11)
+_NO_DEFINITIONS = (C.SHT_NULL, C.SHT_SYMTAB, C.SHT_RELA, C.SHT_REL, C.SHT_SYMTAB_SHNDX, _SHT_DYNSYM)
 _I64_MAX = (1 << 63) - 1
 
 
