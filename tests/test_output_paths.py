@@ -235,3 +235,9 @@ def test_diff_bad_impact_dumps_leave_output_untouched(objs: tuple[Path, Path], t
     one_line(run("diff", a, b, "-o", out, "--symtab", a, "-q", "--impact", dumps), "not an ipa-clones dump")
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dumps", "lp.o"]  # no temporary file
+
+
+def test_demo_outdir_checks(objs: tuple[Path, Path], tmp_path: Path) -> None:
+    a, _ = objs
+    one_line(run("demo", "--outdir", a), f"--outdir {a}: exists and is not a directory")
+    one_line(run("demo", "--outdir", a / "sub"), "cannot create")

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EXIT_OK, InputError
+from ..outputs import check_output
 
 __all__ = ["register", "CFLAGS", "compile_object"]
 
@@ -52,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
     tmp = None
     if args.outdir:
         out = args.outdir
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--outdir {out}: exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--outdir {out}: cannot create: {e.strerror}") from None
+        check_output("--outdir", out / "livepatch-demo.o")
     else:
         tmp = tempfile.TemporaryDirectory(prefix="klpforge-demo-")
         out = Path(tmp.name)
