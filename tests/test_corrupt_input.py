@@ -145,3 +145,20 @@ def test_control_characters_in_names_stay_on_one_line(cc, tmp_path: Path) -> Non
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "li\\nit" in lines[0], lines[0]
+
+
+def test_diff_validates_its_own_output_before_writing(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    # the last line of defence: a malformed live patch (here: a gcc object with a RELA section linked to
+    # section 0) is not renamed over -o
+    from klpforge.commands.diff import _check_own_output
+    from klpforge.errors import InputError
+
+    a, _ = pair
+    bad = tmp_path / ".lp.o.tmp"
+    bad.write_bytes(a.read_bytes())
+    e = ElfFile.open(a)
+    _put(bad, *_shdr_field(e, _rela_text(e), "link"), 0)
+    with pytest.raises(InputError, match=r"lp.o: the live patch made from these inputs is malformed \(corrupt: "
+                                         r"relocation section \[\d+\] links to section 0"):
+        _check_own_output(bad, tmp_path / "lp.o")
+    _check_own_output(a, tmp_path / "lp.o")  # a well-formed object passes

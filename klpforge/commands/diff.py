@@ -32,6 +32,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def _check_own_output(tmp: Path, output: Path) -> None:
+    """Read the livepatch back and validate it (:func:`klpforge.elf.validate.validate`) before it replaces
+    ``output``: a damaged input that slipped past the input checks ends as an error, not a malformed file."""
+    from ..elf import ElfFile
+    from ..elf.validate import validate
+
+    try:
+        validate(ElfFile.open(tmp))
+    except InputError as e:
+        detail = str(e).split(": ", 1)[-1]
+        raise InputError(f"{output}: the live patch made from these inputs is malformed ({detail}); "
+                         "nothing written") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -67,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
                                                     "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
             raise
+        _check_own_output(tmp, args.output)
         if args.impact:
             from ..impact_check import check_impact
             report["impact"] = check_impact(Path(args.impact), res)
