@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PEER, peer_cases
-from .elf_mutate import layout, mutate, run_mutated
+from .elf_mutate import Layout, layout, mutate, run_mutated
 
 ARCHES = ["x86_64", "ppc64le", "s390x", "aarch64", "loongarch64"]
 RUNS = 27  # per (architecture, side): 405 mutations a run
@@ -33,7 +33,7 @@ def test_corrupted_objects_fail_cleanly(arch: str, side: str, tmp_path: Path) ->
     if not cases:
         pytest.skip("peer objects not present")
     rng = random.Random(f"{os.environ.get('KLPFORGE_FUZZ_SEED', '1')}/{arch}/{side}")
-    layouts: dict[Path, object] = {}
+    layouts: dict[Path, Layout] = {}
     codes: Counter[int] = Counter()
     problems = []
     for _ in range(RUNS):
@@ -41,7 +41,7 @@ def test_corrupted_objects_fail_cleanly(arch: str, side: str, tmp_path: Path) ->
         orig, patched = PEER / c["orig"], PEER / c["patched"]
         src = patched if side == "patched" else orig
         lay = layouts.get(src) or layouts.setdefault(src, layout(src.read_bytes()))
-        data, desc = mutate(lay, rng)  # type: ignore[arg-type]
+        data, desc = mutate(lay, rng)
         r = run_mutated(orig, patched, side, data, desc, tmp_path, c["env"])
         codes[r.rc] += 1
         if r.problem:
