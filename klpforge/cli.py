@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
+from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
 __all__ = ["main", "one_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel")
+COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost")
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klpforge",
         description="Turn a kernel source patch into a verified Linux live patch.",
-        epilog="exit codes: 0 ok, 1 error, 2 unsafe change refused, 3 no change, 130 interrupted",
+        epilog="exit codes: 0 ok, 1 error, 2 unsafe change refused, 3 no change, 130 interrupted (SIGINT), "
+               "143 SIGTERM, 129 SIGHUP",
     )
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,8 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_ERROR
+    old_handlers = install_signal_handlers()
     try:
         return int(args.func(args) or 0)
+    except Terminated as e:
+        print(f"klpforge {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KlpError as e:
         print(f"klpforge {args.command}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -75,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klpforge {args.command}: internal error: {type(e).__name__}: {one_line(str(e))} "
               "(set KLPFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        end_children()  # whatever still runs (a QEMU, a make) ends with klpforge
+        restore_signal_handlers(old_handlers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -196,7 +196,7 @@ def test_impact_patch_not_matching_source(dumps: Path, tmp_path: Path) -> None:
     p.write_text("--- a/t.c\n+++ b/t.c\n@@ -1,4 +1,4 @@\n int f(int x)\n {\n-\treturn x + 7;\n+\treturn x + 2;\n }\n")
     line = one_line(run("impact", "--dumps", dumps, "--no-cache", "--patch", p, "--source", dumps),
                     "does not match")
-    assert f"{p}:3: hunk @@ -1 @@ of t.c" in line and str(dumps / "t.c") in line
+    assert f"{p}: hunk @@ -1,4 @@ of t.c" in line and str(dumps / "t.c") in line
     q = tmp_path / "other.patch"
     q.write_text("--- a/u.c\n+++ b/u.c\n@@ -1,1 +1,1 @@\n-int x;\n+int y;\n")
     one_line(run("impact", "--dumps", dumps, "--no-cache", "--patch", q, "--source", dumps),

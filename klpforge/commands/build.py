@@ -8,22 +8,21 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import InputError
+from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
 from ..outputs import check_paths
-
-if TYPE_CHECKING:  # rich and the build pipeline load only when a build runs (start-up time)
-    from rich.console import Console
-
-    from ..kbuild.pipeline import BuildResult
+from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
 
 
 def print_report(con: Console, res: BuildResult) -> None:
     """The human report: which functions went in, for which object, and why."""
-    from rich.table import Table
-
     table = Table(title=f"{res.output} ({res.module_name})", title_justify="left")
     table.add_column("target")
     table.add_column("function")
@@ -47,16 +46,18 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build the module; progress and report on stderr."""
+    """Build the module (or a Xen payload); progress and report on stderr."""
+    xen = wants_xen_build(args)
+    # every output and input before any work (issue 8): the default output is checked too
     stem = Path(args.patch).name.removesuffix(".patch").removesuffix(".diff")
-    check_paths({"-o": args.output or f"livepatch-{stem}.ko", "--json": args.json},
-                {"patch": args.patch, "-s": args.src, "-O": args.build_dir},
+    check_paths({"-o": args.output or (None if xen else f"livepatch-{stem}.ko"), "--json": args.json},
+                {"patch": args.patch, "-s": args.src, "-O": args.build_dir,
+                 "--xen-syms": getattr(args, "xen_syms", None), "--xen-config": getattr(args, "xen_config", None)},
                 kinds={"-s": "dir", "-O": "dir"})
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from ..kbuild.pipeline import STEPS, BuildOptions, build_livepatch
-
+    if xen:
+        return run_xen_build(args)
+    if not args.src:
+        raise InputError("-s KERNEL_SRC is required")
     con = Console(stderr=True)
     opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
                         build=Path(args.build_dir) if args.build_dir else None,
@@ -65,11 +66,11 @@ def run_build(args: argparse.Namespace) -> int:
                         skip_compiler_check=args.skip_compiler_check,
                         report_json=Path(args.json) if args.json else None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=con, transient=True) as prog:
+                  console=con, transient=True, disable=not con.is_terminal) as prog:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:
-            if msg.startswith(("restored", "kept")):
+            if msg.startswith("kept"):
                 prog.console.print(msg, highlight=False)
             done = STEPS.index(name) if name in STEPS else len(STEPS)
             prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
@@ -85,10 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build", help="build a livepatch module from a source patch on an already built kernel tree",
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
-                    "generates and links the livepatch module. The source tree is restored byte for "
-                    "byte afterwards, also on failure and Ctrl-C.")
+                    "generates and links the livepatch module. The source and build trees are only read: "
+                    "the patch is applied to private copies and every output goes to a temporary directory.")
     p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
-    p.add_argument("-s", "--src", required=True, metavar="KERNEL_SRC", help="kernel source tree")
+    p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -97,4 +98,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--skip-compiler-check", action="store_true",
                    help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
+    add_build_args(p)
     p.set_defaults(func=run_build)

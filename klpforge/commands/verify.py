@@ -7,10 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
+from rich.console import Console
+
+from ..errors import InputError
 from ..outputs import atomic_write, check_paths
+from ..qemu.verify import VerifySpec, verify_module
+from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]
 
@@ -25,15 +31,16 @@ def _files(specs: list[str]) -> dict[str, Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
+    # every output and input before any work (issue 8)
     ins: dict[str, str | Path | None] = {"MOD.ko": args.module, "--kernel": args.kernel,
                                          "--gen-init-cpio": args.gen_init_cpio}
     for opt, paths in (("--preload", list(args.preload)), ("--file", list(_files(args.file).values()))):
         ins.update({opt if len(paths) == 1 else f"{opt} #{k}": p for k, p in enumerate(paths, 1)})
     check_paths({"--console-log": args.console_log}, ins)
-    from rich.console import Console
-
-    from ..qemu.verify import VerifySpec, verify_module
-
+    if wants_xen_verify(args):
+        return run_xen_verify(args)
+    if not args.kernel:
+        raise InputError("--kernel BZIMAGE is required")
     con = Console(stderr=True)
     spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),
@@ -44,7 +51,7 @@ def run_verify(args: argparse.Namespace) -> int:
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
     for s in res.steps:
         mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
-        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False)
+        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False, soft_wrap=True)
     if res.check_output:
         con.print("  check output:", highlight=False)
         for line in res.check_output.splitlines():
@@ -57,7 +64,8 @@ def run_verify(args: argparse.Namespace) -> int:
         fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{spec.ko.stem}-", suffix=".log")
         Path(log).unlink()
         atomic_write(log, res.console)
-    con.print(f"[red]verify failed[/]: {res.reason} (console log: {log})", highlight=False)
+    # Plain text: rich would wrap the line at the console width (80 when stderr is not a terminal).
+    print(f"klpforge verify: failed: {res.reason} (console log: {log})", file=sys.stderr)
     return 1
 
 
@@ -69,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(sysfs dir gone), unpatched, rmmod. Exit 0 only if all pass and the check "
                     "exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
-    p.add_argument("--kernel", required=True, metavar="BZIMAGE", help="kernel image to boot")
+    p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")
@@ -85,4 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--append", metavar="ARGS", help="extra kernel command line")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg: software emulation)")
     p.add_argument("--gen-init-cpio", metavar="PATH", help="usr/gen_init_cpio (default: next to the kernel)")
+    p.add_argument("--before-check", metavar="CMD", help="command run before the patch is applied (Xen)")
+    add_verify_args(p)
     p.set_defaults(func=run_verify)

@@ -6,94 +6,42 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..unidiff import Hunk, read_patch
 
-__all__ = ["Hunk", "hunks", "changed_lines", "locate", "functions_in_source", "functions_of_patch"]
+__all__ = ["changed_lines", "locate", "functions_in_source", "functions_of_patch"]
 
-_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
-
-
-@dataclass
-class Hunk:
-    """One ``@@`` hunk: where it says it starts in the old file, the old text it expects there (context
-    and removed lines), and the 0-based positions in that text the hunk changes."""
-
-    file: str
-    patch_line: int
-    old_start: int
-    old_text: list[str] = field(default_factory=list)
-    changed: set[int] = field(default_factory=set)
-
-    def lines_at(self, start: int) -> set[int]:
-        """Old line numbers (1-based) the hunk changes when its text starts at line ``start``."""
-        return {max(start + k, 1) for k in self.changed}
-
-
-def hunks(patch: Path) -> dict[str, list[Hunk]]:
-    """Pre-patch file -> its hunks (files the patch creates, ``--- /dev/null``, are left out).
-
-    Raises InputError when the patch cannot be read or is not a unified diff."""
-    try:
-        text = patch.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{patch}: cannot read patch: {e}") from None
-    out: dict[str, list[Hunk]] = {}
-    cur: list[Hunk] | None = None
-    seen_file = False
-    h: Hunk | None = None
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.startswith("--- "):
-            name = line[4:].split("\t")[0].strip()
-            name = name[2:] if name.startswith(("a/", "b/")) else name
-            cur = None if name == "/dev/null" else out.setdefault(name, [])
-            seen_file, h = True, None
-            continue
-        if line.startswith("+++ "):
-            continue
-        m = _HUNK.match(line)
-        if m:
-            if not seen_file:
-                raise InputError(f"{patch}:{n}: hunk before any '--- file' header")
-            h = None
-            if cur is not None:
-                h = Hunk(name, n, int(m.group(1)))
-                cur.append(h)
-            continue
-        if h is None:
-            continue
-        if line.startswith("-"):
-            h.changed.add(len(h.old_text))
-            h.old_text.append(line[1:])
-        elif line.startswith("+"):
-            # an insertion changes the line before it (or the first line of the file)
-            h.changed.add(len(h.old_text) - 1)
-        elif line.startswith(" ") or line == "":
-            h.old_text.append(line[1:])
-    if not seen_file:
-        raise InputError(f"{patch}:1: not a unified diff (no '--- file' line)")
-    return out
-
-
-def changed_lines(patch: Path) -> dict[str, set[int]]:
-    """Pre-patch file -> the old line numbers each hunk removes or inserts after (as the hunks say).
+def changed_lines(patch: Path, strip: int = 1) -> dict[str, set[int]]:
+    """Pre-patch file -> the old line numbers each hunk removes or inserts after, with the one parser
+    ``build`` uses too (:mod:`klpforge.unidiff`: ``-p1`` by default, so ``a/``, ``src.orig/``, ``linux.orig/``
+    prefixes all work). New files (``/dev/null`` before) have no old lines and are left out.
 
     >>> changed_lines(Path("fix.patch"))  # doctest: +SKIP
     {'demo.c': {10}}
     """
-    return {f: set().union(*(h.lines_at(h.old_start) for h in hs)) if hs else set()
-            for f, hs in hunks(patch).items()}
+    out: dict[str, set[int]] = {}
+    for f in read_patch(patch, strip):
+        if f.old is None:
+            continue
+        cur = out.setdefault(f.old, set())
+        for h in f.hunks:
+            cur |= h.old_lines_touched()
+    if not out:
+        raise InputError(f"{patch}: the patch only creates files: no existing function changes")
+    return out
 
 
-def locate(hunk: Hunk, source: list[str], patch: Path, src: Path) -> int:
-    """The line where ``hunk``'s old text really is in ``source``: the stated line, else the nearest
-    exact match (as GNU patch applies a hunk at an offset). Raises InputError naming the patch, the hunk
-    and the source when the text is nowhere: the patch was written for another version of the file."""
-    text, n = hunk.old_text, len(hunk.old_text)
+def locate(hunk: Hunk, source: list[str], patch: Path, name: str, src: Path) -> int:
+    """The line where ``hunk``'s old text (context and removed lines) really is in ``source``: the line
+    the hunk names, else the nearest exact match (GNU patch applies a hunk at an offset too).
+
+    Raises InputError naming the patch, the hunk and the source when the text is nowhere: the patch was
+    written for another version of the file, and the functions it touches cannot be told."""
+    text = [ln[1:] for ln in hunk.lines if ln[:1] in (" ", "-", "")]
+    n = len(text)
     if not n:
         return hunk.old_start
     want = hunk.old_start - 1
@@ -101,8 +49,18 @@ def locate(hunk: Hunk, source: list[str], patch: Path, src: Path) -> int:
         for k in ((want,) if delta == 0 else (want - delta, want + delta)):
             if 0 <= k <= len(source) - n and source[k] == text[0] and source[k:k + n] == text:
                 return k + 1
-    raise InputError(f"{patch}:{hunk.patch_line}: hunk @@ -{hunk.old_start} @@ of {hunk.file} does not match "
-                     f"{src}: its context is not in the file (a patch for another version?)")
+    raise InputError(f"{patch}: hunk @@ -{hunk.old_start},{hunk.old_count} @@ of {name} does not match {src}: "
+                     "its context is not in the file (a patch for another version?)")
+
+
+def _hunk_lines(patch: Path, name: str, hunks: tuple[Hunk, ...], src: Path) -> set[int]:
+    """Old line numbers the hunks touch, each hunk moved to where its text is in ``src`` (when present)."""
+    out: set[int] = set()
+    source = src.read_bytes().decode("utf-8", "surrogateescape").split("\n") if src.is_file() else None
+    for h in hunks:
+        shift = locate(h, source, patch, name, src) - h.old_start if source is not None else 0
+        out |= {max(ln + shift, 1) for ln in h.old_lines_touched()}
+    return out
 
 
 def _parser() -> Any:
@@ -165,7 +123,7 @@ def _object_for(name: str, objects: Path | None) -> Path | None:
     return next((c for c in cands if c.is_file() and has_dwarf(c)), None)
 
 
-def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None) -> tuple[
+def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None, strip: int = 1) -> tuple[
         list[str], list[str]]:
     """``file.c:name`` for every function a patch touches, and notes (files skipped, headers).
 
@@ -177,16 +135,16 @@ def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = No
 
     notes: list[str] = []
     out: list[str] = []
-    for name, hs in sorted(hunks(patch).items()):
+    files: dict[str, tuple[Hunk, ...]] = {}
+    for f in read_patch(patch, strip):
+        if f.old is not None:
+            files[f.old] = files.get(f.old, ()) + f.hunks
+    if not files:
+        raise InputError(f"{patch}: the patch only creates files: no existing function changes")
+    for name, hunks in sorted(files.items()):
         src = source_root / name
-        lines: set[int] = set()
-        if src.is_file():
-            # every hunk must match the source it claims to patch, or its functions would be guessed
-            source = src.read_bytes().decode("utf-8", "surrogateescape").split("\n")
-            for h in hs:
-                lines |= h.lines_at(locate(h, source, patch, src))
-        else:
-            lines = set().union(*(h.lines_at(h.old_start) for h in hs)) if hs else set()
+        # every hunk must match the source it claims to patch (issue 8), else its functions are guesses
+        lines = _hunk_lines(patch, name, hunks, src)
         obj = _object_for(name, objects)
         if obj is not None:
             funcs = functions_at_lines(obj, name, lines)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["KlpFunc", "KlpTarget", "CALLBACK_KINDS", "module_source", "kbuild_file", "sanitize_module_name",
            "build_module"]
@@ -163,7 +164,7 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
     with log.open("ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        r = run(cmd, stdout=f, stderr=subprocess.STDOUT)  # own process group: ended with klpforge
     ko = workdir / f"{modname}.ko"
     if r.returncode != 0 or not ko.is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-8:]

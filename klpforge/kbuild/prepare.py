@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import run
 
 __all__ = [
     "KernelLayout",
@@ -226,7 +227,7 @@ def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
     with log.open("ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
-        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        r = run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)  # own group: ended with klpforge
     if r.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise InputError(f"`{' '.join(cmd)}` failed (exit {r.returncode}); see {log}: "
@@ -243,7 +244,9 @@ def _unpack(layout: KernelLayout) -> None:
     try:
         # `tar` is several times faster than tarfile on this 1.4 GB tree.
         if shutil.which("tar"):
-            subprocess.run(["tar", "-xJf", str(layout.tarball), "-C", str(tmp)], check=True)
+            r = run(["tar", "-xJf", str(layout.tarball), "-C", str(tmp)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InputError(f"unpacking {layout.tarball} failed: {r.stderr.strip()[-300:]}")
         else:  # pragma: no cover
             with tarfile.open(layout.tarball) as tf:
                 tf.extractall(tmp, filter="data")

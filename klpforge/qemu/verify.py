@@ -25,10 +25,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import release, start
 from .initramfs import build_initramfs
 from .modinfo import modinfo, module_name
 
-__all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS"]
+__all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS",
+           "check_bzimage", "qemu_error"]
 
 #: Steps in the order the guest reports them.
 STEPS = ("boot", "preload", "insmod", "enabled", "transition", "check", "disable", "unpatched", "rmmod")
@@ -191,10 +193,46 @@ def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         raise InputError("qemu-system-x86_64 not found: install Debian's qemu-system-x86 package")
-    append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 {spec.append}".strip()
+    # no_timer_check: under a loaded host TCG can miss the IO-APIC timer probe and 6.1 panics
+    # ("IO-APIC + timer doesn't work", arch/x86/kernel/apic/io_apic.c check_timer()).
+    append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 no_timer_check {spec.append}".strip()
     return [qemu, "-accel", spec.accel, "-m", spec.memory, "-smp", "1", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(spec.bzimage), "-initrd", str(initrd),
             "-append", append]
+
+
+def check_bzimage(path: Path) -> None:
+    """Refuse a file that is not an x86 boot image: the setup header's magic ``HdrS`` sits at offset 0x202
+    (Linux ``Documentation/x86/boot.rst``, boot protocol >= 2.00), which QEMU's ``-kernel`` needs.
+
+    >>> check_bzimage(Path("/dev/null"))
+    Traceback (most recent call last):
+    ...
+    klpforge.errors.InputError: /dev/null: not a bzImage (no "HdrS" boot header at 0x202: file too short)
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(0x206)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the kernel ({e.strerror})") from None
+    if head[0x202:0x206] == b"HdrS":
+        return
+    what = ("file too short" if len(head) < 0x206 else
+            "an ELF file: pass arch/x86/boot/bzImage, not vmlinux" if head.startswith(b"\x7fELF") else
+            "unknown format")
+    raise InputError(f'{path}: not a bzImage (no "HdrS" boot header at 0x202: {what})')
+
+
+def qemu_error(console: str, qemu: str) -> str | None:
+    """QEMU's own complaint in the captured output (``qemu-system-x86_64: -accel kvm: ...``), if any.
+
+    >>> qemu_error("qemu-system-x86_64: invalid accelerator foo\\n", "/usr/bin/qemu-system-x86_64")
+    'qemu-system-x86_64: invalid accelerator foo'
+    """
+    names = (Path(qemu).name + ":", "qemu:")
+    said = [ln.strip() for ln in console.splitlines() if ln.startswith(names)]
+    errors = [ln for ln in said if ": warning:" not in ln]
+    return (errors or said)[0] if said else None
 
 
 def _gen_init_cpio(spec: VerifySpec) -> Path:
@@ -223,6 +261,7 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
     for p in (spec.ko, spec.bzimage, *spec.preload):
         if not p.is_file():
             raise InputError(f"{p}: no such file")
+    check_bzimage(spec.bzimage)
     if modinfo(spec.ko).get("livepatch") != "Y":
         raise InputError(f"{spec.ko}: not a livepatch module (no livepatch=Y in .modinfo)")
     patch = module_name(spec.ko)
@@ -247,29 +286,28 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
         raw = tdp / "console.raw"
         timed_out = False
         with raw.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            proc = start(cmd, stdout=out, stderr=subprocess.STDOUT)
             try:
                 proc.wait(timeout=spec.timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                proc.kill()
-                proc.wait()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+            finally:
+                release(proc)  # kills QEMU if still running (timeout, Ctrl-C, SIGTERM)
         console = raw.read_bytes().decode(errors="replace").replace("\r\n", "\n")
     seconds = time.monotonic() - t0
     if console_log is not None:
         atomic_write(console_log, console)
     steps, check_out, rc, after_out, dmesg, result = parse_console(console, nonce)
     res = VerifyResult(False, steps, check_out, rc, after_out, dmesg, console, seconds)
-    res.reason = _judge(spec, res, result, timed_out)
+    res.reason = _judge(spec, res, result, timed_out, qemu_error(console, cmd[0]))
     res.ok = not res.reason
     return res
 
 
-def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool) -> str:
+def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool,
+           qemu_err: str | None = None) -> str:
+    if not res.steps and qemu_err:
+        return qemu_err  # QEMU itself refused (a bad -accel, an unreadable image): its words, not ours
     failed = [s for s in res.steps if not s.ok]
     if failed:
         return f"step {failed[0].name} failed: {failed[0].detail or 'no detail'}"
