@@ -51,8 +51,7 @@ def run_build(args: argparse.Namespace) -> int:
     # every output and input before any work (issue 8): the default output is checked too
     stem = Path(args.patch).name.removesuffix(".patch").removesuffix(".diff")
     check_paths({"-o": args.output or (None if xen else f"livepatch-{stem}.ko"), "--json": args.json},
-                {"patch": args.patch, "-s": args.src, "-O": args.build_dir,
-                 "--xen-syms": getattr(args, "xen_syms", None), "--xen-config": getattr(args, "xen_config", None)},
+                {"patch": args.patch, "-s": args.src, "-O": args.build_dir},
                 kinds={"-s": "dir", "-O": "dir"})
     if xen:
         return run_xen_build(args)
