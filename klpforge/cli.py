@@ -17,13 +17,15 @@ from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
 from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "one_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
 COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that command's (start-up time: one process per object pair
+    pays for every import, so the other command modules are not even loaded)."""
     p = argparse.ArgumentParser(
         prog="klpforge",
         description="Turn a kernel source patch into a verified Linux live patch.",
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in (only,) if only in COMMANDS else COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
         except ModuleNotFoundError as e:
@@ -43,9 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str) -> str:
+    """``msg`` with control characters escaped (a symbol name read from a damaged string table can hold a
+    newline): an error stays one line on stderr."""
+    if msg.isprintable():
+        return msg
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run klpforge with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -57,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klpforge {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KlpError as e:
-        print(f"klpforge {args.command}: {e}", file=sys.stderr)
+        print(f"klpforge {args.command}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"klpforge {args.command}: interrupted", file=sys.stderr)
@@ -67,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback, unless debugging
         if os.environ.get("KLPFORGE_DEBUG"):
             raise
-        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {e} "
+        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {one_line(str(e))} "
               "(set KLPFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:

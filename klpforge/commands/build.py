@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+from ..outputs import check_paths
 from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
@@ -46,7 +47,13 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build the module (or a Xen payload); progress and report on stderr."""
-    if wants_xen_build(args):
+    xen = wants_xen_build(args)
+    # every output and input before any work (issue 8): the default output is checked too
+    stem = Path(args.patch).name.removesuffix(".patch").removesuffix(".diff")
+    check_paths({"-o": args.output or (None if xen else f"livepatch-{stem}.ko"), "--json": args.json},
+                {"patch": args.patch, "-s": args.src, "-O": args.build_dir},
+                kinds={"-s": "dir", "-O": "dir"})
+    if xen:
         return run_xen_build(args)
     if not args.src:
         raise InputError("-s KERNEL_SRC is required")

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..outputs import atomic_write, check_paths
 from ..qemu.verify import VerifySpec, verify_module
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
@@ -31,6 +31,12 @@ def _files(specs: list[str]) -> dict[str, Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
+    # every output and input before any work (issue 8)
+    ins: dict[str, str | Path | None] = {"MOD.ko": args.module, "--kernel": args.kernel,
+                                         "--gen-init-cpio": args.gen_init_cpio}
+    for opt, paths in (("--preload", list(args.preload)), ("--file", list(_files(args.file).values()))):
+        ins.update({opt if len(paths) == 1 else f"{opt} #{k}": p for k, p in enumerate(paths, 1)})
+    check_paths({"--console-log": args.console_log}, ins)
     if wants_xen_verify(args):
         return run_xen_verify(args)
     if not args.kernel:
