@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
@@ -23,10 +24,19 @@ __all__ = ["main", "one_line", "COMMANDS"]
 COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with klpforge's error convention: a usage error is bad input (exit 1, one stderr line),
+    not argparse's exit 2, which klpforge reserves for a refused unsafe change. Subcommand parsers inherit
+    the class (``add_subparsers`` uses ``type(self)``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that command's (start-up time: one process per object pair
     pays for every import, so the other command modules are not even loaded)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="klpforge",
         description="Turn a kernel source patch into a verified Linux live patch.",
         epilog="exit codes: 0 ok, 1 error, 2 unsafe change refused, 3 no change, 130 interrupted (SIGINT), "

@@ -114,3 +114,14 @@ def test_big_endian_ppc64_is_refused(tmp_path: Path) -> None:
     obj = tmp_path / "be.o"
     obj.write_bytes(w.build())
     assert_one_line_error(diff(obj, obj, tmp_path / "out.o"), 1, "big-endian ppc64 (ELFv1) objects are not supported")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("diff", "a.o"), "the following arguments are required"),
+    (("nosuchcmd",), "invalid choice: 'nosuchcmd'"),
+    (("build", "--bogus", "x.patch"), "unrecognized arguments: --bogus"),
+    (("impact", "--dumps"), "expected one argument"),
+])
+def test_usage_error_is_bad_input(args: tuple[str, ...], needle: str) -> None:
+    # exit 2 means "refused as unsafe" for klpforge: a usage error must not look like one
+    assert_one_line_error(run(*args), 1, needle)
