@@ -398,3 +398,24 @@ def test_interrupt_starts_no_queued_compile(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_jobs(jobs, 2)
     assert len(list(tmp_path.iterdir())) <= 2  # at most the two that were running
+
+
+FOLDED_AND_TAIL = r"""
+__attribute__((noinline)) static int f1(int n, int k) { int s = 0; for (int i = 0; i < n; i++) s += i * k; return s; }
+__attribute__((noinline)) static int f2(int n, int k) { int s = 0; for (int i = 0; i < n; i++) s += i * k; return s; }
+int g1(int n) { return f1(n, 3); }
+int g2(int n) { return f2(n, 3) + 1; }
+"""
+
+
+def test_folded_clone_and_stack_alignment(gcc: str, tmp_path: Path) -> None:
+    # f1/f2's constprop clones are folded in the build (g2 calls f1.constprop.0); g1 is a plain tail call
+    # in both builds, only padded for stack alignment with the flag: not folding
+    cost = _pair(gcc, tmp_path, FOLDED_AND_TAIL, "-flive-patching=inline-clone",
+                 ["-O2", "-fno-pic", "-mfentry", "-pg", "-mrecord-mcount"])
+    assert _kinds(cost, "g1") == {"stack-align"}
+    g2 = _func(cost, "g2")
+    assert g2.reasons[0].kind == "icf" and "`f1.constprop.0` for `f2.constprop.0`" in g2.reasons[0].detail
+    assert "pure-const" not in _kinds(cost, "g2") and "clone" not in _kinds(cost, "g2")
+    twin = _func(cost, "f2.constprop.0")
+    assert twin.status == "flag-only" and twin.reasons[0].kind == "icf"

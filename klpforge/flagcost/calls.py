@@ -49,6 +49,7 @@ class Func:
     alias_of: str | None = None
     thunk_to: str | None = None
     refs: Counter[str] = field(default_factory=Counter)
+    stack_pads: int = 0  # x86-64 ``sub $8,%rsp``: a stack realigned by 8 for the calls it makes
 
 
 def _target_name(obj: Object, arch: Arch, sym: int, addend: int, rtype: int) -> str | None:
@@ -104,8 +105,20 @@ def function_facts(obj: Object) -> dict[str, Func]:
                 if n is not None and n not in fentry and n != f.name:
                     f.refs[n] += 1
         f.thunk_to = _thunk_target(obj, arch, f, lo, hi, fentry)
+        f.stack_pads = _stack_pads(obj, arch, f, lo, hi)
         out[f.name] = f
     return out
+
+
+def _stack_pads(obj: Object, arch: Arch, f: Func, lo: int, hi: int) -> int:
+    """How often ``f`` moves %rsp by 8 to align it for a call (x86-64; 0 elsewhere). With
+    ``-fipa-stack-alignment`` (gcc 12 ipa-stack-alignment, off under ``-flive-patching``) the build knows
+    which callees of the unit need no 16-byte aligned stack and leaves the padding out."""
+    if arch.name != "x86_64" or not f.refs:
+        return 0
+    code = obj.section_data(f.section)[lo:hi]
+    return sum(1 for _a, _s, mn, ops in _cs(arch.cs_arch, arch.cs_mode, False).disasm_lite(code, 0)
+               if mn == "sub" and ops.replace(" ", "") == "rsp,8")
 
 
 def _thunk_target(obj: Object, arch: Arch, f: Func, lo: int, hi: int, fentry: set[str]) -> str | None:

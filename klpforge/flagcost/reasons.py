@@ -40,7 +40,7 @@ from .calls import Func, call_segments, can_return, live_across_calls
 
 __all__ = ["Reason", "REASON_KINDS", "Dump", "read_dump", "explain", "Context"]
 
-REASON_KINDS = ("inline", "clone", "icf", "pure-const", "ipa-ra", "callee-ipa", "unexplained")
+REASON_KINDS = ("inline", "clone", "icf", "pure-const", "ipa-ra", "stack-align", "callee-ipa", "unexplained")
 _CLONE = re.compile(r"\.(constprop|isra|part)\.\d+")
 
 
@@ -153,6 +153,9 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     (a function only one build has). Never empty: ``unexplained`` when nothing is found."""
     out: list[Reason] = []
     if fa is None and fb is not None:
+        twin = _folded_twin(ctx, fb.name)
+        if twin:
+            return [_r("icf", 0, f"only with the flag: the build folded it into the identical `{twin}`")]
         base = fb.name.split(".", 1)[0]
         clones = sorted(n for n in ctx.fa if _CLONE.search(n) and n.split(".", 1)[0] == base)
         if clones:
@@ -172,7 +175,8 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     if fa.alias_of and not fb.alias_of:
         out.append(_r("icf", 0, f"shares the code of `{fa.alias_of}` in the build (identical code folded); "
                                  "its own copy with the flag"))
-    if fa.thunk_to and not fb.thunk_to:
+    if fa.thunk_to and not fb.thunk_to and base_function(fa.thunk_to) not in {base_function(r) for r in fb.refs}:
+        # a plain tail call to the same function in both builds is no folding
         out.append(_r("icf", 0, f"a jump to the identical `{fa.thunk_to}` in the build; its own "
                                                   "body with the flag"))
     # inlining decisions: every body that ended up in F (records chain: x into y, y into F)
@@ -195,14 +199,17 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     al = _aliases(ctx.fa)
     for key in sorted(set(ca) - set(cb)):
         for t in ca[key]:
-            if _CLONE.search(t):
+            if _CLONE.search(t) and not any(_folded_twin(ctx, u) == t for u in fb.refs):
                 base = t.split(".", 1)[0]
                 other = sorted(n for n in fb.refs if n.split(".", 1)[0] == base)
                 out.append(_r("clone", 1, f"calls the clone `{t}` in the build"
                                            + (f", `{other[0]}` with the flag" if other else "")))
     for key in sorted(set(cb) - set(ca)):
         for t in cb[key]:
-            if _CLONE.search(t):
+            twin = _folded_twin(ctx, t)
+            if twin and twin in fa.refs:
+                out.append(_r("icf", 0, f"calls `{twin}` for `{t}` in the build: identical code folded"))
+            elif _CLONE.search(t):
                 out.append(_r("clone", 1, f"calls the clone `{t}` only with the flag"))
             elif t in al or any(t in al.get(x, ()) for x in fa.refs):
                 twin = next((x for x in fa.refs if t in al.get(x, ())), None)
@@ -215,6 +222,9 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     for n in sorted(local):
         # folded twins share their calls in the build; clones of one function (g, g.constprop.0) count as g
         group = al.get(n, {n}) | {x for x in fa.refs if base_function(x) == base_function(n)}
+        twin = _folded_twin(ctx, n)
+        if twin:  # the build calls its folded twin instead
+            group |= {twin}
         c_a = sum(fa.refs.get(x, 0) for x in group)
         c_b = sum(fb.refs.get(x, 0) for x in group | {x for x in fb.refs if base_function(x) == base_function(n)})
         if c_a < c_b and not _inlined_in(ctx.da, fa.name, n):
@@ -228,6 +238,10 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
         for n, regs in sorted(live.items()):
             out.append(_r("ipa-ra", 1, f"keeps {', '.join('%' + r for r in regs)} live across its call to `{n}` "
                                         "in the build (IPA-RA knew the callee leaves them alone)"))
+    if fb.stack_pads > fa.stack_pads and not out:  # a new call (an inlining forbidden) pads the stack too
+        out.append(_r("stack-align", 1, f"{fb.stack_pads - fa.stack_pads} stack realignment(s) (`sub $8,%rsp`) "
+                                         "only with the flag: the build knew its callees need no 16-byte aligned "
+                                         "stack (-fipa-stack-alignment)"))
     if local and not any(r.rank <= 2 for r in out):
         out.append(_callee_ipa(ctx, fa, fb, local))
     # one line per distinct reason
@@ -235,6 +249,23 @@ def explain(ctx: Context, fa: Func | None, fb: Func | None) -> list[Reason]:
     uniq = [r for r in out if not (r in seen or seen.add(r))]  # type: ignore[func-returns-value]
     uniq.sort(key=lambda r: r.rank)  # stable: same-rank evidence keeps its order
     return uniq or [_r("unexplained", 9, "no inlining, clone, folding or call difference found")]
+
+
+def _folded_twin(ctx: Context, t: str) -> str | None:
+    """The function the build calls in place of ``t``, a function only the flag build has: identical code
+    folding (``-fipa-icf``, off under the flag) kept one of two equal bodies. Found through ``t``'s callers:
+    one the build calls instead, of the same size in the flag build."""
+    ft = ctx.fb.get(t)
+    if ft is None or t in ctx.fa:
+        return None
+    for c, fc in ctx.fb.items():
+        if t not in fc.refs or c not in ctx.fa:
+            continue
+        for x in sorted(set(ctx.fa[c].refs) - set(fc.refs)):
+            fx = ctx.fb.get(x)
+            if fx is not None and fx.size == ft.size and x != t:
+                return x
+    return None
 
 
 def _callee_ipa(ctx: Context, fa: Func, fb: Func, local: set[str]) -> Reason:
