@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import InputError
 from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
 
 __all__ = ["register", "run_build", "print_report"]
@@ -45,7 +46,15 @@ def print_report(con: Console, res: BuildResult) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Build the module; progress and report on stderr."""
     con = Console(stderr=True)
-    opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
+    if args.distro:
+        from .build_distro import run_distro_build
+
+        return run_distro_build(args, con)
+    if not args.src:
+        raise InputError("give -s KERNEL_SRC (a built tree) or --distro NAME:RELEASE (e.g. debian:6.1.0-56-amd64)")
+    if len(args.patch) > 1:
+        raise InputError("several patch files make one cumulative patch only with --distro")
+    opts = BuildOptions(src=Path(args.src), patch=Path(args.patch[0]),
                         build=Path(args.build_dir) if args.build_dir else None,
                         output=Path(args.output) if args.output else None, jobs=args.jobs,
                         replace=not args.no_replace, keep_tmp=args.keep_tmp,
@@ -74,8 +83,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
                     "generates and links the livepatch module. The source tree is restored byte for "
                     "byte afterwards, also on failure and Ctrl-C.")
-    p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
-    p.add_argument("-s", "--src", required=True, metavar="KERNEL_SRC", help="kernel source tree")
+    p.add_argument("patch", metavar="fix.patch", nargs="+",
+                   help="unified diff, -p1 (as git writes); with --distro several make one cumulative patch")
+    p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel source tree (built)")
+    p.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="build for a distribution's shipped kernel, e.g. debian:6.1.0-56-amd64 (no full build; "
+                        "packages fetched and cached; see docs/distro.md)")
+    p.add_argument("--symbols", metavar="FILE",
+                   help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
+                        "instead of booting the image once to read /proc/kallsyms")
+    p.add_argument("--symvers", metavar="FILE", help="with --distro: Module.symvers instead of the headers package's")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..errors import InputError
 from ..fsutil import atomic_write
 from ..qemu.verify import VerifySpec, verify_module
 
@@ -29,11 +30,30 @@ def _files(specs: list[str]) -> dict[str, Path]:
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
     con = Console(stderr=True)
-    spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
-                      timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),
+    kernel = Path(args.kernel) if args.kernel else None
+    gen = Path(args.gen_init_cpio) if args.gen_init_cpio else None
+    preload = [Path(p) for p in args.preload]
+    memory = "256M"
+    if args.distro:
+        from ..distro import backend_for
+        from ..distro.modules import modules_for
+
+        mod, release = backend_for(args.distro)
+        with con.status(f"preparing {args.distro}"):
+            tree = mod.prepare_tree(release)
+        kernel = kernel or tree.vmlinuz
+        gen = gen or tree.build / "usr/gen_init_cpio"
+        wanted = [m for spec in args.load_modules for m in spec.split(",") if m]
+        preload = modules_for(tree, wanted) + preload
+        memory = "1G"  # a distribution kernel with its modules needs more than the test kernel
+    elif args.load_modules:
+        raise InputError("--load-modules needs --distro (it reads the shipped modules.dep)")
+    if kernel is None:
+        raise InputError("give --kernel BZIMAGE or --distro NAME:RELEASE")
+    spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,
+                      timeout=args.timeout, preload=preload, files=_files(args.file),
                       after_check=args.after_check, after_expect=args.after_expect, append=args.append or "",
-                      accel=args.accel,
-                      gen_init_cpio=Path(args.gen_init_cpio) if args.gen_init_cpio else None)
+                      accel=args.accel, gen_init_cpio=gen, memory=memory)
     with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
     for s in res.steps:
@@ -63,7 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(sysfs dir gone), unpatched, rmmod. Exit 0 only if all pass and the check "
                     "exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
-    p.add_argument("--kernel", required=True, metavar="BZIMAGE", help="kernel image to boot")
+    p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
+    p.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="boot the distribution's own kernel image (e.g. debian:6.1.0-56-amd64); see docs/distro.md")
+    p.add_argument("--load-modules", action="append", default=[], metavar="MOD[,MOD]",
+                   help="with --distro: shipped modules to load first, with their dependencies (modules.dep)")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")
