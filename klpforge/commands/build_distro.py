@@ -22,9 +22,13 @@ def print_distro_report(con: Console, res: DistroBuildResult) -> None:
         table.add_column(col)
     for o in res.outcomes:
         proof = {v.name: v for v in res.sizes.get(o.obj, [])}
+        explained = res.impact.get(o.obj, {}).get("explained", {})
         for f in o.funcs:
             v = proof.get(f.old_name)
-            table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed",
+            why = f.reason or "changed"
+            if f.old_name in explained:
+                why += "; " + "; ".join(explained[f.old_name])
+            table.add_row(o.target, f.old_name, str(f.sympos), o.obj, why,
                           f"{v.shipped} B, {v.note}" if v else "new")
         for name, why in o.carried.items():
             table.add_row(o.target, name, "-", o.obj, f"carried: {why}", "")

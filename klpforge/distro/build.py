@@ -130,15 +130,51 @@ def _objects(patches: list[SourcePatch]) -> list[str]:
     return objs
 
 
-def _impact(dump_dir: Path, changed: list[str]) -> dict[str, Any]:
-    """Why each function is in: GCC's clone/inline dump of the original object (``klpforge impact``)."""
+def _impact(dump_dir: Path, obj: str, patches: list[SourcePatch], src: Path, replaced: list[str]) -> dict[str, Any]:
+    """Why each replaced function is in, from GCC's ``-fdump-ipa-clones`` dump of the original object (as
+    ``klpforge impact``): the functions the patches edit (tree-sitter on the pristine source) are the seeds;
+    a replaced function the patch did not touch is explained by its chain (inlined into, cloned from)."""
     try:
         from ..ipa import predict
+        from ..ipa.patchmap import functions_of_patch
 
-        res = predict([str(p) for p in dump_dir.glob("*ipa-clones")], changed)
-        return res.to_json() if hasattr(res, "to_json") else {}
+        source = obj[:-2] + ".c"
+        seeds: list[str] = []
+        for p in patches:
+            funcs, _notes = functions_of_patch(p.path, src)
+            seeds += [f for f in funcs if f.startswith(source + ":")]
+        dumps = sorted(dump_dir.glob("*ipa-clones"))
+        if not seeds or not dumps:
+            return {"edited": seeds, "note": "no clone dump or no edited function found"}
+        res = predict([str(d) for d in dumps], list(dict.fromkeys(seeds)))
+        explained: dict[str, list[str]] = {}
+        for name in replaced:
+            for e in res.reasons(name):
+                if e.chain:
+                    explained[name] = [st.text() for st in e.chain]
+        return {"edited": [f.split(":", 1)[1] for f in seeds], "predicted": sorted(res.functions),
+                "explained": explained, "unpredicted": sorted(set(replaced) - res.functions)}
     except Exception as e:  # noqa: BLE001 - an explanation must never fail the build
-        return {"error": str(e)[:200]}
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str, Any], mods: dict[str, Path],
+                   progress: Progress | None) -> dict[str, Path]:
+    """Per object the shipped symbol table of its parent: the module's ``.ko`` or the vmlinux symbols
+    (``--symbols``, else a ``/proc/kallsyms`` capture of the shipped image, taken once per release)."""
+    out: dict[str, Path] = {}
+    for o, par in parents.items():
+        if par.is_module:
+            if par.target not in mods:
+                raise InputError(f"{o} belongs to module {par.target}, which the image package does not ship")
+            out[o] = mods[par.target]
+            continue
+        if opts.vmlinux_symbols is None:
+            say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
+            opts.vmlinux_symbols = capture_kallsyms(tree.vmlinuz or Path("vmlinuz"), tree.build / "usr/gen_init_cpio",
+                                                    tree.build.parent / "kallsyms.readelf", say)
+        out[o] = opts.vmlinux_symbols
+    return out
 
 
 def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
@@ -177,20 +213,8 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
         parents = {o: parent_of(recorded_command(tree, o)) for o in objs}
         symtabs: dict[str, Path] = {}
-        for o, par in parents.items():
-            if par.is_module:
-                if par.target not in mods:
-                    raise InputError(f"{o} belongs to module {par.target}, which the image package does not ship")
-                symtabs[o] = mods[par.target]
-            else:
-                if opts.vmlinux_symbols is None:
-                    from ..kbuild.prepare import cache_root  # noqa: F401 - cache root is the tree's
-
-                    cap = (tree.build.parent / "kallsyms.readelf")
-                    opts.vmlinux_symbols = capture_kallsyms(
-                        tree.vmlinuz or Path("vmlinuz"), tree.build / "usr/gen_init_cpio", cap,
-                        (lambda m: progress("diff", m)) if progress else (lambda _m: None))
-                symtabs[o] = opts.vmlinux_symbols
+        with _step("prepare", timings, progress, "shipped symbol tables"):
+            symtabs = _symbol_tables(tree, opts, parents, mods, progress)
         outcomes: list[DiffOutcome] = []
         unchanged: list[str] = []
         sizes: dict[str, list[SizeVerdict]] = {}
@@ -216,7 +240,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                     kallsyms_sizes(symtabs[oc.obj].read_text())
                 names = [f.old_name for f in oc.funcs]
                 sizes[oc.obj] = check_sizes(ours, shipped, names, symtabs[oc.obj].name)
-                impact[oc.obj] = _impact(orig[oc.obj].parent, names)
+                impact[oc.obj] = _impact(orig[oc.obj].parent, oc.obj, patches, tree.src, names)
         targets: dict[str, KlpTarget] = {}
         sidecars: list[Any] = []
         with _step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
@@ -238,10 +262,16 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                 t.callbacks.update(oc.callbacks)
             if not any(t.funcs for t in targets.values()):
                 raise NoChange("the diff found no function to replace")
+            # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded);
+            # a reference into another module (nfsd code calling sunrpc) needs that object, even with no
+            # function of its own to replace.
+            for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
+                targets[obj] = KlpTarget(obj)
             ko = build_module(tree.headers, tmp / "kmod", modname, list(targets.values()), opts.replace,
                               opts.jobs, log)
-            for sc in sidecars:
-                post.apply_klp(ko, sc, None)
+            if sidecars:  # one call: apply_klp drops every anchor it has seen once
+                post.apply_klp(ko, {"source": "merged", "relocations": [r for sc in sidecars
+                                                                        for r in sc["relocations"]]}, None)
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))

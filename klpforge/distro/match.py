@@ -114,8 +114,12 @@ def check_sizes(ours: Mapping[str, FunctionSize], shipped: Mapping[str, tuple[in
             ok = size <= f.size <= size + f.slack
         else:
             ok = f.size <= size <= f.size + f.slack + 64  # gap up to the next symbol: alignment padding
-        note = "same size" if f.size == size else (
-            f"{f.size - size:+d} bytes, within branch relaxation ({f.slack})" if ok else "")
+        if not exact:
+            note = f"gap to the next kallsyms symbol {size} B >= {f.size} B"
+        elif f.size == size:
+            note = "same size"
+        else:
+            note = f"{f.size - size:+d} B, within branch relaxation (up to {f.slack})" if ok else ""
         if not ok:
             raise InputError(f"source does not match {binary}: {n} is {f.size} bytes when compiled here but "
                              f"{size} bytes in the shipped binary (wrong source version, config or compiler)")
