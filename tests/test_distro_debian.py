@@ -75,3 +75,73 @@ def test_nfsd_security_fix_end_to_end(debian_tree: DistroTree, tmp_path: Path) -
     for step in ("boot", "preload", "insmod", "enabled", "transition", "check", "disable", "rmmod"):
         assert f"{step}" in v.stderr
     assert "verified livepatch-nfsd.ko" in v.stderr
+
+
+# (patches, target -> replaced functions, modules to load, check, expected output, impact: function -> edited)
+CASES = {
+    "kernel-visible": (["10-kernel-fscaps-visible.patch"], {"vmlinux": {"fscaps_show"}}, [],
+                       "cat /sys/kernel/fscaps", "1 live-patched", {}),
+    "net": (["20-net-sockstat.patch"], {"vmlinux": {"sockstat_seq_show"}}, [],
+            "cat /proc/net/sockstat", "KLP: sockstat patched", {}),
+    "mm-inlined": (["30-mm-buddyinfo.patch"], {"vmlinux": {"frag_show"}}, [],
+                   "cat /proc/buddyinfo", "zone    DMA32 klp ", {"frag_show": "frag_show_print"}),
+    "fs-module": (["40-fs-ext4-features.patch"], {"ext4": {"ext4_attr_show"}}, ["ext4"],
+                  "cat /sys/fs/ext4/features/lazy_itable_init", "supported, live patched under ext4", {}),
+    "driver-module-isra": (["50-driver-loop-dio.patch"], {"loop": {"loop_attr_do_show_dio"}}, ["loop"],
+                           "ls /sys/kernel/livepatch/livepatch_t/loop", "loop_attr_do_show_dio,1",
+                           {"loop_attr_do_show_dio": "loop_attr_dio_show"}),
+    # one cumulative patch from three files: vmlinux and two modules, each with klp relocations
+    "span-cumulative": (["00-nfsd-sequence-cve.patch", "10-kernel-fscaps-visible.patch",
+                         "40-fs-ext4-features.patch"],
+                        {"vmlinux": {"fscaps_show"}, "nfsd": {"nfsd4_sequence"}, "ext4": {"ext4_attr_show"}},
+                        ["nfsd", "ext4"],
+                        "cat /sys/kernel/fscaps /sys/fs/ext4/features/lazy_itable_init; "
+                        "ls /sys/kernel/livepatch/livepatch_t/nfsd",
+                        "1 live-patched\nsupported, live patched under ext4\nnfsd4_sequence,1", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_own_patches_build_and_verify(debian_tree: DistroTree, tmp_path: Path, case: str) -> None:
+    patches, want, modules, check, expect, explained = CASES[case]
+    ko = tmp_path / "livepatch-t.ko"
+    rep = tmp_path / "r.json"
+    r = klpforge("build", "--distro", DISTRO, *[str(PATCHES / p) for p in patches], "-o", str(ko),
+                 "--json", str(rep))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(rep.read_text())
+    got: dict[str, set[str]] = {}
+    for o in report["objects"]:
+        got.setdefault(o["target"], set()).update(f["old_name"] for f in o["functions"])
+        assert all(v["ok"] for v in o["source_matches_binary"])
+        for fn, edited in explained.items():
+            if fn in o["impact"].get("explained", {}):
+                assert o["impact"]["edited"] == [edited]
+                assert f"`{edited}" in o["impact"]["explained"][fn][0]
+    assert got == want
+    if len(want) > 1:  # every target carries klp relocations, written back after the link
+        secs = subprocess.run(["readelf", "-SW", str(ko)], capture_output=True, text=True, check=True).stdout
+        for target in want:
+            assert f".klp.rela.{target}." in secs, target
+    if explained:
+        assert any(o["impact"].get("explained") for o in report["objects"]), report["objects"][0]["impact"]
+    args = ["verify", str(ko), "--distro", DISTRO, "--check", check, "--expect", expect, "--timeout", "400"]
+    if modules:
+        args += ["--load-modules", ",".join(modules)]
+    if case == "kernel-visible":  # the old behaviour is back once the patch is disabled
+        args += ["--after-check", "grep -q live /sys/kernel/fscaps || echo restored", "--after-expect", "restored"]
+    v = klpforge(*args)
+    assert v.returncode == 0, v.stderr[-3000:]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ("90-refuse-data.patch", "data file_caps_enabled (.bss.file_caps_enabled) changed"),
+    ("91-refuse-init.patch", "changed function proc_version_init is in .init.text"),
+])
+def test_unsafe_patches_refused(debian_tree: DistroTree, tmp_path: Path, patch: str, message: str) -> None:
+    ko = tmp_path / "x.ko"
+    r = klpforge("build", "--distro", DISTRO, str(PATCHES / patch), "-o", str(ko))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not ko.exists()

@@ -66,7 +66,7 @@ def run_distro_build(args: argparse.Namespace, con: Console) -> int:
                                   vmlinux_symbols=_symbols(args.symbols, Path(td)),
                                   symvers=Path(args.symvers) if args.symvers else None)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=con, transient=True) as prog:
+                      console=con, transient=True, disable=not con.is_terminal) as prog:
             task = prog.add_task("starting", total=len(STEPS))
 
             def step(name: str, msg: str) -> None:
