@@ -145,3 +145,50 @@ def test_unsafe_patches_refused(debian_tree: DistroTree, tmp_path: Path, patch: 
     assert message in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not ko.exists()
+
+
+@pytest.fixture(scope="session")
+def nfsd_of_next_release(debian_tree: DistroTree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``lib/modules`` of linux-image-6.1.0-57-amd64 (6.1.192-3: the fixed nfsd) holding only nfsd.ko."""
+    from klpforge.distro import debian
+
+    root = debian.release_root(RELEASE)
+    debs = root.parent / "debs"
+    pkg = "linux-image-6.1.0-57-amd64"
+    have = sorted(debs.glob(f"{pkg}_*.deb"))
+    if not have:
+        subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True, capture_output=True)
+        have = sorted(debs.glob(f"{pkg}_*.deb"))
+    out = tmp_path_factory.mktemp("next")
+    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(have[0])], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(out), "--wildcards", "./lib/modules/*/kernel/fs/nfsd/nfsd.ko"],
+                   stdin=tar.stdout, check=True)
+    tar.wait()
+    return out / "lib/modules/6.1.0-57-amd64"
+
+
+def test_wrong_source_version_refused(debian_tree: DistroTree, nfsd_of_next_release: Path, tmp_path: Path) -> None:
+    """The 6.1.192-2 source against the 6.1.192-3 binary (plain form, -O on the prepared tree): refused before
+    anything is linked, naming the function and both sizes."""
+    ko = tmp_path / "x.ko"
+    assert debian_tree.headers is not None
+    base = ["build", "-s", str(debian_tree.src), "-O", str(debian_tree.build), "--headers", str(debian_tree.headers),
+            "--symvers", str(debian_tree.headers / "Module.symvers"), str(PATCHES / "00-nfsd-sequence-cve.patch")]
+    r = klpforge(*base, "--modules", str(nfsd_of_next_release), "-o", str(ko))
+    assert r.returncode == 1
+    assert ("source does not match nfsd.ko: nfsd4_sequence is 2082 bytes when compiled here but 2188 bytes in "
+            "the shipped binary") in r.stderr
+    assert not ko.exists()
+    # the same plain form with the right release's modules builds
+    ok = klpforge(*base, "--modules", str(debian_tree.modules_dir), "-o", str(ko))
+    assert ok.returncode == 0, ok.stderr
+    assert ko.is_file()
+
+
+def test_plain_form_refuses_another_compiler(debian_tree: DistroTree, tmp_path: Path) -> None:
+    cfg = tmp_path / "config"
+    cfg.write_text(debian_tree.config.read_text().replace("12.2.0-14+deb12u1", "12.2.0-14"))
+    r = klpforge("build", "-s", str(debian_tree.src), "-c", str(cfg), "--symbols", "/dev/null",
+                 str(PATCHES / "00-nfsd-sequence-cve.patch"), "-o", str(tmp_path / "x.ko"))
+    assert r.returncode == 1
+    assert "compiler mismatch: the kernel was built with 'gcc-12 (Debian 12.2.0-14) 12.2.0'" in r.stderr

@@ -46,7 +46,7 @@ def print_report(con: Console, res: BuildResult) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Build the module; progress and report on stderr."""
     con = Console(stderr=True)
-    if args.distro:
+    if args.distro or args.config or args.modules or args.headers:
         from .build_distro import run_distro_build
 
         return run_distro_build(args, con)
@@ -93,6 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
                         "instead of booting the image once to read /proc/kallsyms")
     p.add_argument("--symvers", metavar="FILE", help="with --distro: Module.symvers instead of the headers package's")
+    p.add_argument("-c", "--config", metavar="CONFIG",
+                   help="plain form (no backend): the kernel's config; -s SRC is prepared with it in the cache, "
+                        "never fully built")
+    p.add_argument("--modules", metavar="DIR", help="plain form: the shipped modules (lib/modules/RELEASE)")
+    p.add_argument("--headers", metavar="DIR",
+                   help="plain form: build directory to link the module in (default: the prepared tree)")
+    p.add_argument("--release", metavar="RELEASE", help="plain form: kernel release (uname -r)")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")

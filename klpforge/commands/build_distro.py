@@ -59,7 +59,19 @@ def run_distro_build(args: argparse.Namespace, con: Console) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="klpforge-syms-") as td:
-        opts = DistroBuildOptions(patches=[Path(p) for p in args.patch], distro=args.distro,
+        tree = None
+        if not args.distro:
+            from ..distro.plain import plain_tree
+            from ..errors import InputError
+
+            if not args.src:
+                raise InputError("the plain form needs -s SRC with -c CONFIG (or -O BUILD)")
+            with con.status("preparing the source tree (once per source and config)"):
+                tree = plain_tree(Path(args.src), Path(args.config) if args.config else None,
+                                  Path(args.build_dir) if args.build_dir else None, args.release,
+                                  Path(args.modules) if args.modules else None,
+                                  Path(args.headers) if args.headers else None, jobs=args.jobs)
+        opts = DistroBuildOptions(patches=[Path(p) for p in args.patch], distro=args.distro, tree=tree,
                                   output=Path(args.output) if args.output else None, jobs=args.jobs,
                                   replace=not args.no_replace, keep_tmp=args.keep_tmp,
                                   report_json=Path(args.json) if args.json else None,

@@ -42,7 +42,8 @@ class DistroTree:
     config and ``make prepare modules_prepare`` done; ``config``: the shipped ``/boot/config-*``;
     ``release``: ``uname -r`` of the shipped kernel; ``image``: root of the unpacked kernel image package
     (``boot/``, ``lib/modules/<release>/``); ``headers``: directory to build external modules against
-    (``make -C headers M=...``: the shipped vermagic and ``Module.symvers`` CRCs); ``kcflags``: the
+    (``make -C headers M=...``: the shipped vermagic and ``Module.symvers`` CRCs); ``modules``: a
+    ``lib/modules/<release>`` directory overriding the image's (plain form); ``kcflags``: the
     ``KCFLAGS`` every ``make`` of ``build`` must use (changing them would rebuild ``prepare``).
     """
 
@@ -56,10 +57,13 @@ class DistroTree:
     kcflags: str = ""
     lock: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    modules: Path | None = None
 
     @property
     def modules_dir(self) -> Path | None:
-        """``lib/modules/<release>`` of the image package."""
+        """The shipped modules: ``modules`` if set, else ``lib/modules/<release>`` of the image package."""
+        if self.modules is not None:
+            return self.modules
         return self.image / "lib/modules" / self.release if self.image else None
 
     @property

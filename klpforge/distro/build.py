@@ -12,6 +12,7 @@ Several patch files are applied in order into one overlay: one cumulative live p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -166,15 +167,38 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
     for o, par in parents.items():
         if par.is_module:
             if par.target not in mods:
-                raise InputError(f"{o} belongs to module {par.target}, which the image package does not ship")
+                raise InputError(f"{o} belongs to module {par.target}, which is not among the shipped modules "
+                                 f"({tree.modules_dir or 'none given: --modules DIR'})")
             out[o] = mods[par.target]
             continue
         if opts.vmlinux_symbols is None:
+            if tree.vmlinuz is None:
+                raise InputError(f"{o} is linked into vmlinux: pass its symbols with --symbols (a vmlinux with "
+                                 "symbols, `readelf -sW` text or a /proc/kallsyms capture)")
             say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
             opts.vmlinux_symbols = capture_kallsyms(tree.vmlinuz or Path("vmlinuz"), tree.build / "usr/gen_init_cpio",
                                                     tree.build.parent / "kallsyms.readelf", say)
         out[o] = opts.vmlinux_symbols
     return out
+
+
+def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
+          symvers: Path | None, log: Path) -> Path:
+    """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
+    ``KBUILD_EXTRA_SYMBOLS`` (modpost takes CRCs from it)."""
+    assert tree.headers is not None
+    extra = symvers is not None and not (tree.headers / "Module.symvers").is_file()
+    old = os.environ.get("KBUILD_EXTRA_SYMBOLS")
+    if extra:
+        os.environ["KBUILD_EXTRA_SYMBOLS"] = str(Path(str(symvers)).resolve())
+    try:
+        return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log)
+    finally:
+        if extra:
+            if old is None:
+                os.environ.pop("KBUILD_EXTRA_SYMBOLS", None)
+            else:
+                os.environ["KBUILD_EXTRA_SYMBOLS"] = old
 
 
 def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
@@ -193,9 +217,9 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             tree = mod.prepare_tree(release, jobs=opts.jobs,
                                     progress=(lambda m: progress("prepare", m)) if progress else None)
         assert tree is not None
-        if tree.modules_dir is None or tree.headers is None:
-            raise InputError("the prepared tree has no shipped modules or headers")
-        mods = module_index(tree.modules_dir)
+        if tree.headers is None:
+            raise InputError("no headers or build directory to link the live patch module in")
+        mods = module_index(tree.modules_dir) if tree.modules_dir else {}
     stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))
@@ -267,8 +291,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             # function of its own to replace.
             for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
                 targets[obj] = KlpTarget(obj)
-            ko = build_module(tree.headers, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log)
+            ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log)
             if sidecars:  # one call: apply_klp drops every anchor it has seen once
                 post.apply_klp(ko, {"source": "merged", "relocations": [r for sc in sidecars
                                                                         for r in sc["relocations"]]}, None)

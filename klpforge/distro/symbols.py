@@ -29,9 +29,11 @@ __all__ = ["module_index", "kallsyms_to_readelf", "capture_kallsyms", "shipped_s
 
 
 def module_index(modules_dir: Path) -> dict[str, Path]:
-    """Module name (``-`` -> ``_``) -> shipped ``.ko`` under ``lib/modules/<release>/kernel``."""
+    """Module name (``-`` -> ``_``) -> shipped ``.ko`` under ``lib/modules/<release>/kernel`` (or any
+    directory of ``.ko`` files)."""
     out: dict[str, Path] = {}
-    for p in (modules_dir / "kernel").rglob("*.ko*"):
+    root = modules_dir / "kernel" if (modules_dir / "kernel").is_dir() else modules_dir
+    for p in sorted(root.rglob("*.ko*")):
         name = p.name.split(".ko", 1)[0].replace("-", "_")
         out.setdefault(name, p)
     return out
