@@ -97,3 +97,19 @@ def test_overlay_command_and_parent() -> None:
 def test_load_order_dependencies_first() -> None:
     deps = {"nfsd": ["sunrpc", "lockd", "grace"], "lockd": ["sunrpc", "grace"], "sunrpc": [], "grace": []}
     assert load_order(deps, ["nfsd"]) == ["sunrpc", "grace", "lockd", "nfsd"]
+
+
+def test_job_list_for_several_releases() -> None:
+    """Several releases: one independent job each, emitted for a CI matrix / Kubernetes, nothing built."""
+    import json
+    import sys
+
+    both = "debian:6.1.0-56-amd64,debian:6.1.0-57-amd64"
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", both, "--distro",
+                        "debian:6.1.0-56-amd64", "fix.patch", "-o", "cves-{release}.ko",
+                        "--json", "r-{release}.json", "--emit-jobs", "-"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    jobs = json.loads(r.stdout)
+    assert [j["name"] for j in jobs] == ["klp-debian-6-1-0-56-amd64", "klp-debian-6-1-0-57-amd64"]
+    assert jobs[1]["argv"] == ["klpforge", "build", "--distro", "debian:6.1.0-57-amd64", "fix.patch", "-o",
+                               "cves-6.1.0-57-amd64.ko", "--json", "r-6.1.0-57-amd64.json"]

@@ -86,9 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("patch", metavar="fix.patch", nargs="+",
                    help="unified diff, -p1 (as git writes); with --distro several make one cumulative patch")
     p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel source tree (built)")
-    p.add_argument("--distro", metavar="NAME:RELEASE",
+    p.add_argument("--emit-jobs", metavar="FILE",
+                   help="with several --distro releases: write the job list (JSON; - for stdout) for a CI matrix "
+                        "or Kubernetes Indexed Jobs instead of building (docs/distro.md)")
+    p.add_argument("--distro", metavar="NAME:RELEASE", action="append",
                    help="build for a distribution's shipped kernel, e.g. debian:6.1.0-56-amd64 (no full build; "
-                        "packages fetched and cached; see docs/distro.md)")
+                        "packages fetched and cached; see docs/distro.md); repeat or comma-separate for several "
+                        "releases (independent jobs)")
     p.add_argument("--symbols", metavar="FILE",
                    help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
                         "instead of booting the image once to read /proc/kallsyms")
