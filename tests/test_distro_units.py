@@ -13,7 +13,7 @@ from klpforge.distro.compile import overlay_command, parent_of
 from klpforge.distro.debian import check_compiler, package_names
 from klpforge.distro.match import check_sizes, object_function_sizes
 from klpforge.distro.modules import load_order
-from klpforge.distro.symbols import kallsyms_sizes, kallsyms_to_readelf
+from klpforge.distro.symbols import kallsyms_sizes, kallsyms_to_readelf, shipped_sizes
 from klpforge.errors import InputError
 from klpforge.kbuild.tree import CompileCommand
 from klpforge.symtab import TargetSymtab
@@ -58,6 +58,7 @@ def test_kallsyms_capture_reads_as_a_symbol_table(tmp_path: Path) -> None:
     assert st.names == ["_stext", "dup", "dup", "data"]
     assert st.binds[1] == 0 and st.binds[0] == 1
     assert kallsyms_sizes(p.read_text())["_stext"] == (0x100, False)
+    assert shipped_sizes(p)["_stext"] == (0x100, False)  # gaps, not sizes: compared as an upper bound
 
 
 def test_spec_and_package_names() -> None:

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="build for a distribution's shipped kernel, e.g. debian:6.1.0-56-amd64 (no full build; "
                         "packages fetched and cached; see docs/distro.md); repeat or comma-separate for several "
                         "releases (independent jobs)")
-    p.add_argument("--symbols", metavar="FILE",
+    p.add_argument("--symbols", "--vmlinux", dest="symbols", metavar="FILE",
                    help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
                         "instead of booting the image once to read /proc/kallsyms")
     p.add_argument("--symvers", metavar="FILE", help="with --distro: Module.symvers instead of the headers package's")

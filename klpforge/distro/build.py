@@ -32,7 +32,7 @@ from ..kbuild.structsizes import struct_sizes
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .match import SizeVerdict, check_sizes, object_function_sizes
-from .symbols import capture_kallsyms, kallsyms_sizes, module_index, shipped_sizes
+from .symbols import capture_kallsyms, module_index, shipped_sizes
 
 __all__ = ["DistroBuildOptions", "DistroBuildResult", "build_distro", "STEPS"]
 
@@ -177,7 +177,7 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
                                  "symbols, `readelf -sW` text or a /proc/kallsyms capture)")
             say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
             opts.vmlinux_symbols = capture_kallsyms(tree.vmlinuz or Path("vmlinuz"), tree.build / "usr/gen_init_cpio",
-                                                    tree.build.parent / "kallsyms.readelf", say)
+                                                    tree.build.parent / "kallsyms-v2.readelf", say)
         out[o] = opts.vmlinux_symbols
     return out
 
@@ -259,9 +259,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         with _step("match", timings, progress, "checking that the source matches the shipped binary"):
             for oc in outcomes:
                 ours = object_function_sizes(orig[oc.obj])
-                par = parents[oc.obj]
-                shipped = shipped_sizes(symtabs[oc.obj]) if par.is_module else \
-                    kallsyms_sizes(symtabs[oc.obj].read_text())
+                shipped = shipped_sizes(symtabs[oc.obj])
                 names = [f.old_name for f in oc.funcs]
                 sizes[oc.obj] = check_sizes(ours, shipped, names, symtabs[oc.obj].name)
                 impact[oc.obj] = _impact(orig[oc.obj].parent, oc.obj, patches, tree.src, names)

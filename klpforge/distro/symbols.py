@@ -40,9 +40,17 @@ def module_index(modules_dir: Path) -> dict[str, Path]:
 
 
 def shipped_sizes(ko: Path) -> dict[str, tuple[int, bool]]:
-    """``name -> (st_size, True)`` for the functions of a shipped module."""
-    if ko.suffix != ".ko":
+    """``name -> (size, exact)`` for the functions of a shipped binary: ``st_size`` of an ELF file (a module,
+    a ``-dbg`` vmlinux) or of ``readelf -sW`` text (exact), or the gaps of a kallsyms capture (not exact)."""
+    if ko.suffix in (".xz", ".zst", ".gz"):
         raise InputError(f"{ko}: compressed modules are not supported yet (decompress it first)")
+    with ko.open("rb") as f:
+        head = f.read(4)
+    if head != b"\x7fELF":
+        text = ko.read_text(errors="replace")
+        if text.startswith("Symbol table '.kallsyms'"):
+            return kallsyms_sizes(text)
+        return {k: (v[0], True) for k, v in kallsyms_sizes(text).items()}
     elf = ElfFile.open(ko)
     out: dict[str, tuple[int, bool]] = {}
     for i, n in enumerate(elf.sym_names):
@@ -71,7 +79,7 @@ def _parse_kallsyms(text: str) -> list[tuple[int, str, str]]:
 def kallsyms_to_readelf(text: str) -> str:
     """``/proc/kallsyms`` text (vmlinux part) as ``readelf -s --wide`` lines, address order."""
     rows = _parse_kallsyms(text)
-    out = [f"Symbol table '.symtab' contains {len(rows)} entries:",
+    out = [f"Symbol table '.kallsyms' contains {len(rows)} entries:",
            "   Num:    Value          Size Type    Bind   Vis      Ndx Name"]
     for i, (addr, t, name) in enumerate(rows):
         nxt = rows[i + 1][0] if i + 1 < len(rows) else addr
@@ -82,11 +90,12 @@ def kallsyms_to_readelf(text: str) -> str:
 
 
 def kallsyms_sizes(readelf_text: str) -> dict[str, tuple[int, bool]]:
-    """``name -> (gap to the next symbol, False)`` for functions of a converted capture."""
+    """``name -> (size column, False)`` for the functions of ``readelf -sW`` text (a converted capture: the gap
+    to the next symbol)."""
     out: dict[str, tuple[int, bool]] = {}
-    for line in readelf_text.splitlines()[2:]:
+    for line in readelf_text.splitlines():
         f = line.split()
-        if len(f) >= 8 and f[3] == "FUNC":
+        if len(f) >= 8 and f[3] == "FUNC" and f[0].endswith(":") and f[2].isdigit():
             out.setdefault(f[7], (int(f[2]), False))
     return out
 
