@@ -16,7 +16,6 @@ Facts this relies on (Debian 12 "bookworm", linux 6.1.192-2 = ABI 6.1.0-56):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from ..kbuild.prepare import cache_root
 from .base import DistroTree, Say, run_logged, tree_lock
 
 __all__ = ["prepare_tree", "package_names", "package_version", "release_root", "fetch_packages",
-           "KCFLAGS", "compiler_for_config", "check_compiler"]
+           "KCFLAGS", "compiler_for_config", "check_compiler", "make_command"]
 
 #: Flags of every compile in a prepared tree: a section per function/data object (the diff correlates by
 #: section) and GCC's clone dump (``klpforge impact`` explains functions the patch did not touch).
@@ -242,7 +241,7 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
             os.replace(root / "image.tmp", root / "image")
         cc = check_compiler(tree.config)
         _, cc_text = compiler_for_config(tree.config)
-        if not (tree.headers / "Makefile").is_file() if tree.headers else True:
+        if not (root / "headers/usr/src" / f"linux-headers-{release}/Makefile").is_file():
             say("unpacking the headers packages")
             tmp = root / "headers.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -300,8 +299,3 @@ def _check_config_kept(tree: DistroTree) -> None:
     if lost:
         raise InputError(f"the shipped config does not survive olddefconfig here ({len(lost)} lines differ, "
                          f"e.g. {lost[0]}): different toolchain?")
-
-
-def digest(path: Path) -> str:
-    """Short content hash of a file (cache keys)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
