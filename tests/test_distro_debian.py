@@ -192,3 +192,11 @@ def test_plain_form_refuses_another_compiler(debian_tree: DistroTree, tmp_path: 
                  str(PATCHES / "00-nfsd-sequence-cve.patch"), "-o", str(tmp_path / "x.ko"))
     assert r.returncode == 1
     assert "compiler mismatch: the kernel was built with 'gcc-12 (Debian 12.2.0-14) 12.2.0'" in r.stderr
+
+
+def test_verify_unknown_module_is_one_line(debian_tree: DistroTree, tmp_path: Path) -> None:
+    ko = tmp_path / "x.ko"
+    ko.write_bytes(b"")
+    r = klpforge("verify", str(ko), "--distro", DISTRO, "--load-modules", "no_such_module", "--check", "true")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"klpforge verify: module no_such_module is not shipped for {RELEASE}"
