@@ -90,6 +90,11 @@ CASES = {
     "driver-module-isra": (["50-driver-loop-dio.patch"], {"loop": {"loop_attr_do_show_dio"}}, ["loop"],
                            "ls /sys/kernel/livepatch/livepatch_t/loop", "loop_attr_do_show_dio,1",
                            {"loop_attr_do_show_dio": "loop_attr_dio_show"}),
+    # s_show exists four times in vmlinux: sympos 4 (mm/vmalloc.c) from the kallsyms capture by its neighbours
+    "dup-name-sympos": (["60-mm-vmallocinfo-dup-name.patch"], {"vmlinux": {"s_show"}}, [],
+                        "head -1 /proc/vmallocinfo | grep -c ' klp$'; "
+                        "ls -d /sys/kernel/livepatch/livepatch_t/vmlinux/s_*",
+                        "1\n/sys/kernel/livepatch/livepatch_t/vmlinux/s_show,4", {}),
     # one cumulative patch from three files: vmlinux and two modules, each with klp relocations
     "span-cumulative": (["00-nfsd-sequence-cve.patch", "10-kernel-fscaps-visible.patch",
                          "40-fs-ext4-features.patch"],

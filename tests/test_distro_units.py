@@ -13,7 +13,7 @@ from klpforge.distro.compile import overlay_command, parent_of
 from klpforge.distro.debian import check_compiler, package_names
 from klpforge.distro.match import check_sizes, object_function_sizes
 from klpforge.distro.modules import load_order
-from klpforge.distro.symbols import kallsyms_sizes, kallsyms_to_readelf, shipped_sizes
+from klpforge.distro.symbols import kallsyms_to_readelf, shipped_sizes
 from klpforge.errors import InputError
 from klpforge.kbuild.tree import CompileCommand
 from klpforge.symtab import TargetSymtab
@@ -25,9 +25,10 @@ int a(int x) { if (x > 3) return b(x); return g(x * 2); }
 """
 
 
-def _sizes(obj: Path) -> dict[str, tuple[int, bool]]:
+def _sizes(obj: Path) -> dict[str, list[tuple[int, bool]]]:
     out = subprocess.run(["readelf", "-sW", str(obj)], capture_output=True, text=True, check=True).stdout
-    return {f[7]: (int(f[2]), True) for f in (ln.split() for ln in out.splitlines()) if len(f) >= 8 and f[3] == "FUNC"}
+    return {f[7]: [(int(f[2]), True)] for f in (ln.split() for ln in out.splitlines())
+            if len(f) >= 8 and f[3] == "FUNC"}
 
 
 def test_branch_relaxation_allowed_exactly(gcc: str, tmp_path: Path) -> None:
@@ -38,14 +39,17 @@ def test_branch_relaxation_allowed_exactly(gcc: str, tmp_path: Path) -> None:
         subprocess.run([gcc, "-O2", "-fno-pic", *extra, "-c", "unit.c", "-o", name], cwd=tmp_path, check=True)
     ours = object_function_sizes(tmp_path / "ours.o")
     shipped = _sizes(tmp_path / "shipped.o")
-    assert ours["a"].size - shipped["a"][0] == 3 and ours["a"].slack == 3
-    verdicts = check_sizes(ours, shipped, ["a", "b"], "shipped.o")
+    assert ours["a"].size - shipped["a"][0][0] == 3 and ours["a"].slack == 3
+    assert shipped == {k: v for k, v in shipped_sizes(tmp_path / "shipped.o").items() if k in "ab"}
+    verdicts = check_sizes(ours, shipped, [("a", 0), ("b", 0)], "shipped.o")
     assert [v.ok for v in verdicts] == [True, True]
     assert "within branch relaxation" in verdicts[0].note
     with pytest.raises(InputError, match=r"a is 21 bytes when compiled here but 17 bytes in the shipped binary"):
-        check_sizes(ours, {"a": (17, True)}, ["a"], "shipped.o")
+        check_sizes(ours, {"a": [(17, True)]}, [("a", 0)], "shipped.o")
+    # sympos picks which same-named function is compared
+    assert check_sizes(ours, {"a": [(17, True), (18, True)]}, [("a", 2)], "x")[0].shipped == 18
     with pytest.raises(InputError, match=r"b \(17 bytes here\) does not exist there"):
-        check_sizes(ours, {}, ["b"], "shipped.o")
+        check_sizes(ours, {}, [("b", 0)], "shipped.o")
 
 
 def test_kallsyms_capture_reads_as_a_symbol_table(tmp_path: Path) -> None:
@@ -57,8 +61,9 @@ def test_kallsyms_capture_reads_as_a_symbol_table(tmp_path: Path) -> None:
     st = TargetSymtab.load(p, is_module=False)
     assert st.names == ["_stext", "dup", "dup", "data"]
     assert st.binds[1] == 0 and st.binds[0] == 1
-    assert kallsyms_sizes(p.read_text())["_stext"] == (0x100, False)
-    assert shipped_sizes(p)["_stext"] == (0x100, False)  # gaps, not sizes: compared as an upper bound
+    # gaps to the next symbol, not sizes (compared as an upper bound), in address order (sympos order)
+    assert shipped_sizes(p, is_module=False)["dup"] == [(0x100, False), (0x100, False)]
+    assert shipped_sizes(p, is_module=False)["_stext"] == [(0x100, False)]
 
 
 def test_spec_and_package_names() -> None:
@@ -114,3 +119,19 @@ def test_job_list_for_several_releases() -> None:
     assert [j["name"] for j in jobs] == ["klp-debian-6-1-0-56-amd64", "klp-debian-6-1-0-57-amd64"]
     assert jobs[1]["argv"] == ["klpforge", "build", "--distro", "debian:6.1.0-57-amd64", "fix.patch", "-o",
                                "cves-6.1.0-57-amd64.ko", "--json", "r-6.1.0-57-amd64.json"]
+
+
+def test_kallsyms_sympos_by_neighbours(tmp_path: Path) -> None:
+    """No FILE symbols in a kallsyms capture: a duplicated local is told apart by the other locals of its
+    object around it (the linker keeps one object's functions together), counted in address order."""
+    rows = [f"ffffffff81{i:06x}0 t filler{i}" for i in range(200)]
+    rows[20] = "ffffffff810000140 t show"
+    rows[150] = "ffffffff810000960 t show"
+    rows[152] = "ffffffff810000980 t my_helper"
+    rows[149] = "ffffffff810000950 t my_other"
+    p = tmp_path / "k.txt"
+    p.write_text(kallsyms_to_readelf("\n".join(rows) + "\n"))
+    st = TargetSymtab.load(p, is_module=False)
+    assert st.sympos("show", file="x.c", local=True, siblings=frozenset({"my_helper", "my_other", "show"})) == 2
+    with pytest.raises(InputError, match="cannot tell which of 2 symbols named show"):
+        st.sympos("show", file="x.c", local=True, siblings=frozenset({"unrelated"}))

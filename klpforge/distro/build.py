@@ -259,9 +259,10 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         with _step("match", timings, progress, "checking that the source matches the shipped binary"):
             for oc in outcomes:
                 ours = object_function_sizes(orig[oc.obj])
-                shipped = shipped_sizes(symtabs[oc.obj])
+                shipped = shipped_sizes(symtabs[oc.obj], parents[oc.obj].is_module)
                 names = [f.old_name for f in oc.funcs]
-                sizes[oc.obj] = check_sizes(ours, shipped, names, symtabs[oc.obj].name)
+                sizes[oc.obj] = check_sizes(ours, shipped, [(f.old_name, f.sympos) for f in oc.funcs],
+                                            symtabs[oc.obj].name)
                 impact[oc.obj] = _impact(orig[oc.obj].parent, oc.obj, patches, tree.src, names)
         targets: dict[str, KlpTarget] = {}
         sidecars: list[Any] = []

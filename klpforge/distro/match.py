@@ -96,32 +96,33 @@ class SizeVerdict:
     note: str
 
 
-def check_sizes(ours: Mapping[str, FunctionSize], shipped: Mapping[str, tuple[int, bool]], names: list[str],
-                binary: str) -> list[SizeVerdict]:
-    """Compare ``names`` (replaced functions); ``shipped`` maps name -> (size, exact?) where exact is False
-    for sizes derived from kallsyms gaps. Raises :class:`InputError` naming the first mismatch."""
+def check_sizes(ours: Mapping[str, FunctionSize], shipped: Mapping[str, list[tuple[int, bool]]],
+                funcs: list[tuple[str, int]], binary: str) -> list[SizeVerdict]:
+    """Compare the replaced functions ``funcs`` (``(name, sympos)``) with the shipped binary's, ``shipped``
+    mapping name -> ``[(size, exact), ...]`` in sympos order (exact is False for kallsyms gaps). Raises
+    :class:`InputError` naming the first mismatch and both sizes."""
     out = []
-    for n in names:
+    for n, pos in funcs:
         f = ours.get(n)
         if f is None:
             continue  # a function new in the patch: nothing to compare
-        got = shipped.get(n)
-        if got is None:
+        cands = shipped.get(n) or []
+        if not cands or max(pos, 1) > len(cands):
             raise InputError(f"source does not match {binary}: {n} ({f.size} bytes here) does not exist there "
                              "(wrong source version or config?)")
-        size, exact = got
+        size, exact = cands[max(pos, 1) - 1]
         if exact:
             ok = size <= f.size <= size + f.slack
         else:
             ok = f.size <= size <= f.size + f.slack + 64  # gap up to the next symbol: alignment padding
+        if not ok:
+            raise InputError(f"source does not match {binary}: {n} is {f.size} bytes when compiled here but "
+                             f"{size} bytes in the shipped binary (wrong source version, config or compiler)")
         if not exact:
             note = f"gap to the next kallsyms symbol {size} B >= {f.size} B"
         elif f.size == size:
             note = "same size"
         else:
-            note = f"{f.size - size:+d} B, within branch relaxation (up to {f.slack})" if ok else ""
-        if not ok:
-            raise InputError(f"source does not match {binary}: {n} is {f.size} bytes when compiled here but "
-                             f"{size} bytes in the shipped binary (wrong source version, config or compiler)")
+            note = f"{f.size - size:+d} B, within branch relaxation (up to {f.slack})"
         out.append(SizeVerdict(n, f.size, size, ok, note))
     return out

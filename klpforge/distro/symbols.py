@@ -25,7 +25,7 @@ from ..fsutil import atomic_write
 from ..qemu.initramfs import build_initramfs
 from .base import Say
 
-__all__ = ["module_index", "kallsyms_to_readelf", "capture_kallsyms", "shipped_sizes", "kallsyms_sizes"]
+__all__ = ["module_index", "kallsyms_to_readelf", "capture_kallsyms", "shipped_sizes"]
 
 
 def module_index(modules_dir: Path) -> dict[str, Path]:
@@ -39,23 +39,33 @@ def module_index(modules_dir: Path) -> dict[str, Path]:
     return out
 
 
-def shipped_sizes(ko: Path) -> dict[str, tuple[int, bool]]:
-    """``name -> (size, exact)`` for the functions of a shipped binary: ``st_size`` of an ELF file (a module,
-    a ``-dbg`` vmlinux) or of ``readelf -sW`` text (exact), or the gaps of a kallsyms capture (not exact)."""
-    if ko.suffix in (".xz", ".zst", ".gz"):
-        raise InputError(f"{ko}: compressed modules are not supported yet (decompress it first)")
-    with ko.open("rb") as f:
-        head = f.read(4)
+def shipped_sizes(path: Path, is_module: bool = True) -> dict[str, list[tuple[int, bool]]]:
+    """``name -> [(size, exact), ...]`` in sympos order (symbol-table order in a module, address order in
+    vmlinux, as Linux 6.1 ``klp_find_object_symbol`` counts) for the functions of a shipped binary: ``st_size``
+    of an ELF file (a module, a ``-dbg`` vmlinux) or of ``readelf -sW`` text (exact), or the gaps of a kallsyms
+    capture (an upper bound)."""
+    if path.suffix in (".xz", ".zst", ".gz"):
+        raise InputError(f"{path}: compressed modules are not supported yet (decompress it first)")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    rows: list[tuple[int, int, str, int]] = []  # (address, index, name, size)
+    exact = True
     if head != b"\x7fELF":
-        text = ko.read_text(errors="replace")
-        if text.startswith("Symbol table '.kallsyms'"):
-            return kallsyms_sizes(text)
-        return {k: (v[0], True) for k, v in kallsyms_sizes(text).items()}
-    elf = ElfFile.open(ko)
-    out: dict[str, tuple[int, bool]] = {}
-    for i, n in enumerate(elf.sym_names):
-        if n and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC and int(elf.syms["shndx"][i]) != 0:
-            out.setdefault(n, (int(elf.syms["size"][i]), True))
+        text = path.read_text(errors="replace")
+        exact = not text.startswith("Symbol table '.kallsyms'")
+        for lineno, line in enumerate(text.splitlines()):
+            f = line.split()
+            if len(f) >= 8 and f[3] == "FUNC" and f[0].endswith(":") and f[2].isdigit() and f[6] != "UND":
+                rows.append((int(f[1], 16), lineno, f[7], int(f[2])))
+    else:
+        elf = ElfFile.open(path)
+        for i, sname in enumerate(elf.sym_names):
+            if sname and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC and int(elf.syms["shndx"][i]) != 0:
+                rows.append((int(elf.syms["value"][i]), i, sname, int(elf.syms["size"][i])))
+    rows.sort(key=(lambda r: r[1]) if is_module else (lambda r: (r[0], r[1])))
+    out: dict[str, list[tuple[int, bool]]] = {}
+    for _addr, _i, name, size in rows:
+        out.setdefault(name, []).append((size, exact))
     return out
 
 
@@ -87,17 +97,6 @@ def kallsyms_to_readelf(text: str) -> str:
         bind = "LOCAL" if t.islower() else "GLOBAL"
         out.append(f"{i:6d}: {addr:016x} {nxt - addr:5d} {typ:<7} {bind:<6} DEFAULT    1 {name}")
     return "\n".join(out) + "\n"
-
-
-def kallsyms_sizes(readelf_text: str) -> dict[str, tuple[int, bool]]:
-    """``name -> (size column, False)`` for the functions of ``readelf -sW`` text (a converted capture: the gap
-    to the next symbol)."""
-    out: dict[str, tuple[int, bool]] = {}
-    for line in readelf_text.splitlines():
-        f = line.split()
-        if len(f) >= 8 and f[3] == "FUNC" and f[0].endswith(":") and f[2].isdigit():
-            out.setdefault(f[7], (int(f[2]), False))
-    return out
 
 
 def capture_kallsyms(vmlinuz: Path, gen_init_cpio: Path, out: Path, say: Say, timeout: float = 300) -> Path:
