@@ -22,7 +22,7 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klpforge",
         description="Turn a kernel source patch into a verified Linux live patch.",
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        if only is not None and name != only:
+            continue  # import only the command that runs: start-up is most of a one-object diff
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
         except ModuleNotFoundError as e:
@@ -43,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run klpforge with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argl = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argl if not a.startswith("-")), None)
+    parser = _parser(first if first in COMMANDS else None)
+    args = parser.parse_args(argl)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_ERROR
