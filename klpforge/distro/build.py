@@ -36,7 +36,7 @@ from .symbols import capture_kallsyms, module_index, shipped_sizes
 
 __all__ = ["DistroBuildOptions", "DistroBuildResult", "build_distro", "STEPS"]
 
-STEPS = ("prepare", "compile", "match", "diff", "link")
+STEPS = ("prepare", "compile", "diff", "match", "link")
 
 Progress = Callable[[str, str], None]
 
