@@ -95,6 +95,10 @@ CASES = {
                         "head -1 /proc/vmallocinfo | grep -c ' klp$'; "
                         "ls -d /sys/kernel/livepatch/livepatch_t/vmlinux/s_*",
                         "1\n/sys/kernel/livepatch/livepatch_t/vmlinux/s_show,4", {}),
+    # kernel/kallsyms.o: BTF_ID slots numbered by __COUNTER__ shift with the edit; s_show is sympos 2 here
+    "btf-ids-counter": (["70-kernel-kallsyms-btf-ids.patch"], {"vmlinux": {"s_show"}}, [],
+                        "head -1 /proc/kallsyms; ls -d /sys/kernel/livepatch/livepatch_t/vmlinux/s_*",
+                        "# klp\n/sys/kernel/livepatch/livepatch_t/vmlinux/s_show,2", {}),
     # one cumulative patch from three files: vmlinux and two modules, each with klp relocations
     "span-cumulative": (["00-nfsd-sequence-cve.patch", "10-kernel-fscaps-visible.patch",
                          "40-fs-ext4-features.patch"],

@@ -135,3 +135,11 @@ def test_kallsyms_sympos_by_neighbours(tmp_path: Path) -> None:
     assert st.sympos("show", file="x.c", local=True, siblings=frozenset({"my_helper", "my_other", "show"})) == 2
     with pytest.raises(InputError, match="cannot tell which of 2 symbols named show"):
         st.sympos("show", file="x.c", local=True, siblings=frozenset({"unrelated"}))
+
+
+def test_btf_id_slots_correlate_across_counter_shifts() -> None:
+    """BTF_ID() slots are numbered by __COUNTER__ (include/linux/btf_ids.h): an edit above them renumbers them."""
+    from klpforge.names import canonical
+
+    assert canonical("__BTF_ID__struct__kallsym_iter__493952") == canonical("__BTF_ID__struct__kallsym_iter__493954")
+    assert canonical("__BTF_ID__struct__a__1") != canonical("__BTF_ID__struct__b__1")
