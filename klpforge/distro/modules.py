@@ -26,7 +26,7 @@ def modules_dep(tree: DistroTree) -> dict[str, tuple[Path, list[str]]]:
         raise InputError("no shipped modules directory")
     dep = mdir / "modules.dep"
     if not dep.is_file():
-        depmod = shutil.which("depmod") or "/usr/sbin/depmod" if Path("/usr/sbin/depmod").exists() else None
+        depmod = shutil.which("depmod") or ("/usr/sbin/depmod" if Path("/usr/sbin/depmod").exists() else None)
         if not depmod:
             raise InputError("depmod not found (Debian package kmod) and the image ships no modules.dep")
         with tree_lock(tree.lock or mdir / ".lock"):
