@@ -1,5 +1,16 @@
 import sys
 
-from .cli import main
+from .proc import Terminated, install_signal_handlers
+
+# Before the heavy imports: a SIGTERM during start-up also gets its one line and exit code.
+install_signal_handlers()
+try:
+    from .cli import main
+except Terminated as e:
+    print(f"klpforge: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+except KeyboardInterrupt:
+    print("klpforge: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -34,10 +34,8 @@ class Arch:
     # capstone (arch, mode) names, resolved lazily so importing klpforge does not import capstone
     cs_arch: str = ""
     cs_mode: str = ""
-    #: registers that carry the 2nd/3rd call argument (where WARN/printk-style helpers get __LINE__),
-    #: spelled as capstone prints them (without a leading ``%``)
-    line_regs: tuple[str, ...] = ()
-    #: mnemonics (capstone's spelling) that load an immediate into a register
+    #: mnemonics (capstone's spelling) that load an immediate into a register (a ``__LINE__`` argument;
+    #: argument registers per ABI are in klpforge/lineargs.py)
     line_mnemonics: tuple[str, ...] = ()
     #: sections of per-object address slots that code reaches through a base register (ppc64 ``.toc``):
     #: a reference into one means what the slot's relocation points at
@@ -59,7 +57,7 @@ ARCHES: dict[int, Arch] = {
         # PC32, PLT32, GOTPCREL, GOTPCRELX, REX_GOTPCRELX: the displacement ends the instruction
         pcrel_bias={2: 4, 4: 4, 9: 4, 41: 4, 42: 4, 24: 8},
         cs_arch="CS_ARCH_X86", cs_mode="CS_MODE_64",
-        line_regs=("esi", "edx", "rsi", "rdx", "si", "dx"), line_mnemonics=("mov",),
+        line_mnemonics=("mov",),
         loader_symbols=("__fentry__",),
     ),
     # ELFv2 (little endian): addends name the target itself; functions may carry a local entry point in
@@ -67,7 +65,7 @@ ARCHES: dict[int, Arch] = {
     C.EM_PPC64: Arch(
         "ppc64le", C.EM_PPC64, abs64=38, pc32=26, fentry_names=("_mcount",),
         cs_arch="CS_ARCH_PPC", cs_mode="CS_MODE_64|CS_MODE_LITTLE_ENDIAN",
-        line_regs=("r4", "r5"), line_mnemonics=("li", "lis", "addi", "ori"),
+        line_mnemonics=("li", "lis"),
         toc_sections=(".toc",), loader_symbols=(".TOC.", "_mcount"),
         branch_relocs=(10,), tail_mnemonics=("b",), insn_width=4,  # R_PPC64_REL24
     ),
@@ -76,21 +74,21 @@ ARCHES: dict[int, Arch] = {
     C.EM_S390: Arch(
         "s390x", C.EM_S390, abs64=22, pc32=5, pcrel_bias={17: -2, 18: -2, 19: -2, 20: -2, 21: -2, 26: -2},
         fentry_names=("__fentry__", "_mcount"), cs_arch="CS_ARCH_SYSZ", cs_mode="CS_MODE_BIG_ENDIAN",
-        line_regs=("r3", "r4"), line_mnemonics=("lhi", "lghi", "lgfi", "iilf", "llilf", "llill"),
+        line_mnemonics=("lhi", "lghi", "lgfi", "iilf", "llilf", "llill"),
         loader_symbols=("__fentry__", "_mcount"),
     ),
     # aarch64: ftrace entries are patchable-function-entry NOPs (5.5+), older kernels call _mcount.
     C.EM_AARCH64: Arch(
         "aarch64", C.EM_AARCH64, abs64=257, pc32=261, fentry_names=("_mcount",),
         cs_arch="CS_ARCH_ARM64", cs_mode="CS_MODE_ARM",
-        line_regs=("w1", "w2", "x1", "x2"), line_mnemonics=("mov", "movz", "movn", "orr"),
+        line_mnemonics=("mov", "movz", "movn"),
         loader_symbols=("_mcount",), insn_width=4,
     ),
     # loongarch64: patchable-function-entry NOPs (6.x); capstone 5 has no LoongArch decoder, so
     # __LINE__-only changes are not recognised there (they count as changes: safe, not minimal).
     C.EM_LOONGARCH: Arch(
         "loongarch64", C.EM_LOONGARCH, abs64=2, pc32=99, fentry_names=("_mcount",),
-        line_regs=("a1", "a2"), loader_symbols=("_mcount",), insn_width=4,
+        loader_symbols=("_mcount",), insn_width=4,
     ),
 }
 

@@ -15,24 +15,26 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
+from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "one_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel")
+COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost")
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that command's (start-up time: one process per object pair
+    pays for every import, so the other command modules are not even loaded)."""
     p = argparse.ArgumentParser(
         prog="klpforge",
         description="Turn a kernel source patch into a verified Linux live patch.",
-        epilog="exit codes: 0 ok, 1 error, 2 unsafe change refused, 3 no change, 130 interrupted",
+        epilog="exit codes: 0 ok, 1 error, 2 unsafe change refused, 3 no change, 130 interrupted (SIGINT), "
+               "143 SIGTERM, 129 SIGHUP",
     )
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        if only is not None and name != only:
-            continue  # import only the command that runs: start-up is most of a one-object diff
+    for name in (only,) if only in COMMANDS else COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
         except ModuleNotFoundError as e:
@@ -43,19 +45,30 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str) -> str:
+    """``msg`` with control characters escaped (a symbol name read from a damaged string table can hold a
+    newline): an error stays one line on stderr."""
+    if msg.isprintable():
+        return msg
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run klpforge with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
-    argl = list(sys.argv[1:] if argv is None else argv)
-    first = next((a for a in argl if not a.startswith("-")), None)
-    parser = _parser(first if first in COMMANDS else None)
-    args = parser.parse_args(argl)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_ERROR
+    old_handlers = install_signal_handlers()
     try:
         return int(args.func(args) or 0)
-    except KlpError as e:
+    except Terminated as e:
         print(f"klpforge {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KlpError as e:
+        print(f"klpforge {args.command}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"klpforge {args.command}: interrupted", file=sys.stderr)
@@ -65,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback, unless debugging
         if os.environ.get("KLPFORGE_DEBUG"):
             raise
-        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {e} "
+        print(f"klpforge {args.command}: internal error: {type(e).__name__}: {one_line(str(e))} "
               "(set KLPFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        end_children()  # whatever still runs (a QEMU, a make) ends with klpforge
+        restore_signal_handlers(old_handlers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,8 +3,8 @@
 Two symbols are the same when their bytes are equal and their relocations agree entry by entry on
 offset, type, addend and *what* they point at: a correlated symbol (never a raw index or displacement),
 a string by its content, an anonymous table by its content, or a special static by its kind.
-A function whose bytes differ only in immediates loaded into the argument registers of a
-WARN/printk-style call (a moved ``__LINE__``) is the same; capstone decodes the instructions.
+A function whose bytes differ only in immediates that reach the line argument of a line-taking call
+at that call (a moved ``__LINE__``, klpforge/lineargs.py) is the same; capstone decodes the instructions.
 
 >>> cmp = compare(corr, arch_for(62))
 >>> cmp.status["meminfo_proc_show"]
@@ -21,21 +21,15 @@ import numpy as np
 from .arch import Arch
 from .correlate import Correlation
 from .elf import constants as C
+from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static
 from .reloc_keys import TargetKeys
+from .sharedsec import is_shared, same_but_resolved
 
-__all__ = ["Comparison", "compare", "TargetKeys", "LINE_HELPERS"]
+__all__ = ["Comparison", "compare", "TargetKeys", "LINE_ARGS"]
 
 SAME, CHANGED, NEW = "same", "changed", "new"
-
-#: Calls that take ``__LINE__`` as an argument (kernel 6.1 ``include/asm-generic/bug.h``,
-#: ``include/linux/kernel.h``, ``include/linux/printk.h``, ``include/linux/rcupdate.h``).
-LINE_HELPERS = ("__warn_printk", "warn_slowpath_fmt", "warn_slowpath_null", "__might_sleep", "__might_fault",
-                "__might_resched", "printk", "_printk", "lockdep_rcu_suspicious", "__btrfs_handle_fs_error",
-                "btrfs_error", "__btrfs_abort_transaction", "__btrfs_panic", "___might_sleep",
-                "__cant_sleep", "__cant_migrate", "rcu_read_lock_held_common")
-
 
 @dataclass
 class Comparison:
@@ -120,8 +114,12 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
         if why is None:
             res.status[pi] = SAME
             continue
+        if why == "bytes" and p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
+                and same_but_resolved(o, p, corr.o2p, arch, osec, psec, olo, ohi, plo, phi):
+            res.status[pi] = SAME  # only calls into moved neighbours of its shared section differ
+            continue
         if why == "bytes" and p.is_text(psec):
-            if _line_only(o, p, arch, osec, psec, olo, ohi, plo, phi):
+            if _line_only(o, p, keys, osec, psec, olo, ohi, plo, phi):
                 res.status[pi] = SAME
                 res.line_only.add(pi)
                 res.why[pi] = "only __LINE__ arguments of WARN/printk-style calls moved (ignored)"
@@ -188,38 +186,42 @@ def _differs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int,
     return None
 
 
-def _calls_line_helper(obj: Object, sec: int, lo: int, hi: int) -> bool:
+def _line_relocs(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[int, str, bytes | None]]:
+    """(offset - lo, callee name for an undefined target else '', the string the target addresses) for the
+    relocations of ``[lo, hi)``: what :func:`klpforge.lineargs.line_loads` needs."""
     r = obj.relocs(sec)
     r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
-    return any(obj.sym_names[int(s)] in LINE_HELPERS or obj.sym_names[int(s)].startswith("__btrfs")
-               for s in np.unique(r["sym"]))
+    out: list[tuple[int, str, bytes | None]] = []
+    for off, sym, typ, add in zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                                  strict=True):
+        callee = obj.sym_names[sym] if not obj.defined[sym] and obj.stype[sym] != C.STT_SECTION else ""
+        s = None
+        if not callee:
+            k, a = keys.key(obj, int(sym), int(typ), int(add))
+            s = _string_of(k, a + keys.arch.pcrel_bias.get(int(typ), 0))
+        out.append((int(off) - lo, callee, s))
+    return out
 
 
-def _line_only(o: Object, p: Object, arch: Arch, osec: int, psec: int, olo: int, ohi: int, plo: int,
+def _string_of(k: object, rel: int) -> bytes | None:
+    """The string literal a relocation key addresses at its start, looking through TOC slots."""
+    if isinstance(k, tuple) and k:
+        if k[0] == "str" and rel == 0 and isinstance(k[1], bytes):
+            return k[1]
+        if k[0] == "toc" and len(k) >= 4:
+            return _string_of(k[2], int(k[3]))
+    return None
+
+
+def _line_only(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int, olo: int, ohi: int, plo: int,
                phi: int) -> bool:
-    """True when every differing instruction loads an immediate into an argument register of a
-    __LINE__-taking helper and the function calls such a helper."""
-    if not arch.cs_arch or not arch.line_regs:
+    """True when every differing instruction loads an immediate that reaches the ``__LINE__`` argument of
+    a line-taking call (klpforge/lineargs.py), in both objects."""
+    arch = keys.arch
+    if not arch.cs_arch:
         return False
-    if not _calls_line_helper(p, psec, plo, phi):
-        return False
-    from .disasm import instructions
-    a = instructions(arch, o.section_data(osec)[olo:ohi])
-    b = instructions(arch, p.section_data(psec)[plo:phi])
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x == y:
-            continue
-        if x[0] != y[0] or x[1] != y[1]:  # size or mnemonic
-            return False
-        if x[1] not in arch.line_mnemonics:
-            return False
-        # capstone prints the destination first on every architecture we decode (s390 as ``%r3``)
-        dst_x, dst_y = x[2].replace(" ", "").split(",")[0], y[2].replace(" ", "").split(",")[0]
-        if dst_x != dst_y or dst_y.lstrip("%") not in arch.line_regs:
-            return False
-    return True
+    return only_lines_differ(arch, o.section_data(osec)[olo:ohi], _line_relocs(o, keys, osec, olo, ohi),
+                             p.section_data(psec)[plo:phi], _line_relocs(p, keys, psec, plo, phi))
 
 
 def _compare_unowned(corr: Correlation, keys: TargetKeys, res: Comparison) -> None:

@@ -6,9 +6,11 @@ Rules, tried in order; each pair records which rule matched it, for the JSON rep
 2. Global symbols by exact name.
 3. Local symbols by (FILE scope, canonical name, type): GCC's clone and static-local numbers are
    ignored, so ``foo.isra.0`` pairs with ``foo.isra.1`` when each is the only one of its kind.
-4. Several candidates with one canonical name: static locals (``x.3``, ``x.7``) by the set of functions
-   that reference them; functions by identical code, then identical name, then position.
+4. Several candidates with one canonical name: functions by identical code, then identical name, then
+   position.
 5. A symbol whose binding changed (``static`` added or removed): by canonical name alone, if unique.
+6. Function-scope statics (``x.3``) last, through the functions that use them, never by number or
+   position (klpforge/statics.py); one with several plausible twins is left ambiguous.
 
 Never correlated: special statics (``__key``, ``__warned``, ``CSWTCH``, ...: the patch gets its own copy)
 and assembler labels (``.LC0``: compared by content). Sections follow the function or object they hold;
@@ -32,6 +34,7 @@ from .arch import arch_for
 from .elf import constants as C
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, section_subject
+from .statics import is_static_local, pair_statics
 
 __all__ = ["Correlation", "correlate"]
 
@@ -48,6 +51,8 @@ class Correlation:
     sp2o: np.ndarray
     reasons: dict[int, str] = field(default_factory=dict)  # orig symbol -> rule that matched it
     never: set[int] = field(default_factory=set)  # patched symbols excluded from correlation
+    #: patched static locals with several plausible twins -> why (select refuses a patch that uses one)
+    ambiguous: dict[int, str] = field(default_factory=dict)
 
     def reason_for_orig(self, i: int) -> str:
         return self.reasons.get(i, "")
@@ -170,9 +175,17 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     # static locals that share a canonical name: only their references need looking at
     amb_o = {i for k, v in og.items() if k[2] == C.STT_OBJECT and (len(v) > 1 or len(pg.get(k, [])) > 1) for i in v}
     amb_p = {i for k, v in pg.items() if k[2] == C.STT_OBJECT and (len(v) > 1 or len(og.get(k, [])) > 1) for i in v}
+    deferred: list[tuple[list[int], list[int]]] = []
     for key, olist in og.items():
         plist = pg.get(key)
         if not plist:
+            continue
+        if any(is_static_local(orig, i) for i in olist) or any(is_static_local(patched, i) for i in plist):
+            # function-scope statics pair through their users once the functions are paired
+            _match_by(corr, olist, plist, lambda o: orig.sym_names[o] if orig.sym_names[o] == orig.canon[o]
+                      else None, lambda p: patched.sym_names[p] if patched.sym_names[p] == patched.canon[p]
+                      else None, "same local name")
+            deferred.append((olist, plist))
             continue
         if len(olist) == 1 and len(plist) == 1:
             o, p = olist[0], plist[0]
@@ -206,8 +219,11 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     ob, pb = by_canon(orig, oc, corr.o2p), by_canon(patched, pc, corr.p2o)
     for ckey, olist in ob.items():
         plist = pb.get(ckey)
-        if plist and len(olist) == 1 and len(plist) == 1:
+        if plist and len(olist) == 1 and len(plist) == 1 and not is_static_local(orig, olist[0]) \
+                and not is_static_local(patched, plist[0]):
             _pair(corr, olist[0], plist[0], "same name, binding changed")
+
+    corr.ambiguous = pair_statics(corr, deferred)
 
     _correlate_sections(corr)
     return corr

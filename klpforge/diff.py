@@ -71,12 +71,25 @@ def _check_pair(a: Object, b: Object) -> None:
         raise InputError(f"{a.path} and {b.path} were built by different compilers ({va!r} vs {vb!r})")
 
 
+def _check_not_lto_ir(obj: Object) -> None:
+    """GCC's ``-flto -c`` objects, and ``-flto -r`` links without ``-flinker-output=nolto-rel``, hold only
+    GIMPLE bytecode (``.gnu.lto_*`` sections) and no machine code: there is nothing to diff."""
+    if not any(n.startswith(".gnu.lto_") for n in obj.sec_names):
+        return
+    has_code = any(obj.is_text(s) and int(obj.shdrs["size"][s]) for s in range(1, obj.nsec))
+    if not has_code and not (obj.defined & (obj.stype == C.STT_FUNC)).any():
+        raise InputError(f"{obj.path}: holds only LTO IR (GCC's .gnu.lto_* sections, no machine code): link "
+                         "with -flinker-output=nolto-rel (or -ffat-lto-objects), or build without -flto")
+
+
 def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> DiffResult:
     """Diff two objects and write the livepatch object to ``out`` (unless None).
 
     Raises :class:`InputError` (exit 1), :class:`UnsafeChange` (2) or :class:`NoChange` (3); on any of
     them nothing is written."""
     a, b = Object.load(orig), Object.load(patched)
+    _check_not_lto_ir(a)
+    _check_not_lto_ir(b)
     _check_pair(a, b)
     arch = arch_for(a.elf.machine)
     env = dict(os.environ if opts.env is None else opts.env)
@@ -128,6 +141,7 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
     report["klp_relocations"] = [r.__dict__ for r in res.klp_relocs]
     report["normal_externals"] = res.normal_externals
     report["special_sections"] = {k: {"kept": v[0], "total": v[1]} for k, v in res.special_kept.items()}
+    report["carved_sections"] = {k: {"kept_bytes": v[0], "total_bytes": v[1]} for k, v in res.carved.items()}
     report["callbacks"] = res.callbacks
     if out is not None:
         atomic_write(out, res.data)

@@ -7,7 +7,9 @@ Exit codes (same as kpatch's create-diff-object, so scripts written for it keep 
 1     error: bad input, I/O, a tool that failed
 2     the change cannot be live-patched safely (refused)
 3     no change found
-130   interrupted (Ctrl-C)
+130   interrupted (Ctrl-C, SIGINT)
+143   terminated by SIGTERM (128 + 15; :class:`klpforge.proc.Terminated`)
+129   terminated by SIGHUP (128 + 1)
 ====  =====================================================================
 """
 

@@ -96,6 +96,8 @@ def check_impact(dumps: Path, res: Any, use_cache: bool = True) -> dict[str, Any
         return out
 
     cov = {b: covers(b) for b in preds}
+    # identical code folding: separate functions sharing one address (never pieces of one another)
+    folded_of = {e.name: e.folded for ents in preds.values() for e in ents if e.folded}
     by_base: dict[str, list[str]] = {}
     for c in changed:
         by_base.setdefault(base_function(c), []).append(c)
@@ -110,7 +112,7 @@ def check_impact(dumps: Path, res: Any, use_cache: bool = True) -> dict[str, Any
         calls = sorted({f for c in by_base[b] for f in callers.get(c, set()) if base_function(f) != b})
         if calls:  # changed although no dump record links it: it calls a changed function
             for c in by_base[b]:
-                unpredicted.append({"name": c, "cause": _cause(c, unknown, calls)})
+                unpredicted.append({"name": c, "cause": _cause(c, unknown, calls, folded_of)})
         else:
             seeds.append(b)
     covered = {c for s in seeds for c in cov.get(s, {})} | {c for s in seeds for c in by_base.get(s, [])}
@@ -225,8 +227,14 @@ def _callers(orig: Path, changed: list[str]) -> dict[str, set[str]]:
     return out
 
 
-def _cause(name: str, unknown: list[str], calls: list[str]) -> str:
+def _cause(name: str, unknown: list[str], calls: list[str], folded_of: dict[str, list[str]] | None = None) -> str:
     base = base_function(name)
+    folds = [(c, folded_of[c]) for c in calls if folded_of and folded_of.get(c)]
+    if folds:
+        c, others = folds[0]
+        return (f"calls {c}, which GCC's identical code folding had made one body with {', '.join(others)} in the "
+                f"original: once the edit made them differ, its call names its own callee's body, so its code "
+                "changed with it (the diff keeps the other function's old body for its callers)")
     if calls:
         return (f"calls changed {', '.join(calls)}: compiled with assumptions about the callee's body (IPA-RA, "
                 "pure-const, modref, ipa-vrp/bit-cp), which -fdump-ipa-clones does not record - unless it was "

@@ -18,6 +18,7 @@ import numpy as np
 
 from .elf import ElfFile
 from .elf import constants as C
+from .elf.validate import check_relocs, check_sections, check_symbols
 from .errors import InputError
 from .names import canonical, section_subject
 
@@ -44,6 +45,8 @@ class Object:
     def __init__(self, elf: ElfFile):
         if elf.symtab_index is None:
             raise InputError(f"{elf.path}: has no symbol table (stripped?): nothing to correlate")
+        check_sections(elf)
+        check_symbols(elf)
         self.elf = elf
         self.path = elf.path
         self.sec_names = elf.section_names
@@ -140,7 +143,9 @@ class Object:
         from .elf.types import RELOC
 
         pairs = [(tgt, rs) for tgt, rs in self.elf.reloc_sections.items() if tgt < self.nsec]
-        rel, origin = self.elf.relocs_bulk([rs for _, rs in pairs])
+        rsecs = [rs for _, rs in pairs]
+        rel, origin = self.elf.relocs_bulk(rsecs)
+        check_relocs(self.elf, rsecs, rel, origin)
         if not len(rel):
             rel = np.zeros(0, RELOC)
         sec = np.array([t for t, _ in pairs], dtype=np.int64)[origin] if len(pairs) else np.zeros(0, np.int64)

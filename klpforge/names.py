@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from .secnames import is_string_section_name, merge_kind
+
 __all__ = [
     "canonical", "base_function", "is_cold", "clone_parent", "is_special_static", "is_local_label",
     "section_subject", "is_string_section", "CLONE_KINDS", "special_kind",
@@ -114,12 +116,11 @@ def section_subject(secname: str) -> str | None:
     m = _SUBJECT.match(secname)
     if not m:
         return None
-    rest = m.group(1)
-    if ".str1." in rest or rest.startswith(("str1.", "cst")):
+    if merge_kind(secname):  # .rodata.cst8, .rodata.str1.1: merge sections, named after nothing
         return None
-    return rest
+    return m.group(1)
 
 
 def is_string_section(secname: str, flags: int) -> bool:
     """Sections of NUL-terminated string literals (merged by the linker): compared by content."""
-    return bool(flags & 0x20) or ".str1." in secname or secname.startswith(".rodata.str")
+    return bool(flags & 0x20) or is_string_section_name(secname)

@@ -20,7 +20,8 @@ from .arch import Arch
 from .correlate import Correlation
 from .elf import constants as C
 from .model import Object
-from .names import is_local_label, is_special_static, special_kind
+from .names import canonical, is_local_label, is_special_static, special_kind
+from .pcrel import pcrel_tails
 
 __all__ = ["TargetKeys", "SYM_BASE"]
 
@@ -36,7 +37,8 @@ class TargetKeys:
         self.arch = arch
         self._starts_cache: dict[int, dict[int, np.ndarray]] = {}
         self._toc_cache: dict[tuple[int, int, int], tuple[object, ...]] = {}
-        self._anon: dict[tuple[int, int], str] = {}
+        self._anon: dict[tuple[int, int, int], str] = {}
+        self._points: dict[int, np.ndarray] = {}
         self._ids: dict[object, int] = {}
         self.by_id: list[object] = []
         self._sid: dict[int, np.ndarray] = {}
@@ -68,7 +70,7 @@ class TargetKeys:
             r = obj.all_relocs[0]
             syms = r["sym"].astype(np.int64)
             kid = self._sid[id(obj)][syms] if len(r) else np.zeros(0, np.int64)
-            add = r["addend"].astype(np.int64)
+            add = r["addend"].astype(np.int64) + pcrel_tails(obj, self.arch, r, obj.all_relocs[1])
             todo = np.flatnonzero(kid < 0)
             if len(todo):
                 todo = self._vector_section_refs(obj, r, syms, kid, add, todo)
@@ -96,7 +98,7 @@ class TargetKeys:
         name = obj.sym_names[i]
         if not obj.defined[i]:
             return ("ext", name)
-        if name.startswith("CSWTCH"):  # a switch table: what matters is its content
+        if canonical(name) == "CSWTCH":  # a switch table (CSWTCH.12): what matters is its content
             return ("table", self.content_digest(obj, int(obj.shndx[i]), *obj.sym_range(i)))
         if is_special_static(name):
             return ("special", special_kind(name))
@@ -135,6 +137,38 @@ class TargetKeys:
         nxt = starts[np.searchsorted(starts, v, side="right")] if starts is not None and starts[-1] > v else None
         return ("label", self.content_digest(obj, sec, v, int(obj.shdrs["size"][sec]) if nxt is None else int(nxt)))
 
+    def anon_extent(self, obj: Object, sec: int, where: int) -> tuple[int, int]:
+        """The bytes ``[lo, hi)`` a reference to ``sec+where`` addresses in a section with no symbol there
+        (anonymous ``.rodata`` constants, ``.rodata.cstN``): one entry of a merge section (``sh_entsize``),
+        else from the place to the next place anything references or a symbol starts, or the section end.
+        Comparing these bytes, not the whole section, keeps one changed constant from marking every user of
+        the section changed."""
+        size = int(obj.shdrs["size"][sec])
+        lo = min(max(where, 0), size)
+        ent = int(obj.shdrs["entsize"][sec])
+        if obj.section_flags(sec) & C.SHF_MERGE and ent > 0:
+            lo -= lo % ent
+            return lo, min(lo + ent, size)
+        keys = self._bounds(obj)
+        k = int(np.searchsorted(keys, (sec << 40) | lo, side="right"))
+        nxt = int(keys[k]) & ((1 << 40) - 1) if k < len(keys) and int(keys[k]) >> 40 == sec else size
+        return lo, max(lo, min(nxt, size))
+
+    def _bounds(self, obj: Object) -> np.ndarray:
+        """Sorted ``section << 40 | place`` of every place a section-symbol relocation points at and every
+        named symbol's start (cached per object): where an anonymous constant ends."""
+        c = self._points.get(id(obj))
+        if c is None:
+            r = obj.all_relocs[0]
+            syms = r["sym"].astype(np.int64)
+            m = obj.stype[syms] == C.STT_SECTION if len(r) else np.zeros(0, bool)
+            where = np.clip(r["addend"][m].astype(np.int64) + self.biases(r["type"][m]), 0, (1 << 40) - 1)
+            named = np.flatnonzero(obj.defined & (obj.stype != C.STT_SECTION))
+            c = np.unique(np.concatenate([(obj.shndx[syms[m]] << 40) | where,
+                                          (obj.shndx[named] << 40) | np.clip(obj.value[named], 0, (1 << 40) - 1)]))
+            self._points[id(obj)] = c
+        return c
+
     def _starts(self, obj: Object) -> dict[int, np.ndarray]:
         """Per section, the sorted start offsets of the symbols defined in it (cached per object)."""
         c = self._starts_cache.get(id(obj))
@@ -155,9 +189,9 @@ class TargetKeys:
             h.update(obj.section_data(sec)[lo:hi])
         else:
             h.update(str(hi - lo).encode())
-        r = obj.relocs(sec)
-        r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
-        for x in r:
+        r = obj.relocs(sec)  # sorted by offset: a place-sized digest must not scan the whole section
+        a, b = np.searchsorted(r["offset"], [lo, hi])
+        for x in r[a:b]:
             s = int(x["sym"])
             tgt = obj.sym_names[s] if obj.stype[s] != C.STT_SECTION else obj.sec_names[int(obj.shndx[s])]
             row = f"{int(x['offset']) - lo}:{int(x['type'])}:{tgt}:{int(x['addend'])};"
@@ -285,8 +319,15 @@ class TargetKeys:
             done[grp[ok]] = True
         return left[~done]
 
-    def key(self, obj: Object, sym: int, rtype: int, addend: int) -> tuple[object, int]:
-        """(what, addend relative to it) for one relocation of ``obj``."""
+    def key(self, obj: Object, sym: int, rtype: int, addend: int,
+            site: tuple[int, int] | None = None) -> tuple[object, int]:
+        """(what, addend relative to it) for one relocation of ``obj``. With the relocation's ``site``
+        (section, offset), an x86-64 immediate after the field counts (klpforge/pcrel.py); without it the
+        addend is taken to include that already."""
+        if site is not None:
+            rel = np.zeros(1, obj.all_relocs[0].dtype)
+            rel["offset"], rel["sym"], rel["type"], rel["addend"] = site[1], sym, rtype, addend
+            addend += int(pcrel_tails(obj, self.arch, rel, np.array([site[0]], np.int64))[0])
         k = self.symkey(obj, sym)
         if k is not None:
             return k, addend
@@ -313,7 +354,8 @@ class TargetKeys:
             # Code outside any function (.altinstr_replacement, .fixup, .altinstr_aux) is compared through
             # the special-section entries that point at it; .altinstr_aux offsets shift with any edit.
             return ("aux", name), (0 if name == ".altinstr_aux" else addend)
-        ak = self._anon.get((id(obj), sec))
+        lo, hi = self.anon_extent(obj, sec, where)
+        ak = self._anon.get((id(obj), sec, lo))
         if ak is None:
-            ak = self._anon[(id(obj), sec)] = self.content_digest(obj, sec, 0, int(obj.shdrs["size"][sec]))
-        return ("anon", ak), addend
+            ak = self._anon[(id(obj), sec, lo)] = self.content_digest(obj, sec, lo, hi)
+        return ("anon", ak), addend - lo

@@ -23,13 +23,14 @@ from .compare import CHANGED, NEW, Comparison
 from .correlate import Correlation
 from .elf import constants as C
 from .elf.file import cstring_at
+from .ftrace_entry import with_entry
+from .icf import split_folded
 from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
+from .secnames import is_init_section
+from .sharedsec import gap, is_shared, place_of, resolved_refs
 
-__all__ = ["Selection", "select", "INIT_SECTIONS", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
-
-#: Code and data freed after boot or module init (kernel ``include/linux/init.h``).
-INIT_SECTIONS = (".init.", ".exit.", ".text.startup", ".text.exit", ".meminit.", ".memexit.", ".cpuinit.")
+__all__ = ["Selection", "select", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
 #: Tables rebuilt entry by entry for the included functions (emit/special.py), never compared.
 SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_table", ".parainstructions",
@@ -40,7 +41,9 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
                     "__stf_exit_barrier_fixup", "__rfi_flush_fixup", "__barrier_nospec_fixup",
                     "__spec_barrier_fixup", "__uaccess_flush_fixup", "__entry_flush_fixup",
                     "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
-                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches", "__tracepoints_ptrs",
+                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches",
+                    # Xen 4.17 (xen/arch/x86/include/asm/bug.h, asm_defns.h): per-site tables too
+                    ".bug_frames.", ".ex_table", "__tracepoints_ptrs",
                     "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
                     "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
                     "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")
@@ -72,60 +75,13 @@ class Selection:
     warnings: list[str] = field(default_factory=list)
     ignored: set[int] = field(default_factory=set)  # KPATCH_IGNORE_FUNCTION
     callbacks: dict[str, int] = field(default_factory=dict)  # pre_patch/... -> patched function symbol
-    has_fentry: set[int] = field(default_factory=set)
+    has_fentry: set[int] = field(default_factory=set)  # replaced functions whose original has an entry
     #: TOC sections (ppc64 ``.toc``) -> offsets of the slots included code uses; only those keep relocations
     toc_slots: dict[int, set[int]] = field(default_factory=dict)
 
 
 def _is_init(name: str) -> bool:
-    return name.startswith(INIT_SECTIONS)
-
-
-def _fentry_functions(obj: Object, arch: Arch, only: set[int]) -> set[int]:
-    """Which of the functions ``only`` ftrace can redirect: listed in ``__mcount_loc``/
-    ``__patchable_function_entries`` or calling an fentry/mcount hook within their first instructions.
-    (Asked only for the functions being replaced: a whole-object scan would cost O(object).)"""
-    out: set[int] = set()
-    if not only:
-        return out
-    want_secs = np.array(sorted({int(obj.shndx[f]) for f in only}), dtype=np.int64)
-    for sec in range(1, obj.nsec):
-        name = obj.sec_names[sec]
-        if name in ("__mcount_loc", "__patchable_function_entries"):
-            r = obj.relocs(sec)
-            r = r[np.isin(obj.shndx[r["sym"].astype(np.int64)], want_secs)]
-            for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
-                t = s if obj.stype[s] == C.STT_FUNC else _function_near(obj, int(obj.shndx[s]),
-                                                                         int(obj.value[s]) + a)
-                if t >= 0 and int(t) in only:
-                    out.add(int(t))
-    hooks = {i for i, n in enumerate(obj.sym_names) if n in arch.fentry_names and not obj.defined[i]}
-    if hooks:
-        for sec in want_secs.tolist():
-            members = [m for m in obj.syms_in_section.get(sec, []) if m in only]
-            if not members or not obj.is_text(sec):
-                continue
-            r = obj.relocs(sec)
-            hit = r[np.isin(r["sym"], list(hooks))]
-            for f in members:
-                lo = int(obj.value[f])
-                if ((hit["offset"] >= lo) & (hit["offset"] < lo + 32)).any():
-                    out.add(f)
-    return out
-
-
-def _function_near(obj: Object, sec: int, where: int) -> int:
-    """The function an ftrace entry at ``sec+where`` belongs to: the one covering it, else the first one
-    starting within 16 bytes after it (NOPs placed before the entry point, as aarch64's
-    ``-fpatchable-function-entry=4,2`` does since 6.1's CALL_OPS/BTI setups); -1 if none."""
-    if sec <= 0 or sec >= obj.nsec:
-        return -1
-    t = obj.symbol_at(sec, where)
-    if t >= 0 and obj.stype[t] == C.STT_FUNC:
-        return t
-    after = [m for m in obj.syms_in_section.get(sec, []) if obj.stype[m] == C.STT_FUNC
-             and where <= int(obj.value[m]) <= where + 16]
-    return min(after, key=lambda m: int(obj.value[m])) if after else -1
+    return is_init_section(name)
 
 
 def _pointed_strings(obj: Object, secname: str) -> set[str]:
@@ -157,22 +113,28 @@ def _ignore_lists(obj: Object) -> tuple[set[int], set[str]]:
     return funcs, _pointed_strings(obj, ".kpatch.ignore.sections")
 
 
-def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int) -> tuple[int, int]:
+def resolve_target(obj: Object, arch: Arch, sym: int, rtype: int, addend: int,
+                   site: tuple[int, int] | None = None) -> tuple[int, int]:
     """For a section-symbol reference, the covering named symbol and the addend relative to it;
     other references come back unchanged. Returns ``(symbol, addend)``; symbol is the section
-    symbol when nothing covers the place."""
+    symbol when nothing covers the place. ``site`` (section, offset) of the relocation lets an x86-64
+    ``%rip``-relative reference into a section shared by several symbols count the immediate that
+    follows its field (``addl $1, x(%rip)``: klpforge/pcrel.py)."""
     if obj.stype[sym] != C.STT_SECTION:
         return sym, addend
     sec = int(obj.shndx[sym])
     where = addend + arch.pcrel_bias.get(rtype, 0)
+    if site is not None and len(obj.syms_in_section.get(sec, ())) > 1:
+        where = place_of(obj, arch, rtype, addend, site)
     t = obj.symbol_at(sec, where)
     if t >= 0 and obj.stype[t] in (C.STT_FUNC, C.STT_OBJECT):
         return t, addend - int(obj.value[t])
     return sym, addend
 
 
-def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
-    """Decide the contents of the live patch (see the module docstring)."""
+def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool = True) -> Selection:
+    """Decide the contents of the live patch (see the module docstring). ``require_ftrace=False`` for
+    targets that redirect a function by overwriting its first instruction (Xen), not through ftrace."""
     o, p = corr.orig, corr.patched
     sel = Selection()
     ign_funcs, ign_secs = _ignore_lists(p)
@@ -192,16 +154,26 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
         if parent and by_name.get(parent) is not None and p.stype[i] == C.STT_FUNC:
             changed.add(by_name[parent])
 
-    work: list[int] = []
+    # work items: (section, lo, hi): the bytes whose references are followed; a section shared by several
+    # symbols (sharedsec.py) is followed one included symbol (or anonymous gap) at a time
+    work: list[tuple[int, int, int]] = []
+    gaps: set[tuple[int, int, int]] = set()
 
     def include(sym: int, why: str) -> None:
         if sym in sel.included:
             return
         sel.included[sym] = why
         sec = int(p.shndx[sym])
-        if sec not in sel.sections:
+        if is_shared(p, arch, sec):
+            sel.sections.setdefault(sec, f"holds {p.sym_names[sym]}")
+            work.append((sec, int(p.value[sym]), int(p.value[sym]) + int(p.size[sym])))
+            for m in p.syms_in_section[sec]:  # aliases (foo.localalias, still-folded twins) come along
+                if m != sym and p.value[m] == p.value[sym] and p.size[m] == p.size[sym] \
+                        and p.stype[m] == p.stype[sym]:
+                    include(m, f"alias of {p.sym_names[sym]} (same bytes)")
+        elif sec not in sel.sections:
             sel.sections[sec] = f"holds {p.sym_names[sym]}"
-            work.append(sec)
+            work.append((sec, 0, int(p.shdrs["size"][sec])))
 
     for i in sorted(changed):
         name = p.sym_names[i]
@@ -238,6 +210,11 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 sel.callbacks[kind] = t
                 include(t, f"{kind} callback")
 
+    # Identical-code-folded functions the patch unfolds: the other members keep their old code.
+    sel.refusals.extend(split_folded(corr, sel.patched, include, _is_init, is_special_section))
+    for i in list(sel.included):
+        _include_cold(p, i, by_name, include)
+
     # Follow relocations of everything included; a TOC section is followed one used slot at a time.
     slots: list[tuple[int, int, str]] = []
     while work or slots:
@@ -246,11 +223,17 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
             r = p.relocs(sec)
             r = r[r["offset"] == off]
         else:
-            sec = work.pop()
-            owner_names = ", ".join(p.sym_names[m] for m in p.syms_in_section.get(sec, [])) or p.sec_names[sec]
+            sec, lo, hi = work.pop()
+            members = [m for m in p.syms_in_section.get(sec, []) if lo <= int(p.value[m]) < hi]
+            owner_names = ", ".join(p.sym_names[m] for m in members) or p.sec_names[sec]
             r = p.relocs(sec)
-        for s, t_, a in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(), strict=True):
-            t, _ = resolve_target(p, arch, s, t_, a)
+            if is_shared(p, arch, sec):
+                r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+                if p.is_text(sec):  # branches the assembler resolved inside the section count too
+                    r = np.concatenate([r, resolved_refs(p, arch, sec, lo, hi)[0]])
+        for s, t_, a, roff in zip(r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                                  r["offset"].tolist(), strict=True):
+            t, _ = resolve_target(p, arch, s, t_, a, (sec, roff))
             if not p.defined[t]:
                 continue
             tsec = int(p.shndx[t])
@@ -264,11 +247,18 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                     slots.append((tsec, off, owner_names))
                 continue
             if p.stype[t] == C.STT_SECTION:
+                if is_shared(p, arch, tsec):  # anonymous bytes beside symbols: that gap alone
+                    g = (tsec, *gap(p, tsec, place_of(p, arch, t_, a, (sec, roff))))
+                    if g not in gaps:
+                        gaps.add(g)
+                        sel.sections.setdefault(tsec, f"used by {owner_names}")
+                        work.append(g)
+                    continue
                 if tsec not in sel.sections and not is_ignored_section(tname):
                     if is_special_section(tname) and not is_aux_code(tname):
                         continue
                     sel.sections[tsec] = f"used by {owner_names}"
-                    work.append(tsec)
+                    work.append((tsec, 0, int(p.shdrs["size"][tsec])))
                 continue
             st = status.get(t)
             name = p.sym_names[t]
@@ -288,9 +278,10 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch) -> Selection:
                 if not clone_parent(name) and not _is_init(tname):
                     sel.patched.append(t)
 
+    sel.refusals.extend(why for i, why in sorted(corr.ambiguous.items()) if i in sel.included)
     _judge_data(corr, cmp, sel, ign_secs)
-    sel.has_fentry = _fentry_functions(p, arch, set(sel.patched))
-    _check_entries(p, sel)
+    if require_ftrace:  # Xen redirects with a jump it writes itself: no ftrace entry needed
+        _check_entries(corr, arch, sel)
     _check_branches(p, arch, sel)
     _check_groups(p, sel)
     if cmp.removed:
@@ -347,11 +338,17 @@ def _judge_data(corr: Correlation, cmp: Comparison, sel: Selection, ign_secs: se
                                if _is_init(name) else "the change could not take effect in a live patch"))
 
 
-def _check_entries(p: Object, sel: Selection) -> None:
+def _check_entries(corr: Correlation, arch: Arch, sel: Selection) -> None:
+    """Every replaced function's ORIGINAL must have an ftrace entry: that is what the kernel redirects.
+    Fills ``sel.has_fentry`` (patched symbols whose original has one)."""
+    o, p = corr.orig, corr.patched
+    twins = {i: int(corr.p2o[i]) for i in sel.patched if corr.p2o[i] >= 0}
+    ok = with_entry(o, arch, set(twins.values()))
+    sel.has_fentry = {i for i, oi in twins.items() if oi in ok}
     for i in sel.patched:
-        if i not in sel.has_fentry:  # filled by select() just before this check
-            sel.refusals.append(f"function {p.sym_names[i]} has no ftrace entry (no __fentry__/mcount call or "
-                                "patchable entry: notrace, or built without ftrace), so it cannot be redirected")
+        if i in twins and i not in sel.has_fentry:
+            sel.refusals.append(f"function {p.sym_names[i]} has no ftrace entry in the original object (notrace, "
+                                "noinstr, or built without ftrace), so the running kernel cannot redirect it")
 
 
 def _check_branches(p: Object, arch: Arch, sel: Selection) -> None:

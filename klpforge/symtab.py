@@ -50,7 +50,8 @@ class TargetSymtab:
         """Read an ELF file (vmlinux, a .ko, an object) or ``readelf -s --wide`` output."""
         p = Path(path)
         try:
-            head = p.open("rb").read(4)
+            with p.open("rb") as f:
+                head = f.read(4)
         except OSError as e:
             raise InputError(f"{p}: cannot read symbol table: {e.strerror}") from None
         st = cls(str(p), is_module)

@@ -17,6 +17,7 @@ from klpforge.disasm import instructions, mnemonic_at
 from klpforge.elf import ElfFile, ObjectWriter
 from klpforge.elf import constants as C
 from klpforge.errors import InputError, UnsafeChange
+from klpforge.lineargs import ARG_REGS, decode
 from klpforge.model import Object
 from klpforge.names import is_local_label
 
@@ -45,11 +46,12 @@ def _diff(case: dict, out: Path | None, patched: Path | None = None):  # type: i
 @pytest.mark.parametrize("name", sorted(LINE_LOADS))
 def test_line_registers_are_spelled_as_capstone_prints_them(name: str) -> None:
     arch = next(a for a in ARCHES.values() if a.name == name)
-    for code in LINE_LOADS[name]:
+    for code, reg in zip(LINE_LOADS[name], ARG_REGS[name][1:3], strict=True):
         [(size, mn, ops)] = instructions(arch, code)
         assert size == len(code)
         assert mn in arch.line_mnemonics, (mn, ops)
-        assert ops.replace(" ", "").split(",")[0].lstrip("%") in arch.line_regs, ops
+        [ins] = decode(arch, code)
+        assert ins.imm_to == reg and ins.touched == {reg} and not ins.barrier, (ops, ins)
 
 
 def test_loongarch_has_no_capstone_decoder_so_line_detection_is_off() -> None:

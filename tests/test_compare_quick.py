@@ -26,8 +26,9 @@ def test_quick_path_agrees(case: dict) -> None:
 
 
 def _per_entry_keys(keys, obj):  # type: ignore[no-untyped-def]
-    rel = obj.all_relocs[0]
-    return [keys.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"])) for x in rel]
+    rel, relsec, _ = obj.all_relocs
+    return [keys.key(obj, int(x["sym"]), int(x["type"]), int(x["addend"]), (int(s), int(x["offset"])))
+            for x, s in zip(rel, relsec, strict=True)]
 
 
 @pytest.mark.parametrize("case", CASES[::5])

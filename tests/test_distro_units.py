@@ -105,15 +105,16 @@ def test_load_order_dependencies_first() -> None:
     assert load_order(deps, ["nfsd"]) == ["sunrpc", "grace", "lockd", "nfsd"]
 
 
-def test_job_list_for_several_releases() -> None:
+def test_job_list_for_several_releases(tmp_path: Path) -> None:
     """Several releases: one independent job each, emitted for a CI matrix / Kubernetes, nothing built."""
     import json
     import sys
 
-    both = "debian:6.1.0-56-amd64,debian:6.1.0-57-amd64"
-    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", both, "--distro",
-                        "debian:6.1.0-56-amd64", "fix.patch", "-o", "cves-{release}.ko",
-                        "--json", "r-{release}.json", "--emit-jobs", "-"], capture_output=True, text=True, check=False)
+    both = "debian:6.1.0-56-amd64,debian:6.1.0-57-amd64,debian:6.1.0-56-amd64"
+    (tmp_path / "fix.patch").write_text("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n")
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", both, "fix.patch",
+                        "-o", "cves-{release}.ko", "--json", "r-{release}.json", "--emit-jobs", "-"],
+                       capture_output=True, text=True, check=False, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     jobs = json.loads(r.stdout)
     assert [j["name"] for j in jobs] == ["klp-debian-6-1-0-56-amd64", "klp-debian-6-1-0-57-amd64"]

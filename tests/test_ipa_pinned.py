@@ -35,9 +35,10 @@ def _digest(x: object) -> str:
 
 
 def _summary(res: ImpactResult, root: Path) -> list[tuple[object, ...]]:
-    """Every entry as (name, object relative to the corpus, status, chain length, avoided_by, pieces)."""
+    """Every entry as (name, object relative to the corpus, status, chain length, avoided_by, pieces and
+    functions folded at its address: one field, as pinned before folding was told apart from pieces)."""
     return sorted({(e.name, os.path.relpath(e.obj, root) if e.obj.startswith(str(root)) else e.obj, e.status,
-                    len(e.chain), tuple(e.avoided_by), tuple(sorted(e.pieces))) for e in res.entries})
+                    len(e.chain), tuple(e.avoided_by), tuple(sorted(e.pieces + e.folded))) for e in res.entries})
 
 
 # query: (functions to replace, entries, digest of sorted functions, digest of entry summaries)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,57 @@ def test_non_livepatch_module_refused(kernel: KernelLayout) -> None:
     r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "true")
     assert r.returncode == 1
     assert "not a livepatch module" in r.stderr
+
+
+def test_kernel_that_is_not_a_bzimage_is_named(kernel: KernelLayout) -> None:
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    r = _verify(str(ko), "--kernel", str(kernel.build / "vmlinux"), "--check", "true")
+    assert r.returncode == 1
+    assert r.stderr == (f'klpforge verify: {kernel.build / "vmlinux"}: not a bzImage (no "HdrS" boot header at '
+                        "0x202: an ELF file: pass arch/x86/boot/bzImage, not vmlinux)\n")
+
+
+def test_bad_accel_reports_qemu_own_error_unwrapped(kernel: KernelLayout, tmp_path: Path) -> None:
+    """QEMU's own complaint, not "kernel did not reach /init", on one line however long."""
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    log = tmp_path / "console.log"
+    r = _verify(str(ko), "--kernel", str(kernel.bzimage), "--check", "true", "--accel", "nosuch",
+                "--console-log", str(log))
+    assert r.returncode == 1
+    last = r.stderr.splitlines()[-1]
+    assert last == (f"klpforge verify: failed: qemu-system-x86_64: -accel nosuch: invalid accelerator nosuch "
+                    f"(console log: {log})")
+    assert len(last) > 80
+
+
+def test_sigterm_during_boot_ends_qemu(kernel: KernelLayout, tmp_path: Path) -> None:
+    """SIGTERM while QEMU runs: one line, exit 143, QEMU gone, the temporary directory removed."""
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "klpforge", "verify", str(ko), "--kernel", str(kernel.bzimage),
+                             "--check", "sleep 600"], env=dict(os.environ, TMPDIR=str(tmp)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemu = None
+    deadline = time.monotonic() + 120
+    while qemu is None:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        for d in Path("/proc").iterdir():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if d.name.isdigit() and "(qemu-system-x86" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
+                qemu = int(d.name)
+        time.sleep(0.05)
+    time.sleep(1)  # booting
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err == "klpforge verify: terminated by SIGTERM\n"
+    assert not Path(f"/proc/{qemu}").exists() or "(qemu" not in Path(f"/proc/{qemu}/stat").read_text()
+    assert list(tmp.iterdir()) == []
 
 
 def test_markers_cannot_be_faked_by_check_output() -> None:

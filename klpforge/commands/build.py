@@ -15,6 +15,8 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+from ..outputs import check_paths
+from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
 
@@ -44,16 +46,32 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build the module; progress and report on stderr."""
+    """Build the module (or a Xen payload, or a live patch for a distribution kernel); progress and report on
+    stderr."""
+    patches = list(args.patch)
+    xen = wants_xen_build(args)
+    distro = not xen and bool(args.distro or args.config or args.modules or args.headers)
+    if len(patches) > 1 and not distro:
+        raise InputError("several patch files make one cumulative patch only with --distro or the plain form "
+                         "(-c CONFIG / --modules)")
+    # every output and input before any work (issue 8): the default output is checked too
+    stem = Path(patches[0]).name.removesuffix(".patch").removesuffix(".diff")
+    out = args.output.replace("{release}", "x") if args.output else None
+    check_paths({"-o": out or (None if xen else f"livepatch-{stem}.ko"),
+                 "--json": args.json.replace("{release}", "x") if args.json else None},
+                {**{("patch" if k == 0 else f"patch #{k + 1}"): p for k, p in enumerate(patches)},
+                 "-s": args.src, "-O": args.build_dir},
+                kinds={"-s": "dir", "-O": "dir"})
+    if xen:
+        args.patch = patches[0]
+        return run_xen_build(args)
     con = Console(stderr=True)
-    if args.distro or args.config or args.modules or args.headers:
+    if distro:
         from .build_distro import run_distro_build
 
         return run_distro_build(args, con)
     if not args.src:
-        raise InputError("give -s KERNEL_SRC (a built tree) or --distro NAME:RELEASE (e.g. debian:6.1.0-56-amd64)")
-    if len(args.patch) > 1:
-        raise InputError("several patch files make one cumulative patch only with --distro")
+        raise InputError("-s KERNEL_SRC is required (or --distro NAME:RELEASE, e.g. debian:6.1.0-56-amd64)")
     opts = BuildOptions(src=Path(args.src), patch=Path(args.patch[0]),
                         build=Path(args.build_dir) if args.build_dir else None,
                         output=Path(args.output) if args.output else None, jobs=args.jobs,
@@ -61,11 +79,11 @@ def run_build(args: argparse.Namespace) -> int:
                         skip_compiler_check=args.skip_compiler_check,
                         report_json=Path(args.json) if args.json else None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=con, transient=True) as prog:
+                  console=con, transient=True, disable=not con.is_terminal) as prog:
         task = prog.add_task("starting", total=len(STEPS))
 
         def step(name: str, msg: str) -> None:
-            if msg.startswith(("restored", "kept")):
+            if msg.startswith("kept"):
                 prog.console.print(msg, highlight=False)
             done = STEPS.index(name) if name in STEPS else len(STEPS)
             prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
@@ -81,18 +99,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build", help="build a livepatch module from a source patch on an already built kernel tree",
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
-                    "generates and links the livepatch module. The source tree is restored byte for "
-                    "byte afterwards, also on failure and Ctrl-C.")
+                    "generates and links the livepatch module. The source and build trees are only read: "
+                    "the patch is applied to private copies and every output goes to a temporary directory. "
+                    "With --distro debian:RELEASE: for the kernel Debian ships (docs/distro.md).")
     p.add_argument("patch", metavar="fix.patch", nargs="+",
                    help="unified diff, -p1 (as git writes); with --distro several make one cumulative patch")
-    p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel source tree (built)")
+    p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
     p.add_argument("--emit-jobs", metavar="FILE",
-                   help="with several --distro releases: write the job list (JSON; - for stdout) for a CI matrix "
-                        "or Kubernetes Indexed Jobs instead of building (docs/distro.md)")
-    p.add_argument("--distro", metavar="NAME:RELEASE", action="append",
-                   help="build for a distribution's shipped kernel, e.g. debian:6.1.0-56-amd64 (no full build; "
-                        "packages fetched and cached; see docs/distro.md); repeat or comma-separate for several "
-                        "releases (independent jobs)")
+                   help="with several --distro releases (comma-separated): write the job list (JSON; - for "
+                        "stdout) for a CI matrix or Kubernetes Indexed Jobs instead of building (docs/distro.md)")
     p.add_argument("--symbols", "--vmlinux", dest="symbols", metavar="FILE",
                    help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
                         "instead of booting the image once to read /proc/kallsyms")
@@ -112,4 +127,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--skip-compiler-check", action="store_true",
                    help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
+    add_build_args(p)
     p.set_defaults(func=run_build)

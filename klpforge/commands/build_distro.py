@@ -57,7 +57,7 @@ def _symbols(path: str | None, tmpdir: Path) -> Path | None:
 def run_distro_build(args: argparse.Namespace, con: Console) -> int:
     """Run :func:`klpforge.distro.build.build_distro` with a progress bar; report on stderr.
 
-    Several releases (``--distro A,B`` or repeated) are independent jobs: ``--emit-jobs FILE`` writes their
+    Several releases (``--distro A,B``) are independent jobs: ``--emit-jobs FILE`` writes their
     list (JSON, ``-`` for stdout) for a CI matrix or Kubernetes; without it they run here one after the other.
     """
     import json
@@ -65,7 +65,7 @@ def run_distro_build(args: argparse.Namespace, con: Console) -> int:
 
     from ..distro.jobs import job_list
 
-    distros = [d for spec in (args.distro or []) for d in spec.split(",") if d]
+    distros = [d for d in (args.distro or "").split(",") if d]
     if args.emit_jobs or len(distros) > 1:
         extra = ["--json", args.json] if args.json else []
         jobs = job_list(distros, list(args.patch), args.output, extra)
@@ -80,12 +80,10 @@ def run_distro_build(args: argparse.Namespace, con: Console) -> int:
             return 0
         for job in jobs:
             con.print(f"[bold]{job['distro']}[/] -> {job['output']}", highlight=False)
-            args.distro = [job["distro"]]
+            args.distro = job["distro"]
             args.output = job["output"]
             _run_one(args, con)
         return 0
-    if distros:
-        args.distro = distros
     return _run_one(args, con)
 
 
@@ -105,7 +103,7 @@ def _run_one(args: argparse.Namespace, con: Console) -> int:
                                   Path(args.build_dir) if args.build_dir else None, args.release,
                                   Path(args.modules) if args.modules else None,
                                   Path(args.headers) if args.headers else None, jobs=args.jobs)
-        opts = DistroBuildOptions(patches=[Path(p) for p in args.patch], distro=args.distro[0] if args.distro else None,
+        opts = DistroBuildOptions(patches=[Path(p) for p in args.patch], distro=args.distro or None,
                                   tree=tree,
                                   output=Path(args.output) if args.output else None, jobs=args.jobs,
                                   replace=not args.no_replace, keep_tmp=args.keep_tmp,

@@ -10,10 +10,10 @@ import argparse
 import shutil
 import subprocess
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 from ..errors import EXIT_OK, InputError
+from ..outputs import check_output
 
 __all__ = ["register", "CFLAGS", "compile_object"]
 
@@ -41,6 +41,8 @@ def compile_object(src: Path, out: Path, extra: list[str] | None = None) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from importlib import resources
+
     from rich.console import Console
 
     from ..diff import DiffOptions, run_diff
@@ -51,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
     tmp = None
     if args.outdir:
         out = args.outdir
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--outdir {out}: exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--outdir {out}: cannot create: {e.strerror}") from None
+        check_output("--outdir", out / "livepatch-demo.o")
     else:
         tmp = tempfile.TemporaryDirectory(prefix="klpforge-demo-")
         out = Path(tmp.name)

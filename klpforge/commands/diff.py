@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import EXIT_OK, InputError, KlpError
-from ..fsutil import atomic_write
+from ..outputs import atomic_write, check_paths
 
 __all__ = ["register"]
 
@@ -32,11 +32,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def _check_own_output(tmp: Path, output: Path) -> None:
+    """Read the livepatch back and validate it (:func:`klpforge.elf.validate.validate`) before it replaces
+    ``output``: a damaged input that slipped past the input checks ends as an error, not a malformed file."""
+    from ..elf import ElfFile
+    from ..elf.validate import validate
+
+    try:
+        validate(ElfFile.open(tmp))
+    except InputError as e:
+        detail = str(e).split(": ", 1)[-1]
+        raise InputError(f"{output}: the live patch made from these inputs is malformed ({detail}); "
+                         "nothing written") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import os
+    import tempfile
 
     from ..diff import DiffOptions, run_diff
-    from ..report import print_summary
 
     env = dict(os.environ)
     for kv in args.entsize:
@@ -47,21 +61,37 @@ def run(args: argparse.Namespace) -> int:
     if args.target.find(".") >= 0:
         raise InputError(f"--target {args.target!r}: a module name has no dots (the kernel parses "
                          ".klp.rela.<obj>.<section> with %55[^.])")
+    # every input and output before any work: nothing is written when one is wrong
+    check_paths({"-o": args.output, "--json": args.json},
+                {"ORIG": args.orig, "PATCHED": args.patched, "--symtab": args.symtab, "--symvers": args.symvers,
+                 "--impact": args.impact}, kinds={"--impact": "any"})
     report: dict[str, object] = {}
+    # the livepatch goes to a hidden file beside -o and is renamed over it only when everything else
+    # (the --impact check included) has succeeded: a failure leaves no new output and the old one intact
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{args.output.name}.", suffix=".tmp", dir=args.output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        res = run_diff(args.orig, args.patched, args.output,
-                       DiffOptions(target=args.target, symtab=args.symtab, symvers=args.symvers, env=env))
-        report = res.report
-    except KlpError as e:
+        try:
+            res = run_diff(args.orig, args.patched, tmp,
+                           DiffOptions(target=args.target, symtab=args.symtab, symvers=args.symvers, env=env))
+            report = res.report
+        except KlpError as e:
+            if args.json:
+                atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
+                                                    "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
+            raise
+        _check_own_output(tmp, args.output)
+        if args.impact:
+            from ..impact_check import check_impact
+            report["impact"] = check_impact(Path(args.impact), res)
         if args.json:
-            atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
-                                                "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
-        raise
-    if args.impact:
-        from ..impact_check import check_impact
-        report["impact"] = check_impact(Path(args.impact), res)
-    if args.json:
-        atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, args.output)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not args.quiet:
+        from ..report import print_summary  # rich: only for the summary (process-per-object runs use -q)
+
         print_summary(res)
     return EXIT_OK

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..outputs import atomic_write, check_paths
 
 __all__ = ["register", "run"]
 
@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("nothing to analyse: give FUNC... or --patch FILE")
     if args.dot and args.svg:
         raise InputError("give either --dot or --svg, not both")
+    check_paths({"--dot": args.dot, "--svg": args.svg},
+                {"--dumps": args.dumps, "--objects": args.objects, "--patch": args.patch,
+                 "--source": args.source if args.patch else None},
+                kinds={"--dumps": "any", "--objects": "dir", "--source": "dir"},
+                reads=(".o", ".ipa-clones", ".syms", ".c", ".h", ".ko"))
     dumps = find_dumps(args.dumps)
     notes: list[str] = []
     if not dumps:

@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-
-from ..kbuild.prepare import KernelLayout, prepare_kernel
-
 __all__ = ["register", "run_prepare"]
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare (or find cached) the kernel and print ``KERNEL_SRC=``/``KERNEL_BUILD=``/``BZIMAGE=`` lines."""
+    from rich.console import Console
+
+    from ..kbuild.prepare import KernelLayout, prepare_kernel
+
     layout = KernelLayout.default(args.version, args.cache)
     err = Console(stderr=True)
     with err.status("preparing kernel") as status:

@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..outputs import atomic_write, check_paths
 from ..qemu.verify import VerifySpec, verify_module
+from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]
 
@@ -29,6 +31,14 @@ def _files(specs: list[str]) -> dict[str, Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
+    # every output and input before any work (issue 8)
+    ins: dict[str, str | Path | None] = {"MOD.ko": args.module, "--kernel": args.kernel,
+                                         "--gen-init-cpio": args.gen_init_cpio}
+    for opt, paths in (("--preload", list(args.preload)), ("--file", list(_files(args.file).values()))):
+        ins.update({opt if len(paths) == 1 else f"{opt} #{k}": p for k, p in enumerate(paths, 1)})
+    check_paths({"--console-log": args.console_log}, ins)
+    if wants_xen_verify(args):
+        return run_xen_verify(args)
     con = Console(stderr=True)
     kernel = Path(args.kernel) if args.kernel else None
     gen = Path(args.gen_init_cpio) if args.gen_init_cpio else None
@@ -53,12 +63,12 @@ def run_verify(args: argparse.Namespace) -> int:
     spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=preload, files=_files(args.file),
                       after_check=args.after_check, after_expect=args.after_expect, append=args.append or "",
-                      accel=args.accel, gen_init_cpio=gen, memory=memory)
+                      setup=args.setup, accel=args.accel, gen_init_cpio=gen, memory=memory)
     with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
     for s in res.steps:
         mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
-        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False)
+        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False, soft_wrap=True)
     if res.check_output:
         con.print("  check output:", highlight=False)
         for line in res.check_output.splitlines():
@@ -71,7 +81,8 @@ def run_verify(args: argparse.Namespace) -> int:
         fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{spec.ko.stem}-", suffix=".log")
         Path(log).unlink()
         atomic_write(log, res.console)
-    con.print(f"[red]verify failed[/]: {res.reason} (console log: {log})", highlight=False)
+    # Plain text: rich would wrap the line at the console width (80 when stderr is not a terminal).
+    print(f"klpforge verify: failed: {res.reason} (console log: {log})", file=sys.stderr)
     return 1
 
 
@@ -84,13 +95,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
     p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
-    p.add_argument("--distro", metavar="NAME:RELEASE",
-                   help="boot the distribution's own kernel image (e.g. debian:6.1.0-56-amd64); see docs/distro.md")
     p.add_argument("--load-modules", action="append", default=[], metavar="MOD[,MOD]",
-                   help="with --distro: shipped modules to load first, with their dependencies (modules.dep)")
+                   help="with --distro debian:RELEASE: shipped modules to load first, with their dependencies "
+                        "(modules.dep)")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")
+    p.add_argument("--setup", metavar="CMD", help="command run in the guest before the module is loaded "
+                   "(e.g. start a task that sleeps in the patched function, with '&')")
     p.add_argument("--after-check", metavar="CMD", help="command run after the patch is disabled")
     p.add_argument("--after-expect", metavar="TEXT", help="text --after-check's output must contain")
     p.add_argument("--preload", action="append", default=[], metavar="MOD.ko",
@@ -103,4 +115,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--append", metavar="ARGS", help="extra kernel command line")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg: software emulation)")
     p.add_argument("--gen-init-cpio", metavar="PATH", help="usr/gen_init_cpio (default: next to the kernel)")
+    p.add_argument("--before-check", metavar="CMD", help="command run before the patch is applied (Xen)")
+    add_verify_args(p)
     p.set_defaults(func=run_verify)

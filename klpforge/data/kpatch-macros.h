@@ -26,6 +26,7 @@
 #include <linux/printk.h>
 #include <linux/livepatch.h>
 #include <linux/version.h>
+#include <linux/jiffies.h>
 
 /* Callback descriptors -------------------------------------------------------------------- */
 
@@ -101,61 +102,31 @@ struct kpatch_post_unpatch_callback {
 
 /*
  * KPATCH_PRINTK: printk from patched code.  The format stays a string literal (rodata the patch
- * module carries), so it adds no data that the diff engine would have to refuse.
+ * module carries), so it adds no data that the diff engine would have to refuse; see
+ * KPATCH_PRINTK_DEFERRED below for why the call sits behind a branch.
  */
-#define KPATCH_PRINTK(_fmt, ...) printk(_fmt, ##__VA_ARGS__)
+#define KPATCH_PRINTK(_fmt, ...)							\
+	({ if (READ_ONCE(jiffies)) printk(_fmt, ##__VA_ARGS__); })
 
-/* System calls ------------------------------------------------------------------------------ */
 /*
- * SYSCALL_DEFINEn also emits syscall metadata and error-injection entries (global data a live
- * patch may not change).  KPATCH_SYSCALL_DEFINEn emits only the code: on x86_64 with the
- * pt_regs syscall wrappers (arch/x86/include/asm/syscall_wrapper.h, Linux 6.1) that is
- * __x64_sys_<name> (and __ia32_sys_<name> with IA32_EMULATION), __se_sys_<name> and
- * __do_sys_<name>, the same symbols the running kernel has.
+ * KPATCH_PRINTK_DEFERRED: printk_deferred() from patched code, for contexts that hold the runqueue
+ * lock.  Both printk forms sit behind a branch on jiffies that the compiler cannot drop, so the
+ * __cold attribute of printk does not make the surrounding path cold (which could move or uninline
+ * unchanged code and grow the patch).
  */
-#include <linux/syscalls.h>
+#define KPATCH_PRINTK_DEFERRED(_fmt, ...)						\
+	({ if (READ_ONCE(jiffies)) printk_deferred(_fmt, ##__VA_ARGS__); })
 
-#if defined(CONFIG_X86_64) && defined(CONFIG_ARCH_HAS_SYSCALL_WRAPPER)
+/*
+ * KPATCH_STATIC_CALL(name): call through the static call key's current target instead of a static
+ * call site -- for a key that lives in a module, whose call sites in a live patch cannot be set up
+ * (the module's klp relocations are written after its static calls are initialised, Linux 6.1).
+ */
+#include <linux/static_call.h>
+#define KPATCH_STATIC_CALL(name)							\
+	((typeof(&STATIC_CALL_TRAMP(name)))static_call_query(name))
 
-#define __KLPFORGE_SYS_STUB(abi, x, name, ...)						\
-	long __##abi##_sys##name(const struct pt_regs *regs);				\
-	long __##abi##_sys##name(const struct pt_regs *regs)				\
-	{										\
-		return __se_sys##name(__VA_ARGS__);					\
-	}
-
-#ifdef CONFIG_IA32_EMULATION
-#define __KLPFORGE_IA32_STUB(x, name, ...)						\
-	__KLPFORGE_SYS_STUB(ia32, x, name, SC_IA32_REGS_TO_ARGS(x, __VA_ARGS__))
-#else
-#define __KLPFORGE_IA32_STUB(x, name, ...)
-#endif
-
-#define __KPATCH_SYSCALL_DEFINEx(x, name, ...)						\
-	static long __se_sys##name(__MAP(x, __SC_LONG, __VA_ARGS__));			\
-	static inline long __do_sys##name(__MAP(x, __SC_DECL, __VA_ARGS__));		\
-	__KLPFORGE_SYS_STUB(x64, x, name, SC_X86_64_REGS_TO_ARGS(x, __VA_ARGS__))	\
-	__KLPFORGE_IA32_STUB(x, name, __VA_ARGS__)					\
-	static long __se_sys##name(__MAP(x, __SC_LONG, __VA_ARGS__))			\
-	{										\
-		long ret = __do_sys##name(__MAP(x, __SC_CAST, __VA_ARGS__));		\
-		__MAP(x, __SC_TEST, __VA_ARGS__);					\
-		__PROTECT(x, ret, __MAP(x, __SC_ARGS, __VA_ARGS__));			\
-		return ret;								\
-	}										\
-	static inline long __do_sys##name(__MAP(x, __SC_DECL, __VA_ARGS__))
-
-#else	/* other architectures: the generic definition minus the metadata */
-
-#define __KPATCH_SYSCALL_DEFINEx(x, name, ...) __SYSCALL_DEFINEx(x, name, __VA_ARGS__)
-
-#endif
-
-#define KPATCH_SYSCALL_DEFINE1(name, ...) __KPATCH_SYSCALL_DEFINEx(1, _##name, __VA_ARGS__)
-#define KPATCH_SYSCALL_DEFINE2(name, ...) __KPATCH_SYSCALL_DEFINEx(2, _##name, __VA_ARGS__)
-#define KPATCH_SYSCALL_DEFINE3(name, ...) __KPATCH_SYSCALL_DEFINEx(3, _##name, __VA_ARGS__)
-#define KPATCH_SYSCALL_DEFINE4(name, ...) __KPATCH_SYSCALL_DEFINEx(4, _##name, __VA_ARGS__)
-#define KPATCH_SYSCALL_DEFINE5(name, ...) __KPATCH_SYSCALL_DEFINEx(5, _##name, __VA_ARGS__)
-#define KPATCH_SYSCALL_DEFINE6(name, ...) __KPATCH_SYSCALL_DEFINEx(6, _##name, __VA_ARGS__)
+/* KPATCH_SYSCALL_DEFINE1..6 live in kpatch-syscall.h, as in kpatch; either header brings both. */
+#include "kpatch-syscall.h"
 
 #endif /* KLPFORGE_KPATCH_MACROS_H */

@@ -109,8 +109,7 @@ def make_overlay_all(tree: DistroTree, patches: list[SourcePatch], objs: list[st
         if s.is_file():
             shutil.copy2(s, d)
     for p in patches:
-        p.dry_run(overlay)
-        p.apply(overlay)
+        p.apply(overlay, tree.src)
 
 
 def overlay_command(command: str, obj: str, src: Path, overlay: Path, out: Path) -> str:

@@ -144,11 +144,14 @@ class ElfFile:
         for f in SHDR.names or ():
             sh[f] = raw[f]
         self.shdrs = sh
-        bad = (sh["type"] != C.SHT_NOBITS) & (sh["type"] != C.SHT_NULL) & (sh["offset"] + sh["size"] > len(d))
+        # offset + size can wrap around 2^64 in a damaged header: compare without adding
+        size_d = np.uint64(len(d))
+        past = (sh["offset"] > size_d) | (sh["size"] > size_d - np.minimum(sh["offset"], size_d))
+        bad = (sh["type"] != C.SHT_NOBITS) & (sh["type"] != C.SHT_NULL) & past
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise self._fail(f"truncated or corrupt: section [{i}] extends past the end of the file "
-                             f"(ends at {int(sh['offset'][i] + sh['size'][i])}, file has {len(d)} bytes)")
+                             f"(ends at {int(sh['offset'][i]) + int(sh['size'][i])}, file has {len(d)} bytes)")
         align = sh["addralign"]
         bad = (align > (1 << 24)) | ((align & (align - 1)) != 0)
         if bad.any():

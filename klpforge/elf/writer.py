@@ -131,6 +131,13 @@ class ObjectWriter:
         sec.relocs = np.asarray(relocs, RELOC).copy()
         return h
 
+    def extend_relocations(self, handle: int, relocs: np.ndarray) -> None:
+        """Append entries (symbol handles in ``sym``) to the relocation section ``handle``."""
+        sec = self._secs[handle]
+        if sec.relocs is None:
+            raise ValueError(f"{sec.name} is not a relocation section")
+        sec.relocs = np.concatenate([sec.relocs, np.asarray(relocs, RELOC)])
+
     def section_name(self, handle: int) -> str:
         return self._secs[handle].name
 

@@ -33,6 +33,7 @@ from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
 from ..symtab import Export, TargetSymtab
+from .carve import Carving, carve
 from .special import ENV_NAMES, PAIRED, entry_size
 
 __all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
@@ -77,6 +78,8 @@ class EmitResult:
     special_kept: dict[str, tuple[int, int]]  # table -> (kept, total)
     refusals: list[str]
     callbacks: dict[str, str]
+    #: shared sections taken symbol by symbol -> (bytes kept, bytes in the patched object's section)
+    carved: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def alias_name(obj: str, name: str, sympos: int) -> str:
@@ -103,10 +106,11 @@ class _Emitter:
                                   if corr.orig.sbind[i] == C.STB_LOCAL and corr.orig.defined[i]
                                   and corr.orig.stype[i] in (C.STT_FUNC, C.STT_OBJECT))
         self._sympos_cache: dict[int, int] = {}
+        self.cv = Carving()
 
     # -- symbols --------------------------------------------------------------------------------------
 
-    def add_section(self, ps: int, data: bytes | None = None) -> int:
+    def add_section(self, ps: int, data: bytes | None = None, size: int | None = None) -> int:
         p = self.p
         h = p.shdrs[ps]
         flags = int(h["flags"]) & ~C.SHF_GROUP
@@ -117,7 +121,7 @@ class _Emitter:
                 flags &= ~_SHF_LINK_ORDER
         blob = p.section_data(ps) if data is None else data
         handle = self.w.add_section(p.sec_names[ps], int(h["type"]), flags, blob,
-                                    size=int(h["size"]) if data is None else len(data),
+                                    size=size if size is not None else int(h["size"]) if data is None else len(data),
                                     addralign=int(h["addralign"]), entsize=int(h["entsize"]), link=link)
         self.out_sec[ps] = handle
         self.secsym[handle] = self.w.add_symbol("", handle, 0, 0, C.STT_SECTION, C.STB_LOCAL)
@@ -150,16 +154,22 @@ class _Emitter:
             h = self.ext[name] = self.w.add_symbol(name, C.SHN_UNDEF, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
         return h
 
-    def resolve(self, sym: int, rtype: int, addend: int) -> tuple[int, int, str | None, str]:
-        """Output symbol handle, addend, klp object name (None for a normal relocation), display name."""
+    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None) \
+            -> tuple[int, int, str | None, str]:
+        """Output symbol handle, addend, klp object name (None for a normal relocation), display name.
+        ``site``: the relocation's patched (section, offset), for resolve_target."""
         p = self.p
         if sym == 0:  # no symbol (ppc64 R_PPC64_ENTRY, R_*_NONE)
             return 0, addend, None, ""
-        t, a = resolve_target(p, self.arch, sym, rtype, addend)
+        t, a = resolve_target(p, self.arch, sym, rtype, addend, site)
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
             if ps in self.out_sec:
-                return self.secsym[self.out_sec[ps]], addend, None, p.sec_names[ps]
+                bias = self.arch.pcrel_bias.get(rtype, 0)
+                new = self.cv.place(ps, addend + bias)
+                if new is None:
+                    raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
+                return self.secsym[self.out_sec[ps]], new - bias, None, p.sec_names[ps]
             raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
         if t in self.out_sym:
             return self.out_sym[t], a, None, p.sym_names[t]
@@ -182,12 +192,23 @@ class _Emitter:
 
     # -- relocations ----------------------------------------------------------------------------------
 
-    def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str) -> None:
-        """Convert ``(offset, patched symbol, type, addend)`` entries for output section ``handle``."""
+    def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str, src: int = 0,
+                 table: int = 0) -> None:
+        """Convert ``(offset, patched symbol, type, addend)`` entries for output section ``handle``. With
+        ``src`` (the patched section they come from), offsets are patched ones: entries outside the kept
+        part of a carved section are dropped, the others moved. ``table``: the patched special section
+        a rebuilt table comes from (its offsets are new)."""
         normal = []
         for off, s, t, a in relocs:
+            site = (table, off) if table else None
+            if src:
+                site = (src, off)
+                new = self.cv.place(src, off, inside=True)
+                if new is None:
+                    continue  # in a neighbour carved away
+                off = new
             try:
-                sym, add, klp_obj, disp = self.resolve(s, t, a)
+                sym, add, klp_obj, disp = self.resolve(s, t, a, site)
             except _Unresolvable as e:
                 self.refusals.append(f"{where}+{off:#x} refers to {e}")
                 continue
@@ -231,23 +252,30 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         em.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
 
     sections = set(sel.sections)
-    specials = _special_tables(p, sel, sections, opts, arch)
+    # sections shared by several symbols keep only the included ones (carve.py)
+    cv = em.cv = carve(p, arch, sel, sections)
+    em.refusals.extend(cv.refusals)
+    specials = _special_tables(p, sel, sections, opts, arch, cv)
     for ps in sorted(sections):
-        em.add_section(ps)
+        em.add_section(ps, cv.data.get(ps), cv.size.get(ps))
     patched_set = set(sel.patched)
     for ps in sorted(sections):
         for s in p.syms_in_section.get(ps, []):
+            if ps in cv.ranges and s not in sel.included:
+                continue  # an unchanged neighbour: references to it stay references to the kernel's
             bind = int(p.sbind[s])
-            if s in patched_set or cmp.status.get(s) == "changed":
+            if s in patched_set or cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
                 bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), int(p.size[s]),
+            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], _out_value(cv, p, s), int(p.size[s]),
                                             int(p.stype[s]), bind, int(p.syms["other"][s]))
     # Labels and typeless symbols inside included sections keep working too.
     for s in range(1, p.nsym):
         ps = int(p.shndx[s])
         if s not in em.out_sym and ps in em.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], int(p.value[s]), 0,
-                                            C.STT_NOTYPE, int(p.sbind[s]))
+            v = cv.place(ps, int(p.value[s]))
+            if v is not None:
+                em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], v, 0, C.STT_NOTYPE,
+                                                int(p.sbind[s]))
 
     patched: list[PatchedFunc] = []
     for s in sel.patched:
@@ -262,7 +290,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
             continue
         alias = alias_name(opts.target, oname, pos)
         # st_other too: it carries the ppc64 local entry point that direct calls must land on
-        em.w.add_symbol(alias, em.out_sec[int(p.shndx[s])], int(p.value[s]), int(p.size[s]), C.STT_FUNC,
+        em.w.add_symbol(alias, em.out_sec[int(p.shndx[s])], _out_value(cv, p, s), int(p.size[s]), C.STT_FUNC,
                         C.STB_GLOBAL, int(p.syms["other"][s]))
         patched.append(PatchedFunc(oname, pos, alias, p.sym_names[s]))
 
@@ -270,12 +298,13 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         r = p.relocs(ps)
         if ps in sel.toc_slots:  # only the slots included code uses; the others stay unrelocated
             r = r[np.isin(r["offset"], sorted(sel.toc_slots[ps]))]
-        em.relocate(em.out_sec[ps], list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(),
-                                             r["addend"].tolist(), strict=True)), p.sec_names[ps])
+        entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                           strict=True)) + cv.extra.get(ps, [])
+        em.relocate(em.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
     kept: dict[str, tuple[int, int]] = {}
     for ps, (name, data, relocs, total, nkept) in specials.items():
         h = em.add_section(ps, data)
-        em.relocate(h, relocs, name)
+        em.relocate(h, relocs, name, table=ps)
         was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
         kept[name] = (was[0] + nkept, was[1] + total)
     em.finish_klp()
@@ -286,13 +315,21 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         if v not in em.out_sym:
             continue
         alias = alias_name(opts.target, f"cb_{kind}_{p.sym_names[v]}", 0)
-        em.w.add_symbol(alias, em.out_sec[int(p.shndx[v])], int(p.value[v]), int(p.size[v]), C.STT_FUNC,
+        em.w.add_symbol(alias, em.out_sec[int(p.shndx[v])], _out_value(cv, p, v), int(p.size[v]), C.STT_FUNC,
                         C.STB_GLOBAL)
         cbs[kind] = alias
-    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs)
+    carved = {p.sec_names[s]: (cv.size[s], int(p.shdrs["size"][s])) for s in sorted(cv.ranges)}
+    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs, carved)
 
 
-def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOptions, arch: Arch) \
+def _out_value(cv: Carving, p: Object, s: int) -> int:
+    """Output st_value of included patched symbol ``s`` (moved when its section is carved)."""
+    v = cv.place(int(p.shndx[s]), int(p.value[s]))
+    return int(p.value[s]) if v is None else v
+
+
+def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOptions, arch: Arch,
+                    cv: Carving) \
         -> dict[int, tuple[str, bytes, list[tuple[int, int, int, int]], int, int]]:
     """Cut each special table down to the entries of included code.
 
@@ -336,11 +373,13 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             bounds = np.searchsorted(r["offset"], np.arange(total + 1, dtype=np.uint64) * size)
             for e in candidates:
                 rr = r[bounds[e]:bounds[e + 1]]
-                targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0]
-                           for x in rr]
+                targets = [resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]),
+                                          (ps, int(x["offset"])))[0] for x in rr]
                 secs = [int(p.shndx[t]) for t in targets]
                 ok = name == ".printk_index" or any(
-                    s in included_text and not is_aux_code(p.sec_names[s]) for s in secs)
+                    s in included_text and not is_aux_code(p.sec_names[s])
+                    and cv.place(s, int(p.value[int(x["sym"])]) + int(x["addend"]), inside=True) is not None
+                    for s, x in zip(secs, rr, strict=True))
                 if ok:
                     keep.append(e)
                     for t in targets:

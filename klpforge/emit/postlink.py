@@ -8,10 +8,16 @@ output and puts the klp relocations back into the linked ``.ko`` afterwards:
    section that had klp relocations with a unique global *anchor* symbol at offset 0; the relocations
    are returned as a JSON-serialisable sidecar, relative to the anchors.
 2. :func:`apply_klp` finds each anchor in the linked ``.ko`` (wherever the linker placed the section)
-   and writes ``.klp.rela.<obj>.<section>`` sections and ``.klp.sym.<obj>.<name>,<pos>`` symbols.
+   and writes ``.klp.rela.<obj>.<section>`` sections and ``.klp.sym.<obj>.<name>,<pos>`` symbols --
+   for the sidecars of *all* objects of the patch in one rewrite (a rewrite drops the anchors it used).
+
+A klp relocation against a symbol that a patch adds (``bind_inside``: a new global defined by another
+object of the same patch, which the diff of one object sees only as undefined) is not looked up in the
+running kernel, which has no such symbol: it becomes an ordinary relocation against the module's own
+definition, applied by the module loader like any other.
 
 >>> sc = strip_klp(Path("out.o"), Path("out.link.o"))
->>> apply_klp(Path("livepatch-fix.ko"), sc, Path("vmlinux"))
+>>> apply_klp(Path("livepatch-fix.ko"), [sc], Path("vmlinux"))
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ from ..elf.types import RELOC
 from ..errors import InputError
 from ..fsutil import atomic_write
 
-__all__ = ["strip_klp", "apply_klp", "KlpSidecar"]
+__all__ = ["strip_klp", "apply_klp", "klp_symbol_name", "KlpSidecar"]
 
 KlpSidecar = dict[str, Any]
 
@@ -39,7 +46,9 @@ KlpSidecar = dict[str, Any]
 def strip_klp(diff_obj: Path, linkable_obj: Path) -> KlpSidecar:
     """Write ``linkable_obj`` (``diff_obj`` without klp sections/symbols, plus anchors); return the sidecar."""
     elf = ElfFile.open(diff_obj, require_rel=True)
-    tag = hashlib.blake2b(Path(diff_obj).read_bytes(), digest_size=6).hexdigest()
+    # the path too: two objects of one patch may produce identical bytes, their anchors must differ
+    tag = hashlib.blake2b(Path(diff_obj).read_bytes() + str(Path(diff_obj).resolve()).encode(),
+                          digest_size=6).hexdigest()
     klp_secs = [i for i, n in enumerate(elf.section_names) if n.startswith(".klp.rela.")]
     relocs: list[dict[str, Any]] = []
     anchors: dict[int, str] = {}
@@ -59,45 +68,85 @@ def strip_klp(diff_obj: Path, linkable_obj: Path) -> KlpSidecar:
     return {"source": str(diff_obj), "relocations": relocs}
 
 
-def apply_klp(ko: Path, sidecar: KlpSidecar, vmlinux: Path | None = None) -> None:
-    """Add the sidecar's klp relocations to the linked module ``ko`` (rewritten in place, atomically)."""
+def klp_symbol_name(klp_sym: str) -> str:
+    """The kernel symbol a ``.klp.sym.<obj>.<name>,<pos>`` symbol names.
+
+    >>> klp_symbol_name(".klp.sym.vmlinux.saved_command_line,0")
+    'saved_command_line'
+    >>> klp_symbol_name(".klp.sym.kobject_example.foo.isra.0,1")
+    'foo.isra.0'
+    """
+    rest = klp_sym[len(".klp.sym."):]
+    return rest.split(".", 1)[1].rsplit(",", 1)[0] if "." in rest else rest.rsplit(",", 1)[0]
+
+
+def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Path | None = None,
+              bind_inside: Iterable[str] = ()) -> list[str]:
+    """Add the klp relocations of every sidecar to the linked module ``ko`` (rewritten in place, atomically,
+    once: each object's anchors are found in the same rewrite).
+
+    ``bind_inside``: names of symbols the patch itself adds; a klp relocation against one of them that the
+    module defines (globally) becomes a normal ``SHT_RELA`` entry against that definition. Returns those
+    names. Raises :class:`InputError` when an anchor is missing or a vmlinux klp symbol does not exist.
+    """
+    scs = [sidecars] if isinstance(sidecars, dict) else list(sidecars)
     elf = ElfFile.open(ko, require_rel=True)
     where = {n: i for i, n in enumerate(elf.sym_names) if n.startswith("__klpf_anchor_")}
+    inside = set(bind_inside)
+    defined = {n: i for i, n in enumerate(elf.sym_names)
+               if n in inside and int(elf.syms["shndx"][i]) != C.SHN_UNDEF and not elf.sym_special[i]
+               and int(elf.syms["info"][i]) >> 4 != C.STB_LOCAL}
+    relocs = [r for sc in scs for r in sc["relocations"]]
+    internal = [r for r in relocs if klp_symbol_name(r["symbol"]) in defined]
+    external = [r for r in relocs if klp_symbol_name(r["symbol"]) not in defined]
     if vmlinux is not None and os.path.exists(vmlinux):
-        _check_vmlinux(sidecar, Path(vmlinux))
+        _check_vmlinux(external, Path(vmlinux))
     rw = Rewriter(elf, drop_symbol=lambda i, n: n.startswith("__klpf_anchor_"))
     w = rw.writer
     syms: dict[str, int] = {}
     groups: dict[tuple[str, int], list[tuple[int, int, int, int]]] = defaultdict(list)
-    for r in sidecar["relocations"]:
+    for r in relocs:
         a = where.get(r["anchor"])
         if a is None:
             raise InputError(f"{ko}: anchor {r['anchor']} of {r['section']} is missing after the link")
         sec = int(elf.syms["shndx"][a])
-        h = syms.get(r["symbol"])
-        if h is None:
-            h = syms[r["symbol"]] = w.add_symbol(r["symbol"], C.SHN_LIVEPATCH, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+        name = klp_symbol_name(r["symbol"])
         off = int(elf.syms["value"][a]) + int(r["offset"])
         data = elf.section_bytes(sec)
         if int(r["type"]) != 0 and any(data[off:off + 4]):  # x86 6.1 refuses to relocate non-zero places
             raise InputError(f"{ko}: klp relocation target {elf.section_names[sec]}+{off:#x} is not zero")
-        groups[(r["obj"], rw.sec_map[sec])].append((off, h, int(r["type"]), int(r["addend"])))
-    for (obj, handle), entries in sorted(groups.items()):
+        if name in defined:
+            groups[("", sec)].append((off, rw.sym_map[defined[name]], int(r["type"]), int(r["addend"])))
+            continue
+        h = syms.get(r["symbol"])
+        if h is None:
+            h = syms[r["symbol"]] = w.add_symbol(r["symbol"], C.SHN_LIVEPATCH, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
+        groups[(r["obj"], sec)].append((off, h, int(r["type"]), int(r["addend"])))
+    for (obj, sec), entries in sorted(groups.items()):
+        handle = rw.sec_map[sec]
         arr = np.zeros(len(entries), RELOC)
         arr["offset"], arr["sym"], arr["type"], arr["addend"] = zip(*entries, strict=True)
+        if not obj:  # ordinary relocations: into the section's own .rela section (ld reads only one)
+            old = elf.reloc_sections.get(sec)
+            if old is not None and old in rw.sec_map:
+                w.extend_relocations(rw.sec_map[old], arr)
+            else:
+                w.add_relocations(handle, arr, flags=C.SHF_INFO_LINK)
+            continue
         w.add_relocations(handle, arr, name=f".klp.rela.{obj}.{w.section_name(handle).lstrip('.')}",
                           flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
     atomic_write(ko, rw.build())
+    return sorted({klp_symbol_name(r["symbol"]) for r in internal})
 
 
-def _check_vmlinux(sidecar: KlpSidecar, vmlinux: Path) -> None:
+def _check_vmlinux(relocs: list[dict[str, Any]], vmlinux: Path) -> None:
     """Every vmlinux klp symbol must exist in the linked vmlinux, else the patch would fail to load."""
-    names = {r["symbol"] for r in sidecar["relocations"] if r["obj"] == "vmlinux"}
+    names = {r["symbol"] for r in relocs if r["obj"] == "vmlinux"}
     if not names:
         return
     elf = ElfFile.open(vmlinux)
     have = set(elf.sym_names)
-    missing = sorted(n for n in names if n[len(".klp.sym.vmlinux."):].rsplit(",", 1)[0] not in have)
+    missing = sorted(n for n in names if klp_symbol_name(n) not in have)
     if missing:
-        raise InputError(f"{vmlinux}: has no symbol {missing[0][len('.klp.sym.vmlinux.'):]} "
+        raise InputError(f"{vmlinux}: has no symbol {klp_symbol_name(missing[0])} "
                          f"({len(missing)} klp symbol(s) unresolvable)")

@@ -31,6 +31,10 @@ DEFAULT_SIZES = {
     ".return_sites": 4, ".call_sites": 4, ".ibt_endbr_seal": 4, ".printk_index": 48,
     ".s390_indirect_jump": 4, ".s390_indirect_call": 4, ".s390_return_reg": 4, ".s390_return_mem": 4,
     ".s390_indirect_branches": 4, "__ftr_fixup": 48, "__mmu_ftr_fixup": 48, "__fw_ftr_fixup": 48,
+    # Xen 4.17 x86: struct bug_frame is two 32-bit words; an assert frame is followed by a second one
+    # holding the message (asm/bug.h); struct exception_table_entry is two s32 (asm/uaccess.h)
+    ".bug_frames.0": 8, ".bug_frames.1": 8, ".bug_frames.2": 8, ".bug_frames.3": 16, ".ex_table": 8,
+    ".ex_table.pre": 8,
 }
 
 #: ppc64 tables of one ``FTR_ENTRY_OFFSET`` each, which is ``.8byte`` on 64-bit kernels

@@ -65,6 +65,9 @@ class Entry:
     transforms: list[str]
     avoided_by: list[str] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
+    #: other functions at the same address (GCC's identical code folding): separate functions that share
+    #: one body, not pieces of this one; replacing either redirects both
+    folded: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -315,8 +318,9 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
         name = lk.name(idx, int(idx.s_name[r]))
         want_pieces.append((len(entries), g, r, name))
         entries.append(Entry(name, "?", idx.group_label(g), "replace", [], [], [], []))
-    for (i, *_), pieces in zip(want_pieces, _pieces_many(idx, [w[1:] for w in want_pieces]), strict=True):
-        entries[i].pieces = pieces
+    for (i, *_), (pieces, folded) in zip(want_pieces, _pieces_many(idx, [w[1:] for w in want_pieces]),
+                                         strict=True):
+        entries[i].pieces, entries[i].folded = pieces, folded
     if with_callers:
         entries += _clone_callers(idx, callers_wanted, notes)
     seen: set[tuple[str, str]] = set()
@@ -328,7 +332,7 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     return ImpactResult(list(queries), uniq, notes)
 
 
-def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[list[str]]:
+def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[tuple[list[str], list[str]]]:
     """:func:`_pieces` for many (group, symbol row, name) at once: the ``.cold``/``.localalias`` names are
     hashed and looked up in one vectorised step."""
     lk = _lookups(idx)
@@ -350,18 +354,21 @@ def _pieces_many(idx: Index, items: list[tuple[int, int, str]]) -> list[list[str
     out = []
     for i, (_, _row, name) in enumerate(items):
         pieces = [cand[2 * i + t] for t in (0, 1) if present[2 * i + t]]
-        if shared[i]:  # identical-code-folded aliases: other functions at the same address
+        folded: list[str] = []
+        if shared[i]:  # identical code folding: other functions at the same address
             a = int(addr[i])
             for r in sorted(lk.at_rows[lk.at_ptr[a]:lk.at_ptr[a + 1]].tolist()):  # symbol-table order
                 other = lk.name(idx, int(idx.s_name[r]))
-                if other != name and other not in pieces and other != name + ".localalias":
-                    pieces.append(other)
-        out.append(pieces)
+                if other != name and other not in pieces and other not in folded \
+                        and other != name + ".localalias" and other + ".localalias" != name:
+                    folded.append(other)
+        out.append((pieces, folded))
     return out
 
 
-def _pieces(idx: Index, g: int, row: int, name: str) -> list[str]:
-    """``.cold``/``.localalias`` parts and identical-code-folded aliases that go with symbol ``row``."""
+def _pieces(idx: Index, g: int, row: int, name: str) -> tuple[list[str], list[str]]:
+    """``.cold``/``.localalias`` parts that go with symbol ``row``, and the functions identical code
+    folding put at its address (separate functions sharing one body)."""
     return _pieces_many(idx, [(g, row, name)])[0]
 
 

@@ -6,55 +6,60 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..unidiff import Hunk, read_patch
 
-__all__ = ["changed_lines", "functions_in_source", "functions_of_patch"]
+__all__ = ["changed_lines", "locate", "functions_in_source", "functions_of_patch"]
 
-_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
-
-
-def changed_lines(patch: Path) -> dict[str, set[int]]:
-    """Pre-patch file -> the old line numbers each hunk removes or inserts after.
+def changed_lines(patch: Path, strip: int = 1) -> dict[str, set[int]]:
+    """Pre-patch file -> the old line numbers each hunk removes or inserts after, with the one parser
+    ``build`` uses too (:mod:`klpforge.unidiff`: ``-p1`` by default, so ``a/``, ``src.orig/``, ``linux.orig/``
+    prefixes all work). New files (``/dev/null`` before) have no old lines and are left out.
 
     >>> changed_lines(Path("fix.patch"))  # doctest: +SKIP
     {'demo.c': {10}}
     """
-    try:
-        text = patch.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{patch}: cannot read patch: {e}") from None
     out: dict[str, set[int]] = {}
-    cur: set[int] | None = None
-    old = 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.startswith("--- "):
-            name = line[4:].split("\t")[0].strip()
-            name = name[2:] if name.startswith(("a/", "b/")) else name
-            cur = None if name == "/dev/null" else out.setdefault(name, set())
+    for f in read_patch(patch, strip):
+        if f.old is None:
             continue
-        if line.startswith("+++ "):
-            continue
-        m = _HUNK.match(line)
-        if m:
-            if cur is None and not out:
-                raise InputError(f"{patch}:{n}: hunk before any '--- file' header")
-            old = int(m.group(1))
-            continue
-        if cur is None:
-            continue
-        if line.startswith("-"):
-            cur.add(old)
-            old += 1
-        elif line.startswith("+"):
-            cur.add(max(old - 1, 1) if old > 1 else 1)
-        elif line.startswith(" "):
-            old += 1
+        cur = out.setdefault(f.old, set())
+        for h in f.hunks:
+            cur |= h.old_lines_touched()
     if not out:
-        raise InputError(f"{patch}:1: not a unified diff (no '--- file' line)")
+        raise InputError(f"{patch}: the patch only creates files: no existing function changes")
+    return out
+
+
+def locate(hunk: Hunk, source: list[str], patch: Path, name: str, src: Path) -> int:
+    """The line where ``hunk``'s old text (context and removed lines) really is in ``source``: the line
+    the hunk names, else the nearest exact match (GNU patch applies a hunk at an offset too).
+
+    Raises InputError naming the patch, the hunk and the source when the text is nowhere: the patch was
+    written for another version of the file, and the functions it touches cannot be told."""
+    text = [ln[1:] for ln in hunk.lines if ln[:1] in (" ", "-", "")]
+    n = len(text)
+    if not n:
+        return hunk.old_start
+    want = hunk.old_start - 1
+    for delta in range(0, len(source) + 1):
+        for k in ((want,) if delta == 0 else (want - delta, want + delta)):
+            if 0 <= k <= len(source) - n and source[k] == text[0] and source[k:k + n] == text:
+                return k + 1
+    raise InputError(f"{patch}: hunk @@ -{hunk.old_start},{hunk.old_count} @@ of {name} does not match {src}: "
+                     "its context is not in the file (a patch for another version?)")
+
+
+def _hunk_lines(patch: Path, name: str, hunks: tuple[Hunk, ...], src: Path) -> set[int]:
+    """Old line numbers the hunks touch, each hunk moved to where its text is in ``src`` (when present)."""
+    out: set[int] = set()
+    source = src.read_bytes().decode("utf-8", "surrogateescape").split("\n") if src.is_file() else None
+    for h in hunks:
+        shift = locate(h, source, patch, name, src) - h.old_start if source is not None else 0
+        out |= {max(ln + shift, 1) for ln in h.old_lines_touched()}
     return out
 
 
@@ -118,7 +123,7 @@ def _object_for(name: str, objects: Path | None) -> Path | None:
     return next((c for c in cands if c.is_file() and has_dwarf(c)), None)
 
 
-def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None) -> tuple[
+def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = None, strip: int = 1) -> tuple[
         list[str], list[str]]:
     """``file.c:name`` for every function a patch touches, and notes (files skipped, headers).
 
@@ -130,17 +135,24 @@ def functions_of_patch(patch: Path, source_root: Path, objects: Path | None = No
 
     notes: list[str] = []
     out: list[str] = []
-    for name, lines in sorted(changed_lines(patch).items()):
+    files: dict[str, tuple[Hunk, ...]] = {}
+    for f in read_patch(patch, strip):
+        if f.old is not None:
+            files[f.old] = files.get(f.old, ()) + f.hunks
+    if not files:
+        raise InputError(f"{patch}: the patch only creates files: no existing function changes")
+    for name, hunks in sorted(files.items()):
+        src = source_root / name
+        # every hunk must match the source it claims to patch (issue 8), else its functions are guesses
+        lines = _hunk_lines(patch, name, hunks, src)
         obj = _object_for(name, objects)
         if obj is not None:
             funcs = functions_at_lines(obj, name, lines)
             notes.append(f"{name}: functions found from the DWARF line table of {obj}")
         else:
-            src = source_root / name
             if not src.is_file():
-                notes.append(f"{src}: source not found (and no object with debug info), functions of {name} "
-                             "not analysed")
-                continue
+                raise InputError(f"{patch}: {name} is not in --source {source_root} (and no object with debug "
+                                 "info was found for it)")
             funcs = functions_in_source(src.read_bytes(), lines)
         if not funcs:
             notes.append(f"{name}: the patch touches no function body")

@@ -46,6 +46,8 @@ def to_text(res: ImpactResult, width: int = 110, color: bool = False) -> str:
             label = f"{e.name} ({e.loc}): {_PLAIN[e.status]}"
             if e.pieces:
                 label += f", with {', '.join(e.pieces)}"
+            if e.folded:
+                label += f"; shares its address with {', '.join(e.folded)} (identical code folding)"
             if e.avoided_by:
                 label += f"  avoided by -flive-patching={'/'.join(e.avoided_by)}"
             out.append(("└── " if last else "├── ") + label)
@@ -77,6 +79,8 @@ def _rich_text(res: ImpactResult, width: int) -> str:
             label = f"{escape(e.name)} ({escape(e.loc)}): {_STATUS[e.status]}"
             if e.pieces:
                 label += f", with {escape(', '.join(e.pieces))}"
+            if e.folded:
+                label += f"; shares its address with {escape(', '.join(e.folded))} (identical code folding)"
             if e.avoided_by:
                 label += f"  [cyan]avoided by -flive-patching={'/'.join(e.avoided_by)}[/]"
             node = tree.add(label)
@@ -118,6 +122,9 @@ def to_dot(res: ImpactResult) -> str:
         for p in e.pieces:
             nodes.setdefault(p, "palegreen")
             edges.add((key, p, "piece"))
+        for p in e.folded:  # a separate function at the same address, not replaced by this entry
+            nodes.setdefault(p, "white")
+            edges.add((key, p, "same address (ICF)"))
     for k, c in sorted(nodes.items()):
         lines.append(f"  {_q(k)} [style=filled, fillcolor={c}];")
     for a, b, k in sorted(edges):

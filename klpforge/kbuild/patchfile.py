@@ -7,24 +7,15 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UnsafeChange
+from ..proc import run
+from ..unidiff import read_patch
 
 __all__ = ["SourcePatch", "refusal_reason"]
-
-_PLUS = re.compile(r"^\+\+\+ (\S+)")
-_MINUS = re.compile(r"^--- (\S+)")
-
-
-def _strip(path: str, n: int) -> str | None:
-    if path == "/dev/null":
-        return None
-    parts = path.split("/")
-    return "/".join(parts[n:]) if len(parts) > n else None
 
 
 def refusal_reason(path: str) -> str | None:
@@ -43,52 +34,57 @@ def refusal_reason(path: str) -> str | None:
         return "lib/ is linked into vmlinux as an archive and partly used before livepatch works"
     if "/vdso/" in path or "/realmode/" in path or path.startswith(("scripts/", "tools/", "usr/")):
         return "code that does not run in the kernel proper (vdso, realmode, host tools)"
-    if path.endswith(("Makefile", "Kconfig", "Kbuild")) or "/Kconfig" in path:
+    base = path.rsplit("/", 1)[-1]
+    if base in ("Makefile", "Kbuild") or base.startswith(("Kconfig", "Makefile.", "Kbuild.")):
         return "build-system files cannot change in a live patch"
     return None
 
 
 @dataclass(frozen=True)
 class SourcePatch:
-    """A parsed patch file; ``files`` are tree-relative paths of the files it changes or creates."""
+    """A parsed patch file; ``files`` are tree-relative paths of every file it changes, creates, deletes,
+    renames (both names), copies or changes the mode of.
+
+    git's extended headers (``diff --git``, ``rename from/to``, ``copy from/to``, ``new file mode``,
+    ``deleted file mode``, ``old mode``/``new mode``) are read too: GNU patch 2.7 carries them out, and a
+    git patch creating an empty file or only changing a mode has no ``---``/``+++`` lines at all.
+    """
 
     path: Path
     strip: int
     files: tuple[str, ...]
     created: tuple[str, ...]
     deleted: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...] = ()
+    copied: tuple[tuple[str, str], ...] = ()
+    mode_changed: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, path: Path, strip: int = 1) -> SourcePatch:
-        """Read ``path`` (``patch -p<strip>`` convention, default ``-p1`` as git writes)."""
-        try:
-            text = path.read_text(errors="replace")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read patch ({e.strerror})") from None
+        """Read ``path`` (``patch -p<strip>`` convention, default ``-p1`` as git and kpatch-build write),
+        with the one parser ``impact --patch`` uses too (:mod:`klpforge.unidiff`)."""
         files: list[str] = []
         created: list[str] = []
         deleted: list[str] = []
-        old: str | None = None
-        for line in text.splitlines():
-            m = _MINUS.match(line)
-            if m:
-                old = m.group(1)
-                continue
-            m = _PLUS.match(line)
-            if m and old is not None:
-                new = _strip(m.group(1), strip)
-                was = _strip(old, strip)
-                name = new or was
+        renamed: list[tuple[str, str]] = []
+        copied: list[tuple[str, str]] = []
+        modes: list[str] = []
+        for f in read_patch(path, strip):
+            for name in (f.renamed_from, f.copied_from, f.old, f.new):
                 if name and name not in files:
                     files.append(name)
-                if was is None and new:
-                    created.append(new)
-                if new is None and was:
-                    deleted.append(was)
-                old = None
-        if not files:
-            raise InputError(f"{path}: no file changes found (not a unified diff?)")
-        return cls(path, strip, tuple(files), tuple(created), tuple(deleted))
+            if f.old is None and f.new and f.new not in created:
+                created.append(f.new)
+            if f.new is None and f.old and f.old not in deleted:
+                deleted.append(f.old)
+            if f.renamed_from and f.new:
+                renamed.append((f.renamed_from, f.new))
+            if f.copied_from and f.new:
+                copied.append((f.copied_from, f.new))
+            if f.new_mode and f.new and f.new not in modes:
+                modes.append(f.new)
+        return cls(path, strip, tuple(files), tuple(created), tuple(deleted), tuple(renamed), tuple(copied),
+                   tuple(modes))
 
     def refuse_unpatchable(self) -> None:
         """Raise :class:`UnsafeChange` naming the first file a live patch cannot change."""
@@ -97,21 +93,17 @@ class SourcePatch:
             raise UnsafeChange(reasons)
 
     def _patch(self, src: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["patch", f"-p{self.strip}", "--forward", "--batch", "--no-backup-if-mismatch",
-             "-r", "-", "-d", str(src), "-i", str(self.path.resolve()), *extra],
-            capture_output=True, text=True, check=False)
+        return run(["patch", f"-p{self.strip}", "--forward", "--batch", "--no-backup-if-mismatch",
+                    "-r", "-", "-d", str(src), "-i", str(self.path.resolve()), *extra],
+                   capture_output=True, text=True)
 
-    def dry_run(self, src: Path) -> None:
-        """``patch --dry-run``; raise :class:`InputError` with patch's complaint if it does not apply."""
-        r = self._patch(src, "--dry-run")
+    def apply(self, copy: Path, shown: Path | None = None) -> None:
+        """Apply for real to ``copy``, a private copy of the files the patch touches (klpforge never
+        patches a user's tree: :mod:`klpforge.kbuild.overlay`); ``shown`` names the tree in messages.
+
+        Raises :class:`InputError` with patch's complaint if it does not apply.
+        """
+        r = self._patch(copy)
         if r.returncode != 0:
             msg = " ".join((r.stdout + r.stderr).split())
-            raise InputError(f"{self.path.name} does not apply to {src}: {msg[:400]}")
-
-    def apply(self, src: Path) -> None:
-        """Apply for real (callers hold a :class:`~klpforge.kbuild.restore.TreeGuard`)."""
-        r = self._patch(src)
-        if r.returncode != 0:
-            msg = " ".join((r.stdout + r.stderr).split())
-            raise InputError(f"{self.path.name} failed to apply to {src}: {msg[:400]}")
+            raise InputError(f"{self.path.name} does not apply to {shown or copy}: {msg[:400]}")

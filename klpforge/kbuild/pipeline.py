@@ -3,11 +3,13 @@
 Steps (each timed, see :attr:`BuildResult.timings`):
 
 1. *check*: tree built, ``CONFIG_LIVEPATCH``, gcc on PATH == compiler in vmlinux ``.comment``, the patch
-   applies (``patch --dry-run``) and touches no ``.S``/``lib/`` file; each changed object's parent.
+   touches no ``.S``/``lib/`` file, every changed object was compiled from ``-s``; each changed object's
+   parent; the touched files are copied to a private directory and the patch is applied there
+   (:class:`~klpforge.kbuild.overlay.Overlay`).
 2. *orig*: recompile each changed object with its recorded Kbuild command plus
-   ``-ffunction-sections -fdata-sections``, output in a temp dir (never in the tree).
-3. *patched*: apply the patch under a :class:`~klpforge.kbuild.restore.TreeGuard`, recompile the same way,
-   restore the tree (byte for byte, mtimes too) -- also on failure and Ctrl-C.
+   ``-ffunction-sections -fdata-sections``, reading the tree through the overlay's view with the original
+   copies in place; every output in a temp dir.
+3. *patched*: the same with the patched copies in place. The user's source and build trees are only read.
 4. *diff*: :mod:`klpforge.diff` per object, with the parent's symbol table and ``Module.symvers``.
 5. *module*: generate the ``klp_patch`` source, link with Kbuild (``make -C BUILD M=tmp modules``).
 6. *postlink*: put the klp relocations back into the ``.ko`` (``klpforge.emit.postlink``), with sympos
@@ -23,11 +25,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,10 +39,13 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
+from ..proc import kill_children, run
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
-from .module import KlpTarget, build_module, sanitize_module_name
+from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
+from .newsyms import patch_exports, patch_globals
+from .overlay import Overlay, reads_from_tree, rewrite_command
 from .patchfile import SourcePatch
-from .restore import TreeGuard, recover_tree
+from .restore import check_old_journal
 from .structsizes import struct_sizes
 from .tree import KernelTree, Parent
 
@@ -83,6 +87,8 @@ class BuildResult:
     unchanged: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     tmpdir: Path | None = None
+    #: symbols the patch adds with EXPORT_SYMBOL*, exported by the live patch module
+    exports: list[ModuleExport] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         """JSON-able report: functions per target with sympos and reason, step timings."""
@@ -97,6 +103,7 @@ class BuildResult:
                  "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
+            "exports": [{"name": e.name, "gpl": e.gpl, "namespace": e.namespace} for e in self.exports],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -108,6 +115,14 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
     """Objects to rebuild for ``patch`` and notes on files that affect none."""
     objs: list[str] = []
     notes: list[str] = []
+    for old, new in (*patch.renamed, *patch.copied):
+        if old.endswith((".c", ".h")) or new.endswith((".c", ".h")):
+            raise InputError(f"{old} -> {new}: the patch renames or copies a source file; a live patch can "
+                             "only change existing objects in place")
+    for f in patch.deleted:
+        if f.endswith((".c", ".h")):
+            raise InputError(f"{f}: the patch deletes a source file; a live patch can only change existing "
+                             "objects in place")
     for f in patch.files:
         if f in patch.created and f.endswith((".c", ".h")):
             raise InputError(f"{f}: the patch creates a source file; a live patch can only change "
@@ -127,22 +142,42 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
     return objs, notes
 
 
-def _compile_all(tree: KernelTree, objs: list[str], outdir: Path, jobs: int, flags: str) -> dict[str, Path]:
-    """Recompile ``objs`` into ``outdir`` (mirroring their paths) with extra ``flags``; return the outputs."""
+def _compile_all(tree: KernelTree, ov: Overlay, objs: list[str], outdir: Path, jobs: int,
+                 flags: str) -> dict[str, Path]:
+    """Recompile ``objs`` into ``outdir`` (mirroring their paths) with extra ``flags``, reading the tree
+    through ``ov.view``; return the outputs. On any failure or interrupt the other compiles are ended."""
     outs = {o: outdir / o for o in objs}
     for p in outs.values():
         p.parent.mkdir(parents=True, exist_ok=True)
+    cwd = ov.view if tree.src == tree.build else tree.build  # in-tree commands use relative paths
+    pids: list[int] = []
 
-    def one(obj: str) -> tuple[str, subprocess.CompletedProcess[str]]:
-        cmd = tree.compile_command(obj).redirected(outs[obj], flags)
-        return obj, subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True,
-                                   check=False)
+    def one(obj: str) -> str:
+        cmd = rewrite_command(tree.compile_command(obj).redirected(outs[obj], flags), tree.src, tree.build,
+                              ov.view)
+        r = run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, track=pids)
+        if r.returncode != 0 or not outs[obj].is_file():
+            err = "\n".join(ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln.lower())
+            raise InputError(f"compiling {obj} failed: {(err or r.stderr or r.stdout).strip()[:600]}")
+        dep = outs[obj].parent / f".{outs[obj].name}.d"
+        if dep.is_file():
+            leaked = reads_from_tree(dep, cwd, tree.src, ov.paths)
+            if leaked:
+                raise InputError(f"compiling {obj} read {leaked[0]} from the tree instead of klpforge's "
+                                 "copy (an include path leaving the overlay); refusing a wrong comparison")
+        return obj
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        for obj, r in ex.map(one, objs):
-            if r.returncode != 0 or not outs[obj].is_file():
-                err = "\n".join(ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln.lower())
-                raise InputError(f"compiling {obj} failed: {(err or r.stderr or r.stdout).strip()[:600]}")
+    ex = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futs: list[Future[str]] = [ex.submit(one, o) for o in objs]
+    try:
+        for f in futs:
+            f.result()
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        kill_children(pids)  # the compiles still running: their results are not wanted
+        raise
+    finally:
+        ex.shutdown(wait=True)
     return outs
 
 
@@ -177,8 +212,7 @@ def _export_callbacks(linkable: Path, o: DiffOutcome, uid: int) -> Path:
     if not redefine:
         return linkable
     out = linkable.with_name(linkable.stem + ".cb.o")
-    r = subprocess.run(["objcopy", *redefine, str(linkable), str(out)], capture_output=True, text=True,
-                       check=False)
+    r = run(["objcopy", *redefine, str(linkable), str(out)], capture_output=True, text=True)
     if r.returncode != 0:
         raise InputError(f"objcopy could not export the callbacks of {o.obj}: {r.stderr.strip()}")
     return out
@@ -219,41 +253,44 @@ def _step(name: str, timings: dict[str, float], progress: ProgressFn | None, msg
 def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> BuildResult:
     """Run the whole pipeline; raise ``InputError``/``UnsafeChange``/``NoChange`` with one line on failure.
 
-    The source tree is restored before this returns or raises, whatever happens.
+    The user's source and build trees are only read (the patch is applied to private copies, every output
+    goes to a temporary directory, removed before this returns or raises unless ``keep_tmp``), so any
+    number of builds may run on one tree at once.
     """
     timings: dict[str, float] = {}
     src = opts.src.resolve()
-    restored = recover_tree(src)
-    if restored and progress:
-        progress("check", f"restored {len(restored)} file(s) left patched by a killed build")
-    with _step("check", timings, progress, "checking tree and patch"):
-        tree = KernelTree(src, opts.build)
-        tree.check_livepatch()
-        if not opts.skip_compiler_check:
-            tree.check_compiler()
-        patch = SourcePatch.parse(opts.patch)
-        patch.refuse_unpatchable()
-        patch.dry_run(tree.src)
-        objs, _notes = _changed_objects(tree, patch)
-        parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
-        env = struct_sizes(tree)
+    check_old_journal(src)
     stem = opts.patch.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-"))
+    tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
     log = tmp / "build.log"
     flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
     ok = False
     try:
+        with _step("check", timings, progress, "checking tree and patch"):
+            tree = KernelTree(src, opts.build)
+            tree.check_livepatch()
+            if not opts.skip_compiler_check:
+                tree.check_compiler()
+            patch = SourcePatch.parse(opts.patch)
+            patch.refuse_unpatchable()
+            ov = Overlay(tree.src, tmp / "src", patch.files)
+            ov.snapshot(patch)
+            objs, _notes = _changed_objects(tree, patch)
+            tree.check_sources(objs)
+            parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
+            env = struct_sizes(tree)
+            ov.build_view()
         with _step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
-            orig = _compile_all(tree, objs, tmp / "orig", opts.jobs, flags)
-        with _step("patched", timings, progress, "applying the patch and compiling patched objects"):
-            with TreeGuard(tree.src, patch.files):
-                patch.apply(tree.src)
-                pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
-                if pause:
-                    time.sleep(float(pause))
-                patched = _compile_all(tree, objs, tmp / "patched", opts.jobs, flags)
+            ov.show("orig")
+            orig = _compile_all(tree, ov, objs, tmp / "orig", opts.jobs, flags)
+        with _step("patched", timings, progress, "compiling patched objects"):
+            ov.show("new")
+            pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
+            if pause:
+                time.sleep(float(pause))
+            patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
         outcomes: list[DiffOutcome] = []
         unchanged: list[str] = []
         with _step("diff", timings, progress, "diffing objects"):
@@ -266,6 +303,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                                                     par.binary, tree.symvers, env))
                 except NoChange:
                     unchanged.append(obj)
+            exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
         targets: dict[str, KlpTarget] = {}
@@ -291,15 +329,17 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             if not any(t.funcs for t in targets.values()):
                 raise NoChange(f"{patch.path.name}: the diff found no function to replace")
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log)
+                              opts.jobs, log, exports)
         with _step("postlink", timings, progress, "writing klp relocations"):
-            for sc in sidecars:
-                post.apply_klp(ko, sc, tree.vmlinux)  # type: ignore[union-attr]
+            if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
+                post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
+                               patch_globals(orig, patched))
             _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
             atomic_write(output, ko.read_bytes())
-        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None)
+        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
+                          exports)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
         ok = True

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import run
 
 __all__ = [
     "KernelLayout",
@@ -44,6 +45,7 @@ __all__ = [
     "prepare_kernel",
     "build_base_initramfs",
     "BUSYBOX",
+    "is_current",
 ]
 
 #: Busybox binary of Debian's ``busybox-static`` package.
@@ -222,11 +224,21 @@ def _stamp_key(layout: KernelLayout, fragment: str) -> dict[str, str]:
     }
 
 
+def is_current(layout: KernelLayout) -> bool:
+    """True when ``layout`` was prepared with today's fragment, tarball and gcc (its stamp's key matches):
+    a kernel prepared before the fragment changed (say, before ``CONFIG_JUMP_LABEL`` was added) is not."""
+    try:
+        return bool(json.loads(layout.stamp.read_text()).get("key")
+                    == _stamp_key(layout, fragment_text(layout.version)))
+    except (OSError, ValueError, InputError):
+        return False
+
+
 def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
     with log.open("ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
-        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        r = run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)  # own group: ended with klpforge
     if r.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise InputError(f"`{' '.join(cmd)}` failed (exit {r.returncode}); see {log}: "
@@ -243,7 +255,9 @@ def _unpack(layout: KernelLayout) -> None:
     try:
         # `tar` is several times faster than tarfile on this 1.4 GB tree.
         if shutil.which("tar"):
-            subprocess.run(["tar", "-xJf", str(layout.tarball), "-C", str(tmp)], check=True)
+            r = run(["tar", "-xJf", str(layout.tarball), "-C", str(tmp)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InputError(f"unpacking {layout.tarball} failed: {r.stderr.strip()[-300:]}")
         else:  # pragma: no cover
             with tarfile.open(layout.tarball) as tf:
                 tf.extractall(tmp, filter="data")

@@ -1,12 +1,13 @@
-"""Keep a user's kernel tree byte-for-byte intact while a patch is applied to it.
+"""What is left of the tree journal, and tree fingerprints for tests.
 
-:class:`TreeGuard` saves every file the patch touches (content, mode and mtime, so ``make`` sees nothing
-changed either) to a journal outside the tree before the patch is applied, and puts them back on success,
-failure, Ctrl-C or SIGTERM/SIGHUP. If the process is killed outright (SIGKILL, power loss), the journal is
-still there and the next ``klpforge build`` on that tree restores it first.
+``klpforge build`` no longer patches the user's tree (it compiles from private copies,
+:mod:`klpforge.kbuild.overlay`), so nothing needs restoring. Older versions applied the patch in place and kept
+a journal of the original files under the cache (``$KLPFORGE_CACHE/restore/<hash>/``); a build killed by
+SIGKILL left it behind. :func:`check_old_journal` deals with such a journal once, without ever writing to
+the tree: if the tree matches the saved originals the journal is simply removed; otherwise the build stops
+and names the files that differ, because only the user can tell a leftover patch from a later edit.
 
->>> with TreeGuard(Path("linux"), ["fs/proc/cmdline.c"]) as guard:   # doctest: +SKIP
-...     patch.apply(Path("linux"))
+>>> check_old_journal(Path("/nonexistent"))
 """
 
 from __future__ import annotations
@@ -15,180 +16,74 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import sys
-from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType, TracebackType
 
+from ..errors import InputError
 from .prepare import cache_root
 
-__all__ = ["TreeGuard", "recover_tree", "tree_checksum", "journal_dir"]
+__all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 
 
 def journal_dir(src: Path) -> Path:
-    """Journal directory for tree ``src`` (outside the tree, under the klpforge cache)."""
+    """Where klpforge <= 0.x journalled tree ``src`` (under the klpforge cache)."""
     key = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:16]
     return cache_root() / "restore" / key
 
 
-def _restore_from(journal: Path) -> list[str]:
-    manifest = json.loads((journal / "manifest.json").read_text())
-    src = Path(manifest["src"])
-    restored: list[str] = []
-    for i, ent in enumerate(manifest["files"]):
-        target = src / ent["path"]
-        if ent["existed"]:
-            saved = journal / f"{i}.orig"
-            data = saved.read_bytes()
+def check_old_journal(src: Path) -> None:
+    """Remove an old journal of ``src`` if the tree holds exactly the saved originals; otherwise raise
+    :class:`InputError` listing the files that differ (nothing in the tree is touched either way)."""
+    journal = journal_dir(src)
+    try:
+        manifest = json.loads((journal / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return
+    differ: list[str] = []
+    for i, ent in enumerate(manifest.get("files", [])):
+        target = Path(manifest.get("src", str(src))) / ent["path"]
+        if ent.get("existed"):
             try:
-                same = target.read_bytes() == data
+                same = target.read_bytes() == (journal / f"{i}.orig").read_bytes()
             except OSError:
                 same = False
-            if not same:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.klpforge-restore")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-                restored.append(ent["path"])
-            os.chmod(target, ent["mode"])
-            os.utime(target, ns=(ent["atime_ns"], ent["mtime_ns"]))
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-            restored.append(ent["path"])
-            for d in ent.get("made_dirs", []):
-                try:
-                    (src / d).rmdir()
-                except OSError:
-                    pass
-    # Directory mtimes too (patch(1) renames files into place), so nothing looks touched.
-    for rel, (atime, mtime) in manifest.get("dirs", {}).items():
-        try:
-            os.utime(src / rel, ns=(atime, mtime))
-        except OSError:
-            pass
-    return restored
-
-
-def recover_tree(src: Path) -> list[str]:
-    """Restore ``src`` from a journal left by a killed build; return the paths put back (empty if none).
-
-    >>> recover_tree(Path("/nonexistent"))
-    []
-    """
-    journal = journal_dir(src)
-    if not (journal / "manifest.json").is_file():
-        return []
-    restored = _restore_from(journal)
+        else:
+            same = not (target.exists() or target.is_symlink())
+        if not same:
+            differ.append(ent["path"])
+    if differ:
+        raise InputError(f"an older klpforge build of {src} was killed while its patch was applied; these files "
+                         f"differ from the originals it saved in {journal}: {', '.join(differ[:10])}; check them "
+                         f"(the saved copies are the N.orig files, in manifest.json order), then delete {journal}")
     shutil.rmtree(journal, ignore_errors=True)
-    return restored
 
 
-class _Terminate(BaseException):
-    """Raised from a SIGTERM/SIGHUP handler so ``finally`` blocks run."""
+def tree_manifest(root: Path, reuse: dict[str, tuple[int, int, str, int, int]] | None = None
+                  ) -> dict[str, tuple[int, int, str, int, int]]:
+    """Relative path -> (mode, mtime ns, content SHA-1 / ``->target`` of a symlink / "" for a directory,
+    ctime ns, inode) for every entry under ``root`` (``"."`` for ``root``); used by the tests to prove a
+    tree untouched, directory mtimes included.
 
-
-class TreeGuard:
-    """Context manager: journal ``paths`` of ``src`` on entry, restore them on exit (always)."""
-
-    def __init__(self, src: Path, paths: Iterable[str]):
-        self.src = src.resolve()
-        self.paths = list(dict.fromkeys(paths))
-        self.journal = journal_dir(self.src)
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> TreeGuard:
-        recover_tree(self.src)
-        self.journal.mkdir(parents=True, exist_ok=True)
-        files = []
-        for i, rel in enumerate(self.paths):
-            p = self.src / rel
-            if p.is_file():
-                st = p.stat()
-                shutil.copyfile(p, self.journal / f"{i}.orig")
-                files.append({"path": rel, "existed": True, "mode": st.st_mode & 0o7777,
-                              "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns})
-            else:
-                made, d = [], p.parent
-                while not d.exists() and d != self.src:
-                    made.append(str(d.relative_to(self.src)))
-                    d = d.parent
-                files.append({"path": rel, "existed": False, "made_dirs": made})
-        dirs = {}
-        for rel in self.paths:
-            d = (self.src / rel).parent
-            while d.is_dir() and d != self.src.parent:
-                st = d.stat()
-                dirs[str(d.relative_to(self.src))] = [st.st_atime_ns, st.st_mtime_ns]
-                if d == self.src:
-                    break
-                d = d.parent
-        tmp = self.journal / "manifest.json.tmp"
-        tmp.write_text(json.dumps({"src": str(self.src), "files": files, "dirs": dirs}))
-        os.replace(tmp, self.journal / "manifest.json")
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            try:
-                self._old[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: rely on the journal
-                break
-        return self
-
-    @staticmethod
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise _Terminate(f"signal {signum}")
-
-    def restore(self) -> list[str]:
-        """Put the tree back now (idempotent); signals are held off while files are rewritten."""
-        if not (self.journal / "manifest.json").is_file():
-            return []
-        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
-            restored = _restore_from(self.journal)
-            shutil.rmtree(self.journal, ignore_errors=True)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return restored
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self.restore()
-        finally:
-            for sig, handler in self._old.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
-        if isinstance(ev, _Terminate):
-            sys.exit(143)
-
-
-def tree_checksum(root: Path, exclude: Iterable[str] = ()) -> str:
-    """SHA-256 over every regular file's relative path, mode and content under ``root`` (sorted).
-
-    Used by the tests to prove a tree is unchanged. Skips top-level entries named in ``exclude``.
-
-    >>> len(tree_checksum(Path("/nonexistent")))
-    64
+    The ctime is part of the record because no system call can set it back: restoring a file's bytes and
+    mtime after writing it still shows. It also makes ``reuse`` (an earlier manifest of the same tree)
+    safe: an entry whose inode, ctime and mode are unchanged keeps its digest without being read again.
     """
-    h = hashlib.sha256()
-    skip = set(exclude)
-    if not root.is_dir():
-        return h.hexdigest()
+    out: dict[str, tuple[int, int, str, int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        dirnames.sort()
-        for name in sorted(filenames):
+        for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if rel_dir == "." and name in skip:
-                continue
             st = os.lstat(p)
-            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
-            if os.path.islink(p):
-                h.update(os.readlink(p).encode())
-            else:
+            rel = os.path.relpath(p, root)
+            old = reuse.get(rel) if reuse else None
+            if old is not None and old[3:] == (st.st_ctime_ns, st.st_ino) and old[0] == st.st_mode:
+                digest = old[2]
+            elif os.path.islink(p):
+                digest = "->" + os.readlink(p)
+            elif name in filenames:
                 with open(p, "rb") as f:
-                    h.update(hashlib.file_digest(f, "sha1").digest())
-            h.update(b"\n")
-    return h.hexdigest()
+                    digest = hashlib.file_digest(f, "sha1").hexdigest()
+            else:
+                digest = ""
+            out[rel] = (st.st_mode, st.st_mtime_ns, digest, st.st_ctime_ns, st.st_ino)
+    st = os.stat(root)
+    out["."] = (st.st_mode, st.st_mtime_ns, "", st.st_ctime_ns, st.st_ino)
+    return out

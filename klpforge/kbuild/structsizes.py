@@ -11,12 +11,13 @@ engine takes.
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 from .tree import KernelTree
 
 __all__ = ["struct_sizes", "PROBE_SOURCE"]
@@ -70,10 +71,12 @@ def struct_sizes(tree: KernelTree, reference_obj: str = "init/main.o") -> dict[s
         dep = f"{Path(reference_obj).parent}/.{Path(reference_obj).name}.d"
         cmd = cmd.replace(f"-Wp,-MMD,{dep}", f"-Wp,-MMD,{td}/.probe.d")
         cmd = cmd.replace(f" -c -o {reference_obj} ", f" -S -o {out} ")
-        cmd = cmd.replace(str(cc.source), str(probe))
+        # O= builds name the source by absolute path, in-tree builds relative to the tree (6.1 srctree ".")
+        src_tok = str(cc.source) if str(cc.source) in cmd else os.path.relpath(cc.source, tree.build)
+        cmd = re.sub(rf"(?<=\s){re.escape(src_tok)}(?=\s|$)", str(probe), cmd)
         if str(probe) not in cmd or str(out) not in cmd:
             raise InputError(f"cannot derive a probe compile from the command of {reference_obj}")
-        r = subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True, check=False)
+        r = run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True)
         if r.returncode != 0:
             raise InputError(f"struct-size probe failed to compile: {r.stderr.strip()[:300]}")
         text = out.read_text()

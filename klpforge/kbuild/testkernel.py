@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import os
 
-from .prepare import KernelLayout
+from .prepare import KernelLayout, is_current
 
 __all__ = ["prepared_kernel", "require_kernel"]
 
 
 def prepared_kernel(version: str = "6.1") -> KernelLayout | None:
-    """The cached kernel if ``klpforge kernel prepare`` completed for it, else None."""
+    """The cached kernel if ``klpforge kernel prepare`` completed for it with the current config fragment,
+    else None (a stale kernel would test the wrong configuration)."""
     lay = KernelLayout.default(version)
-    if lay.stamp.is_file() and lay.bzimage.is_file() and (lay.build / "vmlinux").is_file():
+    if lay.stamp.is_file() and lay.bzimage.is_file() and (lay.build / "vmlinux").is_file() and is_current(lay):
         return lay
     return None
 

@@ -11,6 +11,7 @@ Relies on Linux 6.1 Kbuild: ``<build>/<dir>/.<obj>.o.cmd`` holds ``cmd_<obj>.o :
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path"]
 
@@ -167,6 +169,23 @@ class KernelTree:
         srcp = Path(src) if Path(src).is_absolute() else self.build / src
         return CompileCommand(obj, cmd, srcp)
 
+    def check_sources(self, objs: list[str]) -> None:
+        """Refuse when an object was compiled from a file outside ``src``: the build directory belongs to
+        another (moved or copied) source tree, and compiling its commands would read that tree.
+
+        The ``source_<obj>`` line of each ``.cmd`` is what Kbuild compiled (absolute for ``O=`` builds,
+        relative to the build directory in-tree).
+        """
+        for obj in objs:
+            cc = self.compile_command(obj)
+            real = Path(os.path.realpath(cc.source))
+            if real != self.src and self.src not in real.parents:
+                raise InputError(f"{self.cmd_file(obj)}: {obj} was compiled from {cc.source}, which is not in "
+                                 f"the source tree {self.src} (-s); this build directory belongs to another "
+                                 "(moved or copied) tree: pass the source tree it was built from")
+            if not real.is_file():
+                raise InputError(f"{cc.source}: the source of {obj} is missing")
+
     def object_for_source(self, rel_src: str) -> str:
         """Build-relative object compiled from tree-relative C file ``rel_src``."""
         if not rel_src.endswith(".c"):
@@ -178,8 +197,8 @@ class KernelTree:
         needle = str(self.src / header)
         rel = header
         found = []
-        r = subprocess.run(["grep", "-rlF", "--include=.*.o.cmd", "-e", needle, "-e", f" {rel} ",
-                            str(self.build)], capture_output=True, text=True, check=False)
+        r = run(["grep", "-rlF", "--include=.*.o.cmd", "-e", needle, "-e", f" {rel} ",
+                 str(self.build)], capture_output=True, text=True)
         for line in r.stdout.splitlines():
             p = Path(line)
             obj = str((p.parent / p.name[1:-4]).relative_to(self.build))

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import release, start
 from .initramfs import build_initramfs
 from .modinfo import modinfo, module_name
 
-__all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS"]
+__all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS",
+           "check_bzimage", "qemu_error"]
 
 #: Steps in the order the guest reports them.
 STEPS = ("boot", "preload", "insmod", "enabled", "transition", "check", "disable", "unpatched", "rmmod")
@@ -52,10 +54,20 @@ class VerifySpec:
     preload: list[Path] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     after_check: str | None = None
+    #: a command run in the guest before the module is loaded (start background tasks with ``&``)
+    setup: str | None = None
+    #: seconds a transition may linger before verify sends the fake signal (where ``<patch>/signal``
+    #: exists: Linux 5.0 up to its removal; 6.1 signals by itself every 15 s)
+    signal_after: float = 2.0
+    #: seconds a transition may take at most (default: a third of ``timeout``, at least 20)
+    transition_timeout: float | None = None
     after_expect: str | None = None
     append: str = ""
     memory: str = "256M"
     accel: str = "tcg"
+    #: QEMU CPU model; "max" has SMAP/SMEP, so the alternatives of patched code (stac/clac around user
+    #: accesses) are applied at module load as on real hardware, not left as no-ops
+    cpu: str = "max"
 
 
 @dataclass
@@ -83,18 +95,29 @@ class VerifyResult:
 
 
 def guest_init(nonce: str, patch: str, ko_guest: str, preload: list[str],
-               transition_timeout: int = 60) -> str:
+               transition_timeout: int = 60, signal_after: float = 2.0) -> str:
     """The ``/init`` shell script (busybox ``sh``) run in the guest.
 
     Linux 6.1 behaviour it relies on: ``/sys/kernel/livepatch/<patch>/{enabled,transition}``; once a patch is
     disabled and unpatched its directory disappears (the patch is freed), so we wait for that, not for
     ``transition`` to read 0. ``reboot -f`` with QEMU's ``-no-reboot`` ends the run (``poweroff`` only halts).
 
+    A transition lasts until every task has left the functions being replaced. A task sleeping in one (a
+    shell waiting for its children sleeps in ``do_wait``) switches only when it returns to user space, which
+    the kernel's fake signal makes it do (``klp_send_signals``, ``kernel/livepatch/transition.c``). 6.1
+    sends it by itself every 15 s (``SIGNALS_TIMEOUT``; the ``<patch>/signal`` file of 5.0 is gone), so the
+    wait keeps re-reading ``transition`` and, where ``<patch>/signal`` exists, writes 1 to it after
+    ``signal_after`` seconds and every two seconds after that. On a real timeout the failure names every
+    task whose ``/proc/<pid>/patch_state`` is not the target state, with the top of its
+    ``/proc/<pid>/stack``. The shell reads sysfs with ``read`` (a builtin, no child to wait for) so that the
+    waiting itself blocks as little as possible.
+
     >>> "insmod /lib/klp/p.ko" in guest_init("N", "p", "/lib/klp/p.ko", [])
     True
     """
     lp = f"/sys/kernel/livepatch/{patch}"
     tries = transition_timeout * 10
+    first_signal = max(1, int(signal_after * 10))
     pre = "\n".join(
         f"insmod {shlex.quote(p)} 2>/tmp/err || fail preload \"$(cat /tmp/err)\"" for p in preload)
     return f"""#!/bin/sh
@@ -116,16 +139,48 @@ waitfor() {{ # waitfor STEP CONDITION...
     s=$1; shift; i=0
     until "$@"; do i=$((i+1)); [ $i -gt {tries} ] && fail "$s" "timed out"; sleep 0.1; done
 }}
+blockers() {{ # tasks whose patch_state is not $1, with the top of their kernel stacks
+    for d in /proc/[0-9]*; do
+        read -r ps < $d/patch_state 2>/dev/null || continue
+        [ "$ps" = "$1" ] && continue
+        read -r comm < $d/comm 2>/dev/null
+        st=""; n=0
+        while read -r _addr fn && [ $n -lt 4 ]; do
+            st="$st${{st:+<}}${{fn%%+*}}"; n=$((n+1))
+        done 2>/dev/null < $d/stack
+        printf '%s ' "pid ${{d#/proc/}} ($comm) in $st;"
+    done
+}}
+settled() {{ # settled STEP: the transition is over (patching: transition reads 0; disable: patch freed)
+    if [ "$1" = disable ]; then [ ! -e {lp} ]; return; fi
+    read -r t < {lp}/transition 2>/dev/null && [ "$t" = 0 ]
+}}
+klpwait() {{ # klpwait STEP TARGET_STATE: wait for the transition, sending fake signals when it lingers
+    s=$1; i=0; sent=0
+    until settled "$s"; do
+        i=$((i+1))
+        if [ $i -ge {first_signal} ] && [ $(( (i - {first_signal}) % 20 )) = 0 ]; then
+            [ -e {lp}/signal ] && echo 1 > {lp}/signal && sent=$((sent+1))
+        fi
+        if [ $i -gt {tries} ]; then
+            b=$(blockers $2)
+            fail "$s" "transition not over after {transition_timeout} s; blocked by: $b"
+        fi
+        sleep 0.1
+    done
+    [ $sent = 0 ] || echo "$M:NOTE:$s:$sent fake-signal round(s)"
+}}
 step boot OK "$(uname -r)"
 dmesg -c >/dev/null
 {pre}
 step preload OK ""
+[ -s /setup.sh ] && sh /setup.sh
 insmod {shlex.quote(ko_guest)} 2>/tmp/err || fail insmod "$(cat /tmp/err)"
 step insmod OK ""
 waitfor enabled test -e {lp}/enabled
 [ "$(cat {lp}/enabled)" = 1 ] || fail enabled "enabled=$(cat {lp}/enabled)"
 step enabled OK ""
-waitfor transition test "$(cat {lp}/transition 2>/dev/null)" = 0
+klpwait transition 1
 step transition OK ""
 echo "$M:CHECK-BEGIN"
 sh /check.sh 2>&1
@@ -133,7 +188,7 @@ rc=$?
 echo "$M:CHECK-END:$rc"
 step check OK "$rc"
 echo 0 > {lp}/enabled || fail disable "write to enabled failed"
-waitfor disable test ! -e {lp}
+klpwait disable 0
 step disable OK ""
 if [ -s /after.sh ]; then
     echo "$M:AFTER-BEGIN"; sh /after.sh 2>&1; echo "$M:AFTER-END:$?"
@@ -191,10 +246,47 @@ def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         raise InputError("qemu-system-x86_64 not found: install Debian's qemu-system-x86 package")
-    append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 {spec.append}".strip()
-    return [qemu, "-accel", spec.accel, "-m", spec.memory, "-smp", "1", "-nodefaults", "-display", "none",
+    # no_timer_check: under a loaded host TCG can miss the IO-APIC timer probe and 6.1 panics
+    # ("IO-APIC + timer doesn't work", arch/x86/kernel/apic/io_apic.c check_timer()).
+    append = f"console=ttyS0 panic=-1 oops=panic loglevel=7 no_timer_check {spec.append}".strip()
+    return [qemu, "-accel", spec.accel, "-cpu", spec.cpu, "-m", spec.memory, "-smp", "1", "-nodefaults",
+            "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(spec.bzimage), "-initrd", str(initrd),
             "-append", append]
+
+
+def check_bzimage(path: Path) -> None:
+    """Refuse a file that is not an x86 boot image: the setup header's magic ``HdrS`` sits at offset 0x202
+    (Linux ``Documentation/x86/boot.rst``, boot protocol >= 2.00), which QEMU's ``-kernel`` needs.
+
+    >>> check_bzimage(Path("/dev/null"))
+    Traceback (most recent call last):
+    ...
+    klpforge.errors.InputError: /dev/null: not a bzImage (no "HdrS" boot header at 0x202: file too short)
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(0x206)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the kernel ({e.strerror})") from None
+    if head[0x202:0x206] == b"HdrS":
+        return
+    what = ("file too short" if len(head) < 0x206 else
+            "an ELF file: pass arch/x86/boot/bzImage, not vmlinux" if head.startswith(b"\x7fELF") else
+            "unknown format")
+    raise InputError(f'{path}: not a bzImage (no "HdrS" boot header at 0x202: {what})')
+
+
+def qemu_error(console: str, qemu: str) -> str | None:
+    """QEMU's own complaint in the captured output (``qemu-system-x86_64: -accel kvm: ...``), if any.
+
+    >>> qemu_error("qemu-system-x86_64: invalid accelerator foo\\n", "/usr/bin/qemu-system-x86_64")
+    'qemu-system-x86_64: invalid accelerator foo'
+    """
+    names = (Path(qemu).name + ":", "qemu:")
+    said = [ln.strip() for ln in console.splitlines() if ln.startswith(names)]
+    errors = [ln for ln in said if ": warning:" not in ln]
+    return (errors or said)[0] if said else None
 
 
 def _gen_init_cpio(spec: VerifySpec) -> Path:
@@ -223,6 +315,7 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
     for p in (spec.ko, spec.bzimage, *spec.preload):
         if not p.is_file():
             raise InputError(f"{p}: no such file")
+    check_bzimage(spec.bzimage)
     if modinfo(spec.ko).get("livepatch") != "Y":
         raise InputError(f"{spec.ko}: not a livepatch module (no livepatch=Y in .modinfo)")
     patch = module_name(spec.ko)
@@ -234,42 +327,46 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
         check.write_text(spec.check + "\n")
         after = tdp / "after.sh"
         after.write_text((spec.after_check or "") + ("\n" if spec.after_check else ""))
-        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, f"/lib/klp/{spec.ko.name}": spec.ko}
+        setup = tdp / "setup.sh"
+        setup.write_text((spec.setup or "") + ("\n" if spec.setup else ""))
+        files: dict[str, Path] = {"/check.sh": check, "/after.sh": after, "/setup.sh": setup,
+                                  f"/lib/klp/{spec.ko.name}": spec.ko}
         pre_guest = []
         for p in spec.preload:
             files[f"/lib/klp/pre/{p.name}"] = p
             pre_guest.append(f"/lib/klp/pre/{p.name}")
         files.update(spec.files)
-        transition_timeout = max(5, int(spec.timeout / 3))
-        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout)
+        # at least one round of the kernel's own fake signals (every 15 s in 6.1) must fit
+        transition_timeout = int(spec.transition_timeout or max(20, int(spec.timeout / 3)))
+        init = guest_init(nonce, patch, f"/lib/klp/{spec.ko.name}", pre_guest, transition_timeout,
+                          spec.signal_after)
         initrd = build_initramfs(_gen_init_cpio(spec), tdp / "initramfs.cpio", init, files)
         cmd = _qemu_cmd(spec, initrd)
         raw = tdp / "console.raw"
         timed_out = False
         with raw.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            proc = start(cmd, stdout=out, stderr=subprocess.STDOUT)
             try:
                 proc.wait(timeout=spec.timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                proc.kill()
-                proc.wait()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+            finally:
+                release(proc)  # kills QEMU if still running (timeout, Ctrl-C, SIGTERM)
         console = raw.read_bytes().decode(errors="replace").replace("\r\n", "\n")
     seconds = time.monotonic() - t0
     if console_log is not None:
         atomic_write(console_log, console)
     steps, check_out, rc, after_out, dmesg, result = parse_console(console, nonce)
     res = VerifyResult(False, steps, check_out, rc, after_out, dmesg, console, seconds)
-    res.reason = _judge(spec, res, result, timed_out)
+    res.reason = _judge(spec, res, result, timed_out, qemu_error(console, cmd[0]))
     res.ok = not res.reason
     return res
 
 
-def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool) -> str:
+def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool,
+           qemu_err: str | None = None) -> str:
+    if not res.steps and qemu_err:
+        return qemu_err  # QEMU itself refused (a bad -accel, an unreadable image): its words, not ours
     failed = [s for s in res.steps if not s.ok]
     if failed:
         return f"step {failed[0].name} failed: {failed[0].detail or 'no detail'}"

@@ -1,0 +1,137 @@
+"""Per-symbol inclusion from sections shared by several symbols (the *emit* stage's first step).
+
+A section an explicit attribute (``__read_mostly``, ``__sched`` ...) or a build without
+``-fdata-sections``/``-ffunction-sections`` shares among symbols (klpforge/sharedsec.py) is not copied
+whole: that would copy its unchanged neighbours, and the patched code would read and call the copies
+instead of the running kernel's objects. It keeps its name (the module loader treats ``.data..percpu`` and
+``.data..ro_after_init`` by name) but holds only the included symbols' bytes (and the anonymous bytes they
+address), each at an offset aligned as the section is; every other reference into it stays a reference
+to the running kernel's symbol.
+
+The assembler resolves a branch or ``%rip``-relative access to a local symbol of the *same* section
+without a relocation; once the section is carved such a displacement would point at garbage. Those get a
+relocation (x86-64, klpforge/sharedsec.py); on other architectures the diff refuses instead.
+
+>>> cv = carve(p, arch, sel, set(sel.sections))
+>>> cv.place(p.find_section(".data..read_mostly"), 0)  # knob_hits, the one new variable
+0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..arch import Arch
+from ..elf import constants as C
+from ..model import Object
+from ..select import Selection, resolve_target
+from ..sharedsec import gap, is_shared, place_of, resolved_refs
+
+__all__ = ["Carving", "carve"]
+
+
+@dataclass
+class Carving:
+    """The carved sections: per patched section, kept ranges ``(lo, hi, new_lo)`` (bytes, sorted by
+    ``lo``), the new contents and size, and relocations to add (patched offsets)."""
+
+    ranges: dict[int, np.ndarray] = field(default_factory=dict)
+    data: dict[int, bytes] = field(default_factory=dict)
+    size: dict[int, int] = field(default_factory=dict)
+    extra: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)
+
+    def place(self, sec: int, off: int, inside: bool = False) -> int | None:
+        """Output offset of patched ``sec+off`` (unchanged for a section not carved; None when carved away).
+        One past a kept range's end counts for it (``&array[N]``) unless ``inside`` (a relocation's own
+        place must lie within the kept bytes)."""
+        r = self.ranges.get(sec)
+        if r is None:
+            return off
+        k = int(np.searchsorted(r[:, 0], off, side="right")) - 1
+        if k >= 0 and int(r[k, 0]) <= off and (off < int(r[k, 1]) or (off == int(r[k, 1]) and not inside)):
+            return off - int(r[k, 0]) + int(r[k, 2])
+        return None
+
+
+def carve(p: Object, arch: Arch, sel: Selection, candidates: set[int]) -> Carving:
+    """Carve every section of ``candidates`` that holds a function/object symbol the live patch does not
+    include (see the module docstring). Errors: none raised; what cannot be carved safely is returned in
+    :attr:`Carving.refusals`."""
+    cv = Carving()
+    shared = [s for s in sorted(candidates) if is_shared(p, arch, s)
+              and any(m not in sel.included for m in p.syms_in_section[s])]
+    if not shared:
+        return cv
+    anon = _anonymous_places(p, arch, sel, set(shared))
+    for sec in shared:
+        keep = [(int(p.value[m]), int(p.value[m]) + int(p.size[m])) for m in p.syms_in_section[sec]
+                if m in sel.included]
+        keep += [gap(p, sec, w) for w in anon.get(sec, ())]
+        keep.sort()
+        merged: list[list[int]] = []
+        for lo, hi in keep:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        align = max(int(p.shdrs["addralign"][sec]), 1)
+        rows, pos = [], 0
+        for lo, hi in merged:
+            pos = -(-pos // align) * align
+            rows.append((lo, hi, pos))
+            pos += hi - lo
+        cv.ranges[sec] = np.array(rows, np.int64).reshape(-1, 3)
+        cv.size[sec] = pos
+        if int(p.shdrs["type"][sec]) == C.SHT_NOBITS:
+            cv.data[sec] = b""
+        else:
+            src = p.section_data(sec)
+            buf = bytearray(pos)
+            for lo, hi, new in rows:
+                buf[new:new + hi - lo] = src[lo:hi]
+            cv.data[sec] = bytes(buf)
+        if p.is_text(sec):
+            extra = cv.extra.setdefault(sec, [])
+            for m in p.syms_in_section[sec]:
+                if m in sel.included:
+                    refs, problems = resolved_refs(p, arch, sec, int(p.value[m]), int(p.value[m]) + int(p.size[m]))
+                    cv.refusals.extend(problems)
+                    extra.extend(zip(refs["offset"].tolist(), refs["sym"].tolist(), refs["type"].tolist(),
+                                     refs["addend"].tolist(), strict=True))
+            if extra and cv.data[sec]:
+                # x86 (6.1 arch/x86/kernel/module.c) refuses to relocate a field that is not zero
+                buf = bytearray(cv.data[sec])
+                for off, *_ in extra:
+                    at = cv.place(sec, off, inside=True)
+                    if at is not None:
+                        buf[at:at + 4] = bytes(4)
+                cv.data[sec] = bytes(buf)
+    return cv
+
+
+def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -> dict[int, set[int]]:
+    """Places in ``shared`` sections that included code or data references without a covering symbol
+    (an anonymous jump table or constant beside named objects): their bytes must come along."""
+    out: dict[int, set[int]] = {}
+    sec_syms = {int(p.section_symbol[s]): s for s in shared if p.section_symbol[s] >= 0}
+    if not sec_syms:
+        return out
+    for src in sel.sections:
+        r = p.relocs(src)
+        hit = r[np.isin(r["sym"].astype(np.int64), list(sec_syms))]
+        if is_shared(p, arch, src):  # only what the included symbols' own bytes reference
+            mine = np.zeros(len(hit), bool)
+            for m in p.syms_in_section[src]:
+                if m in sel.included:
+                    v = int(p.value[m])
+                    mine |= (hit["offset"] >= v) & (hit["offset"] < v + int(p.size[m]))
+            hit = hit[mine]
+        for x in hit:
+            s, t_, a, off = int(x["sym"]), int(x["type"]), int(x["addend"]), int(x["offset"])
+            t, _ = resolve_target(p, arch, s, t_, a, (src, off))
+            if p.stype[t] == C.STT_SECTION:
+                out.setdefault(sec_syms[s], set()).add(place_of(p, arch, t_, a, (src, off)))
+    return out

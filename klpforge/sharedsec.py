@@ -1,0 +1,200 @@
+"""Sections shared by several symbols: what one symbol of them is, on its own (used by select and emit).
+
+Every explicit section attribute puts many symbols into one section: ``__read_mostly``
+(``.data..read_mostly``), ``__ro_after_init``, ``.data..percpu``, ``__cacheline_aligned``, and for code
+``__sched`` (``.sched.text``), ``__kprobes``, ``__lockfunc`` (``.spinlock.text``), ``.entry.text``,
+``.noinstr.text``; so do ``.data``/``.bss``/``.text`` without ``-fdata-sections``/``-ffunction-sections``.
+The live patch takes such a section one symbol at a time (klpforge/emit/carve.py), so select follows the
+references of the included symbols' bytes only.
+
+The assembler resolves a branch or ``%rip``-relative access to a local symbol of the *same* section
+without a relocation. :func:`resolved_refs` finds those with capstone and states them as relocations, so
+that select follows them and emit can relocate them once the symbol is copied out of its section.
+
+>>> [int(x["sym"]) for x in resolved_refs(obj, arch_for(62), sched_text, 0x20, 0x36)[0]]  # doctest: +SKIP
+[3]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import Arch
+from .elf import constants as C
+from .elf.types import RELOC
+from .model import Object
+
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved"]
+
+#: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
+_X86_PC32, _X86_PLT32 = 2, 4
+
+
+def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
+    """True for a section taken symbol by symbol: it holds two or more function/object symbols, or one
+    beside anonymous bytes (a jump table next to a named constant in ``.rodata``), all of them sized; not a
+    special table, auxiliary code, a TOC or merged strings, which have rules of their own. Cached per
+    object."""
+    cache: dict[int, bool] = obj.__dict__.setdefault("_shared", {})
+    got = cache.get(sec)
+    if got is None:
+        got = cache[sec] = _is_shared(obj, arch, sec)
+    return got
+
+
+def _is_shared(obj: Object, arch: Arch, sec: int) -> bool:
+    from .select import is_special_section
+
+    members = obj.syms_in_section.get(sec, ())
+    if not members or any(int(obj.size[m]) <= 0 for m in members):
+        return False
+    if len(members) == 1 and (obj.section_owner[sec] >= 0 or int(obj.size[members[0]]) >= int(obj.shdrs["size"][sec])):
+        return False
+    name = obj.sec_names[sec]
+    return not (is_special_section(name) or name in arch.toc_sections
+                or obj.section_flags(sec) & C.SHF_STRINGS)
+
+
+def place_of(obj: Object, arch: Arch, rtype: int, addend: int, site: tuple[int, int]) -> int:
+    """The byte a section-symbol relocation at ``site`` (section, offset) addresses in its target section:
+    the addend, plus the architecture's PC-relative bias and any x86-64 immediate after the field when the
+    relocation sits in code (``.long x - .`` in data has no instruction around it)."""
+    if 0 < site[0] < obj.nsec and not obj.is_text(site[0]):
+        return addend
+    from .pcrel import pcrel_tail
+
+    return addend + arch.pcrel_bias.get(rtype, 0) + pcrel_tail(obj, arch, site[0], site[1], rtype)
+
+
+def gap(obj: Object, sec: int, where: int) -> tuple[int, int]:
+    """The symbol-free byte range ``[lo, hi)`` around ``where`` in ``sec``: from the end of the symbol
+    before to the start of the one after (the section's bounds when none)."""
+    lo, hi = 0, int(obj.shdrs["size"][sec])
+    for m in obj.syms_in_section.get(sec, []):
+        v, e = int(obj.value[m]), int(obj.value[m]) + int(obj.size[m])
+        if e <= where:
+            lo = max(lo, e)
+        elif v > where:
+            hi = min(hi, v)
+    return lo, hi
+
+
+def resolved_refs(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
+    """The references of code ``sec[lo:hi)`` that leave that range with no relocation, as relocations
+    (a RELOC array: offset, target symbol, R_X86_64_PLT32 for branches / PC32 for data, addend), and the
+    ones that cannot be stated so (one line each: a short jump, another architecture, no symbol there).
+    Cached per (section, range)."""
+    cache: dict[tuple[int, int, int], tuple[np.ndarray, list[str]]] = obj.__dict__.setdefault("_resolved", {})
+    key = (sec, lo, hi)
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = _find(obj, arch, sec, lo, hi)
+    return got
+
+
+def _find(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
+    name = obj.sec_names[sec]
+    if arch.machine != C.EM_X86_64:
+        # capstone does not mark every PC-relative form as one on the others (s390 ``brasl``/``larl`` carry
+        # no branch group, aarch64 ``adr``), so a resolved reference could go unseen: refuse instead
+        f = obj.symbol_at(sec, lo)
+        what = obj.sym_names[f] if f >= 0 else f"{name}+{lo:#x}"
+        return np.zeros(0, RELOC), [f"{what} is in {name}, shared with code that stays in the running kernel; "
+                                    f"on {arch.name} klpforge cannot find every reference the assembler resolved "
+                                    "inside that section, so it cannot copy the function out alone: give it a "
+                                    "section of its own"]
+    import capstone
+
+    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    md.detail = True
+    code = obj.section_data(sec)
+    roffs = obj.relocs(sec)["offset"].astype(np.int64)
+    x86 = arch.machine == C.EM_X86_64
+    rows: list[tuple[int, int, int, int]] = []
+    problems: list[str] = []
+    for insn in md.disasm(code[lo:hi], lo):
+        a, n = int(insn.address), int(insn.size)
+        target, field, fsize, kind = _pcrel_operand(capstone, insn, x86)
+        if target is None or lo <= target < hi:
+            continue
+        k = int(np.searchsorted(roffs, a))
+        if k < len(roffs) and roffs[k] < a + n:
+            continue  # relocated: the linker computes it
+        f = obj.symbol_at(sec, a)
+        t = obj.symbol_at(sec, target)
+        where = f"{obj.sym_names[f] if f >= 0 else name}+{a - (int(obj.value[f]) if f >= 0 else 0):#x}"
+        if not x86 or fsize != 4 or t < 0:
+            tname = obj.sym_names[t] if t >= 0 else f"{name}+{target:#x}"
+            problems.append(f"{where} reaches {tname} in the shared section {name} through a displacement the "
+                            "assembler resolved without a relocation, which cannot be kept when only the changed "
+                            "symbols are copied out of that section: put the changed function in a section of "
+                            "its own")
+            continue
+        rtype = _X86_PLT32 if kind == "branch" else _X86_PC32
+        rows.append((a + field, t, rtype, target - int(obj.value[t]) - (n - field)))
+    arr = np.zeros(len(rows), RELOC)
+    if rows:
+        arr["offset"], arr["sym"], arr["type"], arr["addend"] = zip(*rows, strict=True)
+    return arr, problems
+
+
+def _mode(capstone: object, spec: str) -> int:
+    mode = 0
+    for part in spec.split("|"):
+        if part.strip():
+            mode |= getattr(capstone, part.strip())
+    return mode
+
+
+def _pcrel_operand(capstone: object, insn: object, x86: bool) -> tuple[int | None, int, int, str]:
+    """(absolute target, field offset in the instruction, field size, 'branch'/'data') of a PC-relative
+    operand of ``insn``, or (None, 0, 0, '') when it has none."""
+    groups = set(insn.groups)  # type: ignore[attr-defined]
+    ops = insn.operands  # type: ignore[attr-defined]
+    if groups & {capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL}:  # type: ignore[attr-defined]
+        for op in ops:
+            if op.type == capstone.CS_OP_IMM:  # type: ignore[attr-defined]
+                if x86:
+                    return int(op.imm), int(insn.imm_offset), int(insn.imm_size), "branch"  # type: ignore[attr-defined]
+                return int(op.imm), 0, 0, "branch"
+    if x86:
+        from capstone import x86 as cx86
+
+        for op in ops:
+            if op.type == capstone.CS_OP_MEM and op.mem.base == cx86.X86_REG_RIP:  # type: ignore[attr-defined]
+                tgt = int(insn.address) + int(insn.size) + int(op.mem.disp)  # type: ignore[attr-defined]
+                return tgt, int(insn.disp_offset), int(insn.disp_size), "data"  # type: ignore[attr-defined]
+    return None, 0, 0, ""
+
+
+def same_but_resolved(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch, osec: int, psec: int,
+                      olo: int, ohi: int, plo: int, phi: int) -> bool:
+    """True when code ``orig[osec][olo:ohi)`` and ``patched[psec][plo:phi)`` differ only in displacements the
+    assembler resolved inside their shared sections, each reaching the correlated twin (``o2p``) of the same
+    symbol at the same offset into it: the code did not change, only its neighbours moved (x86-64)."""
+    if arch.machine != C.EM_X86_64 or ohi - olo != phi - plo:
+        return False
+    import capstone
+
+    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    md.detail = True
+    oc, pc = orig.section_data(osec), patched.section_data(psec)
+    a = list(md.disasm(oc[olo:ohi], olo))
+    b = list(md.disasm(pc[plo:phi], plo))
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if bytes(x.bytes) == bytes(y.bytes):
+            continue
+        if x.size != y.size or x.mnemonic != y.mnemonic:
+            return False
+        tx, fx, sx, _ = _pcrel_operand(capstone, x, True)
+        ty, fy, sy, _ = _pcrel_operand(capstone, y, True)
+        if tx is None or ty is None or (fx, sx) != (fy, sy) or sx != 4 or olo <= tx < ohi or plo <= ty < phi:
+            return False
+        if bytes(x.bytes)[:fx] != bytes(y.bytes)[:fy] or bytes(x.bytes)[fx + 4:] != bytes(y.bytes)[fy + 4:]:
+            return False
+        to, tp = orig.symbol_at(osec, tx), patched.symbol_at(psec, ty)
+        if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
+            return False
+    return True

@@ -1,0 +1,138 @@
+"""CLI glue for Xen payloads: ``build --xen`` / ``build --distro debian-xen:V`` and ``verify --distro``.
+
+>>> # klpforge build --distro debian-xen:4.17.5+72-g01140da4e8-1 fix.patch -o fix.livepatch
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import InputError
+from ..fsutil import atomic_write
+from .debian import DebianXen
+from .pipeline import XenBuildOptions, XenBuildResult, build_xen_payload
+from .tree import prepare_tree
+
+__all__ = ["add_build_args", "wants_xen_build", "run_xen_build", "add_verify_args", "wants_xen_verify",
+           "run_xen_verify"]
+
+
+def add_build_args(p: argparse.ArgumentParser) -> None:
+    """Xen options of ``klpforge build``."""
+    g = p.add_argument_group("Xen hypervisor payloads")
+    g.add_argument("--xen", action="store_true", help="build a Xen livepatch payload (-s is the Xen tree)")
+    g.add_argument("--xen-config", metavar="CONFIG", help="the running hypervisor's .config (checked)")
+    g.add_argument("--xen-syms", metavar="XEN_SYMS", help="the running hypervisor's xen-syms")
+    g.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="debian:RELEASE (e.g. debian:6.1.0-56-amd64; comma-separate several): a live patch for the "
+                        "kernel Debian ships (docs/distro.md); debian-xen:VERSION: fetch Debian's hypervisor, "
+                        "symbols and source (cached) and build against them")
+
+
+def wants_xen_build(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "xen", False) or str(getattr(args, "distro", "") or "").startswith("debian-xen:"))
+
+
+def _report(con: Console, res: XenBuildResult) -> None:
+    t = Table(title=f"{res.output} (build-id {res.build_id})", title_justify="left")
+    for c in ("function", "old size", "new size"):
+        t.add_column(c)
+    for f in res.funcs:
+        t.add_row(f.name, str(f.old_size), str(f.new_size))
+    con.print(t)
+    if res.special_kept:
+        con.print("special tables: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in res.special_kept.items()))
+    if res.hooks:
+        con.print(f"hooks: {', '.join(res.hooks)}")
+    if res.unchanged:
+        con.print(f"unchanged objects: {', '.join(res.unchanged)}")
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())
+    con.print(f"[green]built[/] {res.output} in {sum(res.timings.values()):.1f} s ({steps})")
+    if res.tmpdir:
+        con.print(f"temporary files kept in {res.tmpdir}")
+
+
+def run_xen_build(args: argparse.Namespace) -> int:
+    """``build --xen`` (own tree) or ``build --distro debian-xen:V`` (Debian's, cached)."""
+    con = Console(stderr=True)
+    if args.distro:
+        d = DebianXen.parse(args.distro)
+        with con.status(f"fetching Debian's Xen {d.version}"):
+            b = d.fetch_binaries()
+        if args.src:
+            src = Path(args.src)
+        else:
+            with con.status("fetching the Debian source; building the hypervisor once (cached)"):
+                src = prepare_tree(d.fetch_source(), b.config, d.dir, jobs=args.jobs,
+                                   log=lambda m: con.print(m, highlight=False)).root
+        syms: Path = b.xen_syms
+        config: Path | None = b.config
+    else:
+        if not args.src or not args.xen_syms:
+            raise InputError("--xen needs -s XEN_SRC (a built Xen tree) and --xen-syms XEN_SYMS")
+        src, syms = Path(args.src), Path(args.xen_syms)
+        config = Path(args.xen_config) if args.xen_config else None
+    opts = XenBuildOptions(src=src, patch=Path(args.patch), xen_syms=syms,
+                           output=Path(args.output) if args.output else None, config=config,
+                           keep_tmp=args.keep_tmp)
+    with con.status("building the payload") as st:
+        res = build_xen_payload(opts, lambda _s, m: st.update(m))
+    _report(con, res)
+    if args.json:
+        import json
+        atomic_write(args.json, json.dumps({
+            "output": str(res.output), "build_id": res.build_id, "objects": res.objects,
+            "funcs": [f.__dict__ for f in res.funcs], "timings": res.timings, "hooks": res.hooks,
+            "special_sections": {k: {"kept": v[0], "total": v[1]} for k, v in res.special_kept.items()},
+        }, indent=2) + "\n")
+    return 0
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    """Xen options of ``klpforge verify``."""
+    p.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="debian:RELEASE: boot the kernel Debian ships (docs/distro.md); debian-xen:VERSION: boot "
+                        "Debian's Xen and dom0 under QEMU and load the payload with xen-livepatch")
+
+
+def wants_xen_verify(args: argparse.Namespace) -> bool:
+    return str(getattr(args, "distro", "") or "").startswith("debian-xen:")
+
+
+def run_xen_verify(args: argparse.Namespace) -> int:
+    """Boot, upload, apply, check, revert, unload; each step printed; console kept on failure."""
+    from .verify import XenVerifySpec, verify_payload
+    con = Console(stderr=True)
+    d = DebianXen.parse(args.distro)
+    with con.status(f"fetching Debian's Xen {d.version}"):
+        b = d.fetch_binaries()
+    payload = Path(args.module)
+    spec = XenVerifySpec(payload=payload, bins=b, check=args.check, expect=args.expect,
+                         timeout=max(args.timeout, 300.0), before_check=args.before_check,
+                         after_check=args.after_check, after_expect=args.after_expect)
+    with con.status(f"booting Xen {d.version} with {payload.name} under QEMU"):
+        res = verify_payload(spec, Path(args.console_log) if args.console_log else None)
+    for s in res.steps:
+        mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
+        con.print(f"  {s.name:<9} {mark} {escape(s.detail)}", highlight=False)
+    for label, out in (("before", res.before_output), ("check", res.check_output), ("after", res.after_output)):
+        if out:
+            con.print(f"  {label} output:", highlight=False)
+            for line in out.splitlines():
+                con.print(f"    | {line}", highlight=False, markup=False)
+    if res.ok:
+        con.print(f"[green]verified[/] {payload.name} in {res.seconds:.1f} s")
+        return 0
+    log = args.console_log
+    if not log:
+        fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{payload.stem}-", suffix=".log")
+        Path(log).unlink()
+        atomic_write(log, res.console)
+    con.print(f"[red]verify failed[/]: {escape(res.reason)} (console log: {log})", highlight=False)
+    return 1
