@@ -26,6 +26,7 @@ from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
+from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, _export_callbacks, _has_klp_sections
 from ..kbuild.structsizes import struct_sizes
@@ -291,9 +292,8 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
                 targets[obj] = KlpTarget(obj)
             ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log)
-            if sidecars:  # one call: apply_klp drops every anchor it has seen once
-                post.apply_klp(ko, {"source": "merged", "relocations": [r for sc in sidecars
-                                                                        for r in sc["relocations"]]}, None)
+            if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
+                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))
