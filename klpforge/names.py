@@ -29,6 +29,8 @@ CLONE_KINDS = ("isra", "constprop", "part", "cold", "lto_priv", "localalias", "l
 
 _NUM = re.compile(r"\.\d+(?=\.|$)")
 _UNIQUE = re.compile(r"^(__UNIQUE_ID_.*?)\d+$")
+# BTF_ID() (include/linux/btf_ids.h, 6.1) names its slot __BTF_ID__<kind>__<name>__<__COUNTER__>
+_BTF_ID = re.compile(r"^(__BTF_ID__\w+__)\d+$")
 _LLVM = re.compile(r"\.llvm\.\d+$")
 
 
@@ -37,7 +39,7 @@ def canonical(name: str) -> str:
     """``name`` with GCC's and the kernel's numbering removed."""
     n = _LLVM.sub("", name)
     n = _NUM.sub("", n)
-    return _UNIQUE.sub(r"\1", n)
+    return _BTF_ID.sub(r"\1", _UNIQUE.sub(r"\1", n))
 
 
 def is_cold(name: str) -> bool:

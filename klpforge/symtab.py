@@ -12,6 +12,7 @@ symbol-table order for a module.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class TargetSymtab:
     defined: list[bool] = field(default_factory=list)
     scope: list[int] = field(default_factory=list)  # index of the FILE symbol before each local, -1 else
     _by_name: dict[str, list[int]] = field(default_factory=dict)
+    _rank: list[int] | None = None
 
     @classmethod
     def load(cls, path: str | Path, is_module: bool) -> TargetSymtab:
@@ -121,11 +123,32 @@ class TargetSymtab:
                      for b in blocks}
             best = max(score.values())
             mine = [i for i in mine if score[self.scope[i]] == best]
+        if not mine and siblings and not any(s >= 0 for s in self.scope):
+            mine = self._by_neighbours(cands, siblings)
         if len(mine) != 1:
             raise InputError(f"cannot tell which of {len(cands)} symbols named {name} belongs to {file} "
                              f"in {self.path} ({len(mine)} candidates in that file)")
         order = sorted(cands, key=(lambda i: i) if self.is_module else (lambda i: (self.values[i], i)))
         return order.index(mine[0]) + 1
+
+    def _by_neighbours(self, cands: list[int], siblings: frozenset[str]) -> list[int]:
+        """Without FILE symbols (a ``/proc/kallsyms`` capture, a stripped module), pick the candidate whose
+        neighbours -- in address order for vmlinux, symbol-table order for a module: the linker keeps one
+        object's symbols together -- include the most other local names of the same object. [] if tied."""
+        if self._rank is None:
+            idx = range(len(self.names))
+            order = list(idx) if self.is_module else sorted(idx, key=lambda i: (self.values[i], i))
+            self._rank = [0] * len(self.names)
+            for r, i in enumerate(order):
+                self._rank[i] = r
+        rank = self._rank
+        window = 2 * len(siblings) + 16
+        sib_ranks = sorted(rank[j] for s in siblings for j in self._by_name.get(s, []))
+        score = {c: bisect.bisect_right(sib_ranks, rank[c] + window) - bisect.bisect_left(sib_ranks, rank[c] - window)
+                 for c in cands}
+        best = max(score.values())
+        top = [c for c in cands if score[c] == best]
+        return top if best > 0 and len(top) == 1 else []
 
 
 @dataclass(frozen=True)

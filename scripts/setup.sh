@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Set up klpforge on a fresh Debian machine (Python 3.11, pip, gcc, binutils):
 #   Debian packages from scripts/apt-packages.txt, the Python package with its test tools, and with
-#   --kernel the cached 6.1 test kernel that `klpforge verify` and the end-to-end tests boot.
+#   --kernel the cached 6.1 test kernel that `klpforge verify` and the end-to-end tests boot; with --distro the
+#   Debian 6.1.0-56-amd64 packages and prepared tree of the distro tests (they also prepare it on demand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_kernel=0
-for a in "$@"; do [[ $a == --kernel ]] && want_kernel=1; done
+want_distro=0
+for a in "$@"; do
+  [[ $a == --kernel ]] && want_kernel=1
+  [[ $a == --distro ]] && want_distro=1
+done
 
 pkgs=$(grep -v '^\s*#' scripts/apt-packages.txt | tr '\n' ' ')
 missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
@@ -23,4 +28,7 @@ rm -f "$log"
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ $want_kernel -eq 1 ]]; then
   python3 -m klpforge kernel prepare
+fi
+if [[ $want_distro -eq 1 ]]; then
+  python3 -c 'from klpforge.distro import debian; print(debian.prepare_tree("6.1.0-56-amd64", progress=print))'
 fi

@@ -46,19 +46,33 @@ def print_report(con: Console, res: BuildResult) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build the module (or a Xen payload); progress and report on stderr."""
+    """Build the module (or a Xen payload, or a live patch for a distribution kernel); progress and report on
+    stderr."""
+    patches = list(args.patch)
     xen = wants_xen_build(args)
+    distro = not xen and bool(args.distro or args.config or args.modules or args.headers)
+    if len(patches) > 1 and not distro:
+        raise InputError("several patch files make one cumulative patch only with --distro or the plain form "
+                         "(-c CONFIG / --modules)")
     # every output and input before any work (issue 8): the default output is checked too
-    stem = Path(args.patch).name.removesuffix(".patch").removesuffix(".diff")
-    check_paths({"-o": args.output or (None if xen else f"livepatch-{stem}.ko"), "--json": args.json},
-                {"patch": args.patch, "-s": args.src, "-O": args.build_dir},
+    stem = Path(patches[0]).name.removesuffix(".patch").removesuffix(".diff")
+    out = args.output.replace("{release}", "x") if args.output else None
+    check_paths({"-o": out or (None if xen else f"livepatch-{stem}.ko"),
+                 "--json": args.json.replace("{release}", "x") if args.json else None},
+                {**{("patch" if k == 0 else f"patch #{k + 1}"): p for k, p in enumerate(patches)},
+                 "-s": args.src, "-O": args.build_dir},
                 kinds={"-s": "dir", "-O": "dir"})
     if xen:
+        args.patch = patches[0]
         return run_xen_build(args)
-    if not args.src:
-        raise InputError("-s KERNEL_SRC is required")
     con = Console(stderr=True)
-    opts = BuildOptions(src=Path(args.src), patch=Path(args.patch),
+    if distro:
+        from .build_distro import run_distro_build
+
+        return run_distro_build(args, con)
+    if not args.src:
+        raise InputError("-s KERNEL_SRC is required (or --distro NAME:RELEASE, e.g. debian:6.1.0-56-amd64)")
+    opts = BuildOptions(src=Path(args.src), patch=Path(args.patch[0]),
                         build=Path(args.build_dir) if args.build_dir else None,
                         output=Path(args.output) if args.output else None, jobs=args.jobs,
                         replace=not args.no_replace, keep_tmp=args.keep_tmp,
@@ -86,9 +100,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build", help="build a livepatch module from a source patch on an already built kernel tree",
         description="Recompiles only the objects the patch changes (original and patched), diffs them, "
                     "generates and links the livepatch module. The source and build trees are only read: "
-                    "the patch is applied to private copies and every output goes to a temporary directory.")
-    p.add_argument("patch", metavar="fix.patch", help="unified diff, -p1 (as git writes)")
+                    "the patch is applied to private copies and every output goes to a temporary directory. "
+                    "With --distro debian:RELEASE: for the kernel Debian ships (docs/distro.md).")
+    p.add_argument("patch", metavar="fix.patch", nargs="+",
+                   help="unified diff, -p1 (as git writes); with --distro several make one cumulative patch")
     p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
+    p.add_argument("--emit-jobs", metavar="FILE",
+                   help="with several --distro releases (comma-separated): write the job list (JSON; - for "
+                        "stdout) for a CI matrix or Kubernetes Indexed Jobs instead of building (docs/distro.md)")
+    p.add_argument("--symbols", "--vmlinux", dest="symbols", metavar="FILE",
+                   help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
+                        "instead of booting the image once to read /proc/kallsyms")
+    p.add_argument("--symvers", metavar="FILE", help="with --distro: Module.symvers instead of the headers package's")
+    p.add_argument("-c", "--config", metavar="CONFIG",
+                   help="plain form (no backend): the kernel's config; -s SRC is prepared with it in the cache, "
+                        "never fully built")
+    p.add_argument("--modules", metavar="DIR", help="plain form: the shipped modules (lib/modules/RELEASE)")
+    p.add_argument("--headers", metavar="DIR",
+                   help="plain form: build directory to link the module in (default: the prepared tree)")
+    p.add_argument("--release", metavar="RELEASE", help="plain form: kernel release (uname -r)")
     p.add_argument("-O", "--build-dir", metavar="BUILD_DIR", help="build directory (O=; default: KERNEL_SRC)")
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")

@@ -39,15 +39,31 @@ def run_verify(args: argparse.Namespace) -> int:
     check_paths({"--console-log": args.console_log}, ins)
     if wants_xen_verify(args):
         return run_xen_verify(args)
-    if not args.kernel:
-        raise InputError("--kernel BZIMAGE is required")
     con = Console(stderr=True)
-    spec = VerifySpec(ko=Path(args.module), bzimage=Path(args.kernel), check=args.check, expect=args.expect,
-                      timeout=args.timeout, preload=[Path(p) for p in args.preload], files=_files(args.file),
+    kernel = Path(args.kernel) if args.kernel else None
+    gen = Path(args.gen_init_cpio) if args.gen_init_cpio else None
+    preload = [Path(p) for p in args.preload]
+    memory = "256M"
+    if args.distro:
+        from ..distro import backend_for
+        from ..distro.modules import modules_for
+
+        mod, release = backend_for(args.distro)
+        with con.status(f"preparing {args.distro}"):
+            tree = mod.prepare_tree(release)
+        kernel = kernel or tree.vmlinuz
+        gen = gen or tree.build / "usr/gen_init_cpio"
+        wanted = [m for spec in args.load_modules for m in spec.split(",") if m]
+        preload = modules_for(tree, wanted) + preload
+        memory = "1G"  # a distribution kernel with its modules needs more than the test kernel
+    elif args.load_modules:
+        raise InputError("--load-modules needs --distro (it reads the shipped modules.dep)")
+    if kernel is None:
+        raise InputError("give --kernel BZIMAGE or --distro NAME:RELEASE")
+    spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,
+                      timeout=args.timeout, preload=preload, files=_files(args.file),
                       after_check=args.after_check, after_expect=args.after_expect, append=args.append or "",
-                      setup=args.setup,
-                      accel=args.accel,
-                      gen_init_cpio=Path(args.gen_init_cpio) if args.gen_init_cpio else None)
+                      setup=args.setup, accel=args.accel, gen_init_cpio=gen, memory=memory)
     with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
     for s in res.steps:
@@ -79,6 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
     p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
+    p.add_argument("--load-modules", action="append", default=[], metavar="MOD[,MOD]",
+                   help="with --distro debian:RELEASE: shipped modules to load first, with their dependencies "
+                        "(modules.dep)")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")

@@ -188,6 +188,9 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
         for obj in t.objects:
             name = f"klpforge-diff-{i}.o"
             shutil.copyfile(obj, workdir / f"{name}_shipped")
+            # With CONFIG_MODVERSIONS, 6.1 modpost reads each member's .<obj>.cmd for the CRCs of what it
+            # exports (commit "kbuild: record symbol versions in *.cmd files"); a diff object exports nothing.
+            (workdir / f".{name}.cmd").write_text("")
             shipped.append(name)
             i += 1
     (workdir / "klpforge-core.c").write_text(module_source(modname, targets, replace, exports))

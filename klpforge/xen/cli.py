@@ -29,8 +29,10 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--xen", action="store_true", help="build a Xen livepatch payload (-s is the Xen tree)")
     g.add_argument("--xen-config", metavar="CONFIG", help="the running hypervisor's .config (checked)")
     g.add_argument("--xen-syms", metavar="XEN_SYMS", help="the running hypervisor's xen-syms")
-    g.add_argument("--distro", metavar="debian-xen:VERSION",
-                   help="fetch Debian's hypervisor, symbols and source (cached) and build against them")
+    g.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="debian:RELEASE (e.g. debian:6.1.0-56-amd64; comma-separate several): a live patch for the "
+                        "kernel Debian ships (docs/distro.md); debian-xen:VERSION: fetch Debian's hypervisor, "
+                        "symbols and source (cached) and build against them")
 
 
 def wants_xen_build(args: argparse.Namespace) -> bool:
@@ -94,8 +96,9 @@ def run_xen_build(args: argparse.Namespace) -> int:
 
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     """Xen options of ``klpforge verify``."""
-    p.add_argument("--distro", metavar="debian-xen:VERSION",
-                   help="boot Debian's Xen and dom0 under QEMU and load the payload with xen-livepatch")
+    p.add_argument("--distro", metavar="NAME:RELEASE",
+                   help="debian:RELEASE: boot the kernel Debian ships (docs/distro.md); debian-xen:VERSION: boot "
+                        "Debian's Xen and dom0 under QEMU and load the payload with xen-livepatch")
 
 
 def wants_xen_verify(args: argparse.Namespace) -> bool:

@@ -1,0 +1,99 @@
+"""What every distribution backend hands to the build: a prepared source tree and the shipped binaries.
+
+>>> parse_distro_spec("debian:6.1.0-56-amd64")
+('debian', '6.1.0-56-amd64')
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+__all__ = ["DistroTree", "parse_distro_spec", "tree_lock", "run_logged", "Say"]
+
+Say = Callable[[str], None]
+
+
+def parse_distro_spec(spec: str) -> tuple[str, str]:
+    """Split ``NAME:RELEASE``; the release is a kernel release string (``uname -r``).
+
+    >>> parse_distro_spec("debian:6.1.0-56-amd64")[1]
+    '6.1.0-56-amd64'
+    """
+    name, sep, release = spec.partition(":")
+    if not sep or not name or not re.fullmatch(r"[0-9][0-9A-Za-z.+_~-]*", release):
+        raise InputError(f"--distro {spec!r}: expected NAME:RELEASE such as debian:6.1.0-56-amd64")
+    return name.lower(), release
+
+
+@dataclass
+class DistroTree:
+    """A distribution kernel prepared for single-object builds (no full build).
+
+    ``src``: pristine source (never written to); ``build``: ``O=`` directory configured with the shipped
+    config and ``make prepare modules_prepare`` done; ``config``: the shipped ``/boot/config-*``;
+    ``release``: ``uname -r`` of the shipped kernel; ``image``: root of the unpacked kernel image package
+    (``boot/``, ``lib/modules/<release>/``); ``headers``: directory to build external modules against
+    (``make -C headers M=...``: the shipped vermagic and ``Module.symvers`` CRCs); ``modules``: a
+    ``lib/modules/<release>`` directory overriding the image's (plain form); ``kcflags``: the
+    ``KCFLAGS`` every ``make`` of ``build`` must use (changing them would rebuild ``prepare``).
+    """
+
+    src: Path
+    build: Path
+    config: Path
+    release: str
+    image: Path | None = None
+    headers: Path | None = None
+    vmlinuz: Path | None = None
+    kcflags: str = ""
+    lock: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    modules: Path | None = None
+
+    @property
+    def modules_dir(self) -> Path | None:
+        """The shipped modules: ``modules`` if set, else ``lib/modules/<release>`` of the image package."""
+        if self.modules is not None:
+            return self.modules
+        return self.image / "lib/modules" / self.release if self.image else None
+
+    @property
+    def symvers(self) -> Path | None:
+        """The shipped ``Module.symvers`` (exports and CRCs), from the headers package."""
+        p = self.headers / "Module.symvers" if self.headers else None
+        return p if p and p.is_file() else None
+
+
+@contextmanager
+def tree_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` (created if needed) for the duration: one writer per prepared tree."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_logged(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` appending its output to ``log``; raise :class:`InputError` with the log's tail on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n".encode())
+        f.flush()
+        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, check=False,
+                           env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        tail = [t.strip() for t in log.read_text(errors="replace").splitlines()[-12:] if t.strip()]
+        raise InputError(f"`{' '.join(cmd[:4])} ...` failed (exit {r.returncode}); see {log}: "
+                         + " | ".join(tail)[-500:])

@@ -1,0 +1,311 @@
+"""``klpforge build --distro debian:RELEASE fix.patch...``: a live patch for the kernel a distribution ships.
+
+Steps (timed, :data:`STEPS`): *prepare* (packages + source tree, cached per release), *compile* (the changed
+objects only, original by a Kbuild single-target build, patched from a private overlay), *match* (the
+source-matches-binary check of :mod:`.match`), *diff* (:mod:`klpforge.diff` per object against the shipped
+module's symbol table or the kallsyms capture), *link* (Kbuild against the distribution's headers package, so
+vermagic and CRCs are the shipped kernel's; klp relocations written back after the link).
+
+Several patch files are applied in order into one overlay: one cumulative live patch (atomic replace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, NoChange
+from ..fsutil import atomic_write
+from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
+from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
+from ..kbuild.newsyms import patch_globals
+from ..kbuild.patchfile import SourcePatch
+from ..kbuild.pipeline import _check_resolvable, _export_callbacks, _has_klp_sections
+from ..kbuild.structsizes import struct_sizes
+from .base import DistroTree
+from .compile import compile_original, compile_patched, parent_of, recorded_command
+from .match import SizeVerdict, check_sizes, object_function_sizes
+from .symbols import capture_kallsyms, module_index, shipped_sizes
+
+__all__ = ["DistroBuildOptions", "DistroBuildResult", "build_distro", "STEPS"]
+
+STEPS = ("prepare", "compile", "diff", "match", "link")
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class DistroBuildOptions:
+    """Inputs: the patches (applied in order, -p1), the release (``debian:6.1.0-56-amd64``) or a prepared
+    tree, and overrides for the vmlinux symbol table (``--symbols``/``--vmlinux``)."""
+
+    patches: list[Path]
+    distro: str | None = None
+    tree: DistroTree | None = None
+    output: Path | None = None
+    jobs: int = 2
+    replace: bool = True
+    keep_tmp: bool = False
+    report_json: Path | None = None
+    vmlinux_symbols: Path | None = None
+    symvers: Path | None = None
+
+
+@dataclass
+class DistroBuildResult:
+    """The module written and what went in."""
+
+    output: Path
+    module_name: str
+    release: str
+    outcomes: list[DiffOutcome]
+    unchanged: list[str]
+    sizes: dict[str, list[SizeVerdict]]
+    objects_compiled: int
+    timings: dict[str, float] = field(default_factory=dict)
+    impact: dict[str, Any] = field(default_factory=dict)
+    tmpdir: Path | None = None
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able: per object its target, replaced functions with sympos and why, the size proof."""
+        return {
+            "output": str(self.output), "module": self.module_name, "release": self.release,
+            "objects_compiled": self.objects_compiled,
+            "objects": [
+                {"object": o.obj, "target": o.target,
+                 "functions": [{"old_name": f.old_name, "sympos": f.sympos, "new_symbol": f.new_symbol,
+                                "reason": f.reason} for f in o.funcs],
+                 "carried_functions": o.carried, "callbacks": o.callback_sources,
+                 "source_matches_binary": [v.__dict__ for v in self.sizes.get(o.obj, [])],
+                 "impact": self.impact.get(o.obj, {}), "diff_report": o.report}
+                for o in self.outcomes],
+            "unchanged_objects": self.unchanged,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+@contextmanager
+def _step(name: str, timings: dict[str, float], progress: Progress | None, msg: str) -> Iterator[None]:
+    if progress:
+        progress(name, msg)
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - t0
+
+
+class _ProbeTree:
+    """What :func:`klpforge.kbuild.structsizes.struct_sizes` needs: ``build`` and recorded commands."""
+
+    def __init__(self, tree: DistroTree):
+        self.build = tree.build
+        self._tree = tree
+
+    def compile_command(self, obj: str) -> Any:
+        return recorded_command(self._tree, obj)
+
+
+def _objects(patches: list[SourcePatch]) -> list[str]:
+    objs: list[str] = []
+    for p in patches:
+        p.refuse_unpatchable()
+        for f in p.files:
+            if f in p.created:
+                raise InputError(f"{f}: the patch creates a file; a live patch can only change existing objects")
+            if f.endswith(".c"):
+                objs.append(f[:-2] + ".o")
+            elif f.endswith(".h"):
+                continue  # compiled through the .c files the patches touch
+    objs = list(dict.fromkeys(objs))
+    if not objs:
+        raise InputError("the patches change no C file; a header-only change needs the .c files that use it "
+                         "in the patch (distribution trees record no include dependencies without a full build)")
+    return objs
+
+
+def _impact(dump_dir: Path, obj: str, patches: list[SourcePatch], src: Path, replaced: list[str]) -> dict[str, Any]:
+    """Why each replaced function is in, from GCC's ``-fdump-ipa-clones`` dump of the original object (as
+    ``klpforge impact``): the functions the patches edit (tree-sitter on the pristine source) are the seeds;
+    a replaced function the patch did not touch is explained by its chain (inlined into, cloned from)."""
+    try:
+        from ..ipa import predict
+        from ..ipa.patchmap import functions_of_patch
+
+        source = obj[:-2] + ".c"
+        seeds: list[str] = []
+        for p in patches:
+            funcs, _notes = functions_of_patch(p.path, src)
+            seeds += [f for f in funcs if f.startswith(source + ":")]
+        dumps = sorted(dump_dir.glob("*ipa-clones"))
+        if not seeds or not dumps:
+            return {"edited": seeds, "note": "no clone dump or no edited function found"}
+        res = predict([str(d) for d in dumps], list(dict.fromkeys(seeds)))
+        explained: dict[str, list[str]] = {}
+        for name in replaced:
+            for e in res.reasons(name):
+                if e.chain:
+                    explained[name] = [st.text() for st in e.chain]
+        return {"edited": [f.split(":", 1)[1] for f in seeds], "predicted": sorted(res.functions),
+                "explained": explained, "unpredicted": sorted(set(replaced) - res.functions)}
+    except Exception as e:  # noqa: BLE001 - an explanation must never fail the build
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str, Any], mods: dict[str, Path],
+                   progress: Progress | None) -> dict[str, Path]:
+    """Per object the shipped symbol table of its parent: the module's ``.ko`` or the vmlinux symbols
+    (``--symbols``, else a ``/proc/kallsyms`` capture of the shipped image, taken once per release)."""
+    out: dict[str, Path] = {}
+    for o, par in parents.items():
+        if par.is_module:
+            if par.target not in mods:
+                raise InputError(f"{o} belongs to module {par.target}, which is not among the shipped modules "
+                                 f"({tree.modules_dir or 'none given: --modules DIR'})")
+            out[o] = mods[par.target]
+            continue
+        if opts.vmlinux_symbols is None:
+            if tree.vmlinuz is None:
+                raise InputError(f"{o} is linked into vmlinux: pass its symbols with --symbols (a vmlinux with "
+                                 "symbols, `readelf -sW` text or a /proc/kallsyms capture)")
+            say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
+            opts.vmlinux_symbols = capture_kallsyms(tree.vmlinuz or Path("vmlinuz"), tree.build / "usr/gen_init_cpio",
+                                                    tree.build.parent / "kallsyms-v2.readelf", say)
+        out[o] = opts.vmlinux_symbols
+    return out
+
+
+def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
+          symvers: Path | None, log: Path) -> Path:
+    """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
+    ``KBUILD_EXTRA_SYMBOLS`` (modpost takes CRCs from it)."""
+    assert tree.headers is not None
+    extra = symvers is not None and not (tree.headers / "Module.symvers").is_file()
+    old = os.environ.get("KBUILD_EXTRA_SYMBOLS")
+    if extra:
+        os.environ["KBUILD_EXTRA_SYMBOLS"] = str(Path(str(symvers)).resolve())
+    try:
+        return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log)
+    finally:
+        if extra:
+            if old is None:
+                os.environ.pop("KBUILD_EXTRA_SYMBOLS", None)
+            else:
+                os.environ["KBUILD_EXTRA_SYMBOLS"] = old
+
+
+def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
+    """Build the cumulative live patch; raises ``InputError``/``UnsafeChange``/``NoChange`` with one line."""
+    timings: dict[str, float] = {}
+    if not opts.patches:
+        raise InputError("no patch given")
+    patches = [SourcePatch.parse(p) for p in opts.patches]
+    objs = _objects(patches)
+    with _step("prepare", timings, progress, "fetching and preparing the distribution tree"):
+        tree = opts.tree
+        if tree is None:
+            from . import backend_for
+
+            mod, release = backend_for(opts.distro or "")
+            tree = mod.prepare_tree(release, jobs=opts.jobs,
+                                    progress=(lambda m: progress("prepare", m)) if progress else None)
+        assert tree is not None
+        if tree.headers is None:
+            raise InputError("no headers or build directory to link the live patch module in")
+        mods = module_index(tree.modules_dir) if tree.modules_dir else {}
+    stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
+    output = opts.output or Path(f"livepatch-{stem}.ko")
+    modname = sanitize_module_name(output.name.removesuffix(".ko"))
+    tmp = Path(tempfile.mkdtemp(prefix="klpforge-distro-"))
+    log = tmp / "build.log"
+    ok = False
+    try:
+        with _step("compile", timings, progress, f"compiling {len(objs)} object(s), original and patched"):
+            orig = compile_original(tree, objs, tmp / "orig", opts.jobs, log)
+            overlay = tmp / "overlay"
+            from .compile import make_overlay_all
+
+            make_overlay_all(tree, patches, objs, overlay)
+            patched = compile_patched(tree, objs, overlay, tmp / "patched", opts.jobs)
+            env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
+        parents = {o: parent_of(recorded_command(tree, o)) for o in objs}
+        symtabs: dict[str, Path] = {}
+        with _step("prepare", timings, progress, "shipped symbol tables"):
+            symtabs = _symbol_tables(tree, opts, parents, mods, progress)
+        outcomes: list[DiffOutcome] = []
+        unchanged: list[str] = []
+        sizes: dict[str, list[SizeVerdict]] = {}
+        impact: dict[str, Any] = {}
+        symvers = opts.symvers or tree.symvers
+        with _step("diff", timings, progress, "diffing objects against the shipped binaries"):
+            for i, o in enumerate(objs):
+                out = tmp / "diff" / f"{i}-{Path(o).name}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    oc = run_object_diff(o, orig[o], patched[o], out, parents[o].target, symtabs[o], symvers, env)
+                except NoChange:
+                    unchanged.append(o)
+                    continue
+                outcomes.append(oc)
+            if not outcomes:
+                raise NoChange(f"no function changed in {', '.join(objs)}")
+        with _step("match", timings, progress, "checking that the source matches the shipped binary"):
+            for oc in outcomes:
+                ours = object_function_sizes(orig[oc.obj])
+                shipped = shipped_sizes(symtabs[oc.obj], parents[oc.obj].is_module)
+                names = [f.old_name for f in oc.funcs]
+                sizes[oc.obj] = check_sizes(ours, shipped, [(f.old_name, f.sympos) for f in oc.funcs],
+                                            symtabs[oc.obj].name)
+                impact[oc.obj] = _impact(orig[oc.obj].parent, oc.obj, patches, tree.src, names)
+        targets: dict[str, KlpTarget] = {}
+        sidecars: list[Any] = []
+        with _step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
+            post = postlink_api()
+            if post is None:
+                raise InputError("klpforge.emit.postlink is missing from this checkout")
+            for oc in outcomes:
+                t = targets.setdefault(oc.target, KlpTarget(oc.target))
+                t.funcs.extend(oc.funcs)
+                linkable = oc.out
+                if _has_klp_sections(oc.out):
+                    linkable = oc.out.with_suffix(".link.o")
+                    sidecars.append(post.strip_klp(oc.out, linkable))
+                linkable = _export_callbacks(linkable, oc, len(t.objects) + 100 * len(targets))
+                t.objects.append(linkable)
+                for kind in oc.callbacks:
+                    if kind in t.callbacks:
+                        raise InputError(f"two {kind} callbacks for {oc.target}")
+                t.callbacks.update(oc.callbacks)
+            if not any(t.funcs for t in targets.values()):
+                raise NoChange("the diff found no function to replace")
+            # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded);
+            # a reference into another module (nfsd code calling sunrpc) needs that object, even with no
+            # function of its own to replace.
+            for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
+                targets[obj] = KlpTarget(obj)
+            ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log)
+            if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
+                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))
+            _check_resolvable(ko, symvers)
+            if sidecars:
+                (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))
+            atomic_write(output, ko.read_bytes())
+        res = DistroBuildResult(output, modname, tree.release, outcomes, unchanged, sizes, 2 * len(objs), timings,
+                                impact, tmp if opts.keep_tmp else None)
+        if opts.report_json:
+            atomic_write(opts.report_json, json.dumps(res.report(), indent=1, default=str) + "\n")
+        ok = True
+        return res
+    finally:
+        if not opts.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif not ok and progress:
+            progress("done", f"kept temporary files in {tmp}")

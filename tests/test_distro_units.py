@@ -1,0 +1,146 @@
+"""The distribution backend's parts that need no download: real gcc objects for the branch-relaxation
+allowance, the kallsyms conversion read back by the diff's symbol table, package naming, load order."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from klpforge.distro.base import parse_distro_spec
+from klpforge.distro.compile import overlay_command, parent_of
+from klpforge.distro.debian import check_compiler, package_names
+from klpforge.distro.match import check_sizes, object_function_sizes
+from klpforge.distro.modules import load_order
+from klpforge.distro.symbols import kallsyms_to_readelf, shipped_sizes
+from klpforge.errors import InputError
+from klpforge.kbuild.tree import CompileCommand
+from klpforge.symtab import TargetSymtab
+
+UNIT = """
+extern int g(int);
+static __attribute__((noinline)) int b(int x) { return g(x) + 1; }
+int a(int x) { if (x > 3) return b(x); return g(x * 2); }
+"""
+
+
+def _sizes(obj: Path) -> dict[str, list[tuple[int, bool]]]:
+    out = subprocess.run(["readelf", "-sW", str(obj)], capture_output=True, text=True, check=True).stdout
+    return {f[7]: [(int(f[2]), True)] for f in (ln.split() for ln in out.splitlines())
+            if len(f) >= 8 and f[3] == "FUNC"}
+
+
+def test_branch_relaxation_allowed_exactly(gcc: str, tmp_path: Path) -> None:
+    """With function sections, `a`'s tail call to the static `b` stays a 5-byte jmp; the shipped-style
+    object (one .text) relaxes it to 2 bytes. The check accepts that 3-byte difference and nothing more."""
+    (tmp_path / "unit.c").write_text(UNIT)
+    for name, extra in (("shipped.o", []), ("ours.o", ["-ffunction-sections"])):
+        subprocess.run([gcc, "-O2", "-fno-pic", *extra, "-c", "unit.c", "-o", name], cwd=tmp_path, check=True)
+    ours = object_function_sizes(tmp_path / "ours.o")
+    shipped = _sizes(tmp_path / "shipped.o")
+    assert ours["a"].size - shipped["a"][0][0] == 3 and ours["a"].slack == 3
+    assert shipped == {k: v for k, v in shipped_sizes(tmp_path / "shipped.o").items() if k in "ab"}
+    verdicts = check_sizes(ours, shipped, [("a", 0), ("b", 0)], "shipped.o")
+    assert [v.ok for v in verdicts] == [True, True]
+    assert "within branch relaxation" in verdicts[0].note
+    with pytest.raises(InputError, match=r"a is 21 bytes when compiled here but 17 bytes in the shipped binary"):
+        check_sizes(ours, {"a": [(17, True)]}, [("a", 0)], "shipped.o")
+    # sympos picks which same-named function is compared
+    assert check_sizes(ours, {"a": [(17, True), (18, True)]}, [("a", 2)], "x")[0].shipped == 18
+    with pytest.raises(InputError, match=r"b \(17 bytes here\) does not exist there"):
+        check_sizes(ours, {}, [("b", 0)], "shipped.o")
+
+
+def test_kallsyms_capture_reads_as_a_symbol_table(tmp_path: Path) -> None:
+    """Address order, lower case = local; sympos of a duplicated local counts in address order (vmlinux)."""
+    text = ("ffffffff81000200 t dup\nffffffff81000000 T _stext\nffffffff81000100 t dup\n"
+            "ffffffff81000300 D data\nffffffffc0000000 t modfn\t[nfsd]\n")
+    p = tmp_path / "k.txt"
+    p.write_text(kallsyms_to_readelf(text))
+    st = TargetSymtab.load(p, is_module=False)
+    assert st.names == ["_stext", "dup", "dup", "data"]
+    assert st.binds[1] == 0 and st.binds[0] == 1
+    # gaps to the next symbol, not sizes (compared as an upper bound), in address order (sympos order)
+    assert shipped_sizes(p, is_module=False)["dup"] == [(0x100, False), (0x100, False)]
+    assert shipped_sizes(p, is_module=False)["_stext"] == [(0x100, False)]
+
+
+def test_spec_and_package_names() -> None:
+    assert parse_distro_spec("Debian:6.1.0-56-amd64") == ("debian", "6.1.0-56-amd64")
+    with pytest.raises(InputError, match="expected NAME:RELEASE"):
+        parse_distro_spec("6.1.0-56-amd64")
+    names = package_names("6.1.0-56-rt-amd64")
+    assert names["headers_common"] == "linux-headers-6.1.0-56-common-rt" and names["kbuild"] == "linux-kbuild-6.1"
+    with pytest.raises(InputError, match="not a Debian kernel release"):
+        package_names("6.1.192")
+
+
+def test_compiler_must_be_the_configs(tmp_path: Path) -> None:
+    cfg = tmp_path / "config"
+    cfg.write_text('CONFIG_CC_VERSION_TEXT="gcc (Debian 12.2.0-14) 11.0.0"\n')
+    with pytest.raises(InputError, match=r"compiler mismatch: the kernel was built with 'gcc \(Debian 12.2.0-14\) 11"):
+        check_compiler(cfg)
+    cfg.write_text('CONFIG_CC_VERSION_TEXT="clang-99 version 99"\n')
+    with pytest.raises(InputError, match="clang-99 is not on PATH"):
+        check_compiler(cfg)
+
+
+def test_overlay_command_and_parent() -> None:
+    cmd = ("gcc-12 -Wp,-MMD,fs/nfsd/.nfs4state.o.d -nostdinc -I/s/include -DMODULE "
+           "-DKBUILD_BASENAME='\"nfs4state\"' -DKBUILD_MODNAME='\"nfsd\"' -D__KBUILD_MODNAME=kmod_nfsd "
+           "-c -o fs/nfsd/nfs4state.o /s/fs/nfsd/nfs4state.c ; ./tools/objtool/objtool --orc fs/nfsd/nfs4state.o")
+    out = overlay_command(cmd, "fs/nfsd/nfs4state.o", Path("/s"), Path("/ov"), Path("/t/n.o"))
+    assert out.startswith("gcc-12 -I/ov/fs/nfsd -I/ov/include ")
+    assert "-fmacro-prefix-map=/ov/=" in out and " /ov/fs/nfsd/nfs4state.c " in out
+    assert out.endswith("objtool --orc /t/n.o") and "fs/nfsd/nfs4state.o" not in out
+    par = parent_of(CompileCommand("fs/nfsd/nfs4state.o", cmd, Path("/s/fs/nfsd/nfs4state.c")))
+    assert (par.target, par.is_module) == ("nfsd", True)
+    builtin = cmd.replace(" -DMODULE", "")
+    assert parent_of(CompileCommand("x.o", builtin, Path("/s/x.c"))).target == "vmlinux"
+
+
+def test_load_order_dependencies_first() -> None:
+    deps = {"nfsd": ["sunrpc", "lockd", "grace"], "lockd": ["sunrpc", "grace"], "sunrpc": [], "grace": []}
+    assert load_order(deps, ["nfsd"]) == ["sunrpc", "grace", "lockd", "nfsd"]
+
+
+def test_job_list_for_several_releases(tmp_path: Path) -> None:
+    """Several releases: one independent job each, emitted for a CI matrix / Kubernetes, nothing built."""
+    import json
+    import sys
+
+    both = "debian:6.1.0-56-amd64,debian:6.1.0-57-amd64,debian:6.1.0-56-amd64"
+    (tmp_path / "fix.patch").write_text("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n")
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", both, "fix.patch",
+                        "-o", "cves-{release}.ko", "--json", "r-{release}.json", "--emit-jobs", "-"],
+                       capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    jobs = json.loads(r.stdout)
+    assert [j["name"] for j in jobs] == ["klp-debian-6-1-0-56-amd64", "klp-debian-6-1-0-57-amd64"]
+    assert jobs[1]["argv"] == ["klpforge", "build", "--distro", "debian:6.1.0-57-amd64", "fix.patch", "-o",
+                               "cves-6.1.0-57-amd64.ko", "--json", "r-6.1.0-57-amd64.json"]
+
+
+def test_kallsyms_sympos_by_neighbours(tmp_path: Path) -> None:
+    """No FILE symbols in a kallsyms capture: a duplicated local is told apart by the other locals of its
+    object around it (the linker keeps one object's functions together), counted in address order."""
+    rows = [f"ffffffff81{i:06x}0 t filler{i}" for i in range(200)]
+    rows[20] = "ffffffff810000140 t show"
+    rows[150] = "ffffffff810000960 t show"
+    rows[152] = "ffffffff810000980 t my_helper"
+    rows[149] = "ffffffff810000950 t my_other"
+    p = tmp_path / "k.txt"
+    p.write_text(kallsyms_to_readelf("\n".join(rows) + "\n"))
+    st = TargetSymtab.load(p, is_module=False)
+    assert st.sympos("show", file="x.c", local=True, siblings=frozenset({"my_helper", "my_other", "show"})) == 2
+    with pytest.raises(InputError, match="cannot tell which of 2 symbols named show"):
+        st.sympos("show", file="x.c", local=True, siblings=frozenset({"unrelated"}))
+
+
+def test_btf_id_slots_correlate_across_counter_shifts() -> None:
+    """BTF_ID() slots are numbered by __COUNTER__ (include/linux/btf_ids.h): an edit above them renumbers them."""
+    from klpforge.names import canonical
+
+    assert canonical("__BTF_ID__struct__kallsym_iter__493952") == canonical("__BTF_ID__struct__kallsym_iter__493954")
+    assert canonical("__BTF_ID__struct__a__1") != canonical("__BTF_ID__struct__b__1")
