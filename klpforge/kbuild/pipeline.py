@@ -328,6 +328,10 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                 t.callbacks.update(o.callbacks)
             if not any(t.funcs for t in targets.values()):
                 raise NoChange(f"{patch.path.name}: the diff found no function to replace")
+            # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded):
+            # a reference into another module's exports needs that object even with no function to replace.
+            for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
+                targets[obj] = KlpTarget(obj)
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
                               opts.jobs, log, exports)
         with _step("postlink", timings, progress, "writing klp relocations"):
