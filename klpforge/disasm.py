@@ -14,19 +14,21 @@ from .arch import Arch
 __all__ = ["instructions", "decoder", "mnemonic_at"]
 
 
-def decoder(arch: Arch) -> Any:
-    """A capstone ``Cs`` for ``arch`` (detail off: sizes, mnemonics and operands are all we need)."""
-    return _decoder(arch.cs_arch, arch.cs_mode)  # Arch holds dicts: cache on the hashable part
+def decoder(arch: Arch, detail: bool = False) -> Any:
+    """A capstone ``Cs`` for ``arch``, shared per (architecture, detail). Detail off unless operand and
+    register-access details are needed (several times slower)."""
+    return _decoder(arch.cs_arch, arch.cs_mode, detail)  # Arch holds dicts: cache on the hashable part
 
 
 @cache
-def _decoder(cs_arch: str, cs_mode: str) -> Any:
+def _decoder(cs_arch: str, cs_mode: str, detail: bool) -> Any:
     import capstone
 
     mode = 0
     for part in cs_mode.split("|"):
         mode |= getattr(capstone, part.strip()) if part.strip() else 0
     md = capstone.Cs(getattr(capstone, cs_arch), mode)
+    md.detail = detail
     md.skipdata = True
     return md
 

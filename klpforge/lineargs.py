@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from .arch import Arch
+from .disasm import decoder
 
 __all__ = ["LINE_ARGS", "ARG_REGS", "Insn", "decode", "line_loads", "only_lines_differ", "is_source_file_name"]
 
@@ -102,19 +102,6 @@ class Insn:
     mnemonic: str
 
 
-@cache
-def _detail_decoder(cs_arch: str, cs_mode: str) -> Any:
-    import capstone
-
-    mode = 0
-    for part in cs_mode.split("|"):
-        mode |= getattr(capstone, part.strip()) if part.strip() else 0
-    md = capstone.Cs(getattr(capstone, cs_arch), mode)
-    md.detail = True
-    md.skipdata = True
-    return md
-
-
 def _canon(arch: str, name: str) -> str:
     if arch == "x86_64":
         return _X86_ALIAS.get(name, "")
@@ -130,7 +117,7 @@ def decode(arch: Arch, code: bytes, base: int = 0) -> list[Insn]:
     with capstone's detail; offsets are ``base``-relative. Empty when capstone has no decoder for ``arch``."""
     if not arch.cs_arch or arch.name not in ARG_REGS:
         return []
-    md = _detail_decoder(arch.cs_arch, arch.cs_mode)
+    md = decoder(arch, detail=True)
     args = frozenset(ARG_REGS[arch.name])
     out = []
     for ins in md.disasm(code, base):
@@ -244,8 +231,6 @@ def only_lines_differ(arch: Arch, a: bytes, a_rel: list[tuple[int, str, bytes | 
     :data:`WINDOW` before each difference to the call it feeds are decoded with detail."""
     if not arch.cs_arch or arch.name not in ARG_REGS:
         return False
-    from .disasm import decoder
-
     md = decoder(arch)
     la = list(md.disasm_lite(a, 0))
     lb = list(md.disasm_lite(b, 0))

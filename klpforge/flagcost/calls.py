@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any
 
 import numpy as np
 
 from ..arch import Arch, arch_for
+from ..disasm import decoder
 from ..elf import constants as C
 from ..model import Object
 
@@ -117,7 +116,7 @@ def _stack_pads(obj: Object, arch: Arch, f: Func, lo: int, hi: int) -> int:
     if arch.name != "x86_64" or not f.refs:
         return 0
     code = obj.section_data(f.section)[lo:hi]
-    return sum(1 for _a, _s, mn, ops in _cs(arch.cs_arch, arch.cs_mode, False).disasm_lite(code, 0)
+    return sum(1 for _a, _s, mn, ops in decoder(arch).disasm_lite(code, 0)
                if mn == "sub" and ops.replace(" ", "") == "rsp,8")
 
 
@@ -126,26 +125,13 @@ def _thunk_target(obj: Object, arch: Arch, f: Func, lo: int, hi: int, fentry: se
     if arch.name != "x86_64" or f.size > 16 or len(f.refs) != 1 or sum(f.refs.values()) != 1:
         return None
     code = obj.section_data(f.section)[lo:hi]
-    ins = [(mn, ops) for _a, _s, mn, ops in _cs(arch.cs_arch, arch.cs_mode, False).disasm_lite(code, 0)]
+    ins = [(mn, ops) for _a, _s, mn, ops in decoder(arch).disasm_lite(code, 0)]
     ins = [x for x in ins if not x[0].startswith("nop") and x[0] not in ("endbr64", "int3")]
     if ins and ins[0][0] == "call":
         ins = ins[1:]  # the ftrace entry
     if len(ins) == 1 and ins[0][0] == "jmp":
         return next(iter(f.refs))
     return None
-
-
-@cache
-def _cs(cs_arch: str, cs_mode: str, detail: bool) -> Any:
-    import capstone
-
-    mode = 0
-    for part in cs_mode.split("|"):
-        mode |= getattr(capstone, part.strip()) if part.strip() else 0
-    md = capstone.Cs(getattr(capstone, cs_arch), mode)
-    md.detail = detail
-    md.skipdata = True
-    return md
 
 
 def can_return(obj: Object, f: Func) -> bool:
@@ -156,7 +142,7 @@ def can_return(obj: Object, f: Func) -> bool:
         return True
     lo = int(obj.value[f.index])
     code = obj.section_data(f.section)[lo:lo + f.size]
-    md = _cs(arch.cs_arch, arch.cs_mode, False)
+    md = decoder(arch)
     for _a, _s, mn, ops in md.disasm_lite(code, 0):
         if mn.startswith("ret") or (mn == "jmp" and not 0 <= _int(ops) < f.size):
             return True  # ret, or an indirect jump or one out of the function: can leave it
@@ -182,7 +168,7 @@ def live_across_calls(obj: Object, f: Func, callees: set[str]) -> dict[str, list
 
     lo = int(obj.value[f.index])
     code = obj.section_data(f.section)[lo:lo + f.size]
-    md = _cs(arch.cs_arch, arch.cs_mode, True)
+    md = decoder(arch, detail=True)
     insns = list(md.disasm(code, 0))
     r = obj.relocs(f.section)
     rel_at = {}
@@ -256,7 +242,7 @@ def call_segments(obj: Object, f: Func) -> list[tuple[str, tuple[str, ...]]] | N
             rel_at[off - lo] = _target_name(obj, arch, int(s), int(add), int(typ))
     fentry = set(arch.fentry_names)
     out: list[tuple[str, list[str]]] = []
-    for addr, size, mn, _ops in _cs(arch.cs_arch, arch.cs_mode, False).disasm_lite(code, 0):
+    for addr, size, mn, _ops in decoder(arch).disasm_lite(code, 0):
         if mn == "call":
             tgt = next((rel_at[o] for o in range(addr, addr + size) if o in rel_at), None) or "?"
             if tgt in fentry:
