@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..kbuild.patchfile import SourcePatch
-from ..kbuild.tree import CompileCommand
+from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
 from .base import DistroTree, run_logged, tree_lock
 from .debian import make_command
 
@@ -43,21 +43,15 @@ class ObjectParent:
 
 def recorded_command(tree: DistroTree, obj: str) -> CompileCommand:
     """The command Kbuild recorded for ``obj`` in ``build/<dir>/.<name>.cmd`` (after a single-target build)."""
-    p = Path(obj)
-    cmdf = tree.build / p.parent / f".{p.name}.cmd"
+    cmdf = cmd_file_of(tree.build, obj)
     try:
         text = cmdf.read_text()
     except OSError:
         raise InputError(f"{cmdf}: missing; compile {obj} first") from None
-    cmd = src = None
-    for line in text.splitlines():
-        if line.startswith(f"cmd_{obj} := "):
-            cmd = line.split(" := ", 1)[1]
-        elif line.startswith(f"source_{obj} := "):
-            src = line.split(" := ", 1)[1].strip()
-    if not cmd or not src:
+    got = parse_cmd_file(text, obj)
+    if got is None:
         raise InputError(f"{cmdf}: no cmd_/source_ line for {obj}")
-    cmd = cmd.replace("$(pound)", "#").replace("$$", "$")
+    cmd, src = got
     srcp = Path(src) if Path(src).is_absolute() else tree.build / src
     return CompileCommand(obj, cmd, srcp)
 

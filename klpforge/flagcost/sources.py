@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..kbuild.tree import cmd_file_of, parse_cmd_file
 
 __all__ = ["Unit", "find_units", "read_cmd", "record_in_copy", "plain_make", "MakeArgs", "remove_tree"]
 
@@ -42,23 +43,14 @@ class Unit:
 
 def read_cmd(build: Path, obj: str) -> Unit | None:
     """The unit for ``obj`` from its ``.cmd`` file, or None when there is none or it is not a C compile."""
-    p = build / obj
-    cmdf = p.parent / f".{p.name}.cmd"
     try:
-        text = cmdf.read_text(errors="replace")
+        text = cmd_file_of(build, obj).read_text(errors="replace")
     except OSError:
         return None
-    cmd = src = None
-    for line in text.splitlines():
-        if line.startswith(f"cmd_{obj} := "):
-            cmd = line.split(" := ", 1)[1]
-        elif line.startswith(f"source_{obj} := "):
-            src = line.split(" := ", 1)[1].strip()
-    if not cmd or not src or not src.endswith(".c"):
+    got = parse_cmd_file(text, obj)
+    if got is None or not got[1].endswith(".c"):
         return None
-    # make escaping in .cmd files (scripts/Kbuild.include, 6.1): $$ for $, $(pound) for #
-    cmd = cmd.replace("$(pound)", "#").replace("$$", "$")
-    return Unit(obj, cmd, build, src)
+    return Unit(obj, got[0], build, got[1])
 
 
 def _objects_in(build: Path, rel: str) -> list[str]:

@@ -24,7 +24,7 @@ from elftools.elf.elffile import ELFFile
 from ..errors import InputError
 from ..proc import run
 
-__all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path"]
+__all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path", "cmd_file_of", "parse_cmd_file"]
 
 
 @dataclass(frozen=True)
@@ -157,15 +157,10 @@ class KernelTree:
         except OSError:
             raise InputError(f"{cmdf} not found: {obj} was not built in {self.build} "
                              "(is its CONFIG option off?)") from None
-        cmd = src = None
-        for line in text.splitlines():
-            if line.startswith(f"cmd_{obj} := "):
-                cmd = line.split(" := ", 1)[1]
-            elif line.startswith(f"source_{obj} := "):
-                src = line.split(" := ", 1)[1].strip()
-        if not cmd or not src:
+        got = parse_cmd_file(text, obj)
+        if got is None:
             raise InputError(f"{cmdf}: no cmd_/source_ line for {obj}")
-        cmd = cmd.replace("$(pound)", "#").replace("$$", "$")
+        cmd, src = got
         srcp = Path(src) if Path(src).is_absolute() else self.build / src
         return CompileCommand(obj, cmd, srcp)
 
@@ -273,3 +268,23 @@ class KernelTree:
 def shell_quote(s: str) -> str:
     """Quote for a POSIX shell."""
     return shlex.quote(s)
+
+
+def cmd_file_of(build: Path, obj: str) -> Path:
+    """Kbuild's record of how ``obj`` was built: ``build/<dir>/.<name>.cmd``."""
+    p = Path(obj)
+    return build / p.parent / f".{p.name}.cmd"
+
+
+def parse_cmd_file(text: str, obj: str) -> tuple[str, str] | None:
+    """``(command, source)`` from the text of ``obj``'s ``.cmd`` file, the command unescaped from make
+    (scripts/Kbuild.include, 6.1: ``$$`` for ``$``, ``$(pound)`` for ``#``); None without both lines."""
+    cmd = src = None
+    for line in text.splitlines():
+        if line.startswith(f"cmd_{obj} := "):
+            cmd = line.split(" := ", 1)[1]
+        elif line.startswith(f"source_{obj} := "):
+            src = line.split(" := ", 1)[1].strip()
+    if not cmd or not src:
+        return None
+    return cmd.replace("$(pound)", "#").replace("$$", "$"), src
