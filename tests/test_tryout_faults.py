@@ -1,0 +1,161 @@
+"""Wrong live patches a fresh-user tryout found (exit 0 with a patch that changes unchanged code), compiled by the
+real gcc during the run with the kernel-like flags of ../shared/cases/compile.sh, here mostly *without*
+``-ffunction-sections -fdata-sections`` (one ``.text``, where the assembler resolves calls without relocations).
+
+1. identical-code-folded functions in one ``.text``: the other member's callers reach the shared address with
+   no relocation; they must still be found and moved to a copy of its old body (klpforge/icf.py);
+2. same-named function-scope statics are never paired by position (klpforge/statics.py);
+3. a branch relaxed to another encoding length, reaching the same target, is no change (klpforge/sharedsec.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.elf import constants as C
+from klpforge.errors import UnsafeChange
+from klpforge.model import Object
+
+from .conftest import SHARED
+
+#: ../shared/cases/compile.sh's flags without -ffunction-sections -fdata-sections
+PLAIN_FLAGS = ["-O2", "-fno-pic", "-mcmodel=kernel", "-mfentry", "-pg", "-mrecord-mcount",
+               "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mno-sse", "-fno-strict-aliasing", "-fno-common",
+               "-nostdinc", "-ffreestanding", "-fno-stack-protector"]
+SECTION_FLAGS = ["-ffunction-sections", "-fdata-sections"]
+
+
+def build(cc: str, tmp: Path, orig: str, patched: str, flags: list[str]) -> tuple[Path, Path]:
+    """Compile both sides as ``unit.c`` (the FILE symbol must match), in two directories."""
+    objs = []
+    for side, src in (("orig", orig), ("patched", patched)):
+        d = tmp / side
+        d.mkdir(exist_ok=True)
+        (d / "unit.c").write_text(src)
+        subprocess.run([cc, *flags, "-c", "unit.c", "-o", "unit.o"], check=True, cwd=d)
+        objs.append(d / "unit.o")
+    return objs[0], objs[1]
+
+
+def diff(a: Path, b: Path, tmp: Path) -> DiffResult:
+    return run_diff(a, b, tmp / "lp.o", DiffOptions(symtab=a, env={}))
+
+
+def case(name: str) -> tuple[str, str]:
+    d = SHARED / "cases" / name
+    if not d.is_dir():
+        pytest.skip(f"{d} not present")
+    return (d / "orig.c").read_text(), (d / "patched.c").read_text()
+
+
+def folded(a: Path, *names: str) -> bool:
+    o = Object.load(a)
+    at = {(int(o.shndx[o.sym_names.index(n)]), int(o.value[o.sym_names.index(n)])) for n in names}
+    return len(at) == 1
+
+
+def calls_in(lp: Path, func: str) -> set[str]:
+    """Names the relocations inside output function ``func`` point at (its calls)."""
+    o = Object.load(lp)
+    f = next(i for i in range(1, o.nsym) if o.defined[i] and o.stype[i] == C.STT_FUNC and o.sym_names[i] == func)
+    lo, hi = o.sym_range(f)
+    out = set()
+    for tgt, rs in o.elf.reloc_sections.items():
+        if tgt != int(o.shndx[f]):
+            continue
+        r = o.elf.relocs(rs)
+        for s, off in zip(r["sym"].tolist(), r["offset"].tolist(), strict=True):
+            if lo <= off < hi:
+                out.add(o.sym_names[s])
+    return out
+
+
+def local_funcs(lp: Path) -> set[str]:
+    o = Object.load(lp)
+    return {o.sym_names[i] for i in range(1, o.nsym)
+            if o.defined[i] and o.stype[i] == C.STT_FUNC and o.sbind[i] == C.STB_LOCAL}
+
+
+# -- 1. identical code folding in one .text -------------------------------------------------------------
+
+FOLD3 = """extern int table[64];
+#define F(name) __attribute__((noinline)) static int name(int n) \\
+	{ int s = 0; for (int i = 0; i < n; i++) s += table[i] * 7; return s; }
+F(f1)
+%s
+F(f3)
+int u1(int n) { return f1(n) + 1; }
+int u2(int n) { return f2(n) + 2; }
+int u3(int n) { return f3(n) + 3; }
+"""
+
+
+@pytest.mark.parametrize("edited", ["sum_front", "sum_back"])
+def test_icf_in_plain_text_moves_the_other_members_callers(gcc: str, tmp_path: Path, edited: str) -> None:
+    """The icf-alias case without -ffunction-sections: use_back reaches the shared address with an assembler-
+    resolved call; the member that is not edited is copied and its caller replaced to call the copy."""
+    orig, patched = case("icf-alias")
+    if edited == "sum_back":
+        i = orig.index("sum_back(int n)")
+        patched = orig[:i] + orig[i:].replace("* 7", "* 9", 1)
+    other = "sum_back" if edited == "sum_front" else "sum_front"
+    caller = "use_back" if other == "sum_back" else "use_front"
+    a, b = build(gcc, tmp_path, orig, patched, PLAIN_FLAGS)
+    if not folded(a, "sum_front", "sum_back"):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {edited, caller}
+    assert other in local_funcs(tmp_path / "lp.o")  # the old body, as a new function of the patch
+    assert other in calls_in(tmp_path / "lp.o", f"klpf_vmlinux__{caller}__0")  # the caller calls the copy
+    assert other not in {r.symbol for r in res.klp_relocs} and edited not in {r.symbol for r in res.klp_relocs}
+
+
+def test_icf_three_members_middle_edited(gcc: str, tmp_path: Path) -> None:
+    """f1, f2, f3 one body; the fix edits f2: f1's and f3's callers (u1, u3) are moved to one copy (f1 and f3
+    are still folded in the patched object) and f2's redirect serves u2."""
+    orig = FOLD3 % "F(f2)"
+    patched = FOLD3 % ("__attribute__((noinline)) static int f2(int n) "
+                       "{ int s = 0; for (int i = 0; i < n; i++) s += table[i] * 3; return s; }")
+    a, b = build(gcc, tmp_path, orig, patched, PLAIN_FLAGS)
+    if not folded(a, "f1", "f2", "f3"):
+        pytest.skip("gcc did not fold f1, f2 and f3")
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"f2", "u1", "u3"}
+    lp = tmp_path / "lp.o"
+    assert calls_in(lp, "klpf_vmlinux__u1__0") & {"f1", "f3"}
+    assert calls_in(lp, "klpf_vmlinux__u3__0") & {"f1", "f3"}
+    assert not {"f1", "f2", "f3"} & {r.symbol for r in res.klp_relocs}
+
+
+def test_icf_in_plain_text_same_result_as_with_function_sections(gcc: str, tmp_path: Path) -> None:
+    """The edited member and the moved caller are the same with and without -ffunction-sections."""
+    orig, patched = case("icf-alias")
+    got: list[set[str]] = []
+    for flags, sub in ((PLAIN_FLAGS, "plain"), (PLAIN_FLAGS + SECTION_FLAGS, "sections")):
+        (tmp_path / sub).mkdir()
+        a, b = build(gcc, tmp_path / sub, orig, patched, flags)
+        got.append({f.old_name for f in diff(a, b, tmp_path / sub).patched_functions})
+    assert got == [{"sum_front", "use_back"}] * 2
+
+
+def test_icf_in_plain_text_refused_on_aarch64(tmp_path: Path) -> None:
+    """aarch64: klpforge cannot find every assembler-resolved call inside one .text, so it refuses, naming the
+    folded functions."""
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    if cc is None:
+        pytest.skip("aarch64-linux-gnu-gcc not installed")
+    orig, patched = case("icf-alias")
+    flags = ["-O2", "-fno-pic", "-fno-asynchronous-unwind-tables", "-fno-strict-aliasing", "-fno-common", "-nostdinc",
+             "-ffreestanding", "-fno-stack-protector", "-fpatchable-function-entry=2"]
+    a, b = build(cc, tmp_path, orig, patched, flags)
+    if not folded(a, "sum_front", "sum_back"):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    with pytest.raises(UnsafeChange, match=r"sum_front and sum_back were one body at one address.*identical code "
+                                           r"folding.*sum_back shares its section \.text with other code.*on aarch64"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
