@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from klpforge.diff import DiffOptions, DiffResult, run_diff
@@ -157,5 +158,102 @@ def test_icf_in_plain_text_refused_on_aarch64(tmp_path: Path) -> None:
         pytest.skip("gcc did not fold sum_front and sum_back")
     with pytest.raises(UnsafeChange, match=r"sum_front and sum_back were one body at one address.*identical code "
                                            r"folding.*sum_back shares its section \.text with other code.*on aarch64"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
+
+
+# -- 2. same-named statics of the same functions --------------------------------------------------------
+
+BOTH = pytest.mark.parametrize("flags", [PLAIN_FLAGS, PLAIN_FLAGS + SECTION_FLAGS], ids=["plain", "sections"])
+
+SL5_ORIG = """extern void note(int);
+static inline __attribute__((always_inline)) int f(void) { static int count; return ++count; }
+static inline __attribute__((always_inline)) int g(void) { static int count; return count += 2; }
+int h(int x) { if (x) return f(); return g(); }
+"""
+SL5_PATCHED = """extern void note(int);
+static inline __attribute__((always_inline)) int g(void) { static int count; return count += 2; }
+static inline __attribute__((always_inline)) int f(void) { static int count; return ++count; }
+int h(int x) { if (!x) return g() + 1; return f(); }
+"""
+SL6_ORIG = "int h(int x) { if (x) { static int c; return ++c; } else { static int c; return c += 2; } }\n"
+SL6_PATCHED = "int h(int x) { if (!x) { static int c; return (c += 2) + 1; } else { static int c; return ++c; } }\n"
+
+
+def _refused(a: Path, b: Path, tmp: Path, static: str, users: str) -> None:
+    with pytest.raises(UnsafeChange, match=rf"static local {static}\.\d+ \(used by {users}\) cannot be correlated: "
+                                           r"2 statics of that name are used by the same functions and hold the "
+                                           r"same size and initial value.*pairing by GCC's number or position"):
+        diff(a, b, tmp)
+    assert not (tmp / "lp.o").exists()
+
+
+@BOTH
+def test_inlined_functions_statics_of_one_name_are_refused(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """f's and g's ``count`` are both h's (always_inline) and both zero ints: the changed h uses them, and
+    nothing tells which running counter is which (the old report paired count.0<->count.0 by position)."""
+    a, b = build(gcc, tmp_path, SL5_ORIG, SL5_PATCHED, flags)
+    _refused(a, b, tmp_path, "count", "h")
+
+
+@BOTH
+def test_block_statics_swapped_are_refused(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """Two ``static int c`` in blocks of h, the blocks swapped by the patch."""
+    a, b = build(gcc, tmp_path, SL6_ORIG, SL6_PATCHED, flags)
+    _refused(a, b, tmp_path, "c", "h")
+
+
+@BOTH
+def test_statics_only_unchanged_code_uses_are_no_refusal(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """The same indistinguishable statics, but the patch edits another function: h stays in the running
+    kernel, nothing uses the statics from the patch, and the diff goes through."""
+    extra = "int other(int y) { return y + %d; }\n"
+    a, b = build(gcc, tmp_path, SL5_ORIG + extra % 1, SL5_ORIG + extra % 2, flags)
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"other"}
+    assert not any(r.symbol.startswith("count") for r in res.klp_relocs)
+
+
+@BOTH
+def test_block_statics_told_apart_by_contents(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """Two ``s`` arrays in blocks of h, swapped by the patch, hold different strings: each pairs with the
+    running kernel's array of the same strings, whatever GCC numbered them."""
+    orig = ("extern void note(const char *const *);\nint h(int x) { if (x) { static const char *const s[] = "
+            "{ \"a\", \"b\" }; note(s); return 1; } else { static const char *const s[] = { \"c\", \"d\" }; "
+            "note(s); return 2; } }\n")
+    patched = ("extern void note(const char *const *);\nint h(int x) { if (!x) { static const char *const s[] = "
+               "{ \"c\", \"d\" }; note(s); return 3; } else { static const char *const s[] = { \"a\", \"b\" }; "
+               "note(s); return 1; } }\n")
+    a, b = build(gcc, tmp_path, orig, patched, flags)
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"h"}
+    o, p = Object.load(a), Object.load(b)
+
+    def first_string(obj: Object, name: str) -> str:
+        """The string the array's first pointer points at (its relocation into .rodata.str)."""
+        i = obj.sym_names.index(name)
+        sec, lo = int(obj.shndx[i]), int(obj.value[i])
+        r = obj.relocs(sec)
+        k = int(np.flatnonzero(r["offset"] == lo)[0])
+        t = int(obj.shndx[int(r["sym"][k])])
+        data = obj.section_data(t)
+        start = int(r["addend"][k]) + int(obj.value[int(r["sym"][k])])
+        return data[start:data.index(b"\0", start)].decode()
+
+    pairs = {c["patched"]: c["orig"] for c in res.report["correlation"] if c["patched"].startswith("s.")}
+    assert len(pairs) == 2
+    for pn, on in pairs.items():
+        assert first_string(p, pn) == first_string(o, on)
+    assert {first_string(p, pn) for pn in pairs} == {"a", "c"}
+
+
+@BOTH
+def test_statics_referenced_from_data_are_refused(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """Sibling in data: each block's ``c`` is reached through its own ``pc`` table, both tables alike; the
+    changed h uses the tables, which are refused by name."""
+    src = ("extern void note(int *const *);\nvoid h(int x) { if (%s) { static int c; static int *const pc[] = { &c }; "
+           "c += %d; note(pc); } else { static int c; static int *const pc[] = { &c }; c += %d; note(pc); } }\n")
+    a, b = build(gcc, tmp_path, src % ("x", 1, 2), src % ("!x", 3, 1), flags)
+    with pytest.raises(UnsafeChange, match=r"static local pc\.\d+ \(used by h\) cannot be correlated"):
         diff(a, b, tmp_path)
     assert not (tmp_path / "lp.o").exists()
