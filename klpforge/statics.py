@@ -236,6 +236,9 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
                     _pair(corr, a, twins[0], "static local of the same functions with its own size and initial value")
                     os_.remove(a)
                     ps.remove(twins[0])
+            if len(os_) == 1:  # the others are told apart: this one is what is left on both sides
+                _pair(corr, os_[0], ps[0], "static local of the same functions, the one left when the others pair")
+                continue
             if not os_ or not all(o.size[a] == p.size[b] for a, b in zip(os_, ps, strict=True)):
                 continue
             os_.sort(key=lambda i: _number(o.sym_names[i]))
