@@ -25,7 +25,7 @@ from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static
 from .reloc_keys import TargetKeys
-from .sharedsec import is_shared, same_but_resolved
+from .sharedsec import is_shared, same_but_relaxed, same_but_resolved
 
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_ARGS"]
 
@@ -117,6 +117,11 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
         if why == "bytes" and p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
                 and same_but_resolved(o, p, corr.o2p, arch, osec, psec, olo, ohi, plo, phi):
             res.status[pi] = SAME  # only calls into moved neighbours of its shared section differ
+            continue
+        if p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
+                and same_but_relaxed(o, p, corr.o2p, arch, osec, psec, (olo, ohi), (plo, phi),
+                                     _reloc_slice(o, keys, osec, olo, ohi), _reloc_slice(p, keys, psec, plo, phi)):
+            res.status[pi] = SAME  # a jump to a moved neighbour took another length (branch relaxation)
             continue
         if why == "bytes" and p.is_text(psec):
             if _line_only(o, p, keys, osec, psec, olo, ohi, plo, phi):

@@ -24,7 +24,7 @@ from .elf import constants as C
 from .elf.types import RELOC
 from .model import Object
 
-__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved"]
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved", "same_but_relaxed"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
 _X86_PC32, _X86_PLT32 = 2, 4
@@ -194,6 +194,72 @@ def same_but_resolved(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch
             return False
         if bytes(x.bytes)[:fx] != bytes(y.bytes)[:fy] or bytes(x.bytes)[fx + 4:] != bytes(y.bytes)[fy + 4:]:
             return False
+        to, tp = orig.symbol_at(osec, tx), patched.symbol_at(psec, ty)
+        if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
+            return False
+    return True
+
+
+def same_but_relaxed(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch, osec: int, psec: int,
+                     orange: tuple[int, int], prange: tuple[int, int], orelocs: np.ndarray,
+                     prelocs: np.ndarray) -> bool:
+    """True when code ``orig[osec][orange)`` and ``patched[psec][prange)`` are the same instructions, where a
+    jump may have another encoding length (the assembler relaxes ``jmp rel8``/``rel32`` by distance, and a
+    neighbour in the shared section moved) and every PC-relative operand the assembler resolved reaches the
+    same place: the same instruction inside the function, or the correlated twin (``o2p``) of the same
+    symbol at the same offset outside it. ``orelocs``/``prelocs``: each side's relocations as rows
+    (offset from the range start, type, target key id, addend relative to the key), compared by instruction
+    index. x86-64 only (GNU as relaxation); other architectures return False."""
+    if arch.machine != C.EM_X86_64:
+        return False
+    import capstone
+
+    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    md.detail = True
+    (olo, ohi), (plo, phi) = orange, prange
+    a = list(md.disasm(orig.section_data(osec)[olo:ohi], olo))
+    b = list(md.disasm(patched.section_data(psec)[plo:phi], plo))
+    if len(a) != len(b) or not a or sum(x.size for x in a) != ohi - olo or sum(y.size for y in b) != phi - plo:
+        return False
+    ostart = np.array([x.address for x in a] + [ohi], np.int64)
+    pstart = np.array([y.address for y in b] + [phi], np.int64)
+    if len(orelocs) != len(prelocs):
+        return False
+    relocated: set[int] = set()
+    for ra, rb in zip(orelocs.tolist(), prelocs.tolist(), strict=True):
+        ka = int(np.searchsorted(ostart, olo + ra[0], side="right")) - 1
+        kb = int(np.searchsorted(pstart, plo + rb[0], side="right")) - 1
+        if ka != kb or ra[1:] != rb[1:] or olo + ra[0] - ostart[ka] != plo + rb[0] - pstart[kb]:
+            return False
+        relocated.add(ka)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        xb, yb = bytes(x.bytes), bytes(y.bytes)
+        if k in relocated:  # the linker computes the field; the relocation rows agreed above
+            if xb != yb:
+                return False
+            continue
+        tx, fx, sx, kx = _pcrel_operand(capstone, x, True)
+        ty, fy, sy, ky = _pcrel_operand(capstone, y, True)
+        if tx is None or ty is None:
+            if xb != yb or (tx is None) != (ty is None):
+                return False
+            continue
+        if x.mnemonic != y.mnemonic or kx != ky:
+            return False
+        if x.size != y.size:
+            if kx != "branch" or not x.mnemonic.startswith("j"):
+                return False  # only jumps are relaxed
+        elif xb[:fx] != yb[:fy] or xb[fx + sx:] != yb[fy + sy:]:
+            return False
+        inside_o, inside_p = olo <= tx <= ohi, plo <= ty <= phi
+        if inside_o != inside_p:
+            return False
+        if inside_o:  # the same instruction of the function, whatever moved in between
+            io = int(np.searchsorted(ostart, tx))
+            ip = int(np.searchsorted(pstart, ty))
+            if io != ip or ostart[io] != tx or pstart[ip] != ty:
+                return False
+            continue
         to, tp = orig.symbol_at(osec, tx), patched.symbol_at(psec, ty)
         if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
             return False

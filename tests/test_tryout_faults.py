@@ -10,6 +10,7 @@ real gcc during the run with the kernel-like flags of ../shared/cases/compile.sh
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -257,3 +258,68 @@ def test_statics_referenced_from_data_are_refused(gcc: str, tmp_path: Path, flag
     with pytest.raises(UnsafeChange, match=r"static local pc\.\d+ \(used by h\) cannot be correlated"):
         diff(a, b, tmp_path)
     assert not (tmp_path / "lp.o").exists()
+
+
+@BOTH
+def test_static_left_alone_pairs_by_elimination(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """Three ``c`` in blocks of h; the patch re-initialises one (which data judging refuses as such) and the
+    other two are told apart by their initial values: no static is called ambiguous."""
+    src = ("int h(int x) { if (x == 1) { static int c = 1; return ++c; } if (x == 2) { static int c = 2; "
+           "return ++c; } { static int c = %d; return c += %d; } }\n")
+    a, b = build(gcc, tmp_path, src % (3, 1), src % (4, 2), flags)
+    with pytest.raises(UnsafeChange) as e:
+        diff(a, b, tmp_path)
+    assert "cannot be correlated" not in str(e.value)
+    assert re.search(r"data c\.\d+ \(\.data[^)]*\) changed \(bytes\)", str(e.value))
+
+
+# -- 3. branch relaxation in one .text ------------------------------------------------------------------
+
+RELAX = """extern int table[64];
+extern void note(int);
+__attribute__((noinline)) static int beta(int x) { note(x); return table[x & 63]; }
+__attribute__((noinline)) static int gamma_(int x) { note(x + 1); return table[x & 31]; }
+%s
+int run_gamma(int x) { return gamma_(x); }
+int run_beta(int x) { return %s(x); }
+"""
+#: a new function between the callees and run_beta: its tail jump no longer fits in rel8
+BULK = ("int bulk(int x) { int s = 0; for (int i = 0; i < 64; i++) s += table[i] * (x + i) ^ (s >> 3); "
+        + " ".join(f"note(s + {k});" for k in range(17)) + " return s; }")
+
+
+def _jump_sizes(obj_path: Path, func: str) -> set[int]:
+    """Sizes of the jmp instructions of ``func`` (capstone)."""
+    import capstone
+
+    o = Object.load(obj_path)
+    i = o.sym_names.index(func)
+    lo, hi = o.sym_range(i)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    return {x.size for x in md.disasm(o.section_data(int(o.shndx[i]))[lo:hi], lo) if x.mnemonic == "jmp"}
+
+
+def test_relaxed_jump_to_the_same_target_is_no_change(gcc: str, tmp_path: Path) -> None:
+    """run_beta's tail jump to beta is rel8 in the original and rel32 once bulk sits between them: the same
+    instruction, reaching the same function, so only the new bulk is in the patch."""
+    a, b = build(gcc, tmp_path, RELAX % ("", "beta"), RELAX % (BULK, "beta"), PLAIN_FLAGS)
+    if (_jump_sizes(a, "run_beta"), _jump_sizes(b, "run_beta")) != ({2}, {5}):
+        pytest.skip("gcc/as did not relax run_beta's tail jump differently")
+    res = diff(a, b, tmp_path)
+    assert res.patched_functions == [] and "bulk" in res.included_functions
+    assert "run_beta" not in res.included_functions and "run_gamma" not in res.included_functions
+
+
+def test_relaxed_jump_to_another_target_is_a_change(gcc: str, tmp_path: Path) -> None:
+    """The same relaxation, but run_beta now jumps to gamma_: it is changed."""
+    a, b = build(gcc, tmp_path, RELAX % ("", "beta"), RELAX % (BULK, "gamma_"), PLAIN_FLAGS)
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"run_beta"}
+
+
+def test_case_static_local_clone_rename_plain(gcc: str, tmp_path: Path) -> None:
+    """The static-local-clone-rename case without -ffunction-sections: run_beta's jump to beta took another
+    length only because the code before it grew; only run_alpha is replaced."""
+    a, b = build(gcc, tmp_path, *case("static-local-clone-rename"), PLAIN_FLAGS)
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"run_alpha"}
