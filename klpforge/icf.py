@@ -28,7 +28,7 @@ from .correlate import Correlation
 from .elf import constants as C
 from .model import Object, is_ignored_section
 from .names import clone_parent
-from .sharedsec import is_shared, resolved_refs
+from .sharedsec import resolved_targets
 from .statics import users_of
 
 __all__ = ["fold_groups", "split_folded"]
@@ -114,11 +114,11 @@ def split_folded(corr: Correlation, patched: list[int], include: Callable[[int, 
 def _resolved_callers(p: Object, g: int) -> set[int] | None:
     """Functions of ``g``'s own section that reach ``g`` through a displacement the assembler resolved (no
     relocation: one ``.text`` without ``-ffunction-sections``). None when they cannot all be found: another
-    architecture than x86-64 with other functions in that section (sharedsec.resolved_refs)."""
+    architecture than x86-64 with other functions in that section (sharedsec.resolved_targets)."""
     sec = int(p.shndx[g])
     others = [m for m in p.syms_in_section.get(sec, [])
               if p.value[m] != p.value[g] and p.stype[m] == C.STT_FUNC]
-    if not others or not is_shared(p, arch_for(p.elf.machine), sec):
+    if not others:
         return set()
     arch = arch_for(p.elf.machine)
     if arch.machine != C.EM_X86_64:
@@ -126,9 +126,8 @@ def _resolved_callers(p: Object, g: int) -> set[int] | None:
     out = set()
     for m in others:
         lo, hi = p.sym_range(m)
-        rows, _ = resolved_refs(p, arch, sec, lo, hi)
-        # by address: a member still folded with g in the patched object names the same body
-        if len(rows) and (p.value[rows["sym"].astype(np.int64)] == p.value[g]).any():
+        # by address: a member still folded with g in the patched object is the same body
+        if (resolved_targets(p, arch, sec, lo, hi) == int(p.value[g])).any():
             out.add(int(m))
     return out
 

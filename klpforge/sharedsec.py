@@ -24,7 +24,7 @@ from .elf import constants as C
 from .elf.types import RELOC
 from .model import Object
 
-__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved", "same_but_relaxed"]
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "same_but_resolved", "same_but_relaxed"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
 _X86_PC32, _X86_PLT32 = 2, 4
@@ -90,6 +90,30 @@ def resolved_refs(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[
     if got is None:
         got = cache[key] = _find(obj, arch, sec, lo, hi)
     return got
+
+
+def resolved_targets(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> np.ndarray:
+    """Section offsets every PC-relative operand of code ``sec[lo:hi)`` reaches outside that range with no
+    relocation (any field size: a ``jmp rel8`` tail call too), as an int64 array. x86-64 only: raises
+    ValueError on other architectures, where capstone does not mark every PC-relative form."""
+    if arch.machine != C.EM_X86_64:
+        raise ValueError(f"{arch.name}: assembler-resolved references are not decoded")
+    import capstone
+
+    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    md.detail = True
+    roffs = obj.relocs(sec)["offset"].astype(np.int64)
+    out = []
+    for insn in md.disasm(obj.section_data(sec)[lo:hi], lo):
+        a, n = int(insn.address), int(insn.size)
+        target, _f, _s, _k = _pcrel_operand(capstone, insn, True)
+        if target is None or lo <= target < hi:
+            continue
+        k = int(np.searchsorted(roffs, a))
+        if k < len(roffs) and roffs[k] < a + n:
+            continue  # relocated: named by its relocation
+        out.append(target)
+    return np.array(out, np.int64)
 
 
 def _find(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:

@@ -163,6 +163,22 @@ def test_icf_in_plain_text_refused_on_aarch64(tmp_path: Path) -> None:
     assert not (tmp_path / "lp.o").exists()
 
 
+
+def test_icf_short_tail_jump_to_the_other_member_is_refused(gcc: str, tmp_path: Path) -> None:
+    """use_back tail-jumps to sum_back with a 2-byte jmp the assembler resolved: it is found as sum_back's
+    caller, and since that jump cannot be relocated once use_back is copied out of .text, the diff refuses
+    naming it (instead of leaving use_back on the redirected address)."""
+    orig, patched = (s.replace("return sum_back(n) + 2;", "return sum_back(n);") for s in case("icf-alias"))
+    a, b = build(gcc, tmp_path, orig, patched, PLAIN_FLAGS)
+    if not folded(a, "sum_front", "sum_back"):
+        pytest.skip("gcc did not fold sum_front and sum_back")
+    if _jump_sizes(b, "use_back") != {2}:
+        pytest.skip("use_back does not tail-jump to sum_back with a short jmp")
+    with pytest.raises(UnsafeChange, match=r"use_back\+0x[0-9a-f]+ reaches sum_back in the shared section \.text "
+                                           r"through a displacement the assembler resolved"):
+        diff(a, b, tmp_path)
+    assert not (tmp_path / "lp.o").exists()
+
 # -- 2. same-named statics of the same functions --------------------------------------------------------
 
 BOTH = pytest.mark.parametrize("flags", [PLAIN_FLAGS, PLAIN_FLAGS + SECTION_FLAGS], ids=["plain", "sections"])
