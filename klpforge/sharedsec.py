@@ -94,10 +94,18 @@ def resolved_refs(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[
 
 def resolved_targets(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> np.ndarray:
     """Section offsets every PC-relative operand of code ``sec[lo:hi)`` reaches outside that range with no
-    relocation (any field size: a ``jmp rel8`` tail call too), as an int64 array. x86-64 only: raises
-    ValueError on other architectures, where capstone does not mark every PC-relative form."""
+    relocation (any field size: a ``jmp rel8`` tail call too), as an int64 array; cached per range. x86-64
+    only: raises ValueError on other architectures, where capstone does not mark every PC-relative form."""
     if arch.machine != C.EM_X86_64:
         raise ValueError(f"{arch.name}: assembler-resolved references are not decoded")
+    cache: dict[tuple[int, int, int], np.ndarray] = obj.__dict__.setdefault("_resolved_targets", {})
+    got = cache.get((sec, lo, hi))
+    if got is None:
+        got = cache[(sec, lo, hi)] = _targets(obj, arch, sec, lo, hi)
+    return got
+
+
+def _targets(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> np.ndarray:
     import capstone
 
     md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
