@@ -339,3 +339,16 @@ def test_case_static_local_clone_rename_plain(gcc: str, tmp_path: Path) -> None:
     a, b = build(gcc, tmp_path, *case("static-local-clone-rename"), PLAIN_FLAGS)
     res = diff(a, b, tmp_path)
     assert {f.old_name for f in res.patched_functions} == {"run_alpha"}
+
+
+@BOTH
+def test_ignored_statics_of_one_name_get_fresh_copies(gcc: str, tmp_path: Path, flags: list[str]) -> None:
+    """KPATCH_IGNORE_STATIC("count"): the patch gets fresh counters, so which kernel counter each was does
+    not matter and nothing is refused."""
+    ign = 'static char *__ign_count __attribute__((used, section(".kpatch.ignore.data"))) = "count";\n'
+    a, b = build(gcc, tmp_path, SL5_ORIG + ign, SL5_PATCHED + ign, flags)
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"h"}
+    fresh = [i["name"] for i in res.report["included"] if "KPATCH_IGNORE_STATIC" in i["why"]]
+    assert sorted(n.split(".")[0] for n in fresh) == ["count", "count"]
+    assert not any(r.symbol.startswith("count") for r in res.klp_relocs)
