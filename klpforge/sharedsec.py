@@ -24,7 +24,8 @@ from .elf import constants as C
 from .elf.types import RELOC
 from .model import Object
 
-__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "same_but_resolved", "same_but_relaxed"]
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",
+           "same_but_resolved", "same_but_relaxed"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
 _X86_PC32, _X86_PLT32 = 2, 4
@@ -283,7 +284,7 @@ def same_but_relaxed(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch,
                 return False  # only jumps are relaxed
         elif xb[:fx] != yb[:fy] or xb[fx + sx:] != yb[fy + sy:]:
             return False
-        inside_o, inside_p = olo <= tx <= ohi, plo <= ty <= phi
+        inside_o, inside_p = olo <= tx < ohi, plo <= ty < phi  # the end is the next symbol: named below
         if inside_o != inside_p:
             return False
         if inside_o:  # the same instruction of the function, whatever moved in between
@@ -296,3 +297,34 @@ def same_but_relaxed(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch,
         if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
             return False
     return True
+
+
+def resolved_mismatch(orig: Object, patched: Object, p2o: np.ndarray, arch: Arch, osec: int, psec: int,
+                      orange: tuple[int, int], prange: tuple[int, int]) -> str | None:
+    """For code whose bytes and relocations are equal: None when every reference the assembler resolved
+    without a relocation (:func:`resolved_targets`) reaches, on both sides, correlated twins (``p2o``) at the
+    same offset, else the first one that does not, described. Equal bytes can hide a new target: GCC placed
+    another function at the old callee's offset (x86-64; None on other architectures, which are not
+    decoded)."""
+    if arch.machine != C.EM_X86_64:
+        return None
+    ot = resolved_targets(orig, arch, osec, *orange)
+    pt = resolved_targets(patched, arch, psec, *prange)
+    if len(ot) != len(pt):
+        return f"{len(ot)} -> {len(pt)} references resolved by the assembler"
+    for a, b in zip(ot.tolist(), pt.tolist(), strict=True):
+        tp = patched.symbol_at(psec, b)
+        cands = [tp] if tp < 0 else [m for m in patched.syms_in_section.get(psec, [tp])
+                                     if int(patched.value[m]) == int(patched.value[tp])] or [tp]
+        ok = False
+        for m in cands:
+            oi = int(p2o[m]) if m >= 0 else -1
+            if oi >= 0 and int(orig.shndx[oi]) == osec and a - int(orig.value[oi]) == b - int(patched.value[m]):
+                ok = True
+                break
+        if not ok:
+            what = patched.sym_names[tp] if tp >= 0 else f"{patched.sec_names[psec]}+{b:#x}"
+            to = orig.symbol_at(osec, a)
+            was = orig.sym_names[to] if to >= 0 else f"{orig.sec_names[osec]}+{a:#x}"
+            return f"a reference the assembler resolved (same bytes) now reaches {what}, was {was}"
+    return None

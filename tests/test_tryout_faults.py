@@ -62,11 +62,21 @@ def folded(a: Path, *names: str) -> bool:
 
 
 def calls_in(lp: Path, func: str) -> set[str]:
-    """Names the relocations inside output function ``func`` point at (its calls)."""
+    """What output function ``func`` calls: the names its relocations point at, and the functions its
+    relocation-free (assembler-resolved) calls and jumps reach, decoded with capstone."""
+    import capstone
+
     o = Object.load(lp)
     f = next(i for i in range(1, o.nsym) if o.defined[i] and o.stype[i] == C.STT_FUNC and o.sym_names[i] == func)
     lo, hi = o.sym_range(f)
+    sec = int(o.shndx[f])
     out = set()
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for x in md.disasm(o.section_data(sec)[lo:hi], lo):
+        if x.mnemonic in ("call", "jmp") and x.op_str[:1].isdigit():
+            t = int(x.op_str, 0)
+            if not lo <= t < hi:
+                out |= {o.sym_names[m] for m in o.syms_in_section.get(sec, []) if int(o.value[m]) == t}
     for tgt, rs in o.elf.reloc_sections.items():
         if tgt != int(o.shndx[f]):
             continue
@@ -332,6 +342,33 @@ def test_relaxed_jump_to_another_target_is_a_change(gcc: str, tmp_path: Path) ->
     res = diff(a, b, tmp_path)
     assert {f.old_name for f in res.patched_functions} == {"run_beta"}
 
+
+
+SWAP = """extern void note(int);
+static int xa(int x); static int xb(int x);
+int run(int x) { return %s(x) + 1; }
+__attribute__((noinline)) static int %s(int x) { note(x + 1); return 2; }
+__attribute__((noinline)) static int %s(int x) { note(x); return 1; }
+"""
+
+
+def test_same_bytes_resolved_call_to_another_function_is_a_change(gcc: str, tmp_path: Path) -> None:
+    """run calls xa in the original and xb after the fix; GCC put the callee first both times, so run's bytes
+    (a resolved ``call .text+0``) are identical. The call reaches another function: run is changed and its
+    replacement calls the kernel's xb (it used to be "no change found")."""
+    a, b = build(gcc, tmp_path, SWAP % ("xa", "xb", "xa"), SWAP % ("xb", "xb", "xa"), PLAIN_FLAGS)
+    o, p = Object.load(a), Object.load(b)
+    ro, rp = o.sym_names.index("run"), p.sym_names.index("run")
+    lo, hi = o.sym_range(ro)
+    plo, phi = p.sym_range(rp)
+    if o.section_data(int(o.shndx[ro]))[lo:hi] != p.section_data(int(p.shndx[rp]))[plo:phi]:
+        pytest.skip("run's bytes differ: gcc placed the callees elsewhere")
+    res = diff(a, b, tmp_path)
+    assert {f.old_name for f in res.patched_functions} == {"run"}
+    # gcc dropped the unused xb from the original: it comes as a new function, and nothing names xa
+    assert "xb" in res.included_functions and "xa" not in {r.symbol for r in res.klp_relocs}
+    assert calls_in(tmp_path / "lp.o", "klpf_vmlinux__run__0") >= {"xb"}
+    assert any("now reaches xb, was xa" in c["why"] for c in res.report["changed"] if c["name"] == "run")
 
 def test_case_static_local_clone_rename_plain(gcc: str, tmp_path: Path) -> None:
     """The static-local-clone-rename case without -ffunction-sections: run_beta's jump to beta took another
