@@ -25,7 +25,7 @@ from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static
 from .reloc_keys import TargetKeys
-from .sharedsec import is_shared, same_but_resolved
+from .sharedsec import is_shared, resolved_mismatch, same_but_relaxed, same_but_resolved
 
 __all__ = ["Comparison", "compare", "TargetKeys", "LINE_ARGS"]
 
@@ -104,19 +104,28 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
             res.status[pi] = NEW
             res.why[pi] = "new in the patched object"
             continue
-        if pi in quick_same:
-            res.status[pi] = SAME
-            continue
         osec = int(o.shndx[oi])
         olo, ohi = o.sym_range(oi)
         plo, phi = p.sym_range(pi)
-        why = _differs(o, p, keys, osec, psec, olo, ohi, plo, phi)
+        why = None if pi in quick_same else _differs(o, p, keys, osec, psec, olo, ohi, plo, phi)
+        if why is None and p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec):
+            # equal bytes in a shared .text: a resolved call may still reach another function now
+            why = resolved_mismatch(o, p, corr.p2o, arch, osec, psec, (olo, ohi), (plo, phi))
+            if why is not None:
+                res.status[pi] = CHANGED
+                res.why[pi] = why
+                continue
         if why is None:
             res.status[pi] = SAME
             continue
         if why == "bytes" and p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
                 and same_but_resolved(o, p, corr.o2p, arch, osec, psec, olo, ohi, plo, phi):
             res.status[pi] = SAME  # only calls into moved neighbours of its shared section differ
+            continue
+        if p.is_text(psec) and osec in o.syms_in_section and is_shared(p, arch, psec) \
+                and same_but_relaxed(o, p, corr.o2p, arch, osec, psec, (olo, ohi), (plo, phi),
+                                     _reloc_slice(o, keys, osec, olo, ohi), _reloc_slice(p, keys, psec, plo, phi)):
+            res.status[pi] = SAME  # a jump to a moved neighbour took another length (branch relaxation)
             continue
         if why == "bytes" and p.is_text(psec):
             if _line_only(o, p, keys, osec, psec, olo, ohi, plo, phi):

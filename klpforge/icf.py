@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .arch import arch_for
 from .correlate import Correlation
 from .elf import constants as C
 from .model import Object, is_ignored_section
 from .names import clone_parent
+from .sharedsec import resolved_targets
 from .statics import users_of
 
 __all__ = ["fold_groups", "split_folded"]
@@ -82,6 +84,14 @@ def split_folded(corr: Correlation, patched: list[int], include: Callable[[int, 
                                 "which stays in the running kernel")
                 continue
             callers = {c for c in users_of(p, {g}).get(g, set()) if p.stype[c] == C.STT_FUNC}
+            resolved = _resolved_callers(p, g)
+            if resolved is None:
+                refusals.append(f"{fold}, and {gname} shares its section {p.sec_names[int(p.shndx[g])]} with "
+                                f"other code, whose calls to it the assembler resolved without relocations; on "
+                                f"{arch_for(p.elf.machine).name} klpforge cannot find them all to move them to a "
+                                "copy of its old body: build with -ffunction-sections")
+                continue
+            callers |= resolved
             callers = {_parent(p, c) for c in callers} - {g}
             bad = sorted(p.sym_names[c] for c in callers if is_init(p.sec_names[int(p.shndx[c])]))
             if bad:
@@ -99,6 +109,27 @@ def split_folded(corr: Correlation, patched: list[int], include: Callable[[int, 
                     patched.append(c)
                     replaced.add(c)
     return refusals
+
+
+def _resolved_callers(p: Object, g: int) -> set[int] | None:
+    """Functions of ``g``'s own section that reach ``g`` through a displacement the assembler resolved (no
+    relocation: one ``.text`` without ``-ffunction-sections``). None when they cannot all be found: another
+    architecture than x86-64 with other functions in that section (sharedsec.resolved_targets)."""
+    sec = int(p.shndx[g])
+    others = [m for m in p.syms_in_section.get(sec, [])
+              if p.value[m] != p.value[g] and p.stype[m] == C.STT_FUNC]
+    if not others:
+        return set()
+    arch = arch_for(p.elf.machine)
+    if arch.machine != C.EM_X86_64:
+        return None
+    out = set()
+    for m in others:
+        lo, hi = p.sym_range(m)
+        # by address: a member still folded with g in the patched object is the same body
+        if (resolved_targets(p, arch, sec, lo, hi) == int(p.value[g])).any():
+            out.add(int(m))
+    return out
 
 
 def _parent(p: Object, f: int) -> int:

@@ -29,6 +29,7 @@ from .model import Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
 from .secnames import is_init_section
 from .sharedsec import gap, is_shared, place_of, resolved_refs
+from .statics import users_of
 
 __all__ = ["Selection", "select", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 
@@ -278,7 +279,17 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
                 if not clone_parent(name) and not _is_init(tname):
                     sel.patched.append(t)
 
-    sel.refusals.extend(why for i, why in sorted(corr.ambiguous.items()) if i in sel.included)
+    # an ambiguous static paired only by position matters once included code uses it (statics.py); one
+    # that KPATCH_IGNORE_STATIC gives a fresh copy does not: which kernel variable it was is moot
+    amb_users = users_of(p, {i for i in corr.ambiguous if corr.p2o[i] >= 0})
+    for i, why in sorted(corr.ambiguous.items()):
+        if corr.p2o[i] < 0:
+            refuse = i in sel.included
+        else:
+            refuse = canonical(p.sym_names[i]) not in fresh_statics \
+                and (i in sel.included or any(u in sel.included for u in amb_users.get(i, ())))
+        if refuse:
+            sel.refusals.append(why)
     _judge_data(corr, cmp, sel, ign_secs)
     if require_ftrace:  # Xen redirects with a jump it writes itself: no ftrace entry needed
         _check_entries(corr, arch, sel)

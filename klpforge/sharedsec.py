@@ -17,6 +17,9 @@ that select follows them and emit can relocate them once the symbol is copied ou
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import numpy as np
 
 from .arch import Arch
@@ -24,7 +27,8 @@ from .elf import constants as C
 from .elf.types import RELOC
 from .model import Object
 
-__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "same_but_resolved"]
+__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",
+           "same_but_resolved", "same_but_relaxed"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
 _X86_PC32, _X86_PLT32 = 2, 4
@@ -90,6 +94,60 @@ def resolved_refs(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[
     if got is None:
         got = cache[key] = _find(obj, arch, sec, lo, hi)
     return got
+
+
+def resolved_targets(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> np.ndarray:
+    """Section offsets every PC-relative operand of code ``sec[lo:hi)`` reaches outside that range with no
+    relocation (any field size: a ``jmp rel8`` tail call too), as an int64 array; cached per range. x86-64
+    only: raises ValueError on other architectures, where capstone does not mark every PC-relative form."""
+    if arch.machine != C.EM_X86_64:
+        raise ValueError(f"{arch.name}: assembler-resolved references are not decoded")
+    cache: dict[tuple[int, int, int], np.ndarray] = obj.__dict__.setdefault("_resolved_targets", {})
+    got = cache.get((sec, lo, hi))
+    if got is None:
+        got = cache[(sec, lo, hi)] = _targets(obj, arch, sec, lo, hi)
+    return got
+
+
+def _targets(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> np.ndarray:
+    # detail-free decoding (several times faster: every function of a shared .text may be decoded), the
+    # operand read from capstone's text: ``0x1f0`` for a branch, ``[rip + 0x10]`` for data
+    md = _LITE.get(arch.name)
+    if md is None:
+        import capstone
+
+        md = _LITE[arch.name] = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    sites: list[int] = []
+    ends: list[int] = []
+    out: list[int] = []
+    for a, n, mn, ops in md.disasm_lite(obj.section_data(sec)[lo:hi], lo):
+        if mn.startswith(_BRANCHES) and ops[:1].isdigit():
+            t = int(ops, 0)
+        else:
+            m = _RIP.search(ops)
+            if m is None:
+                continue
+            t = a + n + (int(m.group(2), 0) if m.group(1) == "+" else -int(m.group(2), 0))
+        if lo <= t < hi:
+            continue
+        sites.append(a)
+        ends.append(a + n)
+        out.append(t)
+    if not out:
+        return np.zeros(0, np.int64)
+    roffs = obj.relocs(sec)["offset"].astype(np.int64)
+    s_, e_ = np.array(sites, np.int64), np.array(ends, np.int64)
+    k = np.searchsorted(roffs, s_)
+    relocated = (k < len(roffs)) & (roffs[np.minimum(k, max(len(roffs) - 1, 0))] < e_) if len(roffs) \
+        else np.zeros(len(s_), bool)
+    return np.array(out, np.int64)[~relocated]
+
+
+#: one detail-free decoder per architecture (building one costs more than decoding a small function)
+_LITE: dict[str, Any] = {}
+#: x86 mnemonics with a PC-relative immediate target (jmp, jcc, jrcxz, call, loop*, xbegin)
+_BRANCHES = ("j", "call", "loop", "xbegin")
+_RIP = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 
 
 def _find(obj: Object, arch: Arch, sec: int, lo: int, hi: int) -> tuple[np.ndarray, list[str]]:
@@ -198,3 +256,117 @@ def same_but_resolved(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch
         if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
             return False
     return True
+
+
+def same_but_relaxed(orig: Object, patched: Object, o2p: np.ndarray, arch: Arch, osec: int, psec: int,
+                     orange: tuple[int, int], prange: tuple[int, int], orelocs: np.ndarray,
+                     prelocs: np.ndarray) -> bool:
+    """True when code ``orig[osec][orange)`` and ``patched[psec][prange)`` are the same instructions, where a
+    jump may have another encoding length (the assembler relaxes ``jmp rel8``/``rel32`` by distance, and a
+    neighbour in the shared section moved) and every PC-relative operand the assembler resolved reaches the
+    same place: the same instruction inside the function, or the correlated twin (``o2p``) of the same
+    symbol at the same offset outside it. ``orelocs``/``prelocs``: each side's relocations as rows
+    (offset from the range start, type, target key id, addend relative to the key), compared by instruction
+    index. x86-64 only (GNU as relaxation); other architectures return False."""
+    if arch.machine != C.EM_X86_64:
+        return False
+    import capstone
+
+    md = capstone.Cs(getattr(capstone, arch.cs_arch), _mode(capstone, arch.cs_mode))
+    md.detail = True
+    (olo, ohi), (plo, phi) = orange, prange
+    a = list(md.disasm(orig.section_data(osec)[olo:ohi], olo))
+    b = list(md.disasm(patched.section_data(psec)[plo:phi], plo))
+    if len(a) != len(b) or not a or sum(x.size for x in a) != ohi - olo or sum(y.size for y in b) != phi - plo:
+        return False
+    ostart = np.array([x.address for x in a] + [ohi], np.int64)
+    pstart = np.array([y.address for y in b] + [phi], np.int64)
+    if len(orelocs) != len(prelocs):
+        return False
+    relocated: set[int] = set()
+    for ra, rb in zip(orelocs.tolist(), prelocs.tolist(), strict=True):
+        ka = int(np.searchsorted(ostart, olo + ra[0], side="right")) - 1
+        kb = int(np.searchsorted(pstart, plo + rb[0], side="right")) - 1
+        if ka != kb or ra[1:] != rb[1:] or olo + ra[0] - ostart[ka] != plo + rb[0] - pstart[kb]:
+            return False
+        relocated.add(ka)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        xb, yb = bytes(x.bytes), bytes(y.bytes)
+        if k in relocated:  # the linker computes the field; the relocation rows agreed above
+            if xb != yb:
+                return False
+            continue
+        tx, fx, sx, kx = _pcrel_operand(capstone, x, True)
+        ty, fy, sy, ky = _pcrel_operand(capstone, y, True)
+        if tx is None or ty is None:
+            if xb != yb or (tx is None) != (ty is None):
+                return False
+            continue
+        if x.mnemonic != y.mnemonic or kx != ky:
+            return False
+        if x.size != y.size:
+            if kx != "branch" or not x.mnemonic.startswith("j"):
+                return False  # only jumps are relaxed
+        elif xb[:fx] != yb[:fy] or xb[fx + sx:] != yb[fy + sy:]:
+            return False
+        inside_o, inside_p = olo <= tx < ohi, plo <= ty < phi  # the end is the next symbol: named below
+        if inside_o != inside_p:
+            return False
+        if inside_o:  # the same instruction of the function, whatever moved in between
+            io = int(np.searchsorted(ostart, tx))
+            ip = int(np.searchsorted(pstart, ty))
+            if io != ip or ostart[io] != tx or pstart[ip] != ty:
+                return False
+            continue
+        to, tp = orig.symbol_at(osec, tx), patched.symbol_at(psec, ty)
+        if to < 0 or tp < 0 or int(o2p[to]) != tp or tx - int(orig.value[to]) != ty - int(patched.value[tp]):
+            return False
+    return True
+
+
+def resolved_mismatch(orig: Object, patched: Object, p2o: np.ndarray, arch: Arch, osec: int, psec: int,
+                      orange: tuple[int, int], prange: tuple[int, int]) -> str | None:
+    """For code whose bytes and relocations are equal: None when every reference the assembler resolved
+    without a relocation (:func:`resolved_targets`) reaches, on both sides, correlated twins (``p2o``) at the
+    same offset, else the first one that does not, described. Equal bytes can hide a new target: GCC placed
+    another function at the old callee's offset (x86-64; None on other architectures, which are not
+    decoded)."""
+    if arch.machine != C.EM_X86_64 or _same_layout(orig, patched, p2o, osec, psec, prange[0] - orange[0]):
+        return None
+    ot = resolved_targets(orig, arch, osec, *orange)
+    pt = resolved_targets(patched, arch, psec, *prange)
+    if len(ot) != len(pt):
+        return f"{len(ot)} -> {len(pt)} references resolved by the assembler"
+    for a, b in zip(ot.tolist(), pt.tolist(), strict=True):
+        tp = patched.symbol_at(psec, b)
+        cands = [tp] if tp < 0 else [m for m in patched.syms_in_section.get(psec, [tp])
+                                     if int(patched.value[m]) == int(patched.value[tp])] or [tp]
+        ok = False
+        for m in cands:
+            oi = int(p2o[m]) if m >= 0 else -1
+            if oi >= 0 and int(orig.shndx[oi]) == osec and a - int(orig.value[oi]) == b - int(patched.value[m]):
+                ok = True
+                break
+        if not ok:
+            what = patched.sym_names[tp] if tp >= 0 else f"{patched.sec_names[psec]}+{b:#x}"
+            to = orig.symbol_at(osec, a)
+            was = orig.sym_names[to] if to >= 0 else f"{orig.sec_names[osec]}+{a:#x}"
+            return f"a reference the assembler resolved (same bytes) now reaches {what}, was {was}"
+    return None
+
+
+def _same_layout(orig: Object, patched: Object, p2o: np.ndarray, osec: int, psec: int, shift: int) -> bool:
+    """True when every symbol of ``psec`` has its twin in ``osec`` ``shift`` bytes earlier and ``osec`` has
+    no other symbols: equal bytes then reach twins wherever they point (the common case of an unchanged
+    shared section, decided without decoding). Cached per (sections, shift)."""
+    cache: dict[tuple[int, int, int], bool] = patched.__dict__.setdefault("_same_layout", {})
+    key = (osec, psec, shift)
+    got = cache.get(key)
+    if got is None:
+        pm = np.array(patched.syms_in_section.get(psec, []), np.int64)
+        om = orig.syms_in_section.get(osec, [])
+        tw = p2o[pm] if len(pm) else pm
+        got = bool(len(pm) == len(om) and (tw >= 0).all() and (orig.shndx[tw] == osec).all()
+                   and (patched.value[pm] - orig.value[tw] == shift).all() and len(set(tw.tolist())) == len(om))
+        cache[key] = got
+    return got

@@ -8,7 +8,9 @@ functions (clone suffixes removed) whose code, and the data objects whose bytes,
 naming; clang's ``func.var`` form of macro statics is left to correlate's rules). Two statics pair when
 
 1. their user sets are equal and no other static of the name on either side has that set (several of one
-   name in the same functions, as a macro's block-scope statics, pair in declaration order), else
+   name in the same functions, as a macro's block-scope statics, pair by what they hold: size, initial bytes,
+   relocation targets; those that nothing tells apart are paired in declaration order only so that unchanged
+   users compare equal, and recorded as ambiguous: select refuses a patch whose included code uses one), else
 2. they are each other's only *compatible* candidate: the user sets overlap, once a user that exists on
    one side only (inlined away on the other) is widened to its callers on its own side.
 
@@ -31,8 +33,10 @@ import numpy as np
 
 from .arch import arch_for
 from .elf import constants as C
+from .elf.file import cstring_at
 from .model import Object
 from .names import base_function, is_special_static
+from .pcrel import pcrel_tails
 
 if TYPE_CHECKING:
     from .correlate import Correlation
@@ -104,6 +108,8 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
     bias = np.zeros(len(types), np.int64)
     for t, b in arch.pcrel_bias.items():
         bias[types == t] = b
+    if not tocs:  # x86-64: ``addl $1, c(%rip)`` into a shared .bss stores c-5, the neighbour's end
+        bias += pcrel_tails(obj, arch, rel[hit], relsec[hit].astype(np.int64))
     target = syms.copy()
     target[is_sec] = _covering(obj, tsec[is_sec], adds[is_sec] + bias[is_sec])
     keep = np.isin(target, w)
@@ -138,6 +144,29 @@ def _covering(obj: Object, secs: np.ndarray, offs: np.ndarray) -> np.ndarray:
         at_end = (k >= 0) & ~cover & (starts[kk] + obj.size[msyms[kk]] == o)
         out[grp] = np.where(cover | at_end, msyms[kk], -1)
     return out
+
+
+def _signature(obj: Object, i: int) -> tuple[object, ...]:
+    """What a static holds, independent of GCC's number: its size, its initial bytes (None in ``.bss``) and
+    what its relocations name (a string's text for a merged-string target)."""
+    sec = int(obj.shndx[i])
+    if not 0 < sec < obj.nsec:
+        return (int(obj.size[i]),)
+    lo, hi = obj.sym_range(i)
+    data = None if int(obj.shdrs["type"][sec]) == C.SHT_NOBITS else bytes(obj.section_data(sec)[lo:hi])
+    refs = []
+    r = obj.relocs(sec)
+    for off, sym, typ, add in zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                                  strict=True):
+        if lo <= off < hi:
+            t = obj.shndx[sym]
+            what: object = _NUMBERED.sub("", obj.sym_names[sym])  # another static's number says nothing either
+            if obj.stype[sym] == C.STT_SECTION and 0 < t < obj.nsec:
+                c = obj.symbol_at(int(t), add)
+                what = (cstring_at(obj.section_data(int(t)), add) if obj.section_flags(int(t)) & C.SHF_STRINGS
+                        else _NUMBERED.sub("", obj.sym_names[c] if c >= 0 else obj.sec_names[int(t)]))
+            refs.append((off - lo, typ, what))
+    return (int(obj.size[i]), data, tuple(refs))
 
 
 def _callers(obj: Object, funcs: set[int]) -> dict[int, set[int]]:
@@ -189,18 +218,40 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
             ps = pcount.get(k)
             if ps and len(os_) == 1 and len(ps) == 1:
                 _pair(corr, os_[0], ps[0], "static local referenced by the same functions")
-        # 1b. several of one name in the same functions (block-scope statics a macro makes, such as a
-        # tracepoint's ``symbols``): GCC numbers them in declaration order, so they pair in that order when
-        # both sides have as many, of the same sizes
+        # 1b. several of one name used by the same functions (block-scope statics, a macro's statics, two
+        # inlined functions' ``count``): GCC's number says nothing about which is which once the patch
+        # reorders them, so only what they hold tells them apart. The rest pair in declaration order only
+        # so that unchanged users still compare equal; they are recorded as ambiguous, and select refuses
+        # a live patch whose included code uses one.
         for k, os_ in ocount.items():
             ps = [i for i in pcount.get(k, []) if corr.p2o[i] < 0]
             os_ = [i for i in os_ if corr.o2p[i] < 0]
-            if len(os_) > 1 and len(os_) == len(ps):
-                os_.sort(key=lambda i: _number(o.sym_names[i]))
-                ps.sort(key=lambda i: _number(p.sym_names[i]))
-                if all(o.size[a] == p.size[b] for a, b in zip(os_, ps, strict=True)):
-                    for a, b in zip(os_, ps, strict=True):
-                        _pair(corr, a, b, "static locals of the same functions, in declaration order")
+            if len(os_) < 2 or len(os_) != len(ps):
+                continue
+            osig = {i: _signature(o, i) for i in os_}
+            psig = {i: _signature(p, i) for i in ps}
+            for a in list(os_):
+                twins = [b for b in ps if psig[b] == osig[a]]
+                if len(twins) == 1 and [x for x in os_ if osig[x] == osig[a]] == [a]:
+                    _pair(corr, a, twins[0], "static local of the same functions with its own size and initial value")
+                    os_.remove(a)
+                    ps.remove(twins[0])
+            if len(os_) == 1:  # the others are told apart: this one is what is left on both sides
+                _pair(corr, os_[0], ps[0], "static local of the same functions, the one left when the others pair")
+                continue
+            if not os_ or not all(o.size[a] == p.size[b] for a, b in zip(os_, ps, strict=True)):
+                continue
+            os_.sort(key=lambda i: _number(o.sym_names[i]))
+            ps.sort(key=lambda i: _number(p.sym_names[i]))
+            users = ", ".join(sorted(k))
+            for a, b in zip(os_, ps, strict=True):
+                _pair(corr, a, b, "static locals of the same functions, in declaration order (ambiguous)")
+            for b in ps:
+                ambiguous[b] = (f"static local {p.sym_names[b]} (used by {users}) cannot be correlated: "
+                                f"{len(ps)} statics of that name are used by the same functions and hold the "
+                                "same size and initial value, so nothing tells which of the running kernel's "
+                                f"{', '.join(o.sym_names[a] for a in os_)} it is; pairing by GCC's number or "
+                                "position could bind the patch to another variable")
         # 2. the only compatible candidate on both sides
         orest = [i for i in olist if corr.o2p[i] < 0]
         prest = [i for i in plist if corr.p2o[i] < 0]
