@@ -95,6 +95,7 @@ def test_clones_bring_their_callers(build: Path) -> None:
     caller = res.reasons("use_scale1")[0]
     assert [s.kind for s in caller.chain] == ["constprop", "caller-of-clone"]
     assert caller.avoided_by == ["inline-only-static"]
+    assert caller.loc == "in clones.o"  # no dump names it: its object, never a bare "?"
 
 
 def test_part_cold_and_global_inline(build: Path) -> None:

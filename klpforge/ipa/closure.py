@@ -8,6 +8,7 @@ cloning, checked against the objects' symbol tables.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,7 +387,8 @@ def _clone_callers(idx: Index, wanted: dict[int, list[tuple[str, Entry]]], notes
                 if caller.startswith(clone.split(".")[0] + ".") and caller.endswith(".cold"):
                     continue
                 step = Step("caller-of-clone", clone, ent.loc, caller, obj)
-                out.append(Entry(caller, "?", obj, "replace", ent.chain + [step],
+                # the dumps never name a function nothing was inlined into: its object is what we know
+                out.append(Entry(caller, f"in {os.path.basename(obj)}", obj, "replace", ent.chain + [step],
                                  sorted(set(ent.transforms) | {"caller-of-clone"}),
                                  [m for m in MODES if m != "O2" and "caller-of-clone" in MODES[m]]))
     return out
