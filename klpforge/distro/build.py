@@ -15,9 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
 from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
-from ..kbuild.pipeline import _check_resolvable, _export_callbacks, _has_klp_sections
+from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
@@ -90,17 +88,6 @@ class DistroBuildResult:
             "unchanged_objects": self.unchanged,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
-
-
-@contextmanager
-def _step(name: str, timings: dict[str, float], progress: Progress | None, msg: str) -> Iterator[None]:
-    if progress:
-        progress(name, msg)
-    t0 = time.monotonic()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.monotonic() - t0
 
 
 class _ProbeTree:
@@ -209,7 +196,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         raise InputError("no patch given")
     patches = [SourcePatch.parse(p) for p in opts.patches]
     objs = _objects(patches)
-    with _step("prepare", timings, progress, "fetching and preparing the distribution tree"):
+    with timed_step("prepare", timings, progress, "fetching and preparing the distribution tree"):
         tree = opts.tree
         if tree is None:
             from . import backend_for
@@ -228,7 +215,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
     log = tmp / "build.log"
     ok = False
     try:
-        with _step("compile", timings, progress, f"compiling {len(objs)} object(s), original and patched"):
+        with timed_step("compile", timings, progress, f"compiling {len(objs)} object(s), original and patched"):
             orig = compile_original(tree, objs, tmp / "orig", opts.jobs, log)
             overlay = tmp / "overlay"
             from .compile import make_overlay_all
@@ -238,14 +225,14 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
         parents = {o: parent_of(recorded_command(tree, o)) for o in objs}
         symtabs: dict[str, Path] = {}
-        with _step("prepare", timings, progress, "shipped symbol tables"):
+        with timed_step("prepare", timings, progress, "shipped symbol tables"):
             symtabs = _symbol_tables(tree, opts, parents, mods, progress)
         outcomes: list[DiffOutcome] = []
         unchanged: list[str] = []
         sizes: dict[str, list[SizeVerdict]] = {}
         impact: dict[str, Any] = {}
         symvers = opts.symvers or tree.symvers
-        with _step("diff", timings, progress, "diffing objects against the shipped binaries"):
+        with timed_step("diff", timings, progress, "diffing objects against the shipped binaries"):
             for i, o in enumerate(objs):
                 out = tmp / "diff" / f"{i}-{Path(o).name}"
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +244,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                 outcomes.append(oc)
             if not outcomes:
                 raise NoChange(f"no function changed in {', '.join(objs)}")
-        with _step("match", timings, progress, "checking that the source matches the shipped binary"):
+        with timed_step("match", timings, progress, "checking that the source matches the shipped binary"):
             for oc in outcomes:
                 ours = object_function_sizes(orig[oc.obj])
                 shipped = shipped_sizes(symtabs[oc.obj], parents[oc.obj].is_module)
@@ -265,32 +252,11 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                 sizes[oc.obj] = check_sizes(ours, shipped, [(f.old_name, f.sympos) for f in oc.funcs],
                                             symtabs[oc.obj].name)
                 impact[oc.obj] = _impact(orig[oc.obj].parent, oc.obj, patches, tree.src, names)
-        targets: dict[str, KlpTarget] = {}
-        sidecars: list[Any] = []
-        with _step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
+        with timed_step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
             post = postlink_api()
             if post is None:
                 raise InputError("klpforge.emit.postlink is missing from this checkout")
-            for oc in outcomes:
-                t = targets.setdefault(oc.target, KlpTarget(oc.target))
-                t.funcs.extend(oc.funcs)
-                linkable = oc.out
-                if _has_klp_sections(oc.out):
-                    linkable = oc.out.with_suffix(".link.o")
-                    sidecars.append(post.strip_klp(oc.out, linkable))
-                linkable = _export_callbacks(linkable, oc, len(t.objects) + 100 * len(targets))
-                t.objects.append(linkable)
-                for kind in oc.callbacks:
-                    if kind in t.callbacks:
-                        raise InputError(f"two {kind} callbacks for {oc.target}")
-                t.callbacks.update(oc.callbacks)
-            if not any(t.funcs for t in targets.values()):
-                raise NoChange("the diff found no function to replace")
-            # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded);
-            # a reference into another module (nfsd code calling sunrpc) needs that object, even with no
-            # function of its own to replace.
-            for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
-                targets[obj] = KlpTarget(obj)
+            targets, sidecars = klp_targets(outcomes, post)
             ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log)
             if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
                 post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))

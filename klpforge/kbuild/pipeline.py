@@ -239,8 +239,42 @@ def _has_klp_sections(obj: Path) -> bool:
         return any(s.name.startswith(".klp.rela.") for s in ELFFile(f).iter_sections())
 
 
+def klp_targets(outcomes: list[DiffOutcome], post: Any, what: str = "") -> tuple[dict[str, KlpTarget], list[Any]]:
+    """One :class:`KlpTarget` per target of the diffed objects (vmlinux or a module), and the klp relocation
+    sidecars stripped from them (``post``: :func:`~klpforge.kbuild.diffstep.postlink_api`). Raises
+    :class:`NoChange` (message prefixed with ``what``) when no function is replaced, ``InputError`` for two
+    callbacks of one kind on a target."""
+    targets: dict[str, KlpTarget] = {}
+    sidecars: list[Any] = []
+    for o in outcomes:
+        t = targets.setdefault(o.target, KlpTarget(o.target))
+        t.funcs.extend(o.funcs)
+        for kind in o.callbacks:
+            if kind in t.callbacks:
+                raise InputError(f"two {kind} callbacks for {o.target}")
+        linkable = o.out
+        if _has_klp_sections(o.out):
+            if post is None:
+                raise InputError(f"{o.obj}: the livepatch needs klp relocations but "
+                                 "klpforge.emit.postlink is not available yet")
+            linkable = o.out.with_suffix(".link.o")
+            sidecars.append(post.strip_klp(o.out, linkable))
+        linkable = _export_callbacks(linkable, o, len(t.objects) + 100 * len(targets))
+        t.objects.append(linkable)
+        t.callbacks.update(o.callbacks)
+    if not any(t.funcs for t in targets.values()):
+        raise NoChange(f"{what}the diff found no function to replace")
+    # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded): a
+    # reference into another module's exports (nfsd code calling sunrpc) needs that object even with no
+    # function of its own to replace.
+    for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
+        targets[obj] = KlpTarget(obj)
+    return targets, sidecars
+
+
 @contextmanager
-def _step(name: str, timings: dict[str, float], progress: ProgressFn | None, msg: str) -> Iterator[None]:
+def timed_step(name: str, timings: dict[str, float], progress: ProgressFn | None, msg: str) -> Iterator[None]:
+    """Report ``msg`` to ``progress`` and add the step's wall time (s) to ``timings[name]``."""
     if progress:
         progress(name, msg)
     t0 = time.monotonic()
@@ -268,7 +302,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
     ok = False
     try:
-        with _step("check", timings, progress, "checking tree and patch"):
+        with timed_step("check", timings, progress, "checking tree and patch"):
             tree = KernelTree(src, opts.build)
             tree.check_livepatch()
             if not opts.skip_compiler_check:
@@ -282,10 +316,10 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
             env = struct_sizes(tree)
             ov.build_view()
-        with _step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
+        with timed_step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
             ov.show("orig")
             orig = _compile_all(tree, ov, objs, tmp / "orig", opts.jobs, flags)
-        with _step("patched", timings, progress, "compiling patched objects"):
+        with timed_step("patched", timings, progress, "compiling patched objects"):
             ov.show("new")
             pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
             if pause:
@@ -293,7 +327,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
         outcomes: list[DiffOutcome] = []
         unchanged: list[str] = []
-        with _step("diff", timings, progress, "diffing objects"):
+        with timed_step("diff", timings, progress, "diffing objects"):
             for i, obj in enumerate(objs):
                 par = parents[obj]
                 out = tmp / "diff" / f"{i}-{Path(obj).name}"
@@ -306,35 +340,12 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
-        targets: dict[str, KlpTarget] = {}
-        sidecars: list[Any] = []
-        with _step("module", timings, progress, f"building module {modname} with Kbuild"):
+        with timed_step("module", timings, progress, f"building module {modname} with Kbuild"):
             post = postlink_api()
-            for o in outcomes:
-                t = targets.setdefault(o.target, KlpTarget(o.target))
-                t.funcs.extend(o.funcs)
-                for kind in o.callbacks:
-                    if kind in t.callbacks:
-                        raise InputError(f"two {kind} callbacks for {o.target}")
-                linkable = o.out
-                if _has_klp_sections(o.out):
-                    if post is None:
-                        raise InputError(f"{o.obj}: the livepatch needs klp relocations but "
-                                         "klpforge.emit.postlink is not available yet")
-                    linkable = o.out.with_suffix(".link.o")
-                    sidecars.append(post.strip_klp(o.out, linkable))
-                linkable = _export_callbacks(linkable, o, len(t.objects) + 100 * len(targets))
-                t.objects.append(linkable)
-                t.callbacks.update(o.callbacks)
-            if not any(t.funcs for t in targets.values()):
-                raise NoChange(f"{patch.path.name}: the diff found no function to replace")
-            # Linux 6.1 applies .klp.rela.<obj>.* only for a klp_object named <obj> (klp_init_object_loaded):
-            # a reference into another module's exports needs that object even with no function to replace.
-            for obj in sorted({r["obj"] for sc in sidecars for r in sc["relocations"]} - set(targets)):
-                targets[obj] = KlpTarget(obj)
+            targets, sidecars = klp_targets(outcomes, post, f"{patch.path.name}: ")
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
                               opts.jobs, log, exports)
-        with _step("postlink", timings, progress, "writing klp relocations"):
+        with timed_step("postlink", timings, progress, "writing klp relocations"):
             if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
                 post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
                                patch_globals(orig, patched))
