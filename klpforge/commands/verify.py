@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
 from ..errors import InputError
-from ..outputs import atomic_write, check_paths
+from ..outputs import check_paths
+from ..qemu.report import report_verify
 from ..qemu.verify import VerifySpec, verify_module
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
@@ -66,24 +65,7 @@ def run_verify(args: argparse.Namespace) -> int:
                       setup=args.setup, accel=args.accel, gen_init_cpio=gen, memory=memory)
     with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
-    for s in res.steps:
-        mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
-        con.print(f"  {s.name:<11} {mark} {s.detail}", highlight=False, soft_wrap=True)
-    if res.check_output:
-        con.print("  check output:", highlight=False)
-        for line in res.check_output.splitlines():
-            con.print(f"    | {line}", highlight=False, markup=False)
-    if res.ok:
-        con.print(f"[green]verified[/] {spec.ko.name} in {res.seconds:.1f} s")
-        return 0
-    log = args.console_log
-    if not log:
-        fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{spec.ko.stem}-", suffix=".log")
-        Path(log).unlink()
-        atomic_write(log, res.console)
-    # Plain text: rich would wrap the line at the console width (80 when stderr is not a terminal).
-    print(f"klpforge verify: failed: {res.reason} (console log: {log})", file=sys.stderr)
-    return 1
+    return report_verify(con, res, spec.ko, args.console_log, [("check", res.check_output)])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..qemu.report import report_verify
 from .debian import DebianXen
 from .pipeline import XenBuildOptions, XenBuildResult, build_xen_payload
 from .tree import prepare_tree
@@ -118,21 +117,5 @@ def run_xen_verify(args: argparse.Namespace) -> int:
                          after_check=args.after_check, after_expect=args.after_expect)
     with con.status(f"booting Xen {d.version} with {payload.name} under QEMU"):
         res = verify_payload(spec, Path(args.console_log) if args.console_log else None)
-    for s in res.steps:
-        mark = "[green]ok[/]" if s.ok else "[red]FAIL[/]"
-        con.print(f"  {s.name:<9} {mark} {escape(s.detail)}", highlight=False)
-    for label, out in (("before", res.before_output), ("check", res.check_output), ("after", res.after_output)):
-        if out:
-            con.print(f"  {label} output:", highlight=False)
-            for line in out.splitlines():
-                con.print(f"    | {line}", highlight=False, markup=False)
-    if res.ok:
-        con.print(f"[green]verified[/] {payload.name} in {res.seconds:.1f} s")
-        return 0
-    log = args.console_log
-    if not log:
-        fd, log = tempfile.mkstemp(prefix=f"klpforge-verify-{payload.stem}-", suffix=".log")
-        Path(log).unlink()
-        atomic_write(log, res.console)
-    con.print(f"[red]verify failed[/]: {escape(res.reason)} (console log: {log})", highlight=False)
-    return 1
+    outs = [("before", res.before_output), ("check", res.check_output), ("after", res.after_output)]
+    return report_verify(con, res, payload, args.console_log, outs, name_width=9)
