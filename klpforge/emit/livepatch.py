@@ -190,6 +190,61 @@ class _Emitter:
         pos = self.sympos_of(oi)
         return self.klp_symbol(self.opts.target, oname, pos), a, self.opts.target, oname
 
+    # -- layout -----------------------------------------------------------------------------------------
+
+    def lay_out(self, labels_local: bool = False) -> tuple[set[int], dict[int, SpecialTable]]:
+        """Add the FILE symbol, the included sections (shared ones carved to the included symbols: carve.py),
+        their symbols and labels; returns the included patched sections and the cut special tables.
+        ``labels_local``: typeless labels become local (Xen) instead of keeping their binding."""
+        p, sel, corr = self.p, self.sel, self.corr
+        files = np.flatnonzero(p.stype == C.STT_FILE)
+        if len(files):
+            self.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
+        sections = set(sel.sections)
+        cv = self.cv = carve(p, self.arch, sel, sections)
+        self.refusals.extend(cv.refusals)
+        specials = _special_tables(p, sel, sections, self.opts, self.arch, cv)
+        for ps in sorted(sections):
+            self.add_section(ps, cv.data.get(ps), cv.size.get(ps))
+        patched_set = set(sel.patched)
+        for ps in sorted(sections):
+            for s in p.syms_in_section.get(ps, []):
+                if ps in cv.ranges and s not in sel.included:
+                    continue  # an unchanged neighbour: references to it stay references to the running one
+                bind = int(p.sbind[s])
+                if s in patched_set or self.cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
+                    bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
+                self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], _out_value(cv, p, s),
+                                                    int(p.size[s]), int(p.stype[s]), bind, int(p.syms["other"][s]))
+        # Labels and typeless symbols inside included sections keep working too.
+        for s in range(1, p.nsym):
+            ps = int(p.shndx[s])
+            if s not in self.out_sym and ps in self.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
+                v = cv.place(ps, int(p.value[s]))
+                if v is not None:
+                    self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], v, 0, C.STT_NOTYPE,
+                                                        C.STB_LOCAL if labels_local else int(p.sbind[s]))
+        return sections, specials
+
+    def relocate_all(self, sections: set[int], specials: dict[int, SpecialTable]) -> dict[str, tuple[int, int]]:
+        """Relocations of the included sections (their own and the carving's new ones) and of the cut special
+        tables, which are added; returns table name -> (entries kept, entries before)."""
+        p, sel, cv = self.p, self.sel, self.cv
+        for ps in sorted(sections):
+            r = p.relocs(ps)
+            if ps in sel.toc_slots:  # only the slots included code uses; the others stay unrelocated
+                r = r[np.isin(r["offset"], sorted(sel.toc_slots[ps]))]
+            entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
+                               strict=True)) + cv.extra.get(ps, [])
+            self.relocate(self.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
+        kept: dict[str, tuple[int, int]] = {}
+        for ps, (name, data, relocs, total, nkept) in specials.items():
+            h = self.add_section(ps, data)
+            self.relocate(h, relocs, name, table=ps)
+            was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
+            kept[name] = (was[0] + nkept, was[1] + total)
+        return kept
+
     # -- relocations ----------------------------------------------------------------------------------
 
     def relocate(self, handle: int, relocs: list[tuple[int, int, int, int]], where: str, src: int = 0,
@@ -247,35 +302,8 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
     """Build the livepatch object from a selection."""
     em = _Emitter(corr, cmp, sel, arch, opts)
     p = corr.patched
-    files = np.flatnonzero(p.stype == C.STT_FILE)
-    if len(files):
-        em.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
-
-    sections = set(sel.sections)
-    # sections shared by several symbols keep only the included ones (carve.py)
-    cv = em.cv = carve(p, arch, sel, sections)
-    em.refusals.extend(cv.refusals)
-    specials = _special_tables(p, sel, sections, opts, arch, cv)
-    for ps in sorted(sections):
-        em.add_section(ps, cv.data.get(ps), cv.size.get(ps))
-    patched_set = set(sel.patched)
-    for ps in sorted(sections):
-        for s in p.syms_in_section.get(ps, []):
-            if ps in cv.ranges and s not in sel.included:
-                continue  # an unchanged neighbour: references to it stay references to the kernel's
-            bind = int(p.sbind[s])
-            if s in patched_set or cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
-                bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], _out_value(cv, p, s), int(p.size[s]),
-                                            int(p.stype[s]), bind, int(p.syms["other"][s]))
-    # Labels and typeless symbols inside included sections keep working too.
-    for s in range(1, p.nsym):
-        ps = int(p.shndx[s])
-        if s not in em.out_sym and ps in em.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
-            v = cv.place(ps, int(p.value[s]))
-            if v is not None:
-                em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], v, 0, C.STT_NOTYPE,
-                                                int(p.sbind[s]))
+    sections, specials = em.lay_out()
+    cv = em.cv
 
     patched: list[PatchedFunc] = []
     for s in sel.patched:
@@ -294,19 +322,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
                         C.STB_GLOBAL, int(p.syms["other"][s]))
         patched.append(PatchedFunc(oname, pos, alias, p.sym_names[s]))
 
-    for ps in sorted(sections):
-        r = p.relocs(ps)
-        if ps in sel.toc_slots:  # only the slots included code uses; the others stay unrelocated
-            r = r[np.isin(r["offset"], sorted(sel.toc_slots[ps]))]
-        entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
-                           strict=True)) + cv.extra.get(ps, [])
-        em.relocate(em.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
-    kept: dict[str, tuple[int, int]] = {}
-    for ps, (name, data, relocs, total, nkept) in specials.items():
-        h = em.add_section(ps, data)
-        em.relocate(h, relocs, name, table=ps)
-        was = kept.get(name, (0, 0))  # several sections of one name (per-function PFE sections)
-        kept[name] = (was[0] + nkept, was[1] + total)
+    kept = em.relocate_all(sections, specials)
     em.finish_klp()
     _check_module_keys(em)
     # Callbacks are usually static: give each a global alias the generated module source can name.
@@ -328,9 +344,12 @@ def _out_value(cv: Carving, p: Object, s: int) -> int:
     return int(p.value[s]) if v is None else v
 
 
+#: a cut special table: (name, new bytes, relocations, entries before, entries kept)
+SpecialTable = tuple[str, bytes, list[tuple[int, int, int, int]], int, int]
+
+
 def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOptions, arch: Arch,
-                    cv: Carving) \
-        -> dict[int, tuple[str, bytes, list[tuple[int, int, int, int]], int, int]]:
+                    cv: Carving) -> dict[int, SpecialTable]:
     """Cut each special table down to the entries of included code.
 
     Returns patched section -> (name, new bytes, relocations, entries before, entries kept); adds the

@@ -18,16 +18,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..arch import Arch
 from ..compare import Comparison
 from ..correlate import Correlation
 from ..elf import constants as C
 from ..select import Selection, resolve_target
 from ..xen.syms import ENDBR64, XenSyms, xen_name
-from .carve import carve
-from .livepatch import EmitOptions, _Emitter, _out_value, _reloc_array, _special_tables, _Unresolvable
+from .livepatch import EmitOptions, _Emitter, _reloc_array, _Unresolvable
 
 __all__ = ["XenEmitOptions", "XenFunc", "XenPart", "emit_xen", "FUNC_SIZE", "PAYLOAD_VERSION",
            "PATCH_INSN_SIZE", "XEN_RELOCS", "XEN_TABLES"]
@@ -122,35 +119,11 @@ def emit_xen(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opt
     """Build one payload part (an ``ET_REL`` object) from a selection; refusals are returned, not raised."""
     em = _XenEmitter(corr, cmp, sel, arch, opts.xensyms)
     p = corr.patched
-    files = np.flatnonzero(p.stype == C.STT_FILE)
-    if len(files):
-        em.w.add_symbol(p.sym_names[int(files[0])], C.SHN_ABS, 0, 0, C.STT_FILE, C.STB_LOCAL)
-    sections = set(sel.sections)
-    # sections shared by several symbols keep only the included ones, as for Linux (carve.py)
-    cv = em.cv = carve(p, arch, sel, sections)
-    em.refusals.extend(cv.refusals)
-    specials = _special_tables(p, sel, sections, em.opts, arch, cv)
+    sections, specials = em.lay_out(labels_local=True)
     for name, _d, _r, _t, nkept in specials.values():
         if name not in XEN_TABLES:
             em.refusals.append(f"{name}: {nkept} entries for included code, but Xen 4.17's payload loader "
                                "does not register this table (prepare_payload), so they would not work")
-    for ps in sorted(sections):
-        em.add_section(ps, cv.data.get(ps), cv.size.get(ps))
-    for ps in sorted(sections):
-        for s in p.syms_in_section.get(ps, []):
-            if ps in cv.ranges and s not in sel.included:
-                continue  # an unchanged neighbour: references to it stay references to the hypervisor's
-            bind = int(p.sbind[s])
-            if s in sel.patched or cmp.status.get(s) == "changed" or corr.p2o[s] >= 0:
-                bind = C.STB_LOCAL
-            em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], _out_value(cv, p, s), int(p.size[s]),
-                                            int(p.stype[s]), bind, int(p.syms["other"][s]))
-    for s in range(1, p.nsym):
-        ps = int(p.shndx[s])
-        if s not in em.out_sym and ps in em.out_sec and p.stype[s] == C.STT_NOTYPE and p.sym_names[s]:
-            v = cv.place(ps, int(p.value[s]))
-            if v is not None:
-                em.out_sym[s] = em.w.add_symbol(p.sym_names[s], em.out_sec[ps], v, 0, C.STT_NOTYPE, C.STB_LOCAL)
     funcs: list[XenFunc] = []
     for s in sel.patched:
         oi = em.orig_of(s)
@@ -173,17 +146,7 @@ def emit_xen(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opt
                                "writes over its start (arch/x86/livepatch.c)")
             continue
         funcs.append(XenFunc(name, p.sym_names[s], int(p.size[s]), old.size, old.addr))
-    for ps in sorted(sections):
-        r = p.relocs(ps)
-        entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
-                           strict=True)) + cv.extra.get(ps, [])
-        em.relocate(em.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
-    kept: dict[str, tuple[int, int]] = {}
-    for ps, (name, data, relocs, total, nkept) in specials.items():
-        h = em.add_section(ps, data)
-        em.relocate(h, relocs, name, table=ps)
-        was = kept.get(name, (0, 0))
-        kept[name] = (was[0] + nkept, was[1] + total)
+    kept = em.relocate_all(sections, specials)
     if funcs:
         _funcs_section(em, funcs, {p.sym_names[s]: s for s in sel.patched})
     return XenPart(em.w.build(), funcs, sorted(em.ext), kept, em.refusals)
