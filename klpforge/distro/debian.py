@@ -27,9 +27,10 @@ from pathlib import Path
 from ..errors import InputError
 from ..fsutil import atomic_write
 from ..kbuild.prepare import cache_root
+from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged, tree_lock
 
-__all__ = ["prepare_tree", "package_names", "package_version", "release_root", "fetch_packages",
+__all__ = ["prepare_tree", "package_names", "package_version", "package_records", "release_root", "fetch_packages",
            "KCFLAGS", "compiler_for_config", "check_compiler", "make_command"]
 
 #: Flags of every compile in a prepared tree: a section per function/data object (the diff correlates by
@@ -37,25 +38,38 @@ __all__ = ["prepare_tree", "package_names", "package_version", "release_root", "
 KCFLAGS = "-ffunction-sections -fdata-sections -fdump-ipa-clones"
 
 _STAMP = "prepared.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: debs recorded with the signed index's SHA-256
+
+
+_RELEASE_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-(\d+)|\+deb(\d+))(?:-(rt|cloud))?-(\w+)")
 
 
 def package_names(release: str) -> dict[str, str]:
-    """Debian package names for kernel release ``release`` (``6.1.0-56-amd64``).
+    """Debian package names for kernel release ``release``.
+
+    Two spellings: Debian 12's ``6.1.0-56-amd64`` (ABI number; ``linux-kbuild-6.1``) and Debian 13's
+    ``6.12.117+deb13-amd64`` / backports' ``7.3.4+deb13-amd64`` (full version; ``linux-kbuild-6.12.117+deb13``).
+    ``kbuild`` and ``headers_common`` are what the headers package depends on in both (checked against its
+    ``Depends`` when fetching: :func:`fetch_packages`).
 
     >>> package_names("6.1.0-56-amd64")["headers_common"]
     'linux-headers-6.1.0-56-common'
+    >>> package_names("6.12.117+deb13-amd64")["kbuild"]
+    'linux-kbuild-6.12.117+deb13'
     """
-    m = re.fullmatch(r"(\d+)\.(\d+)\.\d+-(\d+)(?:-(\w+))?-([\w]+)", release)
+    m = _RELEASE_RE.fullmatch(release)
     if not m:
-        raise InputError(f"{release}: not a Debian kernel release (expected e.g. 6.1.0-56-amd64)")
+        raise InputError(f"{release}: not a Debian kernel release (expected e.g. 6.1.0-56-amd64 or "
+                         "6.12.117+deb13-amd64)")
     mm = f"{m.group(1)}.{m.group(2)}"
-    abi = release[: -len(m.group(5)) - 1]
-    if m.group(4):  # rt/cloud flavours: 6.1.0-56-rt-amd64 -> common-rt
-        abi = abi[: -len(m.group(4)) - 1]
-    common = f"linux-headers-{abi}-common" + (f"-{m.group(4)}" if m.group(4) else "")
+    flavour = m.group(6)
+    abi = release[: -len(m.group(7)) - 1]
+    if flavour:  # rt/cloud flavours: 6.1.0-56-rt-amd64 -> common-rt
+        abi = abi[: -len(flavour) - 1]
+    common = f"linux-headers-{abi}-common" + (f"-{flavour}" if flavour else "")
+    kbuild = f"linux-kbuild-{mm}" if m.group(4) else f"linux-kbuild-{abi}"
     return {"image": f"linux-image-{release}", "headers": f"linux-headers-{release}",
-            "headers_common": common, "kbuild": f"linux-kbuild-{mm}", "source": f"linux-source-{mm}"}
+            "headers_common": common, "kbuild": kbuild, "source": f"linux-source-{mm}"}
 
 
 def release_root(release: str, cache: str | os.PathLike[str] | None = None) -> Path:
@@ -63,81 +77,73 @@ def release_root(release: str, cache: str | os.PathLike[str] | None = None) -> P
     return cache_root(cache) / "distro" / "debian" / release
 
 
-def _apt(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
-    except OSError:
-        raise InputError(f"{args[0]} not found: the Debian backend needs apt and dpkg") from None
-
-
-def _apt_update_once(root: Path) -> None:
-    """``apt-get update`` (the package index only knows what the archive serves now)."""
-    marker = root.parent / ".apt-updated"
-    if marker.is_file() and time.time() - marker.stat().st_mtime < 3600:
-        return
-    r = _apt(["apt-get", "update", "-qq"])
-    if r.returncode == 0:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(time.ctime() + "\n")
-
-
 def package_version(pkg: str, root: Path | None = None) -> str:
-    """Highest version of ``pkg`` apt knows (``apt-cache madison``); refreshes the index once if unknown."""
-    for attempt in (0, 1):
-        r = _apt(["apt-cache", "madison", pkg])
-        versions = [ln.split("|")[1].strip() for ln in r.stdout.splitlines() if ln.count("|") >= 2
-                    and ln.split("|")[0].strip() == pkg]
-        if versions:
-            return _highest(versions)
-        if attempt == 0 and root is not None:
-            _apt_update_once(root)
-    raise InputError(f"apt knows no package {pkg} (is the release right, and bookworm-security in "
-                     "sources.list? Debian's archive serves only recent kernel ABIs)")
+    """Highest version of ``pkg`` in klpforge's own apt index (:mod:`.apt`); raises :class:`InputError`."""
+    return apt_root(root.parents[2] if root is not None else None).newest(pkg)
 
 
-def _highest(versions: list[str]) -> str:
-    best = versions[0]
-    for v in versions[1:]:
-        if subprocess.run(["dpkg", "--compare-versions", v, "gt", best], check=False).returncode == 0:
-            best = v
-    return best
+def _depends_on(depends: str, prefix: str) -> str | None:
+    """The first package of a ``Depends`` field starting with ``prefix`` (``linux-kbuild-``)."""
+    for alt in re.split(r"[,|]", depends):
+        name = alt.strip().split(" ", 1)[0]
+        if name.startswith(prefix):
+            return name
+    return None
 
 
-def fetch_packages(release: str, root: Path, say: Say) -> dict[str, Path]:
-    """Download (``apt-get download``, cached in ``<cache>/distro/debian/debs``) the packages of ``release``.
+def package_records(release: str, cache: str | os.PathLike[str] | None = None,
+                    say: Say | None = None) -> dict[str, PackageRecord]:
+    """role -> the signed index's record of each package of ``release`` (no download).
 
-    Returns role -> ``.deb`` path (roles of :func:`package_names`). The source package is pinned to the
-    image's version (``linux-source-6.1=6.1.192-2`` for ``6.1.0-56-amd64``); ``linux-kbuild`` takes the
-    newest (its version only has to be ``>=`` the headers').
+    The source package is pinned to the image's version (``linux-source-6.1=6.1.192-2`` for
+    ``6.1.0-56-amd64``, ``linux-source-6.12=6.12.117-1`` for ``6.12.117+deb13-amd64``); ``-common`` and
+    ``linux-kbuild`` are the ones the headers package depends on (kbuild: the newest version, it only has to be
+    ``>=`` the headers'). An image apt does not know lists the releases of that line that exist.
     """
     names = package_names(release)
+    apt = apt_root(cache)
+    have = apt.versions(names["image"], say)
+    if not have:
+        apt.update(say, force=True)
+        have = apt.versions(names["image"], say)
+    if not have:
+        line = release.split("-")[0].split("+")[0].rsplit(".", 1)[0]
+        r = apt.run(["apt-cache", "pkgnames", "linux-image-" + line])
+        want = _RELEASE_RE.fullmatch(release)
+        assert want is not None
+        known = sorted({n.removeprefix("linux-image-") for n in r.stdout.split()
+                        if (k := _RELEASE_RE.fullmatch(n.removeprefix("linux-image-")))
+                        and k.group(6, 7) == want.group(6, 7)},
+                       key=lambda n: [int(x) for x in re.findall(r"\d+", n)])
+        raise InputError(f"the Debian archive has no {names['image']}"
+                         + (f"; releases of {line} it has: {', '.join(known[-12:])}" if known else ""))
+    version = highest([v for v, _ in have])
+    recs = {role: apt.record(names[role], version, say) for role in ("image", "headers", "source")}
+    for role, prefix in (("headers_common", "linux-headers-"), ("kbuild", "linux-kbuild-")):
+        pkg = _depends_on(recs["headers"].depends, prefix) or names[role]
+        recs[role] = apt.record(pkg, version if role == "headers_common" else apt.newest(pkg, say), say)
+    return recs
+
+
+def fetch_packages(release: str, root: Path, say: Say,
+                   cache: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Download (cached in ``<cache>/distro/debian/debs``) and verify the packages of ``release``.
+
+    Returns role -> ``.deb`` path (roles of :func:`package_names`); every file, cached or new, has the
+    SHA-256 of apt's signed index (:meth:`.apt.AptRoot.fetch`: a damaged one is fetched again).
+    """
+    recs = package_records(release, cache, say)
+    apt = apt_root(cache)
     debs = root.parent / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    version = package_version(names["image"], root)
-    want = {role: (pkg, None if role == "kbuild" else version) for role, pkg in names.items()}
-    out: dict[str, Path] = {}
-    for role, (pkg, ver) in want.items():
-        ver = ver or package_version(pkg, root)
-        fname_ver = ver.replace(":", "%3a")
-        have = sorted(debs.glob(f"{pkg}_{fname_ver}_*.deb"))
-        if not have:
-            say(f"downloading {pkg}={ver}")
-            r = _apt(["apt-get", "download", "-q", f"{pkg}={ver}"], cwd=debs)
-            if r.returncode != 0:
-                _apt_update_once(root)
-                r = _apt(["apt-get", "download", "-q", f"{pkg}={ver}"], cwd=debs)
-            have = sorted(debs.glob(f"{pkg}_{fname_ver}_*.deb"))
-            if r.returncode != 0 or not have:
-                msg = (r.stderr or r.stdout).strip().splitlines()
-                raise InputError(f"apt-get download {pkg}={ver} failed: {msg[-1] if msg else 'no .deb'}")
-        out[role] = have[0]
-    return out
+    return {role: apt.fetch(rec, debs, say) for role, rec in recs.items()}
 
 
 def _dpkg_x(deb: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    r = _apt(["dpkg", "-x", str(deb), str(dest)])
+    r = subprocess.run(["dpkg", "-x", str(deb), str(dest)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
+        if "No space left on device" in r.stderr:
+            raise InputError(disk_full_message(dest, f"unpacking {deb.name}"))
         raise InputError(f"dpkg -x {deb.name} failed: {r.stderr.strip()[:300]}")
 
 
@@ -186,9 +192,32 @@ def _fix_headers_makefile(headers_root: Path, release: str) -> Path:
     return hdr
 
 
-def _stamp_key(debs: dict[str, Path], cc_text: str) -> dict[str, object]:
-    return {"format": _FORMAT, "debs": {k: v.name for k, v in sorted(debs.items())}, "cc": cc_text,
-            "kcflags": KCFLAGS}
+def _stamp_debs(recs: dict[str, PackageRecord]) -> dict[str, dict[str, str]]:
+    """What the stamp records of the packages a tree was made from: name, version and the SHA-256 the
+    signed index gave (each file was checked against it before it was unpacked)."""
+    return {role: {"package": r.package, "version": r.version, "sha256": r.sha256} for role, r in sorted(recs.items())}
+
+
+def _stamp_key(recs: dict[str, PackageRecord], cc_text: str) -> dict[str, object]:
+    return {"format": _FORMAT, "debs": _stamp_debs(recs), "cc": cc_text, "kcflags": KCFLAGS}
+
+
+def _stamp_trusted(st: dict[str, object], release: str, cache: str | os.PathLike[str] | None) -> bool:
+    """A prepared tree is reused only if its stamp names, for every package, the SHA-256 the signed index
+    gives today for that package version (a tree from unverified or other input is prepared again)."""
+    debs = st.get("debs")
+    if st.get("format") != _FORMAT or not isinstance(debs, dict) or set(debs) != set(package_names(release)):
+        return False
+    apt = apt_root(cache)
+    for d in debs.values():
+        if not isinstance(d, dict) or not d.get("sha256"):
+            return False
+        try:
+            if apt.record(str(d["package"]), str(d["version"])).sha256 != d["sha256"]:
+                return False
+        except InputError:
+            return False
+    return True
 
 
 def _make_base(tree: DistroTree, cc: str) -> list[str]:
@@ -228,15 +257,21 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
         if stamp.is_file():
             try:
                 st = json.loads(stamp.read_text())
-                if st.get("format") == _FORMAT and (tree.build / "scripts/mod/modpost").is_file():
+                if (tree.build / "scripts/mod/modpost").is_file() and _stamp_trusted(st, release, cache):
                     tree.extra.update(st.get("extra", {}))
                     return tree
             except (OSError, ValueError):
                 pass
-        debs = fetch_packages(release, root, say)
+            say("the prepared tree's stamp does not match the signed index: preparing it again")
+            stamp.unlink()
+        for d in ("image", "headers", "src"):  # unpacked from packages no stamp vouches for
+            shutil.rmtree(root / d, ignore_errors=True)
+        recs = package_records(release, cache, say)
+        apt = apt_root(cache)
+        debs = {role: apt.fetch(rec, root.parent / "debs", say) for role, rec in recs.items()}
         if not tree.config.is_file():
             say(f"unpacking {debs['image'].name}")
-            shutil.rmtree(root / "image", ignore_errors=True)
+            shutil.rmtree(root / "image.tmp", ignore_errors=True)
             _dpkg_x(debs["image"], root / "image.tmp")
             os.replace(root / "image.tmp", root / "image")
         cc = check_compiler(tree.config)
@@ -279,7 +314,7 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
         # the initramfs tool: a host program, no single-target rule for it in 6.1 Kbuild
         (tree.build / "usr").mkdir(exist_ok=True)
         run_logged([cc, "-O2", "-o", str(tree.build / "usr/gen_init_cpio"), str(src / "usr/gen_init_cpio.c")], log)
-        key = _stamp_key(debs, cc_text)
+        key = _stamp_key(recs, cc_text)
         atomic_write(stamp, json.dumps({**key, "extra": tree.extra, "prepared": time.time()}, indent=1) + "\n")
     return tree
 

@@ -1,0 +1,167 @@
+"""klpforge's own apt configuration and the verified fetch (issue 15, issue 17 items 1 and 3, issue 16 item 10).
+
+Real packages from the Debian archive the machine reaches, in a private cache: a tampered (still valid) and a
+truncated cached ``.deb`` are refused and fetched again, a full disk is one line, a Xen version that only
+bookworm-security serves is found, an unknown version lists those that exist, and a prepared-tree stamp is
+trusted only with the signed index's hashes. Skipped without network unless ``KLPFORGE_REQUIRE_KERNEL=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klpforge.distro import debian
+from klpforge.distro.apt import KEYRING, SUITES, AptRoot, apt_root, sha256_file
+from klpforge.errors import InputError
+
+pytestmark = [pytest.mark.distro]
+
+#: A small real package (2 MB) of the 6.12 release the issue names.
+SMALL = ("linux-kbuild-6.12.117+deb13", "6.12.117-1")
+
+
+def _online() -> bool:
+    try:
+        import urllib.request
+
+        from klpforge.distro.apt import mirrors
+
+        urllib.request.urlopen(mirrors()["debian"] + "/dists/trixie/InRelease", timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def apt(tmp_path_factory: pytest.TempPathFactory) -> AptRoot:
+    if not _online():
+        if os.environ.get("KLPFORGE_REQUIRE_KERNEL") == "1":
+            pytest.fail("the Debian archive is not reachable")
+        pytest.skip("the Debian archive is not reachable")
+    a = apt_root(tmp_path_factory.mktemp("cache"))
+    a.update()
+    return a
+
+
+def test_configuration_is_our_own(apt: AptRoot) -> None:
+    """Every suite, Debian's keyring via signed-by, and apt reading none of the host's configuration."""
+    text = (apt.root / "etc/sources.list").read_text()
+    for s in SUITES:
+        assert f" {s.name} main" in text
+    assert all(f"signed-by={KEYRING}" in ln for ln in text.splitlines() if ln.startswith("deb "))
+    r = apt.run(["apt-config", "dump"])
+    dump = r.stdout
+    assert f'Dir::Etc "{apt.root}/etc/"' in dump and f'Dir::State "{apt.root}/state/"' in dump
+    assert f'Dir::Cache "{apt.root}/cache/"' in dump
+    # the host's sources are not among the index targets (only our lists exist)
+    r = apt.run(["apt-get", "indextargets", "--format", "$(SITE) $(RELEASE)"])
+    suites = {ln.split()[1] for ln in r.stdout.splitlines() if ln.strip()}
+    assert suites == {s.name for s in SUITES} - {"forky"} or suites == {s.name for s in SUITES}
+    assert list((apt.root / "state/lists").glob("*trixie-backports*Packages"))
+
+
+def test_tampered_and_truncated_packages_are_fetched_again(apt: AptRoot, tmp_path: Path) -> None:
+    rec = apt.record(*SMALL)
+    debs = tmp_path / "debs"
+    said: list[str] = []
+    deb = apt.fetch(rec, debs, said.append)
+    assert sha256_file(deb) == rec.sha256 and said == [f"downloading {SMALL[0]}={SMALL[1]} (2 MB)"]
+    assert not [p for p in debs.iterdir() if p.name.startswith(".download-")]
+    # a repacked package, still a valid archive: modpost replaced by a script
+    x = tmp_path / "x"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(x)], check=True)
+    modpost = next(x.rglob("modpost"))
+    modpost.write_text("#!/bin/sh\ntouch /tmp/pwned\n")
+    subprocess.run(["dpkg-deb", "-b", "-Znone", str(x), str(deb)], check=True, capture_output=True)
+    assert subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True).returncode == 0
+    said.clear()
+    again = apt.fetch(rec, debs, said.append)
+    assert said[0].startswith(f"cached {rec.deb_name} has ") and said[0].endswith("fetching it again")
+    assert sha256_file(again) == rec.sha256
+    # truncated (an interrupted download of an older klpforge)
+    with again.open("r+b") as f:
+        f.truncate(rec.size // 2)
+    said.clear()
+    again = apt.fetch(rec, debs, said.append)
+    assert said[0] == (f"cached {rec.deb_name} has {rec.size // 2} bytes, the signed index says {rec.size} "
+                       "(truncated or replaced): fetching it again")
+    assert sha256_file(again) == rec.sha256
+    # the good file is used as it is
+    said.clear()
+    apt.fetch(rec, debs, said.append)
+    assert said == []
+
+
+def test_full_disk_is_one_line(apt: AptRoot, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with pytest.raises(InputError) as e:
+            apt.fetch(apt.record(*SMALL), small / "debs")
+        assert str(e.value).startswith(f"no space left on the device holding {small}/debs")
+        assert "downloading linux-kbuild-6.12.117+deb13" in str(e.value) and "\n" not in str(e.value)
+        assert not [p for p in (small / "debs").iterdir()], "a partial download was left behind"
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_security_only_xen_version_and_unknown_versions(apt: AptRoot) -> None:
+    """Issue 16 item 10: 4.17.7+13 lives only in bookworm-security; the index says where (no 404)."""
+    rec = apt.record("xen-hypervisor-4.17-amd64", "4.17.7+13-g2445b30a44-0+deb12u1")
+    assert rec.filename.startswith("pool/updates/main/x/xen/")
+    with pytest.raises(InputError) as e:
+        apt.record("xen-hypervisor-4.17-amd64", "4.17.9-1")
+    msg = str(e.value)
+    assert msg.startswith("xen-hypervisor-4.17-amd64 has no version 4.17.9-1 in the Debian archive; it has: ")
+    assert "4.17.7+13-g2445b30a44-0+deb12u1 (bookworm-security)" in msg and "4.17.5+72-g01140da4e8-1 (bookworm)" in msg
+
+
+def test_release_packages_and_unknown_release(apt: AptRoot) -> None:
+    cache = apt.root.parent
+    recs = debian.package_records("6.12.117+deb13-amd64", cache)
+    assert {r: (x.package, x.version) for r, x in recs.items()} == {
+        "image": ("linux-image-6.12.117+deb13-amd64", "6.12.117-1"),
+        "headers": ("linux-headers-6.12.117+deb13-amd64", "6.12.117-1"),
+        "source": ("linux-source-6.12", "6.12.117-1"),
+        "headers_common": ("linux-headers-6.12.117+deb13-common", "6.12.117-1"),
+        "kbuild": ("linux-kbuild-6.12.117+deb13", "6.12.117-1")}
+    bpo = debian.package_records("7.3.4+deb13-amd64", cache)
+    assert bpo["source"].package == "linux-source-7.3" and bpo["source"].version == bpo["image"].version
+    with pytest.raises(InputError, match=r"^the Debian archive has no linux-image-6.12.999\+deb13-amd64; "
+                                         r"releases of 6.12 it has: .*6.12.117\+deb13-amd64"):
+        debian.package_records("6.12.999+deb13-amd64", cache)
+
+
+def test_prepared_stamp_needs_the_index_hashes(apt: AptRoot) -> None:
+    """A tree is reused only when its stamp carries, per package, the hash the signed index gives."""
+    cache = apt.root.parent
+    recs = debian.package_records("6.12.117+deb13-amd64", cache)
+    st = debian._stamp_key(recs, "x")
+    assert debian._stamp_trusted(st, "6.12.117+deb13-amd64", cache)
+    bad = {**st, "debs": {**st["debs"], "kbuild": {**st["debs"]["kbuild"], "sha256": "0" * 64}}}  # type: ignore[dict-item]
+    assert not debian._stamp_trusted(bad, "6.12.117+deb13-amd64", cache)
+    old = {**st, "format": 1, "debs": {r: rec.deb_name for r, rec in recs.items()}}
+    assert not debian._stamp_trusted(old, "6.12.117+deb13-amd64", cache)
+
+
+def test_unknown_release_cli_is_one_line(apt: AptRoot, tmp_path: Path) -> None:
+    env = {**os.environ, "KLPFORGE_CACHE": str(apt.root.parent)}
+    patch = tmp_path / "x.patch"
+    patch.write_text("--- a/kernel/a.c\n+++ b/kernel/a.c\n@@ -1 +1 @@\n-a\n+b\n")
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", "debian:6.12.999+deb13-amd64",
+                        str(patch), "-o", str(tmp_path / "o.ko")], capture_output=True, text=True, env=env,
+                       check=False)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("[", "  "))]
+    assert any("has no linux-image-6.12.999+deb13-amd64" in ln for ln in lines), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.ko").exists()
+    shutil.rmtree(apt.root.parent / "distro" / "debian" / "6.12.999+deb13-amd64", ignore_errors=True)
