@@ -165,3 +165,18 @@ def test_unknown_release_cli_is_one_line(apt: AptRoot, tmp_path: Path) -> None:
     assert any("has no linux-image-6.12.999+deb13-amd64" in ln for ln in lines), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.ko").exists()
     shutil.rmtree(apt.root.parent / "distro" / "debian" / "6.12.999+deb13-amd64", ignore_errors=True)
+
+
+def test_xen_packages_from_the_security_archive(apt: AptRoot) -> None:
+    """Issue 16 item 10 through the Xen backend: every package of a security-only version resolves to the
+    security archive's pool; an unknown version is refused listing the existing ones (no HTTP 404)."""
+    from klpforge.xen.debian import DebianXen
+
+    cache = apt.root.parent
+    recs = DebianXen("4.17.7+13-g2445b30a44-0+deb12u1", cache)._records()
+    xen = [r for r in recs if r.package.startswith(("xen-", "libxen"))]
+    assert len(xen) == 13 and all(r.filename.startswith("pool/updates/main/x/xen/") for r in xen)
+    assert all(len(r.sha256) == 64 for r in recs)
+    with pytest.raises(InputError, match=r"^xen-hypervisor-4.17-amd64 has no version 4.17.9-1 in the Debian "
+                                         r"archive; it has: 4.17.7\+13-g2445b30a44-0\+deb12u1 \(bookworm-security\)"):
+        DebianXen("4.17.9-1", cache).fetch_binaries()

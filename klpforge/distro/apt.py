@@ -145,9 +145,12 @@ Say = Callable[[str], None]
 class AptRoot:
     """The cache-owned apt configuration (``<cache>/apt``); create with :func:`apt_root`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, source_suites: tuple[str, ...] = ()):
         self.root = root
         self.conf = root / "etc" / "apt.conf"
+        #: with these, the root indexes source packages (``deb-src``) of those suites only (Xen's source:
+        #: :mod:`klpforge.xen.debian`); a separate root so that binary users never download ``Sources``
+        self.source_suites = source_suites
 
     # -- configuration -------------------------------------------------------------------------
     def sources_text(self) -> str:
@@ -155,8 +158,10 @@ class AptRoot:
         m = mirrors()
         lines = ["# written by klpforge: its own apt sources (the system's are never read)"]
         for s in SUITES:
+            if self.source_suites and s.name not in self.source_suites:
+                continue
             opts = f"signed-by={KEYRING}" + ("" if s.check_valid_until else " check-valid-until=no")
-            lines.append(f"deb [{opts}] {m[s.archive]} {s.name} main")
+            lines.append(f"deb{'-src' if self.source_suites else ''} [{opts}] {m[s.archive]} {s.name} main")
         return "\n".join(lines) + "\n"
 
     def conf_text(self) -> str:
@@ -216,16 +221,61 @@ class AptRoot:
             errs = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith(("E:", "Err:"))]
             if "No space left on device" in r.stderr:
                 raise InputError(disk_full_message(self.root, "refreshing the apt index"))
-            if r.returncode != 0 and not any((self.root / "state" / "lists").glob("*_Packages")):
+            if r.returncode != 0 and not self._have_lists():
                 raise InputError(f"apt-get update (klpforge's sources in {self.root}/etc) failed: "
                                  + (errs[-1] if errs else (r.stderr or r.stdout).strip()[-300:]))
             if errs and say:
                 say(f"apt-get update: {errs[-1]}")
             marker.write_text(time.ctime() + "\n")
 
+    def _have_lists(self) -> bool:
+        return any((self.root / "state" / "lists").glob("*_Sources" if self.source_suites else "*_Packages"))
+
     def _ensure_lists(self, say: Say | None) -> None:
-        if not any((self.root / "state" / "lists").glob("*_Packages")):
+        if not self._have_lists():
             self.update(say)
+
+    def records(self, wanted: list[tuple[str, str]], say: Say | None = None) -> list[PackageRecord]:
+        """:meth:`record` of several ``(package, version)`` with one ``apt-cache show`` when all are known."""
+        self._ensure_lists(say)
+        r = self.run(["apt-cache", "show", *(f"{p}={v}" for p, v in wanted)])
+        got = {(x.package, x.version): x for x in reversed(_parse_stanzas(r.stdout))}
+        return [got[w] if w in got else self.record(*w, say=say) for w in wanted]
+
+    def download_source(self, package: str, version: str, dest: Path, say: Say | None = None) -> list[Path]:
+        """``apt-get source --download-only package=version`` into ``dest`` (a root with ``source_suites``):
+        apt checks the ``.dsc`` and the tarballs against the signed ``Sources`` index. Returns the files.
+
+        Raises :class:`InputError` naming the versions that exist when the index does not have it.
+        """
+        self._ensure_lists(say)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+        try:
+            _give_to_apt_sandbox(tmp)
+            r = self.run(["apt-get", "source", "--download-only", "-q", f"{package}={version}"], cwd=tmp)
+            if r.returncode != 0:
+                text = r.stderr + r.stdout
+                if "No space left on device" in text:
+                    raise InputError(disk_full_message(dest, f"downloading the source of {package}"))
+                s = self.run(["apt-cache", "showsrc", package])
+                have = re.findall(r"^Version: (\S+)", s.stdout, re.M)
+                if have and version not in have:
+                    raise InputError(f"source package {package} has no version {version} in the Debian archive "
+                                     f"({', '.join(self.source_suites)}); it has: {', '.join(dict.fromkeys(have))}")
+                errs = [ln for ln in text.splitlines() if ln.startswith("E:")]
+                raise InputError(f"apt-get source {package}={version} failed (the signed index lists it, "
+                                 "the archive did not serve it): " + (errs[0] if errs else text.strip()[-300:]))
+            out: list[Path] = []
+            for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    if os.geteuid() == 0:
+                        os.chown(f, 0, 0)
+                    os.replace(f, dest / f.name)
+                    out.append(dest / f.name)
+            return out
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def versions(self, package: str, say: Say | None = None) -> list[tuple[str, str]]:
         """``[(version, suite)]`` of ``package`` in our index, newest first (``apt-cache madison``)."""
@@ -371,9 +421,10 @@ def highest(versions: list[str]) -> str:
     return best
 
 
-def apt_root(cache: str | os.PathLike[str] | None = None) -> AptRoot:
-    """klpforge's apt root under ``<cache>/apt`` (configuration written on first use)."""
-    a = AptRoot(cache_root(cache) / "apt")
+def apt_root(cache: str | os.PathLike[str] | None = None, source_suites: tuple[str, ...] = ()) -> AptRoot:
+    """klpforge's apt root under ``<cache>/apt`` (configuration written on first use); with
+    ``source_suites``, the source-package root ``<cache>/apt-src`` of those suites."""
+    a = AptRoot(cache_root(cache) / ("apt-src" if source_suites else "apt"), source_suites)
     try:
         a.ensure()
     except OSError as e:

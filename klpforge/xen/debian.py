@@ -1,8 +1,12 @@
 """Debian's Xen: the shipped hypervisor, its symbols, tools, dom0 kernel and source, in the klpforge cache.
 
-Binary packages come with ``apt-get download`` + ``dpkg -x``; the source package (upstream tarball plus
-Debian's ``debian/patches``, which change hypervisor code too: ``console_init_preirq``, ``init_intel`` in
-4.17.5+72-g01140da4e8-1) from the Debian archive's pool, checked against the ``.dsc`` checksums.
+Binary packages come from klpforge's own apt configuration (:mod:`klpforge.distro.apt`: bookworm and
+bookworm-security, so a version only the security archive serves, ``4.17.7+13-g2445b30a44-0+deb12u1``, is
+fetched from where the signed index says), each checked against the index's SHA-256 before it is unpacked;
+``dpkg -x`` unpacks. The source package (upstream tarball plus Debian's ``debian/patches``, which change
+hypervisor code too: ``console_init_preirq``, ``init_intel`` in 4.17.5+72-g01140da4e8-1) comes with
+``apt-get source --download-only`` from a ``deb-src`` root of the same suites (apt checks the files against
+the signed ``Sources`` index). An unknown version is refused listing the versions that exist.
 
 >>> d = DebianXen.parse("debian-xen:4.17.5+72-g01140da4e8-1")   # doctest: +SKIP
 >>> d.fetch_binaries().xen_syms.name                            # doctest: +SKIP
@@ -12,36 +16,29 @@ Debian's ``debian/patches``, which change hypervisor code too: ``console_init_pr
 from __future__ import annotations
 
 import gzip
-import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..distro.apt import PackageRecord, apt_root
 from ..errors import InputError
 from ..kbuild.prepare import cache_root
 
-__all__ = ["DebianXen", "XenBinaries", "DOM0_KERNEL", "pool_uri"]
+__all__ = ["DebianXen", "XenBinaries", "DOM0_KERNEL", "SOURCE_SUITES"]
+
+#: Where Debian 12's Xen source packages live (the point releases and the security updates).
+SOURCE_SUITES = ("bookworm", "bookworm-updates", "bookworm-security")
 
 #: dom0 kernel package (Debian bookworm 6.1; has CONFIG_XEN_PRIVCMD=m and /sys/hypervisor).
 DOM0_KERNEL = os.environ.get("KLPFORGE_XEN_DOM0", "6.1.0-56-amd64")
 
 
-def pool_uri() -> str:
-    """The ``pool/main/x/xen`` directory of the Debian archive apt is configured with on this machine
-    (``apt-get indextargets``: the mirror the user chose, never one we name); raises :class:`InputError`."""
-    r = subprocess.run(["apt-get", "indextargets", "--format", "$(REPO_URI)"], capture_output=True, text=True,
-                       check=False)
-    uris = sorted({u.strip().rstrip("/") for u in r.stdout.split() if u.strip()})
-    main = [u for u in uris if not u.endswith("-security")] or uris
-    if not main:
-        raise InputError("no Debian archive configured for apt (run apt-get update): cannot fetch Xen's source")
-    return main[0] + "/pool/main/x/xen"
 _LIBS = ("libxenmisc{m}", "libxencall1", "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1",
          "libxentoollog1", "libxendevicemodel1", "libxentoolcore1", "libxenhypfs1", "libxenstore4")
 
@@ -74,6 +71,7 @@ class DebianXen:
             raise InputError(f"{version!r} is not a Debian Xen version (like 4.17.5+72-g01140da4e8-1)")
         self.version = version
         self.major = ".".join(version.split(".")[:2])
+        self.cache = cache
         self.dir = (cache or cache_root()) / "xen-debian" / version
 
     @classmethod
@@ -91,27 +89,48 @@ class DebianXen:
         pk += [f"{p.format(m=m)}={v}" for p in _LIBS]
         return pk + [f"linux-image-{DOM0_KERNEL}"]
 
+    def _records(self) -> list[PackageRecord]:
+        """The signed index's record of every package (the dom0 kernel: its newest version); an unknown
+        Xen version is refused with the versions that exist (``apt-cache madison``)."""
+        apt = apt_root(self.cache)
+        wanted: list[tuple[str, str]] = []
+        for spec in self.packages():
+            pkg, _, ver = spec.partition("=")
+            wanted.append((pkg, ver or apt.newest(pkg)))
+        apt.record(*wanted[0])  # first: its refusal lists the hypervisor's versions
+        return apt.records(wanted)
+
     def fetch_binaries(self) -> XenBinaries:
-        """Download and unpack the packages once; raises :class:`InputError` if apt cannot get them."""
+        """Download, verify and unpack the packages once; raises :class:`InputError` if apt cannot get them.
+
+        The unpacked root is reused only when its stamp lists the SHA-256 the signed index gives for each
+        package (a root made from unverified input, or by an older klpforge, is unpacked again).
+        """
         root = self.dir / "root"
-        stamp = self.dir / ".binaries"
-        if not stamp.is_file():
+        stamp = self.dir / ".binaries.json"
+        recs = self._records()
+        want = {r.package: r.sha256 for r in recs}
+        try:
+            trusted = json.loads(stamp.read_text()).get("debs") == want and root.is_dir()
+        except (OSError, ValueError):
+            trusted = False
+        if not trusted:
+            stamp.unlink(missing_ok=True)
+            (self.dir / ".binaries").unlink(missing_ok=True)  # older klpforge: names only
             shutil.rmtree(root, ignore_errors=True)
-            dl = self.dir / "debs"
-            dl.mkdir(parents=True, exist_ok=True)
-            os.chmod(dl, 0o777)  # apt's _apt user writes here
-            _run(["apt-get", "download", *self.packages()], dl)
+            apt = apt_root(self.cache)
+            debs = [apt.fetch(r, self.dir / "debs") for r in recs]
             tmp = self.dir / f".root.{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            for deb in sorted(dl.glob("*.deb")):
-                _run(["dpkg-deb", "-x", str(deb), str(tmp)], dl)
+            for deb in debs:
+                _run(["dpkg-deb", "-x", str(deb), str(tmp)], self.dir)
             gz = tmp / "boot" / f"xen-{self.major}-amd64.gz"
             if not gz.is_file():
                 raise InputError(f"{gz.name} missing from xen-hypervisor-{self.major}-amd64")
             (tmp / "boot" / f"xen-{self.major}-amd64").write_bytes(gzip.decompress(gz.read_bytes()))
             os.replace(tmp, root)
-            stamp.write_text(self.version + "\n")
+            stamp.write_text(json.dumps({"version": self.version, "debs": want}, indent=1) + "\n")
         mods = sorted((root / "lib" / "modules").glob("6.*"))
         if not mods:
             raise InputError(f"no dom0 kernel modules under {root}/lib/modules")
@@ -123,38 +142,21 @@ class DebianXen:
             lib_dir=root / "usr" / "lib" / "x86_64-linux-gnu",
             vmlinuz=next(iter(sorted((root / "boot").glob("vmlinuz-*")))), modules=mods[-1])
 
-    def _pool_file(self, name: str, sha256: str | None, dest: Path) -> Path:
-        out = dest / name
-        if out.is_file() and (sha256 is None or hashlib.sha256(out.read_bytes()).hexdigest() == sha256):
-            return out
-        url = f"{pool_uri()}/{name}"
-        try:
-            with urllib.request.urlopen(url, timeout=120) as r:
-                data = r.read()
-        except OSError as e:
-            raise InputError(f"cannot download {url}: {e}") from None
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise InputError(f"{name}: checksum differs from the .dsc")
-        tmp = dest / f".{name}.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-        return out
-
     def fetch_source(self) -> Path:
         """The source tarball with Debian's patches applied, repacked once as ``source.tar``
         (for :func:`klpforge.xen.tree.prepare_tree`); raises :class:`InputError` on failure."""
         out = self.dir / "source.tar"
-        if out.is_file():
+        made = self.dir / "source.tar.json"  # written after the files were fetched through apt (verified)
+        if out.is_file() and made.is_file():
             return out
+        made.unlink(missing_ok=True)
+        up = self.version.rpartition("-")[0]
         dl = self.dir / "src"
-        dl.mkdir(parents=True, exist_ok=True)
-        up, _, _rev = self.version.rpartition("-")
-        dsc = self._pool_file(f"xen_{self.version}.dsc", None, dl).read_text()
-        sums = dict((n, s) for s, _size, n in re.findall(r"^ ([0-9a-f]{64}) (\d+) (\S+)$", dsc, re.M))
-        names = [n for n in sums if n.endswith((".orig.tar.xz", ".orig.tar.gz", ".debian.tar.xz"))]
+        got = apt_root(self.cache, SOURCE_SUITES).download_source("xen", self.version, dl)
+        names = [p.name for p in got if p.name.endswith((".orig.tar.xz", ".orig.tar.gz", ".debian.tar.xz"))]
         if len(names) != 2:
-            raise InputError(f"xen_{self.version}.dsc: expected an orig and a debian tarball, found {names}")
-        files = {n: self._pool_file(n, sums[n], dl) for n in names}
+            raise InputError(f"xen {self.version}: expected an orig and a debian tarball, found {names}")
+        files = {n: dl / n for n in names}
         with tempfile.TemporaryDirectory(prefix="klpforge-xensrc-", dir=self.dir) as td:
             work = Path(td) / f"xen-{up}"
             work.mkdir()
@@ -171,4 +173,5 @@ class DebianXen:
             with tarfile.open(tmp, "w") as tf:
                 tf.add(work, arcname=f"xen-{up}")
             os.replace(tmp, out)
+        made.write_text(json.dumps({"version": self.version, "files": names}) + "\n")
         return out
