@@ -112,6 +112,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --distro: vmlinux symbols (a -dbg vmlinux, `readelf -sW` text or a kallsyms capture) "
                         "instead of booting the image once to read /proc/kallsyms")
     p.add_argument("--symvers", metavar="FILE", help="with --distro: Module.symvers instead of the headers package's")
+    p.add_argument("--sign-key", metavar="KEY.pem",
+                   help="with --distro: sign the live patch with this private key (the kernel's own sign-file); "
+                        "needs --sign-cert")
+    p.add_argument("--sign-cert", metavar="CERT", help="with --distro: the X.509 certificate of --sign-key (PEM or "
+                   "DER), the one the kernel trusts (builtin, or enrolled with mokutil: docs/distro.md)")
     p.add_argument("-c", "--config", metavar="CONFIG",
                    help="plain form (no backend): the kernel's config; -s SRC is prepared with it in the cache, "
                         "never fully built")

@@ -36,7 +36,10 @@ def print_distro_report(con: Console, res: DistroBuildResult) -> None:
     if res.unchanged:
         con.print(f"unchanged objects: {', '.join(res.unchanged)}")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
-    con.print(f"[green]built[/] {res.output}: {res.objects_compiled} objects compiled ({steps})")
+    for note in res.notes:
+        con.print(note, highlight=False, soft_wrap=True)
+    signed = ", signed" if res.signed else ""
+    con.print(f"[green]built[/] {res.output}{signed}: {res.objects_compiled} objects compiled ({steps})")
     if res.tmpdir:
         con.print(f"temporary files kept in {res.tmpdir}")
 
@@ -109,7 +112,9 @@ def _run_one(args: argparse.Namespace, con: Console) -> int:
                                   replace=not args.no_replace, keep_tmp=args.keep_tmp,
                                   report_json=Path(args.json) if args.json else None,
                                   vmlinux_symbols=_symbols(args.symbols, Path(td)),
-                                  symvers=Path(args.symvers) if args.symvers else None)
+                                  symvers=Path(args.symvers) if args.symvers else None,
+                                  sign_key=Path(args.sign_key) if getattr(args, "sign_key", None) else None,
+                                  sign_cert=Path(args.sign_cert) if getattr(args, "sign_cert", None) else None)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=con, transient=True, disable=not con.is_terminal) as prog:
             task = prog.add_task("starting", total=len(STEPS))

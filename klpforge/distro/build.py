@@ -31,6 +31,9 @@ from ..kbuild.structsizes import struct_sizes
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .match import SizeVerdict, check_sizes, object_function_sizes
+from .modules import plain_module
+from .roots import tools_on_path
+from .sign import finish_module
 from .symbols import capture_kallsyms, module_index, shipped_sizes
 
 __all__ = ["DistroBuildOptions", "DistroBuildResult", "build_distro", "STEPS"]
@@ -55,6 +58,8 @@ class DistroBuildOptions:
     report_json: Path | None = None
     vmlinux_symbols: Path | None = None
     symvers: Path | None = None
+    sign_key: Path | None = None
+    sign_cert: Path | None = None
 
 
 @dataclass
@@ -71,6 +76,8 @@ class DistroBuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     impact: dict[str, Any] = field(default_factory=dict)
     tmpdir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    signed: bool = False
 
     def report(self) -> dict[str, Any]:
         """JSON-able: per object its target, replaced functions with sympos and why, the size proof."""
@@ -87,6 +94,7 @@ class DistroBuildResult:
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "signed": self.signed, "notes": self.notes,
         }
 
 
@@ -157,7 +165,7 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
             if par.target not in mods:
                 raise InputError(f"{o} belongs to module {par.target}, which is not among the shipped modules "
                                  f"({tree.modules_dir or 'none given: --modules DIR'})")
-            out[o] = mods[par.target]
+            out[o] = plain_module(mods[par.target])  # .ko.xz/.ko.zst read decompressed
             continue
         if opts.vmlinux_symbols is None:
             if tree.vmlinuz is None:
@@ -180,7 +188,8 @@ def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget
     if extra:
         os.environ["KBUILD_EXTRA_SYMBOLS"] = str(Path(str(symvers)).resolve())
     try:
-        return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log)
+        with tools_on_path(tree):  # Kbuild of the headers package in the release's build root
+            return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log)
     finally:
         if extra:
             if old is None:
@@ -222,7 +231,8 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
 
             make_overlay_all(tree, patches, objs, overlay)
             patched = compile_patched(tree, objs, overlay, tmp / "patched", opts.jobs)
-            env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
+            with tools_on_path(tree):  # the probe runs the release's compiler by name
+                env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
         parents = {o: parent_of(recorded_command(tree, o)) for o in objs}
         symtabs: dict[str, Path] = {}
         with timed_step("prepare", timings, progress, "shipped symbol tables"):
@@ -263,9 +273,9 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))
-            atomic_write(output, ko.read_bytes())
+            signed, notes = finish_module(tree, ko, output, opts.sign_key, opts.sign_cert, log)
         res = DistroBuildResult(output, modname, tree.release, outcomes, unchanged, sizes, 2 * len(objs), timings,
-                                impact, tmp if opts.keep_tmp else None)
+                                impact, tmp if opts.keep_tmp else None, notes, signed)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1, default=str) + "\n")
         ok = True

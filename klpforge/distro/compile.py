@@ -28,6 +28,7 @@ from ..kbuild.patchfile import SourcePatch
 from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
 from .base import DistroTree, run_logged, tree_lock
 from .debian import make_command
+from .roots import in_root
 
 __all__ = ["ObjectParent", "recorded_command", "parent_of", "compile_original", "compile_patched",
            "overlay_command", "make_overlay_all", "ipa_dump_of"]
@@ -129,7 +130,9 @@ def compile_patched(tree: DistroTree, objs: list[str], overlay: Path, outdir: Pa
     def one(obj: str) -> tuple[str, subprocess.CompletedProcess[str]]:
         rec = recorded_command(tree, obj)
         cmd = overlay_command(rec.command, obj, tree.src, overlay, outs[obj])
-        return obj, subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True, check=False)
+        # the whole recorded line (compiler and post-steps such as objtool) in the release's build root
+        return obj, subprocess.run(in_root(tree, ["sh", "-c", cmd], cwd=tree.build), cwd=tree.build,
+                                   capture_output=True, text=True, check=False)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         for obj, r in ex.map(one, objs):

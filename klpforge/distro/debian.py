@@ -29,6 +29,7 @@ from ..fsutil import atomic_write
 from ..kbuild.prepare import cache_root
 from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged, tree_lock
+from .roots import build_root, in_root, root_for_config
 
 __all__ = ["prepare_tree", "package_names", "package_version", "package_records", "release_root", "fetch_packages",
            "KCFLAGS", "compiler_for_config", "check_compiler", "make_command"]
@@ -226,8 +227,9 @@ def _make_base(tree: DistroTree, cc: str) -> list[str]:
 
 
 def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
-    """``make`` of ``targets`` in a prepared tree, with the flags the tree was prepared with."""
-    return [*_make_base(tree, tree.extra.get("cc", "gcc")), f"-j{max(1, jobs)}", *targets]
+    """``make`` of ``targets`` in a prepared tree, with the flags the tree was prepared with; inside the
+    release's build root when it has one (:mod:`.roots`)."""
+    return in_root(tree, [*_make_base(tree, tree.extra.get("cc", "gcc")), f"-j{max(1, jobs)}", *targets])
 
 
 def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
@@ -259,6 +261,8 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
                 st = json.loads(stamp.read_text())
                 if (tree.build / "scripts/mod/modpost").is_file() and _stamp_trusted(st, release, cache):
                     tree.extra.update(st.get("extra", {}))
+                    if tree.extra.get("root"):  # made again if it was removed
+                        build_root(tree.extra["cc_text"], cache, say)
                     return tree
             except (OSError, ValueError):
                 pass
@@ -274,8 +278,11 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
             shutil.rmtree(root / "image.tmp", ignore_errors=True)
             _dpkg_x(debs["image"], root / "image.tmp")
             os.replace(root / "image.tmp", root / "image")
-        cc = check_compiler(tree.config)
         _, cc_text = compiler_for_config(tree.config)
+        cc, broot = root_for_config(cc_text, cache, say)
+        tree.extra["cc_text"] = cc_text
+        if broot is not None:
+            tree.extra.update(root=str(broot.path), root_suite=broot.suite)
         if not (root / "headers/usr/src" / f"linux-headers-{release}/Makefile").is_file():
             say("unpacking the headers packages")
             tmp = root / "headers.tmp"
@@ -313,7 +320,10 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
         run_logged(make_command(tree, "prepare", "modules_prepare", jobs=n), log)
         # the initramfs tool: a host program, no single-target rule for it in 6.1 Kbuild
         (tree.build / "usr").mkdir(exist_ok=True)
-        run_logged([cc, "-O2", "-o", str(tree.build / "usr/gen_init_cpio"), str(src / "usr/gen_init_cpio.c")], log)
+        # built by the host's compiler: klpforge runs it on the host (capture_kallsyms, verify's initramfs)
+        host_cc = cc if broot is None else (shutil.which("gcc") or shutil.which("cc") or "cc")
+        run_logged([host_cc, "-O2", "-o", str(tree.build / "usr/gen_init_cpio"), str(src / "usr/gen_init_cpio.c")],
+                   log)
         key = _stamp_key(recs, cc_text)
         atomic_write(stamp, json.dumps({**key, "extra": tree.extra, "prepared": time.time()}, indent=1) + "\n")
     return tree
