@@ -2,7 +2,8 @@
 # Set up klpforge on a fresh Debian machine (Python 3.11, pip, gcc, binutils):
 #   Debian packages from scripts/apt-packages.txt, the Python package with its test tools, and with
 #   --kernel the cached 6.1 test kernel that `klpforge verify` and the end-to-end tests boot; with --distro the
-#   Debian 6.1.0-56-amd64 packages and prepared tree of the distro tests (they also prepare it on demand).
+#   Debian 6.1.0-56-amd64 and 6.12.117+deb13-amd64 packages and prepared trees of the distro tests (they also
+#   prepare them on demand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_kernel=0
@@ -31,4 +32,6 @@ if [[ $want_kernel -eq 1 ]]; then
 fi
 if [[ $want_distro -eq 1 ]]; then
   python3 -c 'from klpforge.distro import debian; print(debian.prepare_tree("6.1.0-56-amd64", progress=print))'
+  # Debian 13: also makes the trixie build root (gcc-14) once
+  python3 -c 'from klpforge.distro import debian; print(debian.prepare_tree("6.12.117+deb13-amd64", progress=print))'
 fi

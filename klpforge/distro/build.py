@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
-from .base import DistroTree
+from .base import DistroTree, tree_lock
 from .compile import compile_original, compile_patched, parent_of, recorded_command
+from .debian import make_command
 from .match import SizeVerdict, check_sizes, object_function_sizes
 from .modules import plain_module
+from .reach import candidate_objects, header_changes, objects_including
 from .roots import tools_on_path
-from .sign import finish_module
+from .sign import check_sign_args, finish_module
 from .symbols import capture_kallsyms, module_index, shipped_sizes
 
 __all__ = ["DistroBuildOptions", "DistroBuildResult", "build_distro", "STEPS"]
@@ -109,7 +112,7 @@ class _ProbeTree:
         return recorded_command(self._tree, obj)
 
 
-def _objects(patches: list[SourcePatch]) -> list[str]:
+def _objects(patches: list[SourcePatch], allow_headers_only: bool = False) -> list[str]:
     objs: list[str] = []
     for p in patches:
         p.refuse_unpatchable()
@@ -121,10 +124,41 @@ def _objects(patches: list[SourcePatch]) -> list[str]:
             elif f.endswith(".h"):
                 continue  # compiled through the .c files the patches touch
     objs = list(dict.fromkeys(objs))
-    if not objs:
+    if not objs and not allow_headers_only:
         raise InputError("the patches change no C file; a header-only change needs the .c files that use it "
                          "in the patch (distribution trees record no include dependencies without a full build)")
     return objs
+
+
+def _with_header_reach(tree: DistroTree, patches: list[SourcePatch], objs: list[str], jobs: int,
+                       progress: Progress | None) -> list[str]:
+    """``objs`` plus every object a changed header function reaches (:mod:`.reach`): candidates named by
+    the functions, compiled by Kbuild (``make -k``: those the config does not build drop out), kept when
+    their preprocessor dependency list names the header. Raises :class:`InputError` when the header change
+    is outside function bodies and the patch names no ``.c`` file (its reach cannot be known)."""
+    funcs, outside = header_changes(patches, tree.src)
+    if not funcs:
+        return objs
+    say = (lambda m: progress("compile", m)) if progress else (lambda _m: None)
+    if outside and not objs:
+        raise InputError(f"{outside[0]}: the patch changes lines outside function bodies (a macro, type or "
+                         "declaration): which objects that reaches cannot be known without a full build; add the "
+                         ".c files to rebuild to the patch")
+    cands = [o for o in candidate_objects(tree, funcs, say) if o not in objs]
+    if not cands:
+        return objs
+    with tree_lock(tree.lock or tree.build / ".lock"):
+        log = tree.build.parent / "reach.log"
+        log.write_text("")
+        cmd = make_command(tree, "-k", *cands, jobs=jobs)
+        with log.open("ab") as f:
+            subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    reached = objects_including(tree, [o for o in cands if (tree.build / o).is_file()], list(funcs))
+    say(f"header change reaches {len(reached)} more object(s): {', '.join(reached[:8])}"
+        + (" ..." if len(reached) > 8 else ""))
+    if not reached and not objs:
+        raise NoChange(f"no object of {tree.release} uses {', '.join(sorted({n for v in funcs.values() for n in v}))}")
+    return objs + reached
 
 
 def _impact(dump_dir: Path, obj: str, patches: list[SourcePatch], src: Path, replaced: list[str]) -> dict[str, Any]:
@@ -203,8 +237,9 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
     timings: dict[str, float] = {}
     if not opts.patches:
         raise InputError("no patch given")
+    check_sign_args(opts.sign_key, opts.sign_cert)
     patches = [SourcePatch.parse(p) for p in opts.patches]
-    objs = _objects(patches)
+    objs = _objects(patches, allow_headers_only=True)
     with timed_step("prepare", timings, progress, "fetching and preparing the distribution tree"):
         tree = opts.tree
         if tree is None:
@@ -217,6 +252,8 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         if tree.headers is None:
             raise InputError("no headers or build directory to link the live patch module in")
         mods = module_index(tree.modules_dir) if tree.modules_dir else {}
+    with timed_step("compile", timings, progress, "finding the objects the header changes reach"):
+        objs = _with_header_reach(tree, patches, objs, opts.jobs, progress)
     stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))

@@ -232,6 +232,28 @@ def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
     return in_root(tree, [*_make_base(tree, tree.extra.get("cc", "gcc")), f"-j{max(1, jobs)}", *targets])
 
 
+def _read_from(d: Path) -> list[str] | None:
+    """The SHA-256 list recorded when ``d`` was unpacked (``<d>.from``), None without one."""
+    try:
+        got = json.loads(d.with_name(d.name + ".from").read_text())
+        return got if isinstance(got, list) and d.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_from(d: Path, hashes: list[str]) -> None:
+    atomic_write(d.with_name(d.name + ".from"), json.dumps(hashes) + "\n")
+
+
+def _discard(d: Path) -> None:
+    """Remove ``d``: renamed first (instant, so nothing later takes it for valid), then deleted."""
+    d.with_name(d.name + ".from").unlink(missing_ok=True)
+    if d.exists():
+        trash = d.with_name(f".trash-{d.name}-{os.getpid()}")
+        os.replace(d, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
                  progress: Say | None = None) -> DistroTree:
     """Fetch, unpack and prepare Debian's kernel ``release`` once; later calls return the cached tree.
@@ -268,9 +290,11 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
                 pass
             say("the prepared tree's stamp does not match the signed index: preparing it again")
             stamp.unlink()
-        for d in ("image", "headers", "src"):  # unpacked from packages no stamp vouches for
-            shutil.rmtree(root / d, ignore_errors=True)
         recs = package_records(release, cache, say)
+        made_from = {"image": ("image",), "headers": ("headers", "headers_common", "kbuild"), "src": ("source",)}
+        for d, roles in made_from.items():  # an unpacked directory is kept only if made from these very files
+            if _read_from(root / d) != [recs[r].sha256 for r in roles]:
+                _discard(root / d)
         apt = apt_root(cache)
         debs = {role: apt.fetch(rec, root.parent / "debs", say) for role, rec in recs.items()}
         if not tree.config.is_file():
@@ -278,6 +302,7 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
             shutil.rmtree(root / "image.tmp", ignore_errors=True)
             _dpkg_x(debs["image"], root / "image.tmp")
             os.replace(root / "image.tmp", root / "image")
+            _write_from(root / "image", [recs["image"].sha256])
         _, cc_text = compiler_for_config(tree.config)
         cc, broot = root_for_config(cc_text, cache, say)
         tree.extra["cc_text"] = cc_text
@@ -291,6 +316,7 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
                 _dpkg_x(debs[role], tmp)
             shutil.rmtree(root / "headers", ignore_errors=True)
             os.replace(tmp, root / "headers")
+            _write_from(root / "headers", [recs[r].sha256 for r in made_from["headers"]])
         _fix_headers_makefile(root / "headers", release)
         if not (src / "Makefile").is_file():
             say(f"unpacking {debs['source'].name} (about 20 s)")
@@ -306,6 +332,7 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
             shutil.rmtree(root / "src", ignore_errors=True)
             (root / "src").mkdir()
             os.replace(top, src)
+            _write_from(root / "src", [recs["source"].sha256])
             shutil.rmtree(tmp, ignore_errors=True)
         tree.extra["cc"] = cc
         log = root / "prepare.log"

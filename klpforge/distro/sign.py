@@ -30,7 +30,7 @@ from .base import DistroTree
 from .modules import COMPRESSED, compress_module
 from .roots import in_root
 
-__all__ = ["finish_module", "sign_module", "SIG_MAGIC"]
+__all__ = ["finish_module", "sign_module", "check_sign_args", "SIG_MAGIC"]
 
 #: The trailer ``sign-file`` appends (Linux ``include/linux/module_signature.h``, ``MODULE_SIG_STRING``).
 SIG_MAGIC = b"~Module signature appended~\n"
@@ -39,6 +39,15 @@ SIG_MAGIC = b"~Module signature appended~\n"
 def _config_value(text: str, key: str) -> str | None:
     m = re.search(rf"^{key}=(.*)$", text, re.M)
     return m.group(1).strip().strip('"') if m else None
+
+
+def check_sign_args(key: Path | None, cert: Path | None) -> None:
+    """Refuse (one line) a key without its certificate or the reverse, and unreadable files: before any work."""
+    if (key is None) != (cert is None):
+        raise InputError("--sign-key and --sign-cert go together (the private key and its X.509 certificate)")
+    for what, p in (("--sign-key", key), ("--sign-cert", cert)):
+        if p is not None and not p.is_file():
+            raise InputError(f"{what} {p}: not a readable file")
 
 
 def sign_module(tree: DistroTree, ko: Path, key: Path, cert: Path, log: Path) -> None:
@@ -76,8 +85,7 @@ def finish_module(tree: DistroTree, ko: Path, output: Path, key: Path | None, ce
                   log: Path) -> tuple[bool, list[str]]:
     """Sign (when asked), compress (for an ``output`` named ``.ko.xz``/``.ko.zst``/``.ko.gz``) and write
     ``output`` atomically. Returns ``(signed, notes)``: notes are one-line warnings for the user."""
-    if (key is None) != (cert is None):
-        raise InputError("--sign-key and --sign-cert go together (the private key and its X.509 certificate)")
+    check_sign_args(key, cert)
     config = tree.config.read_text(errors="replace") if tree.config.is_file() else ""
     notes: list[str] = []
     signed = False

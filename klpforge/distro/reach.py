@@ -1,0 +1,132 @@
+"""Header changes: which objects of a release a change to a ``static inline`` function reaches, without a
+full build.
+
+A real fix often edits a ``static inline`` in a header; its code then lives in every object that calls it
+(directly, or through another inline of a header that calls it). Without a full build the prepared tree has
+no dependency lists, so the set is found in two steps:
+
+1. *candidates*: the functions the header hunks touch (tree-sitter-c on the pristine header,
+   :func:`klpforge.ipa.patchmap.functions_in_source`), widened to the inline functions of headers that call
+   them (a few rounds), then every ``.c`` file of the tree naming one of them (``grep -w``, x86 only);
+2. *proof*: the candidates are compiled by Kbuild (single targets, ``make -k``: a file the shipped config
+   does not build has no rule and drops out), and an object is kept only if the dependency list Kbuild's
+   ``fixdep`` wrote into its ``.cmd`` file (the preprocessor's ``-MMD`` output) names the header. The diff
+   then drops the objects whose code did not change.
+
+A hunk outside any function body (a macro, a type, a declaration) reaches objects no name search can find:
+that change is refused with the reason unless the patch also names the ``.c`` files to rebuild.
+
+>>> _names_pattern(["a", "b_c"])
+'\\\\b(a|b_c)\\\\b'
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from ..errors import InputError
+from ..kbuild.patchfile import SourcePatch
+from .base import DistroTree, Say
+
+__all__ = ["header_changes", "candidate_objects", "objects_including", "MAX_CANDIDATES"]
+
+#: More candidate files than this and the change is refused (a widely used inline: rebuilding hundreds of
+#: objects is a full build in disguise); the message names the functions.
+MAX_CANDIDATES = 150
+
+_SKIP_DIRS = ("tools/", "samples/", "scripts/", "Documentation/", "usr/", "arch/")
+
+
+def _names_pattern(names: list[str]) -> str:
+    return r"\b(" + "|".join(sorted(set(names))) + r")\b"
+
+
+def header_changes(patches: list[SourcePatch], src: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """``({header: [functions its hunks touch]}, [headers with hunks outside function bodies])``."""
+    from ..ipa.patchmap import _hunk_lines, functions_in_source
+    from ..unidiff import read_patch
+
+    funcs: dict[str, list[str]] = {}
+    outside: list[str] = []
+    for p in patches:
+        for f in read_patch(p.path, 1):
+            if f.old is None or not f.old.endswith(".h"):
+                continue
+            hdr = src / f.old
+            if not hdr.is_file():
+                raise InputError(f"{f.old}: not a file of the release's source")
+            text = hdr.read_bytes()
+            lines = _hunk_lines(p.path, f.old, f.hunks, hdr)
+            per_line = {ln: functions_in_source(text, {ln}) for ln in sorted(lines)}
+            got = sorted({n for v in per_line.values() for n in v})
+            funcs.setdefault(f.old, [])
+            funcs[f.old] = sorted(set(funcs[f.old]) | set(got))
+            if any(not v for v in per_line.values()):
+                outside.append(f.old)
+    return funcs, sorted(set(outside))
+
+
+def _grep(src: Path, pattern: str, dirs: list[str], include: str) -> list[str]:
+    r = subprocess.run(["grep", "-rlE", f"--include={include}", pattern, *dirs], cwd=src, capture_output=True,
+                       text=True, check=False)
+    return sorted(r.stdout.split())
+
+
+def candidate_objects(tree: DistroTree, funcs: dict[str, list[str]], say: Say | None = None) -> list[str]:
+    """Objects whose source names a changed inline function or an inline (of any header) that calls one.
+
+    Raises :class:`InputError` when more than :data:`MAX_CANDIDATES` files name them.
+    """
+    from ..ipa.patchmap import _name_of, _parser
+
+    names = {n for v in funcs.values() for n in v}
+    if not names:
+        return []
+    hdr_dirs = [d for d in ("include", "arch/x86/include") if (tree.src / d).is_dir()]
+    hdr_dirs += sorted({str(Path(h).parent) for h in funcs} - set(hdr_dirs))
+    parser = _parser()
+    for _round in range(4):  # inline callers of inline callers ...
+        grown = set(names)
+        for h in _grep(tree.src, _names_pattern(sorted(names)), hdr_dirs, "*.h"):
+            root = parser.parse((tree.src / h).read_bytes()).root_node
+            stack = [root]
+            while stack:
+                node = stack.pop()
+                if node.type == "function_definition":
+                    name = _name_of(node.child_by_field_name("declarator"))
+                    body = node.child_by_field_name("body")
+                    if name and body is not None and re.search(_names_pattern(sorted(names)),
+                                                               body.text.decode(errors="replace")):
+                        grown.add(name)
+                    continue
+                stack.extend(node.children)
+        if grown == names:
+            break
+        names = grown
+    dirs = [d.name for d in tree.src.iterdir() if d.is_dir() and d.name + "/" not in _SKIP_DIRS]
+    files = _grep(tree.src, _names_pattern(sorted(names)), sorted(dirs) + ["arch/x86"], "*.c")
+    if say:
+        say(f"header change: {len(files)} source file(s) name {len(names)} affected inline function(s)")
+    if len(files) > MAX_CANDIDATES:
+        shown = ", ".join(sorted(n for v in funcs.values() for n in v))
+        raise InputError(f"the header change to {shown} reaches {len(files)} source files (more than "
+                         f"{MAX_CANDIDATES}): too many objects to rebuild without a full build; give the .c "
+                         "files to rebuild in the patch")
+    return [f[:-2] + ".o" for f in files]
+
+
+def objects_including(tree: DistroTree, objs: list[str], headers: list[str]) -> list[str]:
+    """Those of ``objs`` (compiled in ``tree.build``) whose ``.cmd`` dependency list names one of ``headers``
+    (``deps_<obj> := ... $(srctree)/include/linux/x.h \\``, written by Kbuild's fixdep from ``-MMD``)."""
+    keep: list[str] = []
+    for o in objs:
+        cmd = tree.build / Path(o).parent / f".{Path(o).name}.cmd"
+        try:
+            text = cmd.read_text(errors="replace")
+        except OSError:
+            continue
+        if any(re.search(rf"(^|[\s/]){re.escape(h)}\s", text, re.M) for h in headers):
+            keep.append(o)
+    return keep
