@@ -42,6 +42,9 @@ _STAMP = "prepared.json"
 _FORMAT = 2  # 2: debs recorded with the signed index's SHA-256
 
 
+#: Packages a 7.x ``linux-image-<release>`` metapackage depends on for its files (7.3.4-1~bpo13+1).
+_IMAGE_PARTS = ("base", "binary", "modules")
+
 _RELEASE_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-(\d+)|\+deb(\d+))(?:-(rt|cloud))?-(\w+)")
 
 
@@ -120,6 +123,11 @@ def package_records(release: str, cache: str | os.PathLike[str] | None = None,
                          + (f"; releases of {line} it has: {', '.join(known[-12:])}" if known else ""))
     version = highest([v for v, _ in have])
     recs = {role: apt.record(names[role], version, say) for role in ("image", "headers", "source")}
+    # 7.x: linux-image-<release> is a metapackage; vmlinuz, config and modules are in linux-binary-,
+    # linux-base- and linux-modules-<release> of the same version
+    for part in _IMAGE_PARTS:
+        if f"linux-{part}-{release} " in recs["image"].depends + " ":
+            recs[f"image_{part}"] = apt.record(f"linux-{part}-{release}", version, say)
     for role, prefix in (("headers_common", "linux-headers-"), ("kbuild", "linux-kbuild-")):
         pkg = _depends_on(recs["headers"].depends, prefix) or names[role]
         recs[role] = apt.record(pkg, version if role == "headers_common" else apt.newest(pkg, say), say)
@@ -207,7 +215,7 @@ def _stamp_trusted(st: dict[str, object], release: str, cache: str | os.PathLike
     """A prepared tree is reused only if its stamp names, for every package, the SHA-256 the signed index
     gives today for that package version (a tree from unverified or other input is prepared again)."""
     debs = st.get("debs")
-    if st.get("format") != _FORMAT or not isinstance(debs, dict) or set(debs) != set(package_names(release)):
+    if st.get("format") != _FORMAT or not isinstance(debs, dict) or not set(package_names(release)) <= set(debs):
         return False
     apt = apt_root(cache)
     for d in debs.values():
@@ -291,7 +299,8 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
             say("the prepared tree's stamp does not match the signed index: preparing it again")
             stamp.unlink()
         recs = package_records(release, cache, say)
-        made_from = {"image": ("image",), "headers": ("headers", "headers_common", "kbuild"), "src": ("source",)}
+        image_roles = tuple(r for r in recs if r == "image" or r.startswith("image_"))
+        made_from = {"image": image_roles, "headers": ("headers", "headers_common", "kbuild"), "src": ("source",)}
         for d, roles in made_from.items():  # an unpacked directory is kept only if made from these very files
             if _read_from(root / d) != [recs[r].sha256 for r in roles]:
                 _discard(root / d)
@@ -300,9 +309,10 @@ def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs
         if not tree.config.is_file():
             say(f"unpacking {debs['image'].name}")
             shutil.rmtree(root / "image.tmp", ignore_errors=True)
-            _dpkg_x(debs["image"], root / "image.tmp")
+            for role in image_roles:
+                _dpkg_x(debs[role], root / "image.tmp")
             os.replace(root / "image.tmp", root / "image")
-            _write_from(root / "image", [recs["image"].sha256])
+            _write_from(root / "image", [recs[r].sha256 for r in image_roles])
         _, cc_text = compiler_for_config(tree.config)
         cc, broot = root_for_config(cc_text, cache, say)
         tree.extra["cc_text"] = cc_text

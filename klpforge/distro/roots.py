@@ -47,9 +47,10 @@ __all__ = ["BuildRoot", "ROOT_PACKAGES", "compiler_package", "host_matches", "bu
 
 #: What a kernel's ``make prepare modules_prepare``, single-object builds and external-module links need
 #: (besides the compiler): Kbuild's host tools (bison, flex, libelf for objtool, libssl for sign-file),
-#: ``pahole`` for BTF (the configs set ``CONFIG_DEBUG_INFO_BTF``), the compressors of ``.ko.xz``/``.ko.zst``.
+#: ``pahole`` for BTF (the configs set ``CONFIG_DEBUG_INFO_BTF``), the compressors of ``.ko.xz``/``.ko.zst``,
+#: python3 (6.12 ``tools/lib/bpf`` generates ``bpf_helper_defs.h`` with it for resolve_btfids).
 ROOT_PACKAGES = ("make", "libc6-dev", "binutils", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "kmod",
-                 "cpio", "perl", "xz-utils", "zstd", "dwarves")
+                 "cpio", "perl", "xz-utils", "zstd", "dwarves", "python3")
 
 _FORMAT = 1
 
@@ -146,7 +147,8 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
     with tree_lock(base / f".{suite}.lock"):
         try:
             st = json.loads(stamp.read_text())
-            if st.get("format") == _FORMAT and cc_text in st.get("compilers", []) and path.is_dir():
+            if st.get("format") == _FORMAT and cc_text in st.get("compilers", []) and path.is_dir() and \
+                    st.get("packages") == [f"{pkg}={version}", *ROOT_PACKAGES]:
                 return root
         except (OSError, ValueError):
             pass
@@ -183,7 +185,10 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
             shutil.rmtree(tmp, ignore_errors=True)
             raise InputError(f"the {suite} build root's {cmd} prints '{got}', the kernel's config says "
                              f"'{cc_text}'")
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():  # an older root (other package list): renamed away first, then removed
+            old = base / f".{suite}-amd64.old.{os.getpid()}"
+            os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, path)
             os.chmod(path, 0o555)  # read-only after: entered with --ro-bind, never written
