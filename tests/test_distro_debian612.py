@@ -57,6 +57,10 @@ def test_prepared_in_the_release_build_root(tree612: DistroTree) -> None:
     r = subprocess.run(in_root(tree612, ["x86_64-linux-gnu-gcc-14", "--version"]), capture_output=True,
                        text=True, check=True)
     assert r.stdout.splitlines()[0] == CC
+    # entered read-only: the root cannot be written, the release's directory can
+    w = subprocess.run(in_root(tree612, ["sh", "-c", "touch /usr/klpforge-x; echo rc=$?"]), capture_output=True,
+                       text=True, check=False)
+    assert "Read-only file system" in w.stderr and "rc=1" in w.stdout
     stamp = json.loads((tree612.build.parent / "prepared.json").read_text())
     assert stamp["cc"] == CC
     assert {d["package"] for d in stamp["debs"].values()} == {

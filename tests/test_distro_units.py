@@ -144,3 +144,55 @@ def test_btf_id_slots_correlate_across_counter_shifts() -> None:
 
     assert canonical("__BTF_ID__struct__kallsym_iter__493952") == canonical("__BTF_ID__struct__kallsym_iter__493954")
     assert canonical("__BTF_ID__struct__a__1") != canonical("__BTF_ID__struct__b__1")
+
+
+def test_build_root_compiler_package() -> None:
+    from klpforge.distro.roots import compiler_package, host_matches
+
+    assert compiler_package("x86_64-linux-gnu-gcc-14 (Debian 14.2.0-19) 14.2.0") == (
+        "x86_64-linux-gnu-gcc-14", "gcc-14", "14.2.0-19")
+    assert compiler_package("gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0") == ("gcc-12", "gcc-12", "12.2.0-14+deb12u1")
+    with pytest.raises(InputError, match=r"^compiler 'Debian clang version 19.1.7 \(3\)' is not a Debian GCC"):
+        compiler_package("Debian clang version 19.1.7 (3)")
+    assert host_matches("x86_64-linux-gnu-gcc-99 (Debian 99) 99") is None
+
+
+def test_package_names_of_debian_13() -> None:
+    n = package_names("6.12.117+deb13-amd64")
+    assert n == {"image": "linux-image-6.12.117+deb13-amd64", "headers": "linux-headers-6.12.117+deb13-amd64",
+                 "headers_common": "linux-headers-6.12.117+deb13-common", "kbuild": "linux-kbuild-6.12.117+deb13",
+                 "source": "linux-source-6.12"}
+    assert package_names("7.3.4+deb13-rt-amd64")["headers_common"] == "linux-headers-7.3.4+deb13-common-rt"
+
+
+def test_compressed_modules_read_and_written(tmp_path: Path) -> None:
+    """A real ELF object compressed as Debian 13 ships modules (.ko.xz, .ko.zst): read back decompressed, once."""
+    import lzma
+    import shutil as sh
+    import subprocess as sp
+
+    from klpforge.distro.modules import compress_module, plain_module
+
+    src = tmp_path / "m.c"
+    src.write_text("int klp_x(void) { return 1; }\n")
+    ko = tmp_path / "m.ko"
+    sp.run(["gcc", "-c", "-o", str(ko), str(src)], check=True)
+    xz = tmp_path / "mods" / "m.ko.xz"
+    xz.parent.mkdir()
+    xz.write_bytes(compress_module(ko, ".xz"))
+    # the kernel's in-kernel decompressor needs CRC32 checks (Makefile.modinst: xz --check=crc32)
+    assert sp.run(["xz", "-lv", str(xz)], capture_output=True, text=True).stdout.count("CRC32") >= 1
+    out = plain_module(xz, tmp_path / "plain")
+    assert out == tmp_path / "plain" / "m.ko" and out.read_bytes() == ko.read_bytes()
+    assert plain_module(ko) == ko
+    if sh.which("zstd"):
+        zst = tmp_path / "mods" / "m.ko.zst"
+        zst.write_bytes(compress_module(ko, ".zst"))
+        assert plain_module(zst, tmp_path / "plain2").read_bytes() == ko.read_bytes()
+    bad = tmp_path / "mods" / "bad.ko.xz"
+    bad.write_bytes(lzma.compress(b"not an elf"))
+    with pytest.raises(InputError, match="decompressed, it is not an ELF module"):
+        plain_module(bad, tmp_path / "plain3")
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot decompress"):
+        plain_module(bad, tmp_path / "plain4")
