@@ -160,16 +160,14 @@ def test_unsafe_patches_refused(debian_tree: DistroTree, tmp_path: Path, patch: 
 def nfsd_of_next_release(debian_tree: DistroTree, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``lib/modules`` of linux-image-6.1.0-57-amd64 (6.1.192-3: the fixed nfsd) holding only nfsd.ko."""
     from klpforge.distro import debian
+    from klpforge.distro.apt import apt_root
 
     root = debian.release_root(RELEASE)
-    debs = root.parent / "debs"
     pkg = "linux-image-6.1.0-57-amd64"
-    have = sorted(debs.glob(f"{pkg}_*.deb"))
-    if not have:
-        subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True, capture_output=True)
-        have = sorted(debs.glob(f"{pkg}_*.deb"))
+    apt = apt_root()  # klpforge's own sources, verified against the signed index
+    deb = apt.fetch(apt.record(pkg, apt.newest(pkg)), root.parent / "debs")
     out = tmp_path_factory.mktemp("next")
-    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(have[0])], stdout=subprocess.PIPE)
+    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     subprocess.run(["tar", "-x", "-C", str(out), "--wildcards", "./lib/modules/*/kernel/fs/nfsd/nfsd.ko"],
                    stdin=tar.stdout, check=True)
     tar.wait()
