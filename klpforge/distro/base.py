@@ -61,10 +61,14 @@ class DistroTree:
 
     @property
     def modules_dir(self) -> Path | None:
-        """The shipped modules: ``modules`` if set, else ``lib/modules/<release>`` of the image package."""
+        """The shipped modules: ``modules`` if set, else ``lib/modules/<release>`` of the image package
+        (``usr/lib/modules/<release>`` for Debian 13)."""
         if self.modules is not None:
             return self.modules
-        return self.image / "lib/modules" / self.release if self.image else None
+        if self.image is None:
+            return None
+        merged = self.image / "usr/lib/modules" / self.release  # Debian 13 ships them under /usr (usrmerge)
+        return merged if merged.is_dir() else self.image / "lib/modules" / self.release
 
     @property
     def symvers(self) -> Path | None:

@@ -244,12 +244,16 @@ def tools_on_path(tree: DistroTree) -> Iterator[None]:
         return
     cmd = compiler_package(root.cc_text)[0] if root.cc_text else "gcc"
     with tempfile.TemporaryDirectory(prefix="klpforge-root-bin-") as td:
+        # the caller's directory when the root sees it (make -C / M= name the rest), else /
+        seen = sorted({str(Path(b).resolve()) for b in _binds(tree)} | {"/tmp"})
+        case = "|".join(f"{shlex.quote(b)}|{shlex.quote(b)}/*" for b in seen)
         for tool in ("make", cmd):
             wrapped = root.wrap([tool], _binds(tree))
             script = Path(td) / tool
             script.write_text("#!/bin/sh\n# klpforge: run in the build root " + str(root.path) + "\n"
+                              + f'case "$PWD" in {case}) d="$PWD" ;; *) d=/ ;; esac\n'
                               + "exec " + " ".join(shlex.quote(a) for a in wrapped[:-1])
-                              + ' --chdir "$PWD" ' + shlex.quote(tool) + ' "$@"\n')
+                              + ' --chdir "$d" ' + shlex.quote(tool) + ' "$@"\n')
             script.chmod(0o755)
         old = os.environ.get("PATH", "")
         os.environ["PATH"] = f"{td}:{old}"

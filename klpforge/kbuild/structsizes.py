@@ -22,8 +22,9 @@ from .tree import KernelTree
 
 __all__ = ["struct_sizes", "PROBE_SOURCE"]
 
-# Struct names and headers as of Linux 6.1 (x86_64).
+# Struct names and headers as of Linux 6.1 (x86_64); 6.12 lacks paravirt_patch_site (version-guarded).
 PROBE_SOURCE = r"""
+#include <linux/version.h>
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/uaccess.h>
@@ -50,7 +51,8 @@ void klpforge_probe(void)
 	KLPSZ(EX_STRUCT_SIZE, sizeof(struct exception_table_entry));
 	KLPSZ(ORC_STRUCT_SIZE, sizeof(struct orc_entry));
 	KLPSZ(STATIC_CALL_STRUCT_SIZE, sizeof(struct static_call_site));
-#ifdef CONFIG_PARAVIRT
+#if defined(CONFIG_PARAVIRT) && LINUX_VERSION_CODE < KERNEL_VERSION(6, 8, 0)
+	/* 6.8 moved paravirt patching to alternatives: no .parainstructions, no struct */
 	KLPSZ(PARA_STRUCT_SIZE, sizeof(struct paravirt_patch_site));
 #endif
 #ifdef CONFIG_PRINTK_INDEX

@@ -281,7 +281,7 @@ def parse_cmd_file(text: str, obj: str) -> tuple[str, str] | None:
     (scripts/Kbuild.include, 6.1: ``$$`` for ``$``, ``$(pound)`` for ``#``); None without both lines."""
     cmd = src = None
     for line in text.splitlines():
-        if line.startswith(f"cmd_{obj} := "):
+        if line.startswith((f"cmd_{obj} := ", f"savedcmd_{obj} := ")):  # savedcmd_: Linux >= 6.2 (6.12)
             cmd = line.split(" := ", 1)[1]
         elif line.startswith(f"source_{obj} := "):
             src = line.split(" := ", 1)[1].strip()
