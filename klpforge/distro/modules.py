@@ -114,10 +114,11 @@ def modules_dep(tree: DistroTree) -> dict[str, tuple[Path, list[str]]]:
             raise InputError("depmod not found (Debian package kmod) and the image ships no modules.dep")
         with tree_lock(tree.lock or mdir / ".lock"):
             if not dep.is_file():
-                r = subprocess.run([depmod, "-b", str(tree.image), tree.release], capture_output=True, text=True,
+                base = mdir.parents[2]  # <base>/lib/modules/<release>: the image, or its usr/ (Debian 13)
+                r = subprocess.run([depmod, "-b", str(base), tree.release], capture_output=True, text=True,
                                    check=False)
                 if r.returncode != 0 or not dep.is_file():
-                    raise InputError(f"depmod -b {tree.image} failed: {r.stderr.strip()[:300]}")
+                    raise InputError(f"depmod -b {base} failed: {r.stderr.strip()[:300]}")
     out: dict[str, tuple[Path, list[str]]] = {}
     for line in dep.read_text().splitlines():
         if ":" not in line:
