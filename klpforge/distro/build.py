@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -256,7 +257,8 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         objs = _with_header_reach(tree, patches, objs, opts.jobs, progress)
     stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
-    modname = sanitize_module_name(output.name.removesuffix(".ko"))
+    # livepatch-fix.ko.xz -> livepatch_fix: the compression suffix is not part of the module's name
+    modname = sanitize_module_name(re.sub(r"\.ko(\.(xz|zst|gz))?$", "", output.name))
     tmp = Path(tempfile.mkdtemp(prefix="klpforge-distro-"))
     log = tmp / "build.log"
     ok = False
