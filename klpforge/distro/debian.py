@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 from .base import DistroTree, Say, run_logged, tree_lock
 
 __all__ = ["prepare_tree", "package_names", "package_version", "release_root", "fetch_packages",
@@ -60,7 +60,7 @@ def package_names(release: str) -> dict[str, str]:
 
 def release_root(release: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """``<cache>/distro/debian/<release>``."""
-    return cache_root(cache) / "distro" / "debian" / release
+    return cache_dir("distro", "debian", cache=cache) / release  # checked: debs/ and every release
 
 
 def _apt(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

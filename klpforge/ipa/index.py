@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..kbuild.prepare import cache_dir as _cache_dir
 from .dumps import RawDumps, classify, lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files
 from .objsyms import read_symbols, syms_text
 from .tokens import (
@@ -47,9 +48,10 @@ _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/klpforge`` (default ``~/.cache/klpforge``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "klpforge"
+    """The klpforge cache root (``$KLPFORGE_CACHE``, else ``$XDG_CACHE_HOME/klpforge``, else
+    ``~/.cache/klpforge``: :func:`klpforge.kbuild.prepare.cache_root`), its ``impact/`` directory checked
+    to be writable by the user only (:func:`klpforge.fsutil.check_private_dir`)."""
+    return _cache_dir("impact").parent
 
 
 @dataclass

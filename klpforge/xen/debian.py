@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 
 __all__ = ["DebianXen", "XenBinaries", "DOM0_KERNEL", "pool_uri"]
 
@@ -74,7 +74,7 @@ class DebianXen:
             raise InputError(f"{version!r} is not a Debian Xen version (like 4.17.5+72-g01140da4e8-1)")
         self.version = version
         self.major = ".".join(version.split(".")[:2])
-        self.dir = (cache or cache_root()) / "xen-debian" / version
+        self.dir = cache_dir("xen-debian", cache=cache) / version  # refused if others can write it
 
     @classmethod
     def parse(cls, distro: str, cache: Path | None = None) -> DebianXen:
@@ -100,7 +100,10 @@ class DebianXen:
             dl = self.dir / "debs"
             dl.mkdir(parents=True, exist_ok=True)
             os.chmod(dl, 0o777)  # apt's _apt user writes here
-            _run(["apt-get", "download", *self.packages()], dl)
+            try:
+                _run(["apt-get", "download", *self.packages()], dl)
+            finally:
+                os.chmod(dl, 0o755)  # writable by others no longer than the download: cache_dir refuses it
             tmp = self.dir / f".root.{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
