@@ -111,8 +111,11 @@ def _checked(path: str, walk: bool, uid: int) -> None:
     # every ancestor, as ssh does for ~/.ssh/authorized_keys: whoever can rename a parent can swap the tree
     anc = os.path.dirname(p)
     while True:
-        st = os.stat(anc)
-        why = _why_unsafe(anc, st, uid, ancestor=True)
+        try:
+            st = os.stat(anc)
+        except FileNotFoundError:
+            st = None  # created later, by us, with the umask
+        why = st and _why_unsafe(anc, st, uid, ancestor=True)
         if why:
             raise InputError(f"unsafe cache directory {anc}: it {why}; klpforge runs and compiles what the cache "
                              f"holds (fix: {_fix(why, anc)}, or set KLPFORGE_CACHE elsewhere)")
