@@ -7,8 +7,10 @@ exit code and that no work was done (no output, nothing created in the cache).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,127 @@ def test_private_cache_under_sticky_tmp_is_accepted(tmp_path: Path) -> None:
     cache = tmp_path / "cache" / "kernel-6.1" / "build"
     cache.mkdir(parents=True)
     check_private_dir(tmp_path / "cache")  # does not raise
+
+
+# ---------------------------------------------------------------- item 4: no orphans on a signal
+
+
+def _session(sid: int) -> list[str]:
+    """``pid comm`` of every living process of session ``sid``: the command was started with ``setsid``, so
+    all it started -- reparented to init or not -- is here unless it called setsid itself (none of ours do)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            st = (d / "stat").read_text()
+        except OSError:
+            continue
+        f = st[st.rfind(")") + 2:].split()
+        if int(f[3]) == sid and f[0] != "Z":
+            out.append(f"{d.name} {st[st.find('(') + 1:st.rfind(')')]}")
+    return out
+
+
+def _start(args: list[str | Path], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "klpforge", *map(str, args)], cwd=cwd, text=True,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen[str], names: tuple[str, ...], timeout: float = 300) -> None:
+    """Until a process named one of ``names`` runs in ``proc``'s session (the command is mid-way)."""
+    deadline = time.monotonic() + timeout
+    while not any(p.split(" ", 1)[1] in names for p in _session(proc.pid)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {names} after {timeout} s: {_session(proc.pid)}"
+        time.sleep(0.1)
+
+
+def _gone(sid: int, within: float) -> list[str]:
+    deadline = time.monotonic() + within
+    while (left := _session(sid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129}
+WORD = {signal.SIGTERM: "terminated by SIGTERM", signal.SIGINT: "interrupted", signal.SIGHUP: "terminated by SIGHUP"}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL])
+def test_distro_prepare_signalled_leaves_no_process(kernel, tmp_path: Path, sig: int) -> None:
+    """The distribution backend's ``make prepare`` (plain form: the test kernel's source and config, a cold
+    private cache) signalled mid-way: make and every compiler it started are gone. SIGKILL cannot be
+    handled: make dies with klpforge (PR_SET_PDEATHSIG) and the compile it was running ends on its own."""
+    cache = tmp_path / "cache"
+    proc = _start(["build", "-s", kernel.src, "-c", kernel.build / ".config", "-j", "2", "-o", tmp_path / "x.ko",
+                   ROOT / "tests/kernel_patches/01-cmdline-text.patch"], env={"KLPFORGE_CACHE": str(cache)})
+    try:
+        _wait_for(proc, ("cc1", "conf", "fixdep", "gcc"))
+        time.sleep(1)
+        os.kill(proc.pid, sig)
+        _out, err = proc.communicate(timeout=60)
+        if sig != signal.SIGKILL:
+            assert proc.returncode == EXIT[sig] and err == f"klpforge build: {WORD[sig]}\n"
+        left = _gone(proc.pid, 2 if sig != signal.SIGKILL else 30)
+        assert left == [], f"still running after {signal.Signals(sig).name}: {left}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in _session(proc.pid):  # never leave them to the next test
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_verify_signalled_with_a_hung_guest_leaves_no_qemu(kernel, tmp_path: Path, sig: int) -> None:
+    """``verify`` whose guest never finishes its check; SIGKILL of klpforge (nothing of klpforge runs after
+    it) still ends QEMU at once: the kernel kills it with its parent (PR_SET_PDEATHSIG)."""
+    ko = kernel.build / "samples/livepatch/livepatch-sample.ko"
+    proc = _start(["verify", ko, "--kernel", kernel.bzimage, "--check", "sleep 600"],
+                  env={"TMPDIR": str(tmp_path)})
+    try:
+        _wait_for(proc, ("qemu-system-x86",))
+        time.sleep(3)  # booting
+        os.kill(proc.pid, sig)
+        _out, err = proc.communicate(timeout=60)
+        if sig != signal.SIGKILL:
+            assert proc.returncode == EXIT[sig] and err == f"klpforge verify: {WORD[sig]}\n"
+        left = _gone(proc.pid, 3)
+        assert left == [], f"still running after {signal.Signals(sig).name}: {left}"
+    finally:
+        for p in _session(proc.pid):
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_flag_cost_parallel_compiles_signalled_leave_no_process(gcc: str, tmp_path: Path, sig: int) -> None:
+    """flag-cost's two compilers at once (``-j 2``), each a slow compiler (a script that sleeps, then runs
+    gcc), signalled: no compiler survives."""
+    slow = tmp_path / "slowcc"
+    slow.write_text(f'#!/bin/sh\nfor a; do [ "$a" = -c ] && sleep 600; done\nexec {gcc} "$@"\n')
+    slow.chmod(0o755)
+    src, build = tmp_path / "src", tmp_path / "build"
+    for u in ("a", "b"):
+        (src / "d").mkdir(parents=True, exist_ok=True)
+        (src / f"d/{u}.c").write_text(f"int {u}(int x) {{ return x + 1; }}\n")
+        (build / "d").mkdir(parents=True, exist_ok=True)
+        (build / f"d/.{u}.o.cmd").write_text(
+            f"cmd_d/{u}.o := {slow} -O2 -c -o d/{u}.o {src}/d/{u}.c\n\nsource_d/{u}.o := {src}/d/{u}.c\n")
+    (src / "Makefile").write_text("# fake\n")
+    proc = _start(["flag-cost", "-s", src, "-O", build, "-j", "2", "d/"])
+    try:
+        _wait_for(proc, ("sleep",), timeout=60)
+        time.sleep(0.5)
+        os.kill(proc.pid, sig)
+        _out, err = proc.communicate(timeout=60)
+        if sig != signal.SIGKILL:
+            assert proc.returncode == EXIT[sig] and err == f"klpforge flag-cost: {WORD[sig]}\n"
+            assert _gone(proc.pid, 2) == []
+        else:  # the sh dies with klpforge (PDEATHSIG); the watchdog ends its group, the sleep with it
+            assert _gone(proc.pid, 3 + 2) == []  # the watchdog ends the sleep the killed sh left
+    finally:
+        for p in _session(proc.pid):
+            os.kill(int(p.split()[0]), signal.SIGKILL)

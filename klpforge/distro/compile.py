@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
+from ..proc import run
 from .base import DistroTree, run_logged, tree_lock
 from .debian import make_command
 
@@ -129,7 +130,7 @@ def compile_patched(tree: DistroTree, objs: list[str], overlay: Path, outdir: Pa
     def one(obj: str) -> tuple[str, subprocess.CompletedProcess[str]]:
         rec = recorded_command(tree, obj)
         cmd = overlay_command(rec.command, obj, tree.src, overlay, outs[obj])
-        return obj, subprocess.run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True, check=False)
+        return obj, run(cmd, shell=True, cwd=tree.build, capture_output=True, text=True)  # ended on a signal
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         for obj, r in ex.map(one, objs):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import run
 from .closure import ImpactResult
 
 __all__ = ["to_text", "to_json", "to_dot", "write_svg"]
@@ -140,7 +140,7 @@ def write_svg(res: ImpactResult, out: Path) -> None:
     if exe is None:
         atomic_write(out.with_suffix(".dot"), dot)
         raise InputError(f"{out}: Graphviz 'dot' is not installed; wrote {out.with_suffix('.dot')} instead")
-    p = subprocess.run([exe, "-Tsvg"], input=dot.encode(), capture_output=True, check=False)
+    p = run([exe, "-Tsvg"], input=dot.encode(), capture_output=True)
     if p.returncode != 0:
         raise InputError(f"{out}: dot failed: {p.stderr.decode(errors='replace').strip()[:200]}")
     atomic_write(out, p.stdout)
