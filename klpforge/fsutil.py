@@ -14,10 +14,11 @@ import pwd
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import InputError
 
-__all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "MiB", "GiB"]
+__all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "open_regular", "MiB", "GiB"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -186,6 +187,28 @@ def check_regular_file(label: str, path: str | os.PathLike[str], limit: int | No
     if limit is not None and st.st_size > limit:
         raise InputError(f"{label} {p}: {st.st_size / MiB:,.0f} MiB is larger than the {_size(limit)} such a "
                          "file can sensibly be")
+
+
+def open_regular(path: str | os.PathLike[str], limit: int | None = None) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (of at most ``limit`` bytes).
+
+    For the files a command finds itself (dumps in a directory, objects, names in a list): opened with
+    ``O_NONBLOCK`` so a FIFO does not block the ``open``, then refused by ``fstat`` of the open file (no race
+    with a rename). Raises :class:`InputError` ``PATH: not a regular file (a FIFO)``; ``OSError`` as ``open``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{os.fspath(path)}: not a regular file ({_ftype(st.st_mode)})")
+        if limit is not None and st.st_size > limit:
+            raise InputError(f"{os.fspath(path)}: {st.st_size / MiB:,.0f} MiB is larger than the {_size(limit)} "
+                             "such a file can sensibly be")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _ftype(mode: int) -> str:

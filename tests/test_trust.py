@@ -237,3 +237,88 @@ def test_flag_cost_parallel_compiles_signalled_leave_no_process(gcc: str, tmp_pa
     finally:
         for p in _session(proc.pid):
             os.kill(int(p.split()[0]), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- item 5: inputs are regular files, bounded
+
+FIX_C = "static int f(int x) { return x * 3; }\nint g(int x) { return f(x) + 1; }\n"
+
+
+@pytest.fixture
+def inputs(cc, tmp_path: Path) -> dict[str, Path]:
+    """A real pair, its dump, a patch, a FIFO and /dev/zero."""
+    a = cc(FIX_C, "a", "-fdump-ipa-clones")
+    b = cc(FIX_C.replace("x * 3", "x * 5"), "b")
+    patch = tmp_path / "fix.patch"
+    patch.write_text("--- a/unit.c\n+++ b/unit.c\n@@ -1,2 +1,2 @@\n-static int f(int x) { return x * 3; }\n"
+                     "+static int f(int x) { return x * 5; }\n int g(int x) { return f(x) + 1; }\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return {"a": a, "b": b, "dumps": a.parent, "patch": patch, "fifo": fifo, "zero": Path("/dev/zero"),
+            "out": tmp_path / "out.o"}
+
+
+#: (what is replaced, the command line with X where the bad input goes, the option the message names)
+BAD_INPUT_CASES = [
+    ("ORIG", "diff X {b} -o {out} --symtab {a}", "ORIG"),
+    ("PATCHED", "diff {a} X -o {out} --symtab {a}", "PATCHED"),
+    ("--symtab", "diff {a} {b} -o {out} --symtab X", "--symtab"),
+    ("--symvers", "diff {a} {b} -o {out} --symtab {a} --symvers X", "--symvers"),
+    ("--impact", "diff {a} {b} -o {out} --symtab {a} --impact X", "--impact"),
+    ("--dumps", "impact --dumps X f", "--dumps"),
+    ("--patch", "impact --dumps {dumps} --patch X --source {dumps}", "--patch"),
+    ("build patch", "build -s {dumps} X -o {out}.ko", "patch"),
+    ("distro patch", "build --distro debian:6.1.0-56-amd64 X -o {out}.ko", "patch"),
+    ("second patch", "build --distro debian:6.1.0-56-amd64 {patch} X -o {out}.ko", "patch #2"),
+    ("-c", "build -s {dumps} -c X {patch} -o {out}.ko", "-c"),
+    ("--symbols", "build -s {dumps} -c {patch} --symbols X {patch} -o {out}.ko", "--symbols"),
+    ("build --symvers", "build -s {dumps} -c {patch} --symvers X {patch} -o {out}.ko", "--symvers"),
+    ("MOD.ko", "verify X --kernel {a} --check true", "MOD.ko"),
+    ("--kernel", "verify {a} --kernel X --check true", "--kernel"),
+    ("--preload", "verify {a} --kernel {a} --preload X --check true", "--preload"),
+]
+
+
+@pytest.mark.parametrize("bad", ["fifo", "zero"])
+@pytest.mark.parametrize("case", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
+def test_fifo_and_dev_zero_inputs_end_at_once(inputs: dict[str, Path], tmp_path: Path, bad: str,
+                                              case: tuple[str, str, str]) -> None:
+    _name, line, label = case
+    x = inputs[bad]
+    argv = [w.format(**inputs) if w != "X" else str(x) for w in line.split()]
+    t = time.monotonic()
+    p = _klp(*argv, timeout=60, env={"KLPFORGE_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 1, p.stderr
+    kind = "a FIFO" if bad == "fifo" else "a character device"
+    assert _one_line(p).endswith(f": {label} {x}: not a regular file ({kind})")
+    assert time.monotonic() - t < 30
+    assert not inputs["out"].exists() and not Path(f"{inputs['out']}.ko").exists()
+
+
+@pytest.mark.parametrize("bad", ["fifo", "zero"])
+def test_fifo_and_dev_zero_found_by_impact_end_at_once(inputs: dict[str, Path], tmp_path: Path, bad: str) -> None:
+    """Files ``impact`` finds itself: a dump in the --dumps directory, a name in a list of dumps."""
+    dumps = inputs["dumps"]
+    lst = tmp_path / "dumps.txt"
+    lst.write_text(f"{next(dumps.glob('*.ipa-clones'))}\n{inputs[bad]}\n")
+    p = _klp("impact", "--dumps", lst, "f", "--no-cache")
+    assert p.returncode == 1
+    assert _one_line(p) == f"klpforge impact: {lst}:2: listed dump '{inputs[bad]}' is not a regular file"
+    if bad == "fifo":
+        os.mkfifo(dumps / "z.c.000i.ipa-clones")
+        p = _klp("impact", "--dumps", dumps, "f", "--no-cache", timeout=60)
+        assert p.returncode == 1
+        assert _one_line(p) == f"klpforge impact: {dumps / 'z.c.000i.ipa-clones'}: not a regular file (a FIFO)"
+
+
+def test_a_patch_of_gigabytes_is_refused_unread(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """A size makes no sense for a patch or a Module.symvers: refused by ``stat`` (a sparse file here)."""
+    big = tmp_path / "huge.patch"
+    with big.open("wb") as f:
+        f.truncate(300 << 20)
+    p = _klp("build", "-s", inputs["dumps"], big, "-o", tmp_path / "x.ko")
+    assert p.returncode == 1
+    assert _one_line(p) == (f"klpforge build: patch {big}: 300 MiB is larger than the 256 MiB such a file can "
+                            "sensibly be")
+    p = _klp("diff", inputs["a"], inputs["b"], "-o", inputs["out"], "--symtab", inputs["a"], "--symvers", big)
+    assert p.returncode == 1 and "--symvers" in _one_line(p) and "larger than the 256 MiB" in _one_line(p)

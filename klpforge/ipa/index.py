@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import open_regular
 from ..kbuild.prepare import cache_dir as _cache_dir
 from .dumps import RawDumps, classify, lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files
 from .objsyms import read_symbols, syms_text
@@ -131,7 +132,8 @@ def _read_symtabs(objects: list[str]) -> tuple[bytearray, np.ndarray]:
             continue
         p = Path(obj)
         if p.name.endswith(".syms"):
-            b = p.read_bytes()
+            with open_regular(p) as f:
+                b = f.read()
             buf += b
             if b and not b.endswith(b"\n"):
                 buf += b"\n"
