@@ -133,8 +133,8 @@ def _checked(path: str, walk: bool, uid: int) -> None:
         if why:
             raise InputError(f"unsafe cache directory {d}: it {why}; klpforge runs and compiles what the cache "
                              f"holds (fix: {_fix(why, d)}, or remove it)")
-        if not walk or not stat.S_ISDIR(st.st_mode):
-            continue
+        if not walk or not stat.S_ISDIR(st.st_mode) or st.st_nlink == 2:
+            continue  # nlink 2: no subdirectory (ext4, xfs, tmpfs; btrfs says 1 and is listed)
         try:
             with os.scandir(d) as it:
                 stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))

@@ -60,7 +60,8 @@ def package_names(release: str) -> dict[str, str]:
 
 def release_root(release: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """``<cache>/distro/debian/<release>``."""
-    return cache_dir("distro", "debian", cache=cache) / release  # checked: debs/ and every release
+    cache_dir("distro", "debian", "debs", cache=cache)  # refused if others can write it (or a parent)
+    return cache_dir("distro", "debian", release, cache=cache)
 
 
 def _apt(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
