@@ -322,3 +322,46 @@ def test_a_patch_of_gigabytes_is_refused_unread(inputs: dict[str, Path], tmp_pat
                             "sensibly be")
     p = _klp("diff", inputs["a"], inputs["b"], "-o", inputs["out"], "--symtab", inputs["a"], "--symvers", big)
     assert p.returncode == 1 and "--symvers" in _one_line(p) and "larger than the 256 MiB" in _one_line(p)
+
+
+# ---------------------------------------------------------------- item 6: impact linear in inline depth
+
+
+def test_deep_inline_chain_shares_its_steps_and_output_stays_linear(cc, tmp_path: Path) -> None:
+    """A 300-deep always_inline chain compiled by gcc: every function's chain is complete in memory (shared
+    prefixes), and the output names the function whose chain a long one starts with instead of repeating
+    it, so following those names rebuilds each chain exactly."""
+    import json
+
+    from klpforge.ipa.closure import impact
+    from klpforge.ipa.dumps import find_dumps
+    from klpforge.ipa.index import load_index
+    from klpforge.ipa.report import CHAIN_SHOWN
+
+    depth = 300
+    src = ["static inline __attribute__((always_inline)) int f0(int x) { return x + 1; }"]
+    src += [f"static inline __attribute__((always_inline)) int f{i}(int x) {{ return f{i - 1}(x) * 3 + {i}; }}"
+            for i in range(1, depth)]
+    src.append(f"int top(int x) {{ return f{depth - 1}(x); }}")
+    obj = cc("\n".join(src) + "\n", "deep", "-fdump-ipa-clones")
+    res = impact(load_index(find_dumps(obj.parent), use_cache=False), ["f0"])
+    by_name = {e.name: e for e in res.entries}
+    top = by_name["top"]
+    assert len(top.chain) == depth and [s.dst for s in top.chain][:2] == ["f1", "f2"]
+    assert top.chain[-1].src == f"f{depth - 1}" and top.transforms == ["inline"]
+    assert top.chain.parent is by_name[f"f{depth - 1}"].chain  # shared, not copied
+    p = _klp("impact", "--dumps", obj.parent, "--no-cache", "--json", "f0")
+    assert p.returncode == 0, p.stderr
+    doc = {e["name"]: e for e in json.loads(p.stdout)["entries"]}
+    assert sum(len(e["chain"]) for e in doc.values()) <= CHAIN_SHOWN * len(doc)
+
+    def full(name: str) -> list[str]:
+        e = doc[name]
+        head = full(e["chain"][0]["src"]) if e.get("chain_elided") else []
+        return head + [f"{s['src']}>{s['dst']}" for s in e["chain"]]
+
+    assert doc["top"]["chain_elided"] == depth - CHAIN_SHOWN
+    assert full("top") == [f"{s.src}>{s.dst}" for s in top.chain]
+    text = _klp("impact", "--dumps", obj.parent, "--no-cache", "f0").stdout
+    assert f"... {depth - CHAIN_SHOWN} earlier steps: the chain of `f{depth - CHAIN_SHOWN}`" in text
+    assert len(text.splitlines()) < (CHAIN_SHOWN + 2) * len(doc) + 10
