@@ -365,3 +365,61 @@ def test_deep_inline_chain_shares_its_steps_and_output_stays_linear(cc, tmp_path
     text = _klp("impact", "--dumps", obj.parent, "--no-cache", "f0").stdout
     assert f"... {depth - CHAIN_SHOWN} earlier steps: the chain of `f{depth - CHAIN_SHOWN}`" in text
     assert len(text.splitlines()) < (CHAIN_SHOWN + 2) * len(doc) + 10
+
+
+# ---------------------------------------------------------------- item 7: the small ones
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_users_umask(inputs: dict[str, Path], tmp_path: Path, mask: int) -> None:
+    """As gcc gives an object: 0666 less the umask (mkstemp alone gave 0600), still written atomically."""
+    out, rep = inputs["out"], tmp_path / "r.json"
+    p = subprocess.run(["sh", "-c", f'umask {mask:03o}; exec "$@"', "sh", sys.executable, "-m", "klpforge", "diff",
+                        str(inputs["a"]), str(inputs["b"]), "-o", str(out), "--symtab", str(inputs["a"]),
+                        "--json", str(rep), "-q"], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stderr
+    gcc_made = inputs["a"]  # compiled under pytest's umask: compare with what we expect, not with it
+    assert gcc_made.exists()
+    for f in (out, rep):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, oct(f.stat().st_mode)
+    assert [x.name for x in out.parent.iterdir() if x.name.startswith(".")] == []  # no temporary left
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "a/../../etc/passwd"])
+def test_patch_leaving_the_tree_is_refused(inputs: dict[str, Path], tmp_path: Path, path: str) -> None:
+    """An absolute path is refused like '..' (GNU patch -p1 would strip the '/' and patch etc/passwd)."""
+    bad = tmp_path / "bad.patch"
+    bad.write_text(f"--- {path}\n+++ {path}\n@@ -1 +1 @@\n-root\n+toor\n")
+    why = "an absolute path" if path.startswith("/") else "a '..' component"
+    want = f"{bad}:1: {path}: {why}; a patched path must stay inside the source tree"
+    p = _klp("build", "-s", inputs["dumps"], bad, "-o", tmp_path / "x.ko")
+    assert p.returncode == 1 and _one_line(p) == f"klpforge build: {want}"
+    p = _klp("impact", "--dumps", inputs["dumps"], "--patch", bad, "--source", inputs["dumps"])
+    assert p.returncode == 1 and _one_line(p) == f"klpforge impact: {want}"
+
+
+def test_diff_json_written_on_refusal_as_help_says(cc, tmp_path: Path) -> None:
+    """``--help`` and the behaviour agree: a refused diff writes its --json (result, exit, error, reasons),
+    never the live patch; the fields are build --json's."""
+    import json
+
+    a = cc("int counter = 1;\nint get(void) { return counter; }\n", "a")
+    b = cc("int counter = 2;\nint get(void) { return counter; }\n", "b")
+    rep, out = tmp_path / "r.json", tmp_path / "lp.o"
+    p = _klp("diff", a, b, "-o", out, "--symtab", a, "--json", rep)
+    assert p.returncode == 2, p.stderr
+    doc = json.loads(rep.read_text())
+    assert doc["result"] == "refused" and doc["exit"] == 2 and doc["reasons"] and doc["error"] in _one_line(p)
+    assert not out.exists()
+    same = _klp("diff", a, a, "-o", out, "--symtab", a, "--json", rep)
+    assert same.returncode == 3 and json.loads(rep.read_text())["result"] == "no change"
+    assert "written too when the diff is refused" in " ".join(_klp("diff", "--help").stdout.split())
+
+
+@pytest.mark.skipif(not Path("/usr/bin/apt-get").exists(), reason="needs apt")
+def test_unknown_release_leaves_no_directory_in_the_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    p = _klp("build", "--distro", "debian:6.1.0-999-amd64", PATCH, "-o", tmp_path / "x.ko",
+             env={"KLPFORGE_CACHE": str(cache)}, timeout=300)
+    assert p.returncode == 1 and "6.1.0-999-amd64" in _one_line(p)
+    assert not (cache / "distro/debian/6.1.0-999-amd64").exists() and not (cache / "distro/debian/debs").exists()

@@ -16,6 +16,7 @@ Facts this relies on (Debian 12 "bookworm", linux 6.1.192-2 = ABI 6.1.0-56):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -204,6 +205,24 @@ def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
 
 def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
                  progress: Say | None = None) -> DistroTree:
+    """:func:`_prepare_tree`; a release directory this call created is removed again if it failed with
+    nothing in it but the lock (an unknown release leaves no empty directory in the cache)."""
+    root = release_root(release, cache)
+    debs = root.parent / "debs"
+    created, debs_created = not root.exists(), not debs.exists()
+    try:
+        return _prepare_tree(release, cache, jobs, progress)
+    except BaseException:
+        if created and root.is_dir() and {p.name for p in root.iterdir()} <= {".lock"}:
+            shutil.rmtree(root, ignore_errors=True)
+        if debs_created:
+            with contextlib.suppress(OSError):
+                debs.rmdir()  # only if nothing was downloaded
+        raise
+
+
+def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
+                  progress: Say | None = None) -> DistroTree:
     """Fetch, unpack and prepare Debian's kernel ``release`` once; later calls return the cached tree.
 
     Steps: download the packages, ``dpkg -x`` the image and headers, unpack the source tarball (kept
