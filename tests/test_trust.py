@@ -23,7 +23,8 @@ PATCH = ROOT / "tests" / "distro_patches" / "00-nfsd-sequence-cve.patch"
 def _klp(*args: str | Path, env: dict[str, str] | None = None, cwd: Path = ROOT,
          timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "klpforge", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout,
+                          check=False)
 
 
 def _one_line(p: subprocess.CompletedProcess[str]) -> str:
@@ -137,7 +138,7 @@ def _session(sid: int) -> list[str]:
 
 def _start(args: list[str | Path], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "klpforge", *map(str, args)], cwd=cwd, text=True,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 
 
@@ -423,3 +424,41 @@ def test_unknown_release_leaves_no_directory_in_the_cache(tmp_path: Path) -> Non
              env={"KLPFORGE_CACHE": str(cache)}, timeout=300)
     assert p.returncode == 1 and "6.1.0-999-amd64" in _one_line(p)
     assert not (cache / "distro/debian/6.1.0-999-amd64").exists() and not (cache / "distro/debian/debs").exists()
+
+
+# ---------------------------------------------------------------- item 2: provenance, reproducible .ko
+
+
+@pytest.mark.kernel
+def test_two_builds_of_one_fix_are_byte_identical_and_say_what_went_in(kernel, tmp_path: Path) -> None:
+    """The same fix built twice from the same inputs -- other working directory, other temporary
+    directories, later -- gives the same bytes; the report and .modinfo name the patch by SHA-256, the
+    compiler and klpforge's version."""
+    import hashlib
+    import json
+    import re
+
+    import klpforge
+
+    patch = ROOT / "tests/kernel_patches/01-cmdline-text.patch"
+    kos = []
+    for run in ("one", "two"):
+        d = tmp_path / run
+        d.mkdir()
+        p = _klp("build", "-s", kernel.src, "-O", kernel.build, "-j", "2", patch, "-o", d / "lp-fix.ko",
+                 "--json", d / "r.json", cwd=d, timeout=600)
+        assert p.returncode == 0, p.stderr
+        kos.append(d / "lp-fix.ko")
+    assert kos[0].read_bytes() == kos[1].read_bytes()
+    sha = hashlib.sha256(patch.read_bytes()).hexdigest()
+    cc = re.search(r'^CONFIG_CC_VERSION_TEXT="([^"]*)"', (kernel.build / ".config").read_text(), re.M)
+    assert cc is not None
+    prov = json.loads((tmp_path / "one/r.json").read_text())["provenance"]
+    assert prov == {"klpforge": klpforge.__version__, "compiler": cc.group(1),
+                    "patches": [{"file": patch.name, "sha256": sha}]}
+    info = subprocess.run(["readelf", "-p", ".modinfo", str(kos[0])], capture_output=True, text=True,
+                          check=True).stdout
+    assert f"klpforge={klpforge.__version__}" in info
+    assert f"klpforge_patch=sha256:{sha} {patch.name}" in info
+    assert f"klpforge_compiler={cc.group(1)}" in info
+    assert str(tmp_path) not in kos[0].read_bytes().decode("latin-1")  # no path of the build in the module
