@@ -138,7 +138,8 @@ def _session(sid: int) -> list[str]:
 
 def _start(args: list[str | Path], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "klpforge", *map(str, args)], cwd=cwd, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 
 
@@ -184,6 +185,42 @@ def test_distro_prepare_signalled_leaves_no_process(kernel, tmp_path: Path, sig:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         for p in _session(proc.pid):  # never leave them to the next test
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+
+
+SHARED_DEBS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "klpforge/distro/debian/debs"
+
+
+@pytest.mark.skipif(not list(SHARED_DEBS.glob("linux-source-6.1_*.deb")),
+                    reason="no Debian 6.1.0-56 packages in the user cache (tests/test_distro_debian.py fetches them)")
+def test_debian_prepare_signalled_leaves_no_process(tmp_path: Path) -> None:
+    """``build --distro debian:6.1.0-56-amd64`` with a cold private cache (the packages hard-linked from the
+    user cache, nothing unpacked or prepared): SIGTERM once ``make prepare`` compiles; nothing survives."""
+    debs = tmp_path / "cache/distro/debian/debs"
+    debs.mkdir(parents=True)
+    for d in SHARED_DEBS.glob("*.deb"):
+        try:
+            os.link(d, debs / d.name)
+        except OSError:
+            pytest.skip("the user cache is on another file system")
+    proc = _start(["build", "--distro", "debian:6.1.0-56-amd64", PATCH, "-o", tmp_path / "x.ko"],
+                  env={"KLPFORGE_CACHE": str(tmp_path / "cache")})
+    try:
+        deadline = time.monotonic() + 400
+        while not any(p.split(" ", 1)[1] in ("cc1", "fixdep", "conf") for p in _session(proc.pid)):
+            if proc.poll() is not None:
+                pytest.skip(f"the build ended before make ran: {proc.communicate()[1].strip()}")
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and err.endswith("klpforge build: terminated by SIGTERM\n"), err
+        left = _gone(proc.pid, 2)
+        assert left == [], f"still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in _session(proc.pid):
             os.kill(int(p.split()[0]), signal.SIGKILL)
 
 
