@@ -65,7 +65,7 @@ def check_output(label: str, path: str | os.PathLike[str]) -> None:
 SIZE_LIMITS: dict[str, int] = {
     "patch": 256 * MiB, "--patch": 256 * MiB,  # the largest kernel patch series are a few MiB
     "--symvers": 256 * MiB,  # Debian 6.1's Module.symvers: 2 MiB
-    "-c": 64 * MiB, "--config": 64 * MiB,  # a kernel .config: 300 KiB
+    "-c": 64 * MiB, "--config": 64 * MiB, "--xen-config": 64 * MiB,  # a kernel .config: 300 KiB
     "MOD.ko": 1 * GiB, "--kernel": 1 * GiB, "--preload": 1 * GiB, "--file": 1 * GiB,  # copied into an initramfs
 }
 

@@ -311,6 +311,7 @@ BAD_INPUT_CASES = [
     ("-c", "build -s {dumps} -c X {patch} -o {out}.ko", "-c"),
     ("--symbols", "build -s {dumps} -c {patch} --symbols X {patch} -o {out}.ko", "--symbols"),
     ("build --symvers", "build -s {dumps} -c {patch} --symvers X {patch} -o {out}.ko", "--symvers"),
+    ("--xen-syms", "build --xen -s {dumps} --xen-syms X {patch}", "--xen-syms"),
     ("MOD.ko", "verify X --kernel {a} --check true", "MOD.ko"),
     ("--kernel", "verify {a} --kernel X --check true", "--kernel"),
     ("--preload", "verify {a} --kernel {a} --preload X --check true", "--preload"),
