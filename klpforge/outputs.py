@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InputError
-from .fsutil import atomic_write
+from .fsutil import GiB, MiB, atomic_write, check_regular_file
 
 __all__ = ["check_paths", "check_output", "check_input", "atomic_write"]
 
@@ -59,15 +59,23 @@ def check_output(label: str, path: str | os.PathLike[str]) -> None:
         raise InputError(f"{label} {p}: the file is read-only")
 
 
+#: Largest sane size of an input, by option (the first word of its label): a patch or a Module.symvers of
+#: gigabytes is a mistake (``/dev/zero`` copied, the wrong file) that would only be read until memory runs
+#: out. Objects, symbol tables and dumps have no limit: they are mapped, not read, or read line by line.
+SIZE_LIMITS: dict[str, int] = {
+    "patch": 256 * MiB, "--patch": 256 * MiB,  # the largest kernel patch series are a few MiB
+    "--symvers": 256 * MiB,  # Debian 6.1's Module.symvers: 2 MiB
+    "-c": 64 * MiB, "--config": 64 * MiB, "--xen-config": 64 * MiB,  # a kernel .config: 300 KiB
+    "MOD.ko": 1 * GiB, "--kernel": 1 * GiB, "--preload": 1 * GiB, "--file": 1 * GiB,  # copied into an initramfs
+}
+
+
 def check_input(label: str, path: str | os.PathLike[str], kind: str = "file") -> None:
-    """Refuse a missing input: ``kind`` is ``"file"``, ``"dir"`` or ``"any"`` (file or directory)."""
+    """Refuse a missing input, one that is not a regular file (``kind="file"``) or a directory
+    (``kind="dir"``; ``"any"``: either) -- a FIFO blocks a read for ever, ``/dev/zero`` never ends -- and a
+    file larger than :data:`SIZE_LIMITS` for its option. Raises :class:`InputError` (one line)."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{label} {p}: no such file or directory")
-    if kind == "file" and p.is_dir():
-        raise InputError(f"{label} {p}: is a directory, expected a file")
-    if kind == "dir" and not p.is_dir():
-        raise InputError(f"{label} {p}: not a directory")
+    check_regular_file(label, p, SIZE_LIMITS.get(label.split()[0]), kind)
     if not os.access(p, os.R_OK):
         raise InputError(f"{label} {p}: permission denied")
 

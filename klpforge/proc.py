@@ -6,6 +6,16 @@ its own and is registered here, so :func:`kill_children` can end it together wit
 running. A group of its own also keeps a terminal's Ctrl-C from reaching the children before klpforge has
 decided what to do; klpforge then ends them itself.
 
+A SIGKILL cannot be caught, so two things outlive it: each child asks the kernel
+(``prctl(PR_SET_PDEATHSIG, SIGKILL)``, Linux ``kernel/exit.c`` ``forget_original_parent``) to be killed when
+the klpforge thread that started it dies, so a QEMU never runs on after ``kill -9`` of klpforge; and a small
+watchdog process (started with the first child, in a group of its own) holds the read end of a pipe on
+which klpforge announces each child's process group: at end of file -- klpforge gone, however -- it ends
+the groups still announced (SIGTERM, SIGKILL after :data:`GRACE`), so the grandchildren of a killed
+``make`` or ``sh`` (``cc1``) go too. On a catchable signal, :func:`kill_children` also ends any descendant
+that was started some other way (``/proc`` walk), so a tool started without this module cannot outlive
+klpforge either.
+
 :func:`install_signal_handlers` turns SIGTERM and SIGHUP into :class:`Terminated` (SIGINT stays
 ``KeyboardInterrupt``), raised in the main thread so every ``finally`` (temporary directories) runs. Exit
 codes are the shell's convention, 128 + signal number: 130 SIGINT, 143 SIGTERM, 129 SIGHUP.
@@ -16,9 +26,11 @@ codes are the shell's convention, 128 + signal number: 130 SIGINT, 143 SIGTERM, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -27,7 +39,7 @@ from types import FrameType
 from typing import IO, Any
 
 __all__ = ["Terminated", "install_signal_handlers", "restore_signal_handlers", "run", "start", "release",
-           "kill_children", "end_children", "live_children", "GRACE"]
+           "kill_children", "end_children", "live_children", "descendants", "GRACE"]
 
 _lock = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
 _live: dict[int, subprocess.Popen[Any]] = {}
@@ -38,6 +50,65 @@ _ended: set[int] = set()
 #: Seconds a group gets after SIGTERM (gcc removes its temporary files, make its partial targets)
 #: before SIGKILL.
 GRACE = 3.0
+
+_PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not glibc/musl Linux
+    _prctl = None
+
+
+#: The watchdog: reads ``+PGID``/``-PGID`` lines; at EOF ends the groups left (SIGTERM, then SIGKILL).
+_WATCHDOG = r"""
+import os, signal, sys, time
+for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
+live = set()
+for line in sys.stdin.buffer:
+    n = int(line[1:])
+    (live.add if line[:1] == b"+" else live.discard)(n)
+def alive(g):
+    try:
+        os.killpg(g, 0)
+        return True
+    except OSError:
+        return False
+for sig, wait in ((signal.SIGTERM, %r), (signal.SIGKILL, 2.0)):
+    for g in live:
+        try:
+            os.killpg(g, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + wait
+    while time.monotonic() < end and any(alive(g) for g in live):
+        time.sleep(0.05)
+"""
+_watchdog: subprocess.Popen[bytes] | None = None
+
+
+def _announce(line: str) -> None:
+    """Tell the watchdog (started on first use, under ``_lock``) about a group; never raises."""
+    global _watchdog
+    try:
+        if _watchdog is None or _watchdog.poll() is not None:
+            if line.startswith("-"):
+                return
+            _watchdog = subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG % GRACE], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
+        assert _watchdog.stdin is not None
+        _watchdog.stdin.write(line.encode() + b"\n")
+        _watchdog.stdin.flush()
+    except (OSError, ValueError):  # pragma: no cover - no interpreter, a closed pipe: PDEATHSIG still holds
+        pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """Run in the child between fork and exec: SIGKILL it when the parent thread dies, and exit at once if
+    the parent is already gone (it died before the ``prctl``)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(255)
 
 
 class Terminated(BaseException):
@@ -87,17 +158,22 @@ def restore_signal_handlers(old: dict[int, Any]) -> None:
 
 def start(cmd: str | Sequence[str | os.PathLike[str]], *, shell: bool = False, cwd: Path | str | None = None,
           stdin: int | IO[Any] | None = subprocess.DEVNULL, stdout: int | IO[Any] | None = None,
-          stderr: int | IO[Any] | None = None, text: bool = False) -> subprocess.Popen[Any]:
+          stderr: int | IO[Any] | None = None, text: bool = False,
+          env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
     """Start ``cmd`` in a new process group and register it; pair with :func:`release`.
 
-    Raises :class:`Terminated` (SIGTERM) if klpforge is already being terminated.
+    The child is SIGKILLed by the kernel if the calling thread dies first (``PR_SET_PDEATHSIG``): call
+    this from the thread that waits for it. Raises :class:`Terminated` (SIGTERM) if klpforge is already
+    being terminated; ``OSError`` if the program cannot be run.
     """
+    parent = os.getpid()
     with _lock:
         if _stopping.is_set():
             raise Terminated(signal.SIGTERM)
         p = subprocess.Popen(cmd, shell=shell, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
-                             process_group=0)
+                             env=env, process_group=0, preexec_fn=lambda: _die_with_parent(parent))
         _live[p.pid] = p
+        _announce(f"+{p.pid}")
     return p
 
 
@@ -112,6 +188,7 @@ def release(p: subprocess.Popen[Any], early: bool = False) -> None:
         _end_group(p)
     with _lock:
         _live.pop(p.pid, None)
+        _announce(f"-{p.pid}")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -146,22 +223,30 @@ def _end_group(p: subprocess.Popen[Any]) -> None:
 
 def run(cmd: str | Sequence[str | os.PathLike[str]], *, shell: bool = False, cwd: Path | str | None = None,
         capture_output: bool = False, text: bool = False, stdout: int | IO[Any] | None = None,
-        stderr: int | IO[Any] | None = None, track: list[int] | None = None
+        stderr: int | IO[Any] | None = None, track: list[int] | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL, input: bytes | str | None = None,
+        env: dict[str, str] | None = None, timeout: float | None = None, check: bool = False
         ) -> subprocess.CompletedProcess[Any]:
-    """Like ``subprocess.run(check=False)``, but the child's group is killed if klpforge stops waiting
-    (an exception, a signal) and :func:`kill_children` can end it from another thread; its pid is appended
-    to ``track`` (to end just one batch's children)."""
+    """Like ``subprocess.run`` (same arguments; stdin defaults to ``/dev/null``), but the child's group is
+    killed if klpforge stops waiting (an exception, a signal, ``timeout`` seconds: then
+    ``subprocess.TimeoutExpired`` as ``subprocess.run`` raises) and :func:`kill_children` can end it from
+    another thread; its pid is appended to ``track`` (to end just one batch's children). ``check`` raises
+    ``subprocess.CalledProcessError`` on a non-zero exit."""
     if capture_output:
         stdout = stderr = subprocess.PIPE
-    p = start(cmd, shell=shell, cwd=cwd, stdout=stdout, stderr=stderr, text=text)
+    if input is not None:
+        stdin = subprocess.PIPE
+    p = start(cmd, shell=shell, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env)
     if track is not None:
         track.append(p.pid)
     try:
-        out, err = p.communicate()
+        out, err = p.communicate(input, timeout=timeout)
     except BaseException:
         release(p, early=True)
         raise
     release(p)
+    if check and p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, p.args, out, err)
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
@@ -177,14 +262,58 @@ def kill_children(pids: Iterable[int] | None = None) -> None:
             os.killpg(p.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+    if pids is None:
+        _signal_descendants(signal.SIGTERM)
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Pids of every living descendant of ``pid`` (default: klpforge), from ``/proc/*/stat``'s parent
+    field; children first. Costs one small read per process on the machine (milliseconds)."""
+    root = os.getpid() if pid is None else pid
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                st = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = st[st.rfind(b")") + 2:].split()  # the name may hold spaces and parentheses
+        if fields[0] == b"Z":
+            continue  # a zombie runs nothing; its parent reaps it
+        kids.setdefault(int(fields[1]), []).append(int(d))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_descendants(sig: int) -> None:
+    """Send ``sig`` to every descendant (a child started without :func:`start`, and whatever it started)."""
+    try:
+        pids = descendants()
+    except OSError:  # pragma: no cover - no /proc
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def end_children() -> None:
     """End every registered child's group and wait for it (:func:`release` with ``early``)."""
     with _lock:
         procs = list(_live.values())
+        stopping = _stopping.is_set()
     for p in procs:
         release(p, early=True)
+    if stopping:  # after a signal: what no registered group held (GRACE was given by release above)
+        _signal_descendants(signal.SIGKILL)
 
 
 def live_children() -> list[int]:

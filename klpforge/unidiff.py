@@ -76,6 +76,20 @@ def strip_path(path: str, n: int) -> str | None:
     return "/".join(parts[n:]) if len(parts) > n else None
 
 
+def _checked(path: str, origin: str, lineno: int) -> str:
+    """Refuse a header path that leaves the tree: absolute (GNU patch ``-p1`` would silently strip the
+    ``/``) or with a ``..`` component. Raises :class:`InputError` naming the patch line."""
+    if path == "/dev/null":
+        return path
+    if path.startswith("/"):
+        raise InputError(f"{origin}:{lineno}: {path}: an absolute path; a patched path must stay inside the "
+                         "source tree")
+    if ".." in path.split("/"):
+        raise InputError(f"{origin}:{lineno}: {path}: a '..' component; a patched path must stay inside the "
+                         "source tree")
+    return path
+
+
 def _header_path(rest: str) -> str:
     name = rest.split("\t", 1)[0].rstrip()
     if len(name) >= 2 and name[0] == name[-1] == '"':  # git quotes unusual names, C-style
@@ -122,10 +136,11 @@ def parse_patch(text: str, strip: int = 1, origin: str = "patch") -> list[FilePa
             if g is None:
                 continue
             if not (i + 1 < n and lines[i].startswith("--- ") and lines[i + 1].startswith("+++ ")):
-                gold, gnew = strip_path(_header_path(g.group(1)), strip), strip_path(_header_path(g.group(2)), strip)
+                gold = strip_path(_checked(_header_path(g.group(1)), origin, i), strip)
+                gnew = strip_path(_checked(_header_path(g.group(2)), origin, i), strip)
                 if "rename from" in ext or "copy from" in ext:
-                    gold = strip_path("x/" + ext.get("rename from", ext.get("copy from", "")), 1)
-                    gnew = strip_path("x/" + ext.get("rename to", ext.get("copy to", "")), 1)
+                    gold = strip_path("x/" + _checked(ext.get("rename from", ext.get("copy from", "")), origin, i), 1)
+                    gnew = strip_path("x/" + _checked(ext.get("rename to", ext.get("copy to", "")), origin, i), 1)
                 if "new file mode" in ext:
                     gold = None
                 if "deleted file mode" in ext:
@@ -137,8 +152,8 @@ def parse_patch(text: str, strip: int = 1, origin: str = "patch") -> list[FilePa
         elif not (line.startswith("--- ") and i + 1 < n and lines[i + 1].startswith("+++ ")):
             i += 1
             continue
-        old = strip_path(_header_path(line[4:]), strip)
-        new = strip_path(_header_path(lines[i + 1][4:]), strip)
+        old = strip_path(_checked(_header_path(line[4:]), origin, i + 1), strip)
+        new = strip_path(_checked(_header_path(lines[i + 1][4:]), origin, i + 2), strip)
         i += 2
         hunks: list[Hunk] = []
         while i < n:

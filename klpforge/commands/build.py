@@ -60,8 +60,13 @@ def run_build(args: argparse.Namespace) -> int:
     check_paths({"-o": out or (None if xen else f"livepatch-{stem}.ko"),
                  "--json": args.json.replace("{release}", "x") if args.json else None},
                 {**{("patch" if k == 0 else f"patch #{k + 1}"): p for k, p in enumerate(patches)},
-                 "-s": args.src, "-O": args.build_dir},
-                kinds={"-s": "dir", "-O": "dir"})
+                 "-s": args.src, "-O": args.build_dir, "-c": args.config, "--symbols": args.symbols,
+                 "--symvers": args.symvers, "--modules": args.modules, "--headers": args.headers},
+                kinds={"-s": "dir", "-O": "dir", "--modules": "dir", "--headers": "dir"})
+    from ..unidiff import read_patch
+
+    for patch in patches:  # before any work: not a diff, or a path leaving the tree (absolute, '..')
+        read_patch(Path(patch))
     if xen:
         args.patch = patches[0]
         return run_xen_build(args)

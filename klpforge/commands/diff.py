@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import EXIT_OK, InputError, KlpError
+from ..errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
 from ..outputs import atomic_write, check_paths
 
 __all__ = ["register"]
@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "diff", help="turn an original and a patched object into a livepatch object",
         description="Correlate, compare and select; write a livepatch object with .klp.rela/.klp.sym. "
-                    "Exit 0 written, 1 error, 2 unsafe change refused, 3 no change (nothing written on 1-3).")
+                    "Exit 0 written, 1 error, 2 unsafe change refused, 3 no change (no live patch written on 1-3; "
+                    "--json, when given, then holds the result, exit code, error and every reason).")
     p.add_argument("orig", type=Path, help="object built from the original source")
     p.add_argument("patched", type=Path, help="the same object built from the patched source")
     p.add_argument("-o", "--output", type=Path, required=True, help="livepatch object to write")
@@ -24,7 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--symtab", type=Path, required=True,
                    help="symbol table of the target: vmlinux / the .ko, or `readelf -s --wide` output")
     p.add_argument("--symvers", type=Path, help="Module.symvers (exported symbols stay normal relocations)")
-    p.add_argument("--json", type=Path, metavar="REPORT", help="write the JSON report here")
+    p.add_argument("--json", type=Path, metavar="REPORT",
+                   help="write the JSON report here; written too when the diff is refused (exit 2), finds no change "
+                        "(3) or fails (1): result, exit, error, reasons (as build --json)")
     p.add_argument("--entsize", action="append", default=[], metavar="VAR=N",
                    help="special-section entry size, e.g. JUMP_STRUCT_SIZE=16 (default: environment)")
     p.add_argument("--impact", metavar="DUMPS", help="ipa-clones dumps: check changed functions were predicted")
@@ -78,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
             report = res.report
         except KlpError as e:
             if args.json:
-                atomic_write(args.json, json.dumps({"error": str(e), "exit": e.exit_code,
+                # the same fields as build --json on a failure (docs/inputs-outputs.md)
+                result = {EXIT_UNSAFE: "refused", EXIT_NO_CHANGE: "no change"}.get(e.exit_code, "error")
+                atomic_write(args.json, json.dumps({"result": result, "exit": e.exit_code, "error": str(e),
                                                     "reasons": getattr(e, "reasons", [str(e)])}, indent=2) + "\n")
             raise
         _check_own_output(tmp, args.output)

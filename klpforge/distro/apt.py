@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 from .base import tree_lock
 
 __all__ = ["Suite", "SUITES", "KEYRING", "AptRoot", "PackageRecord", "apt_root", "mirrors", "sha256_file",
@@ -424,7 +424,7 @@ def highest(versions: list[str]) -> str:
 def apt_root(cache: str | os.PathLike[str] | None = None, source_suites: tuple[str, ...] = ()) -> AptRoot:
     """klpforge's apt root under ``<cache>/apt`` (configuration written on first use); with
     ``source_suites``, the source-package root ``<cache>/apt-src`` of those suites."""
-    a = AptRoot(cache_root(cache) / ("apt-src" if source_suites else "apt"), source_suites)
+    a = AptRoot(cache_dir("apt-src" if source_suites else "apt", cache=cache), source_suites)
     try:
         a.ensure()
     except OSError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["DistroTree", "parse_distro_spec", "tree_lock", "run_logged", "Say"]
 
@@ -95,8 +96,8 @@ def run_logged(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str
     with log.open("ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
-        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, check=False,
-                           env={**os.environ, **(env or {})})
+        # klpforge.proc: make and every job it starts end with klpforge (a signal, SIGKILL included)
+        r = run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         tail = [t.strip() for t in log.read_text(errors="replace").splitlines()[-12:] if t.strip()]
         raise InputError(f"`{' '.join(cmd[:4])} ...` failed (exit {r.returncode}); see {log}: "

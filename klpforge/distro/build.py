@@ -17,11 +17,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import provenance
 from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
@@ -82,6 +83,8 @@ class DistroBuildResult:
     tmpdir: Path | None = None
     notes: list[str] = field(default_factory=list)
     signed: bool = False
+    #: what went in (klpforge.provenance.record), also in the module's .modinfo
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """JSON-able: per object its target, replaced functions with sympos and why, the size proof."""
@@ -97,6 +100,7 @@ class DistroBuildResult:
                  "impact": self.impact.get(o.obj, {}), "diff_report": o.report}
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
+            "provenance": self.provenance,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "signed": self.signed, "notes": self.notes,
         }
@@ -214,7 +218,7 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
 
 
 def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
-          symvers: Path | None, log: Path) -> Path:
+          symvers: Path | None, log: Path, info: Sequence[tuple[str, str]] = ()) -> Path:
     """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
     ``KBUILD_EXTRA_SYMBOLS`` (modpost takes CRCs from it)."""
     assert tree.headers is not None
@@ -224,7 +228,7 @@ def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget
         os.environ["KBUILD_EXTRA_SYMBOLS"] = str(Path(str(symvers)).resolve())
     try:
         with tools_on_path(tree):  # Kbuild of the headers package in the release's build root
-            return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log)
+            return build_module(tree.headers, workdir, modname, targets, opts.replace, opts.jobs, log, info=info)
     finally:
         if extra:
             if old is None:
@@ -306,15 +310,21 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
             if post is None:
                 raise InputError("klpforge.emit.postlink is missing from this checkout")
             targets, sidecars = klp_targets(outcomes, post)
-            ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log)
+            # what went in: packages (name, version, SHA-256), patches, compiler; in the report and .modinfo
+            prov = provenance.record(opts.patches, provenance.config_compiler(tree.config),
+                                     provenance.debian_packages(tree.build.parent))
+            ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log,
+                       provenance.modinfo(prov))
             if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
                 post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))
+            ko.write_bytes(provenance.rehash_build_id(ko.read_bytes()))  # reproducible build-id, then sign
             signed, notes = finish_module(tree, ko, output, opts.sign_key, opts.sign_cert, log)
         res = DistroBuildResult(output, modname, tree.release, outcomes, unchanged, sizes, 2 * len(objs), timings,
-                                impact, tmp if opts.keep_tmp else None, notes, signed)
+                                impact, tmp if opts.keep_tmp else None, notes=notes, signed=signed,
+                                provenance=prov)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1, default=str) + "\n")
         ok = True

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
+from ..proc import run
 from .base import DistroTree, run_logged, tree_lock
 from .debian import make_command
 from .roots import in_root
@@ -130,9 +131,10 @@ def compile_patched(tree: DistroTree, objs: list[str], overlay: Path, outdir: Pa
     def one(obj: str) -> tuple[str, subprocess.CompletedProcess[str]]:
         rec = recorded_command(tree, obj)
         cmd = overlay_command(rec.command, obj, tree.src, overlay, outs[obj])
-        # the whole recorded line (compiler and post-steps such as objtool) in the release's build root
-        return obj, subprocess.run(in_root(tree, ["sh", "-c", cmd], cwd=tree.build), cwd=tree.build,
-                                   capture_output=True, text=True, check=False)
+        # the whole recorded line (compiler and post-steps such as objtool) in the release's build root;
+        # klpforge.proc.run: ended on a signal
+        return obj, run(in_root(tree, ["sh", "-c", cmd], cwd=tree.build), cwd=tree.build, capture_output=True,
+                        text=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         for obj, r in ex.map(one, objs):

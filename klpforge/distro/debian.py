@@ -16,6 +16,7 @@ Facts this relies on (Debian 12 "bookworm", linux 6.1.192-2 = ABI 6.1.0-56):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged, tree_lock
 from .roots import build_root, in_root, root_for_config
@@ -78,7 +79,8 @@ def package_names(release: str) -> dict[str, str]:
 
 def release_root(release: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """``<cache>/distro/debian/<release>``."""
-    return cache_root(cache) / "distro" / "debian" / release
+    cache_dir("distro", "debian", "debs", cache=cache)  # refused if others can write it (or a parent)
+    return cache_dir("distro", "debian", release, cache=cache)
 
 
 def package_version(pkg: str, root: Path | None = None) -> str:
@@ -264,6 +266,24 @@ def _discard(d: Path) -> None:
 
 def prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
                  progress: Say | None = None) -> DistroTree:
+    """:func:`_prepare_tree`; a release directory this call created is removed again if it failed with
+    nothing in it but the lock (an unknown release leaves no empty directory in the cache)."""
+    root = release_root(release, cache)
+    debs = root.parent / "debs"
+    created, debs_created = not root.exists(), not debs.exists()
+    try:
+        return _prepare_tree(release, cache, jobs, progress)
+    except BaseException:
+        if created and root.is_dir() and {p.name for p in root.iterdir()} <= {".lock"}:
+            shutil.rmtree(root, ignore_errors=True)
+        if debs_created:
+            with contextlib.suppress(OSError):
+                debs.rmdir()  # only if nothing was downloaded
+        raise
+
+
+def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, jobs: int | None = None,
+                  progress: Say | None = None) -> DistroTree:
     """Fetch, unpack and prepare Debian's kernel ``release`` once; later calls return the cached tree.
 
     Steps: download the packages, ``dpkg -x`` the image and headers, unpack the source tarball (kept

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 from .base import DistroTree, Say, run_logged, tree_lock
 from .debian import KCFLAGS, _check_config_kept, check_compiler, make_command
 
@@ -64,7 +64,7 @@ def plain_tree(src: Path, config: Path | None = None, build: Path | None = None,
     except OSError as e:
         raise InputError(f"{config}: cannot read ({e.strerror})") from None
     cc = check_compiler(config)
-    root = cache_root(cache) / "distro" / "plain" / plain_key(src, cfg_bytes)
+    root = cache_dir("distro", "plain", plain_key(src, cfg_bytes), cache=cache)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "config").is_file():
         shutil.copyfile(config, root / "config")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, check_private_dir
 from ..kbuild.prepare import cache_root
 from .apt import KEYRING, SUITES, apt_root, disk_full_message, mirrors
 from .base import DistroTree, Say, tree_lock
@@ -140,6 +140,8 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
     cmd, pkg, version = compiler_package(cc_text)
     suite = _suite_of(pkg, version, cache, say)
     base = cache_root(cache) / "roots"
+    # the directories above and the roots' parent only: a root holds its own /tmp (1777, sticky) by design
+    check_private_dir(base, walk=False)
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"{suite}-amd64"
     stamp = base / f"{suite}-amd64.json"

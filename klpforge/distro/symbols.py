@@ -22,6 +22,7 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import run
 from ..qemu.initramfs import build_initramfs
 from .base import Say
 
@@ -124,7 +125,7 @@ reboot -f
                "-serial", "stdio", "-no-reboot", "-kernel", str(vmlinuz), "-initrd", str(initrd),
                "-append", "console=ttyS0 panic=-1 nokaslr quiet loglevel=1"]
         try:
-            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+            r = run(cmd, capture_output=True, timeout=timeout)  # klpforge.proc: QEMU never outlives klpforge
         except subprocess.TimeoutExpired:
             raise InputError(f"booting {vmlinuz} to read /proc/kallsyms timed out after {timeout:.0f} s") from None
     text = r.stdout.decode(errors="replace").replace("\r", "")

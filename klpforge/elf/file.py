@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import open_regular
 from . import constants as C
 from .types import RELOC, SHDR, SYM, Endian, raw_rel, raw_rela, raw_shdr, raw_sym
 
@@ -74,7 +75,7 @@ class ElfFile:
         """Map ``path`` and parse it; ``require_rel`` refuses anything but a relocatable object (ET_REL)."""
         p = Path(path)
         try:
-            with open(p, "rb") as f:
+            with open_regular(p) as f:  # a FIFO or /dev/zero is refused, not read for ever
                 size = os.fstat(f.fileno()).st_size
                 data: bytes | mmap.mmap = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size
                                            else b"")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["BASE_FLAGS", "compile_argv", "CompileJob", "CompileResult", "run_jobs", "lto_refusal",
            "LTO_MESSAGE"]
@@ -134,8 +134,8 @@ def _run(job: CompileJob) -> CompileResult:
     job.out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     try:
-        r = subprocess.run(job.argv, cwd=job.cwd, capture_output=True, text=True, check=False,
-                           env={**os.environ, "LC_ALL": "C"})
+        r = run(job.argv, cwd=job.cwd, capture_output=True, text=True,  # own group: ended on a signal
+                env={**os.environ, "LC_ALL": "C"})
     except OSError as e:
         return CompileResult(job, False, f"{job.argv[0]}: {e}", time.perf_counter() - t)
     ok = r.returncode == 0 and job.out.is_file()
@@ -154,7 +154,7 @@ def run_jobs(jobs: Sequence[CompileJob], parallel: int,
             if progress is not None:
                 progress(res)
     except BaseException:
-        # Ctrl-C: the running compilers got the signal too; start no queued one
+        # a signal: klpforge.proc ended the running compilers' groups; start no queued one
         ex.shutdown(wait=True, cancel_futures=True)
         raise
     ex.shutdown(wait=True)

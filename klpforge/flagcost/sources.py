@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..kbuild.tree import cmd_file_of, parse_cmd_file
+from ..proc import run
 
 __all__ = ["Unit", "find_units", "read_cmd", "record_in_copy", "plain_make", "MakeArgs", "remove_tree"]
 
@@ -150,12 +150,11 @@ def record_in_copy(src: Path, build: Path, rels: list[str], workdir: Path, jobs:
         raise InputError(f"{src}: objects {', '.join(rels)} are not built and this is an in-tree build: "
                          "build them first (make " + " ".join(rels) + ")")
     copy = workdir / "kbuild"
-    r = subprocess.run(["cp", "-a", "--reflink=auto", str(build), str(copy)], capture_output=True, text=True,
-                       check=False)
+    r = run(["cp", "-a", "--reflink=auto", str(build), str(copy)], capture_output=True, text=True)
     if r.returncode:
         raise InputError(f"cannot copy {build}: {r.stderr.strip().splitlines()[-1] if r.stderr else 'cp failed'}")
     targets = [x if x.endswith(".o") else x.rstrip("/") + "/" for x in rels]
-    r = subprocess.run(make(copy, targets, jobs), capture_output=True, text=True, check=False)
+    r = run(make(copy, targets, jobs), capture_output=True, text=True)  # own group: ended on a signal
     if r.returncode:
         err = [x for x in r.stderr.splitlines() if "rror" in x] or r.stderr.splitlines()[-1:]
         raise InputError(f"Kbuild could not build {' '.join(targets)} in a copy of {build}: "

@@ -9,7 +9,9 @@ cloning, checked against the objects' symbol tables.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -18,7 +20,7 @@ from .index import KINDS, SYM_BINDS, SYM_TYPES, Index
 from .objsyms import reloc_callers
 from .tokens import hash_strings
 
-__all__ = ["Step", "Entry", "ImpactResult", "impact", "MODES", "closure_all"]
+__all__ = ["Step", "Chain", "Entry", "ImpactResult", "impact", "MODES", "closure_all"]
 
 #: What each ``-flive-patching`` mode turns off, as edge kinds (``inline-global``: inlining of a function
 #: that is visible outside its unit).
@@ -52,6 +54,91 @@ class Step:
         return f"`{self.src}` {verb} `{self.dst}` ({self.dst_loc})"
 
 
+class Chain:
+    """The reasons a function is reached, as a persistent list: one :class:`Step` and the chain it extends.
+
+    Every function reached through ``p`` shares ``p``'s chain instead of copying it, so the chains of a
+    closure take memory linear in the number of functions, not in the sum of their depths (a 10,000-deep
+    inlining chain copied per function was 50 million steps, 8 GB). It reads like a ``list[Step]``:
+    ``len`` and ``[-1]`` in O(1), iteration and other indexes rebuild the list in O(depth); ``kinds`` (the
+    set of step kinds) is kept per node, interned, so ``transforms`` costs O(1) too.
+
+    >>> c = Chain() + [Step("inline", "a", "x.c:1", "b", "x.c:2")]
+    >>> len(c), c[-1].dst, [s.kind for s in c], sorted(c.kinds)
+    (1, 'b', ['inline'], ['inline'])
+    """
+
+    __slots__ = ("step", "parent", "length", "kinds")
+    step: Step | None
+    parent: Chain | None
+    length: int
+    kinds: frozenset[str]
+    _kinds: ClassVar[dict[tuple[frozenset[str], str], frozenset[str]]] = {}
+
+    def __init__(self, step: Step | None = None, parent: Chain | None = None):
+        self.step = step
+        self.parent = parent if parent is not None and parent.length else None
+        base = self.parent.kinds if self.parent is not None else frozenset()
+        self.length = 0 if step is None else (self.parent.length if self.parent is not None else 0) + 1
+        if step is None:
+            self.kinds = frozenset()
+        else:
+            key = (base, step.kind)
+            self.kinds = Chain._kinds.get(key) or Chain._kinds.setdefault(key, base | {step.kind})
+
+    def __add__(self, steps: list[Step]) -> Chain:
+        c = self
+        for st in steps:
+            c = Chain(st, c)
+        return c
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bool__(self) -> bool:
+        return self.length > 0
+
+    def steps(self) -> list[Step]:
+        """The steps, first (the seed's) to last."""
+        out: list[Step] = []
+        c: Chain | None = self
+        while c is not None and c.step is not None:
+            out.append(c.step)
+            c = c.parent
+        out.reverse()
+        return out
+
+    def tail(self, n: int) -> list[Step]:
+        """The last ``n`` steps (O(n), whatever the depth)."""
+        out: list[Step] = []
+        c: Chain | None = self
+        while c is not None and c.step is not None and len(out) < n:
+            out.append(c.step)
+            c = c.parent
+        out.reverse()
+        return out
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps())
+
+    def __getitem__(self, k: int) -> Step:
+        if k == -1 and self.step is not None:
+            return self.step
+        return self.steps()[k]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Chain):
+            return self.length == other.length and self.steps() == other.steps()
+        if isinstance(other, list):
+            return self.steps() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Chain({self.steps()!r})"
+
+
 @dataclass
 class Entry:
     """A function reached by the closure; ``status`` is ``replace`` (its symbol exists), ``removed``
@@ -62,7 +149,7 @@ class Entry:
     loc: str
     obj: str
     status: str
-    chain: list[Step]
+    chain: Chain
     transforms: list[str]
     avoided_by: list[str] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -277,7 +364,7 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     status = np.where(~has_obj, "unknown", np.where(rows >= 0, "replace",
                                                     np.where(idx.n_removed[reached], "removed", "missing")))
     avoided = {m: ~in_mode[m][reached] for m in MODES if m != "O2"}
-    chains: dict[int, list[Step]] = {}
+    chains: dict[int, Chain] = {}  # per node: shared with the nodes reached through it
     pos_of = {n: i for i, n in enumerate(reached.tolist())}
     entries: list[Entry] = []
     want_pieces: list[tuple[int, int, int, str]] = []
@@ -296,16 +383,16 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     for i, n in enumerate(nodes_l):
         p = parents_l[i]
         if p < 0:
-            chain: list[Step] = []
+            chain = Chain()
         else:
             j = pos_of[p]
-            chain = chains[p] + [Step(_LABELS[labels_l[i]], names_l[j], locs_l[j], names_l[i], locs_l[i])]
+            chain = Chain(Step(_LABELS[labels_l[i]], names_l[j], locs_l[j], names_l[i], locs_l[i]), chains[p])
         chains[n] = chain
         g = groups_l[i]
         name = names_l[i]
         r = rows_l[i]
         sym_name = sym_l[i] if r >= 0 else name
-        ent = Entry(sym_name, locs_l[i], labels_txt[g], status_l[i], chain, sorted({s.kind for s in chain}),
+        ent = Entry(sym_name, locs_l[i], labels_txt[g], status_l[i], chain, sorted(chain.kinds),
                     avoided_l[i] if avoided_l is not None else [])
         if r >= 0:
             want_pieces.append((len(entries), g, r, sym_name))
@@ -318,7 +405,7 @@ def impact(idx: Index, queries: list[str], with_callers: bool = True) -> ImpactR
     for g, r in sym_only:
         name = lk.name(idx, int(idx.s_name[r]))
         want_pieces.append((len(entries), g, r, name))
-        entries.append(Entry(name, "?", idx.group_label(g), "replace", [], [], [], []))
+        entries.append(Entry(name, "?", idx.group_label(g), "replace", Chain(), [], [], []))
     for (i, *_), (pieces, folded) in zip(want_pieces, _pieces_many(idx, [w[1:] for w in want_pieces]),
                                          strict=True):
         entries[i].pieces, entries[i].folded = pieces, folded

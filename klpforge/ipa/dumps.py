@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import open_regular
 from .tokens import PAD, find_seps, group, span_hash, u64_view
 
 __all__ = ["DUMP_SUFFIX", "KIND_CODES", "RawDumps", "find_dumps", "parse_dumps", "object_for_dump", "objects_for_dumps",
@@ -102,7 +103,8 @@ def find_dumps(spec: str | os.PathLike[str]) -> list[Path]:
     if p.name.endswith(DUMP_SUFFIX):
         return [p]
     try:
-        text = p.read_text()
+        with open_regular(p, limit=256 << 20) as f:
+            text = f.read().decode()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: cannot read list of dumps: {e}") from None
     out = []
@@ -114,6 +116,8 @@ def find_dumps(spec: str | os.PathLike[str]) -> list[Path]:
         if not q.is_file():
             if n == 1 and name.startswith("Callgraph "):
                 raise InputError(f"{p}:1: this is a dump, not a list of dumps: name it *{DUMP_SUFFIX}")
+            if q.exists():
+                raise InputError(f"{p}:{n}: listed dump {name!r} is not a regular file")
             raise InputError(f"{p}:{n}: listed dump {name!r} does not exist")
         out.append(q)
     return out
@@ -215,11 +219,8 @@ def read_files(paths: Sequence[str | os.PathLike[str]], sep_after: bool = True) 
     for k, (n, size) in enumerate(zip(names, sizes, strict=True)):
         starts[k] = pos
         try:
-            fd = os.open(n, os.O_RDONLY)
-            try:
-                got = os.readv(fd, [view[pos:pos + size]]) if size else 0
-            finally:
-                os.close(fd)
+            with open_regular(n) as f:  # a FIFO named *.ipa-clones would block the read for ever
+                got = os.readv(f.fileno(), [view[pos:pos + size]]) if size else 0
         except OSError as e:
             raise InputError(f"{n}: cannot read: {e.strerror}") from None
         pos += got

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..fsutil import open_regular
 from .index import Index, build_index
 from .objsyms import read_symbols, syms_text
 
@@ -37,7 +38,7 @@ def inlined_records(obj: Path) -> list[str]:
     from elftools.elf.elffile import ELFFile
 
     out: list[str] = []
-    with open(obj, "rb") as fh:
+    with open_regular(obj) as fh:
         elf = ELFFile(fh)
         if not elf.has_dwarf_info():
             return out

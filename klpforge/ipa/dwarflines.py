@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import open_regular
 
 __all__ = ["function_extents", "functions_at_lines", "has_dwarf"]
 
@@ -36,7 +37,7 @@ def has_dwarf(obj: Path) -> bool:
     from elftools.elf.elffile import ELFFile
 
     try:
-        with open(obj, "rb") as fh:
+        with open_regular(obj) as fh:
             elf = ELFFile(fh)
             return elf.get_section_by_name(".debug_line") is not None and elf.has_dwarf_info()
     except (OSError, ELFError):
@@ -58,7 +59,7 @@ def function_extents(obj: Path) -> dict[str, list[tuple[str, int, int]]]:
     decls: dict[str, dict[str, int]] = {}
     code: dict[str, set[int]] = {}
     try:
-        with open(obj, "rb") as fh:
+        with open_regular(obj) as fh:
             elf = ELFFile(fh)
             if not elf.has_dwarf_info():
                 return {}

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import open_regular
+from ..kbuild.prepare import cache_dir as _cache_dir
 from .dumps import RawDumps, classify, lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files
 from .objsyms import read_symbols, syms_text
 from .tokens import (
@@ -47,9 +49,10 @@ _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/klpforge`` (default ``~/.cache/klpforge``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "klpforge"
+    """The klpforge cache root (``$KLPFORGE_CACHE``, else ``$XDG_CACHE_HOME/klpforge``, else
+    ``~/.cache/klpforge``: :func:`klpforge.kbuild.prepare.cache_root`), its ``impact/`` directory checked
+    to be writable by the user only (:func:`klpforge.fsutil.check_private_dir`)."""
+    return _cache_dir("impact").parent
 
 
 @dataclass
@@ -129,7 +132,8 @@ def _read_symtabs(objects: list[str]) -> tuple[bytearray, np.ndarray]:
             continue
         p = Path(obj)
         if p.name.endswith(".syms"):
-            b = p.read_bytes()
+            with open_regular(p) as f:
+                b = f.read()
             buf += b
             if b and not b.endswith(b"\n"):
                 buf += b"\n"

@@ -12,6 +12,7 @@ import os
 from typing import Any, NamedTuple
 
 from ..errors import InputError
+from ..fsutil import open_regular
 
 __all__ = ["Sym", "read_symbols", "syms_text", "reloc_callers"]
 
@@ -38,7 +39,7 @@ def read_symbols(path: str | os.PathLike[str]) -> list[Sym]:
     from elftools.elf.elffile import ELFFile
 
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             elf = ELFFile(fh)
             tab: Any = elf.get_section_by_name(".symtab")
             if tab is None:
@@ -82,7 +83,7 @@ def reloc_callers(path: str | os.PathLike[str], targets: set[str]) -> dict[str, 
 
     out: dict[str, set[str]] = {t: set() for t in targets}
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             elf = ELFFile(fh)
             tab: Any = elf.get_section_by_name(".symtab")
             if tab is None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from elftools.elf.elffile import ELFFile
 
+from .. import provenance
 from ..errors import InputError, NoChange
 from ..fsutil import atomic_write
 from ..proc import kill_children, run
@@ -89,6 +90,8 @@ class BuildResult:
     tmpdir: Path | None = None
     #: symbols the patch adds with EXPORT_SYMBOL*, exported by the live patch module
     exports: list[ModuleExport] = field(default_factory=list)
+    #: what went in (klpforge.provenance.record), also in the module's .modinfo
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """JSON-able report: functions per target with sympos and reason, step timings."""
@@ -104,6 +107,7 @@ class BuildResult:
                 for o in self.outcomes],
             "unchanged_objects": self.unchanged,
             "exports": [{"name": e.name, "gpl": e.gpl, "namespace": e.namespace} for e in self.exports],
+            "provenance": self.provenance,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -343,8 +347,9 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
         with timed_step("module", timings, progress, f"building module {modname} with Kbuild"):
             post = postlink_api()
             targets, sidecars = klp_targets(outcomes, post, f"{patch.path.name}: ")
+            prov = provenance.record([opts.patch], provenance.config_compiler(tree.build / ".config"))
             ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log, exports)
+                              opts.jobs, log, exports, provenance.modinfo(prov))
         with timed_step("postlink", timings, progress, "writing klp relocations"):
             if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
                 post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
@@ -352,9 +357,9 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
-            atomic_write(output, ko.read_bytes())
+            atomic_write(output, provenance.rehash_build_id(ko.read_bytes()))  # reproducible build-id
         res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
-                          exports)
+                          exports, prov)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
         ok = True

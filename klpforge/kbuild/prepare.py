@@ -32,13 +32,14 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, check_private_dir
 from ..proc import run
 
 __all__ = [
     "KernelLayout",
     "PrepareResult",
     "cache_root",
+    "cache_dir",
     "fragment_lines",
     "merge_fragment",
     "check_config",
@@ -71,6 +72,19 @@ def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:
     return (base / "klpforge").resolve()
 
 
+def cache_dir(*parts: str, cache: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_root(cache) / parts``, refused unless only the user (or root) can write it, everything
+    below it and every directory above it (:func:`klpforge.fsutil.check_private_dir`): klpforge compiles
+    and runs what the cache holds. Raises :class:`InputError` naming the directory and the reason.
+
+    >>> cache_dir("kernel-6.1", cache="/tmp/no-such-cache")
+    PosixPath('/tmp/no-such-cache/kernel-6.1')
+    """
+    d = cache_root(cache).joinpath(*parts)
+    check_private_dir(d)
+    return d
+
+
 @dataclass(frozen=True)
 class KernelLayout:
     """Where the pieces of one prepared kernel are.
@@ -85,7 +99,7 @@ class KernelLayout:
     @classmethod
     def default(cls, version: str = "6.1", cache: str | os.PathLike[str] | None = None) -> KernelLayout:
         """Layout under :func:`cache_root`."""
-        return cls(version, cache_root(cache) / f"kernel-{version}")
+        return cls(version, cache_dir(f"kernel-{version}", cache=cache))
 
     @property
     def tarball(self) -> Path:

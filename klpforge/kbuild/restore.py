@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError
-from .prepare import cache_root
+from .prepare import cache_dir
 
 __all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 
@@ -27,7 +27,7 @@ __all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 def journal_dir(src: Path) -> Path:
     """Where klpforge <= 0.x journalled tree ``src`` (under the klpforge cache)."""
     key = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:16]
-    return cache_root() / "restore" / key
+    return cache_dir("restore", key)
 
 
 def check_old_journal(src: Path) -> None:

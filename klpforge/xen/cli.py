@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..outputs import check_paths
 from ..qemu.report import report_verify
 from .debian import DebianXen
 from .pipeline import XenBuildOptions, XenBuildResult, build_xen_payload
@@ -77,6 +78,8 @@ def run_xen_build(args: argparse.Namespace) -> int:
             raise InputError("--xen needs -s XEN_SRC (a built Xen tree) and --xen-syms XEN_SYMS")
         src, syms = Path(args.src), Path(args.xen_syms)
         config = Path(args.xen_config) if args.xen_config else None
+        # a FIFO or a device is refused before any work; a missing file is named by the pipeline, after the tree
+        check_paths({}, {k: p for k, p in (("--xen-syms", syms), ("--xen-config", config)) if p and p.exists()})
     opts = XenBuildOptions(src=src, patch=Path(args.patch), xen_syms=syms,
                            output=Path(args.output) if args.output else None, config=config,
                            keep_tmp=args.keep_tmp)

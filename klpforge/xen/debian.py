@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..distro.apt import PackageRecord, apt_root
 from ..errors import InputError
-from ..kbuild.prepare import cache_root
+from ..kbuild.prepare import cache_dir
 
 __all__ = ["DebianXen", "XenBinaries", "DOM0_KERNEL", "SOURCE_SUITES"]
 
@@ -72,7 +72,7 @@ class DebianXen:
         self.version = version
         self.major = ".".join(version.split(".")[:2])
         self.cache = cache
-        self.dir = (cache or cache_root()) / "xen-debian" / version
+        self.dir = cache_dir("xen-debian", cache=cache) / version  # refused if others can write it
 
     @classmethod
     def parse(cls, distro: str, cache: Path | None = None) -> DebianXen:

@@ -12,7 +12,6 @@ ld concatenates same-named sections (``.livepatch.funcs``, the special tables) a
 from __future__ import annotations
 
 import struct
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..elf import ObjectWriter
 from ..elf import constants as C
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import run
 
 __all__ = ["note", "notes_object", "link_payload"]
 
@@ -54,8 +54,8 @@ def link_payload(parts: list[Path], out: Path, depends: bytes, xen_depends: byte
         notes = Path(td) / "notes.o"
         notes.write_bytes(notes_object(depends, xen_depends))
         tmp = Path(td) / "payload.o"
-        r = subprocess.run(["ld", "-r", "--build-id=sha1", "-z", "noexecstack", "-o", str(tmp),
-                            *map(str, parts), str(notes)], capture_output=True, text=True, check=False)
+        r = run(["ld", "-r", "--build-id=sha1", "-z", "noexecstack", "-o", str(tmp),
+                 *map(str, parts), str(notes)], capture_output=True, text=True)
         if r.returncode != 0:
             raise InputError(f"linking the payload failed: {r.stderr.strip()[:400]}")
         atomic_write(out, tmp.read_bytes(), mode=0o644)

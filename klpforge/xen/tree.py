@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["XenTree", "prepare_tree", "ObjectCommand", "LIVEPATCH_FLAGS"]
 
@@ -128,15 +129,13 @@ class XenTree:
             cwd = view / self.hv.relative_to(self.root)
             top = str(self.root) + "/"
             argv = [a.replace(top, str(view) + "/") if top in a else a for a in argv[:-2]] + argv[-2:]
-        r = subprocess.run(argv[:-2] + list(extra or []) + argv[-2:], cwd=cwd, capture_output=True,
-                           text=True, check=False)
+        r = run(argv[:-2] + list(extra or []) + argv[-2:], cwd=cwd, capture_output=True, text=True)
         if r.returncode != 0:
             err = [x for x in r.stderr.splitlines() if "error" in x][:3] or r.stderr.splitlines()[-3:]
             raise InputError(f"compiling {c.source} failed: {' | '.join(err)}")
         base = os.path.basename(c.source)
         if base != c.source:  # xen/Rules.mk cmd_objcopy_fix_sym
-            r = subprocess.run(["objcopy", "--redefine-sym", f"{base}={c.source}", str(out)],
-                               capture_output=True, text=True, check=False)
+            r = run(["objcopy", "--redefine-sym", f"{base}={c.source}", str(out)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise InputError(f"objcopy on {out} failed: {r.stderr.strip()}")
 
@@ -186,7 +185,7 @@ def prepare_tree(tarball: Path, config: Path, cache: Path, jobs: int = 2,
     log(f"building the hypervisor once (make -j{jobs}; log {logf})")
     with logf.open("w") as lf:
         for cmd in (["make", "olddefconfig"], ["make", f"-j{jobs}"]):
-            r = subprocess.run(cmd, cwd=hv, stdout=lf, stderr=subprocess.STDOUT, check=False)
+            r = run(cmd, cwd=hv, stdout=lf, stderr=subprocess.STDOUT)  # own group: ended with klpforge
             if r.returncode != 0:
                 raise InputError(f"building Xen failed ({' '.join(cmd)}): see {logf}")
     stamp.write_text(str(root) + "\n")

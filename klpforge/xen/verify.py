@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
+from ..proc import release, start
 from .debian import XenBinaries
 
 __all__ = ["XenVerifySpec", "XenStep", "XenVerifyResult", "verify_payload", "guest_init", "newc",
@@ -223,7 +224,8 @@ def verify_payload(spec: XenVerifySpec, console_log: Path | None = None) -> XenV
 
 
 def _run_qemu(cmd: list[str], nonce: str, timeout: float) -> str:
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # klpforge.proc: its own group, ended on a signal, and killed by the kernel if klpforge dies (SIGKILL)
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     buf = bytearray()
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
@@ -242,9 +244,11 @@ def _run_qemu(cmd: list[str], nonce: str, timeout: float) -> str:
             else:
                 time.sleep(0.1)
     finally:
-        if proc.poll() is None:
+        early = proc.poll() is None
+        if early:
             proc.kill()
         proc.wait()
+        release(proc, early)
         rest = proc.stdout.read()
         if rest:
             buf += rest
