@@ -156,16 +156,25 @@ def _objects_text(name: str, st: KernelState, pm: PatchModule | None) -> str:
 
 
 def _link_replacements(rows: list[PatchRow], st: KernelState) -> None:
-    # installed order per release: a replace patch replaces the earlier ones of its release
+    """Fill ``replaces``: installed patches by load order within a release (a replace patch replaces the
+    earlier ones); loaded ones by what the kernel did. A ``replaced`` module (still loaded, gone from
+    /sys/kernel/livepatch) was replaced by a cumulative patch loaded after it; Linux 6.1 keeps only patches
+    loaded after the last cumulative one in its list (``klp_free_replaced_patches``), so that patch is the
+    earliest-loaded active one: the last of them in /proc/modules, which lists the newest module first."""
     by_rel: dict[str, list[PatchRow]] = {}
     for r in rows:
         by_rel.setdefault(r.release, []).append(r)
     for group in by_rel.values():
         for i, r in enumerate(group):
-            if r.replace:
-                r.replaces = [g.name for g in group[:i] if g.installed] + \
-                    [g.name for g in group if g.state == "replaced" and g.name != r.name and not g.installed]
-                r.replaces = list(dict.fromkeys(r.replaces))
+            if r.replace and r.installed:
+                r.replaces = [g.name for g in group[:i] if g.installed and g.name != r.name]
+    replaced = [r for r in rows if r.state == "replaced"]
+    active = [r for r in rows if r.release == st.release and r.name in st.patches]
+    if replaced and active:
+        order = {m: i for i, m in enumerate(st.modules)}
+        replacer = max(active, key=lambda r: order.get(r.name, -1))
+        replacer.replace = True if replacer.replace is None else replacer.replace
+        replacer.replaces = list(dict.fromkeys([*replacer.replaces, *(r.name for r in replaced)]))
 
 
 def find_patch(name: str, root: Path) -> tuple[PatchModule | None, InstalledPatch | None, KernelState]:
@@ -177,8 +186,9 @@ def find_patch(name: str, root: Path) -> tuple[PatchModule | None, InstalledPatc
             raise InputError(f"{name}: no such file")
         return inspect_module(p), None, st
     norm = name.replace("-", "_")
-    for ip in installed(root, None):
-        if ip.name.replace("-", "_") == norm and (ip.release == st.release or True):
+    # the running release's copy first, then any release's
+    for ip in sorted(installed(root, None), key=lambda ip: ip.release != st.release):
+        if ip.name.replace("-", "_") == norm:
             return inspect_module(ip.path), ip, st
     if norm in st.patches or norm in st.livepatch_modules:
         return None, None, st
