@@ -128,10 +128,12 @@ def test_loader_usage_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def built(kernel: KernelLayout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two live patches built by klpforge on the test kernel: one for vmlinux, one for a module."""
+    """Live patches built by klpforge on the test kernel: for vmlinux, for a module, and for ``do_wait``
+    (where a waiting shell sleeps: its transition blocks)."""
     d = tmp_path_factory.mktemp("host-built")
     out: dict[str, Path] = {}
-    for key, patch in (("cmdline", "01-cmdline-text.patch"), ("kobj", "05-kobject-module-function.patch")):
+    for key, patch in (("cmdline", "01-cmdline-text.patch"), ("kobj", "05-kobject-module-function.patch"),
+                       ("dowait", "12-do-wait-sleeping.patch")):
         ko = d / f"livepatch-{key}.ko"
         r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(PATCHES / patch), "-o", str(ko),
                      "--json", str(ko.with_suffix(".json")), "-j2")
@@ -333,6 +335,11 @@ run deb-unit {deb_exec}
 run cmdline-boot cat /proc/cmdline
 run unload-again /usr/local/lib/klpforge/klpforge-load unload livepatch_cmdline
 run not-loaded /usr/local/lib/klpforge/klpforge-load unload livepatch_cmdline
+sh -c 'sleep 600; true' &
+sleep 0.5
+run blocked /usr/local/lib/klpforge/klpforge-load load --timeout 3 /lib/klp/livepatch-dowait.ko
+killall sleep
+run after-blocked cat /proc/modules
 echo "$M:DMESG-BEGIN"; dmesg; echo "$M:DMESG-END"
 echo "$M:DONE"
 reboot -f
@@ -413,6 +420,7 @@ def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayo
     for script in ("postinst", "prerm", "postrm"):
         files[f"/var/lib/dpkg/info/{pkg}.{script}"] = ctl / script
     files["/lib/klp/livepatch-kobj.ko"] = built["kobj"]
+    files["/lib/klp/livepatch-dowait.ko"] = built["dowait"]
     files["/lib/klp/livepatch-other.ko"] = tmp_path / "livepatch-other.ko"
     files["/lib/klp/kobject-example.ko"] = kernel.build / "samples/kobject/kobject-example.ko"
     nonce = "KLPH" + secrets.token_hex(6)
@@ -437,6 +445,7 @@ def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayo
     def ok(name: str, *texts: str, rc: int = 0) -> str:
         got_rc, out = runs[name]
         assert got_rc == rc, (name, got_rc, out)
+        assert "can't open" not in out and "No such file" not in out, (name, out)  # no shell noise
         for t in texts:
             assert t in out, (name, t, out)
         return out
@@ -456,6 +465,11 @@ def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayo
     ok("cmdline-boot", "klpforge=cmdline")
     ok("unload-again", "livepatch_cmdline: rmmod OK")
     ok("not-loaded", "livepatch_cmdline: not loaded", rc=1)
+    # a shell sleeping in do_wait blocks the transition: named with its stack, then reversed and unloaded
+    blocked = ok("blocked", "livepatch_dowait: transition FAIL: not over after 3 s; blocked by: ",
+                 "livepatch_dowait: reversed and unloaded", rc=1)
+    assert re.search(r"pid \d+ \(sh\) in do_wait<", blocked), blocked
+    assert "livepatch_dowait" not in ok("after-blocked")
 
     # klpforge list reads the guest's state (plus the package's files, as dpkg would have installed them)
     def listed(phase: str) -> dict[str, dict]:
@@ -473,7 +487,7 @@ def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayo
     c = listed("C")
     assert c["livepatch_cmdline"]["state"] == "replaced"
     assert c["livepatch_kobj"]["state"] == "enabled" and c["livepatch_kobj"]["objects"] == "kobject_example:patched"
-    assert c["livepatch_kobj"]["replaces"] == ["livepatch_cmdline"]
+    assert c["livepatch_kobj"]["replaces"] == ["livepatch_cmdline"] and c["livepatch_kobj"]["replace"] is True
     d = listed("D")
     assert set(d) == {"livepatch_cmdline"} and d["livepatch_cmdline"]["state"] == "not loaded"
     dmesg = console.split(f"{nonce}:DMESG-BEGIN", 1)[1]

@@ -14,7 +14,7 @@ __all__ = ["register", "run_list"]
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON)."""
-    from ..host.actions import patch_rows
+    from ..host.actions import PatchRow, patch_rows
     from ..host.store import host_root
 
     rows = patch_rows(host_root(args.root), args.all)
@@ -25,9 +25,16 @@ def run_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no live patches installed or loaded")
         return 0
-    head = ("NAME", "RELEASE", "INSTALLED", "STATE", "OBJECTS", "REPLACES")
-    table = [head] + [(r.name, r.release, r.installed or "-", r.state, r.objects or "-",
-                       ("all earlier: " + (",".join(r.replaces) or "none") if r.replace else "-"))
+    head = ("NAME", "RELEASE", "INSTALLED", "STATE", "OBJECTS", "CUMULATIVE")
+
+    def cumulative(r: PatchRow) -> str:
+        if r.replace is None:
+            return "?"
+        if not r.replace:
+            return "no"
+        return f"yes (replaced {', '.join(r.replaces)})" if r.replaces else "yes"
+
+    table = [head] + [(r.name, r.release, r.installed or "-", r.state, r.objects or "-", cumulative(r))
                       for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(head) - 1)]
     for t in table:  # plain columns: readable in a pipe, a log and a terminal alike
@@ -44,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "STATE is enabled, disabled, transition, replaced (a cumulative patch took over; the "
                     "module is still loaded) or not loaded; OBJECTS lists each patched object with its "
                     "per-object 'patched' state (Linux 6.1+: patched, or waiting for the module to load); "
-                    "REPLACES names what a cumulative (replace) patch replaces.",
+                    "CUMULATIVE says whether a patch replaces every earlier one (klp_patch.replace) and which it replaced "
+                    "(installed before it in the load order, or loaded and dropped by the kernel).",
         epilog="exit codes: 0 ok, 1 error")
     p.add_argument("--all", action="store_true", help="also patches installed for other kernel releases")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")

@@ -12,6 +12,7 @@ The loader (``klpforge/data/host/klpforge-load``) is POSIX sh so that hosts need
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def check_unit_names(names: list[str]) -> list[str]:
     return names
 
 
-def unit_text(exec_start: str, description: str, before: list[str] = (), kernel_release: str | None = None,
-              timeout_s: int = 300) -> str:  # type: ignore[assignment]
+def unit_text(exec_start: str, description: str, before: Sequence[str] = (), kernel_release: str | None = None,
+              timeout_s: int = 300) -> str:
     """A unit running ``exec_start`` once at boot.
 
     >>> print(unit_text("/usr/lib/klpforge/klpforge-load boot", "Load live patches").splitlines()[0])
