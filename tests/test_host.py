@@ -124,6 +124,27 @@ def test_loader_usage_errors(tmp_path: Path) -> None:
     assert r.returncode == 0 and "no live patches installed for" in r.stdout
 
 
+def test_commands_on_nothing(tmp_path: Path) -> None:
+    """list on an empty root, info/unload of a patch that does not exist: one line, the documented code."""
+    r = klpforge("list", "--root", str(tmp_path))
+    assert r.returncode == 0 and r.stdout == "no live patches installed or loaded\n", r.stdout + r.stderr
+    r = klpforge("list", "--root", str(tmp_path), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+    r = klpforge("info", "livepatch_none", "--root", str(tmp_path))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"klpforge info: livepatch_none: no such live patch (not installed under {tmp_path}, " \
+                       "not loaded)\n"
+    # the real loader against this machine's kernel: nothing of that name is loaded, nothing is touched
+    r = klpforge("unload", "livepatch-none-xyz")
+    assert r.returncode == 1 and "klpforge-load: livepatch_none_xyz: not loaded" in r.stderr
+    r = klpforge("load", str(tmp_path / "missing.ko"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.ko: cannot read" in r.stderr
+    (tmp_path / "junk.ko").write_bytes(b"\x7fELF" + b"\0" * 60)
+    r = klpforge("package", str(tmp_path / "junk.ko"), "--format", "deb", cwd=tmp_path)
+    assert r.returncode == 1 and "junk.ko: not a readable kernel module" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.ko"]
+
+
 # ---------------------------------------------------------------- kernel: real live patches
 
 @pytest.fixture(scope="module")
@@ -292,6 +313,46 @@ def test_package_deb(built: dict[str, Path], tmp_path: Path) -> None:
         r = klpforge("package", str(built["cmdline"]), "--format", "deb", *args, cwd=out)
         assert r.returncode == 1 and msg in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [deb.name]
+
+
+@pytest.mark.kernel
+def test_deb_installs_and_removes_with_dpkg_root(built: dict[str, Path], tmp_path: Path) -> None:
+    """dpkg itself installs, configures, removes and purges the package in a separate root (maintainer
+    scripts run with DPKG_ROOT: the unit is enabled inside the root, the running system is not touched)."""
+    if shutil.which("dpkg") is None:
+        pytest.skip("dpkg not installed")
+    rel = _release(built["cmdline"])
+    deb = _deb(built, "cmdline", tmp_path)
+    pkg = deb.name.split("_")[0]
+    root = tmp_path / "root"
+    (root / "var/lib/dpkg/info").mkdir(parents=True)
+    (root / "var/lib/dpkg/updates").mkdir()
+    (root / "var/lib/dpkg/status").write_text("")
+    dpkg = ["dpkg", f"--root={root}", "--force-not-root", "--force-script-chrootless"]
+    r = subprocess.run([*dpkg, "--force-depends", "-i", str(deb)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{pkg}: not loading in a chroot; the patch loads at boot" in r.stdout
+    assert f"depends on linux-image-{rel} | linux-image-{rel}-unsigned" in r.stderr  # the exact kernel
+    assert (root / f"usr/lib/klpforge/{rel}/livepatch_cmdline.ko").read_bytes() == built["cmdline"].read_bytes()
+    wants = root / f"etc/systemd/system/sysinit.target.wants/{pkg}.service"
+    if shutil.which("deb-systemd-helper"):
+        assert wants.is_symlink() and os.readlink(wants) == f"/usr/lib/systemd/system/{pkg}.service"
+    st = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Status}", pkg],
+                        capture_output=True, text=True)
+    assert st.stdout == "install ok installed", st.stdout + st.stderr
+    # without --force-depends dpkg refuses it where the kernel image is not installed
+    root2 = tmp_path / "root2"
+    shutil.copytree(root, root2, symlinks=True, ignore=shutil.ignore_patterns("usr", "etc"))
+    (root2 / "var/lib/dpkg/status").write_text("")
+    for f in (root2 / "var/lib/dpkg/info").iterdir():
+        f.unlink()
+    r2 = subprocess.run(["dpkg", f"--root={root2}", "--force-not-root", "--force-script-chrootless", "-i",
+                         str(deb)], capture_output=True, text=True)
+    assert r2.returncode != 0 and f"linux-image-{rel}" in r2.stderr
+    r = subprocess.run([*dpkg, "-P", pkg], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (root / "usr/lib/klpforge").exists() or not any((root / "usr/lib/klpforge").rglob("*.ko"))
+    assert not wants.exists()
 
 
 # ---------------------------------------------------------------- kernel: the lifecycle in a booted guest

@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "STATE is enabled, disabled, transition, replaced (a cumulative patch took over; the "
                     "module is still loaded) or not loaded; OBJECTS lists each patched object with its "
                     "per-object 'patched' state (Linux 6.1+: patched, or waiting for the module to load); "
-                    "CUMULATIVE says whether a patch replaces every earlier one (klp_patch.replace) and which it replaced "
-                    "(installed before it in the load order, or loaded and dropped by the kernel).",
+                    "CUMULATIVE says whether a patch replaces every earlier one (klp_patch.replace) and which it "
+                    "replaced (installed before it in the load order, or loaded and dropped by the kernel).",
         epilog="exit codes: 0 ok, 1 error")
     p.add_argument("--all", action="store_true", help="also patches installed for other kernel releases")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")

@@ -14,7 +14,7 @@ image packages of that exact release), ``Section: kernel``, ``Klpforge-*`` field
 release, module SHA-256, CVE ids). Maintainer scripts: ``postinst configure`` enables the unit and loads the
 patch when the running kernel is the patch's (not in a chroot or with ``DPKG_ROOT``); ``prerm remove``
 disables and unloads it (a failed unload fails the removal, so the package never disappears while its patch
-stays applied); ``postrm`` disables/purges the unit.
+stays applied; not with ``DPKG_ROOT``, which removes it from another tree); ``postrm`` disables/purges the unit.
 
 Metadata: the fixes (patch files with their SHA-256, subject, upstream commits from ``From <sha>`` /
 ``commit <sha>`` / ``(cherry picked from commit <sha>)``, the commits a ``Fixes:`` tag names, CVE ids given
@@ -146,7 +146,10 @@ def maintainer_scripts(pkg: str, pm: PatchModule) -> dict[str, str]:
     ko = f"/{PACKAGED}/{pm.release}/{pm.name}.ko"
     loader = f"/usr/lib/{pkg}/klpforge-load"
     unit = f"{pkg}.service"
-    reload = 'if [ -d /run/systemd/system ]; then systemctl --system daemon-reload >/dev/null || true; fi\n'
+    # DPKG_ROOT: dpkg --root --force-script-chrootless installs into another tree (an image): never touch the
+    # running system's systemd or kernel then (deb-systemd-helper honours DPKG_ROOT itself)
+    reload = ('if [ -z "${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then '
+              'systemctl --system daemon-reload >/dev/null || true; fi\n')
     return {
         "postinst": f"""#!/bin/sh
 # {pkg}: enable the boot unit, load the live patch into the running kernel if it is the patch's
@@ -172,7 +175,7 @@ exit 0
         "prerm": f"""#!/bin/sh
 # {pkg}: disable and unload the live patch before its files go (a failed unload stops the removal)
 set -e
-if [ "$1" = remove ] || [ "$1" = deconfigure ]; then
+if {{ [ "$1" = remove ] || [ "$1" = deconfigure ]; }} && [ -z "${{DPKG_ROOT:-}}" ]; then
     if [ -d /sys/kernel/livepatch/{pm.name} ] || grep -q '^{pm.name} ' /proc/modules 2>/dev/null; then
         {loader} unload {pm.name}
     fi
