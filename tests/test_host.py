@@ -192,6 +192,43 @@ def test_inspect_matches_the_build_report(built: dict[str, Path], kernel: Kernel
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("enforce", ["sig_enforce", "lockdown"])
+def test_load_checks_against_a_kernel_state(built: dict[str, Path], tmp_path: Path, enforce: str) -> None:
+    """The checks ``load`` makes, against kernel files laid out as sysfs/procfs do (the layout of the test
+    kernel's own, see the lifecycle test): signatures enforced by the module parameter or by lockdown, a
+    target module missing, a replaced module still loaded."""
+    from klpforge.host.checks import load_reasons
+    from klpforge.host.inspect import inspect_module
+    from klpforge.host.sysfs import read_state
+
+    rel = _release(built["kobj"])
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/osrelease").write_text(rel + "\n")
+    (tmp_path / "sys/kernel/livepatch").mkdir(parents=True)
+    if enforce == "sig_enforce":
+        (tmp_path / "sys/module/module/parameters").mkdir(parents=True)
+        (tmp_path / "sys/module/module/parameters/sig_enforce").write_text("Y\n")
+    else:
+        (tmp_path / "sys/kernel/security").mkdir(parents=True)
+        (tmp_path / "sys/kernel/security/lockdown").write_text("none [integrity] confidentiality\n")
+    (tmp_path / "sys/module/livepatch_kobj").mkdir(parents=True)
+    (tmp_path / "sys/module/livepatch_kobj/taint").write_text("K\n")
+    (tmp_path / "proc/modules").write_text("livepatch_kobj 16384 0 - Live 0xffffffffa0010000 (K)\n")
+    pm = inspect_module(built["kobj"])
+    st = read_state(tmp_path)
+    assert st.sig_enforced and st.livepatch_modules == ["livepatch_kobj"]
+    assert load_reasons(pm, st) == [
+        "livepatch_kobj: module loaded but not an active live patch (replaced or disabled): unload it first",
+        "livepatch_kobj: target module(s) not loaded: kobject_example (the kernel would patch them when they "
+        "load; use --defer to allow that)",
+        f"livepatch_kobj: the kernel enforces module signatures and {built['kobj']} is not signed"]
+    (tmp_path / "proc/modules").write_text("kobject_example 16384 0 - Live 0xffffffffa000b000\n")
+    signed = tmp_path / "signed.ko"
+    signed.write_bytes(built["kobj"].read_bytes() + b"\0" * 12 + b"~Module signature appended~\n")
+    assert load_reasons(inspect_module(signed), read_state(tmp_path)) == []
+
+
+@pytest.mark.kernel
 def test_install_into_a_root_and_refusals(built: dict[str, Path], kernel: KernelLayout, tmp_path: Path) -> None:
     rel = _release(built["cmdline"])
     root = tmp_path / "root"
