@@ -435,7 +435,12 @@ run unload-again /usr/local/lib/klpforge/klpforge-load unload livepatch_cmdline
 run not-loaded /usr/local/lib/klpforge/klpforge-load unload livepatch_cmdline
 sh -c 'sleep 600; true' &
 sleep 0.5
-run blocked /usr/local/lib/klpforge/klpforge-load load --timeout 3 /lib/klp/livepatch-dowait.ko
+/usr/local/lib/klpforge/klpforge-load load --timeout 3 /lib/klp/livepatch-dowait.ko > /tmp/blocked 2>&1 &
+sleep 1.5
+dump B
+wait $!
+rc=$?
+echo "$M:BEGIN:blocked"; cat /tmp/blocked; echo "$M:RUN:blocked:$rc"
 killall sleep
 run after-blocked cat /proc/modules
 echo "$M:DMESG-BEGIN"; dmesg; echo "$M:DMESG-END"
@@ -586,6 +591,9 @@ def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayo
     assert c["livepatch_cmdline"]["state"] == "replaced"
     assert c["livepatch_kobj"]["state"] == "enabled" and c["livepatch_kobj"]["objects"] == "kobject_example:patched"
     assert c["livepatch_kobj"]["replaces"] == ["livepatch_cmdline"] and c["livepatch_kobj"]["replace"] is True
+    b = listed("B")  # while the do_wait patch is blocked
+    assert b["livepatch_dowait"]["state"] == "transition" and b["livepatch_dowait"]["installed"] == ""
+    assert b["livepatch_dowait"]["objects"] == "vmlinux:patched"
     d = listed("D")
     assert set(d) == {"livepatch_cmdline"} and d["livepatch_cmdline"]["state"] == "not loaded"
     dmesg = console.split(f"{nonce}:DMESG-BEGIN", 1)[1]
