@@ -22,8 +22,8 @@ from .store import InstalledPatch, install_module, installed
 from .sysfs import KernelState, read_state
 from .unit import UNIT_NAME, loader_script, unit_text
 
-__all__ = ["load", "unload", "install", "PatchRow", "patch_rows", "find_patch", "LOADER_BIN", "UNIT_DIR",
-           "run_loader"]
+__all__ = ["load", "unload", "install", "PatchRow", "patch_rows", "find_patch", "info_json", "LOADER_BIN",
+           "UNIT_DIR", "run_loader"]
 
 #: where ``install`` puts the loader and the unit (under ``--root``)
 LOADER_BIN = "usr/local/lib/klpforge/klpforge-load"

@@ -23,6 +23,7 @@ Read from the module file alone (no kernel needed):
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,6 @@ def inspect_module(ko: Path) -> PatchModule:
         raw = ko.read_bytes()
     except OSError as e:
         raise InputError(f"{ko}: cannot read ({e.strerror})") from None
-    import io
-
     try:
         elf = ELFFile(io.BytesIO(raw))
         sec = elf.get_section_by_name(".modinfo")

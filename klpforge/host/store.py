@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fsutil import atomic_write
-from .inspect import PatchModule, inspect_module
+from .inspect import PatchModule
 
 __all__ = ["STORE", "PACKAGED", "InstalledPatch", "host_root", "store_dir", "install_module", "installed",
            "sidecar_text"]
@@ -108,8 +108,3 @@ def installed(root: Path, release: str | None = None) -> list[InstalledPatch]:
             order += sorted(n for n in kos if n not in order)
             out.extend(InstalledPatch(n, rd.name, kos[n], via, i) for i, n in enumerate(order))
     return out
-
-
-def read_installed(p: InstalledPatch) -> PatchModule:
-    """Inspect an installed module file."""
-    return inspect_module(p.path)
