@@ -30,6 +30,15 @@ LOADER_BIN = "usr/local/lib/klpforge/klpforge-load"
 UNIT_DIR = "etc/systemd/system"
 
 
+def _refusal(reasons: list[str]) -> str:
+    """One line for every reason (one ``UnsafeChange`` reason: the CLI prints it whole).
+
+    >>> _refusal(["a: built for kernel 1, not 2", "b"])
+    'refused: a: built for kernel 1, not 2; b'
+    """
+    return "refused: " + "; ".join(reasons)
+
+
 def run_loader(args: list[str]) -> int:
     """Run the shell loader with ``args``; its lines go straight to our stdout/stderr."""
     from .unit import loader_path
@@ -46,7 +55,7 @@ def load(ko: Path, timeout: int, defer: bool = False) -> int:
     pm = inspect_module(ko)
     reasons = load_reasons(pm, read_state(Path("/")), defer)
     if reasons:
-        raise UnsafeChange([f"refused: {r}" for r in reasons])
+        raise UnsafeChange(_refusal(reasons))
     args = ["load", "--timeout", str(timeout), "--objects", " ".join(pm.object_names)]
     return run_loader([*args, *(["--defer"] if defer else []), str(ko)])
 
@@ -65,7 +74,7 @@ def install(ko: Path, root: Path, release: str | None, unit: bool, before: list[
     rel = release or read_state(Path("/")).release
     reasons = release_reasons(pm, rel)
     if reasons:
-        raise UnsafeChange([f"refused: {r}" for r in reasons])
+        raise UnsafeChange(_refusal(reasons))
     dest = install_module(pm, root, rel)
     unit_path = None
     if unit:
