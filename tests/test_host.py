@@ -457,6 +457,9 @@ def _parse_guest(console: str, nonce: str) -> tuple[dict[str, tuple[int, str]], 
     cur: list[str] | None = None
     dump: list[str] | None = None
     for line in console.replace("\r", "").splitlines():
+        at = line.find(f"{nonce}:")
+        if at > 0:  # a marker after other output on the line ("vm login: " of a getty)
+            line = line[at:]
         if line.startswith(f"{nonce}:BEGIN:"):
             cur = []
         elif line.startswith(f"{nonce}:RUN:"):
