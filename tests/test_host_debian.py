@@ -11,7 +11,8 @@ one-shot test service, and boots it twice with Debian's own kernel and initrd:
    ``/proc/net/sockstat`` shows the fix;
 2. the next boot: the package's unit loaded the patch (``systemctl status``, its journal lines), the fix is
    there, ``klpforge list`` (on the host, reading the guest's sysfs copy) shows it enabled and installed by the
-   package; ``dpkg -r`` unloads it and the fix is gone.
+   package; a copy of the module for another release and a patch for ``nfsd`` (not loaded) are refused with
+   the reason; ``dpkg -r`` unloads it and the fix is gone.
 
 Skips without the cache unless ``KLPFORGE_REQUIRE_KERNEL=1`` or ``KLPFORGE_DISTRO=1``. Slow under software
 emulation: each boot takes 1 to 5 minutes on a loaded 2-core machine.
@@ -34,6 +35,7 @@ from tests.test_host import _parse_guest, _rebuild
 pytestmark = [pytest.mark.distro, pytest.mark.kernel]
 
 RELEASE = "6.1.0-56-amd64"
+OTHER = "6.1.0-99-amd64"  # same length: the module stays well-formed
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["deb http://deb.debian.org/debian bookworm main",
            "deb http://deb.debian.org/debian bookworm-updates main",
@@ -99,6 +101,8 @@ elif [ "$phase" = 2 ]; then
     run journal journalctl -b --no-pager -o cat -u "$PKG.service"
     run sockstat-boot cat /proc/net/sockstat
     dump BOOT
+    run other-release /usr/lib/$PKG/klpforge-load load /root/other-release.ko
+    run missing-target /usr/lib/$PKG/klpforge-load load /root/nfsd.ko
     run dpkg-r dpkg -r "$PKG"
     run sockstat-removed cat /proc/net/sockstat
     dump REMOVED
@@ -129,6 +133,13 @@ def test_deb_in_debian_with_systemd(debian_rootfs: Path, tmp_path: Path) -> None
     r = klpforge("build", "--distro", f"debian:{RELEASE}", str(ROOT / "tests/distro_patches/20-net-sockstat.patch"),
                  "-o", str(ko))
     assert r.returncode == 0, r.stderr[-3000:]
+    nfsd = tmp_path / "livepatch-nfsd.ko"  # for a module the guest does not load
+    r = klpforge("build", "--distro", f"debian:{RELEASE}",
+                 str(ROOT / "tests/distro_patches/00-nfsd-sequence-cve.patch"), "-o", str(nfsd))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = ko.read_bytes()
+    assert f"vermagic={RELEASE} ".encode() in data
+    other = data.replace(f"vermagic={RELEASE} ".encode(), f"vermagic={OTHER} ".encode())
     r = klpforge("package", str(ko), "--format", "deb", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     deb = tmp_path / r.stdout.strip()
@@ -141,6 +152,8 @@ def test_deb_in_debian_with_systemd(debian_rootfs: Path, tmp_path: Path) -> None
     for name, text in (("nonce", nonce), ("pkg", pkg), ("phase", "1")):
         (img / "root" / name).write_text(text + "\n")
     shutil.copy(deb, img / "root/klp.deb")
+    shutil.copy(nfsd, img / "root/nfsd.ko")
+    (img / "root/other-release.ko").write_bytes(other)
     (img / "etc/systemd/system/klpt-step.service").write_text(UNIT)
     wants = img / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
@@ -188,6 +201,11 @@ def _check(consoles: list[str], nonce: str, deb: Path, tmp_path: Path) -> None:
     ok(two, "unit", "active")
     ok(two, "journal", "klpforge-load: livepatch_sockstat: insmod OK", "livepatch_sockstat: transition OK")
     ok(two, "sockstat-boot", "KLP: sockstat patched")
+    # refused with the reason, in the real system too
+    assert two["other-release"][0] == 2
+    assert f"livepatch_sockstat: refused: built for kernel {OTHER}, running {RELEASE}" in two["other-release"][1]
+    assert two["missing-target"][0] == 2
+    assert "livepatch_nfsd: refused: target module(s) not loaded: nfsd" in two["missing-target"][1]
     ok(two, "dpkg-r", f"Removing {pkg} (1)", "livepatch_sockstat: disable OK", "livepatch_sockstat: rmmod OK")
     assert "KLP: sockstat patched" not in ok(two, "sockstat-removed")
     x = tmp_path / "x"
