@@ -216,6 +216,7 @@ class _Emitter:
                     bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
                 self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], _out_value(cv, p, s),
                                                     int(p.size[s]), int(p.stype[s]), bind, int(p.syms["other"][s]))
+                self._add_prefixes(s)
         # Labels and typeless symbols inside included sections keep working too.
         for s in range(1, p.nsym):
             ps = int(p.shndx[s])
@@ -225,6 +226,19 @@ class _Emitter:
                     self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], v, 0, C.STT_NOTYPE,
                                                         C.STB_LOCAL if labels_local else int(p.sbind[s]))
         return sections, specials
+
+    def _add_prefixes(self, f: int) -> None:
+        """The ``__pfx_``/``__cfi_`` symbols of included function ``f`` (model.PREFIX_NAMES), local: they
+        travel with it (its padding bytes came along: carve.py), never stand for a function of their own,
+        and must not clash with the running kernel's global ``__pfx_`` of the old copy."""
+        p = self.p
+        for x in p.prefix_syms.get(f, ()):
+            ps = int(p.shndx[x])
+            v = self.cv.place(ps, int(p.value[x]))
+            if v is None or x in self.out_sym:
+                continue
+            self.out_sym[x] = self.w.add_symbol(p.sym_names[x], self.out_sec[ps], v, int(p.size[x]),
+                                                int(p.stype[x]), C.STB_LOCAL, int(p.syms["other"][x]))
 
     def relocate_all(self, sections: set[int], specials: dict[int, SpecialTable]) -> dict[str, tuple[int, int]]:
         """Relocations of the included sections (their own and the carving's new ones) and of the cut special
