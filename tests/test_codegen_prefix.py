@@ -224,3 +224,58 @@ def test_objtool_finds_the_same_prefixes_in_the_live_patch(gcc: str, tmp_path: P
     got = {n for n in Object.load(mod).sym_names if n.startswith("__pfx_")}
     want = {n for n in Object.load(ordinary).sym_names if n.startswith("__pfx_")}
     assert got == {"__pfx_foo", "__pfx_klpf_vmlinux__foo__0"} and "__pfx_foo" in want
+
+
+SITES = """
+extern int ext(int);
+extern int (*hook)(int);
+static __attribute__((noinline)) int helper(int x) { return ext(x) + hook(x); }
+int foo(int x) { return helper(x) * %s + hook(x + 1); }
+int bar(int x) { return helper(x) - ext(x * 3); }
+"""
+#: the per-site tables objtool (6.12) writes, each entry ``.long site - .``
+SITE_TABLES = (".return_sites", ".retpoline_sites", ".call_sites", ".ibt_endbr_seal", ".orc_unwind_ip")
+
+
+def sites(path: Path, table: str, funcs: set[str]) -> set[tuple[str, int]]:
+    """(function, offset in it) of every ``table`` entry of object ``path`` in one of ``funcs``."""
+    o = Object.load(path)
+    out = set()
+    for t in [i for i, n in enumerate(o.sec_names) if n == table]:
+        for x in o.relocs(t):
+            s = int(x["sym"])
+            sec, place = int(o.shndx[s]), int(o.value[s]) + int(x["addend"])
+            cands = [m for m in o.syms_in_section.get(sec, []) if o.code_range(m)[0] <= place < o.code_range(m)[1]]
+            names = {o.sym_names[m].removeprefix("klpf_vmlinux__").removesuffix("__0") for m in cands}
+            for m in cands:
+                if o.sym_names[m] in funcs:
+                    out.add((o.sym_names[m], place - int(o.value[m])))
+            assert names <= funcs | {"helper", "bar", "foo"}, names
+    return out
+
+
+@pytest.mark.parametrize("layout", ["-ffunction-sections", "-fno-function-sections"])
+def test_site_tables_match_objtool_on_an_ordinary_module(gcc: str, tmp_path: Path, objtool612: Path,
+                                                         layout: str) -> None:
+    """Linked as a module (IBT kernels run objtool on the linked module only), the live patch gives the
+    kernel's objtool every call and return where it is: the sites it lists for the included functions
+    (return thunks, retpolines, call-depth call sites, sealed ENDBRs, ORC) are those it lists for the
+    same functions in an ordinary module built from the patched object."""
+    a, b = compile_pair(gcc, tmp_path, SITES % "3", SITES % "5", layout)
+    patched, _ = diff(a, b, tmp_path)
+    assert patched == ["foo"]
+    from klpforge.emit.postlink import strip_klp
+
+    strip_klp(tmp_path / "lp.o", tmp_path / "lp.link.o")
+    mod, ordinary = tmp_path / "mod.o", tmp_path / "ordinary.o"
+    subprocess.run(["ld", "-r", "-o", str(mod), str(tmp_path / "lp.link.o")], check=True)
+    subprocess.run(["ld", "-r", "-o", str(ordinary), str(b)], check=True)
+    args = ["--hacks=skylake", "--ibt", "--orc", "--retpoline", "--rethunk", "--prefix=16", "--link", "--module"]
+    for obj in (mod, ordinary):
+        r = subprocess.run([str(objtool612), *args, str(obj)], capture_output=True, text=True)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    for table in SITE_TABLES:
+        got, want = sites(mod, table, {"foo"}), sites(ordinary, table, {"foo"})
+        assert got == want, table
+        if table != ".ibt_endbr_seal":
+            assert got, table

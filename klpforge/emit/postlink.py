@@ -35,7 +35,7 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..elf.rewrite import Rewriter
 from ..elf.types import RELOC
-from ..errors import InputError
+from ..errors import InputError, UnsafeChange
 from ..fsutil import atomic_write
 
 __all__ = ["strip_klp", "apply_klp", "klp_symbol_name", "placeholder_name", "KlpSidecar"]
@@ -189,6 +189,8 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
         klp_entry(r, sec, off, int(r["type"]), int(r["addend"]))
     for sec, off, r, typ, add in made:
         klp_entry(r, sec, off, typ, add)
+    if vmlinux is not None and os.path.exists(vmlinux):
+        _check_sealed(elf, relocs, where, Path(vmlinux))
     for (obj, sec), entries in sorted(groups.items()):
         handle = rw.sec_map[sec]
         arr = np.zeros(len(entries), RELOC)
@@ -204,6 +206,45 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
                           flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
     atomic_write(ko, rw.build())
     return sorted({klp_symbol_name(r["symbol"]) for r in internal})
+
+
+def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int], vmlinux: Path) -> None:
+    """Refuse (:class:`UnsafeChange`) code of the patch that takes the address of a vmlinux function whose
+    ENDBR the kernel sealed (:mod:`klpforge.emit.ibt`); names both functions. x86-64 only."""
+    if elf.machine != C.EM_X86_64:
+        return
+    from ..select import is_special_section
+    from .ibt import address_taken, sealed_refusals
+
+    uses: list[tuple[str, str, int]] = []
+    for r in relocs:
+        if r["obj"] != "vmlinux":
+            continue
+        a = where[r["anchor"]]
+        sec = int(elf.syms["shndx"][a])
+        name = elf.section_names[sec]
+        if is_special_section(name):
+            continue
+        off = int(elf.syms["value"][a]) + int(r["offset"])
+        text = bool(int(elf.shdrs["flags"][sec]) & C.SHF_EXECINSTR)
+        if address_taken(elf.section_bytes(sec), off, int(r["type"]), text):
+            pos = int(r["symbol"].rsplit(",", 1)[-1])
+            uses.append((_function_at(elf, sec, off), klp_symbol_name(r["symbol"]), pos))
+    lines = sealed_refusals(uses, vmlinux) if uses else []
+    if lines:
+        raise UnsafeChange(lines[0] if len(lines) == 1 else f"{len(lines)} sealed functions: " + "; ".join(lines))
+
+
+def _function_at(elf: ElfFile, sec: int, off: int) -> str:
+    """Name of the function symbol of ``sec`` covering ``off`` (its own name before a ``klpf_`` alias)."""
+    best = ""
+    for i, n in enumerate(elf.sym_names):
+        if int(elf.syms["shndx"][i]) != sec or int(elf.syms["info"][i]) & 0xF != C.STT_FUNC:
+            continue
+        v, s = int(elf.syms["value"][i]), int(elf.syms["size"][i])
+        if v <= off < v + max(s, 1) and (not best or best.startswith(("klpf_", "__pfx_", "__cfi_"))):
+            best = n
+    return best or f"{elf.section_names[sec]}+{off:#x}"
 
 
 def _check_vmlinux(relocs: list[dict[str, Any]], vmlinux: Path) -> None:
