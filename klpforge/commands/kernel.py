@@ -25,7 +25,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             err.log(msg)
 
         res = prepare_kernel(layout, jobs=args.jobs, force=args.force, progress=say)
-    err.print(f"kernel {args.version}{'-' + args.variant if args.variant else ''}: {'cached' if res.cached else 'built'} in {res.seconds:.1f} s")
+    name = args.version + (f"-{args.variant}" if args.variant else "")
+    err.print(f"kernel {name}: {'cached' if res.cached else 'built'} in {res.seconds:.1f} s")
     sys.stdout.write(res.shell())
     return 0
 

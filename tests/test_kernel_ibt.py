@@ -1,0 +1,97 @@
+"""Live patches for a kernel with CONFIG_X86_KERNEL_IBT (issue 15): objtool runs on the linked module only.
+
+The kernel is the 6.1 test kernel's IBT variant (``klpforge kernel prepare --variant ibt``). QEMU's software
+CPU checks no ENDBR, so what IBT changes is checked structurally -- ENDBR at each new function's entry,
+ORC entries for every replaced function (objtool at the module link must have seen every call), the seal
+list -- and by what the guest shows: a stack read through the patched function (the ORC unwinder walks
+past it only with its ORC entries). The sealed-ENDBR case is ``../shared/cases/build/ibt-sealed-global``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from klpforge.elf import ElfFile
+from klpforge.elf import constants as C
+from klpforge.errors import UnsafeChange
+from klpforge.kbuild.module import check_orc, orc_places
+from klpforge.kbuild.prepare import KernelLayout
+from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+
+from .conftest import SHARED
+from .test_kernel_e2e import PATCHES, klpforge
+
+pytestmark = pytest.mark.kernel
+
+SHARED_CASE = SHARED / "cases" / "build" / "ibt-sealed-global"
+ENDBR64 = bytes.fromhex("f30f1efa")
+
+
+@pytest.fixture(scope="module")
+def ibt_kernel() -> KernelLayout:
+    lay = prepared_kernel(variant="ibt")
+    if lay is None:
+        if require_kernel():
+            pytest.fail("KLPFORGE_REQUIRE_KERNEL=1 but no IBT kernel: run `klpforge kernel prepare --variant ibt`")
+        pytest.skip("no IBT kernel (run `klpforge kernel prepare --variant ibt`)")
+    assert "CONFIG_X86_KERNEL_IBT=y" in (lay.build / ".config").read_text()
+    return lay
+
+
+def build(kernel: KernelLayout, patch: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(patch), "-o", str(out),
+                    "--json", str(out.with_suffix(".json")))
+
+
+def new_functions(ko: Path) -> dict[str, tuple[int, int, int]]:
+    """klp_func new symbols of ``ko`` (the ``klpf_`` aliases) -> (section, value, size)."""
+    elf = ElfFile.open(ko, require_rel=True)
+    return {n: (int(elf.syms["shndx"][i]), int(elf.syms["value"][i]), int(elf.syms["size"][i]))
+            for i, n in enumerate(elf.sym_names)
+            if n.startswith("klpf_") and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC}
+
+
+def test_ibt_build_has_orc_endbr_and_unwinds_through_the_patch(ibt_kernel: KernelLayout, tmp_path: Path) -> None:
+    """do_wait replaced (a callee of kernel_wait4, with klp relocations to statics of kernel/exit.c): the
+    .ko's ORC covers it, it starts with ENDBR, and in the guest the stack of a shell waiting in it reads
+    through the new do_wait into kernel_wait4."""
+    ko = tmp_path / "livepatch-ibt.ko"
+    r = build(ibt_kernel, PATCHES / "12-do-wait-sleeping.patch", ko)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(ko.with_suffix(".json").read_text())
+    assert {f["old_name"] for o in report["objects"] for f in o["functions"]} == {"do_wait"}
+    funcs = new_functions(ko)
+    assert funcs
+    elf = ElfFile.open(ko, require_rel=True)
+    places = orc_places(ko)
+    for name, (sec, v, size) in funcs.items():
+        assert elf.section_bytes(sec)[v:v + 4] == ENDBR64, name
+        assert any(v <= p < v + size for p in places.get(sec, [])), f"no ORC entry for {name}"
+    check = ("sh -c 'sleep 600; true' & sleep 0.5; cat /proc/$!/stack > /tmp/st; kill $!; cat /tmp/st; "
+             "grep -A1 'do_wait.*livepatch_ibt' /tmp/st | grep -q kernel_wait4 && echo unwound-through-patch")
+    v = klpforge("verify", str(ko), "--kernel", str(ibt_kernel.bzimage), "--check", check,
+                 "--expect", "unwound-through-patch", "--console-log", str(tmp_path / "console.log"), timeout=300)
+    assert v.returncode == 0, v.stderr + (tmp_path / "console.log").read_text()[-3000:]
+    # the same module without its ORC table is refused, naming the function, never written
+    bare = tmp_path / "bare.ko"
+    subprocess.run(["objcopy", "--remove-section=.orc_unwind_ip", "--remove-section=.rela.orc_unwind_ip",
+                    "--remove-section=.orc_unwind", str(ko), str(bare)], check=True)
+    with pytest.raises(UnsafeChange, match=r"no ORC unwind entries for 1 of its functions \(klpf_vmlinux__do_wait"):
+        check_orc(bare, list(funcs), ["objtool: do_wait+0x1a: can't find jump dest"], tmp_path / "log")
+
+
+def test_sealed_endbr_address_is_refused(ibt_kernel: KernelLayout, tmp_path: Path) -> None:
+    """expected.txt of ibt-sealed-global: kernel_wait4's new code takes the address of
+    is_current_pgrp_orphaned, whose ENDBR vmlinux sealed: refused (exit 2) naming both, nothing written."""
+    if not (SHARED_CASE / "fix.patch").is_file():
+        pytest.skip(f"{SHARED_CASE} not present")
+    ko = tmp_path / "livepatch-sealed.ko"
+    r = build(ibt_kernel, SHARED_CASE / "fix.patch", ko)
+    assert r.returncode == 2, r.stderr
+    assert "kernel_wait4 takes the address of is_current_pgrp_orphaned" in r.stderr
+    assert "ENDBR" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not ko.exists()
