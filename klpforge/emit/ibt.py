@@ -44,10 +44,14 @@ def sealed_functions(vmlinux: Path) -> dict[str, list[bool]]:
         return {}
     data = np.frombuffer(elf.section_bytes(sec), dtype=np.dtype("<i4"))
     base = int(elf.shdrs["addr"][sec])
-    sealed = set((base + 4 * np.arange(len(data), dtype=np.int64) + data.astype(np.int64)).tolist())
+    # kernel addresses are above 2**63: unsigned arithmetic, wrapping like the CPU's
+    with np.errstate(over="ignore"):
+        places = np.uint64(base) + np.arange(len(data), dtype=np.uint64) * np.uint64(4) \
+            + data.astype(np.int64).astype(np.uint64)
+    sealed = set(places.tolist())
     by_name: dict[str, list[int]] = {}
     funcs = np.flatnonzero((elf.syms["info"] & 0xF) == C.STT_FUNC)
-    values = elf.syms["value"].astype(np.int64)
+    values = elf.syms["value"].astype(np.uint64)
     for i in funcs.tolist():
         by_name.setdefault(elf.sym_names[i], []).append(int(values[i]))
     return {n: [v in sealed for v in sorted(vs)] for n, vs in by_name.items() if any(v in sealed for v in vs)}

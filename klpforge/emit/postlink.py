@@ -188,6 +188,12 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
             continue
         klp_entry(r, sec, off, int(r["type"]), int(r["addend"]))
     for sec, off, r, typ, add in made:
+        if elf.section_names[sec] == ".static_call_sites" and "__SCT__" in r["symbol"]:
+            # objtool in --module mode names the trampoline as the key of a static call whose key it cannot
+            # see; 6.1 static_call_add_module() then looks the trampoline up among the exported ones and
+            # refuses the module. Vmlinux klp relocations are applied at load, before that (5.8+): name the
+            # key itself, as objtool does for vmlinux objects (the site is then left to its trampoline).
+            r = {**r, "symbol": r["symbol"].replace("__SCT__", "__SCK__", 1)}
         klp_entry(r, sec, off, typ, add)
     if vmlinux is not None and os.path.exists(vmlinux):
         _check_sealed(elf, relocs, where, Path(vmlinux))
