@@ -110,3 +110,32 @@ def test_sealed_endbr_address_is_refused(ibt_kernel: KernelLayout, tmp_path: Pat
     assert "kernel_wait4 takes the address of is_current_pgrp_orphaned" in r.stderr
     assert "ENDBR" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not ko.exists()
+
+
+def test_ibt_variant_has_its_own_build_and_the_default_source(tmp_path: Path) -> None:
+    """The variant builds in kernel-6.1-ibt with the default fragment plus CONFIG_X86_KERNEL_IBT=y, from the
+    default kernel's unpacked source; the default kernel's layout and fragment are unchanged."""
+    from klpforge.kbuild.prepare import fragment_lines, fragment_text
+
+    ibt, default = KernelLayout.default("6.1", tmp_path, "ibt"), KernelLayout.default("6.1", tmp_path)
+    assert ibt.build == tmp_path / "kernel-6.1-ibt" / "build" and default.build == tmp_path / "kernel-6.1" / "build"
+    assert ibt.src == default.src == tmp_path / "kernel-6.1" / "linux-source-6.1"
+    want, base = fragment_lines(fragment_text("6.1", "ibt")), fragment_lines(fragment_text("6.1"))
+    assert want["CONFIG_X86_KERNEL_IBT"] == "CONFIG_X86_KERNEL_IBT=y" and "CONFIG_X86_KERNEL_IBT" not in base
+    assert {k: v for k, v in want.items() if k != "CONFIG_X86_KERNEL_IBT"} == base
+
+
+def test_objtool_flags_follow_the_config(ibt_kernel: KernelLayout) -> None:
+    """scripts/Makefile.lib: objtool runs on the linked module (--link) with --ibt on the IBT kernel, per
+    object without them on the default one."""
+    from klpforge.kbuild.objtool import delayed, objtool_args, read_config
+
+    ibt = read_config(ibt_kernel.build / ".config")
+    assert delayed(ibt)
+    args = objtool_args(ibt, module=True)
+    assert {"--ibt", "--orc", "--link", "--module"} <= set(args) and args[-2:] == ["--link", "--module"]
+    default = prepared_kernel()
+    if default is not None:
+        plain = read_config(default.build / ".config")
+        assert not delayed(plain) and "--ibt" not in objtool_args(plain, module=True)
+        assert "--link" not in objtool_args(plain, module=True)

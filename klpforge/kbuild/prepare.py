@@ -100,7 +100,8 @@ class KernelLayout:
     @property
     def src(self) -> Path:
         """Unpacked, never modified source tree (``KERNEL_SRC``); a variant uses the default kernel's."""
-        return self.root.parent / f"kernel-{self.version}" / f"linux-source-{self.version}"
+        base = self.root.parent / f"kernel-{self.version}" if self.variant else self.root
+        return base / f"linux-source-{self.version}"
 
     @property
     def build(self) -> Path:
