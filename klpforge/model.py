@@ -11,6 +11,7 @@ and which function or object each ``-ffunction-sections``/``-fdata-sections`` se
 
 from __future__ import annotations
 
+import bisect
 from functools import cached_property
 from pathlib import Path
 
@@ -142,14 +143,18 @@ class Object:
         real = [int(i) for i in funcs if not self.is_prefix[i]]
         for i in real:
             ends.setdefault(int(self.shndx[i]), []).append(int(self.value[i]) + int(self.size[i]))
-        for f in real:
+        for lst in (*starts.values(), *ends.values()):
+            lst.sort()
+        for f in real:  # O(n log n): a vmlinux.o .text without -ffunction-sections has tens of thousands
             sec, fv = int(self.shndx[f]), int(self.value[f])
-            before = [e for e in starts.get(sec, ()) if fv - MAX_PREFIX <= e < fv]
-            if not before:
+            st = starts.get(sec, [])
+            k = bisect.bisect_left(st, fv) - 1
+            if k < 0 or st[k] < fv - MAX_PREFIX:
                 continue
-            e = max(before)
+            e = st[k]
             # the padding lies between the previous function's end and this one's start
-            if any(e < end <= fv and end != fv for end in ends.get(sec, ())):
+            en = ends.get(sec, [])
+            if bisect.bisect_left(en, fv) > bisect.bisect_right(en, e):
                 continue
             self.pad_start[f] = min(self.pad_start.get(f, fv), e)
 
