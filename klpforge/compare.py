@@ -93,7 +93,7 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
     keys = TargetKeys(corr, arch)
     res = Comparison(keys=keys)
     want = (C.STT_FUNC, C.STT_OBJECT)
-    cand = [pi for pi in range(p.nsym) if p.defined[pi] and p.stype[pi] in want
+    cand = [pi for pi in range(p.nsym) if p.defined[pi] and p.stype[pi] in want and not p.is_prefix[pi]
             and not is_ignored_section(p.sec_names[int(p.shndx[pi])])]
     pairs = [(pi, int(corr.p2o[pi])) for pi in cand if corr.p2o[pi] >= 0]
     quick_same = _quick_same(o, p, keys, pairs) if quick else set()
@@ -137,7 +137,7 @@ def compare(corr: Correlation, arch: Arch, quick: bool = True) -> Comparison:
         res.status[pi] = CHANGED
         res.why[pi] = why
     for oi in range(o.nsym):
-        if o.defined[oi] and o.stype[oi] in want and corr.o2p[oi] < 0 \
+        if o.defined[oi] and o.stype[oi] in want and corr.o2p[oi] < 0 and not o.is_prefix[oi] \
                 and not is_ignored_section(o.sec_names[int(o.shndx[oi])]):
             res.removed.append(oi)
     _compare_unowned(corr, keys, res)

@@ -68,6 +68,7 @@ def _candidates(obj: Object) -> np.ndarray:
     """Symbols that take part in rules 2-5: named functions, objects and typeless labels."""
     t = obj.stype
     ok = obj.defined & ((t == C.STT_FUNC) | (t == C.STT_OBJECT) | (t == C.STT_NOTYPE) | (t == C.STT_TLS))
+    ok &= ~obj.is_prefix  # __pfx_fn is part of fn (model.PREFIX_NAMES), never correlated on its own
     idx = np.flatnonzero(ok)
     names = obj.sym_names
     return np.array([i for i in idx if names[i] and not is_local_label(names[i])

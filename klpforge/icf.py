@@ -37,7 +37,7 @@ __all__ = ["fold_groups", "split_folded"]
 def fold_groups(obj: Object) -> list[list[int]]:
     """Sets of two or more sized function symbols at one (section, address) of ``obj``, each sorted by
     symbol index. Shape: ``[[symbol, ...], ...]``."""
-    funcs = np.flatnonzero(obj.defined & (obj.stype == C.STT_FUNC) & (obj.size > 0))
+    funcs = np.flatnonzero(obj.defined & (obj.stype == C.STT_FUNC) & (obj.size > 0) & ~obj.is_prefix)
     at: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in funcs.tolist():
         at[(int(obj.shndx[i]), int(obj.value[i]))].append(i)

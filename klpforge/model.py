@@ -11,6 +11,7 @@ and which function or object each ``-ffunction-sections``/``-fdata-sections`` se
 
 from __future__ import annotations
 
+import bisect
 from functools import cached_property
 from pathlib import Path
 
@@ -22,7 +23,16 @@ from .elf.validate import check_relocs, check_sections, check_symbols
 from .errors import InputError
 from .names import canonical, section_subject
 
-__all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section"]
+__all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section", "PREFIX_NAMES", "MAX_PREFIX"]
+
+#: Symbols that stand for the bytes in front of a function, never functions of their own: objtool's
+#: ``--prefix=N`` names the call padding ``__pfx_<fn>`` (Linux >= 6.2, ``CONFIG_CALL_PADDING``:
+#: ``-fpatchable-function-entry=16,16``, tools/objtool/elf.c ``elf_create_prefix_symbol``), clang's kCFI
+#: the type-hash preamble ``__cfi_<fn>``. The kernel writes into these bytes at load (x86
+#: ``arch/x86/kernel/callthunks.c``: call-depth accounting thunks, only where they are NOPs; FineIBT).
+PREFIX_NAMES = ("__pfx_", "__cfi_")
+#: How far in front of its function a prefix may start (bytes): padding plus a kCFI preamble, aligned.
+MAX_PREFIX = 64
 
 #: Sections that never take part in the diff: metadata, regenerated tables, debug info.
 IGNORED_SECTIONS = (".comment", ".note.GNU-stack", ".note.gnu.property", "__mcount_loc",
@@ -63,6 +73,7 @@ class Object:
         self.defined = (self.shndx != C.SHN_UNDEF) & ~elf.sym_special
         self.canon = [canonical(n) for n in self.sym_names]
         self._scopes()
+        self._prefixes()
         self._sections()
 
     @classmethod
@@ -81,6 +92,77 @@ class Object:
         self.scope = scope
         self.main_file = self.file_names[0] if self.file_names else ""
 
+    def _prefixes(self) -> None:
+        """``is_prefix[i]``: symbol ``i`` is a ``__pfx_``/``__cfi_`` prefix of a function of its section
+        (:data:`PREFIX_NAMES`); ``prefix_syms[f]``: the prefix symbols of function ``f``; ``pad_start[f]``:
+        the section offset where the bytes in front of ``f`` that belong to it begin, from its prefix
+        symbols or, without them (objtool has not run: IBT kernels run it on the linked module only), from
+        its ``__patchable_function_entries`` entry (GCC ``-fpatchable-function-entry=N,M`` with M > 0
+        records the first padding byte). Functions without padding (6.1) have no entry in either."""
+        self.is_prefix = np.zeros(self.nsym, dtype=bool)
+        self.prefix_syms: dict[int, list[int]] = {}
+        self.pad_start: dict[int, int] = {}
+        funcs = np.flatnonzero((self.stype == C.STT_FUNC) & self.defined)
+        names = self.sym_names
+        cand = [int(i) for i in funcs if names[i].startswith(PREFIX_NAMES)]
+        pfe = self.find_section("__patchable_function_entries")
+        if not cand and pfe is None:
+            return
+        by_name: dict[tuple[int, str], list[int]] = {}
+        for i in funcs.tolist():
+            by_name.setdefault((int(self.shndx[i]), names[i]), []).append(i)
+        for i in cand:
+            v, sec = int(self.value[i]), int(self.shndx[i])
+            for f in by_name.get((sec, names[i][len("__pfx_"):]), ()):
+                fv = int(self.value[f])
+                if v + int(self.size[i]) <= fv and fv - v <= MAX_PREFIX and f != i:
+                    self.is_prefix[i] = True
+                    self.prefix_syms.setdefault(f, []).append(i)
+                    self.pad_start[f] = min(self.pad_start.get(f, fv), v)
+        if pfe is not None:
+            self._padding_entries(funcs)
+
+    def _padding_entries(self, funcs: np.ndarray) -> None:
+        """:meth:`_prefixes` from ``__patchable_function_entries`` (one section per function with
+        ``SHF_LINK_ORDER``, or one for the object): each entry's relocation names the first byte."""
+        starts: dict[int, list[int]] = {}
+        for s in range(1, self.nsec):
+            if self.sec_names[s] != "__patchable_function_entries":
+                continue
+            rs = self.elf.reloc_sections.get(s)
+            if rs is None:
+                continue
+            for x in self.elf.relocs(rs):
+                t = int(x["sym"])
+                if t >= self.nsym or not self.defined[t]:
+                    continue
+                starts.setdefault(int(self.shndx[t]), []).append(int(self.value[t]) + int(x["addend"]))
+        if not starts:
+            return
+        ends: dict[int, list[int]] = {}
+        real = [int(i) for i in funcs if not self.is_prefix[i]]
+        for i in real:
+            ends.setdefault(int(self.shndx[i]), []).append(int(self.value[i]) + int(self.size[i]))
+        for lst in (*starts.values(), *ends.values()):
+            lst.sort()
+        for f in real:  # O(n log n): a vmlinux.o .text without -ffunction-sections has tens of thousands
+            sec, fv = int(self.shndx[f]), int(self.value[f])
+            st = starts.get(sec, [])
+            k = bisect.bisect_left(st, fv) - 1
+            if k < 0 or st[k] < fv - MAX_PREFIX:
+                continue
+            e = st[k]
+            # the padding lies between the previous function's end and this one's start
+            en = ends.get(sec, [])
+            if bisect.bisect_left(en, fv) > bisect.bisect_right(en, e):
+                continue
+            self.pad_start[f] = min(self.pad_start.get(f, fv), e)
+
+    def code_range(self, i: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of function ``i`` with the prefix in front of it (``pad_start``)."""
+        lo, hi = self.sym_range(i)
+        return min(lo, self.pad_start.get(i, lo)), hi
+
     def _sections(self) -> None:
         n = self.nsec
         secsym = np.full(n, -1, np.int64)
@@ -90,7 +172,9 @@ class Object:
         self.section_symbol = secsym
         # Owner: the function/object a -ffunction-sections section is named after, else the only one in it.
         owner = np.full(n, -1, np.int64)
-        fo = np.flatnonzero(((self.stype == C.STT_FUNC) | (self.stype == C.STT_OBJECT)) & self.defined)
+        # a prefix (__pfx_fn) belongs to its function: never a member of its own (the section is not shared)
+        fo = np.flatnonzero(((self.stype == C.STT_FUNC) | (self.stype == C.STT_OBJECT)) & self.defined
+                            & ~self.is_prefix)
         by_sec: dict[int, list[int]] = {}
         for i in fo:
             by_sec.setdefault(int(self.shndx[i]), []).append(int(i))

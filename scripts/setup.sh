@@ -29,6 +29,8 @@ rm -f "$log"
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ $want_kernel -eq 1 ]]; then
   python3 -m klpforge kernel prepare
+  # the same kernel with CONFIG_X86_KERNEL_IBT=y (objtool on the linked module): tests/test_kernel_ibt.py
+  python3 -m klpforge kernel prepare --variant ibt
 fi
 if [[ $want_distro -eq 1 ]]; then
   python3 -c 'from klpforge.distro import debian; print(debian.prepare_tree("6.1.0-56-amd64", progress=print))'

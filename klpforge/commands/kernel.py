@@ -17,7 +17,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     from ..kbuild.prepare import KernelLayout, prepare_kernel
 
-    layout = KernelLayout.default(args.version, args.cache)
+    layout = KernelLayout.default(args.version, args.cache, args.variant or "")
     err = Console(stderr=True)
     with err.status("preparing kernel") as status:
         def say(msg: str) -> None:
@@ -25,7 +25,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             err.log(msg)
 
         res = prepare_kernel(layout, jobs=args.jobs, force=args.force, progress=say)
-    err.print(f"kernel {args.version}: {'cached' if res.cached else 'built'} in {res.seconds:.1f} s")
+    name = args.version + (f"-{args.variant}" if args.variant else "")
+    err.print(f"kernel {name}: {'cached' if res.cached else 'built'} in {res.seconds:.1f} s")
     sys.stdout.write(res.shell())
     return 0
 
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp.add_argument("--cache", metavar="DIR",
                     help="cache root (default $KLPFORGE_CACHE or ~/.cache/klpforge); "
                          "the kernel goes in DIR/kernel-VERSION")
+    pp.add_argument("--variant", choices=["ibt"], default=None,
+                    help="a variant with its own build directory: ibt = CONFIG_X86_KERNEL_IBT=y "
+                         "(objtool on the linked module; DIR/kernel-VERSION-ibt)")
     pp.add_argument("-j", "--jobs", type=int, default=None, help="parallel make jobs (default: CPU count)")
     pp.add_argument("--force", action="store_true", help="rebuild even if the stamp says it is up to date")
     pp.set_defaults(func=run_prepare)

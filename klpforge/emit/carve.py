@@ -67,8 +67,10 @@ def carve(p: Object, arch: Arch, sel: Selection, candidates: set[int]) -> Carvin
         return cv
     anon = _anonymous_places(p, arch, sel, set(shared))
     for sec in shared:
-        keep = [(int(p.value[m]), int(p.value[m]) + int(p.size[m])) for m in p.syms_in_section[sec]
-                if m in sel.included]
+        # a function comes with the padding/prefix in front of it (model.Object.pad_start), which starts
+        # aligned as the function is (-falign-functions=16, 16 bytes of padding), so it stays aligned
+        keep = [p.code_range(m) if m in p.pad_start else (int(p.value[m]), int(p.value[m]) + int(p.size[m]))
+                for m in p.syms_in_section[sec] if m in sel.included]
         keep += [gap(p, sec, w) for w in anon.get(sec, ())]
         keep.sort()
         merged: list[list[int]] = []

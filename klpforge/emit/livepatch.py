@@ -162,6 +162,12 @@ class _Emitter:
         if sym == 0:  # no symbol (ppc64 R_PPC64_ENTRY, R_*_NONE)
             return 0, addend, None, ""
         t, a = resolve_target(p, self.arch, sym, rtype, addend, site)
+        if p.stype[sym] == C.STT_SECTION and int(p.shndx[sym]) in self.out_sec \
+                and int(p.shndx[sym]) not in self.cv.ranges and _x86_jump_at(p, self.arch, site):
+            # keep the assembler's section-relative form of a jump: objtool (run on the linked module where
+            # the kernel delays it, IBT; 6.1 check.c add_jump_destinations) takes a jump against a function
+            # symbol for a sibling call, so a jump into the function's own .cold part lost its ORC state
+            t = sym
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
             if ps in self.out_sec:
@@ -216,6 +222,7 @@ class _Emitter:
                     bind = C.STB_LOCAL  # the running kernel keeps the global; ours is reached via klp_func
                 self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], _out_value(cv, p, s),
                                                     int(p.size[s]), int(p.stype[s]), bind, int(p.syms["other"][s]))
+                self._add_prefixes(s)
         # Labels and typeless symbols inside included sections keep working too.
         for s in range(1, p.nsym):
             ps = int(p.shndx[s])
@@ -225,6 +232,19 @@ class _Emitter:
                     self.out_sym[s] = self.w.add_symbol(p.sym_names[s], self.out_sec[ps], v, 0, C.STT_NOTYPE,
                                                         C.STB_LOCAL if labels_local else int(p.sbind[s]))
         return sections, specials
+
+    def _add_prefixes(self, f: int) -> None:
+        """The ``__pfx_``/``__cfi_`` symbols of included function ``f`` (model.PREFIX_NAMES), local: they
+        travel with it (its padding bytes came along: carve.py), never stand for a function of their own,
+        and must not clash with the running kernel's global ``__pfx_`` of the old copy."""
+        p = self.p
+        for x in p.prefix_syms.get(f, ()):
+            ps = int(p.shndx[x])
+            v = self.cv.place(ps, int(p.value[x]))
+            if v is None or x in self.out_sym:
+                continue
+            self.out_sym[x] = self.w.add_symbol(p.sym_names[x], self.out_sec[ps], v, int(p.size[x]),
+                                                int(p.stype[x]), C.STB_LOCAL, int(p.syms["other"][x]))
 
     def relocate_all(self, sections: set[int], specials: dict[int, SpecialTable]) -> dict[str, tuple[int, int]]:
         """Relocations of the included sections (their own and the carving's new ones) and of the cut special
@@ -281,6 +301,16 @@ class _Emitter:
             self.w.add_relocations(handle, _reloc_array(entries),
                                    name=f".klp.rela.{obj}.{secname.lstrip('.')}", rela=True,
                                    flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
+
+
+def _x86_jump_at(p: Object, arch: Arch, site: tuple[int, int] | None) -> bool:
+    """True when the x86-64 relocation at ``site`` (patched section, offset) is the field of a ``jmp rel32``
+    or ``jcc rel32`` (not a call, not data)."""
+    if site is None or arch.machine != C.EM_X86_64 or not (0 < site[0] < p.nsec) or not p.is_text(site[0]):
+        return False
+    data, off = p.section_data(site[0]), site[1]
+    return (off >= 1 and data[off - 1] == 0xE9) or (off >= 2 and data[off - 2] == 0x0F
+                                                   and 0x80 <= data[off - 1] <= 0x8F)
 
 
 #: gABI ``SHF_LINK_ORDER``: ``sh_link`` names the section this one belongs with.

@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import bisect
 import re
 import shutil
 import subprocess
@@ -20,12 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..elf import ElfFile
+from ..elf import constants as C
+from ..errors import InputError, UnsafeChange
 from ..proc import run
+from .objtool import delayed, objtool_args, read_config, run_objtool, tree_objtool
 
 __all__ = ["KlpFunc", "KlpTarget", "ModuleExport", "export_lines", "CALLBACK_KINDS",
            "module_source", "kbuild_file", "sanitize_module_name",
-           "build_module"]
+           "build_module", "check_orc", "validate_objtool", "orc_places"]
 
 #: ``klp_callbacks`` members (Linux 6.1) in declaration order, with their C types.
 CALLBACK_KINDS = {
@@ -207,4 +211,77 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
     if r.returncode != 0 or not ko.is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-8:]
         raise InputError(f"building the livepatch module failed (see {log}): " + " | ".join(tail)[-500:])
+    cfg = build_dir / ".config"
+    if cfg.is_file():
+        config = read_config(cfg)
+        warnings = validate_objtool(build_dir, workdir / f"{modname}.o", config, log)
+        if config.get("CONFIG_UNWINDER_ORC") == "y":
+            check_orc(ko, [f.new_symbol for t in targets for f in t.funcs], warnings, log)
     return ko
+
+
+def _objtool_lines(text: str) -> list[str]:
+    """objtool's own lines of a build log / its output, without the "already has X, skipping" notes a
+    second run over tables the diff already cut gives (6.1 tools/objtool/check.c, orc_gen.c)."""
+    return [ln.strip() for ln in text.splitlines() if "objtool:" in ln and "already has" not in ln]
+
+
+def validate_objtool(build_dir: Path, module_obj: Path, config: dict[str, str], log: Path) -> list[str]:
+    """objtool's findings on the linked module object ``module_obj`` (``<mod>.o``, before ``modpost``):
+    where Kbuild ran it at the link (IBT, LTO: :func:`~klpforge.kbuild.objtool.delayed`) its lines in the
+    build ``log``; otherwise, when the tree has an objtool, a ``--dry-run`` with the flags Kbuild gives a
+    module's objects. Returns the lines (also appended to ``log``); an empty list when the tree has none."""
+    if delayed(config):
+        return _objtool_lines(log.read_text(errors="replace"))
+    tool = tree_objtool(build_dir)
+    if tool is None or not module_obj.is_file():
+        return []
+    args = [a for a in objtool_args(config, module=True, linked=False) if a != "--link"] + ["--dry-run"]
+    r = run_objtool(tool, args, module_obj)
+    lines = _objtool_lines((r.stdout or "") + (r.stderr or ""))
+    with log.open("a") as f:
+        f.write(f"\n$ {tool} {' '.join(args)} {module_obj}\n" + "\n".join(lines) + "\n")
+    return lines
+
+
+def orc_places(ko: Path) -> dict[int, list[int]]:
+    """Section index -> sorted offsets that the ``.orc_unwind_ip`` table of relocatable ``ko`` covers
+    (``.long ip - .`` entries: R_X86_64_PC32 against a symbol or section, place = symbol + addend)."""
+    elf = ElfFile.open(ko, require_rel=True)
+    out: dict[int, list[int]] = {}
+    for i, n in enumerate(elf.section_names):
+        if n != ".orc_unwind_ip":
+            continue
+        rs = elf.reloc_sections.get(i)
+        if rs is None:
+            continue
+        r = elf.relocs(rs)
+        for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
+            sec = int(elf.syms["shndx"][s])
+            if 0 < sec < elf.shnum and not elf.sym_special[s]:
+                out.setdefault(sec, []).append(int(elf.syms["value"][s]) + int(a))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def check_orc(ko: Path, new_symbols: Sequence[str], objtool_lines: Sequence[str], log: Path) -> None:
+    """Refuse (:class:`UnsafeChange`) a live patch whose new functions have no ORC entry: the ORC unwinder
+    cannot walk through them, so the stack of a task inside one is unreliable and the consistency model
+    (``klp_check_stack`` on 6.1, ``arch_stack_walk_reliable``) either stalls or is silently broken. The
+    message names the functions and objtool's first finding (why it wrote no table)."""
+    elf = ElfFile.open(ko, require_rel=True)
+    places = orc_places(ko)
+    want = set(new_symbols)
+    missing = []
+    for i, n in enumerate(elf.sym_names):
+        if n not in want or int(elf.syms["info"][i]) & 0xF != C.STT_FUNC:
+            continue
+        sec, v, size = int(elf.syms["shndx"][i]), int(elf.syms["value"][i]), int(elf.syms["size"][i])
+        got = places.get(sec, [])
+        k = bisect.bisect_left(got, v)
+        if not (k < len(got) and got[k] < v + max(size, 1)):
+            missing.append(n)
+    if missing:
+        why = f"; objtool: {objtool_lines[0]}" if objtool_lines else ""
+        raise UnsafeChange(f"the live patch has no ORC unwind entries for {len(missing)} of its functions "
+                           f"({', '.join(sorted(missing)[:6])}): the kernel could not unwind their stacks "
+                           f"reliably, so it is not written{why} (see {log})")

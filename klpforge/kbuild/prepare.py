@@ -95,11 +95,16 @@ class KernelLayout:
 
     version: str
     root: Path
+    #: ``""`` for the default test kernel, else the name of an extra fragment (``ibt``:
+    #: ``kernel-<version>-ibt.config`` on top of the default one), built in ``kernel-<version>-<variant>``
+    variant: str = ""
 
     @classmethod
-    def default(cls, version: str = "6.1", cache: str | os.PathLike[str] | None = None) -> KernelLayout:
-        """Layout under :func:`cache_root`."""
-        return cls(version, cache_dir(f"kernel-{version}", cache=cache))
+    def default(cls, version: str = "6.1", cache: str | os.PathLike[str] | None = None,
+                variant: str = "") -> KernelLayout:
+        """Layout under :func:`cache_root`; a variant has its own build directory and shares the default
+        kernel's unpacked (never modified) source tree."""
+        return cls(version, cache_dir(f"kernel-{version}{'-' + variant if variant else ''}", cache=cache), variant)
 
     @property
     def tarball(self) -> Path:
@@ -108,8 +113,9 @@ class KernelLayout:
 
     @property
     def src(self) -> Path:
-        """Unpacked, never modified source tree (``KERNEL_SRC``)."""
-        return self.root / f"linux-source-{self.version}"
+        """Unpacked, never modified source tree (``KERNEL_SRC``); a variant uses the default kernel's."""
+        base = self.root.parent / f"kernel-{self.version}" if self.variant else self.root
+        return base / f"linux-source-{self.version}"
 
     @property
     def build(self) -> Path:
@@ -156,12 +162,18 @@ class PrepareResult:
                 f"INITRAMFS={lay.initramfs}\n")
 
 
-def fragment_text(version: str) -> str:
-    """The config fragment bundled for ``version``."""
+def fragment_text(version: str, variant: str = "") -> str:
+    """The config fragment bundled for ``version``, followed by the variant's own lines (which win)."""
     try:
-        return (resources.files("klpforge") / "data" / f"kernel-{version}.config").read_text()
+        text = (resources.files("klpforge") / "data" / f"kernel-{version}.config").read_text()
     except FileNotFoundError:
         raise InputError(f"no config fragment for kernel {version} (only 6.1 is supported)") from None
+    if variant:
+        try:
+            text += (resources.files("klpforge") / "data" / f"kernel-{version}-{variant}.config").read_text()
+        except FileNotFoundError:
+            raise InputError(f"no config fragment for the {variant} variant of kernel {version}") from None
+    return text
 
 
 def fragment_lines(text: str) -> dict[str, str]:
@@ -231,7 +243,7 @@ def _stamp_key(layout: KernelLayout, fragment: str) -> dict[str, str]:
     st = layout.tarball.stat()
     gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout
     return {
-        "version": layout.version,
+        "version": layout.version + (f"-{layout.variant}" if layout.variant else ""),
         "fragment_sha256": hashlib.sha256(fragment.encode()).hexdigest(),
         "tarball": f"{layout.tarball}:{st.st_size}:{int(st.st_mtime)}",
         "gcc": gcc.splitlines()[0] if gcc else "unknown",
@@ -243,7 +255,7 @@ def is_current(layout: KernelLayout) -> bool:
     a kernel prepared before the fragment changed (say, before ``CONFIG_JUMP_LABEL`` was added) is not."""
     try:
         return bool(json.loads(layout.stamp.read_text()).get("key")
-                    == _stamp_key(layout, fragment_text(layout.version)))
+                    == _stamp_key(layout, fragment_text(layout.version, layout.variant)))
     except (OSError, ValueError, InputError):
         return False
 
@@ -263,7 +275,7 @@ def _unpack(layout: KernelLayout) -> None:
     if not layout.tarball.is_file():
         raise InputError(f"{layout.tarball} not found: "
                          f"install Debian's linux-source-{layout.version} package")
-    tmp = layout.root / f".unpack-{os.getpid()}"
+    tmp = layout.src.parent / f".unpack-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -304,7 +316,7 @@ def prepare_kernel(layout: KernelLayout, jobs: int | None = None, force: bool = 
     """
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
-    fragment = fragment_text(layout.version)
+    fragment = fragment_text(layout.version, layout.variant)
     if not layout.tarball.is_file():
         raise InputError(f"{layout.tarball} not found: "
                          f"install Debian's linux-source-{layout.version} package")
@@ -323,6 +335,7 @@ def prepare_kernel(layout: KernelLayout, jobs: int | None = None, force: bool = 
     layout.log.write_text("")
     if not (layout.src / "Makefile").is_file():
         say(f"unpacking {layout.tarball.name}")
+        layout.src.parent.mkdir(parents=True, exist_ok=True)
         _unpack(layout)
     layout.build.mkdir(exist_ok=True)
     layout.stamp.unlink(missing_ok=True)

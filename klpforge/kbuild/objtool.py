@@ -1,0 +1,172 @@
+"""The kernel's own objtool: found in a built tree, run the way Kbuild runs it, or built from a newer source.
+
+Kbuild's flags (``scripts/Makefile.lib`` ``objtool-args``, Linux 6.1 and 6.12) follow the config:
+``--hacks=jump_label`` (HAVE_JUMP_LABEL_HACK), ``--hacks=noinstr``, ``--hacks=skylake``
+(CALL_DEPTH_TRACKING), ``--ibt`` (X86_KERNEL_IBT), ``--orc`` (UNWINDER_ORC), ``--retpoline``, ``--rethunk``,
+``--sls``, ``--static-call`` (HAVE_STATIC_CALL_INLINE), ``--uaccess``, ``--prefix=N`` (PREFIX_SYMBOLS,
+``FUNCTION_PADDING_BYTES``), ``--mcount``/``--mnop`` (FTRACE_MCOUNT_USE_OBJTOOL), then ``--link`` where objtool
+runs on linked objects (``delay-objtool``: LTO_CLANG or X86_KERNEL_IBT) and ``--module`` for modules. The
+6.1 and 6.12 spellings differ (``CONFIG_RETPOLINE`` became ``CONFIG_MITIGATION_RETPOLINE``): both are read.
+
+:func:`fetch_objtool` builds objtool from Debian's ``linux-source-<ver>`` (trixie's 6.12 by default: the
+``--prefix`` of call padding exists from 6.2 on) into ``<cache>/objtool-<ver>``, downloading with an apt
+configuration of its own (the system's sources are never read or changed; apt checks the package
+against the suite's signed index with Debian's archive keyring).
+
+>>> objtool_args({"CONFIG_X86_KERNEL_IBT": "y", "CONFIG_UNWINDER_ORC": "y"}, module=True)
+['--ibt', '--orc', '--link', '--module']
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import InputError
+from ..fsutil import atomic_write
+from ..proc import run
+from .prepare import cache_root
+
+__all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool",
+           "KEYRING"]
+
+#: Debian's archive keyring (package debian-archive-keyring): the signed-by of our own sources list.
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+# (config symbols, any of which enables it) -> objtool flag; order as scripts/Makefile.lib (6.12)
+_FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("CONFIG_HAVE_JUMP_LABEL_HACK",), "--hacks=jump_label"),
+    (("CONFIG_HAVE_NOINSTR_HACK",), "--hacks=noinstr"),
+    (("CONFIG_MITIGATION_CALL_DEPTH_TRACKING", "CONFIG_CALL_DEPTH_TRACKING"), "--hacks=skylake"),
+    (("CONFIG_X86_KERNEL_IBT",), "--ibt"),
+    (("CONFIG_FINEIBT",), "--cfi"),
+    (("CONFIG_FTRACE_MCOUNT_USE_OBJTOOL",), "--mcount"),
+    (("CONFIG_HAVE_OBJTOOL_NOP_MCOUNT",), "--mnop"),
+    (("CONFIG_UNWINDER_ORC",), "--orc"),
+    (("CONFIG_MITIGATION_RETPOLINE", "CONFIG_RETPOLINE"), "--retpoline"),
+    (("CONFIG_MITIGATION_RETHUNK", "CONFIG_RETHUNK"), "--rethunk"),
+    (("CONFIG_MITIGATION_SLS", "CONFIG_SLS"), "--sls"),
+    (("CONFIG_STACK_VALIDATION",), "--stackval"),
+    (("CONFIG_HAVE_STATIC_CALL_INLINE",), "--static-call"),
+    (("CONFIG_HAVE_UACCESS_VALIDATION",), "--uaccess"),
+)
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """``CONFIG_X`` -> value of a ``.config`` file (``y``, ``m``, numbers, quoted strings as written)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"(CONFIG_\w+)=(.*)", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def delayed(config: Mapping[str, str]) -> bool:
+    """True when Kbuild runs objtool on linked objects only (the module, vmlinux.o), not per object:
+    ``delay-objtool := $(or $(CONFIG_LTO_CLANG),$(CONFIG_X86_KERNEL_IBT))`` (6.1, 6.12)."""
+    return config.get("CONFIG_LTO_CLANG") == "y" or config.get("CONFIG_X86_KERNEL_IBT") == "y"
+
+
+def objtool_args(config: Mapping[str, str], module: bool, linked: bool | None = None) -> list[str]:
+    """objtool's flags for an object of a kernel with ``config``, as Kbuild passes them (module docstring).
+    ``linked``: the object is a linked one (default: whenever Kbuild delays objtool to the link)."""
+    args = [flag for syms, flag in _FLAGS if any(config.get(s) == "y" for s in syms)]
+    if config.get("CONFIG_PREFIX_SYMBOLS") == "y":
+        args.append(f"--prefix={config.get('CONFIG_FUNCTION_PADDING_BYTES', '16')}")
+    if config.get("CONFIG_GCOV_KERNEL") == "y" or config.get("CONFIG_KCOV") == "y":
+        args.append("--no-unreachable")
+    if delayed(config) if linked is None else linked:
+        args.append("--link")
+    if module:
+        args.append("--module")
+    return args
+
+
+def tree_objtool(build: Path) -> Path | None:
+    """The objtool a built kernel tree has (``tools/objtool/objtool`` of the build directory), else None."""
+    p = Path(build) / "tools" / "objtool" / "objtool"
+    return p if p.is_file() and os.access(p, os.X_OK) else None
+
+
+def run_objtool(objtool: Path, args: list[str], obj: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``objtool <args> obj`` (it rewrites ``obj`` in place); output captured."""
+    return run([str(objtool), *args, str(obj)], capture_output=True, text=True)
+
+
+def _apt_conf(root: Path, suite: str) -> Path:
+    """An apt configuration of our own under ``root`` (sources, lists, cache, an empty dpkg status)."""
+    (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = root / "sources.list"
+    atomic_write(sources, f"deb [signed-by={KEYRING}] http://deb.debian.org/debian {suite} main\n")
+    status = root / "status"
+    if not status.exists():
+        status.write_text("")
+    conf = root / "apt.conf"
+    atomic_write(conf, "".join(f'{k} "{v}";\n' for k, v in (
+        ("Dir::Etc::sourcelist", sources), ("Dir::Etc::sourceparts", root / "no-parts"),
+        ("Dir::State::Lists", root / "lists"), ("Dir::State::status", status),
+        ("Dir::Cache", root / "cache"), ("APT::Architecture", "amd64"))))
+    return conf
+
+
+def _check(r: subprocess.CompletedProcess[str], what: str, log: Path | None = None) -> None:
+    if r.returncode != 0:
+        msg = [ln for ln in ((r.stderr or "") + (r.stdout or "")).splitlines() if ln.strip()]
+        where = f" (see {log})" if log else ""
+        raise InputError(f"{what} failed{where}: {msg[-1] if msg else f'exit {r.returncode}'}")
+
+
+def fetch_objtool(version: str = "6.12", suite: str = "trixie",
+                  cache: str | os.PathLike[str] | None = None) -> Path:
+    """objtool built from Debian's ``linux-source-<version>`` of ``suite``, cached in
+    ``<cache>/objtool-<version>/objtool``; built on first use (a 150 MB download, about a minute).
+
+    Only ``tools/`` (and the x86 opcode map) is unpacked. Errors: :class:`InputError` naming the step
+    (apt, unpacking, make) that failed."""
+    root = cache_root(cache) / f"objtool-{version}"
+    out = root / "objtool"
+    if out.is_file() and os.access(out, os.X_OK):
+        return out
+    if not KEYRING.is_file():
+        raise InputError(f"{KEYRING} not found: install Debian's debian-archive-keyring package")
+    root.mkdir(parents=True, exist_ok=True)
+    conf = _apt_conf(root / "apt", suite)
+    pkg = f"linux-source-{version}"
+    debs = root / "debs"
+    debs.mkdir(exist_ok=True)
+    if not list(debs.glob(f"{pkg}_*.deb")):
+        _check(run(["apt-get", "-c", str(conf), "update", "-q"], capture_output=True, text=True),
+               "apt-get update")
+        _check(run(["apt-get", "-c", str(conf), "download", "-q", pkg], cwd=debs, capture_output=True, text=True),
+               f"apt-get download {pkg}")
+    deb = sorted(debs.glob(f"{pkg}_*.deb"))[-1]
+    tmp = root / f".build-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tarball = tmp / "src.tar.xz"
+        _check(run(["bash", "-c", 'set -o pipefail; dpkg-deb --fsys-tarfile "$1" | tar -x -O "$2" > "$3"',
+                    "bash", str(deb), f"./usr/src/{pkg}.tar.xz", str(tarball)], capture_output=True, text=True),
+               f"unpacking {deb.name}")
+        top = f"{pkg}"
+        _check(run(["tar", "-xJf", str(tarball), "-C", str(tmp), "--wildcards", f"{top}/tools/*",
+                    f"{top}/arch/x86/lib/*", f"{top}/arch/x86/tools/*", f"{top}/include/*",
+                    f"{top}/arch/x86/include/*", f"{top}/scripts/*"],
+                   capture_output=True, text=True), f"unpacking {pkg}.tar.xz")
+        log = root / "build.log"
+        with log.open("w") as f:
+            r2 = run(["make", "-C", str(tmp / top / "tools" / "objtool"), "-j2"], stdout=f,
+                     stderr=subprocess.STDOUT)
+        if r2.returncode != 0:
+            raise InputError(f"building objtool from {pkg} failed (see {log})")
+        built = tmp / top / "tools" / "objtool" / "objtool"
+        os.replace(built, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
