@@ -8,10 +8,10 @@ Kbuild's flags (``scripts/Makefile.lib`` ``objtool-args``, Linux 6.1 and 6.12) f
 runs on linked objects (``delay-objtool``: LTO_CLANG or X86_KERNEL_IBT) and ``--module`` for modules. The
 6.1 and 6.12 spellings differ (``CONFIG_RETPOLINE`` became ``CONFIG_MITIGATION_RETPOLINE``): both are read.
 
-:func:`fetch_objtool` builds objtool from Debian's ``linux-source-<ver>`` (trixie's 6.12 by default: the
-``--prefix`` of call padding exists from 6.2 on) into ``<cache>/objtool-<ver>``, downloading with an apt
-configuration of its own (the system's sources are never read or changed; apt checks the package
-against the suite's signed index with Debian's archive keyring).
+:func:`fetch_objtool` builds objtool from Debian's ``linux-source-<ver>`` (6.12 by default: the ``--prefix``
+of call padding exists from 6.2 on) into ``<cache>/objtool-<ver>``, downloading through klpforge's own apt root
+(:mod:`klpforge.distro.apt`: the system's sources are never read or changed, the package is checked against the
+signed index's SHA-256).
 
 >>> objtool_args({"CONFIG_X86_KERNEL_IBT": "y", "CONFIG_UNWINDER_ORC": "y"}, module=True)
 ['--ibt', '--orc', '--link', '--module']
@@ -27,15 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
 from ..proc import run
-from .prepare import cache_root
+from .prepare import cache_dir
 
-__all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool",
-           "KEYRING"]
-
-#: Debian's archive keyring (package debian-archive-keyring): the signed-by of our own sources list.
-KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+__all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool"]
 
 # (config symbols, any of which enables it) -> objtool flag; order as scripts/Makefile.lib (6.12)
 _FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -98,23 +93,6 @@ def run_objtool(objtool: Path, args: list[str], obj: Path) -> subprocess.Complet
     return run([str(objtool), *args, str(obj)], capture_output=True, text=True)
 
 
-def _apt_conf(root: Path, suite: str) -> Path:
-    """An apt configuration of our own under ``root`` (sources, lists, cache, an empty dpkg status)."""
-    (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    sources = root / "sources.list"
-    atomic_write(sources, f"deb [signed-by={KEYRING}] http://deb.debian.org/debian {suite} main\n")
-    status = root / "status"
-    if not status.exists():
-        status.write_text("")
-    conf = root / "apt.conf"
-    atomic_write(conf, "".join(f'{k} "{v}";\n' for k, v in (
-        ("Dir::Etc::sourcelist", sources), ("Dir::Etc::sourceparts", root / "no-parts"),
-        ("Dir::State::Lists", root / "lists"), ("Dir::State::status", status),
-        ("Dir::Cache", root / "cache"), ("APT::Architecture", "amd64"))))
-    return conf
-
-
 def _check(r: subprocess.CompletedProcess[str], what: str, log: Path | None = None) -> None:
     if r.returncode != 0:
         msg = [ln for ln in ((r.stderr or "") + (r.stdout or "")).splitlines() if ln.strip()]
@@ -122,30 +100,24 @@ def _check(r: subprocess.CompletedProcess[str], what: str, log: Path | None = No
         raise InputError(f"{what} failed{where}: {msg[-1] if msg else f'exit {r.returncode}'}")
 
 
-def fetch_objtool(version: str = "6.12", suite: str = "trixie",
+def fetch_objtool(version: str = "6.12",
                   cache: str | os.PathLike[str] | None = None) -> Path:
     """objtool built from Debian's ``linux-source-<version>`` of ``suite``, cached in
-    ``<cache>/objtool-<version>/objtool``; built on first use (a 150 MB download, about a minute).
+    ``<cache>/objtool-<version>/objtool`` (the newest ``linux-source-<version>`` any suite of
+    :data:`klpforge.distro.apt.SUITES` has); built on first use (a 150 MB download, about a minute).
 
     Only ``tools/`` (and the x86 opcode map) is unpacked. Errors: :class:`InputError` naming the step
     (apt, unpacking, make) that failed."""
-    root = cache_root(cache) / f"objtool-{version}"
+    root = cache_dir(f"objtool-{version}", cache=cache)
     out = root / "objtool"
     if out.is_file() and os.access(out, os.X_OK):
         return out
-    if not KEYRING.is_file():
-        raise InputError(f"{KEYRING} not found: install Debian's debian-archive-keyring package")
+    from ..distro.apt import apt_root  # klpforge's own apt root: verified against the signed index
+
     root.mkdir(parents=True, exist_ok=True)
-    conf = _apt_conf(root / "apt", suite)
     pkg = f"linux-source-{version}"
-    debs = root / "debs"
-    debs.mkdir(exist_ok=True)
-    if not list(debs.glob(f"{pkg}_*.deb")):
-        _check(run(["apt-get", "-c", str(conf), "update", "-q"], capture_output=True, text=True),
-               "apt-get update")
-        _check(run(["apt-get", "-c", str(conf), "download", "-q", pkg], cwd=debs, capture_output=True, text=True),
-               f"apt-get download {pkg}")
-    deb = sorted(debs.glob(f"{pkg}_*.deb"))[-1]
+    apt = apt_root(cache)
+    deb = apt.fetch(apt.record(pkg, apt.newest(pkg)), root / "debs")
     tmp = root / f".build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
