@@ -2,8 +2,8 @@
 QEMU on the kernel Debian ships (bookworm, 6.1.0-56-amd64).
 
 The root file system is made once with mmdebstrap (minbase + systemd-sysv, udev, kmod, initramfs-tools and
-the exact ``linux-image-6.1.0-56-amd64``, from deb.debian.org with the sources given on its command line, verified
-by apt against debian-archive-keyring) and cached in ``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of
+the exact ``linux-image-6.1.0-56-amd64``, from the Debian archive klpforge's own apt configuration names
+(:func:`klpforge.distro.apt.mirrors`), verified by apt against debian-archive-keyring) and cached in ``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of
 downloads the first time. Each run copies it into an ext4 image (``mkfs.ext4 -d``) with the package and a
 one-shot test service, and boots it twice with Debian's own kernel and initrd:
 
@@ -37,9 +37,14 @@ pytestmark = [pytest.mark.distro, pytest.mark.kernel]
 RELEASE = "6.1.0-56-amd64"
 OTHER = "6.1.0-99-amd64"  # same length: the module stays well-formed
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["deb http://deb.debian.org/debian bookworm main",
-           "deb http://deb.debian.org/debian bookworm-updates main",
-           "deb http://deb.debian.org/debian-security bookworm-security main"]
+def _sources() -> list[str]:
+    """bookworm's suites from klpforge's own apt configuration (hosts, keyring), never the system's lists."""
+    from klpforge.distro.apt import KEYRING, mirrors
+
+    m = mirrors()
+    return [f"deb [signed-by={KEYRING}] {m['debian']} bookworm main",
+            f"deb [signed-by={KEYRING}] {m['debian']} bookworm-updates main",
+            f"deb [signed-by={KEYRING}] {m['debian-security']} bookworm-security main"]
 PACKAGES = f"systemd-sysv,udev,kmod,initramfs-tools,linux-image-{RELEASE}"
 
 
@@ -70,7 +75,7 @@ def debian_rootfs() -> Path:
     tmp = d / "rootfs.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     r = subprocess.run(["mmdebstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(tmp),
-                        *SOURCES], capture_output=True, text=True, timeout=3600)
+                        *_sources()], capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

@@ -15,7 +15,8 @@ Trust chain: apt verifies each suite's ``InRelease`` signature and the ``Package
 again. Downloads go to a private temporary directory and are renamed into place only when verified.
 
 The archive host is the one the machine's own apt uses (``/etc/apt/sources.list*`` is only read for the
-host name; ``KLPFORGE_DEBIAN_MIRROR=http://host/debian`` overrides it), else ``deb.debian.org``.
+host name; ``KLPFORGE_DEBIAN_MIRROR=http://host/debian`` overrides it); without either, fetching is refused
+with one line saying so.
 
 >>> [s.name for s in SUITES][:3]
 ['bookworm', 'bookworm-updates', 'bookworm-security']
@@ -96,7 +97,8 @@ def mirrors(etc: Path = Path("/etc/apt")) -> dict[str, str]:
         for arch in ("debian-security", "debian"):
             if uri.endswith("/" + arch) and arch not in found and "snapshot." not in uri:
                 found[arch] = uri
-    found.setdefault("debian", "http://deb.debian.org/debian")
+    if "debian" not in found:
+        raise InputError(f"no Debian archive in {etc}/sources.list*: set KLPFORGE_DEBIAN_MIRROR=http://HOST/debian")
     found.setdefault("debian-security", found["debian"].rsplit("/", 1)[0] + "/debian-security")
     return found
 
