@@ -191,6 +191,7 @@ def test_distro_prepare_signalled_leaves_no_process(kernel, tmp_path: Path, sig:
 SHARED_DEBS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "klpforge/distro/debian/debs"
 
 
+@pytest.mark.distro
 @pytest.mark.skipif(not list(SHARED_DEBS.glob("linux-source-6.1_*.deb")),
                     reason="no Debian 6.1.0-56 packages in the user cache (tests/test_distro_debian.py fetches them)")
 def test_debian_prepare_signalled_leaves_no_process(tmp_path: Path) -> None:
@@ -455,6 +456,7 @@ def test_diff_json_written_on_refusal_as_help_says(cc, tmp_path: Path) -> None:
     assert "written too when the diff is refused" in " ".join(_klp("diff", "--help").stdout.split())
 
 
+@pytest.mark.distro
 @pytest.mark.skipif(not Path("/usr/bin/apt-get").exists(), reason="needs apt")
 def test_unknown_release_leaves_no_directory_in_the_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
