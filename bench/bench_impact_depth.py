@@ -90,7 +90,8 @@ def main() -> None:
         for name, args, depth in cases:
             out = "json" if "--json" in args else "text"
             nw = run(ROOT, args)
-            cells = [f"{nw[0]:.2f}", f"{nw[1]:,.0f}", f"{nw[2] / 1e6:,.1f} MB" + ("" if nw[3] == 0 else f" exit {nw[3]}")]
+            cells = [f"{nw[0]:.2f}", f"{nw[1]:,.0f}",
+                     f"{nw[2] / 1e6:,.1f} MB" + ("" if nw[3] == 0 else f" exit {nw[3]}")]
             if depth <= a.baseline_max_depth:
                 od = run(old, args)
                 cells += [f"{od[0]:.2f}", f"{od[1]:,.0f}",

@@ -191,6 +191,7 @@ def test_distro_prepare_signalled_leaves_no_process(kernel, tmp_path: Path, sig:
 SHARED_DEBS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "klpforge/distro/debian/debs"
 
 
+@pytest.mark.distro
 @pytest.mark.skipif(not list(SHARED_DEBS.glob("linux-source-6.1_*.deb")),
                     reason="no Debian 6.1.0-56 packages in the user cache (tests/test_distro_debian.py fetches them)")
 def test_debian_prepare_signalled_leaves_no_process(tmp_path: Path) -> None:
@@ -455,6 +456,7 @@ def test_diff_json_written_on_refusal_as_help_says(cc, tmp_path: Path) -> None:
     assert "written too when the diff is refused" in " ".join(_klp("diff", "--help").stdout.split())
 
 
+@pytest.mark.distro
 @pytest.mark.skipif(not Path("/usr/bin/apt-get").exists(), reason="needs apt")
 def test_unknown_release_leaves_no_directory_in_the_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
@@ -500,3 +502,28 @@ def test_two_builds_of_one_fix_are_byte_identical_and_say_what_went_in(kernel, t
     assert f"klpforge_patch=sha256:{sha} {patch.name}" in info
     assert f"klpforge_compiler={cc.group(1)}" in info
     assert str(tmp_path) not in kos[0].read_bytes().decode("latin-1")  # no path of the build in the module
+
+
+def test_debian_provenance_names_each_package_by_version_and_hash(tmp_path: Path) -> None:
+    """The record a --distro build puts in its report and .modinfo, from the prepared release's stamp and the
+    packages in debs/ (an epoch is written %3a in Debian file names)."""
+    import hashlib
+    import json
+
+    from klpforge.provenance import debian_packages, modinfo, record
+
+    root = tmp_path / "distro/debian/6.1.0-56-amd64"
+    root.mkdir(parents=True)
+    (tmp_path / "distro/debian/debs").mkdir()
+    names = {"image": "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb",
+             "kbuild": "linux-kbuild-6.1_1%3a6.1.192-3_amd64.deb"}
+    for role, n in names.items():
+        (tmp_path / "distro/debian/debs" / n).write_bytes(role.encode() * 1000)
+    (root / "prepared.json").write_text(json.dumps({"format": 1, "debs": names}))
+    pk = debian_packages(root)
+    assert [(p["package"], p["version"]) for p in pk] == [("linux-image-6.1.0-56-amd64", "6.1.192-2"),
+                                                         ("linux-kbuild-6.1", "1:6.1.192-3")]
+    assert pk[0]["sha256"] == hashlib.sha256(b"image" * 1000).hexdigest()
+    tags = modinfo(record([], "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0", pk))
+    assert ("klpforge_package", f"linux-kbuild-6.1=1:6.1.192-3 sha256:{pk[1]['sha256']}") in tags
+    assert debian_packages(tmp_path / "distro/plain/x") == []  # the plain form has no packages
