@@ -1,11 +1,12 @@
 """Issue 20's acceptance test: a ``klpforge package`` .deb in a real Debian userspace with systemd, booted under
 QEMU on the kernel Debian ships (bookworm, 6.1.0-56-amd64).
 
-The root file system is made once with mmdebstrap (minbase + systemd-sysv, udev, kmod, initramfs-tools and
-the exact ``linux-image-6.1.0-56-amd64``, from the Debian archive klpforge's own apt configuration names
+The root file system is made once with mmdebstrap (minbase + systemd-sysv, udev, kmod, initramfs-tools and the exact
+``linux-image-6.1.0-56-amd64``, from the Debian archive klpforge's own apt configuration names
 (:func:`klpforge.distro.apt.mirrors`), verified by apt against debian-archive-keyring) and cached in
-``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of downloads the first time. Each run copies it into an
-ext4 image (``mkfs.ext4 -d``) with the package and a one-shot test service, and boots it twice with Debian's own kernel and initrd:
+``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of downloads the first time. Each run copies it into an ext4
+image (``mkfs.ext4 -d``) with the package and a one-shot test service, and boots it twice with Debian's own kernel and
+initrd:
 
 1. ``dpkg -i`` (its ``Depends`` on the kernel image is met by the real package): the postinst loads the patch,
    ``/proc/net/sockstat`` shows the fix;
