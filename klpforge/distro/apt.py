@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
-from ..kbuild.prepare import cache_dir
+from ..fsutil import atomic_write, check_private_dir
+from ..kbuild.prepare import cache_root
 from .base import tree_lock
 
 __all__ = ["Suite", "SUITES", "KEYRING", "AptRoot", "PackageRecord", "apt_root", "mirrors", "sha256_file",
@@ -426,7 +426,11 @@ def highest(versions: list[str]) -> str:
 def apt_root(cache: str | os.PathLike[str] | None = None, source_suites: tuple[str, ...] = ()) -> AptRoot:
     """klpforge's apt root under ``<cache>/apt`` (configuration written on first use); with
     ``source_suites``, the source-package root ``<cache>/apt-src`` of those suites."""
-    a = AptRoot(cache_dir("apt-src" if source_suites else "apt", cache=cache), source_suites)
+    d = cache_root(cache) / ("apt-src" if source_suites else "apt")
+    # the directories above and this one; not below: apt hands its lists' partial/auxfiles directories to its
+    # sandbox user _apt, and nothing there is trusted unverified (apt checks the signed index, we each .deb)
+    check_private_dir(d, walk=False)
+    a = AptRoot(d, source_suites)
     try:
         a.ensure()
     except OSError as e:
