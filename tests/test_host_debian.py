@@ -3,8 +3,8 @@ QEMU on the kernel Debian ships (bookworm, 6.1.0-56-amd64).
 
 The root file system is made once with mmdebstrap (minbase + systemd-sysv, udev, kmod, initramfs-tools and the exact
 ``linux-image-6.1.0-56-amd64``, from the Debian archive klpforge's own apt configuration names
-(:func:`klpforge.distro.apt.mirrors`), verified by apt against debian-archive-keyring) and cached in
-``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of downloads the first time. Each run copies it into an ext4
+(:func:`klpforge.distro.apt.mirrors`), verified by apt against debian-archive-keyring) and cached as a tar file in
+``$KLPFORGE_CACHE/host/``: about 6 minutes and 230 MB of downloads the first time. Each run unpacks it into an ext4
 image (``mkfs.ext4 -d``) with the package and a one-shot test service, and boots it twice with Debian's own kernel and
 initrd:
 
@@ -60,28 +60,27 @@ def _cache() -> Path:
 
 @pytest.fixture(scope="session")
 def debian_rootfs() -> Path:
-    """The cached root file system (made here when missing and allowed)."""
+    """The cached root file system as a tar file (made here when missing and allowed). A tar, not a directory:
+    the root's /tmp and /var/tmp are world-writable, which klpforge refuses in its cache."""
     d = _cache() / "host" / f"bookworm-systemd-{RELEASE}"
-    root = d / "rootfs"
-    if (d / "done").is_file():
-        return root
+    tar = d / "rootfs.tar"
+    if os.geteuid() != 0:
+        pytest.skip("the root file system needs root (mmdebstrap's root mode, ownership in the image)")
+    if tar.is_file():
+        return tar
     if not (os.environ.get("KLPFORGE_REQUIRE_KERNEL") == "1" or os.environ.get("KLPFORGE_DISTRO") == "1"):
         pytest.skip("no cached Debian root (KLPFORGE_DISTRO=1 makes it with mmdebstrap, ~6 min)")
     for tool in ("mmdebstrap", "mkfs.ext4", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not installed (scripts/apt-packages.txt)")
-    if os.geteuid() != 0:
-        pytest.skip("mmdebstrap's root mode needs root (device nodes, ownership in the image)")
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "rootfs.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = d / "rootfs.tmp.tar"
+    tmp.unlink(missing_ok=True)
     r = subprocess.run(["mmdebstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(tmp),
                         *_sources()], capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    (d / "done").write_text(PACKAGES + "\n")
-    return root
+    tmp.rename(tar)
+    return tar
 
 
 STEP = r"""#!/bin/sh
@@ -151,7 +150,8 @@ def test_deb_in_debian_with_systemd(debian_rootfs: Path, tmp_path: Path) -> None
     deb = tmp_path / r.stdout.strip()
     pkg = deb.name.split("_")[0]
     img = tmp_path / "img"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(debian_rootfs), str(img)], check=True)
+    img.mkdir()
+    subprocess.run(["tar", "-C", str(img), "--numeric-owner", "-xpf", str(debian_rootfs)], check=True)
     nonce = "KLPD" + secrets.token_hex(6)
     (img / "root/step.sh").write_text(STEP)
     (img / "root/step.sh").chmod(0o755)
@@ -166,8 +166,9 @@ def test_deb_in_debian_with_systemd(debian_rootfs: Path, tmp_path: Path) -> None
     (wants / "klpt-step.service").symlink_to("/etc/systemd/system/klpt-step.service")
     disk = tmp_path / "disk.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(img), str(disk), "2G"], check=True)
+    boot = tmp_path / "boot"
+    shutil.copytree(img / "boot", boot)
     shutil.rmtree(img)
-    boot = debian_rootfs / "boot"
     consoles = []
     for phase in (1, 2):
         log = tmp_path / f"console{phase}.log"
