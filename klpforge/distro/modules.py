@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import InputError
 from .base import DistroTree, tree_lock
 
-__all__ = ["modules_dep", "load_order", "modules_for"]
+__all__ = ["modules_dep", "load_order", "modules_for", "shipped_modules"]
 
 
 def modules_dep(tree: DistroTree) -> dict[str, tuple[Path, list[str]]]:
@@ -72,3 +72,8 @@ def modules_for(tree: DistroTree, wanted: list[str]) -> list[Path]:
             raise InputError(f"module {n} is not shipped for {tree.release}")
     for_order = {k: v[1] for k, v in table.items()}
     return [table[m][0] for m in load_order(for_order, names)]
+
+
+def shipped_modules(tree: DistroTree) -> set[str]:
+    """Names (``_`` spelling) of every module shipped for ``tree.release``."""
+    return set(modules_dep(tree))
