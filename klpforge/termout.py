@@ -42,7 +42,8 @@ def console(stderr: bool = False, **kw: Any) -> Console:
     would cut every table of a log)."""
     con = Console(stderr=stderr, **kw)
     if not con.is_terminal and "width" not in kw:
-        con = Console(stderr=stderr, width=PIPE_WIDTH, **kw)
+        # soft_wrap: a long line (a path) is printed whole, never broken at the width
+        con = Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=kw.pop("soft_wrap", True), **kw)
     return con
 
 

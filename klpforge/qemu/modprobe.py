@@ -51,6 +51,8 @@ class ModIndex:
     softdeps: dict[str, tuple[list[str], list[str]]]
     aliases: list[tuple[str, str]]
     builtin: set[str]
+    #: the kernel release (the modules directory's name), for messages
+    release: str = ""
 
     @classmethod
     def read(cls, mdir: Path) -> ModIndex:
@@ -80,7 +82,7 @@ class ModIndex:
         aliases = [(f[1], modname(f[2])) for f in (ln.split() for ln in _lines(mdir / "modules.alias"))
                    if len(f) == 3 and f[0] == "alias"]
         builtin = {modname(ln) for ln in _lines(mdir / "modules.builtin")}
-        return cls(deps, softdeps, aliases, builtin)
+        return cls(deps, softdeps, aliases, builtin, mdir.name)
 
     def resolve(self, name: str) -> list[str]:
         """Modules ``name`` stands for: itself if shipped, nothing if built in, else every alias match."""
@@ -121,7 +123,7 @@ class ModIndex:
         for w in wanted:
             mods = self.resolve(w)
             if not mods and modname(w) not in self.builtin:
-                raise InputError(f"module {w} is not shipped (no module, built-in module or alias of that name)")
+                raise InputError(f"module {w} is not shipped for {self.release}")
             for m in mods:
                 visit(m)
         return order

@@ -136,5 +136,10 @@ def patch_targets(ko: Path) -> list[PatchTarget]:
 
 def module_targets(ko: Path) -> list[str]:
     """The module names (not vmlinux) among :func:`patch_targets` that have functions or whose functions are
-    unknown: the modules that must be loaded for the patch to do anything to them."""
-    return [t.name for t in patch_targets(ko) if t.name != "vmlinux" and (t.funcs or not t.known)]
+    unknown: the modules that must be loaded for the patch to do anything to them. ``[]`` for a file that is
+    not a readable module (``verify`` refuses it later, with its own message)."""
+    try:
+        targets = patch_targets(ko)
+    except InputError:
+        return []
+    return [t.name for t in targets if t.name != "vmlinux" and (t.funcs or not t.known)]
