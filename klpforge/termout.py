@@ -119,15 +119,19 @@ def steps(con: Console, command: str, total: int, out: TextIO | None = None) -> 
 
 
 @contextmanager
-def status(con: Console, command: str, what: str, out: TextIO | None = None) -> Iterator[None]:
+def status(con: Console, command: str, what: str, out: TextIO | None = None,
+           announce: bool = True) -> Iterator[None]:
     """``con.status(what)`` on a terminal; otherwise a plain ``klpforge <command>: <what>`` line on ``out``
-    (default: standard output) and heartbeats while it lasts."""
+    (default: standard output; ``announce=False``: no first line, only the heartbeats of a long wait, for a
+    command whose stdout is its report and whose quick failures must stay one line on stderr) and heartbeats
+    while it lasts."""
     if con.is_terminal:
         with con.status(what):
             yield
         return
     prefix = f"klpforge {command}: "
-    _plain(out, prefix + what)
+    if announce:
+        _plain(out, prefix + what)
     with _Heartbeat(out, prefix) as beat:
         beat.set(what)
         yield
