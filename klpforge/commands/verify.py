@@ -115,9 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``verify`` to the CLI."""
     p = subparsers.add_parser(
         "verify", help="boot a kernel under QEMU, load a livepatch module, check it, disable and unload it",
-        description="Steps: boot, preload, insmod, enabled, transition (=0), check, disable "
-                    "(sysfs dir gone), unpatched, rmmod. Exit 0 only if all pass and the check "
-                    "exits 0 (and prints --expect).")
+        description="Steps: boot, preload, insmod, enabled, transition (=0), check, patched (every object the "
+                    "patch has functions for reads patched=1: a module target must be loaded), disable (sysfs dir "
+                    "gone), unpatched, rmmod. Exit 0 only if all pass and the check exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
     p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
     p.add_argument("--load-modules", action="append", default=[], metavar="MOD[,MOD]",
