@@ -2,8 +2,8 @@
 (modules.dep and modules.softdep), the guest kernel's own words when a module does not load, and a module the
 live patch targets loaded without being named (never a "verified" for a patch that patched nothing).
 
-Each test builds a live patch from ``tests/distro_patches/`` against the cached tree and boots the shipped
-``vmlinuz`` under QEMU (about 1 minute each on 2 cores, warm cache).
+One live patch (``tests/distro_patches/35-xfs-xqm-libcrc32c.patch``, 45 s) is built against the cached tree; each
+test boots the shipped ``vmlinuz`` under QEMU (30-40 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,11 +32,6 @@ def _build(patch: str, out: Path) -> Path:
     r = klpforge("build", "--distro", DISTRO, str(PATCHES / patch), "-o", str(out), "-j2")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def nfsd_ko(debian_tree: DistroTree, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    return _build("00-nfsd-sequence-cve.patch", tmp_path_factory.mktemp("nfsd") / "livepatch-nfsd.ko")
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +82,23 @@ def test_insmod_without_softdep_names_it(debian_tree: DistroTree, xfs_ko: Path) 
             "modules first, or use --distro with --load-modules, which loads as modprobe does") in last
 
 
-def test_target_module_loaded_without_being_named(nfsd_ko: Path) -> None:
-    """Issue 16 item 4: without --load-modules the nfsd patch is not "verified" with nfsd absent: verify loads
-    the shipped module the patch targets, says so, and proves the kernel patched it."""
-    v = klpforge("verify", str(nfsd_ko), "--distro", DISTRO, "--check",
-                 "grep -q '^nfsd ' /proc/modules && echo nfsd-loaded", "--expect", "nfsd-loaded", "--timeout", "400")
+def test_target_module_loaded_without_being_named(xfs_ko: Path) -> None:
+    """Issue 16 item 4: without --load-modules a module's live patch is not "verified" with the module absent
+    (an nfsd fix passed every step before): verify loads the shipped module the patch targets (with its soft
+    dependencies), says so, and proves the kernel patched it. (The xfs patch stands for the nfsd one: same
+    path, a third of the compile time.)"""
+    v = klpforge("verify", str(xfs_ko), "--distro", DISTRO, "--check", "cat /proc/fs/xfs/xqm", "--expect",
+                 "KLP: xqm patched", "--timeout", "400")
     assert v.returncode == 0, v.stderr[-3000:]
-    assert ("klpforge verify: loading nfsd too: the live patch has functions for it (shipped with 6.1.0-56-amd64)"
+    assert ("klpforge verify: loading xfs too: the live patch has functions for it (shipped with 6.1.0-56-amd64)"
             in v.stdout)
-    assert "patched     ok nfsd (1 function)" in v.stderr
+    assert "patched     ok xfs (1 function)" in v.stderr
 
 
-def test_target_module_unloaded_fails(nfsd_ko: Path) -> None:
+def test_target_module_unloaded_fails(xfs_ko: Path) -> None:
     """A check that unloads the target module leaves nothing patched: the step fails naming it."""
-    v = klpforge("verify", str(nfsd_ko), "--distro", DISTRO, "--check", "rmmod nfsd; true", "--timeout", "400")
+    v = klpforge("verify", str(xfs_ko), "--distro", DISTRO, "--check", "rmmod xfs; true", "--timeout", "400")
     assert v.returncode == 1
     assert v.stderr.splitlines()[-1].startswith(
-        "klpforge verify: failed: step patched failed: nfsd: module not loaded in the guest, its 1 function(s) "
-        "were not patched (")
+        "klpforge verify: failed: step patched failed: xfs: module not loaded in the guest, its 1 function(s) "
+        "were not patched ("), v.stderr
