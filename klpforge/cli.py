@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
 from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
-__all__ = ["main", "one_line", "COMMANDS"]
+__all__ = ["main", "one_line", "error_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
 COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost",
@@ -65,6 +65,29 @@ def one_line(msg: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
+def error_line(command: str, e: KlpError) -> str:
+    """The error as klpforge prints it, one line: a refusal for several reasons names the first and the count
+    (every reason is in ``--json`` and the build log), and a build names its kept log and ``--keep-tmp``
+    directory.
+
+    >>> error_line("build", UnsafeChange(["a: changed data", "b: __init code"]))
+    'klpforge build: 2 unsafe changes refused, the first: a: changed data (every reason: --json)'
+    """
+    reasons = getattr(e, "reasons", None)
+    extra = [f"build log: {e.log}"] if e.log else []
+    if isinstance(e, UnsafeChange) and reasons and len(reasons) > 1:
+        msg = f"{len(reasons)} unsafe changes refused, the first: {one_line(reasons[0])}"
+        if not e.log:
+            extra.append("every reason: --json")
+        else:
+            extra[0] = f"every reason in the build log: {e.log}"
+    else:
+        msg = one_line(str(e))
+    if e.kept:
+        extra.append(f"temporary files kept in {e.kept}")
+    return f"klpforge {command}: {msg}" + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run klpforge with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -80,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klpforge {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KlpError as e:
-        print(f"klpforge {args.command}: {one_line(str(e))}", file=sys.stderr)
+        print(error_line(args.command, e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"klpforge {args.command}: interrupted", file=sys.stderr)

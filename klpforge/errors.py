@@ -38,6 +38,10 @@ class KlpError(Exception):
     """Base class: a failure with a one-line message meant for a person."""
 
     exit_code = EXIT_ERROR
+    #: a build's kept log (:mod:`klpforge.buildlog`) and, with ``--keep-tmp``, its kept temporary directory:
+    #: the CLI names both on the error line
+    log: object = None
+    kept: object = None
 
 
 class InputError(KlpError):

@@ -9,13 +9,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .diff import DiffResult
+from .termout import console as termout_console
 
 __all__ = ["print_summary"]
 
 
 def print_summary(res: DiffResult, console: Console | None = None) -> None:
     """Changed, new and included functions, each with why, and the klp relocation count."""
-    con = console or Console(highlight=False)
+    con = console or termout_console(highlight=False)  # not cut to 80 columns when piped
     rep = res.report
     con.print(f"[bold]{rep['arch']}[/] {rep['orig']} -> {rep['patched']} (target {rep['target']})")
     t = Table("symbol", "kind", "why it is in the live patch", box=None, pad_edge=False)

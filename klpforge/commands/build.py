@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import InputError
+from ..errors import EXIT_NO_CHANGE, EXIT_UNSAFE, InputError, KlpError, UnsafeChange
+from ..fsutil import atomic_write
 from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
 from ..outputs import check_paths
+from ..termout import console, steps
 from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
@@ -23,7 +25,9 @@ __all__ = ["register", "run_build", "print_report"]
 
 def print_report(con: Console, res: BuildResult) -> None:
     """The human report: which functions went in, for which object, and why."""
-    table = Table(title=f"{res.output} ({res.module_name})", title_justify="left")
+    # the title on a line of its own: a table title wraps at the width of the table
+    con.print(f"{res.output} ({res.module_name})", soft_wrap=True, highlight=False, markup=False)
+    table = Table()
     table.add_column("target")
     table.add_column("function")
     table.add_column("sympos", justify="right")
@@ -54,6 +58,9 @@ def run_build(args: argparse.Namespace) -> int:
     if len(patches) > 1 and not distro:
         raise InputError("several patch files make one cumulative patch only with --distro or the plain form "
                          "(-c CONFIG / --modules)")
+    if args.output and Path(args.output).is_dir():
+        raise InputError(f"-o {args.output}: is a directory; klpforge's -o names the module file (kpatch-build's "
+                         f"-o is a directory): -o {Path(args.output) / f'livepatch-{Path(patches[0]).stem}.ko'}")
     # every output and input before any work (issue 8): the default output is checked too
     stem = Path(patches[0]).name.removesuffix(".patch").removesuffix(".diff")
     out = args.output.replace("{release}", "x") if args.output else None
@@ -67,14 +74,42 @@ def run_build(args: argparse.Namespace) -> int:
 
     for patch in patches:  # before any work: not a diff, or a path leaving the tree (absolute, '..')
         read_patch(Path(patch))
-    if xen:
-        args.patch = patches[0]
-        return run_xen_build(args)
-    con = Console(stderr=True)
-    if distro:
-        from .build_distro import run_distro_build
+    try:
+        if xen:
+            args.patch = patches[0]
+            return run_xen_build(args)
+        con = console(stderr=True)
+        if distro:
+            from .build_distro import run_distro_build
 
-        return run_distro_build(args, con)
+            return run_distro_build(args, con)
+        return _run_tree_build(args, con)
+    except KlpError as e:
+        if isinstance(e, UnsafeChange) and len(e.reasons) > 1:
+            # the report (standard output): every reason on its own line; stderr gets one line
+            print(f"refused: {len(e.reasons)} unsafe changes", flush=True)
+            for r in e.reasons:
+                print(f"  - {r}", flush=True)
+        if args.json:
+            _error_json(args.json.replace("{release}", (args.distro or "x").split(":")[-1]), e)
+        raise
+
+
+#: What ``--json`` says when a build ends without a live patch, by exit code.
+RESULTS = {EXIT_UNSAFE: "refused", EXIT_NO_CHANGE: "no change"}
+
+
+def _error_json(path: str, e: KlpError) -> None:
+    """``--json`` of a build that ended without a live patch: the result (refused, no change, error), the exit
+    code, the one-line message, every reason, and the kept build log and temporary directory."""
+    atomic_write(path, json.dumps({
+        "result": RESULTS.get(e.exit_code, "error"), "exit": e.exit_code, "error": str(e),
+        "reasons": list(getattr(e, "reasons", None) or [str(e)]),
+        "log": str(e.log) if e.log else None, "kept": str(e.kept) if e.kept else None}, indent=1) + "\n")
+
+
+def _run_tree_build(args: argparse.Namespace, con: Console) -> int:
+    """``build -s SRC [-O BUILD]``: a live patch from a built kernel tree."""
     if not args.src:
         raise InputError("-s KERNEL_SRC is required (or --distro NAME:RELEASE, e.g. debian:6.1.0-56-amd64)")
     opts = BuildOptions(src=Path(args.src), patch=Path(args.patch[0]),
@@ -83,20 +118,47 @@ def run_build(args: argparse.Namespace) -> int:
                         replace=not args.no_replace, keep_tmp=args.keep_tmp,
                         skip_compiler_check=args.skip_compiler_check,
                         report_json=Path(args.json) if args.json else None)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=con, transient=True, disable=not con.is_terminal) as prog:
-        task = prog.add_task("starting", total=len(STEPS))
+    with steps(con, "build", len(STEPS)) as show:
 
         def step(name: str, msg: str) -> None:
             if msg.startswith("kept"):
-                prog.console.print(msg, highlight=False)
-            done = STEPS.index(name) if name in STEPS else len(STEPS)
-            prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {msg}", completed=done)
+                con.print(msg, highlight=False)
+                return
+            show(STEPS.index(name) if name in STEPS else len(STEPS), msg)
 
         res = build_livepatch(opts, step)
-        prog.update(task, completed=len(STEPS))
     print_report(con, res)
     return 0
+
+
+#: kpatch-build options klpforge does not take, with what to use instead (kpatch-build's usage text, 0.9).
+KPATCH_FLAGS: dict[tuple[str, ...], tuple[int, str]] = {
+    ("-n", "--name"): (1, "klpforge names the module after its output file: -o livepatch-NAME.ko"),
+    ("-v",): (1, "klpforge reads vmlinux from the built tree (-O BUILD); with --distro or the plain form "
+                 "give --symbols FILE (also spelled --vmlinux)"),
+    ("-d", "--debug"): (0, "use --keep-tmp (keeps the temporary files; the build log is kept on failure anyway) "
+                           "and KLPFORGE_DEBUG=1 (tracebacks)"),
+    ("-R", "--non-replace"): (0, "use --no-replace"),
+    ("--skip-cleanup",): (0, "use --keep-tmp"),
+    ("--skip-gcc-check",): (0, "use --skip-compiler-check"),
+    ("-t", "--target"): (1, "klpforge compiles only the objects the patch changes: there is no make target"),
+    ("-r", "--sourcerpm"): (1, "use --distro NAME:RELEASE (e.g. debian:6.1.0-56-amd64): the distribution's own "
+                               "packages are fetched"),
+    ("-a", "--archversion"): (1, "use --distro NAME:RELEASE, or --release RELEASE with the plain form"),
+    ("-e", "--oot-module", "--oot-module-src"): (1, "out-of-tree modules are not supported yet: patch a module "
+                                                    "of the kernel tree"),
+    ("--cross-compile",): (1, "klpforge builds for the architecture of the tree's own compiler"),
+}
+
+
+class _KpatchFlag(argparse.Action):
+    """A kpatch-build option: one line naming the klpforge equivalent instead of argparse's "unrecognized
+    arguments" (which names whatever followed the flag, often the patch)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        hint = next(h for flags, (_n, h) in KPATCH_FLAGS.items() if option_string in flags)
+        parser.error(f"{option_string} is a kpatch-build option: {hint}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -133,9 +195,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="FILE.ko", help="output (default livepatch-<patch>.ko)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--no-replace", action="store_true", help="do not atomically replace earlier patches")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
-    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--keep-tmp", action="store_true",
+                   help="keep the temporary directory (named in the report, or on the error line)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here; written too when the build is "
+                   "refused (exit 2), finds no change (3) or fails (1): result, exit, error, reasons, log")
     p.add_argument("--skip-compiler-check", action="store_true",
                    help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
     add_build_args(p)
+    for flags, (nargs, _hint) in KPATCH_FLAGS.items():
+        p.add_argument(*flags, nargs=nargs or 0, action=_KpatchFlag, help=argparse.SUPPRESS)
     p.set_defaults(func=run_build)

@@ -6,18 +6,20 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..distro.build import STEPS, DistroBuildOptions, DistroBuildResult, build_distro
 from ..distro.symbols import kallsyms_to_readelf
+from ..termout import status, steps
 
 __all__ = ["run_distro_build", "print_distro_report"]
 
 
 def print_distro_report(con: Console, res: DistroBuildResult) -> None:
     """Functions per target with sympos, why, and the size proof against the shipped binary."""
-    table = Table(title=f"{res.output} ({res.module_name}) for {res.release}", title_justify="left")
+    # the title on a line of its own: a table title wraps at the width of the table
+    con.print(f"{res.output} ({res.module_name}) for {res.release}", soft_wrap=True, highlight=False, markup=False)
+    table = Table()
     for col in ("target", "function", "sympos", "from", "why", "shipped binary"):
         table.add_column(col)
     for o in res.outcomes:
@@ -101,7 +103,7 @@ def _run_one(args: argparse.Namespace, con: Console) -> int:
 
             if not args.src:
                 raise InputError("the plain form needs -s SRC with -c CONFIG (or -O BUILD)")
-            with con.status("preparing the source tree (once per source and config)"):
+            with status(con, "build", "preparing the source tree (once per source and config)"):
                 tree = plain_tree(Path(args.src), Path(args.config) if args.config else None,
                                   Path(args.build_dir) if args.build_dir else None, args.release,
                                   Path(args.modules) if args.modules else None,
@@ -115,15 +117,11 @@ def _run_one(args: argparse.Namespace, con: Console) -> int:
                                   symvers=Path(args.symvers) if args.symvers else None,
                                   sign_key=Path(args.sign_key) if getattr(args, "sign_key", None) else None,
                                   sign_cert=Path(args.sign_cert) if getattr(args, "sign_cert", None) else None)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=con, transient=True, disable=not con.is_terminal) as prog:
-            task = prog.add_task("starting", total=len(STEPS))
+        with steps(con, "build", len(STEPS)) as show:
 
             def step(name: str, msg: str) -> None:
-                done = STEPS.index(name) if name in STEPS else len(STEPS)
-                prog.update(task, description=f"[{done + 1}/{len(STEPS)}] {name}: {msg}", completed=done)
+                show(STEPS.index(name) if name in STEPS else len(STEPS), f"{name}: {msg}")
 
             res = build_distro(opts, step)
-            prog.update(task, completed=len(STEPS))
     print_distro_report(con, res)
     return 0

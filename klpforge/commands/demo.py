@@ -7,6 +7,7 @@ GCC turns into a ``CSWTCH`` table; the fix changes both.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
@@ -43,38 +44,30 @@ def compile_object(src: Path, out: Path, extra: list[str] | None = None) -> None
 def run(args: argparse.Namespace) -> int:
     from importlib import resources
 
-    from rich.console import Console
-
     from ..diff import DiffOptions, run_diff
     from ..elf import ElfFile
     from ..report import print_summary
+    from ..termout import console, rule
 
-    con = Console(highlight=False)
-    tmp = None
-    if args.outdir:
-        out = args.outdir
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--outdir {out}: exists and is not a directory")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"--outdir {out}: cannot create: {e.strerror}") from None
-        check_output("--outdir", out / "livepatch-demo.o")
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="klpforge-demo-")
-        out = Path(tmp.name)
+    con = console(highlight=False)
+    final = _demo_outdir(args.outdir) if args.outdir else None
+    # Everything is written into a fresh directory (next to --outdir, so the rename stays on one file
+    # system) and moved into place only when the demo has succeeded: never a half-written folder.
+    tmp = tempfile.TemporaryDirectory(prefix=f".{final.name}." if final else "klpforge-demo-",
+                                      dir=final.parent if final else None, ignore_cleanup_errors=True)
+    out = Path(tmp.name).resolve()  # absolute: gcc runs with another working directory
     try:
         src = resources.files("klpforge") / "data" / "demo"
         for name in ("orig.c", "patched.c"):
             (out / name).write_text((src / name).read_text())
         diff = subprocess.run(["diff", "-u", "orig.c", "patched.c"], cwd=out, capture_output=True, text=True,
                               check=False).stdout
-        con.rule("the fix")
+        rule(con, "the fix")
         con.print(diff.rstrip(), markup=False)
         for name in ("orig", "patched"):
             (out / name).mkdir(exist_ok=True)
             compile_object(out / f"{name}.c", out / name / "demo.o")
-        con.rule("klpforge diff orig/demo.o patched/demo.o")
+        rule(con, "klpforge diff orig/demo.o patched/demo.o")
         res = run_diff(out / "orig" / "demo.o", out / "patched" / "demo.o", out / "livepatch-demo.o",
                        DiffOptions(target="vmlinux", symtab=out / "orig" / "demo.o", env={}))
         print_summary(res, con)
@@ -83,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             inlined = [ln.split(";") for ln in dumps[0].read_text().splitlines() if ln.endswith(";inlining to")]
             for f in inlined:
                 con.print(f"gcc -fdump-ipa-clones: {f[1]} ({Path(f[3]).name}:{f[4]}) was inlined into {f[6]}")
-        con.rule("the livepatch object")
+        rule(con, "the livepatch object")
         elf = ElfFile.open(out / "livepatch-demo.o")
         for i, n in enumerate(elf.section_names):
             if n.startswith(".klp.rela."):
@@ -93,12 +86,50 @@ def run(args: argparse.Namespace) -> int:
                 con.print(f"  symbol  {n}")
         # klpforge impact: what -fdump-ipa-clones predicted for the changed helper, next to what diff found
         from ..impact_check import check_impact, summary_lines
-        con.rule("klpforge diff --impact orig/ (ipa-clones prediction vs what diff found)")
+        rule(con, "klpforge diff --impact orig/ (ipa-clones prediction vs what diff found)")
         for line in summary_lines(check_impact(out / "orig", res, use_cache=False)):
             con.print(line, markup=False)
-        con.print(f"written: {out / 'livepatch-demo.o'}" if args.outdir else
+        if final is not None:
+            _move_into_place(out, final)
+        con.print(f"written: {final / 'livepatch-demo.o'}" if final else
                   "(run with --outdir DIR to keep the files)")
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        tmp.cleanup()
     return EXIT_OK
+
+
+#: What a demo output directory holds; another demo run may replace a directory with only these entries.
+DEMO_ENTRIES = frozenset({"orig.c", "patched.c", "orig", "patched", "livepatch-demo.o"})
+
+
+def _demo_outdir(arg: Path) -> Path:
+    """``--outdir`` as an absolute path, checked before any work: its parent must exist and be writable; it
+    may exist only as an empty directory or an earlier demo's output (:data:`DEMO_ENTRIES`), which is
+    replaced, never a directory holding anything else."""
+    out = Path(os.path.abspath(arg))
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--outdir {arg}: exists and is not a directory")
+    if out.is_dir():
+        extra = sorted(e.name for e in out.iterdir() if e.name not in DEMO_ENTRIES)
+        if extra:
+            more = ", ..." if len(extra) > 3 else ""
+            raise InputError(f"--outdir {arg}: directory holds files the demo did not write "
+                             f"({', '.join(extra[:3])}{more}): name a new or empty directory")
+    if not out.parent.is_dir():
+        why = "is not a directory" if out.parent.exists() else "does not exist"
+        raise InputError(f"--outdir {arg}: cannot create: {out.parent} {why}")
+    check_output("--outdir", out.parent / "livepatch-demo.o")
+    return out
+
+
+def _move_into_place(built: Path, final: Path) -> None:
+    """Rename the finished directory ``built`` to ``final``; an empty or earlier-demo ``final`` is moved
+    aside first and removed after (a crash in between leaves the old one, named ``.NAME.old.*``)."""
+    built.chmod(0o755)  # TemporaryDirectory makes it 0700
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(built, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

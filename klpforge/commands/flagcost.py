@@ -61,10 +61,16 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--keep {args.keep}: directory is not empty")
         args.keep.mkdir(parents=True, exist_ok=True)
         args.keep = args.keep.resolve()
-    res = flag_cost(FlagCostOptions(src=args.src, build=args.build, paths=args.paths, flag=args.flag,
-                                    jobs=args.jobs, distro=args.distro, keep=args.keep,
-                                    impact=not args.no_impact))
-    sys.stdout.write(report.to_text(res, top=args.top, color=sys.stdout.isatty()))
+    from ..termout import PIPE_WIDTH, console, status
+
+    # stdout is the report: a long run says it is still working on stderr, after HEARTBEAT_S seconds only
+    with status(console(stderr=True), "flag-cost", "compiling each object twice", out=sys.stderr, announce=False):
+        res = flag_cost(FlagCostOptions(src=args.src, build=args.build, paths=args.paths, flag=args.flag,
+                                        jobs=args.jobs, distro=args.distro, keep=args.keep,
+                                        impact=not args.no_impact))
+    tty = sys.stdout.isatty()
+    # piped: tables as wide as their content (function names are never cut)
+    sys.stdout.write(report.to_text(res, top=args.top, color=tty, width=140 if tty else PIPE_WIDTH))
     if args.json:
         atomic_write(args.json, report.to_json(res))
     if args.svg:

@@ -13,16 +13,15 @@ __all__ = ["register", "run_prepare"]
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare (or find cached) the kernel and print ``KERNEL_SRC=``/``KERNEL_BUILD=``/``BZIMAGE=`` lines."""
-    from rich.console import Console
-
     from ..kbuild.prepare import KernelLayout, prepare_kernel
+    from ..termout import console, status
 
     layout = KernelLayout.default(args.version, args.cache, args.variant or "")
-    err = Console(stderr=True)
-    with err.status("preparing kernel") as status:
+    err = console(stderr=True)
+    with status(err, "kernel prepare", "preparing kernel", out=sys.stderr):  # stdout: the paths, for eval
         def say(msg: str) -> None:
-            status.update(msg)
-            err.log(msg)
+            err.log(msg) if err.is_terminal else print(f"klpforge kernel prepare: {msg}", file=sys.stderr,
+                                                       flush=True)
 
         res = prepare_kernel(layout, jobs=args.jobs, force=args.force, progress=say)
     name = args.version + (f"-{args.variant}" if args.variant else "")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
 from ..errors import InputError
 from ..outputs import check_paths
+from ..qemu.modinfo import module_name
+from ..qemu.modprobe import ModIndex, modname
 from ..qemu.report import report_verify
+from ..qemu.targets import module_targets
 from ..qemu.verify import VerifySpec, verify_module
+from ..termout import console, note, status
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]
@@ -28,6 +30,24 @@ def _files(specs: list[str]) -> dict[str, Path]:
     return out
 
 
+def _tree_hints(kernel: Path, missing: list[str]) -> dict[str, str]:
+    """``--preload <path>`` advice for each module in ``missing`` that the kernel's build tree has (its
+    ``modules.order``, next to ``arch/x86/boot/bzImage``)."""
+    hints: dict[str, str] = {}
+    try:
+        build = kernel.resolve().parents[3]
+        order = (build / "modules.order").read_text().split()
+    except (OSError, IndexError):
+        return hints
+    for line in order:
+        ko = build / line.removesuffix(".o")
+        ko = ko if ko.suffix == ".ko" else ko.with_suffix(".ko")
+        name = ko.name.removesuffix(".ko").replace("-", "_")
+        if name in missing and ko.is_file():
+            hints[name] = f"--preload {ko}, or insmod it in --setup or --check"
+    return hints
+
+
 def run_verify(args: argparse.Namespace) -> int:
     """Boot, load, check, disable, unload; print each step; exit 1 with the console log saved on failure."""
     # every output and input before any work (issue 8)
@@ -38,48 +58,72 @@ def run_verify(args: argparse.Namespace) -> int:
     check_paths({"--console-log": args.console_log}, ins)
     if wants_xen_verify(args):
         return run_xen_verify(args)
-    con = Console(stderr=True)
+    con = console(stderr=True)
     kernel = Path(args.kernel) if args.kernel else None
     gen = Path(args.gen_init_cpio) if args.gen_init_cpio else None
     preload = [Path(p) for p in args.preload]
     memory = "256M"
+    # the modules the patch has functions for: loaded first when shipped (--distro), else named if missing
+    targets = module_targets(Path(args.module))
+    preloaded = {module_name(p) for p in preload}
+    hints: dict[str, str] = {}
     if args.distro:
         from ..distro import backend_for
-        from ..distro.modules import modules_for
+        from ..distro.modules import shipped_modules
 
         mod, release = backend_for(args.distro)
-        with con.status(f"preparing {args.distro}"):
+        with status(con, "verify", f"preparing {args.distro}"):
             tree = mod.prepare_tree(release)
         kernel = kernel or tree.vmlinuz
         gen = gen or tree.build / "usr/gen_init_cpio"
         wanted = [m for spec in args.load_modules for m in spec.split(",") if m]
-        preload = modules_for(tree, wanted) + preload
+        shipped = shipped_modules(tree)  # runs depmod once when the image ships no modules.dep
+        assert tree.modules_dir is not None  # shipped_modules refused otherwise
+        idx = ModIndex.read(tree.modules_dir)
+        auto = [t for t in targets if t not in {modname(w) for w in wanted} and t not in preloaded and t in shipped]
+        order = idx.load_order(wanted + auto)
+        if auto:
+            note("verify", f"loading {', '.join(auto)} too: the live patch has functions for "
+                           f"{'them' if len(auto) > 1 else 'it'} (shipped with {release})")
+        if order:
+            note("verify", "modules loaded first, as modprobe orders them (modules.dep, modules.softdep): "
+                           + ", ".join(order))
+        preload = [tree.modules_dir / idx.path(m) for m in order] + preload
+        hints = {t: f"{t} is not shipped with {release}: --preload its .ko" for t in targets if t not in shipped}
         memory = "1G"  # a distribution kernel with its modules needs more than the test kernel
     elif args.load_modules:
-        raise InputError("--load-modules needs --distro (it reads the shipped modules.dep)")
+        raise InputError("--load-modules needs --distro (it reads the shipped modules.dep); with --kernel give "
+                         "--preload MOD.ko for each module, dependencies first")
     if kernel is None:
         raise InputError("give --kernel BZIMAGE or --distro NAME:RELEASE")
+    if not args.distro:
+        hints = _tree_hints(kernel, [t for t in targets if t not in preloaded])
     spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,
                       timeout=args.timeout, preload=preload, files=_files(args.file),
                       after_check=args.after_check, after_expect=args.after_expect, append=args.append or "",
-                      setup=args.setup, accel=args.accel, gen_init_cpio=gen, memory=memory)
-    with con.status(f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
+                      setup=args.setup, accel=args.accel, gen_init_cpio=gen, memory=memory,
+                      load_hints=hints)
+    with status(con, "verify", f"booting {spec.bzimage.name} with {spec.ko.name} under QEMU"):
         res = verify_module(spec, Path(args.console_log) if args.console_log else None)
-    return report_verify(con, res, spec.ko, args.console_log, [("check", res.check_output)])
+    outs = [("check", res.check_output)]
+    if not res.ok and res.dmesg.strip():  # the guest kernel's own words about the failure
+        outs.append(("guest kernel log (last 20 lines)", "\n".join(res.dmesg.strip().splitlines()[-20:])))
+    return report_verify(con, res, spec.ko, args.console_log, outs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``verify`` to the CLI."""
     p = subparsers.add_parser(
         "verify", help="boot a kernel under QEMU, load a livepatch module, check it, disable and unload it",
-        description="Steps: boot, preload, insmod, enabled, transition (=0), check, disable "
-                    "(sysfs dir gone), unpatched, rmmod. Exit 0 only if all pass and the check "
-                    "exits 0 (and prints --expect).")
+        description="Steps: boot, preload, insmod, enabled, transition (=0), check, patched (every object the "
+                    "patch has functions for reads patched=1: a module target must be loaded), disable (sysfs dir "
+                    "gone), unpatched, rmmod. Exit 0 only if all pass and the check exits 0 (and prints --expect).")
     p.add_argument("module", metavar="MOD.ko", help="livepatch module")
     p.add_argument("--kernel", metavar="BZIMAGE", help="kernel image to boot")
     p.add_argument("--load-modules", action="append", default=[], metavar="MOD[,MOD]",
-                   help="with --distro debian:RELEASE: shipped modules to load first, with their dependencies "
-                        "(modules.dep)")
+                   help="with --distro debian:RELEASE: shipped modules (or aliases) to load first, as modprobe "
+                        "would: dependencies (modules.dep) and soft dependencies (modules.softdep) first. The modules "
+                        "the live patch has functions for are loaded without being named")
     p.add_argument("--check", required=True, metavar="CMD",
                    help="shell command run in the guest while patched")
     p.add_argument("--expect", metavar="TEXT", help="text the check's output must contain")

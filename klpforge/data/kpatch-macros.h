@@ -21,6 +21,10 @@
 #ifndef KLPFORGE_KPATCH_MACROS_H
 #define KLPFORGE_KPATCH_MACROS_H
 
+#ifdef __XEN__
+#error "kpatch-macros.h is for Linux live patches; a Xen payload uses klpforge's xen-livepatch-hooks.h (KLP_XEN_LOAD_HOOK and the other hooks): docs/xen.md"
+#else /* the rest only for Linux: nothing more is compiled for Xen, so the line above is the only error */
+
 #include <linux/compiler.h>
 #include <linux/kernel.h>
 #include <linux/printk.h>
@@ -129,4 +133,5 @@ struct kpatch_post_unpatch_callback {
 /* KPATCH_SYSCALL_DEFINE1..6 live in kpatch-syscall.h, as in kpatch; either header brings both. */
 #include "kpatch-syscall.h"
 
+#endif /* !__XEN__ */
 #endif /* KLPFORGE_KPATCH_MACROS_H */

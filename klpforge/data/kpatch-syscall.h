@@ -23,6 +23,10 @@
 #ifndef KLPFORGE_KPATCH_SYSCALL_H
 #define KLPFORGE_KPATCH_SYSCALL_H
 
+#ifdef __XEN__
+#error "kpatch-syscall.h is for Linux live patches; a Xen payload uses klpforge's xen-livepatch-hooks.h (KLP_XEN_LOAD_HOOK and the other hooks): docs/xen.md"
+#else /* the rest only for Linux: nothing more is compiled for Xen, so the line above is the only error */
+
 #include <linux/syscalls.h>
 #include "kpatch-macros.h"
 
@@ -154,4 +158,5 @@
 #define KPATCH_SYSCALL_DEFINE5(name, ...) __KPATCH_SYSCALL_DEFINEx(5, _##name, __VA_ARGS__)
 #define KPATCH_SYSCALL_DEFINE6(name, ...) __KPATCH_SYSCALL_DEFINEx(6, _##name, __VA_ARGS__)
 
+#endif /* !__XEN__ */
 #endif /* KLPFORGE_KPATCH_SYSCALL_H */

@@ -11,6 +11,10 @@
 #ifndef KLPFORGE_KPATCH_H
 #define KLPFORGE_KPATCH_H
 
+#ifdef __XEN__
+#error "kpatch.h is for Linux live patches; a Xen payload uses klpforge's xen-livepatch-hooks.h (KLP_XEN_LOAD_HOOK and the other hooks): docs/xen.md"
+#else /* the rest only for Linux: nothing more is compiled for Xen, so the line above is the only error */
+
 #include <linux/types.h>
 #include <linux/livepatch.h>
 #include "kpatch-macros.h"
@@ -42,4 +46,5 @@ static inline void kpatch_shadow_free(void *obj, char *var)
 	klp_shadow_free(obj, kpatch_shadow_id(var), NULL);
 }
 
+#endif /* !__XEN__ */
 #endif /* KLPFORGE_KPATCH_H */

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import provenance
-from ..errors import InputError, NoChange
+from ..buildlog import BuildLog
+from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..fsutil import atomic_write
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
@@ -238,12 +239,25 @@ def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget
 
 
 def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
-    """Build the cumulative live patch; raises ``InputError``/``UnsafeChange``/``NoChange`` with one line."""
-    timings: dict[str, float] = {}
+    """Build the cumulative live patch; raises ``InputError``/``UnsafeChange``/``NoChange`` with one line (the
+    build log, kept in the cache on failure, is attached to the error: :mod:`klpforge.buildlog`)."""
     if not opts.patches:
         raise InputError("no patch given")
     check_sign_args(opts.sign_key, opts.sign_cert)
     patches = [SourcePatch.parse(p) for p in opts.patches]
+    stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
+    blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
+    progress = blog.wrap(progress)
+    try:
+        return _build_distro(opts, patches, blog, progress)
+    except BaseException as e:
+        blog.failed(e)
+        raise
+
+
+def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: BuildLog,
+                  progress: Progress) -> DistroBuildResult:
+    timings: dict[str, float] = {}
     objs = _objects(patches, allow_headers_only=True)
     with timed_step("prepare", timings, progress, "fetching and preparing the distribution tree"):
         tree = opts.tree
@@ -252,10 +266,12 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
 
             mod, release = backend_for(opts.distro or "")
             tree = mod.prepare_tree(release, jobs=opts.jobs,
-                                    progress=(lambda m: progress("prepare", m)) if progress else None)
+                                    progress=lambda m: progress("prepare", m))
         assert tree is not None
         if tree.headers is None:
             raise InputError("no headers or build directory to link the live patch module in")
+        for p in patches:
+            p.check_tree(tree.src)
         mods = module_index(tree.modules_dir) if tree.modules_dir else {}
     with timed_step("compile", timings, progress, "finding the objects the header changes reach"):
         objs = _with_header_reach(tree, patches, objs, opts.jobs, progress)
@@ -264,8 +280,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
     # livepatch-fix.ko.xz -> livepatch_fix: the compression suffix is not part of the module's name
     modname = sanitize_module_name(re.sub(r"\.ko(\.(xz|zst|gz))?$", "", output.name))
     tmp = Path(tempfile.mkdtemp(prefix="klpforge-distro-"))
-    log = tmp / "build.log"
-    ok = False
+    log = blog.path
     try:
         with timed_step("compile", timings, progress, f"compiling {len(objs)} object(s), original and patched"):
             orig = compile_original(tree, objs, tmp / "orig", opts.jobs, log)
@@ -285,6 +300,7 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
         sizes: dict[str, list[SizeVerdict]] = {}
         impact: dict[str, Any] = {}
         symvers = opts.symvers or tree.symvers
+        refused: list[str] = []
         with timed_step("diff", timings, progress, "diffing objects against the shipped binaries"):
             for i, o in enumerate(objs):
                 out = tmp / "diff" / f"{i}-{Path(o).name}"
@@ -294,7 +310,12 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                 except NoChange:
                     unchanged.append(o)
                     continue
+                except UnsafeChange as e:  # every object's reasons at once
+                    refused += e.reasons
+                    continue
                 outcomes.append(oc)
+            if refused:
+                raise UnsafeChange(refused)
             if not outcomes:
                 raise NoChange(f"no function changed in {', '.join(objs)}")
         with timed_step("match", timings, progress, "checking that the source matches the shipped binary"):
@@ -327,10 +348,14 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
                                 provenance=prov)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1, default=str) + "\n")
-        ok = True
+        if opts.keep_tmp:
+            shutil.copyfile(log, tmp / "build.log")
+        blog.succeeded()
         return res
+    except KlpError as e:
+        if opts.keep_tmp:
+            e.kept = tmp
+        raise
     finally:
         if not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif not ok and progress:
-            progress("done", f"kept temporary files in {tmp}")

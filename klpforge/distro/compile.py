@@ -116,8 +116,12 @@ def overlay_command(command: str, obj: str, src: Path, overlay: Path, out: Path)
     if str(src / rel_c) not in cmd:
         raise InputError(f"the recorded command of {obj} does not name {src / rel_c}")
     cmd = cmd.replace(str(src / rel_c), str(overlay / rel_c))
+    from ..kbuild.pipeline import data_include_dir
+
+    # the headers a kpatch-build patch may include (kpatch-macros.h, kpatch-syscall.h, kpatch.h), last:
+    # the tree's own headers win
     incs = [f"-I{overlay}/{Path(rel_c).parent}", f"-I{overlay}/include", f"-I{overlay}/arch/x86/include",
-            f"-fmacro-prefix-map={overlay}/="]
+            f"-fmacro-prefix-map={overlay}/=", f"-idirafter{data_include_dir()}"]
     first, rest = cmd.split(" ", 1)
     return f"{first} {' '.join(incs)} {rest}"
 

@@ -27,7 +27,8 @@ from ..errors import InputError
 from ..fsutil import atomic_write
 from .base import DistroTree, tree_lock
 
-__all__ = ["modules_dep", "load_order", "modules_for", "plain_module", "COMPRESSED", "compress_module"]
+__all__ = ["modules_dep", "load_order", "modules_for", "shipped_modules", "plain_module", "COMPRESSED",
+           "compress_module"]
 
 #: Suffixes of compressed modules (after ``.ko``), as Linux 6.12 ``scripts/Makefile.modinst`` writes them.
 COMPRESSED = (".xz", ".zst", ".gz")
@@ -158,3 +159,8 @@ def modules_for(tree: DistroTree, wanted: list[str]) -> list[Path]:
     for_order = {k: v[1] for k, v in table.items()}
     # busybox insmod in the guest hands the file to init_module as it is: plain ELF
     return [plain_module(table[m][0]) for m in load_order(for_order, names)]
+
+
+def shipped_modules(tree: DistroTree) -> set[str]:
+    """Names (``_`` spelling) of every module shipped for ``tree.release``."""
+    return set(modules_dep(tree))

@@ -86,6 +86,56 @@ class SourcePatch:
         return cls(path, strip, tuple(files), tuple(created), tuple(deleted), tuple(renamed), tuple(copied),
                    tuple(modes))
 
+    def check_tree(self, root: Path) -> None:
+        """Every file the patch changes (not one it creates) must be a file of ``root``; otherwise raise
+        :class:`InputError` naming the path as written in the patch, the ``-p`` level that would match (a
+        ``-p0`` patch: ``--- fs/x.c``) and how to fix the patch. Checked before anything is copied or
+        compiled, so the error is about the patch, not a failing ``make``."""
+        missing = [f for f in self._read_names(self.strip) if not (root / f).is_file()]
+        if not missing:
+            return
+        first = missing[0]
+        raw = self._raw_name(first)
+        other = next((n for n in (0, 1, 2, 3) if n != self.strip and self._matches(root, n)), None)
+        said = f'"{raw}" (-p{self.strip}: {first})' if raw and raw != first else first
+        if other is None:
+            raise InputError(f"{self.path.name}: {said} is not a file of {root}: is this patch for this "
+                             "tree? (klpforge reads -p1 patches, as git writes them)")
+        how = ("give its paths a/ and b/ prefixes (git diff writes them; or `sed -i -e 's,^--- ,--- a/,' "
+               "-e 's,^+++ ,+++ b/,'` on the patch)" if other == 0 else
+               f"remove {other - self.strip} more leading director{'y' if other - self.strip == 1 else 'ies'} "
+               "from its paths (klpforge reads -p1 patches, as git writes them)")
+        raise InputError(f"{self.path.name}: {said} is not a file of {root}; the patch's paths match the tree "
+                         f"as a -p{other} patch: {how}")
+
+    def _raw_name(self, stripped: str) -> str | None:
+        try:
+            pairs = zip(read_patch(self.path, self.strip), read_patch(self.path, 0), strict=False)
+            for s, r in pairs:
+                for a, b in ((s.old, r.old), (s.new, r.new)):
+                    if a == stripped:
+                        return b
+        except InputError:
+            pass
+        return None
+
+    def _read_names(self, strip: int) -> list[str]:
+        """The tree files the patch reads at ``-p<strip>``: old sides, rename and copy sources (not the files it
+        creates, nor the new names of renames)."""
+        out: list[str] = []
+        for f in read_patch(self.path, strip):
+            for name in (f.renamed_from, f.copied_from, f.old):
+                if name and name not in out:
+                    out.append(name)
+        return out
+
+    def _matches(self, root: Path, strip: int) -> bool:
+        try:
+            need = self._read_names(strip)
+        except InputError:
+            return False
+        return bool(need) and all((root / f).is_file() for f in need)
+
     def refuse_unpatchable(self) -> None:
         """Raise :class:`UnsafeChange` naming the first file a live patch cannot change."""
         reasons = [f"{f}: {r}" for f in self.files if (r := refusal_reason(f))]

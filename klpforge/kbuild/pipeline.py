@@ -38,7 +38,8 @@ from typing import Any
 from elftools.elf.elffile import ELFFile
 
 from .. import provenance
-from ..errors import InputError, NoChange
+from ..buildlog import BuildLog
+from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..fsutil import atomic_write
 from ..proc import kill_children, run
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
@@ -302,9 +303,10 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))
     tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
-    log = tmp / "build.log"
+    blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
+    log = blog.path
+    progress = blog.wrap(progress)
     flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
-    ok = False
     try:
         with timed_step("check", timings, progress, "checking tree and patch"):
             tree = KernelTree(src, opts.build)
@@ -312,6 +314,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             if not opts.skip_compiler_check:
                 tree.check_compiler()
             patch = SourcePatch.parse(opts.patch)
+            patch.check_tree(tree.src)
             patch.refuse_unpatchable()
             ov = Overlay(tree.src, tmp / "src", patch.files)
             ov.snapshot(patch)
@@ -331,6 +334,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
         outcomes: list[DiffOutcome] = []
         unchanged: list[str] = []
+        refused: list[str] = []
         with timed_step("diff", timings, progress, "diffing objects"):
             for i, obj in enumerate(objs):
                 par = parents[obj]
@@ -341,6 +345,10 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                                                     par.binary, tree.symvers, env))
                 except NoChange:
                     unchanged.append(obj)
+                except UnsafeChange as e:  # every object's reasons at once, not only the first object's
+                    refused += e.reasons
+            if refused:
+                raise UnsafeChange(refused)
             exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
             if not outcomes:
                 raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
@@ -362,13 +370,18 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                           exports, prov)
         if opts.report_json:
             atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
-        ok = True
+        if opts.keep_tmp:
+            shutil.copyfile(log, tmp / "build.log")
+        blog.succeeded()
         return res
+    except BaseException as e:
+        blog.failed(e)
+        if opts.keep_tmp and isinstance(e, KlpError):
+            e.kept = tmp
+        raise
     finally:
         if not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif not ok and progress:
-            progress("done", f"kept temporary files in {tmp}")
 
 
 def _jsonable(o: Any) -> Any:

@@ -30,10 +30,11 @@ from .initramfs import build_initramfs
 from .modinfo import modinfo, module_name
 
 __all__ = ["VerifySpec", "Step", "VerifyResult", "verify_module", "guest_init", "parse_console", "STEPS",
-           "check_bzimage", "qemu_error"]
+           "check_bzimage", "qemu_error", "kernel_says"]
 
 #: Steps in the order the guest reports them.
-STEPS = ("boot", "preload", "insmod", "enabled", "transition", "check", "disable", "unpatched", "rmmod")
+STEPS = ("boot", "preload", "insmod", "enabled", "transition", "check", "patched", "disable", "unpatched",
+         "rmmod")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class VerifySpec:
     append: str = ""
     memory: str = "256M"
     accel: str = "tcg"
+    #: how to load a target module that was not loaded (module name -> advice), for the failure line
+    load_hints: dict[str, str] = field(default_factory=dict)
     #: QEMU CPU model; "max" has SMAP/SMEP, so the alternatives of patched code (stac/clac around user
     #: accesses) are applied at module load as on real hardware, not left as no-ops
     cpu: str = "max"
@@ -151,6 +154,19 @@ blockers() {{ # tasks whose patch_state is not $1, with the top of their kernel 
         printf '%s ' "pid ${{d#/proc/}} ($comm) in $st;"
     done
 }}
+objects() {{ # "<obj> <patched> <loaded> <nfuncs>;" per klp_object; fails if one with functions is unpatched
+    r=0
+    for o in {lp}/*/; do
+        [ -e "$o"patched ] || continue
+        o=${{o%/}}; n=${{o##*/}}; nf=0
+        for f in "$o"/*,*; do [ -e "$f" ] && nf=$((nf+1)); done
+        read -r p < "$o"/patched
+        l=0; {{ [ "$n" = vmlinux ] || [ -e /sys/module/"$n" ]; }} && l=1
+        printf '%s ' "$n $p $l $nf;"
+        [ "$p" = 1 ] || [ $nf = 0 ] || r=1
+    done
+    return $r
+}}
 settled() {{ # settled STEP: the transition is over (patching: transition reads 0; disable: patch freed)
     if [ "$1" = disable ]; then [ ! -e {lp} ]; return; fi
     read -r t < {lp}/transition 2>/dev/null && [ "$t" = 0 ]
@@ -187,6 +203,8 @@ sh /check.sh 2>&1
 rc=$?
 echo "$M:CHECK-END:$rc"
 step check OK "$rc"
+objs=$(objects) || fail patched "$objs"
+step patched OK "$objs"
 echo 0 > {lp}/enabled || fail disable "write to enabled failed"
 klpwait disable 0
 step disable OK ""
@@ -358,9 +376,80 @@ def verify_module(spec: VerifySpec, console_log: Path | None = None) -> VerifyRe
         atomic_write(console_log, console)
     steps, check_out, rc, after_out, dmesg, result = parse_console(console, nonce)
     res = VerifyResult(False, steps, check_out, rc, after_out, dmesg, console, seconds)
+    for st in steps:
+        if st.name == "patched":
+            st.detail = _objects_detail(st.detail, spec.load_hints, st.ok)
+        elif st.name == "preload" and not st.ok:
+            st.detail += _softdep_hint(st.detail, spec.preload)
     res.reason = _judge(spec, res, result, timed_out, qemu_error(console, cmd[0]))
     res.ok = not res.reason
     return res
+
+
+def _softdep_hint(detail: str, preload: list[Path]) -> str:
+    """For a module that failed to load: the soft dependencies its ``.modinfo`` declares (``softdep=pre: crc32c``),
+    which ``insmod`` does not follow; libcrc32c's init fails with -ENOENT without crc32c, which busybox reports as
+    "unknown symbol in module", and the kernel logs nothing."""
+    for p in preload:
+        if f"/{p.name}'" in detail or detail.endswith(f"/{p.name}"):
+            try:
+                soft = modinfo(p).get("softdep")
+            except InputError:
+                return ""
+            if soft:
+                return (f"; {p.name} declares the soft dependency '{soft}', which insmod does not follow: preload "
+                        "those modules first, or use --distro with --load-modules, which loads as modprobe does")
+    return ""
+
+
+def _objects_detail(raw: str, hints: dict[str, str], ok: bool) -> str:
+    """The guest's ``"<obj> <patched> <loaded> <nfuncs>; ..."`` (see :func:`guest_init`) in words: on success
+    the objects patched; on failure each object with functions that is not patched, why, and how to fix it.
+
+    >>> _objects_detail("vmlinux 1 1 2; nfsd 0 0 3; ", {"nfsd": "add --load-modules nfsd"}, False)
+    'nfsd: module not loaded in the guest, its 3 function(s) were not patched (add --load-modules nfsd)'
+    >>> _objects_detail("vmlinux 1 1 2; nfsd 1 1 3; ", {}, True)
+    'vmlinux (2 functions), nfsd (3 functions)'
+    """
+    objs = []
+    for item in raw.split(";"):
+        f = item.split()
+        if len(f) == 4 and f[3].isdigit():
+            objs.append((f[0], f[1] == "1", f[2] == "1", int(f[3])))
+    if not objs:
+        return raw.strip() if not ok else "no klp_object directory under /sys/kernel/livepatch/<patch>"
+    if ok:
+        return ", ".join(f"{n} ({k} function{'s' if k != 1 else ''})" if k else f"{n} (klp relocations only)"
+                         for n, p, _l, k in objs if p or k)
+    bad = []
+    for n, p, loaded, k in objs:
+        if p or not k:
+            continue
+        why = "module not loaded in the guest" if not loaded else "loaded but not patched"
+        hint = hints.get(n) or (f"load it before the check: --preload {n}.ko, or insmod it in --setup"
+                                if not loaded else "see the kernel log")
+        bad.append(f"{n}: {why}, its {k} function(s) were not patched ({hint})")
+    return "; ".join(bad)
+
+
+#: Words of a kernel log line that explain a failed step (module loader, livepatch core, warnings).
+_SAYS = ("Unknown symbol", "unknown symbol", "disagrees about version", "error", "Error", "failed", "Failed",
+         "invalid", "Invalid", "livepatch:", "BUG", "WARNING", "Oops", "not found", "taint", "-EINVAL")
+
+
+def kernel_says(dmesg: str, limit: int = 3) -> list[str]:
+    r"""The last ``limit`` lines of the guest's kernel log that explain a failure (without the timestamps).
+
+    >>> kernel_says("[    1.2] random: crng init done\n[    3.4] libcrc32c: Unknown symbol crypto_alloc_shash (err -2)")
+    ['libcrc32c: Unknown symbol crypto_alloc_shash (err -2)']
+    """
+    out = []
+    for ln in dmesg.splitlines():
+        text = ln.split("] ", 1)[1] if ln.startswith("[") and "] " in ln else ln
+        text = text.strip()
+        if text and any(w in text for w in _SAYS) and "patching complete" not in text:
+            out.append(text)
+    return out[-limit:]
 
 
 def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: bool,
@@ -369,7 +458,10 @@ def _judge(spec: VerifySpec, res: VerifyResult, result: str | None, timed_out: b
         return qemu_err  # QEMU itself refused (a bad -accel, an unreadable image): its words, not ours
     failed = [s for s in res.steps if not s.ok]
     if failed:
-        return f"step {failed[0].name} failed: {failed[0].detail or 'no detail'}"
+        said = kernel_says(res.dmesg)
+        return (f"step {failed[0].name} failed: {failed[0].detail or 'no detail'}"
+                + (f" (guest kernel: {' | '.join(said)})" if said else
+                   " (the guest kernel logged nothing about it)" if not res.dmesg.strip() else ""))
     seen = [s.name for s in res.steps]
     if result != "DONE":
         last = seen[-1] if seen else "none (kernel did not reach /init)"

@@ -15,7 +15,9 @@ from ..errors import InputError
 from ..fsutil import atomic_write
 from ..outputs import check_paths
 from ..qemu.report import report_verify
+from ..termout import console, status, steps
 from .debian import DebianXen
+from .pipeline import STEPS as XEN_STEPS
 from .pipeline import XenBuildOptions, XenBuildResult, build_xen_payload
 from .tree import prepare_tree
 
@@ -40,7 +42,9 @@ def wants_xen_build(args: argparse.Namespace) -> bool:
 
 
 def _report(con: Console, res: XenBuildResult) -> None:
-    t = Table(title=f"{res.output} (build-id {res.build_id})", title_justify="left")
+    # the title on a line of its own: a table title wraps at the width of the table
+    con.print(f"{res.output} (build-id {res.build_id})", soft_wrap=True, highlight=False, markup=False)
+    t = Table()
     for c in ("function", "old size", "new size"):
         t.add_column(c)
     for f in res.funcs:
@@ -60,15 +64,15 @@ def _report(con: Console, res: XenBuildResult) -> None:
 
 def run_xen_build(args: argparse.Namespace) -> int:
     """``build --xen`` (own tree) or ``build --distro debian-xen:V`` (Debian's, cached)."""
-    con = Console(stderr=True)
+    con = console(stderr=True)
     if args.distro:
         d = DebianXen.parse(args.distro)
-        with con.status(f"fetching Debian's Xen {d.version}"):
+        with status(con, "build", f"fetching Debian's Xen {d.version}"):
             b = d.fetch_binaries()
         if args.src:
             src = Path(args.src)
         else:
-            with con.status("fetching the Debian source; building the hypervisor once (cached)"):
+            with status(con, "build", "fetching the Debian source; building the hypervisor once (cached)"):
                 src = prepare_tree(d.fetch_source(), b.config, d.dir, jobs=args.jobs,
                                    log=lambda m: con.print(m, highlight=False)).root
         syms: Path = b.xen_syms
@@ -83,8 +87,8 @@ def run_xen_build(args: argparse.Namespace) -> int:
     opts = XenBuildOptions(src=src, patch=Path(args.patch), xen_syms=syms,
                            output=Path(args.output) if args.output else None, config=config,
                            keep_tmp=args.keep_tmp)
-    with con.status("building the payload") as st:
-        res = build_xen_payload(opts, lambda _s, m: st.update(m))
+    with steps(con, "build", len(XEN_STEPS)) as show:
+        res = build_xen_payload(opts, lambda s, m: show(XEN_STEPS.index(s) if s in XEN_STEPS else 0, m))
     _report(con, res)
     if args.json:
         import json
@@ -110,15 +114,15 @@ def wants_xen_verify(args: argparse.Namespace) -> bool:
 def run_xen_verify(args: argparse.Namespace) -> int:
     """Boot, upload, apply, check, revert, unload; each step printed; console kept on failure."""
     from .verify import XenVerifySpec, verify_payload
-    con = Console(stderr=True)
+    con = console(stderr=True)
     d = DebianXen.parse(args.distro)
-    with con.status(f"fetching Debian's Xen {d.version}"):
+    with status(con, "verify", f"fetching Debian's Xen {d.version}"):
         b = d.fetch_binaries()
     payload = Path(args.module)
     spec = XenVerifySpec(payload=payload, bins=b, check=args.check, expect=args.expect,
                          timeout=max(args.timeout, 300.0), before_check=args.before_check,
                          after_check=args.after_check, after_expect=args.after_expect)
-    with con.status(f"booting Xen {d.version} with {payload.name} under QEMU"):
+    with status(con, "verify", f"booting Xen {d.version} with {payload.name} under QEMU"):
         res = verify_payload(spec, Path(args.console_log) if args.console_log else None)
     outs = [("before", res.before_output), ("check", res.check_output), ("after", res.after_output)]
     return report_verify(con, res, payload, args.console_log, outs, name_width=9)

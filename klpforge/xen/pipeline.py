@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arch import arch_for
+from ..buildlog import BuildLog
 from ..compare import compare
 from ..correlate import correlate
 from ..diff import _check_pair
 from ..emit.xen import XenEmitOptions, XenFunc, emit_xen
-from ..errors import InputError, NoChange, UnsafeChange
+from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..kbuild.overlay import Overlay
 from ..kbuild.patchfile import SourcePatch
 from ..model import Object
@@ -114,7 +115,19 @@ def build_xen_payload(opts: XenBuildOptions,
                       progress: Callable[[str, str], None] = lambda _s, _m: None) -> XenBuildResult:
     """Build the payload (see the module docstring). Raises :class:`InputError` (1),
     :class:`UnsafeChange` (2, every refusal with its symbol and reason) or :class:`NoChange` (3);
-    nothing is written then, and the tree is left as it was."""
+    nothing is written then, and the tree is left as it was. The build log is kept in the cache on failure
+    and attached to the error (:mod:`klpforge.buildlog`)."""
+    blog = BuildLog.start("build", opts.patch.name.removesuffix(".patch").removesuffix(".diff"))
+    try:
+        res = _build_xen_payload(opts, blog.wrap(progress))
+    except BaseException as e:
+        blog.failed(e)
+        raise
+    blog.succeeded()
+    return res
+
+
+def _build_xen_payload(opts: XenBuildOptions, progress: Callable[[str, str], None]) -> XenBuildResult:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -140,6 +153,7 @@ def build_xen_payload(opts: XenBuildOptions,
                              "with the running hypervisor's configuration")
     xs = XenSyms.load(opts.xen_syms)
     patch = SourcePatch.parse(opts.patch)
+    patch.check_tree(tree.root)
     objs = _objects(tree, patch)
     out = opts.output or Path(f"{opts.patch.stem}.livepatch")
     inc = ["-I", str(hooks_include_dir())]
@@ -207,6 +221,10 @@ def build_xen_payload(opts: XenBuildOptions,
                        if n.startswith(".livepatch.hooks."))
         return XenBuildResult(out, funcs, [o for o in objs if o not in unchanged], unchanged,
                               read_build_id(out).hex(), timings, kept, str(tmp) if opts.keep_tmp else None, hooks)
+    except KlpError as e:
+        if opts.keep_tmp:
+            e.kept = tmp
+        raise
     finally:
         if not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
