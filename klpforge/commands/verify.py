@@ -69,7 +69,7 @@ def run_verify(args: argparse.Namespace) -> int:
     hints: dict[str, str] = {}
     if args.distro:
         from ..distro import backend_for
-        from ..distro.modules import shipped_modules
+        from ..distro.modules import plain_module, shipped_modules
 
         mod, release = backend_for(args.distro)
         with status(con, "verify", f"preparing {args.distro}"):
@@ -88,7 +88,8 @@ def run_verify(args: argparse.Namespace) -> int:
         if order:
             note("verify", "modules loaded first, as modprobe orders them (modules.dep, modules.softdep): "
                            + ", ".join(order))
-        preload = [tree.modules_dir / idx.path(m) for m in order] + preload
+        # busybox insmod hands the file to init_module as it is: compressed shipped modules go in decompressed
+        preload = [plain_module(tree.modules_dir / idx.path(m)) for m in order] + preload
         hints = {t: f"{t} is not shipped with {release}: --preload its .ko" for t in targets if t not in shipped}
         memory = "1G"  # a distribution kernel with its modules needs more than the test kernel
     elif args.load_modules:
