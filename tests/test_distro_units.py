@@ -12,7 +12,6 @@ from klpforge.distro.base import parse_distro_spec
 from klpforge.distro.compile import overlay_command, parent_of
 from klpforge.distro.debian import check_compiler, package_names
 from klpforge.distro.match import check_sizes, object_function_sizes
-from klpforge.distro.modules import load_order
 from klpforge.distro.symbols import kallsyms_to_readelf, shipped_sizes
 from klpforge.errors import InputError
 from klpforge.kbuild.tree import CompileCommand
@@ -98,11 +97,6 @@ def test_overlay_command_and_parent() -> None:
     assert (par.target, par.is_module) == ("nfsd", True)
     builtin = cmd.replace(" -DMODULE", "")
     assert parent_of(CompileCommand("x.o", builtin, Path("/s/x.c"))).target == "vmlinux"
-
-
-def test_load_order_dependencies_first() -> None:
-    deps = {"nfsd": ["sunrpc", "lockd", "grace"], "lockd": ["sunrpc", "grace"], "sunrpc": [], "grace": []}
-    assert load_order(deps, ["nfsd"]) == ["sunrpc", "grace", "lockd", "nfsd"]
 
 
 def test_job_list_for_several_releases(tmp_path: Path) -> None:

@@ -1,17 +1,13 @@
-"""Which shipped modules a guest needs: the requested ones and their dependencies, in load order; and the
-shipped modules' plain ELF form.
+"""The shipped modules' index and their plain ELF form (the guest's load order: :mod:`klpforge.qemu.modprobe`).
 
-Dependencies come from ``modules.dep`` (Debian's image package ships none; ``depmod -b`` writes it into
-the cached, unpacked image once; kmod reads ``.ko.xz``/``.ko.zst`` itself).
+``modules.dep``: Debian's image package ships none; ``depmod -b`` writes it into
+the cached, unpacked image once; kmod reads ``.ko.xz``/``.ko.zst`` itself.
 
 Compressed modules: Debian 13's kernels set ``CONFIG_MODULE_COMPRESS_XZ`` + ``MODULE_COMPRESS_ALL``, so
 every module ships as ``.ko.xz`` (``xz --check=crc32 --lzma2=dict=1MiB``, Linux 6.12
 ``scripts/Makefile.modinst``); ``.ko.zst`` (``MODULE_COMPRESS_ZSTD``) and ``.ko.gz`` are read too.
 :func:`plain_module` decompresses one once into a cache directory; whatever reads a shipped module (the
 diff's symbol tables, the size proof, the guest's ``insmod``) takes that ELF file.
-
->>> load_order({"a": ["b", "c"], "b": ["c"], "c": []}, ["a"])
-['c', 'b', 'a']
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ from ..errors import InputError
 from ..fsutil import atomic_write
 from .base import DistroTree, tree_lock
 
-__all__ = ["modules_dep", "load_order", "modules_for", "shipped_modules", "plain_module", "COMPRESSED",
-           "compress_module"]
+__all__ = ["modules_dep", "shipped_modules", "plain_module", "COMPRESSED", "compress_module"]
 
 #: Suffixes of compressed modules (after ``.ko``), as Linux 6.12 ``scripts/Makefile.modinst`` writes them.
 COMPRESSED = (".xz", ".zst", ".gz")
@@ -128,37 +123,6 @@ def modules_dep(tree: DistroTree) -> dict[str, tuple[Path, list[str]]]:
         name = Path(path).name.split(".ko", 1)[0].replace("-", "_")
         out[name] = (mdir / path, [Path(d).name.split(".ko", 1)[0].replace("-", "_") for d in deps.split()])
     return out
-
-
-def load_order(deps: dict[str, list[str]], wanted: list[str]) -> list[str]:
-    """Dependencies first (depth-first post-order), each module once."""
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(m: str) -> None:
-        if m in seen:
-            return
-        seen.add(m)
-        for d in deps.get(m, []):
-            visit(d)
-        order.append(m)
-
-    for w in wanted:
-        visit(w)
-    return order
-
-
-def modules_for(tree: DistroTree, wanted: list[str]) -> list[Path]:
-    """The ``.ko`` files to insmod, in order, for ``wanted`` (names with ``-`` or ``_``); compressed shipped
-    modules are given decompressed (:func:`plain_module`)."""
-    table = modules_dep(tree)
-    names = [w.replace("-", "_").removesuffix(".ko") for w in wanted]
-    for n in names:
-        if n not in table:
-            raise InputError(f"module {n} is not shipped for {tree.release}")
-    for_order = {k: v[1] for k, v in table.items()}
-    # busybox insmod in the guest hands the file to init_module as it is: plain ELF
-    return [plain_module(table[m][0]) for m in load_order(for_order, names)]
 
 
 def shipped_modules(tree: DistroTree) -> set[str]:
