@@ -7,18 +7,22 @@ can write; inputs that are regular files of a sane size.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import grp
 import os
 import pwd
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import InputError
 
-__all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "open_regular", "MiB", "GiB"]
+__all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "open_regular", "tree_lock", "MiB",
+           "GiB"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -221,3 +225,16 @@ def _ftype(mode: int) -> str:
 
 def _size(n: int) -> str:
     return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n // MiB} MiB"
+
+
+@contextmanager
+def tree_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` (created if needed) for the duration: one writer per prepared tree
+    (a distribution tree, a build root, the test kernel), readers with ``shared``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir
+from ..fsutil import atomic_write, check_private_dir, tree_lock
 from ..kbuild.prepare import cache_root
-from .base import tree_lock
 
 __all__ = ["Suite", "SUITES", "KEYRING", "AptRoot", "PackageRecord", "apt_root", "mirrors", "sha256_file",
            "disk_full_message"]

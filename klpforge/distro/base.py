@@ -6,19 +6,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..proc import run
 
-__all__ = ["DistroTree", "parse_distro_spec", "tree_lock", "run_logged", "Say"]
+__all__ = ["DistroTree", "parse_distro_spec", "run_logged", "Say"]
 
 Say = Callable[[str], None]
 
@@ -76,18 +74,6 @@ class DistroTree:
         """The shipped ``Module.symvers`` (exports and CRCs), from the headers package."""
         p = self.headers / "Module.symvers" if self.headers else None
         return p if p and p.is_file() else None
-
-
-@contextmanager
-def tree_lock(path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold an ``flock`` on ``path`` (created if needed) for the duration: one writer per prepared tree."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def run_logged(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:

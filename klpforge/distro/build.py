@@ -25,14 +25,14 @@ from typing import Any
 from .. import provenance
 from ..buildlog import BuildLog
 from ..errors import InputError, KlpError, NoChange, UnsafeChange
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, tree_lock
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
 from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
-from .base import DistroTree, tree_lock
+from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .debian import make_command
 from .match import SizeVerdict, check_sizes, object_function_sizes

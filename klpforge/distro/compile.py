@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..fsutil import tree_lock
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
 from ..proc import run
-from .base import DistroTree, run_logged, tree_lock
+from .base import DistroTree, run_logged
 from .debian import make_command
 from .roots import in_root
 

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, tree_lock
 from ..kbuild.prepare import cache_dir
 from .apt import PackageRecord, apt_root, disk_full_message, highest
-from .base import DistroTree, Say, run_logged, tree_lock
+from .base import DistroTree, Say, run_logged
 from .roots import build_root, in_root, root_for_config
 
 __all__ = ["prepare_tree", "package_names", "package_version", "package_records", "release_root", "fetch_packages",

@@ -20,8 +20,8 @@ import subprocess
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
-from .base import DistroTree, tree_lock
+from ..fsutil import atomic_write, tree_lock
+from .base import DistroTree
 
 __all__ = ["modules_dep", "shipped_modules", "plain_module", "COMPRESSED", "compress_module"]
 

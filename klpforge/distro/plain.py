@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, tree_lock
 from ..kbuild.prepare import cache_dir
-from .base import DistroTree, Say, run_logged, tree_lock
+from .base import DistroTree, Say, run_logged
 from .debian import KCFLAGS, _check_config_kept, check_compiler, make_command
 
 __all__ = ["plain_tree", "plain_key"]

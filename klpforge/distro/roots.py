@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir
+from ..fsutil import atomic_write, check_private_dir, tree_lock
 from ..kbuild.prepare import cache_root
 from .apt import KEYRING, SUITES, apt_root, disk_full_message, mirrors
-from .base import DistroTree, Say, tree_lock
+from .base import DistroTree, Say
 
 __all__ = ["BuildRoot", "ROOT_PACKAGES", "compiler_package", "host_matches", "build_root", "root_for_config",
            "tree_root", "in_root", "tools_on_path"]

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir
+from ..fsutil import atomic_write, check_private_dir, tree_lock
 from ..proc import run
 
 __all__ = [
@@ -311,9 +311,19 @@ def prepare_kernel(layout: KernelLayout, jobs: int | None = None, force: bool = 
                    progress: Callable[[str], None] | None = None) -> PrepareResult:
     """Unpack, configure and build the test kernel once; later calls return at once.
 
+    One prepare per kernel version at a time (an ``flock`` on ``<cache>/.kernel-<version>.lock``): the
+    variants share the unpacked source, and two ``make`` runs in one build directory break each other's
+    objects. A second caller waits, then finds the kernel made.
+
     >>> res = prepare_kernel(KernelLayout.default("6.1"))   # doctest: +SKIP
     >>> print(res.shell())                                   # doctest: +SKIP
     """
+    with tree_lock(layout.root.parent / f".kernel-{layout.version}.lock"):
+        return _prepare_kernel(layout, jobs, force, progress)
+
+
+def _prepare_kernel(layout: KernelLayout, jobs: int | None, force: bool,
+                    progress: Callable[[str], None] | None) -> PrepareResult:
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
     fragment = fragment_text(layout.version, layout.variant)
