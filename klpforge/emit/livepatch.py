@@ -475,7 +475,7 @@ def _module_keyed_entries(em: _Emitter, specials: dict[int, SpecialTable]) -> di
     * Any other module-owned jump label is refused, naming the function and the key.
 
     Returns table name -> entries dropped (for the report); refusals go to ``em.refusals``."""
-    p, arch = em.p, em.arch
+    p = em.p
     dropped: dict[str, int] = {}
     refused: set[str] = set()
     for ps, (name, data, relocs, total, nkept) in list(specials.items()):
