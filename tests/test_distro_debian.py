@@ -172,6 +172,16 @@ def test_module_tracepoint_fires_from_the_patched_function(debian_tree: DistroTr
     assert "[livepatch_tp]" in v.stderr
 
 
+def test_comments_that_move_lines_are_no_change(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """Issue 16 item 3: comments added to fs/ext4/super.c (whose line-taking helpers are defined in the file
+    itself) and fs/dcache.c (FORTIFY "file:LINE" strings): exit 3, no module written."""
+    ko = tmp_path / "x.ko"
+    r = klpforge("build", "--distro", DISTRO, str(PATCHES / "47-comments-move-lines.patch"), "-o", str(ko))
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "no function changed in fs/ext4/super.o, fs/dcache.o" in r.stderr and "Traceback" not in r.stderr
+    assert not ko.exists()
+
+
 @pytest.mark.parametrize("patch, message", [
     ("90-refuse-data.patch", "data file_caps_enabled (.bss.file_caps_enabled) changed"),
     ("91-refuse-init.patch", "changed function proc_version_init is in .init.text"),
