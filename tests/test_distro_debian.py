@@ -182,6 +182,25 @@ def test_comments_that_move_lines_are_no_change(debian_tree: DistroTree, tmp_pat
     assert not ko.exists()
 
 
+def test_alternatives_cut_to_the_replaced_function(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """Issue 16 item 7: a change to arch_set_user_pkey_access() carries only its own alternatives' pieces
+    of .altinstr_replacement/.altinstr_aux (was: all of them, 75 klp relocations into other functions)."""
+    ko = tmp_path / "livepatch-xs.ko"
+    rep = tmp_path / "r.json"
+    r = klpforge("build", "--distro", DISTRO, str(PATCHES / "48-x86-xstate-alternatives.patch"), "-o", str(ko),
+                 "--json", str(rep))
+    assert r.returncode == 0, r.stderr
+    (obj,) = json.loads(rep.read_text())["objects"]
+    d = obj["diff_report"]
+    assert [f["old_name"] for f in d["patched_functions"]] == ["arch_set_user_pkey_access"]
+    assert d["klp_relocations"] == []
+    for name in (".altinstr_replacement", ".altinstr_aux"):
+        assert 0 < d["carved_sections"][name]["kept_bytes"] < d["carved_sections"][name]["total_bytes"] // 4
+    v = klpforge("verify", str(ko), "--distro", DISTRO, "--check", "ls /sys/kernel/livepatch/livepatch_xs/vmlinux",
+                 "--expect", "arch_set_user_pkey_access,1", "--timeout", "400")
+    assert v.returncode == 0, v.stderr[-3000:]
+
+
 @pytest.mark.parametrize("patch, message", [
     ("90-refuse-data.patch", "data file_caps_enabled (.bss.file_caps_enabled) changed"),
     ("91-refuse-init.patch", "changed function proc_version_init is in .init.text"),

@@ -33,7 +33,7 @@ from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
 from ..symtab import Export, TargetSymtab
-from .carve import Carving, carve
+from .carve import Carving, carve, carve_aux
 from .special import ENV_NAMES, PAIRED, entry_size
 
 __all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
@@ -169,7 +169,9 @@ class _Emitter:
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
             if ps in self.out_sec:
-                bias = self.arch.pcrel_bias.get(rtype, 0)
+                # a PC-relative field in data (a table's ``.long label - .``) addresses the label itself
+                code = site is None or not site[0] or self.p.is_text(site[0])
+                bias = self.arch.pcrel_bias.get(rtype, 0) if code else 0
                 new = self.cv.place(ps, addend + bias)
                 if new is None:
                     raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
@@ -210,6 +212,7 @@ class _Emitter:
         cv = self.cv = carve(p, self.arch, sel, sections)
         self.refusals.extend(cv.refusals)
         specials = _special_tables(p, sel, sections, self.opts, self.arch, cv)
+        carve_aux(p, self.arch, sections, [(t[0], t[1], t[2], len(t[1]) // t[4]) for t in specials.values()], cv)
         for ps in sorted(sections):
             self.add_section(ps, cv.data.get(ps), cv.size.get(ps))
         patched_set = set(sel.patched)
