@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
-from ..symtab import Export, TargetSymtab
+from ..symtab import Export, TargetSymtab, section_kind
 from .carve import Carving, carve, carve_aux
 from .special import ENV_NAMES, PAIRED, entry_size
 
@@ -108,6 +108,13 @@ class _Emitter:
         self.siblings = frozenset(corr.orig.sym_names[i] for i in range(corr.orig.nsym)
                                   if corr.orig.sbind[i] == C.STB_LOCAL and corr.orig.defined[i]
                                   and corr.orig.stype[i] in (C.STT_FUNC, C.STT_OBJECT))
+        o = corr.orig
+        #: every function/object of the object -> (section kind, local?): the anchors that prove which copy of
+        #: a duplicated static the target's kallsyms means (symtab.TargetSymtab._by_neighbours)
+        self.kinds = {o.sym_names[i]: (section_kind(o.sec_names[int(o.shndx[i])], o.sym_names[i]),
+                                       bool(o.sbind[i] == C.STB_LOCAL))
+                      for i in range(1, o.nsym) if o.defined[i] and o.stype[i] in (C.STT_FUNC, C.STT_OBJECT)
+                      and 0 < int(o.shndx[i]) < o.nsec}
         self._sympos_cache: dict[int, int] = {}
         self.cv = Carving()
 
@@ -140,8 +147,10 @@ class _Emitter:
             local = o.sbind[oi] == C.STB_LOCAL
             sc = int(o.scope[oi])
             file = o.file_names[sc] if sc >= 0 else o.main_file
+            kind = section_kind(o.sec_names[int(o.shndx[oi])], o.sym_names[oi]) if 0 < int(o.shndx[oi]) < o.nsec \
+                else ""
             c = self._sympos_cache[oi] = self.opts.symtab.sympos(o.sym_names[oi], file, bool(local),
-                                                                 self.siblings)
+                                                                 self.siblings, self.kinds, kind)
         return c
 
     def klp_symbol(self, obj: str, name: str, pos: int) -> int:
