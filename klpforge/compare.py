@@ -196,20 +196,53 @@ def _differs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int,
 
 
 def _line_relocs(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[int, str, bytes | None]]:
-    """(offset - lo, callee name for an undefined target else '', the string the target addresses) for the
-    relocations of ``[lo, hi)``: what :func:`klpforge.lineargs.line_loads` needs."""
+    """(offset - lo, callee name or '', the string the target addresses) for the relocations of
+    ``[lo, hi)``: what :func:`klpforge.lineargs.line_loads` needs.
+
+    The callee is named for an undefined target, and for a function of the same object when the object
+    is profiled (:func:`is_profiled`): GCC turns ``-fipa-ra`` off under ``-pg`` ("the option is disabled
+    if generated code will be instrumented for profiling", GCC 12 manual, Optimize Options), so calls to
+    it follow the standard ABI (6.1's ``__ext4_error``, ``__ext4_msg`` are defined in ``fs/ext4/super.c``
+    itself). GCC clones (``foo.isra.0``: arguments removed or reordered) are never named."""
     r = obj.relocs(sec)
     r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
+    arch = keys.arch
+    local_ok = is_profiled(obj, arch)
     out: list[tuple[int, str, bytes | None]] = []
     for off, sym, typ, add in zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
                                   strict=True):
         callee = obj.sym_names[sym] if not obj.defined[sym] and obj.stype[sym] != C.STT_SECTION else ""
+        if not callee and local_ok and obj.defined[sym]:
+            callee = _local_callee(obj, arch, int(sym), int(typ), int(add))
         s = None
         if not callee:
             k, a = keys.key(obj, int(sym), int(typ), int(add))
             s = _string_of(k, a + keys.arch.pcrel_bias.get(int(typ), 0))
         out.append((int(off) - lo, callee, s))
     return out
+
+
+def is_profiled(obj: Object, arch: Arch) -> bool:
+    """True when ``obj`` was compiled with ``-pg`` (it calls the profiling hook ``__fentry__``/``_mcount``
+    by name; ``-fpatchable-function-entry`` objects do not, and keep ``-fipa-ra``)."""
+    names = set(arch.fentry_names)
+    return any(not obj.defined[i] and obj.sym_names[i] in names for i in range(1, obj.nsym))
+
+
+def _local_callee(obj: Object, arch: Arch, sym: int, typ: int, add: int) -> str:
+    """Name of the function of ``obj`` a call relocation enters at its start ('' for anything else: data,
+    the middle of a function, a GCC clone)."""
+    where = add + arch.pcrel_bias.get(typ, 0)
+    if obj.stype[sym] == C.STT_SECTION:
+        t = obj.symbol_at(int(obj.shndx[sym]), where)
+        if t < 0 or int(obj.value[t]) != where:
+            return ""
+    elif where != 0:
+        return ""
+    else:
+        t = sym
+    name = obj.sym_names[t]
+    return name if obj.stype[t] == C.STT_FUNC and "." not in name else ""
 
 
 def _string_of(k: object, rel: int) -> bytes | None:

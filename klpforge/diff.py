@@ -143,6 +143,8 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
     report["special_sections"] = {k: {"kept": v[0], "total": v[1]} for k, v in res.special_kept.items()}
     report["carved_sections"] = {k: {"kept_bytes": v[0], "total_bytes": v[1]} for k, v in res.carved.items()}
     report["callbacks"] = res.callbacks
+    if res.module_keyed:  # tracepoints/static calls keyed in a module, kept working without table entries
+        report["module_keyed_entries"] = res.module_keyed
     if out is not None:
         atomic_write(out, res.data)
     return DiffResult(res.patched, changed, new, included_funcs, report, res.klp_relocs, res.callbacks)

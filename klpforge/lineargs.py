@@ -12,7 +12,8 @@ register in between. Line-taking calls are
 
 Everything else is a change, including a constant given to ``printk``/``ns_capable`` or to any ordinary
 function in a function that also calls a line-taking helper. Callees defined in the same object are
-never line-taking: with ``-fipa-ra`` GCC knows which registers they preserve and may reuse the register
+named by the caller (compare.py ``_line_relocs``) only when the object is built with ``-pg``, which turns
+GCC's ``-fipa-ra`` off: otherwise GCC knows which registers they preserve and may reuse the register
 after the call. The line field of ``__bug_table`` entries is data of the table (rebuilt by emit), not code.
 
 Decoding is capstone's, with detail (registers an instruction reads and writes, implicit ones included
@@ -51,6 +52,10 @@ LINE_ARGS: dict[str, int] = {
     "__ext4_journal_get_create_access": 2, "__ext4_handle_dirty_metadata": 2, "__ext4_journal_start_sb": 2,
     "__ext4_journal_stop": 2, "__ext4_journal_start_reserved": 2, "__ext4_check_dir_entry": 2,
     "__dump_mmp_msg": 4,
+    # 6.1 fs/ext4/{block_validity,xattr,extents,inode}.c: (function, line) helpers called across files or
+    # from the same file (named only in objects built with -pg: compare.py)
+    "ext4_check_blockref": 2, "__xattr_check_inode": 5, "__ext4_ext_check": 2, "__ext4_ext_dirty": 2,
+    "__read_extent_tree_block": 2, "__check_block_validity": 3,
 }
 
 #: A ``__FILE__`` string as Kbuild spells it (relative source path).

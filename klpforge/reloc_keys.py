@@ -13,6 +13,7 @@ numpy.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -23,7 +24,26 @@ from .model import Object
 from .names import canonical, is_local_label, is_special_static, special_kind
 from .pcrel import pcrel_tails
 
-__all__ = ["TargetKeys", "SYM_BASE"]
+__all__ = ["TargetKeys", "SYM_BASE", "str_key"]
+
+#: ``<source file>:<line>`` inside a string literal: ``__FILE__ ":" __stringify(__LINE__)``, as 6.1's
+#: FORTIFY_SOURCE ``memcpy`` check builds its warning (include/linux/fortify-string.h
+#: ``__fortify_memcpy_chk``: ``"field \"" #p "\" at " __FILE__ ":" __stringify(__LINE__)``).
+_FILE_LINE = re.compile(rb"([\w+-][\w.+/-]*\.[chS]):[0-9]+")
+
+
+def str_key(s: bytes) -> tuple[str, bytes]:
+    """The comparison key of string literal ``s``: its content, with the line of each ``file.c:LINE`` in it
+    left out, so that a moved line (a comment added above) does not change the functions using it.
+
+    >>> str_key(b'field "d->d_iname" at fs/dcache.c:2815') == str_key(b'field "d->d_iname" at fs/dcache.c:2817')
+    True
+    >>> str_key(b"fs/dcache.c") == str_key(b"fs/namei.c")
+    False
+    """
+    if b":" in s:
+        s = _FILE_LINE.sub(rb"\1:#", s)
+    return ("str", s)
 
 #: Key ids at or above this stand for a correlated symbol (``SYM_BASE + orig index``), below for interned keys.
 SYM_BASE = 1 << 40
@@ -123,7 +143,7 @@ class TargetKeys:
         if obj.section_flags(sec) & C.SHF_STRINGS:
             data = obj.section_data(sec)
             end = data.find(b"\0", v)
-            return ("str", data[v:end if end >= 0 else len(data)])
+            return str_key(data[v:end if end >= 0 else len(data)])
         if obj.is_text(sec):
             f = obj.symbol_at(sec, v)
             if f < 0 or obj.stype[f] != C.STT_FUNC:
@@ -283,7 +303,7 @@ class TargetKeys:
             nxt = np.where(k < len(nul), nul[np.clip(k, 0, max(len(nul) - 1, 0))], hi) if len(nul) else hi
             start, end = np.maximum(prev, lo), np.minimum(nxt, hi)
             for jj, st, en, b0 in zip(sj.tolist(), start.tolist(), end.tolist(), lo.tolist(), strict=True):
-                kid[jj] = self.intern(("str", buf[st:en]))
+                kid[jj] = self.intern(str_key(buf[st:en]))
                 add[jj] = add[jj] - (st - b0)
         return self._vector_covering(obj, r, syms, kid, add, rest[~strs])
 
@@ -344,7 +364,7 @@ class TargetKeys:
             data = obj.section_data(sec)
             start = data.rfind(b"\0", 0, max(where, 0)) + 1 if where > 0 else 0
             end = data.find(b"\0", max(where, 0))
-            return ("str", data[start: end if end >= 0 else len(data)]), addend - start
+            return str_key(data[start: end if end >= 0 else len(data)]), addend - start
         if name in self.arch.toc_sections:
             return self.toc_key(obj, sec, where), addend - where
         t = obj.symbol_at(sec, where)

@@ -184,6 +184,11 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
     all_o = {i for ol, _ in groups for i in ol}
     all_p = {i for _, pl in groups for i in pl}
     ou, pu = users_of(o, all_o), users_of(p, all_p)
+    # Statics folded into one object (``-fipa-icf`` merges identical read-only variables: several names at
+    # one place) pair as one: their users are the union, and the other names follow their representative.
+    ofold, pfold = _folded(o, all_o, ou), _folded(p, all_p, pu)
+    groups = [([i for i in ol if i not in ofold["alias"]], [i for i in pl if i not in pfold["alias"]])
+              for ol, pl in groups]
 
     def names(obj: Object, fs: set[int]) -> frozenset[str]:
         return frozenset(base_function(obj.sym_names[f]) for f in fs)
@@ -280,4 +285,34 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
                 ambiguous[pi] = (f"static local {p.sym_names[pi]} (used by {users}) cannot be correlated: "
                                  f"it may be the running kernel's {cands}; pairing it by GCC's number "
                                  "or position could bind the patch to another function's variable")
+    for orep, omembers in ofold["members"].items():
+        prep = int(corr.o2p[orep])
+        for a, b in zip(omembers, pfold["members"].get(prep, [prep]), strict=False):
+            if corr.o2p[a] < 0 and corr.p2o[b] < 0:
+                _pair(corr, a, b, f"another name of the folded static {o.sym_names[orep]} (identical-code "
+                                  "folding: one object at one place)")
     return ambiguous
+
+
+def _folded(obj: Object, statics: set[int], users: dict[int, set[int]]) -> dict[str, dict[int, list[int]]]:
+    """Statics of one canonical name at one (section, offset, size): GCC's ``-fipa-icf`` folded them into
+    one object. Returns ``{"members": {representative: [other names, by GCC number]}, "alias": {other name:
+    representative}}``; the representative is the name references resolve to (``Object.symbol_at``) and
+    gets the union of the names' users (``users`` is updated)."""
+    by: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)
+    for i in statics:
+        if obj.defined[i] and int(obj.size[i]):
+            by[(_NUMBERED.sub("", obj.sym_names[i]), int(obj.shndx[i]), int(obj.value[i]), int(obj.size[i]))].append(i)
+    members: dict[int, list[int]] = {}
+    alias: dict[int, list[int]] = {}
+    for (_, sec, value, _), ms in by.items():
+        if len(ms) < 2:
+            continue
+        rep = obj.symbol_at(sec, value)
+        rep = rep if rep in ms else min(ms, key=lambda i: _number(obj.sym_names[i]))
+        rest = sorted((m for m in ms if m != rep), key=lambda i: _number(obj.sym_names[i]))
+        members[rep] = rest
+        for m in rest:
+            alias[m] = [rep]
+            users.setdefault(rep, set()).update(users.pop(m, set()))
+    return {"members": members, "alias": alias}

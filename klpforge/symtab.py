@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .elf import ElfFile
 from .elf import constants as C
 from .errors import InputError
 
-__all__ = ["TargetSymtab", "load_symvers", "Export"]
+__all__ = ["TargetSymtab", "load_symvers", "Export", "section_kind"]
 
 _TYPES = {"NOTYPE": C.STT_NOTYPE, "OBJECT": C.STT_OBJECT, "FUNC": C.STT_FUNC, "SECTION": C.STT_SECTION,
           "FILE": C.STT_FILE, "COMMON": C.STT_COMMON, "TLS": C.STT_TLS}
@@ -104,11 +105,15 @@ class TargetSymtab:
     def has(self, name: str) -> bool:
         return name in self._by_name
 
-    def sympos(self, name: str, file: str, local: bool, siblings: frozenset[str] = frozenset()) -> int:
+    def sympos(self, name: str, file: str, local: bool, siblings: frozenset[str] = frozenset(),
+               kinds: Mapping[str, tuple[str, bool]] | None = None, kind: str = "") -> int:
         """The kernel's ``sympos`` for ``name`` defined in source ``file``.
 
         ``siblings`` (other local names of the same object) picks the right FILE block when several
-        files share a name. Raises InputError when the symbol cannot be found unambiguously."""
+        files share a name. Without FILE symbols (a kallsyms capture), ``kinds`` (every function/object
+        name of the same object -> (its section kind, local?)) and ``kind`` (the section kind of ``name``:
+        :func:`section_kind`) let :meth:`_by_neighbours` prove which copy it is. Raises InputError when
+        the symbol cannot be found unambiguously: never a guess."""
         cands = self._by_name.get(name, [])
         if not cands:
             raise InputError(f"cannot find symbol {name} in the target symbol table {self.path}")
@@ -123,18 +128,27 @@ class TargetSymtab:
                      for b in blocks}
             best = max(score.values())
             mine = [i for i in mine if score[self.scope[i]] == best]
-        if not mine and siblings and not any(s >= 0 for s in self.scope):
-            mine = self._by_neighbours(cands, siblings)
+        nofile = not any(s >= 0 for s in self.scope)
+        if not mine and kinds and nofile:
+            mine = self._by_neighbours(cands, kinds, kind)
         if len(mine) != 1:
+            why = ("it has no FILE symbols and no copy lies between two symbols found only in that object"
+                   if nofile else f"{len(mine)} candidates in that file")
             raise InputError(f"cannot tell which of {len(cands)} symbols named {name} belongs to {file} "
-                             f"in {self.path} ({len(mine)} candidates in that file)")
+                             f"in {self.path}: {why}")
         order = sorted(cands, key=(lambda i: i) if self.is_module else (lambda i: (self.values[i], i)))
         return order.index(mine[0]) + 1
 
-    def _by_neighbours(self, cands: list[int], siblings: frozenset[str]) -> list[int]:
-        """Without FILE symbols (a ``/proc/kallsyms`` capture, a stripped module), pick the candidate whose
-        neighbours -- in address order for vmlinux, symbol-table order for a module: the linker keeps one
-        object's symbols together -- include the most other local names of the same object. [] if tied."""
+    def _by_neighbours(self, cands: list[int], kinds: Mapping[str, tuple[str, bool]], kind: str) -> list[int]:
+        """Without FILE symbols (a ``/proc/kallsyms`` capture, a stripped module): the one candidate that lies
+        between two *anchors*, names of the same object found exactly once in the target; [] otherwise.
+
+        Why that proves it: the linker places each input section whole, so everything between two symbols
+        of one input section belongs to it. For vmlinux (address order) both anchors must be of the
+        candidate's section kind (``.text``, ``.data``, ``.bss``, ``.text.unlikely`` ...: one input section
+        of the object each); for a module (symbol-table order) ld lists each input file's local symbols
+        together, so any two local anchors do. A score of "most neighbours" is not used: near the boundary
+        of two objects it picks the other object's copy (``_raw_spin_rq_lock_irqsave``, kernel/sched)."""
         if self._rank is None:
             idx = range(len(self.names))
             order = list(idx) if self.is_module else sorted(idx, key=lambda i: (self.values[i], i))
@@ -142,13 +156,25 @@ class TargetSymtab:
             for r, i in enumerate(order):
                 self._rank[i] = r
         rank = self._rank
-        window = 2 * len(siblings) + 16
-        sib_ranks = sorted(rank[j] for s in siblings for j in self._by_name.get(s, []))
-        score = {c: bisect.bisect_right(sib_ranks, rank[c] + window) - bisect.bisect_left(sib_ranks, rank[c] - window)
-                 for c in cands}
-        best = max(score.values())
-        top = [c for c in cands if score[c] == best]
-        return top if best > 0 and len(top) == 1 else []
+        anchors = sorted(rank[self._by_name[n][0]] for n, (k, local) in kinds.items()
+                         if len(self._by_name.get(n, ())) == 1 and (local if self.is_module else k == kind))
+        proven = [c for c in cands if 0 < bisect.bisect_left(anchors, rank[c]) < len(anchors)
+                  and rank[c] not in anchors]
+        return proven if len(proven) == 1 else []
+
+
+def section_kind(secname: str, symname: str) -> str:
+    """The section a symbol of ``symname`` defined in ``secname`` (of an object built with
+    ``-ffunction-sections -fdata-sections``) lands in when built without them: ``.text.foo`` -> ``.text``,
+    ``.bss.x`` -> ``.bss``; other names (``.text.unlikely.foo`` -> ``.text.unlikely``, ``.sched.text``) as
+    they are.
+
+    >>> section_kind(".text.foo", "foo"), section_kind(".text.unlikely.foo", "foo"), section_kind(".sched.text", "f")
+    ('.text', '.text.unlikely', '.sched.text')
+    """
+    if symname and secname.endswith("." + symname):
+        return secname[:-len(symname) - 1]
+    return secname
 
 
 @dataclass(frozen=True)

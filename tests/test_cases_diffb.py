@@ -585,3 +585,17 @@ def test_syscall_alias_has_the_body_entry_on_real_cross_compiled_code(arch: str,
     r = _cross_pair(arch, SYSCALL % ("1", ""), SYSCALL % ("2", ""), tmp_path, *extra)
     assert r.code == 0, r.stderr
     assert r.replaced == ["sys_foo"]
+
+
+def test_tree_sitter_reads_aligned_anonymous_struct_inside_a_function() -> None:
+    """Issue 16: ``struct {...} __aligned(X) v;`` in a function body (6.1 nf_conntrack_core.c, nf_nat_core.c)
+    was parsed as a nested function definition swallowing the file: the really edited functions showed up as
+    "unpredicted". Attribute macros are blanked (lines and columns kept) before parsing."""
+    from klpforge.ipa.patchmap import functions_in_source
+
+    src = (b"static int f(struct nf_conn *ct)\n{\n\tstruct {\n\t\tint a;\n\t\tlong b;\n\t} __aligned(8) v;\n"
+           b"\tint y = 1;\n\treturn y + v.a;\n}\n\nint __cold g(void)\n{\n\treturn 2;\n}\n"
+           b"static struct x { int a; } __packed __attribute__((aligned(4))) h(void)\n{\n\treturn (struct x){0};\n}\n")
+    assert functions_in_source(src, {7}) == ["f"]
+    assert functions_in_source(src, {13}) == ["g"]
+    assert functions_in_source(src, {17}) == ["h"]

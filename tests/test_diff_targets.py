@@ -31,7 +31,7 @@ int g(int x) { return key_on() ? -x : x; }
 
 def test_jump_label_keyed_in_module_is_refused(cc, tmp_path: Path) -> None:
     a, b = cc(JUMP % 2, "a"), cc(JUMP % 3, "b")
-    with pytest.raises(UnsafeChange, match="jump label key mykey is defined in module mymod"):
+    with pytest.raises(UnsafeChange, match="function f tests jump label mykey, a static key of module mymod"):
         run_diff(a, b, tmp_path / "o.o", DiffOptions(target="mymod", symtab=a, env={"JUMP_STRUCT_SIZE": "16"}))
     assert not (tmp_path / "o.o").exists()
 

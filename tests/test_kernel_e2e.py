@@ -141,6 +141,17 @@ CASES = [
          "echo 0 > $T/events/printk/console/enable && [ \"${a%klpforge-key=on}\" = \"$a\" ] && echo \"$b\" && "
          "grep -o 'console: klpforge-static-call' $T/trace",
          "klpforge-key=on\nconsole: klpforge-static-call", {"cmdline_proc_show", "version_proc_show"}),
+    # Issue 16 item 1: tracepoints of the target module itself in replaced code (jump labels and static
+    # calls keyed in the module) fire from the new code; the module loads after the live patch.
+    Case("14-module-tracepoint.patch",
+         "insmod /lib/klp/trace-events-sample.ko && T=/sys/kernel/tracing && mount -t tracefs nodev $T && "
+         "echo 1 > $T/events/sample-trace/foo_bar/enable && sleep 4 && "
+         "echo 0 > $T/events/sample-trace/foo_bar/enable && grep -o -m1 'foo_bar: foo klpforge-' $T/trace && "
+         "for p in /proc/[0-9]*; do grep -qx event-sample $p/comm && cat $p/stack; done | grep -o -m1 "
+         "'do_simple_thread_func.*livepatch_case.'; rmmod trace_events_sample",
+         "foo_bar: foo klpforge-\ndo_simple_thread_func", {"do_simple_thread_func.constprop.0"},
+         target="trace_events_sample",
+         files=["samples/trace_events/trace-events-sample.ko"]),
 ]
 
 

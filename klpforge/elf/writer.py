@@ -141,6 +141,13 @@ class ObjectWriter:
     def section_name(self, handle: int) -> str:
         return self._secs[handle].name
 
+    def patch_bytes(self, handle: int, offset: int, data: bytes) -> None:
+        """Overwrite ``len(data)`` bytes of section ``handle`` at ``offset`` (within its current data)."""
+        sec = self._secs[handle]
+        if offset < 0 or offset + len(data) > len(sec.data):
+            raise ValueError(f"{sec.name}+{offset:#x}: {len(data)} bytes past the end of the section")
+        sec.data = sec.data[:offset] + data + sec.data[offset + len(data):]
+
     # -- output ---------------------------------------------------------------------------------------
 
     def build(self) -> bytes:

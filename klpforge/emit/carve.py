@@ -26,10 +26,10 @@ import numpy as np
 from ..arch import Arch
 from ..elf import constants as C
 from ..model import Object
-from ..select import Selection, resolve_target
+from ..select import Selection, is_aux_code, resolve_target
 from ..sharedsec import gap, is_shared, place_of, resolved_refs
 
-__all__ = ["Carving", "carve"]
+__all__ = ["Carving", "carve", "carve_aux"]
 
 
 @dataclass
@@ -137,3 +137,105 @@ def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -
             if p.stype[t] == C.STT_SECTION:
                 out.setdefault(sec_syms[s], set()).add(place_of(p, arch, t_, a, (src, off)))
     return out
+
+
+def carve_aux(p: Object, arch: Arch, sections: set[int],
+              tables: list[tuple[str, bytes, list[tuple[int, int, int, int]], int]], cv: Carving) -> None:
+    """Cut the auxiliary code sections of ``sections`` (``.altinstr_replacement``, ``.altinstr_aux``,
+    ``.fixup``, ppc64 ``__ftr_alt_*``: selection.AUX_CODE) to the pieces that included code and the kept
+    special-table entries use, instead of carrying every piece of the object with its relocations into
+    unrelated (even ``__init``) functions.
+
+    A piece runs from a place anything in the object references (a table entry's replacement, a
+    ``jmp 6f`` of ``static_cpu_has()`` into ``.altinstr_aux``, 6.1 ``arch/x86/include/asm/cpufeature.h``)
+    to the next such place. Kept pieces: those referenced by included code (inside its kept bytes) or by
+    ``tables`` (the kept entries: ``(name, bytes, relocations (offset, patched symbol, type, addend),
+    entry size)``), and what kept pieces reference in turn. An x86 ``.altinstructions`` entry keeps exactly
+    its ``replacementlen`` bytes (6.1 ``struct alt_instr``: byte 11; 6.3+: byte 13 of 14): an empty
+    replacement (``ALTERNATIVE_TERNARY``'s "") starts where the next site's replacement does and must not
+    bring it along. Fills ``cv`` like :func:`carve` (ranges, data, size)."""
+    aux = {s for s in sections if is_aux_code(p.sec_names[s]) and s not in cv.ranges}
+    if not aux:
+        return
+    starts: dict[int, set[int]] = {s: {0} for s in aux}
+    used: dict[int, set[int]] = {s: set() for s in aux}
+    refs_from: dict[int, list[tuple[int, int, int]]] = {s: [] for s in aux}  # aux sec -> (offset, sec, place)
+
+    def target(sym: int, rtype: int, addend: int, code: bool) -> tuple[int, int]:
+        if not p.defined[sym]:
+            return 0, 0
+        sec = int(p.shndx[sym])
+        if sec not in aux:
+            return 0, 0
+        return sec, int(p.value[sym]) + addend + (arch.pcrel_bias.get(rtype, 0) if code else 0)
+
+    for src in range(1, p.nsec):
+        r = p.relocs(src)
+        if not len(r):
+            continue
+        code = p.is_text(src)
+        syms = r["sym"].astype(np.int64)
+        hit = r[np.isin(p.shndx[syms], list(aux)) & p.defined[syms]]
+        for x in hit:
+            off = int(x["offset"])
+            sec, where = target(int(x["sym"]), int(x["type"]), int(x["addend"]), code)
+            if not sec:
+                continue
+            starts[sec].add(where)
+            if src in aux:
+                refs_from[src].append((off, sec, where))
+            elif src in sections and not is_aux_code(p.sec_names[src]) \
+                    and cv.place(src, off, inside=True) is not None:
+                used[sec].add(where)
+    exact: dict[int, list[tuple[int, int]]] = {s: [] for s in aux}
+    for name, data, entries, size in tables:
+        lenoff = {12: 11, 13: 11, 14: 13}.get(size, -1) \
+            if name == ".altinstructions" and arch.machine == C.EM_X86_64 else -1
+        for off, sym, rtype, addend in entries:
+            sec, where = target(sym, rtype, addend, False)
+            if not sec:
+                continue
+            if lenoff >= 0 and off % size == 4:  # repl_offset: the replacement is [where, where + len)
+                exact[sec].append((where, where + data[off - 4 + lenoff]))
+            else:
+                used[sec].add(where)
+    pieces = {s: np.array(sorted(starts[s] | {int(p.shdrs["size"][s])}), np.int64) for s in aux}
+
+    def piece(sec: int, where: int) -> tuple[int, int]:
+        b = pieces[sec]
+        k = int(np.searchsorted(b, where, side="right")) - 1
+        return int(b[k]), int(b[min(k + 1, len(b) - 1)])
+
+    keep: dict[int, set[tuple[int, int]]] = {s: set(exact[s]) for s in aux}
+    todo = [(s, w) for s in aux for w in used[s]]
+    todo += [(t, w) for s in aux for lo, hi in exact[s] for off, t, w in refs_from[s] if lo <= off < hi]
+    while todo:
+        sec, where = todo.pop()
+        pc = piece(sec, where)
+        if pc in keep[sec] or pc[0] >= pc[1]:
+            continue
+        keep[sec].add(pc)
+        todo.extend((t, w) for off, t, w in refs_from[sec] if pc[0] <= off < pc[1])
+    for sec in sorted(aux):
+        size = int(p.shdrs["size"][sec])
+        merged: list[list[int]] = []
+        for lo, hi in sorted(keep[sec]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        if merged == [[0, size]]:
+            continue  # every piece is used: the section goes whole
+        align = max(int(p.shdrs["addralign"][sec]), 1)
+        rows, pos = [], 0
+        for lo, hi in merged:
+            pos = -(-pos // align) * align
+            rows.append((lo, hi, pos))
+            pos += hi - lo
+        cv.ranges[sec] = np.array(rows, np.int64).reshape(-1, 3)
+        cv.size[sec] = pos
+        src_data = p.section_data(sec)
+        buf = bytearray(pos)
+        for lo, hi, new in rows:
+            buf[new:new + hi - lo] = src_data[lo:hi]
+        cv.data[sec] = bytes(buf)

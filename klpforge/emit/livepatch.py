@@ -32,8 +32,8 @@ from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
-from ..symtab import Export, TargetSymtab
-from .carve import Carving, carve
+from ..symtab import Export, TargetSymtab, section_kind
+from .carve import Carving, carve, carve_aux
 from .special import ENV_NAMES, PAIRED, entry_size
 
 __all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
@@ -80,6 +80,9 @@ class EmitResult:
     callbacks: dict[str, str]
     #: shared sections taken symbol by symbol -> (bytes kept, bytes in the patched object's section)
     carved: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ``__jump_table``/``.static_call_sites`` entries keyed in a module, taken out (sites rewritten or
+    #: calling the trampoline: :func:`_module_keyed_entries`) -> how many
+    module_keyed: dict[str, int] = field(default_factory=dict)
 
 
 def alias_name(obj: str, name: str, sympos: int) -> str:
@@ -105,6 +108,13 @@ class _Emitter:
         self.siblings = frozenset(corr.orig.sym_names[i] for i in range(corr.orig.nsym)
                                   if corr.orig.sbind[i] == C.STB_LOCAL and corr.orig.defined[i]
                                   and corr.orig.stype[i] in (C.STT_FUNC, C.STT_OBJECT))
+        o = corr.orig
+        #: every function/object of the object -> (section kind, local?): the anchors that prove which copy of
+        #: a duplicated static the target's kallsyms means (symtab.TargetSymtab._by_neighbours)
+        self.kinds = {o.sym_names[i]: (section_kind(o.sec_names[int(o.shndx[i])], o.sym_names[i]),
+                                       bool(o.sbind[i] == C.STB_LOCAL))
+                      for i in range(1, o.nsym) if o.defined[i] and o.stype[i] in (C.STT_FUNC, C.STT_OBJECT)
+                      and 0 < int(o.shndx[i]) < o.nsec}
         self._sympos_cache: dict[int, int] = {}
         self.cv = Carving()
 
@@ -137,8 +147,10 @@ class _Emitter:
             local = o.sbind[oi] == C.STB_LOCAL
             sc = int(o.scope[oi])
             file = o.file_names[sc] if sc >= 0 else o.main_file
+            kind = section_kind(o.sec_names[int(o.shndx[oi])], o.sym_names[oi]) if 0 < int(o.shndx[oi]) < o.nsec \
+                else ""
             c = self._sympos_cache[oi] = self.opts.symtab.sympos(o.sym_names[oi], file, bool(local),
-                                                                 self.siblings)
+                                                                 self.siblings, self.kinds, kind)
         return c
 
     def klp_symbol(self, obj: str, name: str, pos: int) -> int:
@@ -154,10 +166,11 @@ class _Emitter:
             h = self.ext[name] = self.w.add_symbol(name, C.SHN_UNDEF, 0, 0, C.STT_NOTYPE, C.STB_GLOBAL)
         return h
 
-    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None) \
-            -> tuple[int, int, str | None, str]:
+    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None,
+                dry: bool = False) -> tuple[int, int, str | None, str]:
         """Output symbol handle, addend, klp object name (None for a normal relocation), display name.
-        ``site``: the relocation's patched (section, offset), for resolve_target."""
+        ``site``: the relocation's patched (section, offset), for resolve_target. ``dry``: only classify
+        (no symbol is added; the handle returned for a klp relocation is 0)."""
         p = self.p
         if sym == 0:  # no symbol (ppc64 R_PPC64_ENTRY, R_*_NONE)
             return 0, addend, None, ""
@@ -171,7 +184,9 @@ class _Emitter:
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
             if ps in self.out_sec:
-                bias = self.arch.pcrel_bias.get(rtype, 0)
+                # a PC-relative field in data (a table's ``.long label - .``) addresses the label itself
+                code = site is None or not site[0] or self.p.is_text(site[0])
+                bias = self.arch.pcrel_bias.get(rtype, 0) if code else 0
                 new = self.cv.place(ps, addend + bias)
                 if new is None:
                     raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
@@ -186,13 +201,15 @@ class _Emitter:
                 return self.external(name), a, None, name
             obj = exp.module if exp is not None else (
                 self.opts.target if self.opts.symtab.has(name) else "vmlinux")
-            return self.klp_symbol(obj, name, 0), a, obj, name
+            return (0 if dry else self.klp_symbol(obj, name, 0)), a, obj, name
         oi = self.orig_of(t)
         if oi < 0:
             raise _Unresolvable(f"{name}, which is neither included nor present in the original object")
         oname = self.corr.orig.sym_names[oi]
         if exp is not None and exp.module == "vmlinux" and self.corr.orig.sbind[oi] != C.STB_LOCAL:
             return self.external(oname), a, None, oname
+        if dry:
+            return 0, a, self.opts.target, oname
         pos = self.sympos_of(oi)
         return self.klp_symbol(self.opts.target, oname, pos), a, self.opts.target, oname
 
@@ -210,6 +227,7 @@ class _Emitter:
         cv = self.cv = carve(p, self.arch, sel, sections)
         self.refusals.extend(cv.refusals)
         specials = _special_tables(p, sel, sections, self.opts, self.arch, cv)
+        carve_aux(p, self.arch, sections, [(t[0], t[1], t[2], len(t[1]) // t[4]) for t in specials.values()], cv)
         for ps in sorted(sections):
             self.add_section(ps, cv.data.get(ps), cv.size.get(ps))
         patched_set = set(sel.patched)
@@ -334,6 +352,7 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
     p = corr.patched
     sections, specials = em.lay_out()
     cv = em.cv
+    rewritten = _module_keyed_entries(em, specials)
 
     patched: list[PatchedFunc] = []
     for s in sel.patched:
@@ -354,7 +373,6 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
 
     kept = em.relocate_all(sections, specials)
     em.finish_klp()
-    _check_module_keys(em)
     # Callbacks are usually static: give each a global alias the generated module source can name.
     cbs: dict[str, str] = {}
     for kind, v in sel.callbacks.items():
@@ -365,7 +383,8 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
                         C.STB_GLOBAL)
         cbs[kind] = alias
     carved = {p.sec_names[s]: (cv.size[s], int(p.shdrs["size"][s])) for s in sorted(cv.ranges)}
-    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs, carved)
+    return EmitResult(em.w.build(), patched, em.klp_report, sorted(em.ext), kept, em.refusals, cbs, carved,
+                      rewritten)
 
 
 def _out_value(cv: Carving, p: Object, s: int) -> int:
@@ -473,15 +492,122 @@ def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel:
         todo.extend(resolve_target(p, arch, int(x["sym"]), int(x["type"]), int(x["addend"]))[0] for x in r)
 
 
-def _check_module_keys(em: _Emitter) -> None:
-    """Jump labels and static calls keyed in a module cannot be patched (6.1 sets their module entries up
-    before the module's klp relocations are applied, ``kernel/livepatch/core.c``)."""
-    if em.opts.target == "vmlinux":
-        return
-    for r in em.klp_report:
-        if r.section in ("__jump_table", ".static_call_sites") and r.obj != "vmlinux" \
-                and not r.symbol.startswith("__tracepoint_"):
-            what = "jump label" if r.section == "__jump_table" else "static call"
-            em.refusals.append(f"{what} key {r.symbol} is defined in module {r.obj}: its entry would "
-                               "be set up before the key is resolved; use static_key_enabled() or a plain "
-                               "call instead")
+#: x86 encodings of a jump-label site (6.1 ``arch/x86/include/asm/jump_label.h``, objtool's NOPs)
+_X86_NOP5, _X86_NOP2 = bytes.fromhex("0f1f440000"), bytes.fromhex("6690")
+
+
+def _module_keyed_entries(em: _Emitter, specials: dict[int, SpecialTable]) -> dict[str, int]:
+    """Drop the ``__jump_table``/``.static_call_sites`` entries whose key would be a klp relocation into a
+    module, so that the tracepoints and static calls of replaced module code keep working.
+
+    Why: 6.1's loader registers a module's jump labels and static-call sites in the ``MODULE_STATE_COMING``
+    notifiers (``kernel/jump_label.c`` ``jump_label_add_module()``, ``kernel/static_call_inline.c``
+    ``static_call_add_module()``), and applies only the vmlinux klp relocations before them
+    (``kernel/module/main.c`` ``apply_relocations()``); module-specific ones are applied later, in
+    ``klp_init_object_loaded()`` (``kernel/livepatch/core.c``). An entry keyed in a module would be read
+    with its key field unresolved (the kernel would take the entry itself for the key and write into it).
+
+    * A static call site (any key: tracepoints' ``__SCK__tp_func_<event>`` and others) loses its entry:
+      the ``call __SCT__<name>`` stays a call of the static call's trampoline, which
+      ``__static_call_update()`` always retargets (one extra ``jmp`` when the call is made).
+    * A tracepoint's jump label (``static_key_false(&__tracepoint_<event>.key)``, x86) loses its entry
+      and its site is written as the key enabled would have it: the code always reaches ``__DO_TRACE``,
+      whose ``__tracepoint_<event>.funcs`` test stops it when no probe is registered (a load and a test
+      while the event is off; the event fires from the new code when it is on).
+    * Any other module-owned jump label is refused, naming the function and the key.
+
+    Returns table name -> entries dropped (for the report); refusals go to ``em.refusals``."""
+    p = em.p
+    dropped: dict[str, int] = {}
+    refused: set[str] = set()
+    for ps, (name, data, relocs, total, nkept) in list(specials.items()):
+        if name not in ("__jump_table", ".static_call_sites") or not nkept:
+            continue
+        size = len(data) // nkept
+        by_entry: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+        for x in relocs:
+            by_entry[x[0] // size].append(x)
+        drop: set[int] = set()
+        for e, rr in sorted(by_entry.items()):
+            key = max(rr, key=lambda x: x[0])  # the key is the entry's last field
+            try:
+                _, _, obj, disp = em.resolve(key[1], key[2], key[3], dry=True)
+            except _Unresolvable:
+                continue  # relocate() reports it
+            if obj is None or obj == "vmlinux":
+                continue  # resolved before the loader reads the table
+            site = min(rr, key=lambda x: x[0])
+            ssec, spos = _field_place(p, site)
+            fn = p.symbol_at(ssec, spos) if ssec else -1
+            where = p.sym_names[fn] if fn >= 0 else p.sec_names[ssec]
+            if name == ".static_call_sites":
+                drop.add(e)
+                continue
+            if not disp.startswith("__tracepoint_"):
+                refused.add(f"function {where} tests jump label {disp}, a static key of module {obj}: 6.1 sets "
+                            "up a live patch's jump labels before it resolves module symbols; test it with "
+                            f"static_key_enabled() instead of static_branch_*()/static_key_*() in {where}")
+                continue
+            tgt = [x for x in rr if x is not site and x is not key]
+            why = _enable_site(em, ssec, spos, tgt[0] if tgt else None, key[3] & 1)
+            if why:
+                refused.add(f"function {where}: the jump label of tracepoint {disp.removeprefix('__tracepoint_')}"
+                            f" (module {obj}) cannot be rewritten: {why}")
+                continue
+            drop.add(e)
+        if not drop:
+            continue
+        keep = [e for e in range(nkept) if e not in drop]
+        new = b"".join(data[e * size:(e + 1) * size] for e in keep)
+        renum = {e: k for k, e in enumerate(keep)}
+        nrel = [(off - (off // size) * size + renum[off // size] * size, sy, t, a)
+                for off, sy, t, a in relocs if off // size in renum]
+        dropped[name] = dropped.get(name, 0) + len(drop)
+        if keep:
+            specials[ps] = (name, new, nrel, total, len(keep))
+        else:
+            del specials[ps]
+    em.refusals.extend(sorted(refused))
+    return dropped
+
+
+def _field_place(p: Object, rel: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(patched section, offset) a table field's ``.long label - .`` relocation names (0, 0 if none)."""
+    _, sym, _, addend = rel
+    if not p.defined[sym]:
+        return 0, 0
+    return int(p.shndx[sym]), int(p.value[sym]) + addend
+
+
+def _enable_site(em: _Emitter, sec: int, pos: int, target: tuple[int, int, int, int] | None,
+                 branch: int) -> str:
+    """Write the jump-label site at patched ``sec+pos`` as an enabled key leaves it (6.1 x86
+    ``jump_label_type()``: jump when enabled XOR branch): ``jmp`` to the entry's target for
+    ``static_key_false`` sites (branch 0), a NOP otherwise. Returns why it cannot ("" when done)."""
+    p = em.p
+    if em.arch.machine != C.EM_X86_64:
+        return f"rewriting jump labels is implemented for x86_64, not {em.arch.name}"
+    if target is None or sec not in em.out_sec:
+        return "the entry has no target in the included code"
+    tsec, tpos = _field_place(p, target)
+    out = em.cv.place(sec, pos, inside=True)
+    tout = em.cv.place(tsec, tpos) if tsec == sec else None
+    if out is None or tout is None:
+        return "its target is not in the same included section"
+    code = p.section_data(sec)[pos:pos + 5]
+    if code[:1] == b"\xe9" or code == _X86_NOP5:
+        width = 5
+    elif code[:1] == b"\xeb" or code[:2] == _X86_NOP2:
+        width = 2
+    else:
+        return f"unexpected instruction bytes {code.hex()} at the site"
+    if branch:
+        insn = _X86_NOP5 if width == 5 else _X86_NOP2
+    else:
+        rel = tout - (out + width)
+        if width == 2 and not -128 <= rel < 128:
+            return "its target is out of reach of a short jump"
+        insn = b"\xe9" + rel.to_bytes(4, "little", signed=True) if width == 5 else \
+            b"\xeb" + rel.to_bytes(1, "little", signed=True)
+    em.w.patch_bytes(em.out_sec[sec], out, insn)
+    return ""

@@ -82,8 +82,9 @@ class _XenEmitter(_Emitter):
         file = o.file_names[sc] if sc >= 0 else o.main_file
         return xen_name(o.sym_names[oi], file, bool(o.sbind[oi] == C.STB_LOCAL))
 
-    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None) \
-            -> tuple[int, int, str | None, str]:
+    def resolve(self, sym: int, rtype: int, addend: int, site: tuple[int, int] | None = None,
+                dry: bool = False) -> tuple[int, int, str | None, str]:
+        # ``dry`` (classify only) is for Linux's module-keyed tables; Xen payloads never have klp relocations
         p = self.p
         if sym == 0:
             return 0, addend, None, ""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,33 @@ def _name_of(decl: Any) -> str | None:
     return None
 
 
+#: Kernel attribute macros tree-sitter-c cannot know: ``struct {...} __aligned(8) v;`` inside a function is
+#: otherwise read as a nested function definition that swallows the rest of the file (nf_conntrack_core.c,
+#: nf_nat_core.c in 6.1). Blanked with spaces (newlines kept) so that every line and column stays put.
+_ATTRIBUTES = re.compile(
+    rb"\b(?:__attribute__|__aligned|__section|__alias|__printf|__scanf|__cleanup|__designated_init"
+    rb"|__counted_by|__nonstring)\s*\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)"
+    rb"|\b(?:__packed|____cacheline_aligned(?:_in_smp)?|__cacheline_aligned(?:_in_smp)?|__randomize_layout"
+    rb"|__no_randomize_layout|__maybe_unused|__always_unused|__read_mostly|__ro_after_init|__aligned_largest"
+    rb"|__latent_entropy|__noreturn|__must_check|__cold|__weak|__used)\b")
+
+
+def _blank_attributes(source: bytes) -> bytes:
+    """``source`` with the attribute macros of :data:`_ATTRIBUTES` replaced by as many spaces.
+
+    >>> _blank_attributes(b"struct { int a; } __aligned(8) v;")
+    b'struct { int a; }              v;'
+    """
+    return _ATTRIBUTES.sub(lambda m: bytes(b if b == 0x0A else 0x20 for b in m.group()), source)
+
+
 def functions_in_source(source: bytes, lines: set[int]) -> list[str]:
     """Names of the function definitions that contain any of ``lines`` (1-based).
 
     >>> functions_in_source(b"int f(void)\\n{\\n return 1;\\n}\\n", {3})
     ['f']
     """
-    tree = _parser().parse(source)
+    tree = _parser().parse(_blank_attributes(source))
     found: list[str] = []
     stack = [tree.root_node]
     while stack:
