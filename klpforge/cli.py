@@ -21,7 +21,7 @@ from .proc import Terminated, end_children, install_signal_handlers, restore_sig
 __all__ = ["main", "one_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost", "convert")
+COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract")
 
 
 class _Parser(argparse.ArgumentParser):
