@@ -101,8 +101,12 @@ def _strip_storage(text: str) -> str:
     return re.sub(r"\b(static|inline|__always_inline|noinline|__init|__cold)\b\s*", "", text).strip()
 
 
-def parse_items(src: bytes) -> list[Item]:
-    """The file's top-level items in source order (conditional blocks flattened, their conditions kept)."""
+def parse_items(src: bytes, _depth: int = 0) -> list[Item]:
+    """The file's top-level items in source order (conditional blocks flattened, their conditions kept).
+
+    Where tree-sitter gives up (an ``ERROR`` node: unbalanced braces across ``#ifdef`` branches, a macro it
+    cannot parse swallowing the functions after it) the region is cut after each ``}`` in column 0 (the
+    end of a function in kernel style) and each piece is parsed on its own."""
     tree = _parser().parse(src)
     items: list[Item] = []
 
@@ -126,7 +130,19 @@ def parse_items(src: bytes) -> list[Item]:
                 if alt is not None:
                     walk([alt], (*conds, f"#if !({cond})"))
                 continue
-            if t == "preproc_else":
+            if t == "ERROR" and _depth < 2:
+                seg = src[n.start_byte:n.end_byte]
+                cuts = [m.end() for m in re.finditer(rb"\n}[^\n]*\n", seg)]
+                if cuts:
+                    prev = 0
+                    for cut in [*cuts, len(seg)]:
+                        for it in parse_items(seg[prev:cut], _depth + 1):
+                            it.start += n.start_byte + prev
+                            it.conds = conds + it.conds
+                            items.append(it)
+                        prev = cut
+                    continue
+            if t in ("preproc_else", "ERROR"):
                 walk([x for x in n.children if x.is_named], conds)
                 continue
             it = _item(n, text(n), conds)
@@ -239,13 +255,18 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
         if it.kind in ("macro", "type", "var", "func"):
             for n in it.names:
                 defs.setdefault(n, []).append(it)
+    protos: dict[str, list[Item]] = {}
+    for it in items:
+        if it.kind == "proto":
+            for n in it.names:
+                protos.setdefault(n, []).append(it)
     mode: dict[int, tuple[Item, str, str]] = {}
     todo: list[str] = []
     for name, why in replace.items():
         fs = [it for it in defs.get(name, []) if it.kind == "func"]
         if not fs:
-            raise UnsafeChange(f"{file}: {name} (replaced: {why}) is not a function defined in {file}; "
-                               "its source cannot be extracted")
+            raise UnsafeChange(f"{file}: {name} (replaced: {why}) has no C function definition in {file} "
+                               "(defined by a macro such as SYSCALL_DEFINE?): its source cannot be extracted")
         for it in fs:
             mode[id(it)] = (it, "replace", why)
             todo.extend(it.uses)
@@ -255,6 +276,10 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
         if name in seen:
             continue
         seen.add(name)
+        if name not in defs:  # declared in the file, defined elsewhere (another object, a new global)
+            for it in protos.get(name, []):
+                mode[id(it)] = (it, "copy", "")
+                todo.extend(it.uses)
         for it in defs.get(name, []):
             if id(it) in mode and mode[id(it)][1] != "declare":
                 continue
@@ -277,9 +302,10 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
                 elif it.const:
                     mode[id(it)] = (it, "copy", f"const, folded by the compiler (no symbol {name})")
                     todo.extend(it.uses)
-                else:
-                    raise UnsafeChange(f"{file}: {name} is a file-scope variable the running kernel has no symbol "
-                                       "for (new or optimized away): the extracted source cannot refer to it")
+                else:  # compiled out in this configuration, or the code using it is; convert refuses otherwise
+                    mode[id(it)] = (it, "declare", f"no symbol {name} in the running kernel: a reference to it "
+                                    "must compile away (else convert refuses)")
+                    todo.extend(it.sig_uses)
     for it in items:  # every #include (the headers are the kernel's; a reviewer skips them)
         if it.kind == "include":
             mode[id(it)] = (it, "copy", "")

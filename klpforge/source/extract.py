@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import InputError, UnsafeChange
 from ..kbuild.module import KlpFunc, KlpTarget, module_source, sanitize_module_name
+from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import BuildOptions, BuildResult, build_livepatch, data_include_dir
 from ..kbuild.tree import KernelTree
 from ..symtab import TargetSymtab
@@ -70,7 +71,7 @@ def _declaration(head: str) -> str:
 
 
 def render(rel: str, patch_name: str, cl: Closure, target: str, unit: str, sympos: dict[str, int],
-           replaced: dict[str, str]) -> str:
+           replaced: dict[str, str], carried: dict[str, str] | None = None) -> str:
     """The C file of one object: header comment, the closure in source order, the aliases of the new
     functions."""
     out = ["// SPDX-License-Identifier: GPL-2.0",
@@ -96,8 +97,12 @@ def render(rel: str, patch_name: str, cl: Closure, target: str, unit: str, sympo
             body = it.proto
         else:
             body = it.text.rstrip()
-        if mode == "replace":
+        if mode == "replace" and it.names and it.names[0] in (carried or {}):
+            body = f"/* klpforge: {why} */\n{body}"
+        elif mode == "replace":
             body = f"/* klpforge: replaced: {why} */\n{body}"
+        elif mode == "declare" and why:
+            body = f"/* klpforge: {why} */\n{body}"
         elif why:
             body = f"/* klpforge: copied: {why} */\n{body}"
         if it.conds:
@@ -172,7 +177,10 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
         par = tree.parent_of(o.obj)
         st = TargetSymtab.load(par.binary, is_module=par.target != "vmlinux")
         items = parse_items(path.read_bytes())
-        cl = closure(items, replaced, st.has, rel)
+        # functions the diff carries without replacing anything (new with the patch): copied, no klp_func
+        carried = {n: f"carried by the binary diff: {why}" for n, why in o.carried.items()
+                   if CLONE.split(n, 1)[0] == n and n not in replaced}
+        cl = closure(items, {**replaced, **carried}, st.has, rel)
         fname = Path(rel).name
         refs: dict[str, int] = {}
         for it, mode, _why in cl.items:
@@ -183,20 +191,36 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
                     except InputError:
                         refs[n] = 0  # convert names the candidates
         unit = unit_name(o.obj)
-        text = render(rel, patch.name, cl, par.target, unit, refs, replaced)
+        text = render(rel, patch.name, cl, par.target, unit, refs, replaced, carried)
         (stage / f"{unit}.c").write_text(text)
         out.files.append(stage / f"{unit}.c")
         out.lines[f"{unit}.c"] = text.count("\n")
         out.functions[o.obj] = [f.old_name for f in o.funcs]
         units.append(unit)
         kbuild_flags.append(f"CFLAGS_{unit}.o += -I$(srctree)/{Path(rel).parent}")
+        if not replaced:
+            continue
         t = targets.setdefault(par.target, KlpTarget(par.target))
         t.funcs += [KlpFunc(n, sympos_of[n], new_symbol(unit, n), why) for n, why in replaced.items()]
     (stage / "klp_patch.c").write_text(module_source(modname, list(targets.values())))
+    # headers the patch changes: their patched text, found before the tree's (NOSTDINC_FLAGS comes first
+    # on Kbuild's command line, 6.1 scripts/Makefile.lib c_flags)
+    hdirs: list[str] = []
+    for rel in SourcePatch.parse(patch).files:
+        new = res.tmpdir / "src" / "new" / rel if res.tmpdir else None
+        if not rel.endswith(".h") or new is None or not new.is_file():
+            continue
+        (stage / "patched" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(new, stage / "patched" / rel)
+        m = re.match(r"^((?:arch/[^/]+/)?include)/", rel)
+        d = m.group(1) if m else str(Path(rel).parent)
+        if d not in hdirs:
+            hdirs.append(d)
     (stage / "Kbuild").write_text(
         f"# Built by `klpforge build --from-source DIR`: make -C BUILD M=DIR KBUILD_MODPOST_WARN=1, then convert\n"
         f"obj-m := {modname}.o\n{modname}-y := klp_patch.o {' '.join(u + '.o' for u in units)}\n"
-        "ccflags-y += -I$(src)\n" + "\n".join(kbuild_flags) + "\n")
+        "ccflags-y += -I$(src)\n" + "\n".join(kbuild_flags) + "\n"
+        + "".join(f"NOSTDINC_FLAGS += -I$(src)/patched/{d}\n" for d in hdirs))
     shutil.copyfile(data_include_dir() / "klpforge_sympos.h", stage / "klpforge_sympos.h")
     (stage / MANIFEST).write_text(json.dumps({
         "patch": str(patch), "module": modname,
