@@ -189,7 +189,16 @@ def _item(n: Any, txt: str, conds: tuple[str, ...]) -> Item | None:
         ext = []
         for d in decls:
             core = d.child_by_field_name("declarator") if d.type == "init_declarator" else d
-            ext.append(text_of(core))
+            val = d.child_by_field_name("value") if d.type == "init_declarator" else None
+            ctext = text_of(core)
+            arr = core
+            while arr is not None and arr.type in ("pointer_declarator", "parenthesized_declarator"):
+                arr = arr.child_by_field_name("declarator")
+            if arr is not None and arr.type == "array_declarator" and arr.child_by_field_name("size") is None and \
+                    val is not None and val.type == "initializer_list":  # keep ARRAY_SIZE() working
+                n_elems = sum(1 for c in val.children if c.is_named and c.type != "comment")
+                ctext = re.sub(r"\[\s*\]\s*$", f"[{n_elems}]", ctext)
+            ext.append(ctext)
         quals = " ".join(q for q in spec.split() if q in ("const", "volatile"))
         tdecl = _type_decl_text(typ)
         proto = f"extern {quals + ' ' if quals else ''}{tdecl} {', '.join(ext)};"

@@ -80,6 +80,9 @@ def render(rel: str, patch_name: str, cl: Closure, target: str, unit: str, sympo
     out += [f" *   {n}: {why}" for n, why in replaced.items()]
     out += [" * Static functions not replaced are declared, not copied; file-scope variables are the running",
             " * kernel's (extern). `klpforge convert` turns both into klp relocations.", " */"]
+    if target == "vmlinux":  # compiled as the built-in object was: headers' #ifndef MODULE parts, its pr_fmt
+        base = Path(rel).stem
+        out += ["#undef MODULE", "#undef KBUILD_MODNAME", f'#define KBUILD_MODNAME "{base}"']
     marks = [f"KLP_SYMPOS({target}, {n}, {p});" for n, p in sorted(sympos.items()) if p > 0]
     placed_marks = False
     for it, mode, why in cl.items:
@@ -219,7 +222,8 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
     (stage / "Kbuild").write_text(
         f"# Built by `klpforge build --from-source DIR`: make -C BUILD M=DIR KBUILD_MODPOST_WARN=1, then convert\n"
         f"obj-m := {modname}.o\n{modname}-y := klp_patch.o {' '.join(u + '.o' for u in units)}\n"
-        "ccflags-y += -I$(src)\n" + "\n".join(kbuild_flags) + "\n"
+        "# a section per function and object, as the binary diff compiled them: calls stay relocations\n"
+        "ccflags-y += -I$(src) -ffunction-sections -fdata-sections\n" + "\n".join(kbuild_flags) + "\n"
         + "".join(f"NOSTDINC_FLAGS += -I$(src)/patched/{d}\n" for d in hdirs))
     shutil.copyfile(data_include_dir() / "klpforge_sympos.h", stage / "klpforge_sympos.h")
     (stage / MANIFEST).write_text(json.dumps({

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = ["build_from_source", "FromSourceResult", "function_code", "cross_chec
 #: x86-64 relocation types -> bytes they write (psABI); others 4
 _WIDTH = {1: 8, 24: 8, 2: 4, 4: 4, 9: 4, 10: 4, 11: 4, 41: 4, 42: 4}
 _PCREL = {2, 4, 9, 41, 42}
+_CLONE_NUM = re.compile(r"\.\d+$")
 
 
 @dataclass
@@ -86,11 +88,39 @@ def function_code(ko: Path, symbol: str) -> tuple[bytes, list[tuple[int, int, ob
                 end = data.find(b"\0", at)
                 target = ("str", data[at:end if end >= 0 else len(data)])
             else:
-                target = (tname, add)
+                objs = _objects_at(elf, tsec, add, t in _PCREL)
+                target = ("objs", objs) if objs else (tname, add)
         else:
-            target = (target, add)
-        relocs.append((off - lo, t, target))
+            target = (_CLONE_NUM.sub("", str(target)), add)
+        relocs.append((off - lo, 2 if t == 4 else t, target))  # PLT32 = PC32 in the kernel (S + A - P)
     return bytes(code), sorted(relocs, key=lambda r: (r[0], r[1]))
+
+
+def _objects_at(elf: ElfFile, sec: int, add: int, pcrel: bool) -> frozenset[tuple[str, int]]:
+    """What a section-relative reference may name: ``(object, addend relative to it)`` for each named
+    object or function of ``sec`` at ``add`` .. ``add + 8`` (a PC-relative addend is the offset minus the
+    rest of the instruction), names without GCC's ``.N`` numbering. One binary names ``__already_done.0``,
+    the other its section."""
+    hi = add + (8 if pcrel else 0)
+    out = set()
+    for i, n in enumerate(elf.sym_names):
+        if n and int(elf.syms["shndx"][i]) == sec and int(elf.syms["info"][i]) & 0xF in (C.STT_OBJECT, C.STT_FUNC):
+            v = int(elf.syms["value"][i])
+            if add <= v <= hi or (not pcrel and v <= add < v + int(elf.syms["size"][i])):
+                out.add((_CLONE_NUM.sub("", n), add - v))
+    return frozenset(out)
+
+
+def _match(a: object, b: object) -> bool:
+    """Two relocation targets agree (a named object matches a section reference that may name it)."""
+    if a == b:
+        return True
+    for x, y in ((a, b), (b, a)):
+        if isinstance(x, tuple) and len(x) == 2 and x[0] == "objs" and isinstance(x[1], frozenset):
+            if isinstance(y, tuple) and len(y) == 2 and y[0] == "objs":
+                return bool(x[1] & y[1])
+            return y in x[1]
+    return False
 
 
 def _local_name(target: object, aliases: dict[str, str]) -> object:
@@ -127,7 +157,8 @@ def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, st
             continue
         bn = [(o, t, _local_name(x, aliases_b)) for o, t, x in brel]
         sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
-        bad = next(((b, s) for b, s in zip(bn, sn, strict=False) if b != s), None)
+        bad = next(((b, s) for b, s in zip(bn, sn, strict=False)
+                    if b[:2] != s[:2] or not _match(b[2], s[2])), None)
         if bad is not None or len(bn) != len(sn):
             b, s = bad if bad is not None else ((bn or [None])[-1], (sn or [None])[-1])
             out[old] = f"relocation differs: binary diff {b}, source {s}"
