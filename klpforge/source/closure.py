@@ -136,10 +136,10 @@ def parse_items(src: bytes, _depth: int = 0) -> list[Item]:
                 if cuts:
                     prev = 0
                     for cut in [*cuts, len(seg)]:
-                        for it in parse_items(seg[prev:cut], _depth + 1):
-                            it.start += n.start_byte + prev
-                            it.conds = conds + it.conds
-                            items.append(it)
+                        for sub in parse_items(seg[prev:cut], _depth + 1):
+                            sub.start += n.start_byte + prev
+                            sub.conds = conds + sub.conds
+                            items.append(sub)
                         prev = cut
                     continue
             if t in ("preproc_else", "ERROR"):

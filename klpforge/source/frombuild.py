@@ -159,9 +159,11 @@ def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, st
         sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
         bad = next(((b, s) for b, s in zip(bn, sn, strict=False)
                     if b[:2] != s[:2] or not _match(b[2], s[2])), None)
-        if bad is not None or len(bn) != len(sn):
-            b, s = bad if bad is not None else ((bn or [None])[-1], (sn or [None])[-1])
-            out[old] = f"relocation differs: binary diff {b}, source {s}"
+        if bad is not None:
+            out[old] = f"relocation differs: binary diff {bad[0]}, source {bad[1]}"
+            continue
+        if len(bn) != len(sn):
+            out[old] = f"relocations differ: {len(bn)} in the binary diff, {len(sn)} from source"
             continue
         out[old] = "same"
     return out
