@@ -32,6 +32,9 @@ DEFINE_TYPES = {"DEFINE_MUTEX": "struct mutex", "DEFINE_SPINLOCK": "spinlock_t",
                 "LIST_HEAD": "struct list_head", "DECLARE_WAIT_QUEUE_HEAD": "struct wait_queue_head",
                 "DEFINE_STATIC_KEY_FALSE": "struct static_key_false",
                 "DEFINE_STATIC_KEY_TRUE": "struct static_key_true"}
+_ATTRS = re.compile(rb"\b(__latent_entropy|__randomize_layout|__ro_after_init|__read_mostly|__initdata|"
+                    rb"__visible|__noreturn|__cold|__init|__exit|notrace|__must_check|__maybe_unused)\b")
+_KEYWORDS = {"struct", "union", "enum", "static", "const", "int", "long", "char", "void", "unsigned", "signed"}
 _DEFINE = re.compile(r"^\s*(static\s+)?(" + "|".join(DEFINE_TYPES) + r")\s*\(\s*(\w+)")
 
 
@@ -107,11 +110,14 @@ def parse_items(src: bytes, _depth: int = 0) -> list[Item]:
     Where tree-sitter gives up (an ``ERROR`` node: unbalanced braces across ``#ifdef`` branches, a macro it
     cannot parse swallowing the functions after it) the region is cut after each ``}`` in column 0 (the
     end of a function in kernel style) and each piece is parsed on its own."""
+    orig = src
+    # attribute macros tree-sitter reads as a type name: blanked (same length: offsets stay) for the parse
+    src = _ATTRS.sub(lambda m: b" " * len(m.group(0)), src)
     tree = _parser().parse(src)
     items: list[Item] = []
 
     def text(n: Any) -> str:
-        return src[n.start_byte:n.end_byte].decode(errors="replace")
+        return orig[n.start_byte:n.end_byte].decode(errors="replace")
 
     def walk(nodes: Iterable[Any], conds: tuple[str, ...]) -> None:
         for n in nodes:
@@ -136,7 +142,7 @@ def parse_items(src: bytes, _depth: int = 0) -> list[Item]:
                 if cuts:
                     prev = 0
                     for cut in [*cuts, len(seg)]:
-                        for sub in parse_items(seg[prev:cut], _depth + 1):
+                        for sub in parse_items(orig[n.start_byte:n.end_byte][prev:cut], _depth + 1):
                             sub.start += n.start_byte + prev
                             sub.conds = conds + sub.conds
                             items.append(sub)
@@ -146,7 +152,7 @@ def parse_items(src: bytes, _depth: int = 0) -> list[Item]:
                 walk([x for x in n.children if x.is_named], conds)
                 continue
             it = _item(n, text(n), conds)
-            if it is not None:
+            if it is not None and not _KEYWORDS & set(it.names):  # a misparse names a keyword
                 items.append(it)
 
     walk(tree.root_node.children, ())
