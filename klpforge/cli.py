@@ -21,7 +21,7 @@ from .proc import Terminated, end_children, install_signal_handlers, restore_sig
 __all__ = ["main", "one_line", "error_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost",
+COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
             # the host side (klpforge/host/): issue 20
             "install", "load", "unload", "list", "info", "package", "man", "completion")
 

@@ -52,7 +52,13 @@ def print_report(con: Console, res: BuildResult) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Build the module (or a Xen payload, or a live patch for a distribution kernel); progress and report on
     stderr."""
+    if args.from_source:  # issue 19: klpforge/source/frombuild.py
+        from .extract import run_from_source
+
+        return run_from_source(args)
     patches = list(args.patch)
+    if not patches:
+        raise InputError("give fix.patch (or --from-source DIR)")
     xen = wants_xen_build(args)
     distro = not xen and bool(args.distro or args.config or args.modules or args.headers)
     if len(patches) > 1 and not distro:
@@ -169,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "generates and links the livepatch module. The source and build trees are only read: "
                     "the patch is applied to private copies and every output goes to a temporary directory. "
                     "With --distro debian:RELEASE: for the kernel Debian ships (docs/distro.md).")
-    p.add_argument("patch", metavar="fix.patch", nargs="+",
+    p.add_argument("patch", metavar="fix.patch", nargs="*",
                    help="unified diff, -p1 (as git writes); with --distro several make one cumulative patch")
     p.add_argument("-s", "--src", metavar="KERNEL_SRC", help="kernel (or Xen, with --xen) source tree")
     p.add_argument("--emit-jobs", metavar="FILE",
@@ -201,6 +207,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "refused (exit 2), finds no change (3) or fails (1): result, exit, error, reasons, log")
     p.add_argument("--skip-compiler-check", action="store_true",
                    help="do not compare gcc on PATH with vmlinux's .comment (dangerous)")
+    p.add_argument("--from-source", metavar="DIR", help="build the sources `klpforge extract` wrote (and you "
+                   "reviewed) instead of a patch; cross-checked against the binary diff (docs/source.md)")
+    p.add_argument("--force-source", action="store_true",
+                   help="with --from-source: ship the source even if the cross-check finds a difference")
     add_build_args(p)
     for flags, (nargs, _hint) in KPATCH_FLAGS.items():
         p.add_argument(*flags, nargs=nargs or 0, action=_KpatchFlag, help=argparse.SUPPRESS)
