@@ -35,8 +35,9 @@ def _helps(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def options_of(parser: argparse.ArgumentParser) -> list[str]:
-    """Every option string of ``parser`` (``-o``, ``--output``, ...)."""
-    return [s for a in parser._actions for s in a.option_strings]
+    """Every documented option string of ``parser`` (``-o``, ``--output``, ...): not the hidden ones
+    (``help=SUPPRESS``: kpatch-build's flags, which ``build`` only answers with klpforge's equivalent)."""
+    return [s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
 
 
 def _esc(text: str) -> str:
