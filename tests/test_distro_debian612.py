@@ -161,3 +161,26 @@ def test_header_change_outside_functions_refused(tree612: DistroTree, tmp_path: 
     assert ("fs/proc/internal.h: the patch changes lines outside function bodies (a macro, type or declaration)"
             in r.stderr)
     assert not (tmp_path / "x.ko").exists()
+
+
+RELEASE_73 = "7.3.4+deb13-amd64"
+
+
+def test_own_patch_on_7_3_backports(tmp_path: Path) -> None:
+    """trixie-backports' 7.3.4+deb13-amd64 (an image metapackage; config and vmlinuz under usr/lib/modules),
+    same trixie root: a patch of our own built and verified in the shipped kernel. Not in the CI budget: runs
+    when prepared (or with KLPFORGE_DISTRO_73=1, ~10 more minutes cold)."""
+    from klpforge.distro import debian
+
+    if not (debian.release_root(RELEASE_73) / "prepared.json").is_file() and \
+            os.environ.get("KLPFORGE_DISTRO_73") != "1":
+        pytest.skip(f"Debian {RELEASE_73} not prepared (KLPFORGE_DISTRO_73=1 prepares it)")
+    tree = debian.prepare_tree(RELEASE_73)
+    assert tree.config.name == "config" and tree.extra["root_suite"] == "trixie"
+    ko = tmp_path / "livepatch-cmdline73.ko"
+    r = klpforge("build", "--distro", f"debian:{RELEASE_73}", str(KPATCHES / "00-cmdline-noreloc.patch"),
+                 "-o", str(ko))
+    assert r.returncode == 0, r.stderr[-3000:]
+    v = klpforge("verify", str(ko), "--distro", f"debian:{RELEASE_73}", "--check", "cat /proc/cmdline",
+                 "--expect", "klpforge: no relocation", "--timeout", "600")
+    _verified(v)
