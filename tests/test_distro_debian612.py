@@ -175,7 +175,14 @@ def test_own_patch_on_7_3_backports(tmp_path: Path) -> None:
     if not (debian.release_root(RELEASE_73) / "prepared.json").is_file() and \
             os.environ.get("KLPFORGE_DISTRO_73") != "1":
         pytest.skip(f"Debian {RELEASE_73} not prepared (KLPFORGE_DISTRO_73=1 prepares it)")
-    tree = debian.prepare_tree(RELEASE_73)
+    from klpforge.errors import InputError
+
+    try:
+        tree = debian.prepare_tree(RELEASE_73)
+    except InputError as e:  # CONFIG_RUST=y: the root lacks rustc 1.85.1 / bindgen 0.71.1 (docs/distro.md)
+        if "does not survive olddefconfig" in str(e):
+            pytest.xfail(f"7.3 needs the config's Rust toolchain in the build root: {e}")
+        raise
     assert tree.config.name == "config" and tree.extra["root_suite"] == "trixie"
     ko = tmp_path / "livepatch-cmdline73.ko"
     r = klpforge("build", "--distro", f"debian:{RELEASE_73}", str(KPATCHES / "00-cmdline-noreloc.patch"),
