@@ -61,9 +61,12 @@ def sig_build() -> tuple[KernelLayout, Path]:
         pass
     # a copy of the test kernel's build: Kbuild's per-option dependencies (include/config/*) rebuild only what
     # uses the changed options (module loading, certs, sign-file) and relink: minutes, not a full build
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    subprocess.run(["cp", "-a", str(lay.build), str(build)], check=True)
+    made = root / "copied.json"  # the copy is reused by an interrupted run (make is incremental)
+    if not made.is_file() or json.loads(made.read_text()) != key:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        subprocess.run(["cp", "-a", str(lay.build), str(build)], check=True)
+        made.write_text(json.dumps(key))
     log = root / "build.log"
     make = ["make", "-C", str(lay.src), f"O={build}", "ARCH=x86_64"]
     cfg = build / ".config"
