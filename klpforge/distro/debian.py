@@ -242,6 +242,17 @@ def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
     return in_root(tree, [*_make_base(tree, tree.extra.get("cc", "gcc")), f"-j{max(1, jobs)}", *targets])
 
 
+def _image_files(root: Path, release: str) -> tuple[Path, Path]:
+    """``(config, vmlinuz)`` of the unpacked image: ``boot/config-<release>`` (Debian 12, 13's 6.12) or, for
+    the 7.x packages (linux-base-/linux-binary-<release>), ``usr/lib/modules/<release>/config`` and
+    ``vmlinuz``, which kernel-install copies to /boot at installation."""
+    boot = root / "image/boot"
+    mods = root / "image/usr/lib/modules" / release
+    if not (boot / f"config-{release}").is_file() and (mods / "config").is_file():
+        return mods / "config", mods / "vmlinuz"
+    return boot / f"config-{release}", boot / f"vmlinuz-{release}"
+
+
 def _read_from(d: Path) -> list[str] | None:
     """The SHA-256 list recorded when ``d`` was unpacked (``<d>.from``), None without one."""
     try:
@@ -300,10 +311,11 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
     names = package_names(release)
     mm = names["source"].removeprefix("linux-source-")
     src = root / "src" / f"linux-source-{mm}"
-    tree = DistroTree(src=src, build=root / "build", config=root / "image/boot" / f"config-{release}",
+    config, vmlinuz = _image_files(root, release)
+    tree = DistroTree(src=src, build=root / "build", config=config,
                       release=release, image=root / "image",
                       headers=root / "headers/usr/src" / f"linux-headers-{release}",
-                      vmlinuz=root / "image/boot" / f"vmlinuz-{release}", kcflags=KCFLAGS, lock=lock)
+                      vmlinuz=vmlinuz, kcflags=KCFLAGS, lock=lock)
     with tree_lock(lock):
         stamp = root / _STAMP
         if stamp.is_file():
@@ -326,13 +338,17 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
                 _discard(root / d)
         apt = apt_root(cache)
         debs = {role: apt.fetch(rec, root.parent / "debs", say) for role, rec in recs.items()}
-        if not tree.config.is_file():
+        if not (root / "image").is_dir():
             say(f"unpacking {debs['image'].name}")
             shutil.rmtree(root / "image.tmp", ignore_errors=True)
             for role in image_roles:
                 _dpkg_x(debs[role], root / "image.tmp")
             os.replace(root / "image.tmp", root / "image")
             _write_from(root / "image", [recs[r].sha256 for r in image_roles])
+        tree.config, tree.vmlinuz = _image_files(root, release)
+        if not tree.config.is_file():
+            raise InputError(f"the image packages of {release} hold no config (boot/config-{release} or "
+                             f"usr/lib/modules/{release}/config)")
         _, cc_text = compiler_for_config(tree.config)
         cc, broot = root_for_config(cc_text, cache, say)
         tree.extra["cc_text"] = cc_text

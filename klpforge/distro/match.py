@@ -10,7 +10,9 @@ Alignment padding: the code GCC 14 emits for Linux 6.12 has alignment directives
 multi-byte NOPs, e.g. ``cs nopw``) whose length depends on where the function starts in its section: with one
 ``.text`` (shipped) and with a section per function (here) they differ (``should_abort_scan`` of
 ``mm/vmscan.c`` 6.12.117: 237 bytes with one ``.text``, 269 with ``-ffunction-sections``, 30 of them NOPs).
-So each run of NOPs inside the function counts as 0..31 bytes on the shipped side: the shipped size must lie in
+This happens only when something inside is aligned more strictly than a function start (16 bytes; the section's
+alignment shows it: 64 for ``.text.should_abort_scan``). Then each run of NOPs inside the function counts as
+0..31 bytes on the shipped side: the shipped size must lie in
 ``[ours - nops - relaxation, ours - nops + 31 * runs]`` (6.1's code has no such runs: the rule above).
 
 Shipped sizes: ``st_size`` from a module's symbol table; for vmlinux from a ``/proc/kallsyms`` capture,
@@ -114,7 +116,10 @@ def object_function_sizes(obj: Path) -> dict[str, FunctionSize]:
         if sh in branch_offs:
             offs = [o - start for o in branch_offs[sh] if start <= o < start + size]
             slack = allowed_growth(code[start:], offs)
-        pad, runs = nop_padding(code[start:start + size]) if code else (0, 0)
+        # padding depends on placement only when something inside is aligned more strictly than a function
+        # start (16 bytes): the section's alignment is the strictest .p2align in it
+        pad, runs = nop_padding(code[start:start + size]) \
+            if code and int(elf.shdrs["addralign"][sh]) > 16 else (0, 0)
         out[n] = FunctionSize(n, size, slack, pad, runs)
     return out
 
