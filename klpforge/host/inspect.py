@@ -184,12 +184,21 @@ def _klpforge_objects(rd: _Reader) -> tuple[list[KlpObject], bool | None] | None
 
 
 def _klp_section_objects(elf: ELFFile) -> list[KlpObject]:
+    """Objects named by ``.klp.rela.<object>.<section>`` sections and ``.klp.sym.<object>.<name>,<pos>``
+    symbols (any livepatch module with klp relocations; its functions are unknown)."""
     names: list[str] = []
     for sec in elf.iter_sections():
         if sec.name.startswith(".klp.rela."):
             obj = sec.name[len(".klp.rela."):].split(".", 1)[0]
             if obj not in names:
                 names.append(obj)
+    symtab = elf.get_section_by_name(".symtab")
+    if isinstance(symtab, SymbolTableSection):
+        for sym in symtab.iter_symbols():
+            if sym.name.startswith(".klp.sym."):
+                obj = sym.name[len(".klp.sym."):].split(".", 1)[0]
+                if obj not in names:
+                    names.append(obj)
     return [KlpObject(n) for n in names]
 
 

@@ -4,7 +4,8 @@
 then checks the kernel's own view (``/sys/kernel/livepatch/<patch>/<object>/patched``, Linux 6.1
 ``kernel/livepatch/core.c``), which holds for any live patch, whoever built it.
 
-Sources, best first:
+Read by :func:`klpforge.host.inspect.inspect_module` (one reader for ``verify`` and the host commands);
+sources, best first:
 
 1. the static ``klp_object`` array a klpforge module carries (``klpforge_objs``, written by
    :func:`klpforge.kbuild.module.module_source`): each entry's ``name`` (NULL = vmlinux) and ``funcs``
@@ -23,12 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import Section, SymbolTableSection
-
 from ..errors import InputError
+from ..host.inspect import inspect_module
 
 __all__ = ["PatchTarget", "patch_targets", "module_targets"]
 
@@ -44,94 +41,15 @@ class PatchTarget:
     known: bool = True
 
 
-def _cstring(sec: Section, off: int) -> str:
-    data = sec.data()
-    end = data.find(b"\0", off)
-    return data[off:end if end >= 0 else len(data)].decode(errors="replace")
-
-
-def _klpforge_objects(elf: ELFFile) -> list[PatchTarget] | None:
-    symtab = elf.get_section_by_name(".symtab")
-    if not isinstance(symtab, SymbolTableSection):
-        return None
-    syms = list(symtab.iter_symbols())
-    arr = next((s for s in syms if s.name == "klpforge_objs" and s["st_info"]["type"] == "STT_OBJECT"), None)
-    if arr is None or not isinstance(arr["st_shndx"], int):
-        return None
-    shndx = arr["st_shndx"]
-    rela = next((r for r in elf.iter_sections() if isinstance(r, RelocationSection)
-                 and r["sh_info"] == shndx), None)
-    if rela is None:
-        return None
-    # what each pointer in the data section points at: (section index, offset inside it)
-    targets: dict[int, tuple[int, int]] = {}
-    for r in rela.iter_relocations():
-        s = syms[r["r_info_sym"]]
-        if isinstance(s["st_shndx"], int):
-            targets[r["r_offset"]] = (s["st_shndx"], s["st_value"] + r["r_addend"])
-    by_place = {(s["st_shndx"], s["st_value"]): s for s in syms
-                if s["st_info"]["type"] == "STT_OBJECT" and isinstance(s["st_shndx"], int)}
-    lo, hi = arr["st_value"], arr["st_value"] + arr["st_size"]
-    # the funcs member of each entry points at a klp_func array of the same section
-    funcs_at = sorted(off for off, (sec, val) in targets.items() if lo <= off < hi and sec == shndx
-                      and (sec, val) in by_place and by_place[(sec, val)].name.startswith("klpforge_funcs_"))
-    if not funcs_at:
-        return None
-    stride = arr["st_size"] // (len(funcs_at) + 1)
-    if funcs_at != [lo + k * stride + 8 for k in range(len(funcs_at))]:
-        return None  # not the layout this reader knows: fall back to the klp sections
-    out: list[PatchTarget] = []
-    for off in funcs_at:
-        name_ptr = targets.get(off - 8)  # name precedes funcs (both pointers, 8 bytes on 64-bit)
-        name = _cstring(elf.get_section(name_ptr[0]), name_ptr[1]) if name_ptr else "vmlinux"
-        fsym = by_place[targets[off]]
-        f_lo, f_hi = fsym["st_value"], fsym["st_value"] + fsym["st_size"]
-        ptrs = sorted(o for o in targets if f_lo <= o < f_hi)
-        # two pointers per klp_func (old_name, new_func); the terminator has none
-        nfunc = len(ptrs) // 2
-        fstride = fsym["st_size"] // (nfunc + 1) if nfunc else 0
-        data = elf.get_section(shndx).data()
-        funcs = []
-        for k in range(nfunc):
-            at = f_lo + k * fstride
-            if at not in targets:
-                continue
-            fname = _cstring(elf.get_section(targets[at][0]), targets[at][1])
-            pos = int.from_bytes(data[at + 16:at + 24], "little")  # old_sympos
-            funcs.append(f"{fname},{pos}" if pos else fname)
-        out.append(PatchTarget(name.replace("-", "_"), funcs))
-    return out
-
-
-def _klp_section_objects(elf: ELFFile) -> list[PatchTarget]:
-    names: list[str] = []
-    for sec in elf.iter_sections():
-        if sec.name.startswith(".klp.rela."):
-            obj = sec.name[len(".klp.rela."):].split(".", 1)[0]
-            if obj not in names:
-                names.append(obj)
-    symtab = elf.get_section_by_name(".symtab")
-    if isinstance(symtab, SymbolTableSection):
-        for s in symtab.iter_symbols():
-            if s.name.startswith(".klp.sym."):
-                obj = s.name[len(".klp.sym."):].split(".", 1)[0]
-                if obj not in names:
-                    names.append(obj)
-    return [PatchTarget(n, known=False) for n in names]
-
-
 def patch_targets(ko: Path) -> list[PatchTarget]:
-    """The objects ``ko`` patches (see the module docstring for the sources); ``[]`` when nothing says.
+    """The objects ``ko`` patches (see the module docstring for the sources; read by
+    :func:`klpforge.host.inspect.inspect_module`); ``[]`` when nothing says.
 
-    Raises :class:`InputError` when ``ko`` is not a readable ELF file."""
-    try:
-        with ko.open("rb") as f:
-            elf = ELFFile(f)
-            if elf.elfclass != 64 or not elf.little_endian:
-                return _klp_section_objects(elf)
-            return _klpforge_objects(elf) or _klp_section_objects(elf)
-    except (OSError, ELFError) as e:
-        raise InputError(f"{ko}: not a readable kernel module ({e})") from None
+    Raises :class:`InputError` when ``ko`` is not a readable kernel module."""
+    mod = inspect_module(ko)
+    known = mod.source == "klpforge"
+    return [PatchTarget(o.name.replace("-", "_"), [f"{f.name},{f.sympos}" if f.sympos else f.name for f in o.funcs],
+                        known) for o in mod.objects]
 
 
 def module_targets(ko: Path) -> list[str]:
