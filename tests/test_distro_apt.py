@@ -1,10 +1,11 @@
 """klpforge's own apt configuration and the verified fetch (issue 15, issue 17 items 1 and 3, issue 16 item 10).
 
 Real packages from the Debian archive the machine reaches, in a private cache: a tampered (still valid) and a
-truncated cached ``.deb`` are refused and fetched again, a full disk is one line, a fetch killed mid-download
-(SIGKILL, SIGTERM) leaves no process and nothing under the final name and the next fetch succeeds, a Xen version that only
-bookworm-security serves is found, an unknown version lists those that exist, and a prepared-tree stamp is
-trusted only with the signed index's hashes. Skipped without network unless ``KLPFORGE_REQUIRE_KERNEL=1``.
+truncated cached ``.deb`` are refused and fetched again, a full disk is one line, a fetch killed
+mid-download (SIGKILL, SIGTERM) leaves no process and nothing under the final name and the next fetch succeeds,
+a Xen version that only bookworm-security serves is found, an unknown version lists those that exist, and a
+prepared-tree stamp is trusted only with the signed index's hashes. Skipped without network unless
+``KLPFORGE_REQUIRE_KERNEL=1``.
 """
 
 from __future__ import annotations
