@@ -1,17 +1,21 @@
 """klpforge's own apt configuration and the verified fetch (issue 15, issue 17 items 1 and 3, issue 16 item 10).
 
 Real packages from the Debian archive the machine reaches, in a private cache: a tampered (still valid) and a
-truncated cached ``.deb`` are refused and fetched again, a full disk is one line, a Xen version that only
-bookworm-security serves is found, an unknown version lists those that exist, and a prepared-tree stamp is
-trusted only with the signed index's hashes. Skipped without network unless ``KLPFORGE_REQUIRE_KERNEL=1``.
+truncated cached ``.deb`` are refused and fetched again, a full disk is one line, a fetch killed
+mid-download (SIGKILL, SIGTERM) leaves no process and nothing under the final name and the next fetch succeeds,
+a Xen version that only bookworm-security serves is found, an unknown version lists those that exist, and a
+prepared-tree stamp is trusted only with the signed index's hashes. Skipped without network unless
+``KLPFORGE_REQUIRE_KERNEL=1``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,107 @@ def test_xen_packages_from_the_security_archive(apt: AptRoot) -> None:
     with pytest.raises(InputError, match=r"^xen-hypervisor-4.17-amd64 has no version 4.17.9-1 in the Debian "
                                          r"archive; it has: 4.17.7\+13-g2445b30a44-0\+deb12u1 \(bookworm-security\)"):
         DebianXen("4.17.9-1", cache).fetch_binaries()
+
+
+#: The child of the kill tests: the library fetch with the CLI's signal handling (``klpforge.cli.main``).
+_FETCH_CHILD = r"""
+import sys
+import time
+from pathlib import Path
+from klpforge.distro.apt import apt_root
+from klpforge.proc import Terminated, end_children, install_signal_handlers
+install_signal_handlers()
+try:
+    a = apt_root(sys.argv[1])
+    a.fetch(a.record(sys.argv[3], sys.argv[4]), Path(sys.argv[2]))
+except Terminated as e:
+    print(f"klpforge: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+finally:
+    end_children()
+"""
+
+
+def _session(sid: int) -> list[str]:
+    """``pid comm`` of every process still in session ``sid`` (zombies excluded)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[3]) == sid and rest[0] != "Z":
+            out.append(f"{p.name} {comm}")
+    return out
+
+
+def _partial(debs: Path) -> int:
+    """Bytes of the largest file under ``debs`` (the download in progress)."""
+    return max((f.stat().st_size for f in debs.rglob("*") if f.is_file()), default=0) if debs.is_dir() else 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_download_killed_midway_leaves_a_cache_the_next_run_uses(apt: AptRoot, tmp_path: Path,
+                                                                 sig: signal.Signals) -> None:
+    """Issue 17 item 3 and 4: a fetch killed while apt-get downloads leaves nothing under the final name, no
+    process of its session (apt-get, its http method) runs on, and the next fetch gets the verified package.
+
+    The child's apt is slowed to 100 KB/s (``Acquire::http::Dl-Limit`` in our root's ``apt.conf.d``, which
+    only this private cache has) so that the signal always lands mid-download whatever the mirror's speed.
+    """
+    rec = apt.record(*SMALL)
+    debs = tmp_path / "debs"
+    limit = apt.root / "etc" / "apt.conf.d" / "90test-slow"
+    limit.write_text('Acquire::http::Dl-Limit "100";\n')
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _FETCH_CHILD, str(apt.root.parent), str(debs), *SMALL],
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while _partial(debs) < 64 << 10 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = _partial(debs)
+        assert child.poll() is None and 0 < got < rec.size, f"not caught mid-download ({got} bytes)"
+        os.kill(child.pid, sig)
+        _, err = child.communicate(timeout=30)
+    finally:
+        limit.unlink()
+    if sig == signal.SIGTERM:
+        assert child.returncode == 143 and err.strip() == "klpforge: terminated by SIGTERM", err
+        # the fetch's own finally removed its download directory
+        assert not list(debs.iterdir()), list(debs.iterdir())
+    else:
+        assert child.returncode == -signal.SIGKILL
+    assert not (debs / rec.deb_name).exists(), "a partial download under the final name"
+    # apt-get (PR_SET_PDEATHSIG) and its http method (the watchdog ends the group) go too; the watchdog
+    # itself leaves once the groups are empty (GRACE + 2 s at most); an orphaned apt-get would still need
+    # about 19 s at 100 KB/s
+    deadline = time.monotonic() + 8
+    while _session(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _session(child.pid) == [], "processes of the killed fetch still run"
+    # nothing kept downloading: the partial file did not grow into a whole package after the kill
+    assert _partial(debs) < rec.size
+    said: list[str] = []
+    deb = apt.fetch(rec, debs, said.append)
+    assert said == [f"downloading {SMALL[0]}={SMALL[1]} (2 MB)"]
+    assert sha256_file(deb) == rec.sha256
+    # the killed run's download directory is removed by the next fetch (its flock died with it)
+    assert sorted(p.name for p in debs.iterdir()) == [rec.deb_name]
+
+
+def test_stale_download_directory_removed_unless_in_use(tmp_path: Path) -> None:
+    """The ``.download-*`` directory of a killed fetch goes at the next fetch; a live one's stays."""
+    from klpforge.distro.apt import _download_dir
+
+    live, held = _download_dir(tmp_path)
+    (live / "x.deb").write_bytes(b"partial")
+    other, fd = _download_dir(tmp_path)
+    assert live.is_dir() and other != live  # held by a running fetch: left alone
+    os.close(held)  # its process died: the kernel dropped the flock
+    again, fd2 = _download_dir(tmp_path)
+    assert not live.exists() and other.is_dir() and again.is_dir()
+    os.close(fd)
+    os.close(fd2)

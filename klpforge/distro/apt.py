@@ -12,7 +12,9 @@ Trust chain: apt verifies each suite's ``InRelease`` signature and the ``Package
 ``SHA256`` and ``Size`` of a package come from that index (``apt-cache show pkg=version``), and every
 ``.deb`` is checked against them after download *and* each time it is taken from the cache
 (:meth:`AptRoot.fetch`): a tampered file (even a valid archive) or a truncated one is removed and fetched
-again. Downloads go to a private temporary directory and are renamed into place only when verified.
+again. Downloads go to a private temporary directory and are renamed into place only when verified;
+apt runs as a child of :mod:`klpforge.proc`, so it ends with klpforge (even after SIGKILL), and the
+directory of a killed fetch is removed by the next one (:func:`_download_dir`).
 
 The archive host is the one the machine's own apt uses (``/etc/apt/sources.list*`` is only read for the
 host name; ``KLPFORGE_DEBIAN_MIRROR=http://host/debian`` overrides it); without either, fetching is refused
@@ -25,6 +27,7 @@ with one line saying so.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import pwd
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import proc
 from ..errors import InputError
 from ..fsutil import atomic_write, check_private_dir, tree_lock
 from ..kbuild.prepare import cache_root
@@ -198,8 +202,10 @@ class AptRoot:
         return {**os.environ, "APT_CONFIG": str(self.conf), "LC_ALL": "C.UTF-8"}
 
     def run(self, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        # through proc: apt-get and its download methods end with klpforge (a signal, or SIGKILL via
+        # PR_SET_PDEATHSIG and the watchdog) instead of finishing an orphaned download (issue 17 item 4)
         try:
-            return subprocess.run(args, cwd=cwd, env=self.env(), capture_output=True, text=True, check=False)
+            return proc.run(args, cwd=cwd, env=self.env(), capture_output=True, text=True)
         except OSError:
             raise InputError(f"{args[0]} not found: klpforge fetches Debian packages with apt") from None
 
@@ -251,7 +257,7 @@ class AptRoot:
         """
         self._ensure_lists(say)
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+        tmp, held = _download_dir(dest)
         try:
             _give_to_apt_sandbox(tmp)
             r = self.run(["apt-get", "source", "--download-only", "-q", f"{package}={version}"], cwd=tmp)
@@ -277,6 +283,7 @@ class AptRoot:
             return out
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.close(held)
 
     def versions(self, package: str, say: Say | None = None) -> list[tuple[str, str]]:
         """``[(version, suite)]`` of ``package`` in our index, newest first (``apt-cache madison``)."""
@@ -340,7 +347,7 @@ class AptRoot:
         if say:
             say(f"downloading {rec.package}={rec.version} ({rec.size / 1e6:.0f} MB)")
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+            tmp, held = _download_dir(dest)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise InputError(disk_full_message(dest, f"downloading {rec.package}")) from None
@@ -369,6 +376,7 @@ class AptRoot:
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.close(held)
         return out
 
 
@@ -384,6 +392,36 @@ def verify_deb(path: Path, rec: PackageRecord) -> str | None:
     if got != rec.sha256:
         return f"has SHA-256 {got[:16]}..., the signed index says {rec.sha256[:16]}... (modified)"
     return None
+
+
+def _download_dir(dest: Path) -> tuple[Path, int]:
+    """A new private ``dest/.download-*`` directory and an open descriptor holding ``flock`` on it (close
+    it after removing the directory).
+
+    A klpforge killed mid-download (SIGKILL, power loss) cannot remove its directory: the partial ``.deb``
+    there would stay for ever. Each run therefore first removes the ``.download-*`` directories whose lock
+    nobody holds -- the kernel drops a dead process' ``flock`` -- and leaves those of a concurrent fetch.
+    Raises ``OSError`` (``ENOSPC`` included).
+    """
+    for old in dest.glob(".download-*"):
+        try:
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # in use by another fetch
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        os.close(fd)
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if tmp.is_dir():  # not removed by a concurrent run between mkdtemp and flock
+            return tmp, fd
+        os.close(fd)
 
 
 def _give_to_apt_sandbox(tmp: Path) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import provenance
+from .. import proc, provenance
 from ..buildlog import BuildLog
 from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..fsutil import atomic_write, tree_lock
@@ -158,7 +158,8 @@ def _with_header_reach(tree: DistroTree, patches: list[SourcePatch], objs: list[
         log.write_text("")
         cmd = make_command(tree, "-k", *cands, jobs=jobs)
         with log.open("ab") as f:
-            subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+            # through proc: make and its gcc jobs end with klpforge (issue 17 item 4)
+            proc.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     reached = objects_including(tree, [o for o in cands if (tree.build / o).is_file()], list(funcs))
     say(f"header change reaches {len(reached)} more object(s): {', '.join(reached[:8])}"
         + (" ..." if len(reached) > 8 else ""))

@@ -25,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .. import proc
 from ..errors import InputError
 from ..fsutil import atomic_write, tree_lock
 from ..kbuild.prepare import cache_dir
@@ -151,7 +152,8 @@ def fetch_packages(release: str, root: Path, say: Say,
 
 def _dpkg_x(deb: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["dpkg", "-x", str(deb), str(dest)], capture_output=True, text=True, check=False)
+    # through proc: an unpack (or the tar below) ends with klpforge, never writes on into the cache
+    r = proc.run(["dpkg", "-x", str(deb), str(dest)], capture_output=True, text=True)
     if r.returncode != 0:
         if "No space left on device" in r.stderr:
             raise InputError(disk_full_message(dest, f"unpacking {deb.name}"))
@@ -373,7 +375,7 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
             if not tarballs:
                 raise InputError(f"{debs['source'].name} holds no linux-source tarball")
             (tmp / "tree").mkdir()
-            subprocess.run(["tar", "-xf", str(tarballs[0]), "-C", str(tmp / "tree")], check=True)
+            proc.run(["tar", "-xf", str(tarballs[0]), "-C", str(tmp / "tree")], check=True)
             top = next((tmp / "tree").iterdir())
             shutil.rmtree(root / "src", ignore_errors=True)
             (root / "src").mkdir()

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import proc
 from ..errors import InputError
 from ..fsutil import atomic_write, check_private_dir, tree_lock
 from ..kbuild.prepare import cache_root
@@ -172,7 +173,8 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
         with log.open("w") as f:
             f.write("$ " + " ".join(argv) + "\n")
             f.flush()
-            r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False)
+            # through proc: mmdebstrap (apt, dpkg as root) ends with klpforge (issue 17 item 4)
+            r = proc.run(argv, stdout=f, stderr=subprocess.STDOUT)
         text = log.read_text(errors="replace")
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)

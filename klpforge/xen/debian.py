@@ -20,12 +20,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import proc
 from ..distro.apt import PackageRecord, apt_root
 from ..errors import InputError
 from ..kbuild.prepare import cache_dir
@@ -58,7 +58,7 @@ class XenBinaries:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    r = proc.run(cmd, cwd=cwd, capture_output=True, text=True)  # ends with klpforge (issue 17 item 4)
     if r.returncode != 0:
         raise InputError(f"{' '.join(cmd[:3])} failed: {(r.stderr or r.stdout).strip()[-400:]}")
 
