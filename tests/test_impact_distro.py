@@ -53,9 +53,18 @@ def test_patch_of_inlined_function_names_callers(debian_tree: DistroTree, tmp_pa
     patch = PATCHES / "50-driver-loop-dio.patch"
     src_before = (debian_tree.src / "drivers/block/loop.c").read_bytes()
     svg = tmp_path / "loop.svg"
+    from klpforge.distro.compile import ipa_dump_of
+
+    built = debian_tree.build / "drivers/block/loop.o"
+    had_dump = built.is_file() and ipa_dump_of(built) is not None
     r = klpforge("impact", "--distro", DISTRO, "--patch", str(patch), "--svg", str(svg), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    if not had_dump:  # a fresh tree: the original object is compiled for its dump, and said so
+        assert ("compiling 1 original object(s) of 6.1.0-56-amd64 for their clone dumps: drivers/block/loop.o"
+                in r.stderr), r.stderr
+        assert "note: compiled drivers/block/loop.o to get GCC's clone dump" in out
+    assert ipa_dump_of(built) is not None  # left in the tree's build directory for the next run
     assert out.startswith("impact of drivers/block/loop.c:loop_attr_dio_show"), out
     assert "loop_attr_do_show_dio" in out  # the caller the static function is inlined into
     assert "drivers/block/loop.o" in out and "drivers/block/loop.c:" in out
