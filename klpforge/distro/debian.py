@@ -120,7 +120,8 @@ def package_records(release: str, cache: str | os.PathLike[str] | None = None,
         assert want is not None
         known = sorted({n.removeprefix("linux-image-") for n in r.stdout.split()
                         if (k := _RELEASE_RE.fullmatch(n.removeprefix("linux-image-")))
-                        and k.group(6, 7) == want.group(6, 7)},
+                        # `pkgnames linux-image-6.1` also lists 6.17, 6.19: keep the same x.y line
+                        and k.group(1, 2, 6, 7) == want.group(1, 2, 6, 7)},
                        key=lambda n: [int(x) for x in re.findall(r"\d+", n)])
         raise InputError(f"the Debian archive has no {names['image']}"
                          + (f"; releases of {line} it has: {', '.join(known[-12:])}" if known else ""))

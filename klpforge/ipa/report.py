@@ -13,9 +13,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..fsutil import atomic_write
 from ..proc import run
-from .closure import Chain, ImpactResult, Step
+from .closure import Chain, Entry, ImpactResult, Step
 
-__all__ = ["to_text", "to_json", "to_dot", "write_svg", "CHAIN_SHOWN"]
+__all__ = ["to_text", "to_json", "to_dot", "write_svg", "relative_paths", "CHAIN_SHOWN"]
 
 #: Steps of a chain shown per function. A longer chain's first steps are the whole chain of the function
 #: its first shown step starts from, which the output lists too: named instead of repeated, so the output
@@ -143,15 +143,64 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def to_dot(res: ImpactResult) -> str:
-    """The impact graph: functions as nodes (green = replace), edges labelled with the transform."""
-    lines = ["digraph impact {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
+def relative_paths(res: ImpactResult, root: str) -> ImpactResult:
+    """``res`` with the prefix ``root`` (e.g. a distribution tree's source directory, as GCC wrote it into the
+    dumps: Kbuild's ``O=`` builds pass absolute source paths) removed from every location and object name.
+
+    Shared chains stay shared (rewritten once each, iteratively: chains can be thousands of steps deep).
+    """
+    pre = root.rstrip("/") + "/"
+
+    def rel(s: str) -> str:
+        return s[len(pre):] if s.startswith(pre) else s
+
+    done: dict[int, Chain] = {}
+
+    def chain(c: Chain) -> Chain:
+        todo: list[Chain] = []
+        link: Chain | None = c
+        while link is not None and link.step is not None and id(link) not in done:
+            todo.append(link)
+            link = link.parent
+        base = done[id(link)] if link is not None and id(link) in done else Chain()
+        for node in reversed(todo):
+            st = node.step
+            assert st is not None
+            base = Chain(Step(st.kind, st.src, rel(st.src_loc), st.dst, rel(st.dst_loc)), base)
+            done[id(node)] = base
+        return done.get(id(c), base)
+
+    ents = [Entry(e.name, rel(e.loc), rel(e.obj), e.status, chain(e.chain), e.transforms, e.avoided_by,
+                  e.pieces, e.folded) for e in res.entries]
+    return ImpactResult(res.queries, ents, [n.replace(pre, "") for n in res.notes])
+
+
+#: Node fill colours by status, and what the legend says of each.
+_FILL = {"replace": "palegreen", "removed": "lightgrey", "missing": "khaki"}
+_LEGEND = (("palegreen", "replace: the live patch replaces it"),
+           ("lightgrey", "removed by GCC (no symbol left)"),
+           ("khaki", "missing: no symbol, no removal record"),
+           ("white", "on the way (not replaced itself)"))
+
+
+def to_dot(res: ImpactResult, title: str | None = None) -> str:
+    """The impact graph: functions as nodes (green = replace), edges labelled with the transform, a title
+    (default: the queries) and a legend of the colours and edge labels."""
+    head = title if title is not None else f"impact of {', '.join(res.queries)}"
+    lines = ["digraph impact {", "  rankdir=LR;", f"  label={_q(head)};", "  labelloc=t;", "  fontsize=18;",
+             "  node [shape=box, fontname=monospace];"]
+    rows = "".join(f'<TR><TD BGCOLOR="{c}" WIDTH="24"> </TD><TD ALIGN="LEFT">{t}</TD></TR>' for c, t in _LEGEND)
+    rows += ('<TR><TD>&rarr;</TD><TD ALIGN="LEFT">edge label: how GCC reached it (inline, constprop, isra, '
+             'part, piece ...)</TD></TR>')
+    lines += ["  subgraph cluster_legend {", '    label=""; style=dashed;',
+              f'    "__legend__" [shape=plaintext, fontname=sans, label=<<TABLE BORDER="0" CELLBORDER="1" '
+              f'CELLSPACING="0"><TR><TD COLSPAN="2"><B>legend</B></TD></TR>{rows}</TABLE>>];', "  }"]
     nodes: dict[str, str] = {}
     edges: set[tuple[str, str, str]] = set()
     seen: set[int] = set()  # chain nodes already drawn: shared prefixes are walked once (linear)
     for e in res.entries:
         key = f"{e.name}\n{e.loc}"
-        colour = {"replace": "palegreen", "removed": "lightgrey", "missing": "khaki"}.get(e.status, "white")
+        colour = _FILL.get(e.status, "white")
         nodes[key] = colour
         new: list[Step] = []
         link: Chain | None = e.chain
@@ -178,9 +227,9 @@ def to_dot(res: ImpactResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_svg(res: ImpactResult, out: Path) -> None:
+def write_svg(res: ImpactResult, out: Path, title: str | None = None) -> None:
     """Render :func:`to_dot` with Graphviz ``dot``; the .dot is written beside when ``dot`` is missing."""
-    dot = to_dot(res)
+    dot = to_dot(res, title)
     exe = shutil.which("dot")
     if exe is None:
         atomic_write(out.with_suffix(".dot"), dot)
