@@ -98,8 +98,16 @@ class BuildRoot:
         # bwrap's new / is an empty tmpfs: the root's top-level directories are bound into it read-only
         # (its usr-merged symlinks recreated), then the writable paths at their own names, then / read-only
         cmd = [bw]
+        # a top-level directory that holds a bound path (the cache under /root or /home) is left out: bwrap
+        # must create the bind's parents, which it cannot inside a read-only bind of the root's own directory
+        holders = {Path(b).resolve().parts[1] for b in binds if len(Path(b).resolve().parts) > 1}
         for top in sorted(self.path.iterdir()):
             if top.name in ("dev", "proc", "tmp", "sys"):
+                continue
+            if top.name in holders:
+                if top.name in ("usr", "etc", "bin", "sbin", "lib", "lib64", "var"):
+                    raise InputError(f"the klpforge cache under /{top.name} cannot be seen from the build root "
+                                     f"{self.path}: set KLPFORGE_CACHE to a directory elsewhere")
                 continue
             if top.is_symlink():
                 cmd += ["--symlink", os.readlink(top), f"/{top.name}"]
