@@ -253,7 +253,9 @@ def test_wrong_source_version_refused(debian_tree: DistroTree, nfsd_of_next_rele
 def test_plain_form_refuses_another_compiler(debian_tree: DistroTree, tmp_path: Path) -> None:
     cfg = tmp_path / "config"
     cfg.write_text(debian_tree.config.read_text().replace("12.2.0-14+deb12u1", "12.2.0-14"))
-    r = klpforge("build", "-s", str(debian_tree.src), "-c", str(cfg), "--symbols", "/dev/null",
+    syms = tmp_path / "symbols"  # never read: the compiler is checked first (a device is refused as input)
+    syms.write_text("")
+    r = klpforge("build", "-s", str(debian_tree.src), "-c", str(cfg), "--symbols", str(syms),
                  str(PATCHES / "00-nfsd-sequence-cve.patch"), "-o", str(tmp_path / "x.ko"))
     assert r.returncode == 1
     assert "compiler mismatch: the kernel was built with 'gcc-12 (Debian 12.2.0-14) 12.2.0'" in r.stderr
