@@ -162,8 +162,10 @@ objects() {{ # "<obj> <patched> <loaded> <nfuncs>;" per klp_object; fails if one
         for f in "$o"/*,*; do [ -e "$f" ] && nf=$((nf+1)); done
         read -r p < "$o"/patched
         l=0; {{ [ "$n" = vmlinux ] || [ -e /sys/module/"$n" ]; }} && l=1
+        # 2: patched while the check ran, and the check unloaded the module since (seen by watch_patched)
+        [ "$p" = 1 ] || [ $l = 1 ] || [ ! -e /tmp/seen."$n" ] || p=2
         printf '%s ' "$n $p $l $nf;"
-        [ "$p" = 1 ] || [ $nf = 0 ] || r=1
+        [ "$p" != 0 ] || [ $nf = 0 ] || r=1
     done
     return $r
 }}
@@ -198,10 +200,15 @@ waitfor enabled test -e {lp}/enabled
 step enabled OK ""
 klpwait transition 1
 step transition OK ""
+# a check may load a target module (klp_module_coming) and unload it again: remember what it saw patched
+( while :; do for o in {lp}/*/; do o=${{o%/}}
+    [ "$(cat "$o"/patched 2>/dev/null)" = 1 ] && : > /tmp/seen."${{o##*/}}"; done; sleep 0.1; done ) &
+W=$!
 echo "$M:CHECK-BEGIN"
 sh /check.sh 2>&1
 rc=$?
 echo "$M:CHECK-END:$rc"
+kill $W 2>/dev/null; wait $W 2>/dev/null
 step check OK "$rc"
 objs=$(objects) || fail patched "$objs"
 step patched OK "$objs"
@@ -410,17 +417,20 @@ def _objects_detail(raw: str, hints: dict[str, str], ok: bool) -> str:
     'nfsd: module not loaded in the guest, its 3 function(s) were not patched (add --load-modules nfsd)'
     >>> _objects_detail("vmlinux 1 1 2; nfsd 1 1 3; ", {}, True)
     'vmlinux (2 functions), nfsd (3 functions)'
+    >>> _objects_detail("vmlinux 1 1 1; m 2 0 1; ", {}, True)
+    'vmlinux (1 function), m (1 function, patched while the check ran, unloaded since)'
     """
     objs = []
     for item in raw.split(";"):
         f = item.split()
         if len(f) == 4 and f[3].isdigit():
-            objs.append((f[0], f[1] == "1", f[2] == "1", int(f[3])))
+            objs.append((f[0], f[1] in ("1", "2"), f[2] == "1", int(f[3])))
     if not objs:
         return raw.strip() if not ok else "no klp_object directory under /sys/kernel/livepatch/<patch>"
     if ok:
-        return ", ".join(f"{n} ({k} function{'s' if k != 1 else ''})" if k else f"{n} (klp relocations only)"
-                         for n, p, _l, k in objs if p or k)
+        return ", ".join((f"{n} ({k} function{'s' if k != 1 else ''}"
+                          + (", patched while the check ran, unloaded since)" if not loaded else ")"))
+                         if k else f"{n} (klp relocations only)" for n, p, loaded, k in objs if p or k)
     bad = []
     for n, p, loaded, k in objs:
         if p or not k:
