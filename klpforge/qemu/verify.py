@@ -162,8 +162,9 @@ objects() {{ # "<obj> <patched> <loaded> <nfuncs>;" per klp_object; fails if one
         for f in "$o"/*,*; do [ -e "$f" ] && nf=$((nf+1)); done
         read -r p < "$o"/patched
         l=0; {{ [ "$n" = vmlinux ] || [ -e /sys/module/"$n" ]; }} && l=1
-        # 2: patched while the check ran, and the check unloaded the module since (seen by watch_patched)
-        [ "$p" = 1 ] || [ $l = 1 ] || [ ! -e /tmp/seen."$n" ] || p=2
+        # 2: a module the check itself loaded, seen patched while the check ran, and unloaded by it since;
+        # a target that was loaded before the check and is gone after it counts as unpatched
+        [ "$p" = 1 ] || [ $l = 1 ] || [ ! -e /tmp/seen."$n" ] || [ -e /tmp/pre."$n" ] || p=2
         printf '%s ' "$n $p $l $nf;"
         [ "$p" != 0 ] || [ $nf = 0 ] || r=1
     done
@@ -201,6 +202,7 @@ step enabled OK ""
 klpwait transition 1
 step transition OK ""
 # a check may load a target module (klp_module_coming) and unload it again: remember what it saw patched
+for o in {lp}/*/; do o=${{o%/}}; [ "$(cat "$o"/patched 2>/dev/null)" = 1 ] && : > /tmp/pre."${{o##*/}}"; done
 ( while :; do for o in {lp}/*/; do o=${{o%/}}
     [ "$(cat "$o"/patched 2>/dev/null)" = 1 ] && : > /tmp/seen."${{o##*/}}"; done; sleep 0.1; done ) &
 W=$!
