@@ -19,6 +19,7 @@ relocation (x86-64, klpforge/sharedsec.py); on other architectures the diff refu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,29 +73,7 @@ def carve(p: Object, arch: Arch, sel: Selection, candidates: set[int]) -> Carvin
         keep = [p.code_range(m) if m in p.pad_start else (int(p.value[m]), int(p.value[m]) + int(p.size[m]))
                 for m in p.syms_in_section[sec] if m in sel.included]
         keep += [gap(p, sec, w) for w in anon.get(sec, ())]
-        keep.sort()
-        merged: list[list[int]] = []
-        for lo, hi in keep:
-            if merged and lo <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        align = max(int(p.shdrs["addralign"][sec]), 1)
-        rows, pos = [], 0
-        for lo, hi in merged:
-            pos = -(-pos // align) * align
-            rows.append((lo, hi, pos))
-            pos += hi - lo
-        cv.ranges[sec] = np.array(rows, np.int64).reshape(-1, 3)
-        cv.size[sec] = pos
-        if int(p.shdrs["type"][sec]) == C.SHT_NOBITS:
-            cv.data[sec] = b""
-        else:
-            src = p.section_data(sec)
-            buf = bytearray(pos)
-            for lo, hi, new in rows:
-                buf[new:new + hi - lo] = src[lo:hi]
-            cv.data[sec] = bytes(buf)
+        _lay_out(cv, p, sec, _merged(keep))
         if p.is_text(sec):
             extra = cv.extra.setdefault(sec, [])
             for m in p.syms_in_section[sec]:
@@ -217,25 +196,40 @@ def carve_aux(p: Object, arch: Arch, sections: set[int],
         keep[sec].add(pc)
         todo.extend((t, w) for off, t, w in refs_from[sec] if pc[0] <= off < pc[1])
     for sec in sorted(aux):
-        size = int(p.shdrs["size"][sec])
-        merged: list[list[int]] = []
-        for lo, hi in sorted(keep[sec]):
-            if merged and lo <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        if merged == [[0, size]]:
+        merged = _merged(keep[sec])
+        if merged == [[0, int(p.shdrs["size"][sec])]]:
             continue  # every piece is used: the section goes whole
-        align = max(int(p.shdrs["addralign"][sec]), 1)
-        rows, pos = [], 0
-        for lo, hi in merged:
-            pos = -(-pos // align) * align
-            rows.append((lo, hi, pos))
-            pos += hi - lo
-        cv.ranges[sec] = np.array(rows, np.int64).reshape(-1, 3)
-        cv.size[sec] = pos
-        src_data = p.section_data(sec)
-        buf = bytearray(pos)
-        for lo, hi, new in rows:
-            buf[new:new + hi - lo] = src_data[lo:hi]
-        cv.data[sec] = bytes(buf)
+        _lay_out(cv, p, sec, merged)
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """``[lo, hi)`` byte ranges sorted, overlapping or touching ones joined."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def _lay_out(cv: Carving, p: Object, sec: int, merged: list[list[int]]) -> None:
+    """Record in ``cv`` the kept ``merged`` ranges of ``sec`` placed one after another at the section's
+    alignment (``ranges``: old start, old end, new start), the carved size, and the carved bytes (none for
+    ``SHT_NOBITS``)."""
+    align = max(int(p.shdrs["addralign"][sec]), 1)
+    rows, pos = [], 0
+    for lo, hi in merged:
+        pos = -(-pos // align) * align
+        rows.append((lo, hi, pos))
+        pos += hi - lo
+    cv.ranges[sec] = np.array(rows, np.int64).reshape(-1, 3)
+    cv.size[sec] = pos
+    if int(p.shdrs["type"][sec]) == C.SHT_NOBITS:
+        cv.data[sec] = b""
+        return
+    src = p.section_data(sec)
+    buf = bytearray(pos)
+    for lo, hi, new in rows:
+        buf[new:new + hi - lo] = src[lo:hi]
+    cv.data[sec] = bytes(buf)
