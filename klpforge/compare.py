@@ -20,6 +20,7 @@ import numpy as np
 
 from .arch import Arch
 from .correlate import Correlation
+from .dwarfread import clone_line_regs
 from .elf import constants as C
 from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
@@ -203,17 +204,19 @@ def _line_relocs(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> l
     is profiled (:func:`is_profiled`): GCC turns ``-fipa-ra`` off under ``-pg`` ("the option is disabled
     if generated code will be instrumented for profiling", GCC 12 manual, Optimize Options), so calls to
     it follow the standard ABI (6.1's ``__ext4_error``, ``__ext4_msg`` are defined in ``fs/ext4/super.c``
-    itself). GCC clones (``foo.isra.0``: arguments removed or reordered) are never named."""
+    itself). GCC clones (``foo.isra.0``: arguments removed or reordered) are named only when their DWARF
+    says in which register the line arrives (:func:`_clone_regs`)."""
     r = obj.relocs(sec)
     r = r[(r["offset"] >= lo) & (r["offset"] < hi)]
     arch = keys.arch
     local_ok = is_profiled(obj, arch)
+    clones = _clone_regs(obj, arch) if local_ok else {}
     out: list[tuple[int, str, bytes | None]] = []
     for off, sym, typ, add in zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
                                   strict=True):
         callee = obj.sym_names[sym] if not obj.defined[sym] and obj.stype[sym] != C.STT_SECTION else ""
         if not callee and local_ok and obj.defined[sym]:
-            callee = _local_callee(obj, arch, int(sym), int(typ), int(add))
+            callee = _local_callee(obj, arch, int(sym), int(typ), int(add), clones)
         s = None
         if not callee:
             k, a = keys.key(obj, int(sym), int(typ), int(add))
@@ -229,9 +232,9 @@ def is_profiled(obj: Object, arch: Arch) -> bool:
     return any(not obj.defined[i] and obj.sym_names[i] in names for i in range(1, obj.nsym))
 
 
-def _local_callee(obj: Object, arch: Arch, sym: int, typ: int, add: int) -> str:
+def _local_callee(obj: Object, arch: Arch, sym: int, typ: int, add: int, clones: dict[str, str]) -> str:
     """Name of the function of ``obj`` a call relocation enters at its start ('' for anything else: data,
-    the middle of a function, a GCC clone)."""
+    the middle of a function, a GCC clone unless ``clones`` knows where its line argument arrives)."""
     where = add + arch.pcrel_bias.get(typ, 0)
     if obj.stype[sym] == C.STT_SECTION:
         t = obj.symbol_at(int(obj.shndx[sym]), where)
@@ -242,7 +245,7 @@ def _local_callee(obj: Object, arch: Arch, sym: int, typ: int, add: int) -> str:
     else:
         t = sym
     name = obj.sym_names[t]
-    return name if obj.stype[t] == C.STT_FUNC and "." not in name else ""
+    return name if obj.stype[t] == C.STT_FUNC and ("." not in name or name in clones) else ""
 
 
 def _string_of(k: object, rel: int) -> bytes | None:
@@ -263,7 +266,16 @@ def _line_only(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int, olo
     if not arch.cs_arch:
         return False
     return only_lines_differ(arch, o.section_data(osec)[olo:ohi], _line_relocs(o, keys, osec, olo, ohi),
-                             p.section_data(psec)[plo:phi], _line_relocs(p, keys, psec, plo, phi))
+                             p.section_data(psec)[plo:phi], _line_relocs(p, keys, psec, plo, phi),
+                             _clone_regs(o, arch), _clone_regs(p, arch))
+
+
+def _clone_regs(obj: Object, arch: Arch) -> dict[str, str]:
+    """Line registers of the object's clones of line-taking helpers, from DWARF, in a profiled object
+    only (klpforge/dwarfread.py ``clone_line_regs``; empty otherwise: such a call then counts)."""
+    if not is_profiled(obj, arch):
+        return {}
+    return clone_line_regs(obj, LINE_ARGS)
 
 
 def _compare_unowned(corr: Correlation, keys: TargetKeys, res: Comparison) -> None:

@@ -29,6 +29,7 @@ decoder: there every difference is a change.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,11 +183,14 @@ def _source(insns: list[Insn], j: int, reg: str) -> int:
     return -1
 
 
-def line_loads(arch: Arch, insns: list[Insn], relocs: list[tuple[int, str, bytes | None]]) -> set[int]:
+def line_loads(arch: Arch, insns: list[Insn], relocs: list[tuple[int, str, bytes | None]],
+               line_regs: Mapping[str, str] | None = None) -> set[int]:
     """Indices of the instructions in ``insns`` whose immediate is a ``__LINE__`` argument.
 
     ``relocs``: ``(offset in the function, callee name if the target is an undefined symbol else '',
-    string the target addresses if any)`` for each relocation of the function."""
+    string the target addresses if any)`` for each relocation of the function. ``line_regs``: callee ->
+    the register of its line argument, for callees whose position is not that of :data:`LINE_ARGS`
+    (GCC clones of those helpers, read from DWARF: klpforge/dwarfread.py ``clone_line_regs``)."""
     regs = ARG_REGS.get(arch.name)
     if not regs or not insns:
         return set()
@@ -211,6 +215,8 @@ def line_loads(arch: Arch, insns: list[Insn], relocs: list[tuple[int, str, bytes
         n = LINE_ARGS.get(callee)
         if n is not None and n <= len(regs):
             wanted.append(regs[n - 1])
+        elif line_regs and line_regs.get(callee) in regs:
+            wanted.append(line_regs[callee])
         for pos in range(1, len(regs)):
             k = _source(insns, j, regs[pos - 1])
             if k >= 0 and any(is_source_file_name(s) for _, s in at.get(k, [])):
@@ -228,9 +234,11 @@ WINDOW = 16
 
 
 def only_lines_differ(arch: Arch, a: bytes, a_rel: list[tuple[int, str, bytes | None]], b: bytes,
-                      b_rel: list[tuple[int, str, bytes | None]]) -> bool:
+                      b_rel: list[tuple[int, str, bytes | None]], a_regs: Mapping[str, str] | None = None,
+                      b_regs: Mapping[str, str] | None = None) -> bool:
     """True when ``a`` and ``b`` (the original and patched bytes of one function, whose relocations
-    already agree) differ only in ``__LINE__`` immediates (see the module docstring).
+    already agree) differ only in ``__LINE__`` immediates (see the module docstring). ``a_regs``/``b_regs``:
+    the line registers of clone callees in each object (:func:`line_loads`).
 
     The whole function is decoded cheaply (sizes and mnemonics); only the few instructions from
     :data:`WINDOW` before each difference to the call it feeds are decoded with detail."""
@@ -262,6 +270,6 @@ def only_lines_differ(arch: Arch, a: bytes, a_rel: list[tuple[int, str, bytes | 
         i = k - w0
         if len(xa) != j - w0 + 1 or len(xb) != len(xa) or not xa[i].imm_to or xa[i].imm_to != xb[i].imm_to:
             return False
-        if i not in line_loads(arch, xa, a_rel) or i not in line_loads(arch, xb, b_rel):
+        if i not in line_loads(arch, xa, a_rel, a_regs) or i not in line_loads(arch, xb, b_rel, b_regs):
             return False
     return True

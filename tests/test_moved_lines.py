@@ -81,3 +81,79 @@ def test_changed_text_of_a_file_line_string_is_caught(cc, tmp_path: Path) -> Non
     b = cc(COMMENT + SRC.replace("@CODE@", "3").replace('field \\"dst\\"', 'field \\"dest\\"'), "b")
     res = _diff(a, b, tmp_path)
     assert [f.old_name for f in res.patched_functions] == ["copy_field"]
+
+
+# 6.1 fs/ext4/inode.c: check_block_validity() passes __func__, __LINE__ to a static helper that GCC
+# clones (IPA-CP propagates the constant __func__ away): __check_block_validity.constprop.0(inode, line,
+# map). The clone's line register comes from its DWARF (klpforge/dwarfread.py clone_line_regs).
+CLONE = r"""
+struct inode { unsigned long i_ino; void *i_sb; };
+struct map { unsigned long long m_pblk; unsigned int m_lblk, m_len; };
+extern void __ext4_error_inode(struct inode *inode, const char *function, unsigned int line,
+                               unsigned long long block, const char *fmt, ...);
+extern int ext4_inode_block_valid(struct inode *inode, unsigned long long start, unsigned int len);
+extern int journal_ino(void *sb);
+static __attribute__((noinline)) int __check_block_validity(struct inode *inode, const char *func,
+                                                            unsigned int line, struct map *map, int why)
+{
+    if (inode->i_ino == journal_ino(inode->i_sb))
+        return 0;
+    if (!ext4_inode_block_valid(inode, map->m_pblk, map->m_len)) {
+        __ext4_error_inode(inode, func, line, map->m_pblk, "lblock %lu mapped to illegal pblock %llu (%d)",
+                           (unsigned long)map->m_lblk, map->m_pblk, why);
+        return -117;
+    }
+    return 0;
+}
+#define check_block_validity(inode, map, why) __check_block_validity((inode), __func__, __LINE__, (map), why)
+extern int lookup(struct inode *, struct map *, int);
+int ext4_map_blocks(struct inode *inode, struct map *map, int flags)
+{
+    int ret = lookup(inode, map, flags);
+    if (ret > 0) {
+        int err = check_block_validity(inode, map, 1);
+        if (err)
+            return err;
+    }
+    ret = lookup(inode, map, flags | 1);
+    if (ret > 0) {
+        int err = check_block_validity(inode, map, @WHY@);
+        if (err)
+            return err;
+    }
+    return ret;
+}
+"""
+
+
+def _clone_pair(cc, why_b: str, *flags: str) -> tuple[Path, Path]:
+    a = cc(CLONE.replace("@WHY@", "2"), "a", *flags)
+    b = cc(COMMENT + CLONE.replace("@WHY@", why_b), "b", *flags)
+    return a, b
+
+
+def test_line_argument_of_a_gcc_clone_is_found_in_dwarf(cc, tmp_path: Path) -> None:
+    """The issue's fs/ext4/inode.c comment case: the moved lines reach the clone's line argument."""
+    from klpforge.dwarfread import clone_line_regs
+    from klpforge.lineargs import LINE_ARGS
+    from klpforge.model import Object
+
+    a, b = _clone_pair(cc, "2", "-g")
+    assert "__check_block_validity.constprop.0" in Object.load(a).sym_names  # gcc made the clone
+    assert clone_line_regs(Object.load(a), LINE_ARGS) == {"__check_block_validity.constprop.0": "rsi"}
+    with pytest.raises(NoChange, match=r"only __LINE__ values moved in ext4_map_blocks"):
+        _diff(a, b, tmp_path)
+
+
+def test_other_argument_of_a_gcc_clone_is_a_change(cc, tmp_path: Path) -> None:
+    """A constant given to another parameter of the clone (lines moved too) is a change."""
+    a, b = _clone_pair(cc, "3", "-g")
+    res = _diff(a, b, tmp_path)
+    assert [f.old_name for f in res.patched_functions] == ["ext4_map_blocks"]
+
+
+def test_gcc_clone_without_dwarf_still_counts(cc, tmp_path: Path) -> None:
+    """Without DWARF the clone's argument positions are unknown: the moved line counts as a change."""
+    a, b = _clone_pair(cc, "2")
+    res = _diff(a, b, tmp_path)
+    assert [f.old_name for f in res.patched_functions] == ["ext4_map_blocks"]
