@@ -21,6 +21,7 @@ from .elf import constants as C
 from .emit.livepatch import EmitOptions, KlpReloc, PatchedFunc, emit
 from .errors import InputError, NoChange, UnsafeChange
 from .fsutil import atomic_write
+from .layout import layout_refusals
 from .model import Object
 from .names import is_special_static
 from .select import select
@@ -120,6 +121,11 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
         "warnings": sel.warnings,
         "refusals": list(sel.refusals),
     }
+    replaced = sorted({fname(i) for i in sel.included if b.stype[i] == C.STT_FUNC})
+    layout_refused = layout_refusals(a, b, replaced)  # struct layouts from DWARF (klpforge/layout.py)
+    if layout_refused:
+        report["refusals"] = [*report["refusals"], *layout_refused]
+        raise UnsafeChange([*sel.refusals, *layout_refused])
     if sel.refusals:
         raise UnsafeChange(sel.refusals)
     if not sel.included:
