@@ -58,7 +58,8 @@ def test_member_widened_is_refused(cc, tmp_path: Path) -> None:
 def test_members_reordered_is_refused(cc, tmp_path: Path) -> None:
     _, _, run = _diff(cc, tmp_path, head="struct dev *next; int id;")
     with pytest.raises(UnsafeChange, match=r"struct dev changes layout \(member id moved from offset 0 to 8; "
-                       r"member next moved from offset 8 to 0; member flags moved from offset 16 to 12; size 24 -> 16 bytes\); "
+                       r"member next moved from offset 8 to 0; member flags moved from offset 16 to 12; "
+                       r"size 24 -> 16 bytes\); "
                        r"used by the replaced read_flags, read_id: "):
         run()
 
