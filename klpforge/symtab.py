@@ -23,7 +23,18 @@ from .elf import ElfFile
 from .elf import constants as C
 from .errors import InputError
 
-__all__ = ["TargetSymtab", "load_symvers", "Export", "section_kind"]
+__all__ = ["TargetSymtab", "AmbiguousSymbol", "load_symvers", "Export", "section_kind"]
+
+
+class AmbiguousSymbol(InputError):
+    """A local symbol exists several times in the target and the symbol table cannot tell which copy is
+    the patched object's (a ``/proc/kallsyms`` capture has no FILE symbols): never guessed. ``--distro``
+    builds then fetch the release's ``-dbg`` vmlinux (klpforge/distro/dbgsyms.py) and try again."""
+
+    def __init__(self, msg: str, name: str, file: str):
+        super().__init__(msg)
+        self.name = name
+        self.file = file
 
 _TYPES = {"NOTYPE": C.STT_NOTYPE, "OBJECT": C.STT_OBJECT, "FUNC": C.STT_FUNC, "SECTION": C.STT_SECTION,
           "FILE": C.STT_FILE, "COMMON": C.STT_COMMON, "TLS": C.STT_TLS}
@@ -134,8 +145,9 @@ class TargetSymtab:
         if len(mine) != 1:
             why = ("it has no FILE symbols and no copy lies between two symbols found only in that object"
                    if nofile else f"{len(mine)} candidates in that file")
-            raise InputError(f"cannot tell which of {len(cands)} symbols named {name} belongs to {file} "
-                             f"in {self.path}: {why}")
+            need = "; pass a vmlinux with its FILE symbols (the -dbg package's) with --symbols" if nofile else ""
+            raise AmbiguousSymbol(f"cannot tell which of {len(cands)} symbols named {name} belongs to {file} "
+                                  f"in {self.path}: {why}{need}", name, file)
         order = sorted(cands, key=(lambda i: i) if self.is_module else (lambda i: (self.values[i], i)))
         return order.index(mine[0]) + 1
 

@@ -32,9 +32,10 @@ from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
+from ..symtab import AmbiguousSymbol
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
-from .debian import make_command
+from .debian import make_command, package_records
 from .match import SizeVerdict, check_sizes, object_function_sizes
 from .modules import plain_module
 from .reach import candidate_objects, header_changes, objects_including
@@ -219,6 +220,15 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
     return out
 
 
+def _dbg_symtab(tree: DistroTree, progress: Progress | None) -> Path:
+    """The ``-dbg`` vmlinux symbol table of a Debian release, fetched once (klpforge/distro/dbgsyms.py)."""
+    from .dbgsyms import dbg_symbols
+
+    say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
+    version = package_records(tree.release, say=say)["image"].version
+    return dbg_symbols(tree.release, tree.build.parent, version, say)
+
+
 def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
           symvers: Path | None, log: Path, info: Sequence[tuple[str, str]] = ()) -> Path:
     """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
@@ -294,6 +304,7 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
                 env = struct_sizes(_ProbeTree(tree), objs[0])  # type: ignore[arg-type]
         parents = {o: parent_of(recorded_command(tree, o)) for o in objs}
         symtabs: dict[str, Path] = {}
+        auto_symbols = opts.vmlinux_symbols is None  # a kallsyms capture: the -dbg one may be fetched
         with timed_step("prepare", timings, progress, "shipped symbol tables"):
             symtabs = _symbol_tables(tree, opts, parents, mods, progress)
         outcomes: list[DiffOutcome] = []
@@ -307,7 +318,13 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
                 out = tmp / "diff" / f"{i}-{Path(o).name}"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    oc = run_object_diff(o, orig[o], patched[o], out, parents[o].target, symtabs[o], symvers, env)
+                    try:
+                        oc = run_object_diff(o, orig[o], patched[o], out, parents[o].target, symtabs[o], symvers, env)
+                    except AmbiguousSymbol:
+                        if parents[o].is_module or not auto_symbols or not (opts.distro or "").startswith("debian:"):
+                            raise
+                        symtabs[o] = _dbg_symtab(tree, progress)  # FILE symbols tell the copies apart
+                        oc = run_object_diff(o, orig[o], patched[o], out, parents[o].target, symtabs[o], symvers, env)
                 except NoChange:
                     unchanged.append(o)
                     continue
