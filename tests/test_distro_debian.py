@@ -185,6 +185,28 @@ def test_comments_that_move_lines_are_no_change(debian_tree: DistroTree, tmp_pat
     assert not ko.exists()
 
 
+@pytest.mark.parametrize("patch, klp_syms, funcs", [
+    # session_id: kernel/audit.c and kernel/bpf/bpf_iter.c; audit.c's copy lies between two symbols found only
+    # in audit.o in the kallsyms capture (its lower address: sympos 1, as the -dbg vmlinux's FILE symbols say)
+    ("80-kernel-audit-session-id.patch", {".klp.sym.vmlinux.session_id,1"}, {("audit_set_loginuid", 0)}),
+    # padzero: binfmt_elf.c (ffffffff813e8670) and compat_binfmt_elf.c, which includes it; no anchors on both
+    # sides in the capture, so the build fetches linux-image-6.1.0-56-amd64-dbg and takes its FILE symbols
+    ("82-fs-binfmt-elf-padzero.patch", set(), {("padzero", 1)}),
+])
+def test_duplicate_statics_are_proven(debian_tree: DistroTree, tmp_path: Path, patch: str, klp_syms: set[str],
+                                      funcs: set[tuple[str, int]]) -> None:
+    """Issue 16 item 8: a static whose name vmlinux has several times is placed by proof, never guessed."""
+    ko = tmp_path / "livepatch-dup.ko"
+    rep = tmp_path / "r.json"
+    r = klpforge("build", "--distro", DISTRO, str(PATCHES / patch), "-o", str(ko), "--json", str(rep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {(f["old_name"], f["sympos"]) for o in json.loads(rep.read_text())["objects"] for f in o["functions"]}
+    assert funcs <= got
+    syms = subprocess.run(["readelf", "-sW", str(ko)], capture_output=True, text=True, check=True).stdout
+    for s in klp_syms:
+        assert s in syms
+
+
 def test_alternatives_cut_to_the_replaced_function(debian_tree: DistroTree, tmp_path: Path) -> None:
     """Issue 16 item 7: a change to arch_set_user_pkey_access() carries only its own alternatives' pieces
     of .altinstr_replacement/.altinstr_aux (was: all of them, 75 klp relocations into other functions)."""
@@ -207,6 +229,9 @@ def test_alternatives_cut_to_the_replaced_function(debian_tree: DistroTree, tmp_
 @pytest.mark.parametrize("patch, message", [
     ("90-refuse-data.patch", "data file_caps_enabled (.bss.file_caps_enabled) changed"),
     ("91-refuse-init.patch", "changed function proc_version_init is in .init.text"),
+    # issue 16, struct layout changes: from the DWARF of Debian's -g objects (klpforge/layout.py)
+    ("92-refuse-layout-virtio-mmio.patch", "struct virtio_mmio_device changes layout (member wake_irq_enabled "
+                                           "removed (was at offset "),
 ])
 def test_unsafe_patches_refused(debian_tree: DistroTree, tmp_path: Path, patch: str, message: str) -> None:
     ko = tmp_path / "x.ko"

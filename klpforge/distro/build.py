@@ -222,9 +222,12 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
 
 def _dbg_symtab(tree: DistroTree, progress: Progress | None) -> Path:
     """The ``-dbg`` vmlinux symbol table of a Debian release, fetched once (klpforge/distro/dbgsyms.py)."""
-    from .dbgsyms import dbg_symbols
+    from .dbgsyms import DBG_SYMBOLS, dbg_symbols
 
-    say = (lambda m: progress("prepare", m)) if progress else (lambda _m: None)
+    made = tree.build.parent / DBG_SYMBOLS
+    if made.is_file() and made.stat().st_size:
+        return made
+    say = (lambda m: progress("diff", m)) if progress else (lambda _m: None)
     version = package_records(tree.release, say=say)["image"].version
     return dbg_symbols(tree.release, tree.build.parent, version, say)
 

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
-from ..symtab import Export, TargetSymtab, section_kind
+from ..symtab import AmbiguousSymbol, Export, TargetSymtab, section_kind
 from .carve import Carving, carve, carve_aux
 from .special import ENV_NAMES, PAIRED, entry_size
 
@@ -362,6 +362,8 @@ def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: E
         oname = corr.orig.sym_names[oi]
         try:
             pos = em.sympos_of(oi)
+        except AmbiguousSymbol:
+            raise  # not unsafe, only unknown here: a --distro build fetches FILE symbols and tries again
         except Exception as e:  # noqa: BLE001 - reported as a refusal with the symtab's message
             em.refusals.append(str(e))
             continue
