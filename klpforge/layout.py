@@ -10,8 +10,8 @@ qualifiers and arrays). The issue's case is a revert in 6.1 ``drivers/virtio/vir
 
 Only the CUs' top-level named types (and anonymous ones named by a typedef) are read, with their direct
 members; anonymous struct/union members are flattened into their parent. Reading uses
-:func:`klpforge.dwarfread.dwarf_info` (relocations applied with numpy): about 1.5 s for 6.1's
-``fs/ext4/super.o`` with Debian's config, linear in the DWARF's size. Objects without DWARF are not
+:func:`klpforge.dwarfread.dwarf_info` (relocations applied with numpy): about 0.9 s of CPU for 6.1's
+``fs/ext4/super.o`` with Debian's config (bench/bench_dwarf.py), linear in the DWARF's size. Objects without DWARF are not
 checked (the build says so in the report).
 """
 
