@@ -122,7 +122,7 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
         "refusals": list(sel.refusals),
     }
     replaced = sorted({fname(i) for i in sel.included if b.stype[i] == C.STT_FUNC})
-    layout_refused = layout_refusals(a, b, replaced)  # struct layouts from DWARF (klpforge/layout.py)
+    layout_refused = layout_refusals(a, b, replaced, report["warnings"])  # struct layouts (klpforge/layout.py)
     if layout_refused:
         report["refusals"] = [*report["refusals"], *layout_refused]
         raise UnsafeChange([*sel.refusals, *layout_refused])
