@@ -15,7 +15,7 @@ from klpforge.distro.match import check_sizes, object_function_sizes
 from klpforge.distro.symbols import kallsyms_to_readelf, shipped_sizes
 from klpforge.errors import InputError
 from klpforge.kbuild.tree import CompileCommand
-from klpforge.symtab import TargetSymtab
+from klpforge.symtab import AmbiguousSymbol, TargetSymtab
 
 UNIT = """
 extern int g(int);
@@ -132,8 +132,10 @@ def test_kallsyms_sympos_by_neighbours(tmp_path: Path) -> None:
     text = {"my_helper": (".text", True), "my_other": (".text", True), "show": (".text", True)}
     assert st.sympos("show", file="x.c", local=True, kinds=text, kind=".text") == 2
     msg = "cannot tell which of 2 symbols named show belongs to x.c in .*: it has no FILE symbols"
-    with pytest.raises(InputError, match=msg):
+    with pytest.raises(AmbiguousSymbol, match=msg + r".*; pass a vmlinux with its FILE symbols \(the -dbg "
+                       r"package's\) with --symbols$") as ei:
         st.sympos("show", file="x.c", local=True, kinds={"unrelated": (".text", True)}, kind=".text")
+    assert (ei.value.name, ei.value.file) == ("show", "x.c")  # what a --distro build fetches -dbg symbols for
     # anchors on one side only, or of another section kind, prove nothing (the majority rule picked here)
     with pytest.raises(InputError, match=msg):
         st.sympos("show", file="x.c", local=True, kinds={"my_helper": (".text", True)}, kind=".text")
