@@ -184,6 +184,16 @@ def layouts(obj: Object) -> dict[str, Layout] | None:
     return out
 
 
+def _where(m: Member) -> str:
+    """A member's place: ``8``, or ``0 bit 4`` for a bit field (DWARF 5 ``DW_AT_data_bit_offset`` counts
+    from the start of the struct; DWARF 4 ``DW_AT_bit_offset`` from the storage unit's high bit)."""
+    return str(m.offset) if m.bit_offset < 0 else f"{m.offset} bit {m.bit_offset}"
+
+
+def _bits(m: Member) -> str:
+    return f"{m.bit_size} bits" if m.bit_size >= 0 else f"{m.type} ({m.size} bytes)"
+
+
 def _differences(a: Layout, b: Layout) -> tuple[str, ...]:
     """What changed from ``a`` to ``b``, in words (one item per member)."""
     what: list[str] = []
@@ -201,15 +211,19 @@ def _differences(a: Layout, b: Layout) -> tuple[str, ...]:
             continue
         if x.size != y.size:
             what.append(f"member {name} resized: {x.type} ({x.size} bytes) -> {y.type} ({y.size} bytes)")
+        if x.bit_size != y.bit_size:
+            what.append(f"member {name} resized: {_bits(x)} -> {_bits(y)}")
         if (x.offset, x.bit_offset) != (y.offset, y.bit_offset):
-            what.append(f"member {name} moved from offset {x.offset} to {y.offset}")
-        elif x.bit_size != y.bit_size:
-            what.append(f"member {name} bit field of {x.bit_size} -> {y.bit_size} bits")
+            what.append(f"member {name} moved from offset {_where(x)} to {_where(y)}")
     if a.size != b.size:
         what.append(f"size {a.size} -> {b.size} bytes")
-    if not what and a.members != b.members:
-        what.append("members reordered")
+    if not what and [_shape(m) for m in a.members] != [_shape(m) for m in b.members]:
+        what.append("unnamed members changed")  # padding bit fields (``int :3``); a renamed type is no change
     return tuple(what)
+
+
+def _shape(m: Member) -> tuple[str, int, int, int, int]:
+    return m.name, m.offset, m.bit_offset, m.bit_size, m.size
 
 
 def _users(obj: Object, names: set[str]) -> dict[str, set[str]]:

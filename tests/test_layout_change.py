@@ -81,3 +81,29 @@ def test_comment_keeps_layout(cc, tmp_path: Path) -> None:
 
 def test_no_dwarf_is_not_checked(cc) -> None:
     assert layout_changes(Object.load(cc(_src(), "a")), Object.load(cc(_src(extra="long x;"), "b"))) is None
+
+
+BITS = r"""
+struct opts { unsigned int ro : 1; unsigned int mode : @W@; unsigned int sync : 1; union { int fd; long pad; }; };
+unsigned int get_sync(struct opts *o) { return o->sync + o->fd; }
+"""
+
+
+def test_bit_field_widened_is_refused(cc, tmp_path: Path) -> None:
+    """A bit field made wider moves the bit fields after it (DWARF 5 DW_AT_data_bit_offset); anonymous union
+    members are part of their parent."""
+    a = cc(BITS.replace("@W@", "3"), "a", "-g")
+    b = cc(BITS.replace("@W@", "5"), "b", "-g")
+    ch = layout_changes(Object.load(a), Object.load(b))
+    assert ch is not None and [c.layout.name for c in ch] == ["struct opts"]
+    assert [m.name for m in ch[0].layout.members] == ["ro", "mode", "sync", "fd", "pad"]
+    with pytest.raises(UnsafeChange, match=r"^struct opts changes layout \(member mode resized: 3 bits -> 5 bits; "
+                       r"member sync moved from offset 0 bit 4 to 0 bit 6\); used by the replaced get_sync: "):
+        run_diff(a, b, tmp_path / "lp.o", DiffOptions(symtab=a, env={}))
+
+
+def test_member_type_renamed_at_same_size_keeps_layout(cc) -> None:
+    """int -> unsigned int: same place and size; what the code does with it is the code diff's business."""
+    a = cc(_src(), "a", "-g")
+    b = cc(_src(head="unsigned int id; struct dev *next;"), "b", "-g")
+    assert layout_changes(Object.load(a), Object.load(b)) == []
