@@ -2,8 +2,9 @@
 
 pyelftools applies an object's ``.rela.debug_*`` relocations one by one in Python (12 s of CPU for the
 45,000 of 6.1's ``fs/ext4/super.o`` built with Debian's config); here they are applied in one numpy
-scatter per section and pyelftools parses the result (0.2 s to open that object: bench/bench_dwarf.py). Values are ``S + A`` with ``S`` the symbol's ``st_value``: in a relocatable object
-every address is then relative to its own section, which is what the callers compare.
+scatter per section and pyelftools parses the result (0.2 s to open that object: bench/bench_dwarf.py).
+Values are ``S + A`` with ``S`` the symbol's ``st_value``: in a relocatable object every address is then
+relative to its own section, which is what the callers compare.
 
 Also here: :func:`clone_line_regs`, the register in which a GCC clone of a line-taking helper
 (``__check_block_validity.constprop.0`` of 6.1 ``fs/ext4/inode.c``) receives its ``__LINE__`` argument,
