@@ -220,6 +220,19 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
     return out
 
 
+def _seal_list(tree: DistroTree, opts: DistroBuildOptions) -> Callable[[], dict[str, list[bool]]] | None:
+    """The shipped kernel's sealed ENDBRs, read on demand (only when the patch takes a vmlinux function's
+    address): its ``vmlinuz`` holds the seal list, the vmlinux symbols (``--symbols`` or the kallsyms capture)
+    name them (:func:`klpforge.emit.ibt.sealed_in_image`). Debian's 6.12 and later have
+    ``CONFIG_X86_KERNEL_IBT=y``; a kernel without it has no seal list and nothing is refused."""
+    vmlinuz, symbols = tree.vmlinuz, opts.vmlinux_symbols
+    if vmlinuz is None or symbols is None or not Path(vmlinuz).is_file():
+        return None
+    from ..emit.ibt import sealed_in_image
+
+    return lambda: sealed_in_image(Path(vmlinuz), Path(symbols))
+
+
 def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
           symvers: Path | None, log: Path, info: Sequence[tuple[str, str]] = ()) -> Path:
     """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
@@ -343,7 +356,8 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
             ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log,
                        provenance.modinfo(prov))
             if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
-                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))
+                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched),
+                               sealed=_seal_list(tree, opts))
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,17 @@ def klp_symbol_name(klp_sym: str) -> str:
 
 
 def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Path | None = None,
-              bind_inside: Iterable[str] = ()) -> list[str]:
+              bind_inside: Iterable[str] = (),
+              sealed: Callable[[], dict[str, list[bool]]] | None = None) -> list[str]:
     """Add the klp relocations of every sidecar to the linked module ``ko`` (rewritten in place, atomically,
     once: each object's anchors are found in the same rewrite).
 
     ``bind_inside``: names of symbols the patch itself adds; a klp relocation against one of them that the
     module defines (globally) becomes a normal ``SHT_RELA`` entry against that definition. Returns those
-    names. Raises :class:`InputError` when an anchor is missing or a vmlinux klp symbol does not exist.
+    names. ``sealed``: without a linked ``vmlinux`` (a distribution kernel), where the running kernel's
+    sealed ENDBRs come from (:func:`klpforge.emit.ibt.sealed_in_image`), called only when the patch takes a
+    vmlinux function's address. Raises :class:`InputError` when an anchor is missing or a vmlinux klp symbol
+    does not exist, :class:`UnsafeChange` for the address of a sealed function.
     """
     scs = [sidecars] if isinstance(sidecars, dict) else list(sidecars)
     elf = ElfFile.open(ko, require_rel=True)
@@ -197,6 +201,8 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
         klp_entry(r, sec, off, typ, add)
     if vmlinux is not None and os.path.exists(vmlinux):
         _check_sealed(elf, relocs, where, Path(vmlinux))
+    elif sealed is not None:
+        _check_sealed(elf, relocs, where, sealed)
     for (obj, sec), entries in sorted(groups.items()):
         handle = rw.sec_map[sec]
         arr = np.zeros(len(entries), RELOC)
@@ -214,7 +220,8 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
     return sorted({klp_symbol_name(r["symbol"]) for r in internal})
 
 
-def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int], vmlinux: Path) -> None:
+def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int],
+                  vmlinux: Path | Callable[[], dict[str, list[bool]]]) -> None:
     """Refuse (:class:`UnsafeChange`) code of the patch that takes the address of a vmlinux function whose
     ENDBR the kernel sealed (:mod:`klpforge.emit.ibt`); names both functions. x86-64 only."""
     if elf.machine != C.EM_X86_64:
@@ -236,7 +243,7 @@ def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, i
         if address_taken(elf.section_bytes(sec), off, int(r["type"]), text):
             pos = int(r["symbol"].rsplit(",", 1)[-1])
             uses.append((_function_at(elf, sec, off), klp_symbol_name(r["symbol"]), pos))
-    lines = sealed_refusals(uses, vmlinux) if uses else []
+    lines = sealed_refusals(uses, vmlinux if isinstance(vmlinux, Path) else vmlinux()) if uses else []
     if lines:
         raise UnsafeChange(lines[0] if len(lines) == 1 else f"{len(lines)} sealed functions: " + "; ".join(lines))
 

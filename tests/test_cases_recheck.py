@@ -1,0 +1,140 @@
+"""A fresh user's re-run of ../shared/cases: the variants and siblings the case tests did not cover.
+
+- ``diff --target`` names the object as the kernel does (``mod->name``: Kbuild's ``-`` -> ``_``): the kernel
+  matches ``.klp.rela.<obj>.`` by ``strcmp`` and skips a section of another name, so ``kvm-intel`` left every
+  klp relocation unapplied;
+- rodata-anon-shared in its "plain" forms (no ``-ffunction-sections``, no ``-fdata-sections``);
+- ibt-sealed-global on a distribution kernel (``build --distro``): the seal list comes from the shipped
+  ``vmlinuz``, named by the kallsyms capture (Debian 6.12 has ``CONFIG_X86_KERNEL_IBT=y`` and seals
+  ``is_current_pgrp_orphaned``: the case was built and "verified" before).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klpforge.elf import ElfFile
+
+from .conftest import SHARED
+from .test_cases_diffb import Run, compile_unit
+
+CASES = SHARED / "cases"
+
+
+def _case_objects(name: str, tmp: Path, *extra: str) -> tuple[Path, Path]:
+    d = CASES / name
+    if not d.is_dir():
+        pytest.skip(f"{d} not present")
+    return (compile_unit((d / "orig.c").read_text(), tmp / "orig", *extra),
+            compile_unit((d / "patched.c").read_text(), tmp / "patched", *extra))
+
+
+def _diff(a: Path, b: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "klpforge", "diff", str(a), str(b), "-o", str(out), "--symtab",
+                           str(a), "-q", *args], capture_output=True, text=True, check=False)
+
+
+def test_target_with_a_dash_is_the_kernels_module_name(tmp_path: Path) -> None:
+    """``--target kvm-intel``: the klp sections and symbols name ``kvm_intel``, the name 6.1's
+    ``klp_apply_section_relocs`` compares them with."""
+    a, b = _case_objects("readmostly-new", tmp_path)
+    out = tmp_path / "lp.o"
+    r = _diff(a, b, out, "--target", "kvm-intel")
+    assert r.returncode == 0, r.stderr
+    elf = ElfFile.open(out)
+    klp_secs = [n for n in elf.section_names if n.startswith(".klp.rela.")]
+    klp_syms = sorted(n for n in elf.sym_names if n.startswith(".klp.sym."))
+    assert klp_secs == [".klp.rela.kvm_intel.text.knob_read"]
+    assert klp_syms == [".klp.sym.kvm_intel.knob_a,0", ".klp.sym.kvm_intel.knob_b,0"]
+
+
+@pytest.mark.parametrize("target", ["bad/name", "kvm.intel", "x" * 56, ""])
+def test_target_that_is_no_module_name_is_refused(target: str, tmp_path: Path) -> None:
+    a, b = _case_objects("readmostly-new", tmp_path)
+    out = tmp_path / "lp.o"
+    r = _diff(a, b, out, "--target", target)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"klpforge diff: --target {target!r}: not a module name (vmlinux or a module's "
+                                "name: letters, digits, '_' or '-', at most 55 characters; the kernel parses "
+                                ".klp.rela.<obj>.<section> with %55[^.])")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["-fno-function-sections"], ["-fno-function-sections", "-fno-data-sections"]],
+                         ids=["text", "text-and-rodata"])
+def test_case_rodata_anon_shared_plain(extra: list[str], tmp_path: Path) -> None:
+    """expected.txt's plain variant: seed_high in .text beside seed_low, its constant in the same .rodata:
+    only seed_low is replaced."""
+    if not (CASES / "rodata-anon-shared").is_dir():
+        pytest.skip("../shared/cases not present")
+    d = CASES / "rodata-anon-shared"
+    r = Run.sources((d / "orig.c").read_text(), (d / "patched.c").read_text(), tmp_path, *extra)
+    assert r.code == 0, r.stderr
+    assert r.replaced == ["seed_low"] and r.included == ["seed_low"]
+
+
+# -- ibt-sealed-global on a kernel that ships no vmlinux --------------------------------------------------------
+
+
+@pytest.mark.kernel
+def test_seal_list_from_the_image_is_the_vmlinux_one() -> None:
+    """The IBT test kernel: the seal list read from its bzImage (decompressed payload) names exactly the
+    functions the linked vmlinux's own list does."""
+    from klpforge.emit.ibt import sealed_functions, sealed_in_image
+    from klpforge.kbuild.testkernel import prepared_kernel
+
+    lay = prepared_kernel(variant="ibt")
+    if lay is None:
+        pytest.skip("no IBT kernel (klpforge kernel prepare --variant ibt)")
+    want = sealed_functions(lay.build / "vmlinux")
+    assert want["is_current_pgrp_orphaned"] == [True]
+    assert sealed_in_image(lay.bzimage, lay.build / "vmlinux") == want
+
+
+@pytest.mark.distro
+@pytest.mark.kernel
+def test_distro_seal_list_from_vmlinuz_and_kallsyms() -> None:
+    """Debian 6.12 (zstd image, IBT): the case's helper is sealed, a function whose address vmlinux stores
+    (seq_read, in file_operations) is not; Debian 6.1 (xz image, no IBT) has no seal list."""
+    from klpforge.distro import debian
+    from klpforge.emit.ibt import sealed_in_image
+
+    got = {}
+    for rel in ("6.12.117+deb13-amd64", "6.1.0-56-amd64"):
+        root = debian.release_root(rel)
+        img = root / "image" / "boot" / f"vmlinuz-{rel}"
+        syms = root / "kallsyms-v2.readelf"
+        if not (img.is_file() and syms.is_file()):
+            pytest.skip(f"Debian {rel} not prepared")
+        got[rel] = sealed_in_image(img, syms)
+    new = got["6.12.117+deb13-amd64"]
+    assert new["is_current_pgrp_orphaned"] == [True] and "seq_read" not in new
+    assert got["6.1.0-56-amd64"] == {}
+
+
+@pytest.mark.distro
+@pytest.mark.kernel
+def test_case_ibt_sealed_global_on_debian_612_is_refused(tmp_path: Path) -> None:
+    """expected.txt of ibt-sealed-global on Debian's own IBT kernel: refused naming both functions, nothing
+    written (before: built, and "verified" under QEMU, whose CPU checks no ENDBR)."""
+    from klpforge.distro import debian
+
+    rel = "6.12.117+deb13-amd64"
+    patch = CASES / "build" / "ibt-sealed-global" / "fix.patch"
+    if not (debian.release_root(rel) / "prepared.json").is_file() or not patch.is_file():
+        pytest.skip(f"Debian {rel} not prepared or no shared case")
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd not installed")
+    ko = tmp_path / "sealed.ko"
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", f"debian:{rel}", str(patch),
+                        "-o", str(ko)], capture_output=True, text=True, check=False, timeout=1800)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("klpforge build: kernel_wait4 takes the address of is_current_pgrp_orphaned, whose "
+                           "ENDBR the running kernel sealed at boot"), last
+    assert not ko.exists()
