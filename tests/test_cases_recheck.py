@@ -6,7 +6,10 @@
 - rodata-anon-shared in its "plain" forms (no ``-ffunction-sections``, no ``-fdata-sections``);
 - ibt-sealed-global on a distribution kernel (``build --distro``): the seal list comes from the shipped
   ``vmlinuz``, named by the kallsyms capture (Debian 6.12 has ``CONFIG_X86_KERNEL_IBT=y`` and seals
-  ``is_current_pgrp_orphaned``: the case was built and "verified" before).
+  ``is_current_pgrp_orphaned``: the case was built and "verified" before); its sibling in a module target
+  (the module loader seals the ``.ko``'s own list: ext4's ``ext4_count_dirs``).
+
+Cost: the gcc cases ~1 min; the Debian 6.12 builds ~2.5 min each warm (skipped unless prepared).
 """
 
 from __future__ import annotations
@@ -138,3 +141,81 @@ def test_case_ibt_sealed_global_on_debian_612_is_refused(tmp_path: Path) -> None
     assert last.startswith("klpforge build: kernel_wait4 takes the address of is_current_pgrp_orphaned, whose "
                            "ENDBR the running kernel sealed at boot"), last
     assert not ko.exists()
+
+
+#: the module form of the case: ext4_drop_inode (Debian 6.12.117 fs/ext4/super.c) calls the ext4 global
+#: ext4_count_dirs through a pointer; no code of ext4 takes its address, so ext4.ko's .ibt_endbr_seal lists it
+EXT4_SEALED = """--- a/fs/ext4/super.c
++++ b/fs/ext4/super.c
+@@ -1459,6 +1459,14 @@
+ \tif (!drop)
+ \t\tdrop = fscrypt_drop_inode(inode);
+\x20
++\t{
++\t\t/* the fix consults an ext4 helper through a pointer */
++\t\tunsigned long (*count_fn)(struct super_block *) = ext4_count_dirs;
++
++\t\tOPTIMIZER_HIDE_VAR(count_fn);
++\t\tif (unlikely(drop < 0))
++\t\t\tdrop = count_fn(inode->i_sb) != 0;
++\t}
+ \ttrace_ext4_drop_inode(inode, drop);
+ \treturn drop;
+ }
+"""
+
+
+def _shipped_ext4_612() -> Path:
+    from klpforge.distro import debian
+    from klpforge.distro.modules import plain_module
+
+    rel = "6.12.117+deb13-amd64"
+    found = sorted((debian.release_root(rel) / "image").glob(f"usr/lib/modules/{rel}/kernel/fs/ext4/ext4.ko*"))
+    if not found:
+        pytest.skip(f"Debian {rel} not prepared")
+    return plain_module(found[0])
+
+
+@pytest.mark.distro
+@pytest.mark.kernel
+def test_module_seal_list_of_a_shipped_module() -> None:
+    """ext4.ko of Debian 6.12: its own .ibt_endbr_seal (relocations into its text) lists ext4_count_dirs;
+    ext4_file_open (its address is in ext4_file_operations) keeps its ENDBR."""
+    from klpforge.emit.ibt import sealed_in_module
+
+    got = sealed_in_module(_shipped_ext4_612())
+    assert got["ext4_count_dirs"] == [True]
+    assert "ext4_file_open" not in got and len(got) > 100
+
+
+@pytest.mark.distro
+@pytest.mark.kernel
+def test_module_sealed_helper_on_debian_612_is_refused(tmp_path: Path) -> None:
+    _shipped_ext4_612()
+    patch = tmp_path / "fix.patch"
+    patch.write_text(EXT4_SEALED)
+    ko = tmp_path / "sealed.ko"
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "--distro", "debian:6.12.117+deb13-amd64",
+                        str(patch), "-o", str(ko)], capture_output=True, text=True, check=False, timeout=1800)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("klpforge build: ext4_drop_inode takes the address of ext4_count_dirs, whose ENDBR the "
+                           "running kernel sealed when it loaded ext4 (it is on ext4's .ibt_endbr_seal list"), last
+    assert not ko.exists()
+
+
+@pytest.mark.kernel
+def test_verify_wrong_kernel_file_prints_no_progress(tmp_path: Path) -> None:
+    """A --kernel that is no bzImage is refused before "booting ..." is printed (it was printed first)."""
+    from klpforge.kbuild.testkernel import prepared_kernel
+
+    lay = prepared_kernel()
+    if lay is None:
+        pytest.skip("no test kernel")
+    ko = lay.build / "samples/livepatch/livepatch-sample.ko"
+    notimage = tmp_path / "notimage"
+    notimage.write_text("plain text\n" * 100)  # longer than a boot header
+    r = subprocess.run([sys.executable, "-m", "klpforge", "verify", str(ko), "--kernel", str(notimage), "--check",
+                        "true"], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f'klpforge verify: {notimage}: not a bzImage (no "HdrS" boot header at 0x202: unknown format)\n'

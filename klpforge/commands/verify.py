@@ -15,7 +15,7 @@ from ..qemu.modinfo import module_name
 from ..qemu.modprobe import ModIndex, modname
 from ..qemu.report import report_verify
 from ..qemu.targets import module_targets
-from ..qemu.verify import VerifySpec, verify_module
+from ..qemu.verify import VerifySpec, check_bzimage, verify_module
 from ..termout import console, note, status
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
@@ -97,6 +97,7 @@ def run_verify(args: argparse.Namespace) -> int:
                          "--preload MOD.ko for each module, dependencies first")
     if kernel is None:
         raise InputError("give --kernel BZIMAGE or --distro NAME:RELEASE")
+    check_bzimage(kernel)  # before "booting ..." is printed: a wrong file is one error line, no progress
     if not args.distro:
         hints = _tree_hints(kernel, [t for t in targets if t not in preloaded])
     spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,

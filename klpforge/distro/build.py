@@ -220,17 +220,24 @@ def _symbol_tables(tree: DistroTree, opts: DistroBuildOptions, parents: dict[str
     return out
 
 
-def _seal_list(tree: DistroTree, opts: DistroBuildOptions) -> Callable[[], dict[str, list[bool]]] | None:
-    """The shipped kernel's sealed ENDBRs, read on demand (only when the patch takes a vmlinux function's
-    address): its ``vmlinuz`` holds the seal list, the vmlinux symbols (``--symbols`` or the kallsyms capture)
-    name them (:func:`klpforge.emit.ibt.sealed_in_image`). Debian's 6.12 and later have
-    ``CONFIG_X86_KERNEL_IBT=y``; a kernel without it has no seal list and nothing is refused."""
-    vmlinuz, symbols = tree.vmlinuz, opts.vmlinux_symbols
-    if vmlinuz is None or symbols is None or not Path(vmlinuz).is_file():
-        return None
-    from ..emit.ibt import sealed_in_image
+def _seal_list(tree: DistroTree, tables: dict[str, Path]) -> Callable[[str], dict[str, list[bool]]]:
+    """Target object name -> the shipped kernel's functions of it whose ENDBR is sealed, read on demand (only
+    for an object whose function's address the patch takes). vmlinux: the seal list in ``vmlinuz``, named by
+    the vmlinux symbols (:func:`klpforge.emit.ibt.sealed_in_image`); a module: its own ``.ibt_endbr_seal``
+    (:func:`klpforge.emit.ibt.sealed_in_module`). ``tables``: object name -> its shipped symbol table (the
+    vmlinux symbols, the decompressed ``.ko``). Debian's 6.12 and later have ``CONFIG_X86_KERNEL_IBT=y``; a
+    kernel without it has no seal list and nothing is refused."""
+    from ..emit.ibt import sealed_in_image, sealed_in_module
 
-    return lambda: sealed_in_image(Path(vmlinuz), Path(symbols))
+    def load(obj: str) -> dict[str, list[bool]]:
+        table = tables.get(obj)
+        if table is None:
+            return {}
+        if obj != "vmlinux":
+            return sealed_in_module(table)
+        return sealed_in_image(Path(tree.vmlinuz), table) if tree.vmlinuz and Path(tree.vmlinuz).is_file() else {}
+
+    return load
 
 
 def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
@@ -357,7 +364,7 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
                        provenance.modinfo(prov))
             if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
                 post.apply_klp(ko, sidecars, None, patch_globals(orig, patched),
-                               sealed=_seal_list(tree, opts))
+                               sealed=_seal_list(tree, {parents[o].target: symtabs[o] for o in symtabs}))
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))

@@ -29,15 +29,21 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..errors import InputError
 
-__all__ = ["sealed_functions", "sealed_in_image", "image_elf", "address_taken", "sealed_refusals", "SEALED_REASON"]
+__all__ = ["sealed_functions", "sealed_in_image", "sealed_in_module", "image_elf", "address_taken", "sealed_refusals",
+           "sealed_reason", "SEALED_REASON"]
 
 #: x86-64 relocation types (psABI)
 _R_64, _R_PC32, _R_PLT32, _R_32, _R_32S = 1, 2, 4, 10, 11
 
-SEALED_REASON = ("whose ENDBR the running kernel sealed at boot (it is on vmlinux's .ibt_endbr_seal list: no "
-                 "code of vmlinux takes its address): an indirect call through that pointer is a 'Missing "
-                 "ENDBR' fault on a CPU with CET-IBT; call it directly, or take the address of a function of "
-                 "the patch that calls it")
+def sealed_reason(obj: str = "vmlinux") -> str:
+    """Why taking the address of a function ``obj`` (vmlinux or a module) sealed is refused."""
+    return (f"whose ENDBR the running kernel sealed {'at boot' if obj == 'vmlinux' else 'when it loaded ' + obj} "
+            f"(it is on {obj}'s .ibt_endbr_seal list: no code of {obj} takes its address): an indirect call "
+            "through that pointer is a 'Missing ENDBR' fault on a CPU with CET-IBT; call it directly, or take the "
+            "address of a function of the patch that calls it")
+
+
+SEALED_REASON = sealed_reason()
 
 
 def _seal_places(elf: ElfFile) -> set[int] | None:
@@ -126,6 +132,27 @@ def sealed_in_image(vmlinuz: Path, symbols: Path) -> dict[str, list[bool]]:
                                                                 strict=True) if t == C.STT_FUNC and d])
 
 
+def sealed_in_module(ko: Path) -> dict[str, list[bool]]:
+    """:func:`sealed_functions` for a module target: a ``.ko`` keeps its own ``.ibt_endbr_seal`` (objtool
+    ``--module --ibt``), which the loader applies (6.1 arch/x86/kernel/module.c ``module_finalize`` ->
+    ``apply_ibt_endbr``, 6.12 ``apply_seal_endbr``). Entries are ``R_X86_64_PC32`` relocations
+    (``.long endbr - .``): the sealed place is the relocation's symbol plus addend. Flags per name follow
+    symtab order (the sympos of a module symbol). Empty without the section."""
+    elf = ElfFile.open(ko, require_rel=True)
+    sec = elf.find_section(".ibt_endbr_seal")
+    rsec = elf.reloc_sections.get(sec) if sec is not None else None
+    if sec is None or rsec is None:
+        return {}
+    rel = elf.relocs(rsec)
+    shndx, values = elf.syms["shndx"], elf.syms["value"]
+    sealed = {(int(shndx[sy]), int(values[sy]) + int(a)) for sy, a in zip(rel["sym"].tolist(),
+                                                                        rel["addend"].tolist(), strict=True)}
+    by_name: dict[str, list[bool]] = {}
+    for i in np.flatnonzero((elf.syms["info"] & 0xF) == C.STT_FUNC).tolist():
+        by_name.setdefault(elf.sym_names[i], []).append((int(shndx[i]), int(values[i])) in sealed)
+    return {n: f for n, f in by_name.items() if any(f)}
+
+
 def address_taken(data: bytes, off: int, rtype: int, in_text: bool) -> bool:
     """True when an x86-64 relocation of ``rtype`` at ``off`` of a section holding ``data`` stores an
     address (``lea``/``mov $fn``/a pointer in data) rather than being the target of a direct
@@ -140,10 +167,12 @@ def address_taken(data: bytes, off: int, rtype: int, in_text: bool) -> bool:
     return rtype in (_R_64, _R_PC32, _R_32, _R_32S)
 
 
-def sealed_refusals(uses: list[tuple[str, str, int]], vmlinux: Path | dict[str, list[bool]]) -> list[str]:
+def sealed_refusals(uses: list[tuple[str, str, int]], vmlinux: Path | dict[str, list[bool]],
+                    obj: str = "vmlinux") -> list[str]:
     """One refusal line per (our function, kernel function) where ``uses`` -- ``(function of the patch,
-    kernel symbol name, sympos)`` of every address-taking reference -- names a function vmlinux seals
-    (``vmlinux``: the linked file, or :func:`sealed_in_image`'s map for a shipped kernel)."""
+    kernel symbol name, sympos)`` of every address-taking reference into ``obj`` -- names a function ``obj``
+    seals (``vmlinux``: the linked vmlinux file, or the map of :func:`sealed_in_image` /
+    :func:`sealed_in_module`)."""
     sealed = sealed_functions(vmlinux) if isinstance(vmlinux, Path) else vmlinux
     if not sealed:
         return []
@@ -156,5 +185,5 @@ def sealed_refusals(uses: list[tuple[str, str, int]], vmlinux: Path | dict[str, 
         hit = all(flags) if pos == 0 else (pos <= len(flags) and flags[pos - 1])
         if hit and (ours, name) not in seen:
             seen.add((ours, name))
-            out.append(f"{ours} takes the address of {name}, {SEALED_REASON}")
+            out.append(f"{ours} takes the address of {name}, {sealed_reason(obj)}")
     return out
