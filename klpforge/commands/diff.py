@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("orig", type=Path, help="object built from the original source")
     p.add_argument("patched", type=Path, help="the same object built from the patched source")
     p.add_argument("-o", "--output", type=Path, required=True, help="livepatch object to write")
-    p.add_argument("--target", default="vmlinux", help="object being patched: vmlinux or a module name")
+    p.add_argument("--target", default="vmlinux",
+                   help="object being patched: vmlinux or a module name (as the kernel names it: '-' is taken as '_')")
     p.add_argument("--symtab", type=Path, required=True,
                    help="symbol table of the target: vmlinux / the .ko, or `readelf -s --wide` output")
     p.add_argument("--symvers", type=Path, help="Module.symvers (exported symbols stay normal relocations)")
