@@ -224,10 +224,11 @@ def _seal_list(tree: DistroTree, tables: dict[str, Path]) -> Callable[[str], dic
     """Target object name -> the shipped kernel's functions of it whose ENDBR is sealed, read on demand (only
     for an object whose function's address the patch takes). vmlinux: the seal list in ``vmlinuz``, named by
     the vmlinux symbols (:func:`klpforge.emit.ibt.sealed_in_image`); a module: its own ``.ibt_endbr_seal``
-    (:func:`klpforge.emit.ibt.sealed_in_module`). ``tables``: object name -> its shipped symbol table (the
+    (:func:`klpforge.emit.ibt.sealed_in_module`); without a ``vmlinuz`` (the plain form), the list of a vmlinux
+    given as ``--symbols``, none for a text symbol table. ``tables``: object name -> its shipped symbol table (the
     vmlinux symbols, the decompressed ``.ko``). Debian's 6.12 and later have ``CONFIG_X86_KERNEL_IBT=y``; a
     kernel without it has no seal list and nothing is refused."""
-    from ..emit.ibt import sealed_in_image, sealed_in_module
+    from ..emit.ibt import sealed_functions, sealed_in_image, sealed_in_module
 
     def load(obj: str) -> dict[str, list[bool]]:
         table = tables.get(obj)
@@ -235,7 +236,10 @@ def _seal_list(tree: DistroTree, tables: dict[str, Path]) -> Callable[[str], dic
             return {}
         if obj != "vmlinux":
             return sealed_in_module(table)
-        return sealed_in_image(Path(tree.vmlinuz), table) if tree.vmlinuz and Path(tree.vmlinuz).is_file() else {}
+        if tree.vmlinuz and Path(tree.vmlinuz).is_file():
+            return sealed_in_image(Path(tree.vmlinuz), table)
+        with open(table, "rb") as f:  # the plain form's --symbols may be the vmlinux itself (a -dbg one)
+            return sealed_functions(table) if f.read(4) == b"\x7fELF" else {}
 
     return load
 
