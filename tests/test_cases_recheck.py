@@ -219,3 +219,46 @@ def test_verify_wrong_kernel_file_prints_no_progress(tmp_path: Path) -> None:
                         "true"], capture_output=True, text=True, check=False)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == f'klpforge verify: {notimage}: not a bzImage (no "HdrS" boot header at 0x202: unknown format)\n'
+
+
+#: the module form on a kernel tree: cleanup_work_func (6.1 samples/livepatch/livepatch-shadow-mod.c) calls
+#: dummy_check through a pointer; nothing in the module takes its address, so its .ko seals the ENDBR
+SHADOW_MOD_SEALED = """--- a/samples/livepatch/livepatch-shadow-mod.c
++++ b/samples/livepatch/livepatch-shadow-mod.c
+@@ -177,7 +177,10 @@
+ \tlist_for_each_entry_safe(d, tmp, &dummy_list, list) {
+\x20
+ \t\t/* Kick out and free any expired dummies */
+-\t\tif (dummy_check(d, j)) {
++\t\tbool (*check)(struct dummy *d, unsigned long jiffies) = dummy_check;
++
++\t\tOPTIMIZER_HIDE_VAR(check);
++\t\tif (check(d, j)) {
+ \t\t\tlist_del(&d->list);
+ \t\t\tdummy_free(d);
+ \t\t}
+"""
+
+
+@pytest.mark.kernel
+def test_module_sealed_helper_on_the_ibt_tree_is_refused(tmp_path: Path) -> None:
+    """The IBT test kernel: livepatch-shadow-mod.ko seals dummy_check; taking its address in the patch is
+    refused naming the module (it was built, exit 0: only vmlinux's list was read)."""
+    from klpforge.emit.ibt import sealed_in_module
+    from klpforge.kbuild.testkernel import prepared_kernel
+
+    lay = prepared_kernel(variant="ibt")
+    if lay is None:
+        pytest.skip("no IBT kernel (klpforge kernel prepare --variant ibt)")
+    mod = lay.build / "samples/livepatch/livepatch-shadow-mod.ko"
+    assert sealed_in_module(mod)["dummy_check"] == [True]
+    patch = tmp_path / "fix.patch"
+    patch.write_text(SHADOW_MOD_SEALED)
+    ko = tmp_path / "shadow.ko"
+    r = subprocess.run([sys.executable, "-m", "klpforge", "build", "-s", str(lay.src), "-O", str(lay.build),
+                        str(patch), "-o", str(ko)], capture_output=True, text=True, check=False, timeout=900)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("klpforge build: cleanup_work_func takes the address of dummy_check, whose ENDBR the "
+                           "running kernel sealed when it loaded livepatch_shadow_mod"), last
+    assert not ko.exists()

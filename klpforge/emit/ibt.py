@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..errors import InputError
 
-__all__ = ["sealed_functions", "sealed_in_image", "sealed_in_module", "image_elf", "address_taken", "sealed_refusals",
-           "sealed_reason", "SEALED_REASON"]
+__all__ = ["sealed_functions", "sealed_in_image", "sealed_in_module", "seal_lists", "image_elf", "address_taken",
+           "sealed_refusals", "sealed_reason", "SEALED_REASON"]
 
 #: x86-64 relocation types (psABI)
 _R_64, _R_PC32, _R_PLT32, _R_32, _R_32S = 1, 2, 4, 10, 11
@@ -151,6 +152,22 @@ def sealed_in_module(ko: Path) -> dict[str, list[bool]]:
     for i in np.flatnonzero((elf.syms["info"] & 0xF) == C.STT_FUNC).tolist():
         by_name.setdefault(elf.sym_names[i], []).append((int(shndx[i]), int(values[i])) in sealed)
     return {n: f for n, f in by_name.items() if any(f)}
+
+
+def seal_lists(binaries: dict[str, Path]) -> Callable[[str], dict[str, list[bool]]]:
+    """Target name (``vmlinux`` or a module) -> its sealed functions, read from the linked binary of a kernel
+    tree (``vmlinux``: :func:`sealed_functions`; a ``.ko``: :func:`sealed_in_module`) once, when asked;
+    empty for a name not in ``binaries`` or a binary that is missing."""
+    cache: dict[str, dict[str, list[bool]]] = {}
+
+    def load(obj: str) -> dict[str, list[bool]]:
+        if obj not in cache:
+            b = binaries.get(obj)
+            cache[obj] = {} if b is None or not b.is_file() else \
+                sealed_functions(b) if obj == "vmlinux" else sealed_in_module(b)
+        return cache[obj]
+
+    return load
 
 
 def address_taken(data: bytes, off: int, rtype: int, in_text: bool) -> bool:

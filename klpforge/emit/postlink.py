@@ -127,9 +127,10 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
 
     ``bind_inside``: names of symbols the patch itself adds; a klp relocation against one of them that the
     module defines (globally) becomes a normal ``SHT_RELA`` entry against that definition. Returns those
-    names. ``sealed``: without a linked ``vmlinux`` (a distribution kernel), target object name -> its
-    functions whose ENDBR the kernel seals (:func:`klpforge.emit.ibt.sealed_in_image`, ``sealed_in_module``),
-    called only for an object whose function's address the patch takes. Raises :class:`InputError` when an
+    names. ``sealed``: target object name -> its functions whose ENDBR the kernel seals
+    (:func:`klpforge.emit.ibt.seal_lists` for a tree, ``sealed_in_image``/``sealed_in_module`` for a
+    distribution kernel), called only for an object whose function's address the patch takes; without it,
+    vmlinux's own list when ``vmlinux`` is given. Raises :class:`InputError` when an
     anchor is missing or a vmlinux klp symbol does not exist, :class:`UnsafeChange` for the address of a
     sealed function.
     """
@@ -200,14 +201,12 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
             # key itself, as objtool does for vmlinux objects (the site is then left to its trampoline).
             r = {**r, "symbol": r["symbol"].replace("__SCT__", "__SCK__", 1)}
         klp_entry(r, sec, off, typ, add)
-    if vmlinux is not None and os.path.exists(vmlinux):
-        from .ibt import sealed_functions
-
-        linked_vmlinux = Path(vmlinux)  # (a module target's own seal list is not read on this path yet)
-        _check_sealed(elf, relocs, where, lambda obj: sealed_functions(linked_vmlinux) if obj == "vmlinux"
-                      else {})
-    elif sealed is not None:
+    if sealed is not None:
         _check_sealed(elf, relocs, where, sealed)
+    elif vmlinux is not None and os.path.exists(vmlinux):
+        from .ibt import seal_lists
+
+        _check_sealed(elf, relocs, where, seal_lists({"vmlinux": Path(vmlinux)}))
     for (obj, sec), entries in sorted(groups.items()):
         handle = rw.sec_map[sec]
         arr = np.zeros(len(entries), RELOC)
