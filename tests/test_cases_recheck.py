@@ -14,6 +14,7 @@ Cost: the gcc cases ~1 min; the Debian 6.12 builds ~2.5 min each warm (skipped u
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -262,3 +263,27 @@ def test_module_sealed_helper_on_the_ibt_tree_is_refused(tmp_path: Path) -> None
     assert last.startswith("klpforge build: cleanup_work_func takes the address of dummy_check, whose ENDBR the "
                            "running kernel sealed when it loaded livepatch_shadow_mod"), last
     assert not ko.exists()
+
+
+def test_demo_outdir_dumps_name_files_that_exist(tmp_path: Path) -> None:
+    """README: ``klpforge demo --outdir DIR`` keeps the files; its ipa-clones dumps named the sources by the
+    hidden work directory's absolute path, gone after the rename (``klpforge impact --dumps DIR/orig``
+    printed ``/.../.DIR.xyz/orig.c:7``). Compiled by relative names, they name DIR's own files, and impact
+    run in DIR shows them."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    run = [sys.executable, "-m", "klpforge"]
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout, from another working directory
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([*run, "demo", "--outdir", "out"], cwd=tmp_path, capture_output=True, text=True, check=False,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    for side in ("orig", "patched"):
+        (dump,) = (out / side).glob("*.ipa-clones")
+        files = {line.split(";")[3] for line in dump.read_text().splitlines()}
+        assert files == {f"{side}.c"} and (out / f"{side}.c").is_file()
+    r = subprocess.run([*run, "impact", "--dumps", "orig", "clamp_len"], cwd=out, capture_output=True, text=True,
+                       check=False, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "demo_read (orig.c:12): replace" in r.stdout and str(tmp_path) not in r.stdout
