@@ -287,3 +287,25 @@ def test_demo_outdir_dumps_name_files_that_exist(tmp_path: Path) -> None:
                        check=False, env=env)
     assert r.returncode == 0, r.stderr
     assert "demo_read (orig.c:12): replace" in r.stdout and str(tmp_path) not in r.stdout
+
+
+@pytest.mark.kernel
+def test_verify_module_of_another_release_is_refused_before_booting() -> None:
+    """A module built for the 6.1 test kernel (6.1.192) given Debian's 6.1.0-56-amd64 image: refused from the
+    image's own kernel_version string, in seconds (it booted ~100 s to fail insmod with "invalid module
+    format", and the error line quoted unrelated guest log lines)."""
+    from klpforge.distro import debian
+    from klpforge.kbuild.testkernel import prepared_kernel
+    from klpforge.qemu.verify import image_release
+
+    lay = prepared_kernel()
+    img = debian.release_root("6.1.0-56-amd64") / "image" / "boot" / "vmlinuz-6.1.0-56-amd64"
+    if lay is None or not img.is_file():
+        pytest.skip("needs the test kernel and Debian 6.1.0-56-amd64 prepared")
+    assert image_release(img) == "6.1.0-56-amd64" and image_release(lay.bzimage) == "6.1.192"
+    ko = lay.build / "samples/livepatch/livepatch-sample.ko"
+    r = subprocess.run([sys.executable, "-m", "klpforge", "verify", str(ko), "--kernel", str(img), "--check", "true"],
+                       capture_output=True, text=True, check=False, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("klpforge verify: refused: livepatch-sample.ko: built for kernel 6.1.192, not 6.1.0-56-amd64 "
+                        "(vmlinuz-6.1.0-56-amd64's release): the guest's insmod would refuse it (vermagic)\n")
