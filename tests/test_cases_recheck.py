@@ -309,3 +309,17 @@ def test_verify_module_of_another_release_is_refused_before_booting() -> None:
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("klpforge verify: refused: livepatch-sample.ko: built for kernel 6.1.192, not 6.1.0-56-amd64 "
                         "(vmlinuz-6.1.0-56-amd64's release): the guest's insmod would refuse it (vermagic)\n")
+
+
+def test_guest_vermagic_complaint_is_quoted() -> None:
+    """The guest log of a 6.1.192 module insmod-ed into Debian's 6.1.0-56-amd64 (captured in this run): the
+    one-line failure quoted the two taint lines and dropped the one saying why."""
+    from klpforge.qemu.verify import kernel_says
+
+    dmesg = ("[    9.043771] livepatch_fix: module_layout: kernel tainted.\n"
+             "[    9.043978] Disabling lock debugging due to kernel taint\n"
+             "[    9.044220] livepatch_fix: version magic '6.1.192 mod_unload ' should be '6.1.0-56-amd64 SMP preempt "
+             "mod_unload modversions '\n")
+    said = kernel_says(dmesg)
+    assert said[-1] == ("livepatch_fix: version magic '6.1.192 mod_unload ' should be '6.1.0-56-amd64 SMP preempt "
+                        "mod_unload modversions '")

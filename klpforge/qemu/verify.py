@@ -461,7 +461,8 @@ def _objects_detail(raw: str, hints: dict[str, str], ok: bool) -> str:
 
 #: Words of a kernel log line that explain a failed step (module loader, livepatch core, warnings).
 _SAYS = ("Unknown symbol", "unknown symbol", "disagrees about version", "error", "Error", "failed", "Failed",
-         "invalid", "Invalid", "livepatch:", "BUG", "WARNING", "Oops", "not found", "taint", "-EINVAL")
+         "invalid", "Invalid", "livepatch:", "BUG", "WARNING", "Oops", "not found", "taint", "-EINVAL",
+         "version magic")  # 6.1 kernel/module/version.c: "version magic '...' should be '...'"
 
 
 def kernel_says(dmesg: str, limit: int = 3) -> list[str]:
