@@ -34,8 +34,10 @@ def compile_object(src: Path, out: Path, extra: list[str] | None = None) -> None
     gcc = shutil.which("gcc")
     if gcc is None:
         raise InputError("gcc not found on PATH: the demo compiles its example with the host gcc")
-    r = subprocess.run([gcc, *CFLAGS, *(extra or []), "-c", str(src), "-o", str(out)], capture_output=True,
-                       text=True, cwd=out.parent, check=False)
+    # from the source's directory, by relative names: the paths GCC records (ipa-clones dumps) stay valid
+    # once the demo's directory is renamed into --outdir
+    r = subprocess.run([gcc, *CFLAGS, *(extra or []), "-c", src.name, "-o", os.path.relpath(out, src.parent)],
+                       capture_output=True, text=True, cwd=src.parent, check=False)
     if r.returncode != 0:
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
         raise InputError(f"gcc failed on {src.name}: {first}")

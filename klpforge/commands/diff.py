@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("orig", type=Path, help="object built from the original source")
     p.add_argument("patched", type=Path, help="the same object built from the patched source")
     p.add_argument("-o", "--output", type=Path, required=True, help="livepatch object to write")
-    p.add_argument("--target", default="vmlinux", help="object being patched: vmlinux or a module name")
+    p.add_argument("--target", default="vmlinux",
+                   help="object being patched: vmlinux or a module name (as the kernel names it: '-' is taken as '_')")
     p.add_argument("--symtab", type=Path, required=True,
                    help="symbol table of the target: vmlinux / the .ko, or `readelf -s --wide` output")
     p.add_argument("--symvers", type=Path, help="Module.symvers (exported symbols stay normal relocations)")
@@ -49,6 +50,26 @@ def _check_own_output(tmp: Path, output: Path) -> None:
                          "nothing written") from None
 
 
+def _target_name(target: str) -> str:
+    """``--target`` as the kernel names the object: ``vmlinux`` or ``mod->name``, where Kbuild turned every
+    ``-`` of the file name into ``_`` (6.1 scripts/Makefile.lib ``modname``); the klp sections are matched
+    against that name exactly (6.1 kernel/livepatch/core.c ``klp_apply_section_relocs``: ``strcmp``, then
+    ``%55[^.]``), so ``kvm-intel`` would leave every ``.klp.rela.kvm-intel.*`` section unapplied.
+
+    >>> _target_name("kvm-intel")
+    'kvm_intel'
+
+    Raises :class:`InputError` for a name the kernel cannot have (a dot, a slash, over 55 characters).
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,55}", target):
+        raise InputError(f"--target {target!r}: not a module name (vmlinux or a module's name: letters, digits, "
+                         "'_' or '-', at most 55 characters; the kernel parses .klp.rela.<obj>.<section> with "
+                         "%55[^.])")
+    return target.replace("-", "_")
+
+
 def run(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -61,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise InputError(f"--entsize {kv!r}: expected VAR=N")
         env[k] = v
-    if args.target.find(".") >= 0:
-        raise InputError(f"--target {args.target!r}: a module name has no dots (the kernel parses "
-                         ".klp.rela.<obj>.<section> with %55[^.])")
+    args.target = _target_name(args.target)
     # every input and output before any work: nothing is written when one is wrong
     check_paths({"-o": args.output, "--json": args.json},
                 {"ORIG": args.orig, "PATCHED": args.patched, "--symtab": args.symtab, "--symvers": args.symvers,

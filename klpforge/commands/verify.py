@@ -15,7 +15,7 @@ from ..qemu.modinfo import module_name
 from ..qemu.modprobe import ModIndex, modname
 from ..qemu.report import report_verify
 from ..qemu.targets import module_targets
-from ..qemu.verify import VerifySpec, verify_module
+from ..qemu.verify import VerifySpec, check_bzimage, image_release, verify_module
 from ..termout import console, note, status
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
@@ -97,6 +97,8 @@ def run_verify(args: argparse.Namespace) -> int:
                          "--preload MOD.ko for each module, dependencies first")
     if kernel is None:
         raise InputError("give --kernel BZIMAGE or --distro NAME:RELEASE")
+    check_bzimage(kernel)  # before "booting ..." is printed: a wrong file is one error line, no progress
+    _check_release(Path(args.module), kernel)
     if not args.distro:
         hints = _tree_hints(kernel, [t for t in targets if t not in preloaded])
     spec = VerifySpec(ko=Path(args.module), bzimage=kernel, check=args.check, expect=args.expect,
@@ -110,6 +112,19 @@ def run_verify(args: argparse.Namespace) -> int:
     if not res.ok and res.dmesg.strip():  # the guest kernel's own words about the failure
         outs.append(("guest kernel log (last 20 lines)", "\n".join(res.dmesg.strip().splitlines()[-20:])))
     return report_verify(con, res, spec.ko, args.console_log, outs)
+
+
+def _check_release(ko: Path, bzimage: Path) -> None:
+    """Refuse (exit 2, the words of ``klpforge load``) a module built for another kernel release than the image
+    says it is, before a boot whose insmod could only fail ("invalid module format")."""
+    from ..errors import UnsafeChange
+    from ..qemu.modinfo import modinfo
+
+    built = modinfo(ko).get("vermagic", "").split(" ", 1)[0]
+    release = image_release(bzimage)
+    if built and release and built != release:
+        raise UnsafeChange(f"refused: {ko.name}: built for kernel {built}, not {release} ({bzimage.name}'s "
+                           "release): the guest's insmod would refuse it (vermagic)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

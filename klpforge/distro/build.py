@@ -233,6 +233,30 @@ def _dbg_symtab(tree: DistroTree, progress: Progress | None) -> Path:
     return dbg_symbols(tree.release, tree.build.parent, version, say)
 
 
+def _seal_list(tree: DistroTree, tables: dict[str, Path]) -> Callable[[str], dict[str, list[bool]]]:
+    """Target object name -> the shipped kernel's functions of it whose ENDBR is sealed, read on demand (only
+    for an object whose function's address the patch takes). vmlinux: the seal list in ``vmlinuz``, named by
+    the vmlinux symbols (:func:`klpforge.emit.ibt.sealed_in_image`); a module: its own ``.ibt_endbr_seal``
+    (:func:`klpforge.emit.ibt.sealed_in_module`); without a ``vmlinuz`` (the plain form), the list of a vmlinux
+    given as ``--symbols``, none for a text symbol table. ``tables``: object name -> its shipped symbol table (the
+    vmlinux symbols, the decompressed ``.ko``). Debian's 6.12 and later have ``CONFIG_X86_KERNEL_IBT=y``; a
+    kernel without it has no seal list and nothing is refused."""
+    from ..emit.ibt import sealed_functions, sealed_in_image, sealed_in_module
+
+    def load(obj: str) -> dict[str, list[bool]]:
+        table = tables.get(obj)
+        if table is None:
+            return {}
+        if obj != "vmlinux":
+            return sealed_in_module(table)
+        if tree.vmlinuz and Path(tree.vmlinuz).is_file():
+            return sealed_in_image(Path(tree.vmlinuz), table)
+        with open(table, "rb") as f:  # the plain form's --symbols may be the vmlinux itself (a -dbg one)
+            return sealed_functions(table) if f.read(4) == b"\x7fELF" else {}
+
+    return load
+
+
 def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget], opts: DistroBuildOptions,
           symvers: Path | None, log: Path, info: Sequence[tuple[str, str]] = ()) -> Path:
     """Kbuild link against ``tree.headers``; a ``--symvers`` the headers lack goes in as
@@ -363,7 +387,8 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
             ko = _link(tree, tmp / "kmod", modname, list(targets.values()), opts, symvers, log,
                        provenance.modinfo(prov))
             if sidecars:  # all objects in one rewrite; globals the patch adds bind inside the module
-                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched))
+                post.apply_klp(ko, sidecars, None, patch_globals(orig, patched),
+                               sealed=_seal_list(tree, {parents[o].target: symtabs[o] for o in symtabs}))
             _check_resolvable(ko, symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=str, indent=1))

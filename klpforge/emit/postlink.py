@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,19 @@ def klp_symbol_name(klp_sym: str) -> str:
 
 
 def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Path | None = None,
-              bind_inside: Iterable[str] = ()) -> list[str]:
+              bind_inside: Iterable[str] = (),
+              sealed: Callable[[str], dict[str, list[bool]]] | None = None) -> list[str]:
     """Add the klp relocations of every sidecar to the linked module ``ko`` (rewritten in place, atomically,
     once: each object's anchors are found in the same rewrite).
 
     ``bind_inside``: names of symbols the patch itself adds; a klp relocation against one of them that the
     module defines (globally) becomes a normal ``SHT_RELA`` entry against that definition. Returns those
-    names. Raises :class:`InputError` when an anchor is missing or a vmlinux klp symbol does not exist.
+    names. ``sealed``: target object name -> its functions whose ENDBR the kernel seals
+    (:func:`klpforge.emit.ibt.seal_lists` for a tree, ``sealed_in_image``/``sealed_in_module`` for a
+    distribution kernel), called only for an object whose function's address the patch takes; without it,
+    vmlinux's own list when ``vmlinux`` is given. Raises :class:`InputError` when an
+    anchor is missing or a vmlinux klp symbol does not exist, :class:`UnsafeChange` for the address of a
+    sealed function.
     """
     scs = [sidecars] if isinstance(sidecars, dict) else list(sidecars)
     elf = ElfFile.open(ko, require_rel=True)
@@ -195,8 +201,12 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
             # key itself, as objtool does for vmlinux objects (the site is then left to its trampoline).
             r = {**r, "symbol": r["symbol"].replace("__SCT__", "__SCK__", 1)}
         klp_entry(r, sec, off, typ, add)
-    if vmlinux is not None and os.path.exists(vmlinux):
-        _check_sealed(elf, relocs, where, Path(vmlinux))
+    if sealed is not None:
+        _check_sealed(elf, relocs, where, sealed)
+    elif vmlinux is not None and os.path.exists(vmlinux):
+        from .ibt import seal_lists
+
+        _check_sealed(elf, relocs, where, seal_lists({"vmlinux": Path(vmlinux)}))
     for (obj, sec), entries in sorted(groups.items()):
         handle = rw.sec_map[sec]
         arr = np.zeros(len(entries), RELOC)
@@ -214,18 +224,19 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
     return sorted({klp_symbol_name(r["symbol"]) for r in internal})
 
 
-def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int], vmlinux: Path) -> None:
-    """Refuse (:class:`UnsafeChange`) code of the patch that takes the address of a vmlinux function whose
-    ENDBR the kernel sealed (:mod:`klpforge.emit.ibt`); names both functions. x86-64 only."""
+def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int],
+                  sealed: Callable[[str], dict[str, list[bool]]]) -> None:
+    """Refuse (:class:`UnsafeChange`) code of the patch that takes the address of a function of its target
+    (vmlinux, or a module: each has its own seal list) whose ENDBR the kernel sealed
+    (:mod:`klpforge.emit.ibt`); names both functions. ``sealed``: object name -> its sealed functions, called
+    once per object the patch takes an address in. x86-64 only."""
     if elf.machine != C.EM_X86_64:
         return
     from ..select import is_special_section
     from .ibt import address_taken, sealed_refusals
 
-    uses: list[tuple[str, str, int]] = []
+    uses: dict[str, list[tuple[str, str, int]]] = {}
     for r in relocs:
-        if r["obj"] != "vmlinux":
-            continue
         a = where[r["anchor"]]
         sec = int(elf.syms["shndx"][a])
         name = elf.section_names[sec]
@@ -235,8 +246,8 @@ def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, i
         text = bool(int(elf.shdrs["flags"][sec]) & C.SHF_EXECINSTR)
         if address_taken(elf.section_bytes(sec), off, int(r["type"]), text):
             pos = int(r["symbol"].rsplit(",", 1)[-1])
-            uses.append((_function_at(elf, sec, off), klp_symbol_name(r["symbol"]), pos))
-    lines = sealed_refusals(uses, vmlinux) if uses else []
+            uses.setdefault(r["obj"], []).append((_function_at(elf, sec, off), klp_symbol_name(r["symbol"]), pos))
+    lines = [line for obj, u in sorted(uses.items()) for line in sealed_refusals(u, sealed(obj), obj)]
     if lines:
         raise UnsafeChange(lines[0] if len(lines) == 1 else f"{len(lines)} sealed functions: " + "; ".join(lines))
 

@@ -363,8 +363,11 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
                               opts.jobs, log, exports, provenance.modinfo(prov))
         with timed_step("postlink", timings, progress, "writing klp relocations"):
             if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
+                from ..emit.ibt import seal_lists  # a module target's .ko has its own seal list
+
                 post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
-                               patch_globals(orig, patched))
+                               patch_globals(orig, patched),
+                               sealed=seal_lists({p.target: p.binary for p in parents.values()}))
             _check_resolvable(ko, tree.symvers)
             if sidecars:
                 (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))

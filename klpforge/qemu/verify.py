@@ -282,6 +282,21 @@ def _qemu_cmd(spec: VerifySpec, initrd: Path) -> list[str]:
             "-append", append]
 
 
+def image_release(path: Path) -> str | None:
+    """The kernel release a bzImage says it is: the first word of its ``kernel_version`` string (setup header
+    field at 0x20e, boot protocol >= 2.00: the string's offset less 0x200; Linux ``Documentation/x86/boot.rst``),
+    the same ``UTS_RELEASE`` a module's vermagic starts with. None when the image has no such string."""
+    with path.open("rb") as f:
+        head = f.read(0x10000)
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        return None
+    ptr = int.from_bytes(head[0x20E:0x210], "little")
+    if not ptr:
+        return None
+    text = head[0x200 + ptr:0x200 + ptr + 256].split(b"\0", 1)[0].decode(errors="replace")
+    return text.split(" ", 1)[0] or None
+
+
 def check_bzimage(path: Path) -> None:
     """Refuse a file that is not an x86 boot image: the setup header's magic ``HdrS`` sits at offset 0x202
     (Linux ``Documentation/x86/boot.rst``, boot protocol >= 2.00), which QEMU's ``-kernel`` needs.
@@ -446,7 +461,8 @@ def _objects_detail(raw: str, hints: dict[str, str], ok: bool) -> str:
 
 #: Words of a kernel log line that explain a failed step (module loader, livepatch core, warnings).
 _SAYS = ("Unknown symbol", "unknown symbol", "disagrees about version", "error", "Error", "failed", "Failed",
-         "invalid", "Invalid", "livepatch:", "BUG", "WARNING", "Oops", "not found", "taint", "-EINVAL")
+         "invalid", "Invalid", "livepatch:", "BUG", "WARNING", "Oops", "not found", "taint", "-EINVAL",
+         "version magic")  # 6.1 kernel/module/version.c: "version magic '...' should be '...'"
 
 
 def kernel_says(dmesg: str, limit: int = 3) -> list[str]:
