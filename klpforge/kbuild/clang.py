@@ -28,13 +28,22 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
 __all__ = ["Toolchain", "LLVM_SUFFIX", "check_supported", "variant_for", "clang_root_for",
-           "root_binds", "wrap_shell"]
+           "root_binds", "wrap_shell", "tools_in_root", "LLVM_TOOLS", "RootRunner"]
+
+#: What Kbuild runs by name under ``LLVM=-19`` (plus ``make`` itself): wrapped to run in the Clang root.
+LLVM_TOOLS = ("make", "clang-19", "ld.lld-19", "llvm-ar-19", "llvm-nm-19", "llvm-objcopy-19", "llvm-objdump-19",
+              "llvm-readelf-19", "llvm-strip-19", "llvm-ranlib-19")
 
 #: ``make LLVM=-19``: every LLVM tool with that suffix (``Documentation/kbuild/llvm.rst``).
 LLVM_SUFFIX = "-19"
@@ -115,14 +124,12 @@ def clang_root_for(cc_text: str, cache: str | os.PathLike[str] | None = None,
 
 def root_binds(*paths: Path) -> list[Path]:
     """What a build inside the root must see at its own path: the trees, and the temporary directory."""
-    import tempfile
-
     return sorted({Path(p).resolve() for p in paths} | {Path(tempfile.gettempdir()).resolve()})
 
 
 def wrap_shell(root: object, cmd: str, binds: list[Path], cwd: Path) -> list[str]:
     """``sh -c cmd`` inside ``root`` (a ``BuildRoot``) with ``binds`` writable, in ``cwd``."""
-    return root.wrap(["sh", "-c", cmd], binds, cwd)  # type: ignore[attr-defined, no-any-return]
+    return root.wrap(["sh", "-c", cmd], binds, cwd)  # type: ignore[attr-defined]
 
 
 def cc_version_text(config_path: Path) -> str:
@@ -134,3 +141,41 @@ def cc_version_text(config_path: Path) -> str:
 def shell_join(argv: list[str]) -> str:
     """``argv`` quoted for ``sh -c``."""
     return " ".join(shlex.quote(a) for a in argv)
+
+
+@contextmanager
+def tools_in_root(root: object, binds: list[Path]) -> Iterator[None]:
+    """While inside, ``PATH`` starts with a directory whose :data:`LLVM_TOOLS` enter ``root`` (a
+    ``BuildRoot``) with ``binds`` writable, in the caller's directory when the root sees it (else ``/``):
+    Kbuild's recorded commands and ``make M=`` run unchanged. ``os.environ`` is process-wide: one build at a
+    time per process (the CLI's case)."""
+    seen = sorted({str(Path(b).resolve()) for b in binds} | {"/tmp"})
+    case = "|".join(f"{shlex.quote(b)}|{shlex.quote(b)}/*" for b in seen)
+    with tempfile.TemporaryDirectory(prefix="klpforge-clang-bin-") as td:
+        for tool in LLVM_TOOLS:
+            wrapped = root.wrap([tool], binds)  # type: ignore[attr-defined]
+            script = Path(td) / tool
+            script.write_text("#!/bin/sh\n# klpforge: run in the Clang build root\n"
+                              + f'case "$PWD" in {case}) d="$PWD" ;; *) d=/ ;; esac\n'
+                              + "exec " + " ".join(shlex.quote(a) for a in wrapped[:-1])
+                              + ' --chdir "$d" ' + shlex.quote(tool) + ' "$@"\n')
+            script.chmod(0o755)
+        old = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{td}:{old}"
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = old
+
+
+@dataclass(frozen=True)
+class RootRunner:
+    """Runs shell commands in ``root`` with ``binds`` writable (``runner(cmd, cwd)``), as a child of
+    :mod:`klpforge.proc` (ended with klpforge)."""
+
+    root: object
+    binds: tuple[Path, ...]
+
+    def __call__(self, cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        argv = wrap_shell(self.root, cmd, list(self.binds), cwd)
+        return run(argv, capture_output=True, text=True)
