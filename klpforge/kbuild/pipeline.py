@@ -44,6 +44,7 @@ from ..fsutil import atomic_write
 from ..proc import kill_children, run
 from .clang import RootRunner, Toolchain, cc_version_text, check_supported, clang_root_for, root_binds, tools_in_root
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
+from .kcfi import check_kcfi
 from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
 from .newsyms import patch_exports, patch_globals
 from .overlay import Overlay, reads_from_tree, rewrite_command
@@ -388,6 +389,9 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
                 unchanged.append(obj)
             except UnsafeChange as e:  # every object's reasons at once, not only the first object's
                 refused += e.reasons
+        if tc.cfi:  # a replaced function keeps its kCFI type hash (kbuild/kcfi.py)
+            for o in outcomes:
+                refused += check_kcfi(o.obj, orig[o.obj], patched[o.obj], [f.old_name for f in o.funcs])
         if refused:
             raise UnsafeChange(refused)
         exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
