@@ -68,20 +68,21 @@ def _functions(obj: Path) -> set[str]:
                 if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int)}
 
 
-def check_kcfi(obj: str, orig: Path, patched: Path, replaced: list[str]) -> list[str]:
-    """Reasons to refuse a patch of ``obj`` for kCFI (empty when all is well): a replaced function whose type
-    hash changes, or a function of the original that gets a preamble only after the patch (now taken by
-    address) but is not replaced -- the patched code would call the running copy, which has none."""
+def check_kcfi(obj: str, orig: Path, patched: Path) -> list[str]:
+    """Reasons to refuse a patch of ``obj`` for kCFI (empty when all is well): a function of both objects whose
+    type hash changes -- replaced, its new copy would not match its callers; not replaced (same code), the
+    patched code that now calls it through a pointer expects the new hash from the running copy -- or a
+    function of the original that gets a preamble only after the patch (now taken by address): the running
+    copy has none."""
     old, new = cfi_hashes(orig), cfi_hashes(patched)
-    replaced = [_stable(f) for f in replaced]
     reasons = []
-    for fn in replaced:
-        if fn in old and fn in new and old[fn] != new[fn]:
+    for fn in sorted(set(old) & set(new)):
+        if old[fn] != new[fn]:
             reasons.append(f"{obj}: {fn}: its kCFI type hash changes from {old[fn]:#010x} to {new[fn]:#010x} "
-                           "(the prototype changed): indirect callers compiled against the original type "
-                           "would trap")
+                           "(the prototype changed): indirect calls compiled against one type would trap on "
+                           "the other")
     existed = _functions(orig)
-    for fn in sorted(set(new) - set(old) - set(replaced)):
+    for fn in sorted(set(new) - set(old)):
         if fn in existed:
             reasons.append(f"{obj}: {fn} is taken by address after the patch but the running kernel's copy "
                            "has no kCFI preamble (it never was): an indirect call to it would trap")

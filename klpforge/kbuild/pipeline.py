@@ -389,9 +389,9 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
                 unchanged.append(obj)
             except UnsafeChange as e:  # every object's reasons at once, not only the first object's
                 refused += e.reasons
-        if tc.cfi:  # a replaced function keeps its kCFI type hash (kbuild/kcfi.py)
-            for o in outcomes:
-                refused += check_kcfi(o.obj, orig[o.obj], patched[o.obj], [f.old_name for f in o.funcs])
+        if tc.cfi:  # every function keeps its kCFI type hash (kbuild/kcfi.py), replaced or not
+            for obj in objs:
+                refused += check_kcfi(obj, orig[obj], patched[obj])
         if refused:
             raise UnsafeChange(refused)
         exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
