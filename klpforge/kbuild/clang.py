@@ -161,11 +161,17 @@ def tools_in_root(root: object, binds: list[Path]) -> Iterator[None]:
                               + ' --chdir "$d" ' + shlex.quote(tool) + ' "$@"\n')
             script.chmod(0o755)
         old = os.environ.get("PATH", "")
+        old_llvm = os.environ.get("LLVM")
         os.environ["PATH"] = f"{td}:{old}"
+        os.environ["LLVM"] = LLVM_SUFFIX  # `make M=` must pick the same tools as the tree's build
         try:
             yield
         finally:
             os.environ["PATH"] = old
+            if old_llvm is None:
+                os.environ.pop("LLVM", None)
+            else:
+                os.environ["LLVM"] = old_llvm
 
 
 @dataclass(frozen=True)

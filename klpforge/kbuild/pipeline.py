@@ -331,7 +331,7 @@ def _clang_setup(tree: KernelTree, stack: ExitStack) -> tuple[Toolchain, Any]:
         return tc, None
     check_supported(tc, tree.build / ".config")
     root = clang_root_for(cc_version_text(tree.build / ".config"))
-    binds = root_binds(tree.src, tree.build)
+    binds = root_binds(tree.src, tree.build, data_include_dir())  # kpatch-macros.h: -I of every compile
     stack.enter_context(tools_in_root(root, binds))
     return tc, RootRunner(root, tuple(binds))
 
