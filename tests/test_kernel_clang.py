@@ -131,3 +131,62 @@ def test_changed_prototype_refused_for_kcfi(clang_kernel: KernelLayout, tmp_path
     assert r.returncode == 2, r.stderr
     assert "cmdline_proc_show" in r.stderr and "kCFI type hash changes" in r.stderr, r.stderr
     assert not ko.exists()
+
+
+# -- kCFI hashes read from objects the real clang-19 compiles (needs only the Clang build root) -----------------
+
+KCFI_SRC = """
+struct ops { int (*show)(void *m, void *v); };
+static int show(void *m, void *v) { return m == v; }
+int other(int x) { return x + 1; }
+struct ops o = { .show = show };
+int call(struct ops *p, void *a) { return p->show(a, a); }
+"""
+
+
+@pytest.fixture(scope="module")
+def clang_root():  # type: ignore[no-untyped-def]
+    from klpforge.distro.roots import clang_root as make_root
+    from klpforge.kbuild.prepare import cache_root
+
+    if not (cache_root() / "roots/trixie-clang-amd64.json").is_file() and not require_kernel():
+        pytest.skip("no Clang build root (made by `klpforge kernel prepare --toolchain clang`, ~2.5 min)")
+    return make_root()
+
+
+def _clang(root, tmp_path: Path, name: str, src: str) -> Path:  # type: ignore[no-untyped-def]
+    (tmp_path / f"{name}.c").write_text(src)
+    out = tmp_path / f"{name}.o"
+    argv = root.wrap(["clang-19", "-O2", "-fsanitize=kcfi", "-ffunction-sections", "-c", "-o", str(out),
+                      str(tmp_path / f"{name}.c")], [tmp_path])
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_kcfi_prototype_change_named(clang_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from klpforge.kbuild.kcfi import cfi_hashes, check_kcfi
+
+    a = _clang(clang_root, tmp_path, "a", KCFI_SRC)
+    same = _clang(clang_root, tmp_path, "same", KCFI_SRC.replace("x + 1", "x + 2"))
+    proto = _clang(clang_root, tmp_path, "proto", KCFI_SRC.replace("show(void *m, void *v) {", "show(void *m, "
+                                                                  "const void *v) {").replace(
+        ".show = show", ".show = (void *)show"))
+    h = cfi_hashes(a)
+    assert set(h) == {"show", "other", "call"} and len(set(h.values())) == 3
+    assert check_kcfi("a.o", a, same) == []
+    reasons = check_kcfi("a.o", a, proto)
+    assert len(reasons) == 1 and reasons[0].startswith(f"a.o: show: its kCFI type hash changes from {h['show']:#010x}")
+
+
+def test_kcfi_new_preamble_of_unreplaced_function(clang_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A static function first taken by address in the patch: the running copy has no preamble."""
+    from klpforge.kbuild.kcfi import check_kcfi
+
+    src = ("static __attribute__((noinline)) int helper(int x) { return x * 3; }\n"
+           "int use(int x) { return helper(x); }\n")
+    a = _clang(clang_root, tmp_path, "a", src)
+    b = _clang(clang_root, tmp_path, "b", src + "int (*p)(int) = helper;\n")
+    reasons = check_kcfi("h.o", a, b)
+    assert reasons == ["h.o: helper is taken by address after the patch but the running kernel's copy has no kCFI "
+                       "preamble (it never was): an indirect call to it would trap"]

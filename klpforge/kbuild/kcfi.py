@@ -52,10 +52,10 @@ def cfi_hashes(obj: Path) -> dict[str, int]:
             sec = s["st_shndx"]
             if sec not in data:
                 data[sec] = elf.get_section(sec).data()
-            body = data[sec][s["st_value"]:s["st_value"] + max(16, s["st_size"])]
-            i = body.find(b"\xb8")
-            if 0 <= i and i + 5 <= len(body):
-                out[_stable(s.name[len(PREFIX):])] = int.from_bytes(body[i + 1:i + 5], "little")
+            # the movl is the preamble's last instruction, right before the function (NOPs before it)
+            body = data[sec][s["st_value"]:s["st_value"] + s["st_size"]]
+            if len(body) >= 5 and body[-5] == 0xB8:
+                out[_stable(s.name[len(PREFIX):])] = int.from_bytes(body[-4:], "little")
     return out
 
 
