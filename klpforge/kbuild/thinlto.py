@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..proc import run
 
-__all__ = ["LtoPlan", "relink_index", "backend_command", "backend", "index_objects", "native_name"]
+__all__ = ["LtoPlan", "relink_index", "backend_command", "backend", "index_objects", "native_name",
+           "stable_llvm_names"]
 
 
 def native_name(obj: str) -> str:
@@ -156,3 +158,48 @@ def backend(build: Path, plan: LtoPlan, outdir: Path, extra_flags: str, jobs: in
         for f in [ex.submit(one, j) for j in jobs_list]:
             f.result()
     return orig, new
+
+
+_LLVM = re.compile(r"^(.*)\.llvm\.\d+$")
+
+
+def _llvm_names(obj: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """``(base -> [name.llvm.<hash>, ...], all symbol names)`` of ``obj``."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    by_base: dict[str, list[str]] = {}
+    names: set[str] = set()
+    with obj.open("rb") as f:
+        st = ELFFile(f).get_section_by_name(".symtab")
+        if isinstance(st, SymbolTableSection):
+            for s in st.iter_symbols():
+                names.add(s.name)
+                m = _LLVM.match(s.name)
+                if m:
+                    by_base.setdefault(m.group(1), []).append(s.name)
+    return by_base, names
+
+
+def stable_llvm_names(orig: Path, patched: Path) -> dict[str, str]:
+    """Give the patched native object the original's ``.llvm.<hash>`` names, rewriting ``patched`` in place.
+
+    ThinLTO promotes a local that another object imports to ``name.llvm.<hash>``, the hash being its module's
+    (LLVM ``FunctionImportGlobalProcessing``): any edit of the defining file renames it, in that object and in
+    every importer. The running kernel knows only the original name, so a patched ``name.llvm.<new>``
+    (defined or referenced) becomes the original's ``name.llvm.<old>`` when the original has exactly one
+    promoted symbol of that base name; the map ``{new: old}`` is returned (empty: nothing renamed).
+    """
+    old_by, _ = _llvm_names(orig)
+    new_by, new_names = _llvm_names(patched)
+    ren: dict[str, str] = {}
+    for base, news in new_by.items():
+        olds = old_by.get(base, [])
+        if len(news) == 1 and len(olds) == 1 and news[0] != olds[0] and olds[0] not in new_names:
+            ren[news[0]] = olds[0]
+    if ren:
+        args = [a for n, o in sorted(ren.items()) for a in ("--redefine-sym", f"{n}={o}")]
+        r = run(["objcopy", *args, str(patched)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise InputError(f"objcopy could not rename the ThinLTO names of {patched.name}: {r.stderr.strip()}")
+    return ren
