@@ -51,7 +51,7 @@ from .overlay import Overlay, reads_from_tree, rewrite_command
 from .patchfile import SourcePatch
 from .restore import check_old_journal
 from .structsizes import struct_sizes
-from .thinlto import backend, relink_index
+from .thinlto import backend, relink_index, stable_llvm_names
 from .tree import KernelTree, Parent
 
 __all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "data_include_dir"]
@@ -372,6 +372,10 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
             plan = relink_index(tree.build, tmp / "lto-view", patched, runner)
             orig, patched = backend(tree.build, plan, tmp / "native", SECTION_FLAGS, opts.jobs, runner)
             lto_why = plan.why
+            for o in plan.redo:  # the running kernel's .llvm.<hash> names (they move with any edit)
+                ren = stable_llvm_names(orig[o], patched[o])
+                if ren:
+                    lto_why[o] += "; ThinLTO names kept: " + ", ".join(f"{n} -> {v}" for n, v in ren.items())
             objs = plan.redo
             parents.update({o: tree.parent_of(o) for o in objs if o not in parents})
     outcomes: list[DiffOutcome] = []
