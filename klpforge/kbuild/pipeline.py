@@ -372,10 +372,10 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
             plan = relink_index(tree.build, tmp / "lto-view", patched, runner)
             orig, patched = backend(tree.build, plan, tmp / "native", SECTION_FLAGS, opts.jobs, runner)
             lto_why = plan.why
-            for o in plan.redo:  # the running kernel's .llvm.<hash> names (they move with any edit)
-                ren = stable_llvm_names(orig[o], patched[o])
+            for ob in plan.redo:  # the running kernel's .llvm.<hash> names (they move with any edit)
+                ren = stable_llvm_names(orig[ob], patched[ob])
                 if ren:
-                    lto_why[o] += "; ThinLTO names kept: " + ", ".join(f"{n} -> {v}" for n, v in ren.items())
+                    lto_why[ob] += "; ThinLTO names kept: " + ", ".join(f"{n} -> {v}" for n, v in ren.items())
             objs = plan.redo
             parents.update({o: tree.parent_of(o) for o in objs if o not in parents})
     outcomes: list[DiffOutcome] = []
