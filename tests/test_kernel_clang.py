@@ -190,3 +190,21 @@ def test_kcfi_new_preamble_of_unreplaced_function(clang_root, tmp_path: Path) ->
     reasons = check_kcfi("h.o", a, b)
     assert reasons == ["h.o: helper is taken by address after the patch but the running kernel's copy has no kCFI "
                        "preamble (it never was): an indirect call to it would trap"]
+
+
+def test_kcfi_traps_travel_with_the_function(clang_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The ud2 of a changed function's indirect-call check stays listed in .kcfi_traps (kernel/cfi.c
+    is_cfi_trap: otherwise a CFI failure is an unexplained invalid-opcode oops)."""
+    src = "int call(int (*f)(int), int x) { return f(x) + 1; }\nint other(int x) { return x; }\n"
+    a = _clang(clang_root, tmp_path, "a", src)
+    b = _clang(clang_root, tmp_path, "b", src.replace("+ 1", "+ 2"))
+    vml = tmp_path / "vml"
+    r = subprocess.run(clang_root.wrap(["ld.lld-19", "-r", "-o", str(vml), str(a)], [tmp_path]), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "d.o"
+    r = klpforge("diff", str(a), str(b), "-o", str(out), "--symtab", str(vml), "--target", "vmlinux")
+    assert r.returncode == 0, r.stderr
+    rel = subprocess.run(["readelf", "-rW", str(out)], capture_output=True, text=True).stdout
+    section = rel.split("'.rela.kcfi_traps'")[1].split("Relocation section")[0]
+    assert "R_X86_64_PC32" in section and " call + " in section
