@@ -157,8 +157,8 @@ def clang_root():  # type: ignore[no-untyped-def]
 def _clang(root, tmp_path: Path, name: str, src: str) -> Path:  # type: ignore[no-untyped-def]
     (tmp_path / f"{name}.c").write_text(src)
     out = tmp_path / f"{name}.o"
-    argv = root.wrap(["clang-19", "-O2", "-pg", "-mfentry", "-fsanitize=kcfi", "-ffunction-sections", "-c", "-o", str(out),
-                      str(tmp_path / f"{name}.c")], [tmp_path])
+    argv = root.wrap(["clang-19", "-O2", "-pg", "-mfentry", "-fsanitize=kcfi", "-ffunction-sections", "-c", "-o",
+                      str(out), str(tmp_path / f"{name}.c")], [tmp_path])
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out
