@@ -51,7 +51,7 @@ from .overlay import Overlay, reads_from_tree, rewrite_command
 from .patchfile import SourcePatch
 from .restore import check_old_journal
 from .structsizes import struct_sizes
-from .thinlto import backend, relink_index, stable_llvm_names
+from .thinlto import backend, index_objects, relink_index, stable_llvm_names
 from .tree import KernelTree, Parent
 
 __all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "data_include_dir"]
@@ -355,11 +355,15 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
         parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
         env = struct_sizes(tree)
         ov.build_view()
-    lto = tc.lto == "thin-dist"
-    if not lto:
-        with timed_step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
+    # distributed ThinLTO: bitcode objects go through the LTO steps; objects Kbuild compiled to native code
+    # (CC_FLAGS_LTO filtered out for them, so not in vmlinux.thinlto-index) are compiled twice as with GCC
+    bitcode = [o for o in objs if o in set(index_objects(tree.build))] if tc.lto == "thin-dist" else []
+    plain = [o for o in objs if o not in bitcode]
+    orig: dict[str, Path] = {}
+    if plain:
+        with timed_step("orig", timings, progress, f"compiling {len(plain)} original object(s)"):
             ov.show("orig")
-            orig = _compile_all(tree, ov, objs, tmp / "orig", opts.jobs, flags)
+            orig = _compile_all(tree, ov, plain, tmp / "orig", opts.jobs, flags)
     with timed_step("patched", timings, progress, "compiling patched objects"):
         ov.show("new")
         pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
@@ -367,16 +371,18 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
             time.sleep(float(pause))
         patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
     lto_why: dict[str, str] = {}
-    if lto:  # the tree's own bitcode is the original; redo the index link and the backends that changed
+    if bitcode:  # the tree's own bitcode is the original; redo the index link and the backends that changed
         with timed_step("lto", timings, progress, "ThinLTO: index link and the backends it changes"):
-            plan = relink_index(tree.build, tmp / "lto-view", patched, runner)
-            orig, patched = backend(tree.build, plan, tmp / "native", SECTION_FLAGS, opts.jobs, runner)
+            plan = relink_index(tree.build, tmp / "lto-view", {o: patched[o] for o in bitcode}, runner)
+            lto_orig, lto_new = backend(tree.build, plan, tmp / "native", SECTION_FLAGS, opts.jobs, runner)
             lto_why = plan.why
             for ob in plan.redo:  # the running kernel's .llvm.<hash> names (they move with any edit)
-                ren = stable_llvm_names(orig[ob], patched[ob])
+                ren = stable_llvm_names(lto_orig[ob], lto_new[ob])
                 if ren:
                     lto_why[ob] += "; ThinLTO names kept: " + ", ".join(f"{n} -> {v}" for n, v in ren.items())
-            objs = plan.redo
+            orig.update(lto_orig)
+            patched = {**{o: patched[o] for o in plain}, **lto_new}
+            objs = plain + plan.redo
             parents.update({o: tree.parent_of(o) for o in objs if o not in parents})
     outcomes: list[DiffOutcome] = []
     unchanged: list[str] = []
