@@ -192,7 +192,7 @@ def test_kcfi_new_preamble_of_unreplaced_function(clang_root, tmp_path: Path) ->
                        "preamble (it never was): an indirect call to it would trap"]
 
 
-def test_kcfi_traps_travel_with_the_function(clang_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_kcfi_preamble_and_traps_travel_with_the_function(clang_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The ud2 of a changed function's indirect-call check stays listed in .kcfi_traps (kernel/cfi.c
     is_cfi_trap: otherwise a CFI failure is an unexplained invalid-opcode oops)."""
     src = "int call(int (*f)(int), int x) { return f(x) + 1; }\nint other(int x) { return x; }\n"
@@ -208,3 +208,7 @@ def test_kcfi_traps_travel_with_the_function(clang_root, tmp_path: Path) -> None
     rel = subprocess.run(["readelf", "-rW", str(out)], capture_output=True, text=True).stdout
     section = rel.split("'.rela.kcfi_traps'")[1].split("Relocation section")[0]
     assert "R_X86_64_PC32" in section and " call + " in section
+    from klpforge.kbuild.kcfi import cfi_hashes
+
+    # the preamble travels with its function, right before it, with the original's hash
+    assert cfi_hashes(out)["call"] == cfi_hashes(a)["call"]
