@@ -52,6 +52,21 @@ def test_prepare_flags() -> None:
         variant_for("gcc", None, True)
 
 
+def test_variant_fragments_compose() -> None:
+    from klpforge.kbuild.prepare import KernelLayout, fragment_lines, fragment_text
+
+    lines = fragment_lines(fragment_text("7.3", VARIANT))
+    assert lines["CONFIG_CC_IS_CLANG"] == "CONFIG_CC_IS_CLANG=y"
+    assert lines["CONFIG_LTO_CLANG_THIN_DIST"] == "CONFIG_LTO_CLANG_THIN_DIST=y"
+    assert lines["CONFIG_CFI"] == "CONFIG_CFI=y" and lines["CONFIG_LIVEPATCH"] == "CONFIG_LIVEPATCH=y"
+    assert "CONFIG_LTO_CLANG_THIN_DIST" not in fragment_lines(fragment_text("7.3", "clang-cfi"))
+    assert "CONFIG_X86_KERNEL_IBT" in fragment_lines(fragment_text("6.1", "ibt"))  # the 6.1 variant still works
+    lay = KernelLayout.default("7.3", "/tmp/c", VARIANT)
+    assert lay.clang and lay.src == Path("/tmp/c/kernel-7.3/linux-source-7.3")
+    assert lay.build == Path(f"/tmp/c/kernel-7.3-{VARIANT}/build")
+    assert lay.tarball == Path("/tmp/c/kernel-7.3/linux-source-7.3.tar.xz")  # taken from the fetched .deb
+
+
 def test_prepare_cli_refusals() -> None:
     r = klpforge("kernel", "prepare", "--cfi")
     assert r.returncode == 1 and "need --toolchain clang" in r.stderr, r.stderr
