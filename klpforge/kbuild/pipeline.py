@@ -41,7 +41,7 @@ from .. import provenance
 from ..buildlog import BuildLog
 from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..fsutil import atomic_write
-from ..proc import kill_children, run
+from ..proc import kill_children, run, signals_held
 from .clang import RootRunner, Toolchain, cc_version_text, check_supported, clang_root_for, root_binds, tools_in_root
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
 from .kcfi import check_kcfi
@@ -305,21 +305,25 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     stem = opts.patch.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
-    blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
-    log = blog.path
-    progress = blog.wrap(progress)
     flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
+    tmp: Path | None = None
+    blog: BuildLog | None = None
     try:
+        with signals_held():  # a signal now is raised inside this try, after both names are bound
+            tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
+            blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
+        log = blog.path
+        progress = blog.wrap(progress)
         with ExitStack() as stack:
             return _build(opts, progress, timings, src, stem, output, modname, tmp, blog, log, flags, stack)
     except BaseException as e:
-        blog.failed(e)
+        if blog is not None:
+            blog.failed(e)
         if opts.keep_tmp and isinstance(e, KlpError):
             e.kept = tmp
         raise
     finally:
-        if not opts.keep_tmp:
+        if tmp is not None and not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
