@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..errors import EXIT_NO_CHANGE, EXIT_UNSAFE, InputError, KlpError, UnsafeChange
 from ..fsutil import atomic_write
-from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+from ..kbuild.pipeline import STEPS, SUBSTEPS, BuildOptions, BuildResult, build_livepatch
 from ..outputs import check_paths
 from ..termout import console, steps
 from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
@@ -130,6 +130,7 @@ def _run_tree_build(args: argparse.Namespace, con: Console) -> int:
             if msg.startswith("kept"):
                 con.print(msg, highlight=False)
                 return
+            name = SUBSTEPS.get(name, name)
             show(STEPS.index(name) if name in STEPS else len(STEPS), msg)
 
         res = build_livepatch(opts, step)

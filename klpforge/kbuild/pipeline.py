@@ -54,10 +54,12 @@ from .structsizes import struct_sizes
 from .thinlto import backend, index_objects, relink_index, stable_llvm_names
 from .tree import KernelTree, Parent
 
-__all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "data_include_dir"]
+__all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "SUBSTEPS", "data_include_dir"]
 
 #: Step names in order, for progress bars and the bench.
-STEPS = ("check", "orig", "patched", "lto", "diff", "module", "postlink")
+STEPS = ("check", "orig", "patched", "diff", "module", "postlink")
+#: Steps some trees add, shown as the step they belong to (distributed ThinLTO: the index link and backends).
+SUBSTEPS = {"lto": "patched"}
 
 SECTION_FLAGS = "-ffunction-sections -fdata-sections"
 
