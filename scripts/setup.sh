@@ -32,7 +32,7 @@ if [[ $want_kernel -eq 1 ]]; then
   # the same kernel with CONFIG_X86_KERNEL_IBT=y (objtool on the linked module): tests/test_kernel_ibt.py
   python3 -m klpforge kernel prepare --variant ibt
   # the 7.3 kernel built with Clang 19 + distributed ThinLTO + kCFI in a Debian 13 build root (issue 18,
-  # tests/test_kernel_clang.py): cold, ~140 s root + 167 MB source + ~2000 s of CPU (see docs/clang.md)
+  # tests/test_kernel_clang.py): cold, ~140 s root + 167 MB source + ~2300 s of CPU, ~20 min on 2 idle cores (docs/clang.md)
   python3 -m klpforge kernel prepare --toolchain clang --lto thin --cfi -j2
 fi
 if [[ $want_distro -eq 1 ]]; then
