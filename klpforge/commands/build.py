@@ -34,8 +34,11 @@ def print_report(con: Console, res: BuildResult) -> None:
     table.add_column("from")
     table.add_column("why")
     for o in res.outcomes:
+        # ThinLTO: an object rebuilt only because it imports from a changed file (cross-file inlining)
+        lto = (o.report.get("lto") or {}).get("why_rebuilt", "")
+        src = o.obj + ("" if not lto or lto.startswith("changed by the patch") else f" ({lto.split(';')[0]})")
         for f in o.funcs:
-            table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed")
+            table.add_row(o.target, f.old_name, str(f.sympos), src, f.reason or "changed")
         for kind, sym in o.callback_sources.items():
             table.add_row(o.target, sym, "-", o.obj, f"{kind} callback")
         for name, why in o.carried.items():
