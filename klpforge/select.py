@@ -36,6 +36,7 @@ __all__ = ["Selection", "select", "SPECIAL_SECTIONS", "AUX_CODE", "is_aux_code"]
 #: Tables rebuilt entry by entry for the included functions (emit/special.py), never compared.
 SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_table", ".parainstructions",
                     ".smp_locks", ".static_call_sites", ".retpoline_sites", ".return_sites", ".call_sites",
+                    ".kcfi_traps",  # Clang kCFI: the ud2 of each indirect-call check (kernel/cfi.c is_cfi_trap)
                     ".orc_unwind", ".orc_unwind_ip", ".printk_index", "__mcount_loc",
                     "__patchable_function_entries", ".ibt_endbr_seal", "__ftr_fixup", "__mmu_ftr_fixup",
                     "__fw_ftr_fixup", "__lwsync_fixup", "__stf_entry_barrier_fixup",

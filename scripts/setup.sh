@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 want_kernel=0
 want_distro=0
+want_clang=0
 for a in "$@"; do
   [[ $a == --kernel ]] && want_kernel=1
   [[ $a == --distro ]] && want_distro=1
+  [[ $a == --clang ]] && want_clang=1
 done
 
 pkgs=$(grep -v '^\s*#' scripts/apt-packages.txt | tr '\n' ' ')
@@ -31,6 +33,12 @@ if [[ $want_kernel -eq 1 ]]; then
   python3 -m klpforge kernel prepare
   # the same kernel with CONFIG_X86_KERNEL_IBT=y (objtool on the linked module): tests/test_kernel_ibt.py
   python3 -m klpforge kernel prepare --variant ibt
+fi
+if [[ $want_clang -eq 1 ]]; then
+  # the 7.3 kernel built with Clang 19 + distributed ThinLTO + kCFI in a Debian 13 build root (issue 18,
+  # tests/test_kernel_clang.py, run with KLPFORGE_CLANG=1): cold, ~140 s root + 167 MB source + ~2300 s of CPU,
+  # ~20 min on 2 idle cores (docs/clang.md). Not part of --kernel: a cold CI run must stay under an hour.
+  python3 -m klpforge kernel prepare --toolchain clang --lto thin --cfi -j2
 fi
 if [[ $want_distro -eq 1 ]]; then
   python3 -c 'from klpforge.distro import debian; print(debian.prepare_tree("6.1.0-56-amd64", progress=print))'

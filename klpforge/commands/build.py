@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..errors import EXIT_NO_CHANGE, EXIT_UNSAFE, InputError, KlpError, UnsafeChange
 from ..fsutil import atomic_write
-from ..kbuild.pipeline import STEPS, BuildOptions, BuildResult, build_livepatch
+from ..kbuild.pipeline import STEPS, SUBSTEPS, BuildOptions, BuildResult, build_livepatch
 from ..outputs import check_paths
 from ..termout import console, steps
 from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
@@ -34,8 +34,11 @@ def print_report(con: Console, res: BuildResult) -> None:
     table.add_column("from")
     table.add_column("why")
     for o in res.outcomes:
+        # ThinLTO: an object rebuilt only because it imports from a changed file (cross-file inlining)
+        lto = (o.report.get("lto") or {}).get("why_rebuilt", "")
+        src = o.obj + ("" if not lto or lto.startswith("changed by the patch") else f" ({lto.split(';')[0]})")
         for f in o.funcs:
-            table.add_row(o.target, f.old_name, str(f.sympos), o.obj, f.reason or "changed")
+            table.add_row(o.target, f.old_name, str(f.sympos), src, f.reason or "changed")
         for kind, sym in o.callback_sources.items():
             table.add_row(o.target, sym, "-", o.obj, f"{kind} callback")
         for name, why in o.carried.items():
@@ -130,6 +133,7 @@ def _run_tree_build(args: argparse.Namespace, con: Console) -> int:
             if msg.startswith("kept"):
                 con.print(msg, highlight=False)
                 return
+            name = SUBSTEPS.get(name, name)
             show(STEPS.index(name) if name in STEPS else len(STEPS), msg)
 
         res = build_livepatch(opts, step)

@@ -273,3 +273,76 @@ def tools_on_path(tree: DistroTree) -> Iterator[None]:
             yield
         finally:
             os.environ["PATH"] = old
+
+
+#: The LLVM toolchain of a Clang-built kernel (``make LLVM=-19``: clang-19, ld.lld-19, llvm-ar-19, llvm-nm-19,
+#: llvm-objcopy-19 ...), Debian 13's, on top of :data:`ROOT_PACKAGES`; ``gcc`` stays for host programs that
+#: Kbuild builds with ``HOSTCC`` (``clang`` too under ``LLVM=``, but libelf headers come from libc6-dev either way).
+CLANG_PACKAGES = ("clang-19", "lld-19", "llvm-19", "gcc")
+
+
+def clang_root(cache: str | os.PathLike[str] | None = None, say: Say | None = None,
+               suite: str = "trixie") -> BuildRoot:
+    """The ``<suite>-clang-amd64`` build root (Clang/LLD/LLVM 19, Debian 13), made on first use (about 1-2
+    minutes, ~900 MB) beside the GCC roots of :func:`build_root`, which it never touches; its ``cc_text`` is
+    the first line ``clang-19 --version`` prints there (``Debian clang version 19.1.7 (3+b1)``).
+
+    Raises :class:`InputError` as :func:`build_root` does.
+    """
+    base = cache_root(cache) / "roots"
+    check_private_dir(base, walk=False)
+    base.mkdir(parents=True, exist_ok=True)
+    name = f"{suite}-clang-amd64"
+    path, stamp, log = base / name, base / f"{name}.json", base / f"{name}.log"
+    wanted = [*CLANG_PACKAGES, *ROOT_PACKAGES]
+    with tree_lock(base / f".{suite}-clang.lock"):
+        try:
+            st = json.loads(stamp.read_text())
+            if st.get("format") == _FORMAT and st.get("packages") == wanted and path.is_dir():
+                return BuildRoot(suite, path, st["compilers"][0])
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        mm = shutil.which("mmdebstrap")
+        if mm is None:
+            raise InputError("a Clang kernel is built in a Debian build root made with mmdebstrap "
+                             "(install mmdebstrap and bubblewrap)")
+        mirror = mirrors()[next((s.archive for s in SUITES if s.name == suite), "debian")]
+        tmp = base / f".{name}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if say:
+            say(f"making the {suite} Clang 19 build root with mmdebstrap (once; log: {log})")
+        argv = [mm, "--variant=apt", "--mode=auto", f"--include={','.join(wanted)}",
+                "--aptopt=Acquire::Languages \"none\"", "--architectures=amd64",
+                suite, str(tmp), f"deb [signed-by={KEYRING}] {mirror} {suite} main"]
+        t0 = time.time()
+        with log.open("w") as f:
+            f.write("$ " + " ".join(argv) + "\n")
+            f.flush()
+            r = proc.run(argv, stdout=f, stderr=subprocess.STDOUT)
+        text = log.read_text(errors="replace")
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if "No space left on device" in text:
+                raise InputError(disk_full_message(base, f"making the {suite} Clang build root"))
+            errs = [ln for ln in text.splitlines() if ln.startswith("E:")]
+            raise InputError(f"mmdebstrap {suite} (Clang) failed (see {log}): "
+                             f"{(errs or text.splitlines() or ['?'])[-1]}")
+        v = subprocess.run(BuildRoot(suite, tmp, "").wrap(["clang-19", "--version"], []),
+                           capture_output=True, text=True, check=False)
+        cc_text = (v.stdout.splitlines() or [""])[0].strip()
+        if "clang version 19." not in cc_text:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(f"the {suite} Clang build root's clang-19 prints '{cc_text or v.stderr.strip()}'")
+        if path.exists():
+            old = base / f".{name}.old.{os.getpid()}"
+            os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, path)
+        os.chmod(path, 0o555)
+        atomic_write(stamp, json.dumps({"format": _FORMAT, "suite": suite, "compilers": [cc_text],
+                                        "packages": wanted, "seconds": round(time.time() - t0, 1),
+                                        "made": time.ctime()}, indent=1) + "\n")
+    return BuildRoot(suite, path, cc_text)
+
+
+__all__ += ["CLANG_PACKAGES", "clang_root"]

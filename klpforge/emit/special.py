@@ -28,7 +28,7 @@ ENV_NAMES = {
 DEFAULT_SIZES = {
     "__bug_table": 12, "__jump_table": 16, ".altinstructions": 12, "__ex_table": 12, ".parainstructions": 16,
     ".orc_unwind": 6, ".orc_unwind_ip": 4, ".static_call_sites": 8, ".smp_locks": 4, ".retpoline_sites": 4,
-    ".return_sites": 4, ".call_sites": 4, ".ibt_endbr_seal": 4, ".printk_index": 48,
+    ".return_sites": 4, ".call_sites": 4, ".ibt_endbr_seal": 4, ".printk_index": 48, ".kcfi_traps": 4,
     ".s390_indirect_jump": 4, ".s390_indirect_call": 4, ".s390_return_reg": 4, ".s390_return_mem": 4,
     ".s390_indirect_branches": 4, "__ftr_fixup": 48, "__mmu_ftr_fixup": 48, "__fw_ftr_fixup": 48,
     # Xen 4.17 x86: struct bug_frame is two 32-bit words; an assert frame is followed by a second one

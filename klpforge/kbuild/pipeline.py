@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,19 +42,24 @@ from ..buildlog import BuildLog
 from ..errors import InputError, KlpError, NoChange, UnsafeChange
 from ..fsutil import atomic_write
 from ..proc import kill_children, run, signals_held
+from .clang import RootRunner, Toolchain, cc_version_text, check_supported, clang_root_for, root_binds, tools_in_root
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
+from .kcfi import check_kcfi
 from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
 from .newsyms import patch_exports, patch_globals
 from .overlay import Overlay, reads_from_tree, rewrite_command
 from .patchfile import SourcePatch
 from .restore import check_old_journal
 from .structsizes import struct_sizes
+from .thinlto import backend, index_objects, relink_index, stable_llvm_names
 from .tree import KernelTree, Parent
 
-__all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "data_include_dir"]
+__all__ = ["BuildOptions", "BuildResult", "build_livepatch", "STEPS", "SUBSTEPS", "data_include_dir"]
 
 #: Step names in order, for progress bars and the bench.
 STEPS = ("check", "orig", "patched", "diff", "module", "postlink")
+#: Steps some trees add, shown as the step they belong to (distributed ThinLTO: the index link and backends).
+SUBSTEPS = {"lto": "patched"}
 
 SECTION_FLAGS = "-ffunction-sections -fdata-sections"
 
@@ -311,75 +316,8 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
         log = blog.path
         progress = blog.wrap(progress)
-        with timed_step("check", timings, progress, "checking tree and patch"):
-            tree = KernelTree(src, opts.build)
-            tree.check_livepatch()
-            if not opts.skip_compiler_check:
-                tree.check_compiler()
-            patch = SourcePatch.parse(opts.patch)
-            patch.check_tree(tree.src)
-            patch.refuse_unpatchable()
-            ov = Overlay(tree.src, tmp / "src", patch.files)
-            ov.snapshot(patch)
-            objs, _notes = _changed_objects(tree, patch)
-            tree.check_sources(objs)
-            parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
-            env = struct_sizes(tree)
-            ov.build_view()
-        with timed_step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
-            ov.show("orig")
-            orig = _compile_all(tree, ov, objs, tmp / "orig", opts.jobs, flags)
-        with timed_step("patched", timings, progress, "compiling patched objects"):
-            ov.show("new")
-            pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
-            if pause:
-                time.sleep(float(pause))
-            patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
-        outcomes: list[DiffOutcome] = []
-        unchanged: list[str] = []
-        refused: list[str] = []
-        with timed_step("diff", timings, progress, "diffing objects"):
-            for i, obj in enumerate(objs):
-                par = parents[obj]
-                out = tmp / "diff" / f"{i}-{Path(obj).name}"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    outcomes.append(run_object_diff(obj, orig[obj], patched[obj], out, par.target,
-                                                    par.binary, tree.symvers, env))
-                except NoChange:
-                    unchanged.append(obj)
-                except UnsafeChange as e:  # every object's reasons at once, not only the first object's
-                    refused += e.reasons
-            if refused:
-                raise UnsafeChange(refused)
-            exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
-            if not outcomes:
-                raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
-        with timed_step("module", timings, progress, f"building module {modname} with Kbuild"):
-            post = postlink_api()
-            targets, sidecars = klp_targets(outcomes, post, f"{patch.path.name}: ")
-            prov = provenance.record([opts.patch], provenance.config_compiler(tree.build / ".config"))
-            ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
-                              opts.jobs, log, exports, provenance.modinfo(prov))
-        with timed_step("postlink", timings, progress, "writing klp relocations"):
-            if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
-                from ..emit.ibt import seal_lists  # a module target's .ko has its own seal list
-
-                post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
-                               patch_globals(orig, patched),
-                               sealed=seal_lists({p.target: p.binary for p in parents.values()}))
-            _check_resolvable(ko, tree.symvers)
-            if sidecars:
-                (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
-            atomic_write(output, provenance.rehash_build_id(ko.read_bytes()))  # reproducible build-id
-        res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
-                          exports, prov)
-        if opts.report_json:
-            atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
-        if opts.keep_tmp:
-            shutil.copyfile(log, tmp / "build.log")
-        blog.succeeded()
-        return res
+        with ExitStack() as stack:
+            return _build(opts, progress, timings, src, stem, output, modname, tmp, blog, log, flags, stack)
     except BaseException as e:
         if blog is not None:
             blog.failed(e)
@@ -389,6 +327,120 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     finally:
         if tmp is not None and not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clang_setup(tree: KernelTree, stack: ExitStack) -> tuple[Toolchain, Any]:
+    """For a Clang tree: refuse what is not supported, enter the Clang build root (tools on ``PATH``) and
+    return the toolchain and a :class:`~klpforge.kbuild.clang.RootRunner`; ``(gcc toolchain, None)`` else."""
+    tc = Toolchain.from_config(tree.config)
+    if tc.cc != "clang":
+        return tc, None
+    check_supported(tc, tree.build / ".config")
+    root = clang_root_for(cc_version_text(tree.build / ".config"))
+    binds = root_binds(tree.src, tree.build, data_include_dir())  # kpatch-macros.h: -I of every compile
+    stack.enter_context(tools_in_root(root, binds))
+    return tc, RootRunner(root, tuple(binds))
+
+
+def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, float], src: Path, stem: str,
+           output: Path, modname: str, tmp: Path, blog: BuildLog, log: Path, flags: str,
+           stack: ExitStack) -> BuildResult:
+    with timed_step("check", timings, progress, "checking tree and patch"):
+        tree = KernelTree(src, opts.build)
+        tree.check_livepatch()
+        tc, runner = _clang_setup(tree, stack)
+        if not opts.skip_compiler_check and runner is None:
+            tree.check_compiler()  # Clang: the root's clang prints CONFIG_CC_VERSION_TEXT (checked above)
+        patch = SourcePatch.parse(opts.patch)
+        patch.check_tree(tree.src)
+        patch.refuse_unpatchable()
+        ov = Overlay(tree.src, tmp / "src", patch.files)
+        ov.snapshot(patch)
+        objs, _notes = _changed_objects(tree, patch)
+        tree.check_sources(objs)
+        parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
+        env = struct_sizes(tree)
+        ov.build_view()
+    # distributed ThinLTO: bitcode objects go through the LTO steps; objects Kbuild compiled to native code
+    # (CC_FLAGS_LTO filtered out for them, so not in vmlinux.thinlto-index) are compiled twice as with GCC
+    bitcode = [o for o in objs if o in set(index_objects(tree.build))] if tc.lto == "thin-dist" else []
+    plain = [o for o in objs if o not in bitcode]
+    orig: dict[str, Path] = {}
+    if plain:
+        with timed_step("orig", timings, progress, f"compiling {len(plain)} original object(s)"):
+            ov.show("orig")
+            orig = _compile_all(tree, ov, plain, tmp / "orig", opts.jobs, flags)
+    with timed_step("patched", timings, progress, "compiling patched objects"):
+        ov.show("new")
+        pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
+        if pause:
+            time.sleep(float(pause))
+        patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
+    lto_why: dict[str, str] = {}
+    if bitcode:  # the tree's own bitcode is the original; redo the index link and the backends that changed
+        with timed_step("lto", timings, progress, "ThinLTO: index link and the backends it changes"):
+            plan = relink_index(tree.build, tmp / "lto-view", {o: patched[o] for o in bitcode}, runner)
+            lto_orig, lto_new = backend(tree.build, plan, tmp / "native", SECTION_FLAGS, opts.jobs, runner)
+            lto_why = plan.why
+            for ob in plan.redo:  # the running kernel's .llvm.<hash> names (they move with any edit)
+                ren = stable_llvm_names(lto_orig[ob], lto_new[ob])
+                if ren:
+                    lto_why[ob] += "; ThinLTO names kept: " + ", ".join(f"{n} -> {v}" for n, v in ren.items())
+            orig.update(lto_orig)
+            patched = {**{o: patched[o] for o in plain}, **lto_new}
+            objs = plain + plan.redo
+            parents.update({o: tree.parent_of(o) for o in objs if o not in parents})
+    outcomes: list[DiffOutcome] = []
+    unchanged: list[str] = []
+    refused: list[str] = []
+    with timed_step("diff", timings, progress, "diffing objects"):
+        for i, obj in enumerate(objs):
+            par = parents[obj]
+            out = tmp / "diff" / f"{i}-{Path(obj).name}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                outcomes.append(run_object_diff(obj, orig[obj], patched[obj], out, par.target,
+                                                par.binary, tree.symvers, env))
+            except NoChange:
+                unchanged.append(obj)
+            except UnsafeChange as e:  # every object's reasons at once, not only the first object's
+                refused += e.reasons
+        if tc.cfi:  # every function keeps its kCFI type hash (kbuild/kcfi.py), replaced or not
+            for obj in objs:
+                refused += check_kcfi(obj, orig[obj], patched[obj])
+        if refused:
+            raise UnsafeChange(refused)
+        exports = patch_exports(orig, patched)  # before "no change": the diff ignores export tables
+        if not outcomes:
+            raise NoChange(f"{patch.path.name}: no function changed in {', '.join(objs)}")
+        for o in outcomes:
+            if o.obj in lto_why:
+                o.report["lto"] = {"object": o.obj, "why_rebuilt": lto_why[o.obj]}
+    with timed_step("module", timings, progress, f"building module {modname} with Kbuild"):
+        post = postlink_api()
+        targets, sidecars = klp_targets(outcomes, post, f"{patch.path.name}: ")
+        prov = provenance.record([opts.patch], provenance.config_compiler(tree.build / ".config"))
+        ko = build_module(tree.build, tmp / "kmod", modname, list(targets.values()), opts.replace,
+                          opts.jobs, log, exports, provenance.modinfo(prov))
+    with timed_step("postlink", timings, progress, "writing klp relocations"):
+        if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
+            from ..emit.ibt import seal_lists  # a module target's .ko has its own seal list
+
+            post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
+                           patch_globals(orig, patched),
+                           sealed=seal_lists({p.target: p.binary for p in parents.values()}))
+        _check_resolvable(ko, tree.symvers)
+        if sidecars:
+            (tmp / "sidecars.json").write_text(json.dumps(sidecars, default=_jsonable, indent=1))
+        atomic_write(output, provenance.rehash_build_id(ko.read_bytes()))  # reproducible build-id
+    res = BuildResult(output, modname, outcomes, unchanged, timings, tmp if opts.keep_tmp else None,
+                      exports, prov)
+    if opts.report_json:
+        atomic_write(opts.report_json, json.dumps(res.report(), indent=1) + "\n")
+    if opts.keep_tmp:
+        shutil.copyfile(log, tmp / "build.log")
+    blog.succeeded()
+    return res
 
 
 def _jsonable(o: Any) -> Any:

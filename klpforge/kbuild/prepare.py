@@ -108,8 +108,18 @@ class KernelLayout:
 
     @property
     def tarball(self) -> Path:
-        """Debian's ``linux-source-<version>`` tarball (Debian 12: ``/usr/src/linux-source-6.1.tar.xz``)."""
-        return Path(f"/usr/src/linux-source-{self.version}.tar.xz")
+        """Debian's ``linux-source-<version>`` tarball: the host's (Debian 12: ``/usr/src/linux-source-6.1.tar.xz``)
+        or, for a version the host does not package (7.3, trixie-backports), the one taken from the ``.deb``
+        klpforge fetched itself (:func:`_fetch_tarball`) beside the unpacked source."""
+        host = Path(f"/usr/src/linux-source-{self.version}.tar.xz")
+        if host.is_file() or self.version == "6.1":
+            return host
+        return self.src.parent / host.name
+
+    @property
+    def clang(self) -> bool:
+        """Built with Clang (``make LLVM=-19`` in the Clang build root): the ``clang*`` variants."""
+        return self.variant.split("-")[0] == "clang"
 
     @property
     def src(self) -> Path:
@@ -167,10 +177,11 @@ def fragment_text(version: str, variant: str = "") -> str:
     try:
         text = (resources.files("klpforge") / "data" / f"kernel-{version}.config").read_text()
     except FileNotFoundError:
-        raise InputError(f"no config fragment for kernel {version} (only 6.1 is supported)") from None
-    if variant:
+        raise InputError(f"no config fragment for kernel {version} (6.1, and 7.3 with --toolchain clang)") from None
+    # a variant is one fragment per dash-separated part: clang-thin-cfi = -clang, -thin and -cfi on top
+    for part in variant.split("-") if variant else ():
         try:
-            text += (resources.files("klpforge") / "data" / f"kernel-{version}-{variant}.config").read_text()
+            text += (resources.files("klpforge") / "data" / f"kernel-{version}-{part}.config").read_text()
         except FileNotFoundError:
             raise InputError(f"no config fragment for the {variant} variant of kernel {version}") from None
     return text
@@ -239,9 +250,10 @@ def check_config(config: str, wanted: dict[str, str]) -> list[str]:
     return missing
 
 
-def _stamp_key(layout: KernelLayout, fragment: str) -> dict[str, str]:
+def _stamp_key(layout: KernelLayout, fragment: str, cc_text: str | None = None) -> dict[str, str]:
     st = layout.tarball.stat()
-    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout
+    gcc = cc_text if cc_text is not None else \
+        subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout
     return {
         "version": layout.version + (f"-{layout.variant}" if layout.variant else ""),
         "fragment_sha256": hashlib.sha256(fragment.encode()).hexdigest(),
@@ -254,8 +266,9 @@ def is_current(layout: KernelLayout) -> bool:
     """True when ``layout`` was prepared with today's fragment, tarball and gcc (its stamp's key matches):
     a kernel prepared before the fragment changed (say, before ``CONFIG_JUMP_LABEL`` was added) is not."""
     try:
-        return bool(json.loads(layout.stamp.read_text()).get("key")
-                    == _stamp_key(layout, fragment_text(layout.version, layout.variant)))
+        st = json.loads(layout.stamp.read_text())
+        cc = st.get("key", {}).get("gcc") if layout.clang else None  # the root's clang: checked at build
+        return bool(st.get("key") == _stamp_key(layout, fragment_text(layout.version, layout.variant), cc))
     except (OSError, ValueError, InputError):
         return False
 
@@ -288,6 +301,35 @@ def _unpack(layout: KernelLayout) -> None:
             with tarfile.open(layout.tarball) as tf:
                 tf.extractall(tmp, filter="data")
         os.replace(tmp / layout.src.name, layout.src)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_tarball(layout: KernelLayout, say: Callable[[str], None]) -> None:
+    """Fetch Debian's newest ``linux-source-<version>`` with klpforge's own apt configuration (verified
+    against the signed index, :mod:`klpforge.distro.apt`) and take its tarball out to ``layout.tarball``.
+
+    7.3 is ``linux-source-7.3=7.3.4-1~bpo13+1`` (trixie-backports, 167 MB)."""
+    from ..distro.apt import apt_root  # distro imports kbuild: resolved at call time
+
+    cache = layout.root.parent
+    apt = apt_root(cache)
+    pkg = f"linux-source-{layout.version}"
+    rec = apt.record(pkg, apt.newest(pkg, say), say)
+    deb = apt.fetch(rec, cache / "distro" / "debian" / "debs", say)
+    tmp = layout.tarball.parent / f".deb-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        r = run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+        if r.returncode != 0:
+            raise InputError(f"{deb.name}: dpkg-deb failed: {r.stderr.decode(errors='replace').strip()[-300:]}")
+        tmp.mkdir(parents=True)
+        (tmp / "data.tar").write_bytes(r.stdout)
+        inner = f"./usr/src/{layout.tarball.name}"
+        r2 = run(["tar", "-xf", str(tmp / "data.tar"), "-C", str(tmp), inner], capture_output=True, text=True)
+        if r2.returncode != 0:
+            raise InputError(f"{deb.name} holds no {inner}: {r2.stderr.strip()[-300:]}")
+        os.replace(tmp / inner, layout.tarball)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -327,10 +369,17 @@ def _prepare_kernel(layout: KernelLayout, jobs: int | None, force: bool,
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
     fragment = fragment_text(layout.version, layout.variant)
+    root = None
+    if layout.clang:
+        from .clang import clang_root_for  # the Clang build root (distro.roots), made once
+
+        root = clang_root_for("", None if layout.root.parent == cache_root() else layout.root.parent, say)
+    if not layout.tarball.is_file() and layout.tarball.parent != Path("/usr/src"):
+        _fetch_tarball(layout, say)
     if not layout.tarball.is_file():
         raise InputError(f"{layout.tarball} not found: "
                          f"install Debian's linux-source-{layout.version} package")
-    key = _stamp_key(layout, fragment)
+    key = _stamp_key(layout, fragment, root.cc_text if root is not None else None)  # type: ignore[attr-defined]
     if not force and layout.stamp.is_file() and layout.bzimage.is_file():
         try:
             if json.loads(layout.stamp.read_text()).get("key") == key:
@@ -350,6 +399,10 @@ def _prepare_kernel(layout: KernelLayout, jobs: int | None, force: bool,
     layout.build.mkdir(exist_ok=True)
     layout.stamp.unlink(missing_ok=True)
     make = ["make", "-C", str(layout.src), f"O={layout.build}", "ARCH=x86_64"]
+    if root is not None:  # make and every tool it runs inside the root, the trees bound at their paths
+        from .clang import LLVM_SUFFIX, root_binds
+
+        make = root.wrap([*make, f"LLVM={LLVM_SUFFIX}"], root_binds(layout.src, layout.root))  # type: ignore[attr-defined]
     say("make tinyconfig + fragment")
     _run([*make, "tinyconfig"], layout.log)
     wanted = fragment_lines(fragment)
@@ -360,11 +413,18 @@ def _prepare_kernel(layout: KernelLayout, jobs: int | None, force: bool,
     if missing:
         raise InputError(f"config lines dropped by Kconfig dependencies: {', '.join(missing)}")
     n = jobs or os.cpu_count() or 1
-    say(f"building the kernel with -j{n} (about 4-5 min on 2 cores; log: {layout.log})")
+    say(f"building the kernel with -j{n} (about {'20' if root is not None else '4-5'} min on 2 cores; "
+        f"log: {layout.log})")
     _run([*make, f"-j{n}"], layout.log)
     for need in (layout.bzimage, layout.build / "vmlinux", layout.build / "usr/gen_init_cpio"):
         if not need.is_file():
             raise InputError(f"the build did not produce {need}; see {layout.log}")
+    if root is not None:
+        # klpforge runs gen_init_cpio on the host (verify's initramfs): the root's links against trixie's libc
+        cc = shutil.which("gcc") or shutil.which("cc") or "cc"
+        host_tool = layout.root / "host-gen_init_cpio"
+        _run([cc, "-O2", "-o", str(host_tool), str(layout.src / "usr/gen_init_cpio.c")], layout.log)
+        os.replace(host_tool, layout.build / "usr/gen_init_cpio")
     say("initramfs")
     build_base_initramfs(layout)
     atomic_write(layout.stamp, json.dumps({"key": key, "built": time.time()}, indent=1) + "\n")

@@ -66,6 +66,8 @@ def struct_sizes(tree: KernelTree, reference_obj: str = "init/main.o") -> dict[s
     """``{"BUG_STRUCT_SIZE": "12", ...}`` for ``tree``; entries whose feature is off are absent."""
     cc = tree.compile_command(reference_obj)
     cmd = cc.command.split(" ; ", 1)[0]  # drop objtool and other post-steps
+    if "-flto" in cmd:  # Clang LTO: -S would write LLVM IR, not the assembly the constants are read from
+        cmd += " -fno-lto"
     with tempfile.TemporaryDirectory(prefix="klpforge-sizes-") as td:
         probe = Path(td) / "probe.c"
         probe.write_text(PROBE_SOURCE)

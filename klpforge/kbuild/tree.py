@@ -237,7 +237,9 @@ class KernelTree:
             pos += 60
             if name == b"//":
                 table = data[pos:pos + size].decode(errors="replace")
-                return {n for n in table.split("/\n") if n.endswith(".o")}
+                # 7.3 distributed ThinLTO links X.thinlto-native.o, the backend output of bitcode X.o
+                return {n.removesuffix(".thinlto-native.o") + ".o" if n.endswith(".thinlto-native.o") else n
+                        for n in table.split("/\n") if n.endswith(".o")}
             if name in (b"/", b"/SYM64/"):
                 pos += size + (size & 1)  # symbol index: stored in a thin archive, skip it
         return set()
