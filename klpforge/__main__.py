@@ -1,6 +1,6 @@
 import sys
 
-from .proc import Terminated, install_signal_handlers
+from .util.proc import Terminated, install_signal_handlers
 
 # Before the heavy imports: a SIGTERM during start-up also gets its one line and exit code.
 install_signal_handlers()

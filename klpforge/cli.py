@@ -2,7 +2,7 @@
 
 Each command lives in ``klpforge/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
-Errors derived from :class:`klpforge.errors.KlpError` become one line on stderr and their exit code.
+Errors derived from :class:`klpforge.util.errors.KlpError` become one line on stderr and their exit code.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
-from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
+from .util.errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
+from .util.proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
 __all__ = ["main", "one_line", "error_line", "COMMANDS"]
 

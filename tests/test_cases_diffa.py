@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import constants as C
-from klpforge.errors import UnsafeChange
-from klpforge.model import Object
+from klpforge.util.errors import UnsafeChange
 
 from .conftest import ROOT, SHARED
 from .test_kernel_e2e import baseline, unchanged_tree  # noqa: F401 - fixtures of the kernel test below
@@ -216,7 +216,7 @@ int run_scan2(int n) { return scan(n + 1) * 3; }
 
 def users_of_names(o: Object, func: str) -> set[int]:
     """The static locals function ``func`` of ``o`` references."""
-    from klpforge.statics import is_static_local, users_of
+    from klpforge.diff.statics import is_static_local, users_of
 
     statics = {i for i in range(o.nsym) if is_static_local(o, i)}
     return {s for s, fs in users_of(o, statics).items() if any(o.sym_names[f] == func for f in fs)}

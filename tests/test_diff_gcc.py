@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.correlate import correlate
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import NoChange, UnsafeChange
-from klpforge.model import Object
+from klpforge.diff.correlate import correlate
+from klpforge.diff.model import Object
+from klpforge.util.errors import NoChange, UnsafeChange
 
 
 def diff(a: Path, b: Path, tmp: Path):

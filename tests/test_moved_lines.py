@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import NoChange
+from klpforge.util.errors import NoChange
 
 SRC = r"""
 #define __stringify_1(x) #x

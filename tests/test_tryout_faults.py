@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import constants as C
-from klpforge.errors import UnsafeChange
-from klpforge.model import Object
+from klpforge.util.errors import UnsafeChange
 
 from .conftest import SHARED
 

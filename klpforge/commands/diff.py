@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
-from ..outputs import atomic_write, check_paths
+from ..util.errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
+from ..util.outputs import atomic_write, check_paths
 
 __all__ = ["register"]
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         _check_own_output(tmp, args.output)
         if args.impact:
-            from ..impact_check import check_impact
+            from ..diff.impact_check import check_impact
             report["impact"] = check_impact(Path(args.impact), res)
         if args.json:
             atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     if not args.quiet:
-        from ..report import print_summary  # rich: only for the summary (process-per-object runs use -q)
+        from ..diff.report import print_summary  # rich: only for the summary (process-per-object runs use -q)
 
         print_summary(res)
     return EXIT_OK

@@ -14,7 +14,7 @@ __all__ = ["register", "run_prepare"]
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare (or find cached) the kernel and print ``KERNEL_SRC=``/``KERNEL_BUILD=``/``BZIMAGE=`` lines."""
     from ..kbuild.prepare import KernelLayout, prepare_kernel
-    from ..termout import console, status
+    from ..util.termout import console, status
 
     layout = KernelLayout.default(args.version, args.cache, args.variant or "")
     err = console(stderr=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
-from ..outputs import check_paths
 from ..qemu.modinfo import module_name
 from ..qemu.modprobe import ModIndex, modname
 from ..qemu.report import report_verify
 from ..qemu.targets import module_targets
 from ..qemu.verify import VerifySpec, verify_module
-from ..termout import console, note, status
+from ..util.errors import InputError
+from ..util.outputs import check_paths
+from ..util.termout import console, note, status
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]

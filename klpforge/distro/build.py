@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import proc, provenance
-from ..buildlog import BuildLog
-from ..errors import InputError, KlpError, NoChange, UnsafeChange
-from ..fsutil import atomic_write, tree_lock
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
 from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
+from ..util import proc, provenance
+from ..util.buildlog import BuildLog
+from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
+from ..util.fsutil import atomic_write, tree_lock
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .debian import make_command
@@ -84,7 +84,7 @@ class DistroBuildResult:
     tmpdir: Path | None = None
     notes: list[str] = field(default_factory=list)
     signed: bool = False
-    #: what went in (klpforge.provenance.record), also in the module's .modinfo
+    #: what went in (klpforge.util.provenance.record), also in the module's .modinfo
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget
 
 def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
     """Build the cumulative live patch; raises ``InputError``/``UnsafeChange``/``NoChange`` with one line (the
-    build log, kept in the cache on failure, is attached to the error: :mod:`klpforge.buildlog`)."""
+    build log, kept in the cache on failure, is attached to the error: :mod:`klpforge.util.buildlog`)."""
     if not opts.patches:
         raise InputError("no patch given")
     check_sign_args(opts.sign_key, opts.sign_cert)
@@ -330,7 +330,7 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
         with timed_step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
             post = postlink_api()
             if post is None:
-                raise InputError("klpforge.emit.postlink is missing from this checkout")
+                raise InputError("klpforge.diff.emit.postlink is missing from this checkout")
             targets, sidecars = klp_targets(outcomes, post)
             # what went in: packages (name, version, SHA-256), patches, compiler; in the report and .modinfo
             prov = provenance.record(opts.patches, provenance.config_compiler(tree.config),

@@ -19,8 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write, tree_lock
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, tree_lock
 from .base import DistroTree
 
 __all__ = ["modules_dep", "shipped_modules", "plain_module", "COMPRESSED", "compress_module"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .compile import CompileJob, CompileResult, compile_argv, lto_refusal, run_jobs
 from .measure import BuildPair, ObjectCost, measure_object
 from .sources import MakeArgs, find_units, plain_make, remove_tree

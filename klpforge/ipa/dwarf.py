@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..fsutil import open_regular
+from ..util.errors import InputError
+from ..util.fsutil import open_regular
 from .index import Index, build_index
 from .objsyms import read_symbols, syms_text
 

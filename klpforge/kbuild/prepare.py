@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir, tree_lock
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, check_private_dir, tree_lock
+from ..util.proc import run
 
 __all__ = [
     "KernelLayout",
@@ -74,7 +74,7 @@ def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def cache_dir(*parts: str, cache: str | os.PathLike[str] | None = None) -> Path:
     """``cache_root(cache) / parts``, refused unless only the user (or root) can write it, everything
-    below it and every directory above it (:func:`klpforge.fsutil.check_private_dir`): klpforge compiles
+    below it and every directory above it (:func:`klpforge.util.fsutil.check_private_dir`): klpforge compiles
     and runs what the cache holds. Raises :class:`InputError` naming the directory and the reason.
 
     >>> cache_dir("kernel-6.1", cache="/tmp/no-such-cache")

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .prepare import cache_dir
 
 __all__ = ["check_old_journal", "journal_dir", "tree_manifest"]

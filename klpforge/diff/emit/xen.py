@@ -18,12 +18,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ...elf import constants as C
+from ...xen.syms import ENDBR64, XenSyms, xen_name
 from ..arch import Arch
 from ..compare import Comparison
 from ..correlate import Correlation
-from ..elf import constants as C
 from ..select import Selection, resolve_target
-from ..xen.syms import ENDBR64, XenSyms, xen_name
 from .livepatch import EmitOptions, _Emitter, _reloc_array, _Unresolvable
 
 __all__ = ["XenEmitOptions", "XenFunc", "XenPart", "emit_xen", "FUNC_SIZE", "PAYLOAD_VERSION",

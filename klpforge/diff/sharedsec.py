@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from ..elf import constants as C
+from ..elf.types import RELOC
 from .arch import Arch
-from .elf import constants as C
-from .elf.types import RELOC
 from .model import Object
 
 __all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",

@@ -30,8 +30,8 @@ from functools import partial
 
 import numpy as np
 
+from ..elf import constants as C
 from .arch import arch_for
-from .elf import constants as C
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, section_subject
 from .statics import is_static_local, pair_statics

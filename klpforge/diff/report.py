@@ -8,8 +8,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .diff import DiffResult
-from .termout import console as termout_console
+from ..util.termout import console as termout_console
+from .run import DiffResult
 
 __all__ = ["print_summary"]
 

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .elf import ElfFile
-from .elf import constants as C
-from .errors import InputError
+from ..elf import ElfFile
+from ..elf import constants as C
+from ..util.errors import InputError
 
 __all__ = ["TargetSymtab", "load_symvers", "Export", "section_kind"]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...elf import constants as C
 from ..arch import Arch
-from ..elf import constants as C
 from ..model import Object
 from ..select import Selection, is_aux_code, resolve_target
 from ..sharedsec import gap, is_shared, place_of, resolved_refs

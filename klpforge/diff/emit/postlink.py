@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from ..elf import ElfFile
-from ..elf import constants as C
-from ..elf.rewrite import Rewriter
-from ..elf.types import RELOC
-from ..errors import InputError, UnsafeChange
-from ..fsutil import atomic_write
+from ...elf import ElfFile
+from ...elf import constants as C
+from ...elf.rewrite import Rewriter
+from ...elf.types import RELOC
+from ...util.errors import InputError, UnsafeChange
+from ...util.fsutil import atomic_write
 
 __all__ = ["strip_klp", "apply_klp", "klp_symbol_name", "placeholder_name", "KlpSidecar"]
 
@@ -216,7 +216,7 @@ def apply_klp(ko: Path, sidecars: KlpSidecar | Sequence[KlpSidecar], vmlinux: Pa
 
 def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, int], vmlinux: Path) -> None:
     """Refuse (:class:`UnsafeChange`) code of the patch that takes the address of a vmlinux function whose
-    ENDBR the kernel sealed (:mod:`klpforge.emit.ibt`); names both functions. x86-64 only."""
+    ENDBR the kernel sealed (:mod:`klpforge.diff.emit.ibt`); names both functions. x86-64 only."""
     if elf.machine != C.EM_X86_64:
         return
     from ..select import is_special_section

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..elf import constants as C
+from ..elf.file import cstring_at
 from .arch import arch_for
-from .elf import constants as C
-from .elf.file import cstring_at
 from .model import Object
 from .names import base_function, is_special_static
 from .pcrel import pcrel_tails

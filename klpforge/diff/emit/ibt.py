@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..elf import ElfFile
-from ..elf import constants as C
+from ...elf import ElfFile
+from ...elf import constants as C
 
 __all__ = ["sealed_functions", "address_taken", "sealed_refusals", "SEALED_REASON"]
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...elf import ObjectWriter
+from ...elf import constants as C
+from ...elf.types import RELOC
+from ...util.errors import InputError
 from ..arch import Arch
 from ..compare import Comparison
 from ..correlate import Correlation
-from ..elf import ObjectWriter
-from ..elf import constants as C
-from ..elf.types import RELOC
-from ..errors import InputError
 from ..model import Object
 from ..names import is_special_static
 from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..elf import constants as C
 from .arch import arch_for
 from .correlate import Correlation
-from .elf import constants as C
 from .model import Object, is_ignored_section
 from .names import clone_parent
 from .sharedsec import resolved_targets

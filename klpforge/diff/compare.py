@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..elf import constants as C
 from .arch import Arch
 from .correlate import Correlation
-from .elf import constants as C
 from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static
@@ -197,7 +197,7 @@ def _differs(o: Object, p: Object, keys: TargetKeys, osec: int, psec: int,
 
 def _line_relocs(obj: Object, keys: TargetKeys, sec: int, lo: int, hi: int) -> list[tuple[int, str, bytes | None]]:
     """(offset - lo, callee name or '', the string the target addresses) for the relocations of
-    ``[lo, hi)``: what :func:`klpforge.lineargs.line_loads` needs.
+    ``[lo, hi)``: what :func:`klpforge.diff.lineargs.line_loads` needs.
 
     The callee is named for an undefined target, and for a function of the same object when the object
     is profiled (:func:`is_profiled`): GCC turns ``-fipa-ra`` off under ``-pg`` ("the option is disabled

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .elf import constants as C
-from .errors import InputError
+from ..elf import constants as C
+from ..util.errors import InputError
 
 __all__ = ["Arch", "arch_for", "ARCHES"]
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..elf import constants as C
+from ..elf.file import cstring_at
 from .arch import Arch
 from .compare import CHANGED, NEW, Comparison
 from .correlate import Correlation
-from .elf import constants as C
-from .elf.file import cstring_at
 from .ftrace_entry import with_entry
 from .icf import split_folded
 from .model import Object, is_ignored_section

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from ..util.errors import InputError
 from .names import base_function, clone_parent
 
 __all__ = ["check_impact", "summary_lines"]
@@ -35,7 +35,7 @@ def _same_object(label: str, orig: Path) -> bool:
 
 
 def _patched_names(path: str) -> set[str] | None:
-    from .ipa.objsyms import read_symbols
+    from ..ipa.objsyms import read_symbols
 
     try:
         return {s.name for s in read_symbols(path) if s.type == "FUNC"}
@@ -45,12 +45,12 @@ def _patched_names(path: str) -> set[str] | None:
 
 def _load(dumps: Path, use_cache: bool = True) -> tuple[Any, list[str]]:
     """The impact index of ``dumps`` (DWARF fallback when there are none, as ``klpforge impact`` does)."""
-    from .ipa import find_dumps, load_index
+    from ..ipa import find_dumps, load_index
 
     files = find_dumps(dumps)
     if files:
         return load_index(files, None, dumps if dumps.is_dir() else None, use_cache=use_cache), []
-    from .ipa.dwarf import fallback_index
+    from ..ipa.dwarf import fallback_index
 
     idx, note = fallback_index(dumps, None)
     return idx, [note]
@@ -64,7 +64,7 @@ def check_impact(dumps: Path, res: Any, use_cache: bool = True) -> dict[str, Any
     copy did not change); ``predicted`` (names); ``notes``. ``use_cache``: keep the index in the user cache
     (off for throw-away builds such as the demo's).
     """
-    from .ipa.closure import Entry, impact
+    from ..ipa.closure import Entry, impact
 
     idx, notes = _load(dumps, use_cache)
     orig = Path(str(res.report.get("orig", "")))
@@ -170,7 +170,7 @@ def _inferred_sources(idx: Any, orig: Path, seeds: list[str], by_base: dict[str,
     (``helper`` for changed ``caller_a`` and ``caller_b``)."""
     import numpy as np
 
-    from .ipa.closure import impact
+    from ..ipa.closure import impact
 
     groups = [g for g, o in enumerate(idx.objects) if o and _same_object(o, orig)]
     if not groups or not seeds:
@@ -214,7 +214,7 @@ def _piece_kind(piece: str, owner: str) -> str:
 
 def _callers(orig: Path, changed: list[str]) -> dict[str, set[str]]:
     """Changed function -> the changed functions in ``orig`` whose code refers to it (from relocations)."""
-    from .ipa.objsyms import reloc_callers
+    from ..ipa.objsyms import reloc_callers
 
     try:
         found = reloc_callers(orig, set(changed))

@@ -8,7 +8,7 @@ Exit codes (same as kpatch's create-diff-object, so scripts written for it keep 
 2     the change cannot be live-patched safely (refused)
 3     no change found
 130   interrupted (Ctrl-C, SIGINT)
-143   terminated by SIGTERM (128 + 15; :class:`klpforge.proc.Terminated`)
+143   terminated by SIGTERM (128 + 15; :class:`klpforge.util.proc.Terminated`)
 129   terminated by SIGHUP (128 + 1)
 ====  =====================================================================
 """
@@ -38,7 +38,7 @@ class KlpError(Exception):
     """Base class: a failure with a one-line message meant for a person."""
 
     exit_code = EXIT_ERROR
-    #: a build's kept log (:mod:`klpforge.buildlog`) and, with ``--keep-tmp``, its kept temporary directory:
+    #: a build's kept log (:mod:`klpforge.util.buildlog`) and, with ``--keep-tmp``, its kept temporary directory:
     #: the CLI names both on the error line
     log: object = None
     kept: object = None

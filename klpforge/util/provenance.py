@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .fsutil import open_regular
 
 __all__ = ["record", "modinfo", "file_sha256", "config_compiler", "debian_packages", "rehash_build_id"]

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..elf import constants as C
+from ..util.errors import InputError, NoChange, UnsafeChange
+from ..util.fsutil import atomic_write
 from .arch import arch_for
 from .compare import CHANGED, NEW, compare
 from .correlate import correlate
-from .elf import constants as C
 from .emit.livepatch import EmitOptions, KlpReloc, PatchedFunc, emit
-from .errors import InputError, NoChange, UnsafeChange
-from .fsutil import atomic_write
 from .model import Object
 from .names import is_special_static
 from .select import select

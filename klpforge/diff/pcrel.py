@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..elf import constants as C
 from .arch import Arch
-from .elf import constants as C
 from .model import Object
 
 __all__ = ["pcrel_tail", "pcrel_tails"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import InputError
+from ...util.errors import InputError
 
 __all__ = ["ENV_NAMES", "DEFAULT_SIZES", "POINTER_SIZED", "entry_size", "PAIRED"]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .elf import ElfFile
-from .elf import constants as C
-from .elf.validate import check_relocs, check_sections, check_symbols
-from .errors import InputError
+from ..elf import ElfFile
+from ..elf import constants as C
+from ..elf.validate import check_relocs, check_sections, check_symbols
+from ..util.errors import InputError
 from .names import canonical, section_subject
 
 __all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section", "PREFIX_NAMES", "MAX_PREFIX"]
@@ -224,7 +224,7 @@ class Object:
         """Every relocation of the object in one table sorted by (target section, offset): ``(relocs,
         target section per entry, start index per section)``; section ``s`` owns
         ``relocs[start[s]:start[s + 1]]``. One pass instead of one small array per section."""
-        from .elf.types import RELOC
+        from ..elf.types import RELOC
 
         pairs = [(tgt, rs) for tgt, rs in self.elf.reloc_sections.items() if tgt < self.nsec]
         rsecs = [rs for _, rs in pairs]

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..elf import constants as C
 from .arch import Arch
-from .elf import constants as C
 from .model import Object
 
 __all__ = ["with_entry", "ENTRY_SECTIONS", "HOOK_WINDOW", "PADDING_WINDOW"]
