@@ -11,10 +11,10 @@ import pytest
 from klpforge.diff.arch import arch_for
 from klpforge.diff.compare import compare
 from klpforge.diff.correlate import correlate
-from klpforge.diff.emit.xen import FUNC_SIZE, PAYLOAD_VERSION, XenEmitOptions, emit_xen
 from klpforge.diff.model import Object
 from klpforge.diff.select import select
 from klpforge.elf import ElfFile
+from klpforge.xen.emit import FUNC_SIZE, PAYLOAD_VERSION, XenEmitOptions, emit_xen
 from klpforge.xen.payload import link_payload
 from klpforge.xen.syms import XenSyms, read_build_id
 

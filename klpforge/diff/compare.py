@@ -20,7 +20,7 @@ import numpy as np
 
 from ..elf import constants as C
 from .arch import Arch
-from .correlate import Correlation
+from .correlation import Correlation
 from .lineargs import LINE_ARGS, only_lines_differ
 from .model import Object, is_ignored_section
 from .names import is_special_static

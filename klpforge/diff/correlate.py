@@ -25,43 +25,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
 from ..elf import constants as C
 from .arch import arch_for
+from .correlation import Correlation, pair
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, section_subject
 from .statics import is_static_local, pair_statics
 
 __all__ = ["Correlation", "correlate"]
-
-
-@dataclass
-class Correlation:
-    """Symbol and section pairing between ``orig`` and ``patched``."""
-
-    orig: Object
-    patched: Object
-    o2p: np.ndarray  # orig symbol -> patched symbol, -1 if none
-    p2o: np.ndarray
-    so2p: np.ndarray  # orig section -> patched section
-    sp2o: np.ndarray
-    reasons: dict[int, str] = field(default_factory=dict)  # orig symbol -> rule that matched it
-    never: set[int] = field(default_factory=set)  # patched symbols excluded from correlation
-    #: patched static locals with several plausible twins -> why (select refuses a patch that uses one)
-    ambiguous: dict[int, str] = field(default_factory=dict)
-
-    def reason_for_orig(self, i: int) -> str:
-        return self.reasons.get(i, "")
-
-
-def _pair(corr: Correlation, o: int, p: int, why: str) -> None:
-    corr.o2p[o] = p
-    corr.p2o[p] = o
-    corr.reasons[o] = why
 
 
 def _candidates(obj: Object) -> np.ndarray:
@@ -129,7 +104,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     corr = Correlation(orig, patched,
                        np.full(orig.nsym, -1, np.int64), np.full(patched.nsym, -1, np.int64),
                        np.full(orig.nsec, -1, np.int64), np.full(patched.nsec, -1, np.int64))
-    _pair(corr, 0, 0, "null symbol")
+    pair(corr, 0, 0, "null symbol")
 
     # Rule 1: FILE symbols in order, undefined symbols by name.
     of = [i for i in np.flatnonzero(orig.stype == C.STT_FILE)]
@@ -140,14 +115,14 @@ def correlate(orig: Object, patched: Object) -> Correlation:
     for i in of:
         lst = pf_by_name.get(orig.sym_names[i])
         if lst:
-            _pair(corr, int(i), lst.pop(0), "same source file")
+            pair(corr, int(i), lst.pop(0), "same source file")
     pund = {patched.sym_names[i]: int(i) for i in np.flatnonzero(~patched.defined) if i
             and patched.stype[i] != C.STT_FILE and patched.shndx[i] == C.SHN_UNDEF}
     for i in np.flatnonzero(~orig.defined):
         if i and orig.shndx[i] == C.SHN_UNDEF and orig.stype[i] != C.STT_FILE:
             p = pund.get(orig.sym_names[i])
             if p is not None:
-                _pair(corr, int(i), p, "same external symbol")
+                pair(corr, int(i), p, "same external symbol")
 
     oc, pc = _candidates(orig), _candidates(patched)
     corr.never = set(int(i) for i in np.flatnonzero(patched.defined)) - set(pc.tolist())
@@ -158,7 +133,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
         if orig.sbind[i] != C.STB_LOCAL:
             p = pglob.get(orig.sym_names[i])
             if p is not None and patched.stype[p] == orig.stype[i]:
-                _pair(corr, int(i), p, "same global name")
+                pair(corr, int(i), p, "same global name")
 
     # Rule 3/4: locals grouped by (scope file, canonical name, type).
     def groups(obj: Object, cand: np.ndarray, taken: np.ndarray) -> dict[tuple[str, str, int], list[int]]:
@@ -191,7 +166,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
         if len(olist) == 1 and len(plist) == 1:
             o, p = olist[0], plist[0]
             same = orig.sym_names[o] == patched.sym_names[p]
-            _pair(corr, o, p, "same local name" if same else "same name up to GCC clone number")
+            pair(corr, o, p, "same local name" if same else "same name up to GCC clone number")
             continue
         if key[2] == C.STT_OBJECT:
             if oref is None:
@@ -207,7 +182,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
         rest_o = [o for o in olist if corr.o2p[o] < 0]
         rest_p = [p for p in plist if corr.p2o[p] < 0]
         for o, p in zip(rest_o, rest_p, strict=False):
-            _pair(corr, o, p, "same canonical name, matched by position")
+            pair(corr, o, p, "same canonical name, matched by position")
 
     # Rule 5: binding changed.
     def by_canon(obj: Object, cand: np.ndarray, taken: np.ndarray) -> dict[tuple[str, int], list[int]]:
@@ -222,7 +197,7 @@ def correlate(orig: Object, patched: Object) -> Correlation:
         plist = pb.get(ckey)
         if plist and len(olist) == 1 and len(plist) == 1 and not is_static_local(orig, olist[0]) \
                 and not is_static_local(patched, plist[0]):
-            _pair(corr, olist[0], plist[0], "same name, binding changed")
+            pair(corr, olist[0], plist[0], "same name, binding changed")
 
     corr.ambiguous = pair_statics(corr, deferred)
 
@@ -253,7 +228,7 @@ def _match_by(corr: Correlation, olist: list[int], plist: list[int], okey: Calla
     for k, os_ in okeys.items():
         ps = pkeys.get(k)
         if ps and len(os_) == 1 and len(ps) == 1:
-            _pair(corr, os_[0], ps[0], why)
+            pair(corr, os_[0], ps[0], why)
 
 
 def _correlate_sections(corr: Correlation) -> None:
@@ -295,4 +270,4 @@ def _correlate_sections(corr: Correlation) -> None:
     for sec in range(1, o.nsec):
         ps = int(corr.so2p[sec])
         if ps >= 0 and o.section_symbol[sec] >= 0 and p.section_symbol[ps] >= 0:
-            _pair(corr, int(o.section_symbol[sec]), int(p.section_symbol[ps]), "section symbol")
+            pair(corr, int(o.section_symbol[sec]), int(p.section_symbol[ps]), "section symbol")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..elf import constants as C
 from .arch import arch_for
-from .correlate import Correlation
+from .correlation import Correlation
 from .model import Object, is_ignored_section
 from .names import clone_parent
 from .sharedsec import resolved_targets

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..elf import constants as C
 from .arch import Arch
-from .correlate import Correlation
+from .correlation import Correlation
 from .model import Object
 from .names import canonical, is_local_label, is_special_static, special_kind
 from .pcrel import pcrel_tails

@@ -26,7 +26,7 @@ from .names import is_special_static
 from .select import select
 from .symtab import TargetSymtab, load_symvers
 
-__all__ = ["DiffOptions", "DiffResult", "run_diff", "PatchedFunc"]
+__all__ = ["DiffOptions", "DiffResult", "run_diff", "PatchedFunc", "check_pair"]
 
 
 @dataclass
@@ -53,7 +53,8 @@ class DiffResult:
     callbacks: dict[str, str] = field(default_factory=dict)
 
 
-def _check_pair(a: Object, b: Object) -> None:
+def check_pair(a: Object, b: Object) -> None:
+    """Refuse (:class:`InputError`) a pair whose machine, ELF class or byte order differ."""
     ea, eb = a.elf, b.elf
     for what, x, y in (("architecture", ea.arch, eb.arch), ("ELF class", ea.elfclass, eb.elfclass),
                        ("byte order", ea.endian, eb.endian)):
@@ -90,7 +91,7 @@ def run_diff(orig: Path, patched: Path, out: Path | None, opts: DiffOptions) -> 
     a, b = Object.load(orig), Object.load(patched)
     _check_not_lto_ir(a)
     _check_not_lto_ir(b)
-    _check_pair(a, b)
+    check_pair(a, b)
     arch = arch_for(a.elf.machine)
     env = dict(os.environ if opts.env is None else opts.env)
     env = {k: v for k, v in env.items() if k.endswith("_STRUCT_SIZE")}  # every ENV_NAMES value has this form

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["GCC_INIT_SECTIONS", "INIT_PREFIXES", "is_init_section", "merge_kind", "is_string_section_name"]
+__all__ = ["GCC_INIT_SECTIONS", "INIT_PREFIXES", "is_init_section", "merge_kind", "is_string_section_name",
+           "SPECIAL_SECTIONS", "KEPT_SPECIAL", "AUX_CODE", "is_aux_code", "is_special_section"]
 
 #: GCC's own sections for code run only at program start/exit (``-freorder-functions``); a name equal to
 #: one of these, or one of these plus ``.SUFFIX`` (GCC with -ffunction-sections), is init/exit code.
@@ -47,3 +48,36 @@ def merge_kind(name: str) -> str:
 def is_string_section_name(name: str) -> bool:
     """Does the name alone say GCC's string-literal section (``.rodata.str1.1``)?"""
     return merge_kind(name) == "str"
+
+
+#: Tables rebuilt entry by entry for the included functions (emit/special.py), never compared.
+SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_table", ".parainstructions",
+                    ".smp_locks", ".static_call_sites", ".retpoline_sites", ".return_sites", ".call_sites",
+                    ".orc_unwind", ".orc_unwind_ip", ".printk_index", "__mcount_loc",
+                    "__patchable_function_entries", ".ibt_endbr_seal", "__ftr_fixup", "__mmu_ftr_fixup",
+                    "__fw_ftr_fixup", "__lwsync_fixup", "__stf_entry_barrier_fixup",
+                    "__stf_exit_barrier_fixup", "__rfi_flush_fixup", "__barrier_nospec_fixup",
+                    "__spec_barrier_fixup", "__uaccess_flush_fixup", "__entry_flush_fixup",
+                    "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
+                    ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches",
+                    # Xen 4.17 (xen/arch/x86/include/asm/bug.h, asm_defns.h): per-site tables too
+                    ".bug_frames.", ".ex_table", "__tracepoints_ptrs",
+                    "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
+                    "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
+                    "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")
+#: Tables whose entries point into included code are kept (emit/special.py); the rest only hold
+#: registrations (initcalls, tracepoint definitions) that a patch must not redo.
+KEPT_SPECIAL = SPECIAL_SECTIONS[:SPECIAL_SECTIONS.index("__tracepoints_ptrs")]
+#: Code reached only through a special-section entry; copied whole when one of its entries is kept.
+#: (ppc64 ``__ftr_alt_<label>`` holds the alternative instructions of ``__*ftr_fixup`` entries.)
+AUX_CODE = (".altinstr_replacement", ".fixup", ".altinstr_aux", "__ftr_alt_")
+
+
+def is_aux_code(name: str) -> bool:
+    """True for a section of code reached only through special-section entries (:data:`AUX_CODE`)."""
+    return name in AUX_CODE or name.startswith("__ftr_alt_")
+
+
+def is_special_section(name: str) -> bool:
+    """True for a special section (:data:`SPECIAL_SECTIONS`) or auxiliary code: rebuilt per entry, never compared."""
+    return name.startswith(SPECIAL_SECTIONS) or is_aux_code(name)

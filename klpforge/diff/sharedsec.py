@@ -26,6 +26,7 @@ from ..elf import constants as C
 from ..elf.types import RELOC
 from .arch import Arch
 from .model import Object
+from .secnames import is_special_section
 
 __all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",
            "same_but_resolved", "same_but_relaxed"]
@@ -47,8 +48,6 @@ def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
 
 
 def _is_shared(obj: Object, arch: Arch, sec: int) -> bool:
-    from .select import is_special_section
-
     members = obj.syms_in_section.get(sec, ())
     if not members or any(int(obj.size[m]) <= 0 for m in members):
         return False

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..elf import constants as C
 from ..elf.file import cstring_at
 from .arch import arch_for
+from .correlation import Correlation, pair
 from .model import Object
 from .names import base_function, is_special_static
 from .pcrel import pcrel_tails
-
-if TYPE_CHECKING:
-    from .correlate import Correlation
 
 __all__ = ["is_static_local", "users_of", "pair_statics"]
 
@@ -178,7 +175,6 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
     """Pair the still-unpaired statics of each ``(orig list, patched list)`` group (one canonical name each)
     by their users (see the module docstring); fills ``corr`` and returns the ambiguous patched statics
     as ``{patched symbol: reason}``."""
-    from .correlate import _pair
 
     o, p = corr.orig, corr.patched
     all_o = {i for ol, _ in groups for i in ol}
@@ -222,7 +218,7 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
         for k, os_ in ocount.items():
             ps = pcount.get(k)
             if ps and len(os_) == 1 and len(ps) == 1:
-                _pair(corr, os_[0], ps[0], "static local referenced by the same functions")
+                pair(corr, os_[0], ps[0], "static local referenced by the same functions")
         # 1b. several of one name used by the same functions (block-scope statics, a macro's statics, two
         # inlined functions' ``count``): GCC's number says nothing about which is which once the patch
         # reorders them, so only what they hold tells them apart. The rest pair in declaration order only
@@ -238,11 +234,11 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
             for a in list(os_):
                 twins = [b for b in ps if psig[b] == osig[a]]
                 if len(twins) == 1 and [x for x in os_ if osig[x] == osig[a]] == [a]:
-                    _pair(corr, a, twins[0], "static local of the same functions with its own size and initial value")
+                    pair(corr, a, twins[0], "static local of the same functions with its own size and initial value")
                     os_.remove(a)
                     ps.remove(twins[0])
             if len(os_) == 1:  # the others are told apart: this one is what is left on both sides
-                _pair(corr, os_[0], ps[0], "static local of the same functions, the one left when the others pair")
+                pair(corr, os_[0], ps[0], "static local of the same functions, the one left when the others pair")
                 continue
             if not os_ or not all(o.size[a] == p.size[b] for a, b in zip(os_, ps, strict=True)):
                 continue
@@ -250,7 +246,7 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
             ps.sort(key=lambda i: _number(p.sym_names[i]))
             users = ", ".join(sorted(k))
             for a, b in zip(os_, ps, strict=True):
-                _pair(corr, a, b, "static locals of the same functions, in declaration order (ambiguous)")
+                pair(corr, a, b, "static locals of the same functions, in declaration order (ambiguous)")
             for b in ps:
                 ambiguous[b] = (f"static local {p.sym_names[b]} (used by {users}) cannot be correlated: "
                                 f"{len(ps)} statics of that name are used by the same functions and hold the "
@@ -264,7 +260,7 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
             continue
         if len(olist) == len(plist) == 1 and (not okey[olist[0]] or not pkey[plist[0]]):
             # the only one of its name on each side, and no code use to tell otherwise
-            _pair(corr, olist[0], plist[0], "the only static local of this name")
+            pair(corr, olist[0], plist[0], "the only static local of this name")
             continue
         ow = {i: widened(o, ou.get(i, set()), o_gone, ocall) for i in orest}
         pw = {i: widened(p, pu.get(i, set()), p_gone, pcall) for i in prest}
@@ -276,7 +272,7 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
                 back[oi].append(pi)
         for pi, os_ in compat.items():
             if len(os_) == 1 and len(back[os_[0]]) == 1:
-                _pair(corr, os_[0], pi, "static local whose users correspond (clone, inlining)")
+                pair(corr, os_[0], pi, "static local whose users correspond (clone, inlining)")
             elif os_ or (not pkey[pi] and orest):
                 os_ = os_ or orest
                 users = ", ".join(sorted(pkey[pi])) or "no function"
@@ -289,7 +285,7 @@ def pair_statics(corr: Correlation, groups: list[tuple[list[int], list[int]]]) -
         prep = int(corr.o2p[orep])
         for a, b in zip(omembers, pfold["members"].get(prep, [prep]), strict=False):
             if corr.o2p[a] < 0 and corr.p2o[b] < 0:
-                _pair(corr, a, b, f"another name of the folded static {o.sym_names[orep]} (identical-code "
+                pair(corr, a, b, f"another name of the folded static {o.sym_names[orep]} (identical-code "
                                   "folding: one object at one place)")
     return ambiguous
 

@@ -40,10 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..kbuild.prepare import cache_root
 from ..util import proc
 from ..util.errors import InputError
-from ..util.fsutil import atomic_write, check_private_dir, tree_lock
+from ..util.fsutil import atomic_write, cache_root, check_private_dir, tree_lock
 
 __all__ = ["Suite", "SUITES", "KEYRING", "AptRoot", "PackageRecord", "apt_root", "mirrors", "sha256_file",
            "disk_full_message"]

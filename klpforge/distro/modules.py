@@ -60,7 +60,7 @@ def plain_module(path: Path, cache_dir: Path | None = None) -> Path:
     if not name.endswith(".ko"):
         raise InputError(f"{path}: not a kernel module (expected NAME.ko{path.suffix})")
     if cache_dir is None:
-        from ..kbuild.prepare import cache_root
+        from ..util.fsutil import cache_root
 
         key = hashlib.sha256(str(path.parent.resolve()).encode()).hexdigest()[:16]
         cache_dir = cache_root() / "modules-plain" / key

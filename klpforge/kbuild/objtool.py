@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..util.errors import InputError
+from ..util.fsutil import cache_dir
 from ..util.proc import run
-from .prepare import cache_dir
 
 __all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool"]
 

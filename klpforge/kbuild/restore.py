@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..util.errors import InputError
-from .prepare import cache_dir
+from ..util.fsutil import cache_dir
 
 __all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 

@@ -31,7 +31,7 @@ KEEP = 20
 
 def logs_dir() -> Path:
     """``<cache>/logs`` (created on first use; raises OSError when it cannot be)."""
-    from ..kbuild.prepare import cache_root
+    from .fsutil import cache_root
 
     d = cache_root() / "logs"
     d.mkdir(parents=True, exist_ok=True)

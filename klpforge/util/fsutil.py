@@ -22,7 +22,7 @@ from typing import BinaryIO
 from .errors import InputError
 
 __all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "open_regular", "tree_lock", "MiB",
-           "GiB"]
+           "GiB", "cache_root", "cache_dir"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -238,3 +238,33 @@ def tree_lock(path: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Directory under which prepared kernels live.
+
+    ``cache`` wins, then ``$KLPFORGE_CACHE``, then ``$XDG_CACHE_HOME/klpforge``, then ``~/.cache/klpforge``.
+
+    >>> cache_root("/tmp/c")
+    PosixPath('/tmp/c')
+    """
+    if cache:
+        return Path(cache).expanduser().resolve()
+    if os.environ.get("KLPFORGE_CACHE"):
+        return Path(os.environ["KLPFORGE_CACHE"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return (base / "klpforge").resolve()
+
+
+def cache_dir(*parts: str, cache: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_root(cache) / parts``, refused unless only the user (or root) can write it, everything
+    below it and every directory above it (:func:`check_private_dir`): klpforge compiles
+    and runs what the cache holds. Raises :class:`InputError` naming the directory and the reason.
+
+    >>> cache_dir("kernel-6.1", cache="/tmp/no-such-cache")
+    PosixPath('/tmp/no-such-cache/kernel-6.1')
+    """
+    d = cache_root(cache).joinpath(*parts)
+    check_private_dir(d)
+    return d

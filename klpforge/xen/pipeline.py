@@ -25,14 +25,14 @@ from pathlib import Path
 from ..diff.arch import arch_for
 from ..diff.compare import compare
 from ..diff.correlate import correlate
-from ..diff.emit.xen import XenEmitOptions, XenFunc, emit_xen
 from ..diff.model import Object
-from ..diff.run import _check_pair
+from ..diff.run import check_pair
 from ..diff.select import select
 from ..kbuild.overlay import Overlay
 from ..kbuild.patchfile import SourcePatch
 from ..util.buildlog import BuildLog
 from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
+from ..xen.emit import XenEmitOptions, XenFunc, emit_xen
 from .payload import link_payload
 from .syms import XenSyms
 from .tree import XenTree
@@ -182,7 +182,7 @@ def _build_xen_payload(opts: XenBuildOptions, progress: Callable[[str, str], Non
         kept: dict[str, tuple[int, int]] = {}
         for o in objs:
             a, b = Object.load(tmp / "orig" / o), Object.load(tmp / "patched" / o)
-            _check_pair(a, b)
+            check_pair(a, b)
             arch = arch_for(a.elf.machine)
             if arch.name != "x86_64":
                 raise InputError(f"{o}: {arch.name} objects: only x86_64 Xen payloads are supported")

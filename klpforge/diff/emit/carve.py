@@ -27,7 +27,8 @@ import numpy as np
 from ...elf import constants as C
 from ..arch import Arch
 from ..model import Object
-from ..select import Selection, is_aux_code, resolve_target
+from ..secnames import is_aux_code
+from ..select import Selection, resolve_target
 from ..sharedsec import gap, is_shared, place_of, resolved_refs
 
 __all__ = ["Carving", "carve", "carve_aux"]

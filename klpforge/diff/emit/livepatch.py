@@ -28,15 +28,17 @@ from ...elf.types import RELOC
 from ...util.errors import InputError
 from ..arch import Arch
 from ..compare import Comparison
-from ..correlate import Correlation
+from ..correlation import Correlation
 from ..model import Object
 from ..names import is_special_static
-from ..select import KEPT_SPECIAL, Selection, is_aux_code, resolve_target
+from ..secnames import KEPT_SPECIAL, is_aux_code
+from ..select import Selection, resolve_target
 from ..symtab import Export, TargetSymtab, section_kind
 from .carve import Carving, carve, carve_aux
 from .special import ENV_NAMES, PAIRED, entry_size
 
-__all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name"]
+__all__ = ["EmitOptions", "EmitResult", "PatchedFunc", "KlpReloc", "emit", "alias_name", "Emitter", "Unresolvable",
+           "reloc_array"]
 
 
 @dataclass
@@ -90,7 +92,7 @@ def alias_name(obj: str, name: str, sympos: int) -> str:
     return f"klpf_{re.sub(r'[^A-Za-z0-9_]', '_', obj)}__{re.sub(r'[^A-Za-z0-9_]', '_', name)}__{sympos}"
 
 
-class _Emitter:
+class Emitter:
     def __init__(self, corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: EmitOptions):
         self.corr, self.cmp, self.sel, self.arch, self.opts = corr, cmp, sel, arch, opts
         p = corr.patched
@@ -189,9 +191,9 @@ class _Emitter:
                 bias = self.arch.pcrel_bias.get(rtype, 0) if code else 0
                 new = self.cv.place(ps, addend + bias)
                 if new is None:
-                    raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
+                    raise Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
                 return self.secsym[self.out_sec[ps]], new - bias, None, p.sec_names[ps]
-            raise _Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
+            raise Unresolvable(f"a reference to {p.sec_names[ps]}+{addend:#x}, which is not included")
         if t in self.out_sym:
             return self.out_sym[t], a, None, p.sym_names[t]
         name = p.sym_names[t]
@@ -204,7 +206,7 @@ class _Emitter:
             return (0 if dry else self.klp_symbol(obj, name, 0)), a, obj, name
         oi = self.orig_of(t)
         if oi < 0:
-            raise _Unresolvable(f"{name}, which is neither included nor present in the original object")
+            raise Unresolvable(f"{name}, which is neither included nor present in the original object")
         oname = self.corr.orig.sym_names[oi]
         if exp is not None and exp.module == "vmlinux" and self.corr.orig.sbind[oi] != C.STB_LOCAL:
             return self.external(oname), a, None, oname
@@ -302,7 +304,7 @@ class _Emitter:
                 off = new
             try:
                 sym, add, klp_obj, disp = self.resolve(s, t, a, site)
-            except _Unresolvable as e:
+            except Unresolvable as e:
                 self.refusals.append(f"{where}+{off:#x} refers to {e}")
                 continue
             if klp_obj is None:
@@ -311,12 +313,12 @@ class _Emitter:
                 self.klp[(klp_obj, handle)].append((off, sym, t, add))
                 self.klp_report.append(KlpReloc(self.w.section_name(handle), off, t, disp, add, klp_obj))
         if normal:
-            self.w.add_relocations(handle, _reloc_array(normal), rela=True)
+            self.w.add_relocations(handle, reloc_array(normal), rela=True)
 
     def finish_klp(self) -> None:
         for (obj, handle), entries in sorted(self.klp.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             secname = self.w.section_name(handle)
-            self.w.add_relocations(handle, _reloc_array(entries),
+            self.w.add_relocations(handle, reloc_array(entries),
                                    name=f".klp.rela.{obj}.{secname.lstrip('.')}", rela=True,
                                    flags=C.SHF_ALLOC | C.SHF_INFO_LINK | C.SHF_RELA_LIVEPATCH)
 
@@ -335,11 +337,12 @@ def _x86_jump_at(p: Object, arch: Arch, site: tuple[int, int] | None) -> bool:
 _SHF_LINK_ORDER = 0x80
 
 
-class _Unresolvable(Exception):
-    pass
+class Unresolvable(Exception):
+    """A reference the emitter cannot express (no symbol, no klp relocation); the Xen emitter handles it too."""
 
 
-def _reloc_array(entries: list[tuple[int, int, int, int]]) -> np.ndarray:
+def reloc_array(entries: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """(offset, symbol, type, addend) tuples as an ``Elf64_Rela`` table (``RELOC`` dtype, shape (n,))."""
     arr = np.zeros(len(entries), RELOC)
     if entries:
         arr["offset"], arr["sym"], arr["type"], arr["addend"] = zip(*entries, strict=True)
@@ -348,7 +351,7 @@ def _reloc_array(entries: list[tuple[int, int, int, int]]) -> np.ndarray:
 
 def emit(corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, opts: EmitOptions) -> EmitResult:
     """Build the livepatch object from a selection."""
-    em = _Emitter(corr, cmp, sel, arch, opts)
+    em = Emitter(corr, cmp, sel, arch, opts)
     p = corr.patched
     sections, specials = em.lay_out()
     cv = em.cv
@@ -496,7 +499,7 @@ def _pull_in(p: Object, arch: Arch, t: int, table: str, sections: set[int], sel:
 _X86_NOP5, _X86_NOP2 = bytes.fromhex("0f1f440000"), bytes.fromhex("6690")
 
 
-def _module_keyed_entries(em: _Emitter, specials: dict[int, SpecialTable]) -> dict[str, int]:
+def _module_keyed_entries(em: Emitter, specials: dict[int, SpecialTable]) -> dict[str, int]:
     """Drop the ``__jump_table``/``.static_call_sites`` entries whose key would be a klp relocation into a
     module, so that the tracepoints and static calls of replaced module code keep working.
 
@@ -532,7 +535,7 @@ def _module_keyed_entries(em: _Emitter, specials: dict[int, SpecialTable]) -> di
             key = max(rr, key=lambda x: x[0])  # the key is the entry's last field
             try:
                 _, _, obj, disp = em.resolve(key[1], key[2], key[3], dry=True)
-            except _Unresolvable:
+            except Unresolvable:
                 continue  # relocate() reports it
             if obj is None or obj == "vmlinux":
                 continue  # resolved before the loader reads the table
@@ -579,7 +582,7 @@ def _field_place(p: Object, rel: tuple[int, int, int, int]) -> tuple[int, int]:
     return int(p.shndx[sym]), int(p.value[sym]) + addend
 
 
-def _enable_site(em: _Emitter, sec: int, pos: int, target: tuple[int, int, int, int] | None,
+def _enable_site(em: Emitter, sec: int, pos: int, target: tuple[int, int, int, int] | None,
                  branch: int) -> str:
     """Write the jump-label site at patched ``sec+pos`` as an enabled key leaves it (6.1 x86
     ``jump_label_type()``: jump when enabled XOR branch): ``jmp`` to the entry's target for

@@ -219,7 +219,7 @@ def _check_sealed(elf: ElfFile, relocs: list[dict[str, Any]], where: dict[str, i
     ENDBR the kernel sealed (:mod:`klpforge.diff.emit.ibt`); names both functions. x86-64 only."""
     if elf.machine != C.EM_X86_64:
         return
-    from ..select import is_special_section
+    from ..secnames import is_special_section
     from .ibt import address_taken, sealed_refusals
 
     uses: list[tuple[str, str, int]] = []

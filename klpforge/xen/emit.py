@@ -18,13 +18,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...elf import constants as C
-from ...xen.syms import ENDBR64, XenSyms, xen_name
-from ..arch import Arch
-from ..compare import Comparison
-from ..correlate import Correlation
-from ..select import Selection, resolve_target
-from .livepatch import EmitOptions, _Emitter, _reloc_array, _Unresolvable
+from ..diff.arch import Arch
+from ..diff.compare import Comparison
+from ..diff.correlation import Correlation
+from ..diff.emit.livepatch import EmitOptions, Emitter, Unresolvable, reloc_array
+from ..diff.select import Selection, resolve_target
+from ..elf import constants as C
+from .syms import ENDBR64, XenSyms, xen_name
 
 __all__ = ["XenEmitOptions", "XenFunc", "XenPart", "emit_xen", "FUNC_SIZE", "PAYLOAD_VERSION",
            "PATCH_INSN_SIZE", "XEN_RELOCS", "XEN_TABLES"]
@@ -71,7 +71,7 @@ class XenPart:
     refusals: list[str]
 
 
-class _XenEmitter(_Emitter):
+class _XenEmitter(Emitter):
     def __init__(self, corr: Correlation, cmp: Comparison, sel: Selection, arch: Arch, xs: XenSyms):
         super().__init__(corr, cmp, sel, arch, EmitOptions("xen", None, None, XEN_ENV))  # type: ignore[arg-type]
         self.xs = xs
@@ -89,7 +89,7 @@ class _XenEmitter(_Emitter):
         if sym == 0:
             return 0, addend, None, ""
         if rtype not in XEN_RELOCS:
-            raise _Unresolvable(f"relocation type {rtype}, which Xen's payload loader does not apply")
+            raise Unresolvable(f"relocation type {rtype}, which Xen's payload loader does not apply")
         t, a = resolve_target(p, self.arch, sym, rtype, addend, site)
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])
@@ -98,20 +98,20 @@ class _XenEmitter(_Emitter):
                 new = self.cv.place(ps, addend + bias)
                 if new is not None:  # in a carved shared section: where the kept bytes now are
                     return self.secsym[self.out_sec[ps]], new - bias, None, p.sec_names[ps]
-            raise _Unresolvable(f"{p.sec_names[ps]}+{addend:#x}, which is not included")
+            raise Unresolvable(f"{p.sec_names[ps]}+{addend:#x}, which is not included")
         if t in self.out_sym:
             return self.out_sym[t], a, None, p.sym_names[t]
         if not p.defined[t]:
             name = p.sym_names[t]
             if self.xs.lookup(name) is None:
-                raise _Unresolvable(f"{name}, which the running hypervisor's symbol table does not have")
+                raise Unresolvable(f"{name}, which the running hypervisor's symbol table does not have")
             return self.external(name), a, None, name
         oi = self.orig_of(t)
         if oi < 0:
-            raise _Unresolvable(f"{p.sym_names[t]}, which is neither included nor in the original object")
+            raise Unresolvable(f"{p.sym_names[t]}, which is neither included nor in the original object")
         name = self.xen_name_of(oi)
         if self.xs.lookup(name) is None:
-            raise _Unresolvable(f"{name}, which the running hypervisor's symbol table does not have "
+            raise Unresolvable(f"{name}, which the running hypervisor's symbol table does not have "
                                 "(inlined or dropped in its build)")
         return self.external(name), a, None, name
 
@@ -172,4 +172,4 @@ def _funcs_section(em: _XenEmitter, funcs: list[XenFunc], by_name: dict[str, int
         relocs.append((base, ssym, _R_X86_64_64, offs[i]))
         relocs.append((base + 8, em.out_sym[by_name[f.new_symbol]], _R_X86_64_64, 0))
     fh = em.w.add_section(".livepatch.funcs", C.SHT_PROGBITS, C.SHF_ALLOC, bytes(blob), addralign=8)
-    em.w.add_relocations(fh, _reloc_array(relocs), rela=True)
+    em.w.add_relocations(fh, reloc_array(relocs), rela=True)
