@@ -21,7 +21,7 @@ from .util.proc import Terminated, end_children, install_signal_handlers, restor
 __all__ = ["main", "one_line", "error_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
+COMMANDS = ("demo", "diff", "diffbatch", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
             # the host side (klpforge/host/): issue 20
             "install", "load", "unload", "list", "info", "package", "man", "completion")
 
@@ -46,6 +46,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    only = only and only.replace("-", "")  # the module of `diff-batch`, `flag-cost`
     for name in (only,) if only in COMMANDS else COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..util.errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
 from ..util.outputs import atomic_write, check_paths
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from ..diff import DiffResult
+
+__all__ = ["register", "run_pair"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +54,17 @@ def _check_own_output(tmp: Path, output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    res = run_pair(args)
+    if not args.quiet:
+        from ..diff.report import print_summary  # rich: only for the summary (process-per-object runs use -q)
+
+        print_summary(res)
+    return EXIT_OK
+
+
+def run_pair(args: argparse.Namespace) -> DiffResult:
+    """One ``klpforge diff`` (parsed ``args``) without the summary: check every path, diff, write the
+    output and the ``--json`` report; :mod:`.diffbatch` runs it per line. Raises :class:`KlpError`."""
     import os
     import tempfile
 
@@ -95,8 +110,4 @@ def run(args: argparse.Namespace) -> int:
         os.replace(tmp, args.output)
     finally:
         tmp.unlink(missing_ok=True)
-    if not args.quiet:
-        from ..diff.report import print_summary  # rich: only for the summary (process-per-object runs use -q)
-
-        print_summary(res)
-    return EXIT_OK
+    return res
