@@ -18,7 +18,7 @@ from . import __version__
 from .util.errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
 from .util.proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
-__all__ = ["main", "one_line", "error_line", "COMMANDS"]
+__all__ = ["main", "entry", "one_line", "error_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
 COMMANDS = ("demo", "diff", "diffbatch", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
@@ -120,6 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         end_children()  # whatever still runs (a QEMU, a make) ends with klpforge
         restore_signal_handlers(old_handlers)
+
+
+def entry() -> int:
+    """The ``klpforge`` console script: :func:`main` run from byte-code however klpforge is installed
+    (:func:`klpforge.util.bytecode.enable`, before the command modules are imported)."""
+    from .util.bytecode import enable
+
+    enable()
+    return main()
 
 
 if __name__ == "__main__":  # pragma: no cover

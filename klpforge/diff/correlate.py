@@ -30,6 +30,7 @@ from functools import partial
 import numpy as np
 
 from ..elf import constants as C
+from ..util.arrays import isin, unique
 from .arch import arch_for
 from .correlation import Correlation, pair
 from .model import Object
@@ -65,8 +66,8 @@ def _referencers(obj: Object, wanted: set[int] | None = None) -> dict[int, froze
         secsyms = obj.section_symbol[wsecs[(wsecs > 0) & (wsecs < obj.nsec)]]
         tocs = [obj.section_symbol[i] for i, n in enumerate(obj.sec_names) if n in arch.toc_sections]
         targets = np.concatenate([w, secsyms[secsyms >= 0], np.array(tocs, np.int64)])
-        keep = np.isin(rel["sym"].astype(np.int64), targets)
-    for tgt in np.unique(relsec[keep]).tolist() if keep is not None else obj.elf.reloc_sections:
+        keep = isin(rel["sym"].astype(np.int64), targets)
+    for tgt in unique(relsec[keep]).tolist() if keep is not None else obj.elf.reloc_sections:
         owner = int(obj.section_owner[tgt]) if tgt < obj.nsec else -1
         if owner < 0 or not obj.is_text(tgt):
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..elf import constants as C
+from ..util.arrays import isin
 from .arch import Arch
 from .model import Object
 
@@ -46,7 +47,7 @@ def with_entry(obj: Object, arch: Arch, only: set[int]) -> set[int]:
         if obj.sec_names[sec] not in ENTRY_SECTIONS:
             continue
         r = obj.relocs(sec)
-        r = r[np.isin(obj.shndx[r["sym"].astype(np.int64)], want_secs)]
+        r = r[isin(obj.shndx[r["sym"].astype(np.int64)], want_secs)]
         for s, a in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
             tsec = int(obj.shndx[s])
             start = _function_start(obj, tsec, int(obj.value[s]) + a)
@@ -57,7 +58,7 @@ def with_entry(obj: Object, arch: Arch, only: set[int]) -> set[int]:
             if not obj.is_text(sec):
                 continue
             r = obj.relocs(sec)
-            offs = r["offset"][np.isin(r["sym"], hooks)].astype(np.int64)
+            offs = r["offset"][isin(r["sym"], hooks)].astype(np.int64)
             for (s, lo), funcs in by_addr.items():
                 if s == sec and ((offs >= lo) & (offs < lo + HOOK_WINDOW)).any():
                     out.update(funcs)

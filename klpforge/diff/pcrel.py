@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..elf import constants as C
+from ..util.arrays import isin
 from .arch import Arch
 from .model import Object
 
@@ -65,7 +66,7 @@ def pcrel_tails(obj: Object, arch: Arch, rel: np.ndarray, relsec: np.ndarray) ->
             nmem[sec] = len(members)
     text = (obj.shdrs["flags"].astype(np.int64) & C.SHF_EXECINSTR) != 0
     cand = (obj.stype[syms] == C.STT_SECTION) & (tsec > 0) & (tsec < obj.nsec) \
-        & (nmem[np.clip(tsec, 0, obj.nsec)] > 1) & np.isin(rel["type"].astype(np.int64), list(_X86_PCREL)) \
+        & (nmem[np.clip(tsec, 0, obj.nsec)] > 1) & isin(rel["type"].astype(np.int64), list(_X86_PCREL)) \
         & text[np.clip(relsec, 0, obj.nsec - 1)]
     for j in np.flatnonzero(cand).tolist():
         out[j] = pcrel_tail(obj, arch, int(relsec[j]), int(rel["offset"][j]), int(rel["type"][j]))

@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from ..elf import constants as C
+from ..util.arrays import unique
 from .arch import Arch
 from .correlation import Correlation
 from .model import Object
@@ -184,7 +185,7 @@ class TargetKeys:
             m = obj.stype[syms] == C.STT_SECTION if len(r) else np.zeros(0, bool)
             where = np.clip(r["addend"][m].astype(np.int64) + self.biases(r["type"][m]), 0, (1 << 40) - 1)
             named = np.flatnonzero(obj.defined & (obj.stype != C.STT_SECTION))
-            c = np.unique(np.concatenate([(obj.shndx[syms[m]] << 40) | where,
+            c = unique(np.concatenate([(obj.shndx[syms[m]] << 40) | where,
                                           (obj.shndx[named] << 40) | np.clip(obj.value[named], 0, (1 << 40) - 1)]))
             self._points[id(obj)] = c
         return c
@@ -197,7 +198,7 @@ class TargetKeys:
             order = named[np.lexsort((obj.value[named], obj.shndx[named]))]
             secs = obj.shndx[order]
             cut = np.flatnonzero(np.diff(secs)) + 1
-            c = {int(g[0]): np.unique(obj.value[o]) for g, o in zip(np.split(secs, cut), np.split(order, cut),
+            c = {int(g[0]): unique(obj.value[o]) for g, o in zip(np.split(secs, cut), np.split(order, cut),
                                                                       strict=True) if len(g)}
             self._starts_cache[id(obj)] = c
         return c
@@ -289,7 +290,7 @@ class TargetKeys:
         if len(sj):
             # All string sections laid end to end: one searchsorted over every NUL finds each string.
             ssec = rsec[strs]
-            uniq = np.unique(ssec)
+            uniq = unique(ssec)
             blobs = [obj.section_data(int(x)) for x in uniq.tolist()]
             sizes = np.array([len(b) for b in blobs], np.int64)
             base = np.concatenate([[0], np.cumsum(sizes)[:-1]])

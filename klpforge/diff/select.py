@@ -20,6 +20,7 @@ import numpy as np
 
 from ..elf import constants as C
 from ..elf.file import cstring_at
+from ..util.arrays import isin
 from .arch import Arch
 from .compare import CHANGED, NEW, Comparison
 from .correlation import Correlation
@@ -343,7 +344,7 @@ def _check_branches(p: Object, arch: Arch, sel: Selection) -> None:
         if not p.is_text(sec) or is_aux_code(p.sec_names[sec]):
             continue
         r = p.relocs(sec)
-        r = r[np.isin(r["type"], arch.branch_relocs)]
+        r = r[isin(r["type"], arch.branch_relocs)]
         if not len(r):
             continue
         data = p.section_data(sec)

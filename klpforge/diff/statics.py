@@ -32,6 +32,7 @@ import numpy as np
 
 from ..elf import constants as C
 from ..elf.file import cstring_at
+from ..util.arrays import isin, unique
 from .arch import arch_for
 from .correlation import Correlation, pair
 from .model import Object
@@ -73,7 +74,7 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
     secsyms = obj.section_symbol[wsecs[(wsecs > 0) & (wsecs < obj.nsec)]]
     tocs = [int(obj.section_symbol[i]) for i, n in enumerate(obj.sec_names) if n in arch.toc_sections]
     targets = np.concatenate([w, secsyms[secsyms >= 0], np.array(tocs, np.int64)])
-    hit = np.flatnonzero(np.isin(rel["sym"].astype(np.int64), targets))
+    hit = np.flatnonzero(isin(rel["sym"].astype(np.int64), targets))
     alloc = (obj.shdrs["flags"].astype(np.int64) & C.SHF_ALLOC) != 0
     hs = relsec[hit].astype(np.int64)
     hit = hit[(hs > 0) & (hs < obj.nsec) & alloc[np.clip(hs, 0, obj.nsec - 1)]]
@@ -81,7 +82,7 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
         return out
     users = _covering(obj, relsec[hit].astype(np.int64), rel["offset"][hit].astype(np.int64))
     ok = users >= 0
-    ok[ok] = np.isin(obj.stype[users[ok]], (C.STT_FUNC, C.STT_OBJECT))
+    ok[ok] = isin(obj.stype[users[ok]], (C.STT_FUNC, C.STT_OBJECT))
     hit, users = hit[ok], users[ok]
     syms = rel["sym"][hit].astype(np.int64)
     adds = rel["addend"][hit].astype(np.int64)
@@ -90,8 +91,8 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
     is_sec = obj.stype[syms] == C.STT_SECTION
     toc = np.zeros(len(hit), bool)
     if tocs:  # ppc64: code reaches data through a TOC slot, whose relocation names the static
-        toc = is_sec & np.isin(obj.section_symbol[np.clip(tsec, 0, obj.nsec - 1)], tocs)
-        for ts in np.unique(tsec[toc]).tolist():
+        toc = is_sec & isin(obj.section_symbol[np.clip(tsec, 0, obj.nsec - 1)], tocs)
+        for ts in unique(tsec[toc]).tolist():
             j = np.flatnonzero(toc & (tsec == ts))
             slots = obj.relocs(int(ts))
             k = np.minimum(np.searchsorted(slots["offset"].astype(np.int64), adds[j]), max(len(slots) - 1, 0))
@@ -109,7 +110,7 @@ def users_of(obj: Object, wanted: set[int]) -> dict[int, set[int]]:
         bias += pcrel_tails(obj, arch, rel[hit], relsec[hit].astype(np.int64))
     target = syms.copy()
     target[is_sec] = _covering(obj, tsec[is_sec], adds[is_sec] + bias[is_sec])
-    keep = np.isin(target, w)
+    keep = isin(target, w)
     for s_, f_ in zip(target[keep].tolist(), users[keep].tolist(), strict=True):
         out[s_].add(f_)
     return out

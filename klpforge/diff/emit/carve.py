@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...elf import constants as C
+from ...util.arrays import isin
 from ..arch import Arch
 from ..model import Object
 from ..secnames import is_aux_code
@@ -103,7 +104,7 @@ def _anonymous_places(p: Object, arch: Arch, sel: Selection, shared: set[int]) -
         return out
     for src in sel.sections:
         r = p.relocs(src)
-        hit = r[np.isin(r["sym"].astype(np.int64), list(sec_syms))]
+        hit = r[isin(r["sym"].astype(np.int64), list(sec_syms))]
         if is_shared(p, arch, src):  # only what the included symbols' own bytes reference
             mine = np.zeros(len(hit), bool)
             for m in p.syms_in_section[src]:
@@ -155,7 +156,7 @@ def carve_aux(p: Object, arch: Arch, sections: set[int],
             continue
         code = p.is_text(src)
         syms = r["sym"].astype(np.int64)
-        hit = r[np.isin(p.shndx[syms], list(aux)) & p.defined[syms]]
+        hit = r[isin(p.shndx[syms], list(aux)) & p.defined[syms]]
         for x in hit:
             off = int(x["offset"])
             sec, where = target(int(x["sym"]), int(x["type"]), int(x["addend"]), code)

@@ -25,6 +25,7 @@ import numpy as np
 from ...elf import ObjectWriter
 from ...elf import constants as C
 from ...elf.types import RELOC
+from ...util.arrays import isin, unique
 from ...util.errors import InputError
 from ..arch import Arch
 from ..compare import Comparison
@@ -273,7 +274,7 @@ class Emitter:
         for ps in sorted(sections):
             r = p.relocs(ps)
             if ps in sel.toc_slots:  # only the slots included code uses; the others stay unrelocated
-                r = r[np.isin(r["offset"], sorted(sel.toc_slots[ps]))]
+                r = r[isin(r["offset"], sorted(sel.toc_slots[ps]))]
             entries = list(zip(r["offset"].tolist(), r["sym"].tolist(), r["type"].tolist(), r["addend"].tolist(),
                                strict=True)) + cv.extra.get(ps, [])
             self.relocate(self.out_sec[ps], sorted(entries), p.sec_names[ps], src=ps)
@@ -434,13 +435,13 @@ def _special_tables(p: Object, sel: Selection, sections: set[int], opts: EmitOpt
             keep = []
             idx = (r["offset"] // size).astype(np.int64)
             tsec = p.shndx[r["sym"].astype(np.int64)]
-            inc = np.isin(tsec, np.fromiter(sections if name == ".printk_index" else included_text, np.int64))
+            inc = isin(tsec, np.fromiter(sections if name == ".printk_index" else included_text, np.int64))
             if name == ".printk_index":  # entries point only at strings: keep those whose strings all came along
                 n_all = np.bincount(idx, minlength=total)
                 n_inc = np.bincount(idx[inc], minlength=total)
                 candidates = np.flatnonzero((n_all > 0) & (n_all == n_inc)).tolist()
             else:
-                candidates = np.unique(idx[inc]).tolist()
+                candidates = unique(idx[inc]).tolist()
             bounds = np.searchsorted(r["offset"], np.arange(total + 1, dtype=np.uint64) * size)
             for e in candidates:
                 rr = r[bounds[e]:bounds[e + 1]]
