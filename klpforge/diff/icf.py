@@ -18,7 +18,6 @@ still folded): one replacement serves both, as before.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
@@ -38,10 +37,19 @@ def fold_groups(obj: Object) -> list[list[int]]:
     """Sets of two or more sized function symbols at one (section, address) of ``obj``, each sorted by
     symbol index. Shape: ``[[symbol, ...], ...]``."""
     funcs = np.flatnonzero(obj.defined & (obj.stype == C.STT_FUNC) & (obj.size > 0) & ~obj.is_prefix)
-    at: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i in funcs.tolist():
-        at[(int(obj.shndx[i]), int(obj.value[i]))].append(i)
-    return [v for v in at.values() if len(v) > 1]
+    # one sort by (section, address, index); runs of two or more equal places are the groups, listed in
+    # the order their first symbol appears in the symbol table
+    order = np.lexsort((funcs, obj.value[funcs], obj.shndx[funcs]))
+    f, sec, val = funcs[order], obj.shndx[funcs][order], obj.value[funcs][order]
+    new = np.ones(len(f), bool)
+    new[1:] = (sec[1:] != sec[:-1]) | (val[1:] != val[:-1])
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(f))
+    big = (ends - starts) > 1
+    fl = f.tolist()
+    groups = [fl[a:b] for a, b in zip(starts[big].tolist(), ends[big].tolist(), strict=True)]
+    groups.sort(key=lambda g: g[0])
+    return groups
 
 
 def _rank(p: Object, f: int) -> tuple[bool, bool, int, str]:

@@ -175,10 +175,24 @@ class Object:
         # a prefix (__pfx_fn) belongs to its function: never a member of its own (the section is not shared)
         fo = np.flatnonzero(((self.stype == C.STT_FUNC) | (self.stype == C.STT_OBJECT)) & self.defined
                             & ~self.is_prefix)
-        by_sec: dict[int, list[int]] = {}
-        for i in fo:
-            by_sec.setdefault(int(self.shndx[i]), []).append(int(i))
+        # members per section, grouped with one stable sort (no per-symbol Python loop); the dict keeps
+        # the order in which sections first appear in the symbol table
+        secs = self.shndx[fo]
+        order = np.argsort(secs, kind="stable")
+        fs, ss = fo[order], secs[order]
+        cut = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+        starts = np.concatenate(([0], cut)).astype(np.int64) if len(fs) else np.zeros(0, np.int64)
+        ends = np.concatenate((cut, [len(fs)])).astype(np.int64) if len(fs) else np.zeros(0, np.int64)
+        first = np.argsort(fs[starts], kind="stable")
+        fl = fs.tolist()
+        by_sec: dict[int, list[int]] = {k: fl[a:b] for k, a, b in zip(ss[starts][first].tolist(),
+                                                                        starts[first].tolist(),
+                                                                        ends[first].tolist(), strict=True)}
         self.syms_in_section = by_sec
+        #: per section: how many function/object symbols it holds, and the first of them (-1 if none)
+        self.member_count = np.bincount(secs, minlength=n)[:n] if len(fo) else np.zeros(n, np.int64)
+        self.first_member = np.full(n, -1, np.int64)
+        self.first_member[ss[starts]] = fs[starts]
         for sec, members in by_sec.items():
             subject = section_subject(self.sec_names[sec])
             pick = -1
@@ -194,11 +208,8 @@ class Object:
             owner[sec] = pick
         self.section_owner = owner
         # The one function/object of a section that holds exactly one (and owns it), else -1.
-        single = np.full(n, -1, np.int64)
-        for sec, members in by_sec.items():
-            if len(members) == 1 and owner[sec] == members[0]:
-                single[sec] = members[0]
-        self.single_symbol = single
+        one = (self.member_count == 1) & (owner >= 0) & (owner == self.first_member)
+        self.single_symbol = np.where(one, self.first_member, -1)
 
     # -- lookups --------------------------------------------------------------------------------------
 

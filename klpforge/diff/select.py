@@ -117,7 +117,10 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
     changed |= forced
     # KPATCH_IGNORE_STATIC("x"): the static local x gets a fresh copy instead of the kernel's
     fresh_statics = _pointed_strings(p, ".kpatch.ignore.data") | _pointed_strings(p, ".kpatch.ignore.static")
-    by_name = {p.sym_names[i]: i for i in range(p.nsym) if p.stype[i] == C.STT_FUNC and p.defined[i]}
+    funcs = np.flatnonzero((p.stype == C.STT_FUNC) & p.defined).tolist()
+    names = p.sym_names
+    by_name = {names[i]: i for i in funcs}
+    colds = _cold_parts(by_name)
     # A changed .cold part changes its parent: the parent's jumps into it must reach the new copy.
     for i in list(changed):
         parent = clone_parent(p.sym_names[i])
@@ -161,7 +164,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
             sel.patched.append(i)
     # Every included function brings its .cold parts.
     for i in list(sel.included):
-        _include_cold(p, i, by_name, include)
+        _include_cold(p, i, colds, include)
     # New global functions and data: other code may use them (kpatch does the same).
     for i, s in status.items():
         if s == NEW and p.sbind[i] != C.STB_LOCAL and i not in ign_funcs \
@@ -183,7 +186,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
     # Identical-code-folded functions the patch unfolds: the other members keep their old code.
     sel.refusals.extend(split_folded(corr, sel.patched, include, _is_init, is_special_section))
     for i in list(sel.included):
-        _include_cold(p, i, by_name, include)
+        _include_cold(p, i, colds, include)
 
     # Follow relocations of everything included; a TOC section is followed one used slot at a time.
     slots: list[tuple[int, int, str]] = []
@@ -242,7 +245,7 @@ def select(corr: Correlation, cmp: Comparison, arch: Arch, require_ftrace: bool 
                        else f"new {kind}, used by {owner_names}")
                 include(t, why)
                 if p.stype[t] == C.STT_FUNC:
-                    _include_cold(p, t, by_name, include)
+                    _include_cold(p, t, colds, include)
             elif st == CHANGED and p.stype[t] == C.STT_FUNC and t not in sel.included and t not in ign_funcs:
                 include(t, f"changed: {cmp.why.get(t, '')}")
                 if not clone_parent(name) and not _is_init(tname):
@@ -288,11 +291,22 @@ def _one_per_address(p: Object, funcs: list[int]) -> list[int]:
     return [f for f in funcs if f in keep]
 
 
-def _include_cold(p: Object, f: int, by_name: dict[str, int], include: Callable[[int, str], None]) -> None:
-    base = p.sym_names[f]
+def _cold_parts(by_name: dict[str, int]) -> dict[str, list[int]]:
+    """Parent function name -> its ``.cold`` parts (symbols), from the function names once (not a scan of
+    every function per included function)."""
+    colds: dict[str, list[int]] = {}
     for n, i in by_name.items():
-        if clone_parent(n) == base:
-            include(i, f".cold part of {base}: its jumps return into the new {base}")
+        if ".cold" in n:
+            parent = clone_parent(n)
+            if parent is not None:
+                colds.setdefault(parent, []).append(i)
+    return colds
+
+
+def _include_cold(p: Object, f: int, colds: dict[str, list[int]], include: Callable[[int, str], None]) -> None:
+    base = p.sym_names[f]
+    for i in colds.get(base, ()):
+        include(i, f".cold part of {base}: its jumps return into the new {base}")
 
 
 def _judge_data(corr: Correlation, cmp: Comparison, sel: Selection, ign_secs: set[str]) -> None:

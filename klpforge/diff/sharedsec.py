@@ -28,7 +28,7 @@ from .arch import Arch
 from .model import Object
 from .secnames import is_special_section
 
-__all__ = ["is_shared", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",
+__all__ = ["is_shared", "shared_sections", "gap", "place_of", "resolved_refs", "resolved_targets", "resolved_mismatch",
            "same_but_resolved", "same_but_relaxed"]
 
 #: x86-64 R_X86_64_PC32 / R_X86_64_PLT32
@@ -40,22 +40,33 @@ def is_shared(obj: Object, arch: Arch, sec: int) -> bool:
     beside anonymous bytes (a jump table next to a named constant in ``.rodata``), all of them sized; not a
     special table, auxiliary code, a TOC or merged strings, which have rules of their own. Cached per
     object."""
-    cache: dict[int, bool] = obj.__dict__.setdefault("_shared", {})
-    got = cache.get(sec)
-    if got is None:
-        got = cache[sec] = _is_shared(obj, arch, sec)
-    return got
+    return bool(shared_sections(obj, arch)[sec])
 
 
-def _is_shared(obj: Object, arch: Arch, sec: int) -> bool:
-    members = obj.syms_in_section.get(sec, ())
-    if not members or any(int(obj.size[m]) <= 0 for m in members):
-        return False
-    if len(members) == 1 and (obj.section_owner[sec] >= 0 or int(obj.size[members[0]]) >= int(obj.shdrs["size"][sec])):
-        return False
-    name = obj.sec_names[sec]
-    return not (is_special_section(name) or name in arch.toc_sections
-                or obj.section_flags(sec) & C.SHF_STRINGS)
+def shared_sections(obj: Object, arch: Arch) -> np.ndarray:
+    """:func:`is_shared` for every section of ``obj`` at once: bool array, shape (nsec,). Computed once per
+    object with numpy over the symbols; only the few sections that pass the size tests have their names
+    looked at."""
+    got = obj.__dict__.get("_shared_sections")
+    if got is not None:
+        return got
+    n = obj.nsec
+    cnt = obj.member_count
+    fo = np.flatnonzero(((obj.stype == C.STT_FUNC) | (obj.stype == C.STT_OBJECT)) & obj.defined & ~obj.is_prefix)
+    unsized = np.bincount(obj.shndx[fo], weights=obj.size[fo] <= 0, minlength=n)[:n] > 0 if len(fo) \
+        else np.zeros(n, bool)
+    first = obj.first_member
+    secsize = obj.shdrs["size"].astype(np.int64)
+    alone = (cnt == 1) & ((obj.section_owner >= 0) | (obj.size[np.maximum(first, 0)] >= secsize))
+    ok = (cnt > 0) & ~unsized & ~alone
+    flags = obj.shdrs["flags"].astype(np.int64)
+    for sec in np.flatnonzero(ok & ((flags & C.SHF_STRINGS) == 0)).tolist():
+        name = obj.sec_names[sec]
+        if is_special_section(name) or name in arch.toc_sections:
+            ok[sec] = False
+    ok &= (flags & C.SHF_STRINGS) == 0
+    obj.__dict__["_shared_sections"] = ok
+    return ok
 
 
 def place_of(obj: Object, arch: Arch, rtype: int, addend: int, site: tuple[int, int]) -> int:
