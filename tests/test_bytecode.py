@@ -91,7 +91,8 @@ def test_a_batch_of_diffs_imports_only_what_it_needs(tmp_path: Path) -> None:
     lines = []
     for i, c in enumerate(cases):
         ent = " ".join(f"--entsize {k}={v}" for k, v in c["env"].items())
-        lines.append(f"{PEER / c['orig']} {PEER / c['patched']} -o {tmp_path / f'{i}.o'} --symtab {PEER / c['orig']} {ent}")
+        lines.append(f"{PEER / c['orig']} {PEER / c['patched']} -o {tmp_path / f'{i}.o'} "
+                     f"--symtab {PEER / c['orig']} {ent}")
     (tmp_path / "pairs").write_text("\n".join(lines) + "\n")
     code = ("import sys\nfrom klpforge.cli import main\n"
             f"rc = main(['diff-batch', {str(tmp_path / 'pairs')!r}])\nprint(rc, ' '.join(sorted(sys.modules)))\n")

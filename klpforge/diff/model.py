@@ -104,7 +104,7 @@ class Object:
         self.pad_start: dict[int, int] = {}
         funcs = np.flatnonzero((self.stype == C.STT_FUNC) & self.defined)
         names = self.sym_names
-        cand = [int(i) for i in funcs if names[i].startswith(PREFIX_NAMES)]
+        cand = [i for i in funcs.tolist() if names[i].startswith(PREFIX_NAMES)]
         pfe = self.find_section("__patchable_function_entries")
         if not cand and pfe is None:
             return
@@ -140,7 +140,7 @@ class Object:
         if not starts:
             return
         ends: dict[int, list[int]] = {}
-        real = [int(i) for i in funcs if not self.is_prefix[i]]
+        real = funcs[~self.is_prefix[funcs]].tolist()
         for i in real:
             ends.setdefault(int(self.shndx[i]), []).append(int(self.value[i]) + int(self.size[i]))
         for lst in (*starts.values(), *ends.values()):
