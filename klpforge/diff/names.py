@@ -70,6 +70,7 @@ _SPECIAL_EXACT = {"__key", "__warned", "__already_done", "__func__", "_rs", "CSW
                   "__print_once"}
 
 
+@lru_cache(maxsize=1 << 18)  # the original and the patched object share most names
 def is_special_static(name: str) -> bool:
     """True for per-use-site statics that must never be correlated (see the comment above; also UBSAN's
     per-check source-location and type records, ``.Lubsan_data12`` or a ``.data..Lubsan_*`` section,
@@ -107,6 +108,7 @@ _SUBJECT = re.compile(
     r"init\.rodata|ref\.data|tbss|tdata)\.(.+)$")
 
 
+@lru_cache(maxsize=1 << 18)
 def section_subject(secname: str) -> str | None:
     """The symbol a ``-ffunction-sections``/``-fdata-sections`` section is named after, if any.
 
