@@ -6,7 +6,7 @@ process (``run_diff`` only: the time of reading, correlating, comparing, selecti
 with ``time.process_time`` inside the child), alternating the two trees ``--repeat`` times; the table gives
 the medians and their ratio (after / before: below 1 is faster).
 
-    python3 bench/bench_scale.py [--sizes 30000,100000] [--repeat 3] [--before 90f39e4] [--opt -O2]
+    python3 bench/bench_scale.py [--sizes 30000,100000] [--repeat 3] [--before 90f39e4] [--opt=-O2]
 """
 
 from __future__ import annotations
