@@ -15,6 +15,7 @@ from typing import Any
 
 from ..util.errors import InputError
 from ..util.outputs import atomic_write, check_paths
+from ..util.proc import signals_held
 
 __all__ = ["register", "run"]
 
@@ -145,8 +146,10 @@ def _run_distro(args: argparse.Namespace) -> int:
     tree = mod.prepare_tree(release, progress=say)
     objs = _distro_objects(args, tree.src)
     notes: list[str] = []
-    work = Path(tempfile.mkdtemp(prefix="klpforge-impact-"))
+    work: Path | None = None
     try:
+        with signals_held():  # a signal now is raised inside this try, with work bound
+            work = Path(tempfile.mkdtemp(prefix="klpforge-impact-"))
         have: list[str] = []
         with tree_lock(tree.lock or tree.build / ".lock"):  # Kbuild may be writing build/: copy under its lock
             for o in objs:
@@ -194,5 +197,6 @@ def _run_distro(args: argparse.Namespace) -> int:
         if args.svg:
             report.write_svg(res, args.svg, title)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return 0

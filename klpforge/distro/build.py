@@ -32,6 +32,7 @@ from ..util import proc, provenance
 from ..util.buildlog import BuildLog
 from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
 from ..util.fsutil import atomic_write, tree_lock
+from ..util.proc import signals_held
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .debian import make_command
@@ -247,12 +248,14 @@ def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> 
     check_sign_args(opts.sign_key, opts.sign_cert)
     patches = [SourcePatch.parse(p) for p in opts.patches]
     stem = patches[0].path.name.removesuffix(".patch").removesuffix(".diff")
-    blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
-    progress = blog.wrap(progress)
+    blog: BuildLog | None = None
     try:
-        return _build_distro(opts, patches, blog, progress)
+        with signals_held():  # no moment where a signal would leave the log file in $TMPDIR
+            blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
+        return _build_distro(opts, patches, blog, blog.wrap(progress))
     except BaseException as e:
-        blog.failed(e)
+        if blog is not None:
+            blog.failed(e)
         raise
 
 
@@ -280,9 +283,11 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
     output = opts.output or Path(f"livepatch-{stem}.ko")
     # livepatch-fix.ko.xz -> livepatch_fix: the compression suffix is not part of the module's name
     modname = sanitize_module_name(re.sub(r"\.ko(\.(xz|zst|gz))?$", "", output.name))
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-distro-"))
     log = blog.path
+    tmp: Path | None = None
     try:
+        with signals_held():  # a signal now is raised inside this try, with tmp bound
+            tmp = Path(tempfile.mkdtemp(prefix="klpforge-distro-"))
         with timed_step("compile", timings, progress, f"compiling {len(objs)} object(s), original and patched"):
             orig = compile_original(tree, objs, tmp / "orig", opts.jobs, log)
             overlay = tmp / "overlay"
@@ -358,5 +363,5 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
             e.kept = tmp
         raise
     finally:
-        if not opts.keep_tmp:
+        if tmp is not None and not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..util.errors import InputError
+from ..util.proc import signals_held
 from .compile import CompileJob, CompileResult, compile_argv, lto_refusal, run_jobs
 from .measure import BuildPair, ObjectCost, measure_object
 from .sources import MakeArgs, find_units, plain_make, remove_tree
@@ -106,8 +107,10 @@ def flag_cost(opts: FlagCostOptions, progress: Callable[[CompileResult], None] |
         raise InputError(f"--flag {opts.flag!r}: {e}") from None
     if not flag:
         raise InputError("--flag is empty")
-    work = Path(tempfile.mkdtemp(prefix="klpforge-flagcost-"))
+    work: Path | None = None
     try:
+        with signals_held():  # a signal now is raised inside this try, with work bound
+            work = Path(tempfile.mkdtemp(prefix="klpforge-flagcost-"))
         units = find_units(src, build, opts.paths, record=bool(opts.distro), workdir=work, jobs=opts.jobs,
                            make=make)
         out_root = opts.keep or work
@@ -145,4 +148,5 @@ def flag_cost(opts: FlagCostOptions, progress: Callable[[CompileResult], None] |
                          "-fpatchable-function-entry (ftrace), so the flag cannot cost anything there")
         return FlagCostResult(objects, opts.flag, src, build, t1 - t0, t2 - t1, len(jobs), notes)
     finally:
-        remove_tree(work)
+        if work is not None:
+            remove_tree(work)

@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..util.errors import InputError
-from ..util.fsutil import open_regular
+from ..util.fsutil import open_regular, scratch_dir
 from .index import Index, build_index
 from .objsyms import read_symbols, syms_text
 
@@ -76,21 +75,21 @@ def fallback_index(where: Path, objects: Path | None) -> tuple[Index, str]:
     if not objs:
         raise InputError(f"{where}: no ipa-clones dumps and no objects found (GCC writes dumps with "
                          "-fdump-ipa-clones; clang writes none)")
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-dwarf-"))
-    dumps = []
-    with_dwarf = 0
-    for i, o in enumerate(objs):
-        recs = inlined_records(o)
-        with_dwarf += bool(recs)
-        d = tmp / f"{i}_{o.stem}.c.000i.ipa-clones"
-        d.write_text("".join(r + "\n" for r in recs))
-        (tmp / f"{i}_{o.stem}.o.syms").write_bytes(syms_text(read_symbols(o)))
-        dumps.append(d)
-    if not with_dwarf:
-        raise InputError(f"{where}: no ipa-clones dumps (a clang build?) and no DW_TAG_inlined_subroutine "
-                         "in the objects' debug info: rebuild with -g")
-    msg = (f"no ipa-clones dumps under {where} (clang does not write them): using DWARF inlined-subroutine "
-           f"records of {len(objs)} objects; IPA clones and their callers are not covered")
-    idx = build_index(dumps)
-    idx.objects = [str(objs[int(i)]) for i in range(len(objs))]
-    return idx, msg
+    with scratch_dir("klpforge-dwarf-") as tmp:  # the dumps are read into the index before it goes
+        dumps = []
+        with_dwarf = 0
+        for i, o in enumerate(objs):
+            recs = inlined_records(o)
+            with_dwarf += bool(recs)
+            d = tmp / f"{i}_{o.stem}.c.000i.ipa-clones"
+            d.write_text("".join(r + "\n" for r in recs))
+            (tmp / f"{i}_{o.stem}.o.syms").write_bytes(syms_text(read_symbols(o)))
+            dumps.append(d)
+        if not with_dwarf:
+            raise InputError(f"{where}: no ipa-clones dumps (a clang build?) and no DW_TAG_inlined_subroutine "
+                             "in the objects' debug info: rebuild with -g")
+        msg = (f"no ipa-clones dumps under {where} (clang does not write them): using DWARF inlined-subroutine "
+               f"records of {len(objs)} objects; IPA clones and their callers are not covered")
+        idx = build_index(dumps)
+        idx.objects = [str(objs[int(i)]) for i in range(len(objs))]
+        return idx, msg

@@ -41,7 +41,7 @@ from ..util import provenance
 from ..util.buildlog import BuildLog
 from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
 from ..util.fsutil import atomic_write
-from ..util.proc import kill_children, run
+from ..util.proc import kill_children, run, signals_held
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
 from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
 from .newsyms import patch_exports, patch_globals
@@ -302,12 +302,15 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     stem = opts.patch.name.removesuffix(".patch").removesuffix(".diff")
     output = opts.output or Path(f"livepatch-{stem}.ko")
     modname = sanitize_module_name(output.name.removesuffix(".ko"))
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
-    blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
-    log = blog.path
-    progress = blog.wrap(progress)
     flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
+    tmp: Path | None = None
+    blog: BuildLog | None = None
     try:
+        with signals_held():  # a signal now is raised inside this try, after both names are bound
+            tmp = Path(tempfile.mkdtemp(prefix="klpforge-build-")).resolve()
+            blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
+        log = blog.path
+        progress = blog.wrap(progress)
         with timed_step("check", timings, progress, "checking tree and patch"):
             tree = KernelTree(src, opts.build)
             tree.check_livepatch()
@@ -375,12 +378,13 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
         blog.succeeded()
         return res
     except BaseException as e:
-        blog.failed(e)
+        if blog is not None:
+            blog.failed(e)
         if opts.keep_tmp and isinstance(e, KlpError):
             e.kept = tmp
         raise
     finally:
-        if not opts.keep_tmp:
+        if tmp is not None and not opts.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,8 +12,11 @@ import functools
 import grp
 import os
 import pwd
+import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +24,8 @@ from typing import BinaryIO
 
 from .errors import InputError
 
-__all__ = ["atomic_write", "umask", "check_private_dir", "check_regular_file", "open_regular", "tree_lock", "MiB",
-           "GiB", "cache_root", "cache_dir"]
+__all__ = ["atomic_write", "scratch_dir", "umask", "check_private_dir", "check_regular_file", "open_regular",
+           "tree_lock", "MiB", "GiB", "cache_root", "cache_dir"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -238,6 +241,34 @@ def tree_lock(path: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A new private temporary directory (under ``$TMPDIR``), removed when the block ends however it ends,
+    unless ``keep``.
+
+    SIGINT/SIGTERM/SIGHUP are held from before the directory exists until its removal is certain, so a
+    signal at any moment (klpforge turns them into exceptions, :mod:`klpforge.util.proc`) never leaves it behind.
+
+    >>> with scratch_dir("klpforge-impact-") as work:
+    ...     (work / "a.o").write_bytes(b"")
+    """
+    held = threading.current_thread() is threading.main_thread()
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if held else None
+    d: Path | None = None
+    try:
+        d = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held signal is raised here: d is removed
+            old = None
+        yield d
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if d is not None and not keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:

@@ -33,12 +33,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-__all__ = ["Terminated", "install_signal_handlers", "restore_signal_handlers", "run", "start", "release",
+__all__ = ["Terminated", "install_signal_handlers", "restore_signal_handlers", "signals_held", "run", "start",
+           "release",
            "kill_children", "end_children", "live_children", "descendants", "GRACE"]
 
 _lock = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
@@ -148,6 +150,36 @@ def install_signal_handlers() -> dict[int, Any]:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         old[sig] = signal.signal(sig, _on_signal)
     return old
+
+
+_TERMINATING = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP while the block runs; one that arrived meanwhile is handled as the block ends.
+
+    For making a resource (a temporary directory, a log file) and binding it to the name its cleanup uses,
+    with no moment in between where a signal would leave it behind. Put the ``with`` inside the ``try`` whose
+    cleanup removes the resource: the held signal is raised there. Outside the main thread it does nothing
+    (signals are only handled there).
+
+    >>> tmp = None
+    >>> try:
+    ...     with signals_held():
+    ...         tmp = Path(tempfile.mkdtemp())
+    ...     work(tmp)
+    ... finally:
+    ...     if tmp: shutil.rmtree(tmp)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def restore_signal_handlers(old: dict[int, Any]) -> None:

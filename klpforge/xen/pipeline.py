@@ -4,7 +4,7 @@ Steps (each timed): *check* (tree built with CONFIG_LIVEPATCH, the patch applies
 changes), *orig* and *patched* (recompile those objects with their recorded commands into a temp dir; the
 patch is applied to private copies and both compiles read the tree through an
 :class:`~klpforge.kbuild.overlay.Overlay` view: the user's tree is never written), *diff* (read →
-correlate → compare → select → :func:`klpforge.diff.emit.xen.emit_xen` per object),
+correlate → compare → select → :func:`klpforge.xen.emit.emit_xen` per object),
 *link* (``ld -r --build-id=sha1`` with the dependency notes).
 
 >>> res = build_xen_payload(XenBuildOptions(src=Path("xen"), patch=Path("fix.patch"),
@@ -15,8 +15,6 @@ correlate → compare → select → :func:`klpforge.diff.emit.xen.emit_xen` per
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,9 @@ from ..kbuild.overlay import Overlay
 from ..kbuild.patchfile import SourcePatch
 from ..util.buildlog import BuildLog
 from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
-from ..xen.emit import XenEmitOptions, XenFunc, emit_xen
+from ..util.fsutil import scratch_dir
+from ..util.proc import signals_held
+from .emit import XenEmitOptions, XenFunc, emit_xen
 from .payload import link_payload
 from .syms import XenSyms
 from .tree import XenTree
@@ -117,11 +117,14 @@ def build_xen_payload(opts: XenBuildOptions,
     :class:`UnsafeChange` (2, every refusal with its symbol and reason) or :class:`NoChange` (3);
     nothing is written then, and the tree is left as it was. The build log is kept in the cache on failure
     and attached to the error (:mod:`klpforge.util.buildlog`)."""
-    blog = BuildLog.start("build", opts.patch.name.removesuffix(".patch").removesuffix(".diff"))
+    blog: BuildLog | None = None
     try:
+        with signals_held():  # no moment where a signal would leave the log file in $TMPDIR
+            blog = BuildLog.start("build", opts.patch.name.removesuffix(".patch").removesuffix(".diff"))
         res = _build_xen_payload(opts, blog.wrap(progress))
     except BaseException as e:
-        blog.failed(e)
+        if blog is not None:
+            blog.failed(e)
         raise
     blog.succeeded()
     return res
@@ -157,74 +160,71 @@ def _build_xen_payload(opts: XenBuildOptions, progress: Callable[[str, str], Non
     objs = _objects(tree, patch)
     out = opts.output or Path(f"{opts.patch.stem}.livepatch")
     inc = ["-I", str(hooks_include_dir())]
-    tmp = Path(tempfile.mkdtemp(prefix="klpforge-xen-"))
-    try:
-        ov = Overlay(tree.root, tmp / "overlay", patch.files)
-        ov.snapshot(patch)  # raises if the patch does not apply
-        ov.build_view()
-        lap("check")
-        progress("orig", f"compiling {len(objs)} original object(s)")
-        ov.show("orig")
-        for o in objs:
-            tree.compile(o, tmp / "orig" / o, inc, view=ov.view)
-        _check_compiler(xs, tmp / "orig" / objs[0])
-        lap("orig")
-        progress("patched", "compiling the patched object(s)")
-        ov.show("new")
-        for o in objs:
-            tree.compile(o, tmp / "patched" / o, inc, view=ov.view)
-        lap("patched")
-        progress("diff", "diffing")
-        funcs: list[XenFunc] = []
-        parts: list[Path] = []
-        refusals: list[str] = []
-        unchanged: list[str] = []
-        kept: dict[str, tuple[int, int]] = {}
-        for o in objs:
-            a, b = Object.load(tmp / "orig" / o), Object.load(tmp / "patched" / o)
-            check_pair(a, b)
-            arch = arch_for(a.elf.machine)
-            if arch.name != "x86_64":
-                raise InputError(f"{o}: {arch.name} objects: only x86_64 Xen payloads are supported")
-            corr = correlate(a, b)
-            cmp = compare(corr, arch)
-            sel = select(corr, cmp, arch, require_ftrace=False)
-            if sel.refusals:
-                refusals += [f"{o}: {r}" for r in sel.refusals]
-                continue
-            if not sel.included:
-                unchanged.append(o)
-                continue
-            part = emit_xen(corr, cmp, sel, arch, XenEmitOptions(xs))
-            if part.refusals:
-                refusals += [f"{o}: {r}" for r in part.refusals]
-                continue
-            pp = tmp / "parts" / (o.replace("/", "__") + ".o")
-            pp.parent.mkdir(parents=True, exist_ok=True)
-            pp.write_bytes(part.data)
-            parts.append(pp)
-            funcs += part.funcs
-            for k, v in part.special_kept.items():
-                was = kept.get(k, (0, 0))
-                kept[k] = (was[0] + v[0], was[1] + v[1])
-        if refusals:
-            raise UnsafeChange(refusals)
-        if not funcs and not parts:
-            raise NoChange(f"{opts.patch.name}: no function of {', '.join(objs)} changed")
-        lap("diff")
-        progress("link", f"linking {out.name}")
-        link_payload(parts, out, xs.build_id, xs.build_id)
-        lap("link")
-        from ..elf import ElfFile
-        from .syms import read_build_id
-        hooks = sorted(n[len(".livepatch.hooks."):] for n in ElfFile.open(out).section_names
-                       if n.startswith(".livepatch.hooks."))
-        return XenBuildResult(out, funcs, [o for o in objs if o not in unchanged], unchanged,
-                              read_build_id(out).hex(), timings, kept, str(tmp) if opts.keep_tmp else None, hooks)
-    except KlpError as e:
-        if opts.keep_tmp:
-            e.kept = tmp
-        raise
-    finally:
-        if not opts.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with scratch_dir("klpforge-xen-", keep=opts.keep_tmp) as tmp:
+        try:
+            ov = Overlay(tree.root, tmp / "overlay", patch.files)
+            ov.snapshot(patch)  # raises if the patch does not apply
+            ov.build_view()
+            lap("check")
+            progress("orig", f"compiling {len(objs)} original object(s)")
+            ov.show("orig")
+            for o in objs:
+                tree.compile(o, tmp / "orig" / o, inc, view=ov.view)
+            _check_compiler(xs, tmp / "orig" / objs[0])
+            lap("orig")
+            progress("patched", "compiling the patched object(s)")
+            ov.show("new")
+            for o in objs:
+                tree.compile(o, tmp / "patched" / o, inc, view=ov.view)
+            lap("patched")
+            progress("diff", "diffing")
+            funcs: list[XenFunc] = []
+            parts: list[Path] = []
+            refusals: list[str] = []
+            unchanged: list[str] = []
+            kept: dict[str, tuple[int, int]] = {}
+            for o in objs:
+                a, b = Object.load(tmp / "orig" / o), Object.load(tmp / "patched" / o)
+                check_pair(a, b)
+                arch = arch_for(a.elf.machine)
+                if arch.name != "x86_64":
+                    raise InputError(f"{o}: {arch.name} objects: only x86_64 Xen payloads are supported")
+                corr = correlate(a, b)
+                cmp = compare(corr, arch)
+                sel = select(corr, cmp, arch, require_ftrace=False)
+                if sel.refusals:
+                    refusals += [f"{o}: {r}" for r in sel.refusals]
+                    continue
+                if not sel.included:
+                    unchanged.append(o)
+                    continue
+                part = emit_xen(corr, cmp, sel, arch, XenEmitOptions(xs))
+                if part.refusals:
+                    refusals += [f"{o}: {r}" for r in part.refusals]
+                    continue
+                pp = tmp / "parts" / (o.replace("/", "__") + ".o")
+                pp.parent.mkdir(parents=True, exist_ok=True)
+                pp.write_bytes(part.data)
+                parts.append(pp)
+                funcs += part.funcs
+                for k, v in part.special_kept.items():
+                    was = kept.get(k, (0, 0))
+                    kept[k] = (was[0] + v[0], was[1] + v[1])
+            if refusals:
+                raise UnsafeChange(refusals)
+            if not funcs and not parts:
+                raise NoChange(f"{opts.patch.name}: no function of {', '.join(objs)} changed")
+            lap("diff")
+            progress("link", f"linking {out.name}")
+            link_payload(parts, out, xs.build_id, xs.build_id)
+            lap("link")
+            from ..elf import ElfFile
+            from .syms import read_build_id
+            hooks = sorted(n[len(".livepatch.hooks."):] for n in ElfFile.open(out).section_names
+                           if n.startswith(".livepatch.hooks."))
+            return XenBuildResult(out, funcs, [o for o in objs if o not in unchanged], unchanged,
+                                  read_build_id(out).hex(), timings, kept, str(tmp) if opts.keep_tmp else None, hooks)
+        except KlpError as e:
+            if opts.keep_tmp:
+                e.kept = tmp
+            raise
