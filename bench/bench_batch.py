@@ -15,7 +15,7 @@ has no kpatch package, so there is no verified source to build it from in the ru
 a ``create-diff-object`` you built yourself on the same pairs (its CLI: orig, patched, parent name, parent
 symtab as ``readelf -s --wide`` text, Module.symvers, patch name, output).
 
-    python3 bench/bench_batch.py [--repeat 3] [--rev HEAD] [--kpatch PATH/create-diff-object]
+    python3 bench/bench_batch.py [--repeat 3] [--rev HEAD] [--no-source] [--kpatch PATH/create-diff-object]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rev", default="HEAD")
     ap.add_argument("--kpatch", type=Path, help="a create-diff-object binary to time on the same pairs")
+    ap.add_argument("--no-source", action="store_true", help="skip the from-source state (the slowest)")
     args = ap.parse_args()
     cases = [c for c in json.loads((PEER / "manifest.json").read_text())["cases"] if c["arch"] == "x86_64"]
     py = sys.executable
@@ -87,7 +88,8 @@ def main() -> int:
               f"({n} processes of numpy alone: {n * npy:.2f} s)")
         states = []
         env_src = dict(base, KLPFORGE_NO_PYCACHE="1")
-        states.append(("from source (no .pyc, no cache)", env_src))
+        if not args.no_source:
+            states.append(("from source (no .pyc, no cache)", env_src))
         env_pre = dict(base)
         cpu(procs[:1], env_pre, t)  # fills <cache>/pycache once (not counted)
         states.append(("cache prefix (util/bytecode.py)", env_pre))
