@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from klpforge.diff import DiffOptions, run_diff  # noqa: E402
-from klpforge.errors import KlpError  # noqa: E402
+from klpforge.util.errors import KlpError  # noqa: E402
 
 __all__ = ["ARCHES", "time_arch", "main"]
 

@@ -107,7 +107,7 @@ def main() -> None:
                   f"ratio to linear extrapolation from N={first[0]}: {t / lin:.2f}")
         vmo = Path.home() / ".cache" / "klpforge" / "kernel-6.1" / "build" / "vmlinux.o"
         if vmo.is_file():  # a real kernel object: the prepared 6.1 tinyconfig vmlinux.o against itself
-            from klpforge.errors import NoChange
+            from klpforge.util.errors import NoChange
 
             def self_diff() -> float:
                 t0 = time.process_time()

@@ -1,5 +1,5 @@
-"""DWARF of kernel objects: pyelftools' own relocation (baseline) against klpforge/dwarfread.py's numpy one,
-and the struct layout pass of klpforge/layout.py.
+"""DWARF of kernel objects: pyelftools' own relocation (baseline) against klpforge/diff/dwarfread.py's numpy one,
+and the struct layout pass of klpforge/diff/layout.py.
 
 Usage: ``python3 bench/bench_dwarf.py [OBJ.o ...]`` (default: the prepared Debian 6.1 build's objects with
 DWARF, ``fs/ext4/super.o`` first). CPU seconds (``time.process_time``) of one fresh read per object; the
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from klpforge.dwarfread import _cache, dwarf_info
-from klpforge.layout import layouts
-from klpforge.model import Object
+from klpforge.diff.dwarfread import _cache, dwarf_info
+from klpforge.diff.layout import layouts
+from klpforge.diff.model import Object
 
 
 def _walk(info: object) -> int:

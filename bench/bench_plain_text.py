@@ -1,7 +1,7 @@
 """Benchmark ``klpforge diff`` on one shared ``.text`` (built without ``-ffunction-sections``): a generated C
 file of N static functions and one caller, the third function grown by the fix so that every function after
 it moves. In one ``.text`` every same-looking function is checked for calls the assembler resolved
-(klpforge/sharedsec.py ``resolved_mismatch``); the baseline, measured in the same run, is the same source
+(klpforge/diff/sharedsec.py ``resolved_mismatch``); the baseline, measured in the same run, is the same source
 built with ``-ffunction-sections -fdata-sections``, where nothing needs decoding. CPU seconds, best of
 ``--repeat``.
 

@@ -85,7 +85,7 @@ def main() -> int:
         ver_new = median_cpu([sys.executable, "-m", "klpforge", "--version"], env_new, args.repeat)
         ver_old = median_cpu([sys.executable, "-m", "klpforge", "--version"], env_old, args.repeat)
         imp_new = median_cpu([sys.executable, "-c", IMPORTS], env_new, args.repeat)
-        imp_old = median_cpu([sys.executable, "-c", IMPORTS + ", klpforge.report, klpforge.commands.build"],
+        imp_old = median_cpu([sys.executable, "-c", IMPORTS + ", klpforge.diff.report, klpforge.commands.build"],
                              env_old, args.repeat)
         # the old CLI imported every command module (build: rich + the build pipeline) and report (rich)
         # before running a diff; the new one imports what `diff -q` uses

@@ -2,7 +2,7 @@
 
 Each command lives in ``klpforge/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
 parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
-Errors derived from :class:`klpforge.errors.KlpError` become one line on stderr and their exit code.
+Errors derived from :class:`klpforge.util.errors.KlpError` become one line on stderr and their exit code.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
-from .proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
+from .util.errors import EXIT_ERROR, EXIT_INTERRUPTED, KlpError, UnsafeChange
+from .util.proc import Terminated, end_children, install_signal_handlers, restore_signal_handlers
 
-__all__ = ["main", "one_line", "error_line", "COMMANDS"]
+__all__ = ["main", "entry", "one_line", "error_line", "COMMANDS"]
 
 #: Command modules in the order ``--help`` lists them.
-COMMANDS = ("demo", "diff", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
+COMMANDS = ("demo", "diff", "diffbatch", "impact", "build", "verify", "kernel", "flagcost", "convert", "extract",
             # the host side (klpforge/host/): issue 20
             "install", "load", "unload", "list", "info", "package", "man", "completion")
 
@@ -46,6 +46,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"klpforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    only = only and only.replace("-", "")  # the module of `diff-batch`, `flag-cost`
     for name in (only,) if only in COMMANDS else COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
@@ -119,6 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         end_children()  # whatever still runs (a QEMU, a make) ends with klpforge
         restore_signal_handlers(old_handlers)
+
+
+def entry() -> int:
+    """The ``klpforge`` console script: :func:`main` run from byte-code however klpforge is installed
+    (:func:`klpforge.util.bytecode.enable`, before the command modules are imported)."""
+    from .util.bytecode import enable
+
+    enable()
+    return main()
 
 
 if __name__ == "__main__":  # pragma: no cover

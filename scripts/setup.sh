@@ -27,6 +27,9 @@ if ! python3 -m pip install -q -e '.[test]' >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
 fi
 rm -f "$log"
+# an editable install writes no byte-code (nor does Python where PYTHONDONTWRITEBYTECODE=1): compile it once,
+# so that each `klpforge diff` process (one per object) does not (klpforge/util/bytecode.py covers the rest)
+python3 -m compileall -q klpforge >/dev/null || true
 # under pyenv the `klpforge` command is a shim that exists only after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [[ $want_kernel -eq 1 ]]; then

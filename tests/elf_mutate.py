@@ -164,7 +164,7 @@ class Outcome:
 def check_output(path: Path) -> str | None:
     """What is wrong with a written livepatch object: readelf's warnings or our validation's error."""
     from klpforge.elf.validate import validate
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
 
     r = subprocess.run(["readelf", "-aW", str(path)], capture_output=True, text=True, errors="replace",
                        check=False)

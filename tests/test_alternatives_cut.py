@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.model import Object
+from klpforge.diff.model import Object
 
 SRC = r"""
 extern void slow_a(void); extern void fast_a(void); extern void slow_b(void); extern void fast_b(void);

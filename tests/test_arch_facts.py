@@ -1,4 +1,4 @@
-"""Per-architecture facts in klpforge/arch.py, checked against capstone and against what real compilers
+"""Per-architecture facts in klpforge/diff/arch.py, checked against capstone and against what real compilers
 emitted in kpatch's peer objects (ppc64le, s390x, aarch64, loongarch64 next to x86_64).
 """
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klpforge.arch import ARCHES, arch_for
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.disasm import instructions, mnemonic_at
+from klpforge.diff.arch import ARCHES, arch_for
+from klpforge.diff.disasm import instructions, mnemonic_at
+from klpforge.diff.lineargs import ARG_REGS, decode
+from klpforge.diff.model import Object
+from klpforge.diff.names import is_local_label
 from klpforge.elf import ElfFile, ObjectWriter
 from klpforge.elf import constants as C
-from klpforge.errors import InputError, UnsafeChange
-from klpforge.lineargs import ARG_REGS, decode
-from klpforge.model import Object
-from klpforge.names import is_local_label
+from klpforge.util.errors import InputError, UnsafeChange
 
 from .conftest import PEER, peer_cases
 

@@ -1,9 +1,9 @@
 """Issue 12 items 1-3: the shared failing cases (../shared/cases) and siblings of each kind, compiled by the
 real gcc during the run with the cases' kernel-like flags, under one file name for both sides.
 
-1. a symbol in a section shared by several symbols is carved out alone (klpforge/emit/carve.py);
-2. function-scope statics pair through their users, never by GCC's number (klpforge/statics.py);
-3. identical-code-folded functions keep their own behaviour for their own callers (klpforge/icf.py).
+1. a symbol in a section shared by several symbols is carved out alone (klpforge/diff/emit/carve.py);
+2. function-scope statics pair through their users, never by GCC's number (klpforge/diff/statics.py);
+3. identical-code-folded functions keep their own behaviour for their own callers (klpforge/diff/icf.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import constants as C
-from klpforge.errors import UnsafeChange
-from klpforge.model import Object
+from klpforge.util.errors import UnsafeChange
 
 from .conftest import ROOT, SHARED
 from .test_kernel_e2e import baseline, unchanged_tree  # noqa: F401 - fixtures of the kernel test below
@@ -216,7 +216,7 @@ int run_scan2(int n) { return scan(n + 1) * 3; }
 
 def users_of_names(o: Object, func: str) -> set[int]:
     """The static locals function ``func`` of ``o`` references."""
-    from klpforge.statics import is_static_local, users_of
+    from klpforge.diff.statics import is_static_local, users_of
 
     statics = {i for i in range(o.nsym) if is_static_local(o, i)}
     return {s for s, fs in users_of(o, statics).items() if any(o.sym_names[f] == func for f in fs)}

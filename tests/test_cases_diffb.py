@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.arch import ARCHES
-from klpforge.lineargs import only_lines_differ
+from klpforge.diff.arch import ARCHES
+from klpforge.diff.lineargs import only_lines_differ
 
 from .conftest import SHARED
 
@@ -279,8 +279,8 @@ def test_gcc_and_kernel_init_exit_sections_are_still_refused(sec: str, tmp_path:
 
 
 def test_section_name_rules() -> None:
-    from klpforge.names import is_string_section, section_subject
-    from klpforge.secnames import is_init_section, merge_kind
+    from klpforge.diff.names import is_string_section, section_subject
+    from klpforge.diff.secnames import is_init_section, merge_kind
 
     for name in (".text.exit_signals", ".text.exit_mm", ".text.startup_64", ".text.exitx", ".init_array",
                  ".text.init.x", ".data.exit"):
@@ -370,10 +370,10 @@ def test_merge_constants_compare_one_entry(tmp_path: Path) -> None:
 def test_anon_extent_stops_at_the_next_referenced_place(tmp_path: Path) -> None:
     """The converse of the case: the constant at the end of the shared .rodata (seed_high's) changes; only
     seed_high changes, seed_low's extent ends where seed_high's constant starts."""
-    from klpforge.arch import arch_for
-    from klpforge.compare import compare
-    from klpforge.correlate import correlate
-    from klpforge.model import Object
+    from klpforge.diff.arch import arch_for
+    from klpforge.diff.compare import compare
+    from klpforge.diff.correlate import correlate
+    from klpforge.diff.model import Object
 
     d = CASES / "rodata-anon-shared"
     if not d.is_dir():
@@ -430,10 +430,10 @@ def test_alias_of_a_body_without_entry_is_refused_by_its_name(tmp_path: Path) ->
 def test_entry_record_through_a_local_label_resolves_by_address() -> None:
     """loongarch64's form on a peer object: records against local labels; each resolves to the function
     starting there, and every alias at that address counts."""
-    from klpforge.arch import arch_for
+    from klpforge.diff.arch import arch_for
+    from klpforge.diff.ftrace_entry import with_entry
+    from klpforge.diff.model import Object
     from klpforge.elf import constants as C
-    from klpforge.ftrace_entry import with_entry
-    from klpforge.model import Object
 
     from .conftest import PEER
 
@@ -495,7 +495,7 @@ def test_prefixes_parse_the_same_for_build_and_impact(old: str, new: str, tmp_pa
 def test_git_format_patch_with_header_lookalike_lines(tmp_path: Path) -> None:
     from klpforge.ipa.patchmap import changed_lines
     from klpforge.kbuild.patchfile import SourcePatch
-    from klpforge.unidiff import parse_patch
+    from klpforge.util.unidiff import parse_patch
 
     files = parse_patch(GIT_PATCH)
     assert [(f.old, f.new) for f in files] == [("fs/proc/cmdline.c", "fs/proc/cmdline.c"), (None, "kernel/new.c")]

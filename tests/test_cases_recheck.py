@@ -89,7 +89,7 @@ def test_case_rodata_anon_shared_plain(extra: list[str], tmp_path: Path) -> None
 def test_seal_list_from_the_image_is_the_vmlinux_one() -> None:
     """The IBT test kernel: the seal list read from its bzImage (decompressed payload) names exactly the
     functions the linked vmlinux's own list does."""
-    from klpforge.emit.ibt import sealed_functions, sealed_in_image
+    from klpforge.diff.emit.ibt import sealed_functions, sealed_in_image
     from klpforge.kbuild.testkernel import prepared_kernel
 
     lay = prepared_kernel(variant="ibt")
@@ -105,8 +105,8 @@ def test_seal_list_from_the_image_is_the_vmlinux_one() -> None:
 def test_distro_seal_list_from_vmlinuz_and_kallsyms() -> None:
     """Debian 6.12 (zstd image, IBT): the case's helper is sealed, a function whose address vmlinux stores
     (seq_read, in file_operations) is not; Debian 6.1 (xz image, no IBT) has no seal list."""
+    from klpforge.diff.emit.ibt import sealed_in_image
     from klpforge.distro import debian
-    from klpforge.emit.ibt import sealed_in_image
 
     got = {}
     for rel in ("6.12.117+deb13-amd64", "6.1.0-56-amd64"):
@@ -182,7 +182,7 @@ def _shipped_ext4_612() -> Path:
 def test_module_seal_list_of_a_shipped_module() -> None:
     """ext4.ko of Debian 6.12: its own .ibt_endbr_seal (relocations into its text) lists ext4_count_dirs;
     ext4_file_open (its address is in ext4_file_operations) keeps its ENDBR."""
-    from klpforge.emit.ibt import sealed_in_module
+    from klpforge.diff.emit.ibt import sealed_in_module
 
     got = sealed_in_module(_shipped_ext4_612())
     assert got["ext4_count_dirs"] == [True]
@@ -245,7 +245,7 @@ SHADOW_MOD_SEALED = """--- a/samples/livepatch/livepatch-shadow-mod.c
 def test_module_sealed_helper_on_the_ibt_tree_is_refused(tmp_path: Path) -> None:
     """The IBT test kernel: livepatch-shadow-mod.ko seals dummy_check; taking its address in the patch is
     refused naming the module (it was built, exit 0: only vmlinux's list was read)."""
-    from klpforge.emit.ibt import sealed_in_module
+    from klpforge.diff.emit.ibt import sealed_in_module
     from klpforge.kbuild.testkernel import prepared_kernel
 
     lay = prepared_kernel(variant="ibt")

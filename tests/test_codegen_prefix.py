@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import constants as C
-from klpforge.errors import InputError
 from klpforge.kbuild.objtool import fetch_objtool
 from klpforge.kbuild.testkernel import require_kernel
-from klpforge.model import Object
+from klpforge.util.errors import InputError
 
 from .test_cases_diffa import CASE_FLAGS
 
@@ -196,7 +196,7 @@ def test_icf_folded_members_with_prefixes(gcc: str, tmp_path: Path, objtool612: 
     f, k = sym(o, "sum_front"), sym(o, "sum_back")
     if not (o.shndx[f] == o.shndx[k] and o.value[f] == o.value[k]):
         pytest.skip("gcc did not fold sum_front and sum_back")
-    from klpforge.icf import fold_groups
+    from klpforge.diff.icf import fold_groups
 
     assert all(not o.is_prefix[i] for g in fold_groups(o) for i in g)
     patched, lp = diff(a, b, tmp_path)
@@ -211,7 +211,7 @@ def test_objtool_finds_the_same_prefixes_in_the_live_patch(gcc: str, tmp_path: P
     padding it needs is there, 16 NOPs, in front of each."""
     a, b = compile_pair(gcc, tmp_path, UNIT % "3", UNIT % "5", "-fno-function-sections")
     diff(a, b, tmp_path)
-    from klpforge.emit.postlink import strip_klp
+    from klpforge.diff.emit.postlink import strip_klp
 
     link = tmp_path / "lp.link.o"
     strip_klp(tmp_path / "lp.o", link)
@@ -266,7 +266,7 @@ def test_site_tables_match_objtool_on_an_ordinary_module(gcc: str, tmp_path: Pat
     a, b = compile_pair(gcc, tmp_path, SITES % "3", SITES % "5", layout)
     patched, _ = diff(a, b, tmp_path)
     assert patched == ["foo"]
-    from klpforge.emit.postlink import strip_klp
+    from klpforge.diff.emit.postlink import strip_klp
 
     strip_klp(tmp_path / "lp.o", tmp_path / "lp.link.o")
     mod, ordinary = tmp_path / "mod.o", tmp_path / "ordinary.o"

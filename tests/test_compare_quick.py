@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from klpforge.arch import arch_for
-from klpforge.compare import compare
-from klpforge.correlate import correlate
-from klpforge.model import Object
+from klpforge.diff.arch import arch_for
+from klpforge.diff.compare import compare
+from klpforge.diff.correlate import correlate
+from klpforge.diff.model import Object
 
 from .conftest import PEER, peer_cases
 
@@ -33,7 +33,7 @@ def _per_entry_keys(keys, obj):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("case", CASES[::5])
 def test_bulk_relocation_keys_equal_per_entry_keys(case: dict) -> None:
-    from klpforge.compare import TargetKeys
+    from klpforge.diff.compare import TargetKeys
 
     o, p = Object.load(PEER / case["orig"]), Object.load(PEER / case["patched"])
     keys = TargetKeys(correlate(o, p), arch_for(o.elf.machine))
@@ -44,7 +44,7 @@ def test_bulk_relocation_keys_equal_per_entry_keys(case: dict) -> None:
 
 
 def test_bulk_keys_without_function_sections(cc) -> None:  # type: ignore[no-untyped-def]
-    from klpforge.compare import TargetKeys
+    from klpforge.diff.compare import TargetKeys
 
     src = "".join(f"static int s{i}(int x) {{ return x * {i}; }}\n" for i in range(40))
     src += "int (*tab[])(int) = {" + ", ".join(f"s{i}" for i in range(40)) + "};\n"

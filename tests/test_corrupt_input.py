@@ -120,7 +120,7 @@ def test_uncorrupted_pair_passes(pair: tuple[Path, Path], tmp_path: Path) -> Non
 
 def test_validate_refuses_a_livepatch_symbol_outside_klp_sym(pair: tuple[Path, Path], tmp_path: Path) -> None:
     from klpforge.elf.validate import validate
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
 
     a, _ = pair
     bad = tmp_path / "bad.o"
@@ -151,7 +151,7 @@ def test_diff_validates_its_own_output_before_writing(pair: tuple[Path, Path], t
     # the last line of defence: a malformed live patch (here: a gcc object with a RELA section linked to
     # section 0) is not renamed over -o
     from klpforge.commands.diff import _check_own_output
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
 
     a, _ = pair
     bad = tmp_path / ".lp.o.tmp"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.correlate import correlate
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import NoChange, UnsafeChange
-from klpforge.model import Object
+from klpforge.diff.correlate import correlate
+from klpforge.diff.model import Object
+from klpforge.util.errors import NoChange, UnsafeChange
 
 
 def diff(a: Path, b: Path, tmp: Path):
@@ -186,7 +186,7 @@ def test_function_without_fentry_is_refused(cc, tmp_path: Path) -> None:
 
 
 # 6.1's line-taking forms: generic WARN (warn_slowpath_fmt's 2nd parameter) and ASSERT_RTNL's
-# WARN_ONCE(..., "%s (%d)", __FILE__, __LINE__) (__warn_printk itself takes no line: klpforge/lineargs.py)
+# WARN_ONCE(..., "%s (%d)", __FILE__, __LINE__) (__warn_printk itself takes no line: klpforge/diff/lineargs.py)
 WARN = """
 extern void __warn_printk(const char *fmt, ...);
 extern void warn_slowpath_fmt(const char *file, const int line, unsigned taint, const char *fmt, ...);

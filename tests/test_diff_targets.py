@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import UnsafeChange
+from klpforge.util.errors import UnsafeChange
 
 JUMP = """
 struct static_key { int enabled; };

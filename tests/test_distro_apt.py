@@ -22,7 +22,7 @@ import pytest
 
 from klpforge.distro import debian
 from klpforge.distro.apt import KEYRING, SUITES, AptRoot, apt_root, sha256_file
-from klpforge.errors import InputError
+from klpforge.util.errors import InputError
 
 pytestmark = [pytest.mark.distro]
 
@@ -192,7 +192,7 @@ import sys
 import time
 from pathlib import Path
 from klpforge.distro.apt import apt_root
-from klpforge.proc import Terminated, end_children, install_signal_handlers
+from klpforge.util.proc import Terminated, end_children, install_signal_handlers
 install_signal_handlers()
 try:
     a = apt_root(sys.argv[1])

@@ -229,7 +229,7 @@ def test_alternatives_cut_to_the_replaced_function(debian_tree: DistroTree, tmp_
 @pytest.mark.parametrize("patch, message", [
     ("90-refuse-data.patch", "data file_caps_enabled (.bss.file_caps_enabled) changed"),
     ("91-refuse-init.patch", "changed function proc_version_init is in .init.text"),
-    # issue 16, struct layout changes: from the DWARF of Debian's -g objects (klpforge/layout.py)
+    # issue 16, struct layout changes: from the DWARF of Debian's -g objects (klpforge/diff/layout.py)
     ("92-refuse-layout-virtio-mmio.patch", "struct virtio_mmio_device changes layout (member wake_irq_enabled "
                                            "removed (was at offset "),
 ])

@@ -175,7 +175,7 @@ def test_own_patch_on_7_3_backports(tmp_path: Path) -> None:
     if not (debian.release_root(RELEASE_73) / "prepared.json").is_file() and \
             os.environ.get("KLPFORGE_DISTRO_73") != "1":
         pytest.skip(f"Debian {RELEASE_73} not prepared (KLPFORGE_DISTRO_73=1 prepares it)")
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
 
     try:
         tree = debian.prepare_tree(RELEASE_73)

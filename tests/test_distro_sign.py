@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from klpforge.distro.sign import SIG_MAGIC
-from klpforge.kbuild.prepare import KernelLayout, cache_root, check_config, fragment_lines, merge_fragment
+from klpforge.kbuild.prepare import KernelLayout, check_config, fragment_lines, merge_fragment
 from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+from klpforge.util.fsutil import cache_root
 
 pytestmark = [pytest.mark.kernel]
 

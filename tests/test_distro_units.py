@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from klpforge.diff.symtab import AmbiguousSymbol, TargetSymtab
 from klpforge.distro.base import parse_distro_spec
 from klpforge.distro.compile import overlay_command, parent_of
 from klpforge.distro.debian import check_compiler, package_names
 from klpforge.distro.match import check_sizes, object_function_sizes
 from klpforge.distro.symbols import kallsyms_to_readelf, shipped_sizes
-from klpforge.errors import InputError
 from klpforge.kbuild.tree import CompileCommand
-from klpforge.symtab import AmbiguousSymbol, TargetSymtab
+from klpforge.util.errors import InputError
 
 UNIT = """
 extern int g(int);
@@ -146,7 +146,7 @@ def test_kallsyms_sympos_by_neighbours(tmp_path: Path) -> None:
 
 def test_btf_id_slots_correlate_across_counter_shifts() -> None:
     """BTF_ID() slots are numbered by __COUNTER__ (include/linux/btf_ids.h): an edit above them renumbers them."""
-    from klpforge.names import canonical
+    from klpforge.diff.names import canonical
 
     assert canonical("__BTF_ID__struct__kallsym_iter__493952") == canonical("__BTF_ID__struct__kallsym_iter__493954")
     assert canonical("__BTF_ID__struct__a__1") != canonical("__BTF_ID__struct__b__1")

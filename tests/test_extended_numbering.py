@@ -38,7 +38,7 @@ def test_diff_across_extended_section_numbers(tmp_path: Path) -> None:
 def test_symbol_at_many_symbols_agrees_with_linear_rule(tmp_path: Path) -> None:
     """A .text with many functions (no -ffunction-sections) uses a binary search; it must give the same
     answers as the linear rule, ties included."""
-    from klpforge.model import Object
+    from klpforge.diff.model import Object
 
     lines = [".text"]
     for i in range(200):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.model import Object
+from klpforge.diff.model import Object
 
 SRC = """
 extern int printk(const char *, ...);
@@ -37,7 +37,7 @@ def test_folded_statics_pair_as_one_object(cc, tmp_path: Path) -> None:
 def test_folded_statics_no_change(cc, tmp_path: Path) -> None:
     import pytest
 
-    from klpforge.errors import NoChange
+    from klpforge.util.errors import NoChange
 
     a, b = cc(SRC.replace("K", "1"), "a"), cc("/* moved */\n" + SRC.replace("K", "1"), "b")
     with pytest.raises(NoChange):

@@ -500,8 +500,8 @@ def _exec_start(unit: Path) -> str:
 
 @pytest.mark.kernel
 def test_lifecycle_in_the_test_kernel(built: dict[str, Path], kernel: KernelLayout, tmp_path: Path) -> None:
-    from klpforge.proc import release, start
     from klpforge.qemu.initramfs import build_initramfs
+    from klpforge.util.proc import release, start
 
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed")

@@ -137,7 +137,7 @@ WantedBy=multi-user.target
 
 
 def test_deb_in_debian_with_systemd(debian_rootfs: Path, tmp_path: Path) -> None:
-    from klpforge.proc import release, start
+    from klpforge.util.proc import release, start
 
     ko = tmp_path / "livepatch-sockstat.ko"
     r = klpforge("build", "--distro", f"debian:{RELEASE}", str(ROOT / "tests/distro_patches/20-net-sockstat.patch"),

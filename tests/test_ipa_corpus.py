@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.errors import InputError
 from klpforge.ipa import find_dumps, load_index, predict
 from klpforge.ipa.closure import impact
 from klpforge.ipa.dumps import parse_dumps
+from klpforge.util.errors import InputError
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared/corpora/linux-6.1-x86_64_defconfig-ipa-clones.tar.xz"
 if not TARBALL.exists():

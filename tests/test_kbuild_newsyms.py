@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from klpforge.errors import UnsafeChange
 from klpforge.kbuild.module import ModuleExport, module_source
 from klpforge.kbuild.newsyms import exports_of, patch_exports, patch_globals
+from klpforge.util.errors import UnsafeChange
 
 EXPORT = r"""
 #define EXPORT(sym, sec, ns) \

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.errors import InputError, UnsafeChange
 from klpforge.kbuild.module import KlpFunc, KlpTarget, kbuild_file, module_source, sanitize_module_name
 from klpforge.kbuild.overlay import Overlay, reads_from_tree, rewrite_command
 from klpforge.kbuild.patchfile import SourcePatch, refusal_reason
 from klpforge.kbuild.prepare import check_config, fragment_lines, fragment_text, merge_fragment
 from klpforge.kbuild.restore import check_old_journal, journal_dir, tree_manifest
 from klpforge.kbuild.tree import CompileCommand
+from klpforge.util.errors import InputError, UnsafeChange
 
 PATCHES = Path(__file__).parent / "kernel_patches"
 
@@ -239,7 +239,7 @@ def test_children_end_with_klpforge_on_sigterm(tmp_path: Path) -> None:
     """SIGTERM while a child (a shell with its own child) runs: exit 143, one line, both processes gone."""
     code = textwrap.dedent("""
         import sys
-        from klpforge.proc import Terminated, install_signal_handlers, run
+        from klpforge.util.proc import Terminated, install_signal_handlers, run
         install_signal_handlers()
         try:
             run("sleep 300 & echo $! > {pidf}; wait", shell=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.errors import InputError
 from klpforge.kbuild.clang import Toolchain, check_supported, variant_for
 from klpforge.kbuild.prepare import KernelLayout
 from klpforge.kbuild.restore import tree_manifest
 from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+from klpforge.util.errors import InputError
 
 from .test_kernel_e2e import PATCHES, klpforge
 

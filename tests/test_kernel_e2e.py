@@ -490,8 +490,8 @@ def test_build_dir_of_another_tree_refused(kernel: KernelLayout, unchanged_tree:
 
 
 def test_tree_knows_parents_and_header_users(kernel: KernelLayout) -> None:
-    from klpforge.errors import InputError
     from klpforge.kbuild.tree import KernelTree
+    from klpforge.util.errors import InputError
 
     tree = KernelTree(kernel.src, kernel.build)
     assert tree.parent_of("fs/proc/uptime.o").target == "vmlinux"

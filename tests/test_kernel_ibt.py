@@ -17,10 +17,10 @@ import pytest
 
 from klpforge.elf import ElfFile
 from klpforge.elf import constants as C
-from klpforge.errors import UnsafeChange
 from klpforge.kbuild.module import check_orc, orc_places
 from klpforge.kbuild.prepare import KernelLayout
 from klpforge.kbuild.testkernel import prepared_kernel, require_kernel
+from klpforge.util.errors import UnsafeChange
 
 from .conftest import SHARED
 from .test_kernel_e2e import PATCHES, klpforge

@@ -1,7 +1,7 @@
 """A patch that changes a struct's layout is refused, naming the type, what changed and the replaced
 functions that use it; a patch that keeps every layout is not (issue 16, "struct layout changes").
 
-Objects compiled by gcc with -g during the run; the layouts come from their DWARF (klpforge/layout.py).
+Objects compiled by gcc with -g during the run; the layouts come from their DWARF (klpforge/diff/layout.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import NoChange, UnsafeChange
-from klpforge.layout import layout_changes
-from klpforge.model import Object
+from klpforge.diff.layout import layout_changes
+from klpforge.diff.model import Object
+from klpforge.util.errors import NoChange, UnsafeChange
 
 SRC = r"""
 struct dev { @HEAD@ @EXTRA@ @FLAGS@ flags; };

@@ -15,9 +15,9 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 from klpforge.diff import DiffOptions, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import ElfFile
-from klpforge.errors import UnsafeChange
-from klpforge.model import Object
+from klpforge.util.errors import UnsafeChange
 
 #: a module's tracepoint "ev" as include/linux/tracepoint.h builds it (6.1, x86_64, static calls inline)
 TRACE = r"""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from klpforge.diff import DiffOptions, run_diff
-from klpforge.errors import NoChange
+from klpforge.util.errors import NoChange
 
 SRC = r"""
 #define __stringify_1(x) #x
@@ -85,7 +85,7 @@ def test_changed_text_of_a_file_line_string_is_caught(cc, tmp_path: Path) -> Non
 
 # 6.1 fs/ext4/inode.c: check_block_validity() passes __func__, __LINE__ to a static helper that GCC
 # clones (IPA-CP propagates the constant __func__ away): __check_block_validity.constprop.0(inode, line,
-# map). The clone's line register comes from its DWARF (klpforge/dwarfread.py clone_line_regs).
+# map). The clone's line register comes from its DWARF (klpforge/diff/dwarfread.py clone_line_regs).
 CLONE = r"""
 struct inode { unsigned long i_ino; void *i_sb; };
 struct map { unsigned long long m_pblk; unsigned int m_lblk, m_len; };
@@ -134,9 +134,9 @@ def _clone_pair(cc, why_b: str, *flags: str) -> tuple[Path, Path]:
 
 def test_line_argument_of_a_gcc_clone_is_found_in_dwarf(cc, tmp_path: Path) -> None:
     """The issue's fs/ext4/inode.c comment case: the moved lines reach the clone's line argument."""
-    from klpforge.dwarfread import clone_line_regs
-    from klpforge.lineargs import LINE_ARGS
-    from klpforge.model import Object
+    from klpforge.diff.dwarfread import clone_line_regs
+    from klpforge.diff.lineargs import LINE_ARGS
+    from klpforge.diff.model import Object
 
     a, b = _clone_pair(cc, "2", "-g")
     assert "__check_block_validity.constprop.0" in Object.load(a).sym_names  # gcc made the clone

@@ -14,7 +14,7 @@ import pytest
 from klpforge.diff import DiffOptions, run_diff
 from klpforge.elf import ElfFile
 from klpforge.elf import constants as C
-from klpforge.errors import KlpError
+from klpforge.util.errors import KlpError
 
 from .conftest import PEER, peer_cases
 

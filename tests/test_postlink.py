@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 from klpforge.diff import DiffOptions, run_diff
+from klpforge.diff.emit.postlink import apply_klp, strip_klp
 from klpforge.elf import ElfFile
 from klpforge.elf import constants as C
-from klpforge.emit.postlink import apply_klp, strip_klp
 
 
 def klp_entries(path: Path) -> list[tuple[str, str, int, str, int, int]]:

@@ -1,5 +1,5 @@
 """A terminating signal at the worst moment (the scratch directory made, its name not yet bound to the cleanup)
-leaves nothing behind: :func:`klpforge.fsutil.scratch_dir` and :func:`klpforge.proc.signals_held`.
+leaves nothing behind: :func:`klpforge.util.fsutil.scratch_dir` and :func:`klpforge.util.proc.signals_held`.
 
 The signal is sent by the process to itself from inside ``tempfile.mkdtemp``, right after the directory exists:
 without the hold, Python would raise in the middle of ``mkdtemp`` and the directory would stay. Each case runs in
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PRELUDE = """
 import os, signal, sys, tempfile
 from pathlib import Path
-from klpforge.proc import Terminated, install_signal_handlers, signals_held
-from klpforge.fsutil import scratch_dir
+from klpforge.util.proc import Terminated, install_signal_handlers, signals_held
+from klpforge.util.fsutil import scratch_dir
 install_signal_handlers()
 real = tempfile.mkdtemp
 def mkdtemp(*a, **k):

@@ -109,7 +109,7 @@ def test_cache_directory_owned_by_another_user_is_refused(tmp_path: Path) -> Non
 
 def test_private_cache_under_sticky_tmp_is_accepted(tmp_path: Path) -> None:
     """/tmp is world-writable but sticky and root's: others cannot replace our entries (ssh's rule too)."""
-    from klpforge.fsutil import check_private_dir
+    from klpforge.util.fsutil import check_private_dir
     assert os.stat("/tmp").st_mode & 0o1000
     cache = tmp_path / "cache" / "kernel-6.1" / "build"
     cache.mkdir(parents=True)
@@ -510,7 +510,7 @@ def test_debian_provenance_names_each_package_by_version_and_hash(tmp_path: Path
     import hashlib
     import json
 
-    from klpforge.provenance import debian_packages, modinfo, record
+    from klpforge.util.provenance import debian_packages, modinfo, record
 
     root = tmp_path / "distro/debian/6.1.0-56-amd64"
     root.mkdir(parents=True)

@@ -3,9 +3,9 @@ real gcc during the run with the kernel-like flags of ../shared/cases/compile.sh
 ``-ffunction-sections -fdata-sections`` (one ``.text``, where the assembler resolves calls without relocations).
 
 1. identical-code-folded functions in one ``.text``: the other member's callers reach the shared address with
-   no relocation; they must still be found and moved to a copy of its old body (klpforge/icf.py);
-2. same-named function-scope statics are never paired by position (klpforge/statics.py);
-3. a branch relaxed to another encoding length, reaching the same target, is no change (klpforge/sharedsec.py).
+   no relocation; they must still be found and moved to a copy of its old body (klpforge/diff/icf.py);
+2. same-named function-scope statics are never paired by position (klpforge/diff/statics.py);
+3. a branch relaxed to another encoding length, reaching the same target, is no change (klpforge/diff/sharedsec.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from klpforge.diff import DiffOptions, DiffResult, run_diff
+from klpforge.diff.model import Object
 from klpforge.elf import constants as C
-from klpforge.errors import UnsafeChange
-from klpforge.model import Object
+from klpforge.util.errors import UnsafeChange
 
 from .conftest import SHARED
 

@@ -31,7 +31,7 @@ def _klp(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def xen_tree() -> Path:
     """Debian's Xen fetched and the hypervisor source built once (cached under the klpforge cache)."""
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
     from klpforge.xen.debian import DebianXen
     from klpforge.xen.tree import prepare_tree
     try:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from klpforge.arch import arch_for
-from klpforge.compare import compare
-from klpforge.correlate import correlate
+from klpforge.diff.arch import arch_for
+from klpforge.diff.compare import compare
+from klpforge.diff.correlate import correlate
+from klpforge.diff.model import Object
+from klpforge.diff.select import select
 from klpforge.elf import ElfFile
-from klpforge.emit.xen import FUNC_SIZE, PAYLOAD_VERSION, XenEmitOptions, emit_xen
-from klpforge.model import Object
-from klpforge.select import select
+from klpforge.xen.emit import FUNC_SIZE, PAYLOAD_VERSION, XenEmitOptions, emit_xen
 from klpforge.xen.payload import link_payload
 from klpforge.xen.syms import XenSyms, read_build_id
 
@@ -117,7 +117,7 @@ def test_source_must_match_binary(gcc: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["not-a-version", "debian:6.1"])
 def test_distro_spelling(bad: str) -> None:
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
     from klpforge.xen.debian import DebianXen
     with pytest.raises(InputError):
         DebianXen.parse(bad if ":" in bad else f"debian-xen:{bad}")
@@ -151,7 +151,7 @@ def test_cli_bad_input_one_line(tmp_path: Path) -> None:
 
 
 def test_other_compiler_refused(gcc: str, tmp_path: Path) -> None:
-    from klpforge.errors import InputError
+    from klpforge.util.errors import InputError
     from klpforge.xen.pipeline import _check_compiler
     a, _, syms = _objs(gcc, tmp_path, ORIG, ORIG)
     _check_compiler(XenSyms.load(syms), a)  # same gcc: fine

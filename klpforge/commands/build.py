@@ -13,11 +13,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import EXIT_NO_CHANGE, EXIT_UNSAFE, InputError, KlpError, UnsafeChange
-from ..fsutil import atomic_write
 from ..kbuild.pipeline import STEPS, SUBSTEPS, BuildOptions, BuildResult, build_livepatch
-from ..outputs import check_paths
-from ..termout import console, steps
+from ..util.errors import EXIT_NO_CHANGE, EXIT_UNSAFE, InputError, KlpError, UnsafeChange
+from ..util.fsutil import atomic_write
+from ..util.outputs import check_paths
+from ..util.termout import console, steps
 from ..xen.cli import add_build_args, run_xen_build, wants_xen_build
 
 __all__ = ["register", "run_build", "print_report"]
@@ -79,7 +79,7 @@ def run_build(args: argparse.Namespace) -> int:
                  "-s": args.src, "-O": args.build_dir, "-c": args.config, "--symbols": args.symbols,
                  "--symvers": args.symvers, "--modules": args.modules, "--headers": args.headers},
                 kinds={"-s": "dir", "-O": "dir", "--modules": "dir", "--headers": "dir"})
-    from ..unidiff import read_patch
+    from ..util.unidiff import read_patch
 
     for patch in patches:  # before any work: not a diff, or a path leaving the tree (absolute, '..')
         read_patch(Path(patch))

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..distro.build import STEPS, DistroBuildOptions, DistroBuildResult, build_distro
 from ..distro.symbols import kallsyms_to_readelf
-from ..termout import status, steps
+from ..util.termout import status, steps
 
 __all__ = ["run_distro_build", "print_distro_report"]
 
@@ -79,7 +79,7 @@ def run_distro_build(args: argparse.Namespace, con: Console) -> int:
             if args.emit_jobs == "-":
                 sys.stdout.write(text)
             else:
-                from ..fsutil import atomic_write
+                from ..util.fsutil import atomic_write
 
                 atomic_write(args.emit_jobs, text)
             return 0
@@ -99,7 +99,7 @@ def _run_one(args: argparse.Namespace, con: Console) -> int:
         tree = None
         if not args.distro:
             from ..distro.plain import plain_tree
-            from ..errors import InputError
+            from ..util.errors import InputError
 
             if not args.src:
                 raise InputError("the plain form needs -s SRC with -c CONFIG (or -O BUILD)")

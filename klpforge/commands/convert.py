@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..outputs import check_paths
+from ..util.outputs import check_paths
 
 __all__ = ["register", "run_convert"]
 

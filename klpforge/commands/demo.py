@@ -13,8 +13,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import EXIT_OK, InputError
-from ..outputs import check_output
+from ..util.errors import EXIT_OK, InputError
+from ..util.outputs import check_output
 
 __all__ = ["register", "CFLAGS", "compile_object"]
 
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from importlib import resources
 
     from ..diff import DiffOptions, run_diff
+    from ..diff.report import print_summary
     from ..elf import ElfFile
-    from ..report import print_summary
-    from ..termout import console, rule
+    from ..util.termout import console, rule
 
     con = console(highlight=False)
     final = _demo_outdir(args.outdir) if args.outdir else None
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             if n.startswith((".klp.sym.", "klpf_")):
                 con.print(f"  symbol  {n}")
         # klpforge impact: what -fdump-ipa-clones predicted for the changed helper, next to what diff found
-        from ..impact_check import check_impact, summary_lines
+        from ..diff.impact_check import check_impact, summary_lines
         rule(con, "klpforge diff --impact orig/ (ipa-clones prediction vs what diff found)")
         for line in summary_lines(check_impact(out / "orig", res, use_cache=False)):
             con.print(line, markup=False)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
-from ..outputs import atomic_write, check_paths
+from ..util.errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_UNSAFE, InputError, KlpError
+from ..util.outputs import atomic_write, check_paths
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from ..diff import DiffResult
+
+__all__ = ["register", "run_pair"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,6 +75,17 @@ def _target_name(target: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    res = run_pair(args)
+    if not args.quiet:
+        from ..diff.report import print_summary  # rich: only for the summary (process-per-object runs use -q)
+
+        print_summary(res)
+    return EXIT_OK
+
+
+def run_pair(args: argparse.Namespace) -> DiffResult:
+    """One ``klpforge diff`` (parsed ``args``) without the summary: check every path, diff, write the
+    output and the ``--json`` report; :mod:`.diffbatch` runs it per line. Raises :class:`KlpError`."""
     import os
     import tempfile
 
@@ -107,15 +122,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         _check_own_output(tmp, args.output)
         if args.impact:
-            from ..impact_check import check_impact
+            from ..diff.impact_check import check_impact
             report["impact"] = check_impact(Path(args.impact), res)
         if args.json:
             atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
         os.replace(tmp, args.output)
     finally:
         tmp.unlink(missing_ok=True)
-    if not args.quiet:
-        from ..report import print_summary  # rich: only for the summary (process-per-object runs use -q)
-
-        print_summary(res)
-    return EXIT_OK
+    return res

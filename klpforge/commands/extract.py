@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..outputs import check_paths
+from ..util.outputs import check_paths
 
 __all__ = ["register", "run_extract"]
 
@@ -22,7 +22,7 @@ def run_extract(args: argparse.Namespace) -> int:
     check_paths({}, {"patch": args.patch, "-s": args.src, "-O": args.build_dir}, kinds={"-s": "dir", "-O": "dir"})
     out = Path(args.output)
     if not out.parent.resolve().is_dir():
-        from ..errors import InputError
+        from ..util.errors import InputError
 
         raise InputError(f"-o {out}: directory {out.parent} does not exist")
     res = extract(Path(args.src), Path(args.build_dir) if args.build_dir else None, Path(args.patch), out,
@@ -55,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_from_source(args: argparse.Namespace) -> int:
     """``klpforge build --from-source DIR -s SRC [-O BUILD] [-o OUT.ko] [--force-source]``: compile, convert,
     cross-check; the per-function verdicts on stderr."""
-    from ..errors import InputError
     from ..source.frombuild import build_from_source
+    from ..util.errors import InputError
 
     if not args.src:
         raise InputError("--from-source needs -s KERNEL_SRC (and -O BUILD_DIR for an O= build)")

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..fsutil import atomic_write
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
 
 __all__ = ["register", "run"]
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--keep {args.keep}: directory is not empty")
         args.keep.mkdir(parents=True, exist_ok=True)
         args.keep = args.keep.resolve()
-    from ..termout import PIPE_WIDTH, console, status
+    from ..util.termout import PIPE_WIDTH, console, status
 
     # stdout is the report: a long run says it is still working on stderr, after HEARTBEAT_S seconds only
     with status(console(stderr=True), "flag-cost", "compiling each object twice", out=sys.stderr, announce=False):

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..outputs import atomic_write, check_paths
-from ..proc import signals_held
+from ..util.errors import InputError
+from ..util.outputs import atomic_write, check_paths
+from ..util.proc import signals_held
 
 __all__ = ["register", "run"]
 
@@ -134,11 +134,11 @@ def _run_distro(args: argparse.Namespace) -> int:
     tree's source."""
     from ..distro import backend_for
     from ..distro.compile import compile_original, ipa_dump_of
-    from ..fsutil import tree_lock
     from ..ipa import report
     from ..ipa.closure import impact
     from ..ipa.dumps import find_dumps
     from ..ipa.index import load_index
+    from ..util.fsutil import tree_lock
 
     mod, release = backend_for(args.distro)  # a malformed NAME:RELEASE first: nothing else is looked at
     check_paths({"--dot": args.dot, "--svg": args.svg}, {"--patch": args.patch}, reads=(".o", ".ipa-clones"))

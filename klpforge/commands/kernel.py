@@ -13,10 +13,10 @@ __all__ = ["register", "run_prepare"]
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare (or find cached) the kernel and print ``KERNEL_SRC=``/``KERNEL_BUILD=``/``BZIMAGE=`` lines."""
-    from ..errors import InputError
     from ..kbuild.clang import variant_for
     from ..kbuild.prepare import KernelLayout, prepare_kernel
-    from ..termout import console, status
+    from ..util.errors import InputError
+    from ..util.termout import console, status
 
     variant = variant_for(args.toolchain, args.lto, args.cfi)
     version = args.version or ("7.3" if variant else "6.1")

@@ -15,9 +15,9 @@ __all__ = ["register", "run_man"]
 def run_man(args: argparse.Namespace) -> int:
     """Write every page into ``--outdir`` (or one page, ``--page``, to stdout)."""
     from ..cli import _parser
-    from ..errors import InputError
-    from ..fsutil import atomic_write
     from ..host.manpage import man_pages
+    from ..util.errors import InputError
+    from ..util.fsutil import atomic_write
 
     pages = man_pages(_parser())
     if args.page:

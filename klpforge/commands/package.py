@@ -13,11 +13,11 @@ __all__ = ["register", "run_package"]
 
 def run_package(args: argparse.Namespace) -> int:
     """Check the inputs and the output path, build the package, print its path."""
-    from ..errors import InputError, UnsafeChange
     from ..host.deb import DebSpec, build_deb, deb_arch, package_name
     from ..host.inspect import inspect_module
     from ..host.unit import check_unit_names
-    from ..outputs import check_paths
+    from ..util.errors import InputError, UnsafeChange
+    from ..util.outputs import check_paths
 
     ko = Path(args.module)
     inputs = {"MODULE": ko, **{f"--patch {p}": Path(p) for p in args.patch}}

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
-from ..outputs import check_paths
 from ..qemu.modinfo import module_name
 from ..qemu.modprobe import ModIndex, modname
 from ..qemu.report import report_verify
 from ..qemu.targets import module_targets
 from ..qemu.verify import VerifySpec, check_bzimage, image_release, verify_module
-from ..termout import console, note, status
+from ..util.errors import InputError
+from ..util.outputs import check_paths
+from ..util.termout import console, note, status
 from ..xen.cli import add_verify_args, run_xen_verify, wants_xen_verify
 
 __all__ = ["register", "run_verify"]
@@ -117,8 +117,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def _check_release(ko: Path, bzimage: Path) -> None:
     """Refuse (exit 2, the words of ``klpforge load``) a module built for another kernel release than the image
     says it is, before a boot whose insmod could only fail ("invalid module format")."""
-    from ..errors import UnsafeChange
     from ..qemu.modinfo import modinfo
+    from ..util.errors import UnsafeChange
 
     built = modinfo(ko).get("vermagic", "").split(" ", 1)[0]
     release = image_release(bzimage)

@@ -16,9 +16,9 @@ __all__ = ["DistroTree", "parse_distro_spec", "backend_for"]
 def backend_for(spec: str) -> tuple[ModuleType, str]:
     """The backend module for ``NAME:RELEASE`` and the release: ``(module, release)``.
 
-    Raises :class:`~klpforge.errors.InputError` for an unknown distribution.
+    Raises :class:`~klpforge.util.errors.InputError` for an unknown distribution.
     """
-    from ..errors import InputError
+    from ..util.errors import InputError
 
     name, release = parse_distro_spec(spec)
     if name == "debian":

@@ -13,7 +13,7 @@ Trust chain: apt verifies each suite's ``InRelease`` signature and the ``Package
 ``.deb`` is checked against them after download *and* each time it is taken from the cache
 (:meth:`AptRoot.fetch`): a tampered file (even a valid archive) or a truncated one is removed and fetched
 again. Downloads go to a private temporary directory and are renamed into place only when verified;
-apt runs as a child of :mod:`klpforge.proc`, so it ends with klpforge (even after SIGKILL), and the
+apt runs as a child of :mod:`klpforge.util.proc`, so it ends with klpforge (even after SIGKILL), and the
 directory of a killed fetch is removed by the next one (:func:`_download_dir`).
 
 The archive host is the one the machine's own apt uses (``/etc/apt/sources.list*`` is only read for the
@@ -40,10 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import proc
-from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir, tree_lock
-from ..kbuild.prepare import cache_root
+from ..util import proc
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, cache_root, check_private_dir, tree_lock
 
 __all__ = ["Suite", "SUITES", "KEYRING", "AptRoot", "PackageRecord", "apt_root", "mirrors", "sha256_file",
            "disk_full_message"]

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["DistroTree", "parse_distro_spec", "run_logged", "Say"]
 
@@ -82,7 +82,7 @@ def run_logged(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str
     with log.open("ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
-        # klpforge.proc: make and every job it starts end with klpforge (a signal, SIGKILL included)
+        # klpforge.util.proc: make and every job it starts end with klpforge (a signal, SIGKILL included)
         r = run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         tail = [t.strip() for t in log.read_text(errors="replace").splitlines()[-12:] if t.strip()]

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import proc, provenance
-from ..buildlog import BuildLog
-from ..errors import InputError, KlpError, NoChange, UnsafeChange
-from ..fsutil import atomic_write, tree_lock
+from ..diff.symtab import AmbiguousSymbol
 from ..kbuild.diffstep import DiffOutcome, postlink_api, run_object_diff
 from ..kbuild.module import KlpTarget, build_module, sanitize_module_name
 from ..kbuild.newsyms import patch_globals
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import _check_resolvable, klp_targets, timed_step
 from ..kbuild.structsizes import struct_sizes
-from ..proc import signals_held
-from ..symtab import AmbiguousSymbol
+from ..util import proc, provenance
+from ..util.buildlog import BuildLog
+from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
+from ..util.fsutil import atomic_write, tree_lock
+from ..util.proc import signals_held
 from .base import DistroTree
 from .compile import compile_original, compile_patched, parent_of, recorded_command
 from .debian import make_command, package_records
@@ -86,7 +86,7 @@ class DistroBuildResult:
     tmpdir: Path | None = None
     notes: list[str] = field(default_factory=list)
     signed: bool = False
-    #: what went in (klpforge.provenance.record), also in the module's .modinfo
+    #: what went in (klpforge.util.provenance.record), also in the module's .modinfo
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
@@ -236,12 +236,12 @@ def _dbg_symtab(tree: DistroTree, progress: Progress | None) -> Path:
 def _seal_list(tree: DistroTree, tables: dict[str, Path]) -> Callable[[str], dict[str, list[bool]]]:
     """Target object name -> the shipped kernel's functions of it whose ENDBR is sealed, read on demand (only
     for an object whose function's address the patch takes). vmlinux: the seal list in ``vmlinuz``, named by
-    the vmlinux symbols (:func:`klpforge.emit.ibt.sealed_in_image`); a module: its own ``.ibt_endbr_seal``
-    (:func:`klpforge.emit.ibt.sealed_in_module`); without a ``vmlinuz`` (the plain form), the list of a vmlinux
+    the vmlinux symbols (:func:`klpforge.diff.emit.ibt.sealed_in_image`); a module: its own ``.ibt_endbr_seal``
+    (:func:`klpforge.diff.emit.ibt.sealed_in_module`); without a ``vmlinuz`` (the plain form), the list of a vmlinux
     given as ``--symbols``, none for a text symbol table. ``tables``: object name -> its shipped symbol table (the
     vmlinux symbols, the decompressed ``.ko``). Debian's 6.12 and later have ``CONFIG_X86_KERNEL_IBT=y``; a
     kernel without it has no seal list and nothing is refused."""
-    from ..emit.ibt import sealed_functions, sealed_in_image, sealed_in_module
+    from ..diff.emit.ibt import sealed_functions, sealed_in_image, sealed_in_module
 
     def load(obj: str) -> dict[str, list[bool]]:
         table = tables.get(obj)
@@ -279,7 +279,7 @@ def _link(tree: DistroTree, workdir: Path, modname: str, targets: list[KlpTarget
 
 def build_distro(opts: DistroBuildOptions, progress: Progress | None = None) -> DistroBuildResult:
     """Build the cumulative live patch; raises ``InputError``/``UnsafeChange``/``NoChange`` with one line (the
-    build log, kept in the cache on failure, is attached to the error: :mod:`klpforge.buildlog`)."""
+    build log, kept in the cache on failure, is attached to the error: :mod:`klpforge.util.buildlog`)."""
     if not opts.patches:
         raise InputError("no patch given")
     check_sign_args(opts.sign_key, opts.sign_cert)
@@ -379,7 +379,7 @@ def _build_distro(opts: DistroBuildOptions, patches: list[SourcePatch], blog: Bu
         with timed_step("link", timings, progress, f"linking {modname} against {tree.headers.name}"):
             post = postlink_api()
             if post is None:
-                raise InputError("klpforge.emit.postlink is missing from this checkout")
+                raise InputError("klpforge.diff.emit.postlink is missing from this checkout")
             targets, sidecars = klp_targets(outcomes, post)
             # what went in: packages (name, version, SHA-256), patches, compiler; in the report and .modinfo
             prov = provenance.record(opts.patches, provenance.config_compiler(tree.config),

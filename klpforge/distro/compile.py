@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import tree_lock
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.tree import CompileCommand, cmd_file_of, parse_cmd_file
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import tree_lock
+from ..util.proc import run
 from .base import DistroTree, run_logged
 from .debian import make_command
 from .roots import in_root
@@ -137,7 +137,7 @@ def compile_patched(tree: DistroTree, objs: list[str], overlay: Path, outdir: Pa
         rec = recorded_command(tree, obj)
         cmd = overlay_command(rec.command, obj, tree.src, overlay, outs[obj])
         # the whole recorded line (compiler and post-steps such as objtool) in the release's build root;
-        # klpforge.proc.run: ended on a signal
+        # klpforge.util.proc.run: ended on a signal
         return obj, run(in_root(tree, ["sh", "-c", cmd], cwd=tree.build), cwd=tree.build, capture_output=True,
                         text=True)
 

@@ -2,7 +2,7 @@
 
 A ``/proc/kallsyms`` capture (:mod:`klpforge.distro.symbols`) has no FILE symbols, so a static whose name
 exists several times in vmlinux (``session_id`` of 6.1 ``kernel/audit.c``) cannot always be placed
-(:class:`klpforge.symtab.AmbiguousSymbol`). ``linux-image-<release>-dbg`` holds the unstripped vmlinux
+(:class:`klpforge.diff.symtab.AmbiguousSymbol`). ``linux-image-<release>-dbg`` holds the unstripped vmlinux
 (``usr/lib/debug/boot/vmlinux-<release>``: FILE symbols, same addresses as the shipped image). It is
 858 MB for 6.1.0-56-amd64, so it is fetched only when a build needs it: the ``.deb`` is verified against
 the signed index (:meth:`klpforge.distro.apt.AptRoot.fetch`), only vmlinux is read out of it, and only its
@@ -16,9 +16,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 from .apt import apt_root, disk_full_message
 from .base import Say
 

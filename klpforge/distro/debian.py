@@ -25,10 +25,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from .. import proc
-from ..errors import InputError
-from ..fsutil import atomic_write, tree_lock
-from ..kbuild.prepare import cache_dir
+from ..util import proc
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, cache_dir, tree_lock
 from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged
 from .roots import build_root, in_root, root_for_config

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .base import parse_distro_spec
 
 __all__ = ["job_list", "output_for"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..elf import ElfFile
 from ..elf import constants as C
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["allowed_growth", "FunctionSize", "object_function_sizes", "check_sizes", "SizeVerdict", "nop_padding"]
 

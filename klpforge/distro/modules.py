@@ -19,8 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write, tree_lock
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, tree_lock
 from .base import DistroTree
 
 __all__ = ["modules_dep", "shipped_modules", "plain_module", "COMPRESSED", "compress_module"]
@@ -60,7 +60,7 @@ def plain_module(path: Path, cache_dir: Path | None = None) -> Path:
     if not name.endswith(".ko"):
         raise InputError(f"{path}: not a kernel module (expected NAME.ko{path.suffix})")
     if cache_dir is None:
-        from ..kbuild.prepare import cache_root
+        from ..util.fsutil import cache_root
 
         key = hashlib.sha256(str(path.parent.resolve()).encode()).hexdigest()[:16]
         cache_dir = cache_root() / "modules-plain" / key

@@ -20,9 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write, tree_lock
-from ..kbuild.prepare import cache_dir
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, cache_dir, tree_lock
 from .base import DistroTree, Say, run_logged
 from .debian import KCFLAGS, _check_config_kept, check_compiler, make_command
 

@@ -26,8 +26,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from ..errors import InputError
 from ..kbuild.patchfile import SourcePatch
+from ..util.errors import InputError
 from .base import DistroTree, Say
 
 __all__ = ["header_changes", "candidate_objects", "objects_including", "MAX_CANDIDATES"]
@@ -46,7 +46,7 @@ def _names_pattern(names: list[str]) -> str:
 def header_changes(patches: list[SourcePatch], src: Path) -> tuple[dict[str, list[str]], list[str]]:
     """``({header: [functions its hunks touch]}, [headers with hunks outside function bodies])``."""
     from ..ipa.patchmap import _hunk_lines, functions_in_source
-    from ..unidiff import read_patch
+    from ..util.unidiff import read_patch
 
     funcs: dict[str, list[str]] = {}
     outside: list[str] = []

@@ -36,10 +36,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import proc
-from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir, tree_lock
-from ..kbuild.prepare import cache_root
+from ..util import proc
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, cache_root, check_private_dir, tree_lock
 from .apt import KEYRING, SUITES, apt_root, disk_full_message, mirrors
 from .base import DistroTree, Say
 

@@ -24,8 +24,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
 from .base import DistroTree
 from .modules import COMPRESSED, compress_module
 from .roots import in_root

@@ -3,7 +3,7 @@ capture, since Debian's ``System.map`` is a stub and the ``-dbg`` vmlinux is 858
 
 The capture boots the shipped ``vmlinuz`` once under QEMU (``nokaslr``, ``kptr_restrict=0``) with a busybox
 initramfs that prints ``/proc/kallsyms`` between markers; it is cached per release. For the diff it is
-turned into ``readelf -s --wide`` text (:class:`klpforge.symtab.TargetSymtab` reads that): ``t``/``T`` become
+turned into ``readelf -s --wide`` text (:class:`klpforge.diff.symtab.TargetSymtab` reads that): ``t``/``T`` become
 ``FUNC``, lower case ``LOCAL``; sizes are the gap to the next symbol.
 
 >>> kallsyms_to_readelf("ffffffff81000000 T _stext\\nffffffff81000010 t foo\\n").splitlines()[2].split()[1:5]
@@ -20,10 +20,10 @@ from pathlib import Path
 
 from ..elf import ElfFile
 from ..elf import constants as C
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import run
 from ..qemu.initramfs import build_initramfs
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 from .base import Say
 
 __all__ = ["module_index", "kallsyms_to_readelf", "capture_kallsyms", "shipped_sizes"]
@@ -125,7 +125,7 @@ reboot -f
                "-serial", "stdio", "-no-reboot", "-kernel", str(vmlinuz), "-initrd", str(initrd),
                "-append", "console=ttyS0 panic=-1 nokaslr quiet loglevel=1"]
         try:
-            r = run(cmd, capture_output=True, timeout=timeout)  # klpforge.proc: QEMU never outlives klpforge
+            r = run(cmd, capture_output=True, timeout=timeout)  # klpforge.util.proc: QEMU never outlives klpforge
         except subprocess.TimeoutExpired:
             raise InputError(f"booting {vmlinuz} to read /proc/kallsyms timed out after {timeout:.0f} s") from None
     text = r.stdout.decode(errors="replace").replace("\r", "")

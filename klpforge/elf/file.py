@@ -1,6 +1,6 @@
 """Reading ELF files: header, sections, symbols, relocations and groups as numpy tables.
 
-Every check that can fail on a damaged file raises :class:`klpforge.errors.InputError` with one line
+Every check that can fail on a damaged file raises :class:`klpforge.util.errors.InputError` with one line
 naming the file and what is wrong, so callers never see a traceback.
 
 >>> elf = ElfFile.open("vmlinux.o")
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..fsutil import open_regular
+from ..util.errors import InputError
+from ..util.fsutil import open_regular
 from . import constants as C
 from .types import RELOC, SHDR, SYM, Endian, raw_rel, raw_rela, raw_shdr, raw_sym
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..util.arrays import isin
 from . import constants as C
 from .file import ElfFile
 
@@ -69,7 +70,7 @@ def check_sections(elf: ElfFile) -> None:
             i = int(rel[bad][0])
             raise fail(f"corrupt: relocation section [{i}] applies to section {int(sh['info'][i])} of {n}")
         ttype = typ[info]
-        bad = ~np.isin(ttype, RELOCATABLE_TYPES) & (ttype < _SHT_LOOS)
+        bad = ~isin(ttype, RELOCATABLE_TYPES) & (ttype < _SHT_LOOS)
         if bad.any():
             i = int(rel[bad][0])
             raise fail(f"corrupt: relocation section [{i}] applies to section [{int(sh['info'][i])}] of "
@@ -205,7 +206,7 @@ def check_symbols(elf: ElfFile) -> None:
     if len(idx):
         secs = ndx[idx]
         kind = sh["type"][secs]
-        bad = np.isin(kind, _NO_DEFINITIONS)
+        bad = isin(kind, _NO_DEFINITIONS)
         if bad.any():
             j = int(idx[bad][0])
             raise fail(f"corrupt: {name(j)} is defined in section [{int(ndx[j])}], which is ELF metadata "

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..arch import Arch, arch_for
-from ..disasm import decoder
+from ..diff.arch import Arch, arch_for
+from ..diff.disasm import decoder
+from ..diff.model import Object
 from ..elf import constants as C
-from ..model import Object
 
 __all__ = ["Func", "function_facts", "live_across_calls", "can_return", "CALLER_SAVED_X86"]
 

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["BASE_FLAGS", "compile_argv", "CompileJob", "CompileResult", "run_jobs", "lto_refusal",
            "LTO_MESSAGE"]
@@ -154,7 +154,7 @@ def run_jobs(jobs: Sequence[CompileJob], parallel: int,
             if progress is not None:
                 progress(res)
     except BaseException:
-        # a signal: klpforge.proc ended the running compilers' groups; start no queued one
+        # a signal: klpforge.util.proc ended the running compilers' groups; start no queued one
         ex.shutdown(wait=True, cancel_futures=True)
         raise
     ex.shutdown(wait=True)

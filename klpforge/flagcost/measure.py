@@ -12,13 +12,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arch import arch_for
-from ..compare import CHANGED, compare
-from ..correlate import correlate
+from ..diff.arch import arch_for
+from ..diff.compare import CHANGED, compare
+from ..diff.correlate import correlate
+from ..diff.model import Object
+from ..diff.names import base_function, clone_parent, is_cold
 from ..elf import constants as C
-from ..errors import InputError, KlpError
-from ..model import Object
-from ..names import base_function, clone_parent, is_cold
+from ..util.errors import InputError, KlpError
 from .calls import Func, function_facts
 from .reasons import REASON_KINDS, Context, Reason, explain, read_dump
 

@@ -34,8 +34,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import Object
-from ..names import base_function, canonical, is_cold
+from ..diff.model import Object
+from ..diff.names import base_function, canonical, is_cold
 from .calls import Func, call_segments, can_return, live_across_calls
 
 __all__ = ["Reason", "REASON_KINDS", "Dump", "read_dump", "explain", "Context"]

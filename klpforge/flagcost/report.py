@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import atomic_write
+from ..util.fsutil import atomic_write
 from .measure import FunctionCost, ObjectCost
 from .run import FlagCostResult
 

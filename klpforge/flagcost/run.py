@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..proc import signals_held
+from ..util.errors import InputError
+from ..util.proc import signals_held
 from .compile import CompileJob, CompileResult, compile_argv, lto_refusal, run_jobs
 from .measure import BuildPair, ObjectCost, measure_object
 from .sources import MakeArgs, find_units, plain_make, remove_tree

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
 from ..kbuild.tree import cmd_file_of, parse_cmd_file
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["Unit", "find_units", "read_cmd", "record_in_copy", "plain_make", "MakeArgs", "remove_tree"]
 

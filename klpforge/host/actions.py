@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, UnsafeChange
-from ..fsutil import atomic_write
-from ..proc import run
+from ..util.errors import InputError, UnsafeChange
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 from .checks import load_reasons, release_reasons
 from .inspect import PatchModule, inspect_module
 from .store import InstalledPatch, install_module, installed

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InputError
+from ..util.errors import InputError
 from .inspect import PatchModule
 from .store import PACKAGED, sidecar_text
 from .unit import loader_script, unit_text

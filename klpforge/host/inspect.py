@@ -33,7 +33,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["KlpFunc", "KlpObject", "PatchModule", "inspect_module", "SIGNATURE_MAGIC"]
 

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
 from .inspect import PatchModule
 
 __all__ = ["STORE", "PACKAGED", "InstalledPatch", "host_root", "store_dir", "install_module", "installed",

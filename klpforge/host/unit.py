@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["loader_script", "loader_path", "unit_text", "UNIT_NAME", "check_unit_names"]
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .index import KINDS, SYM_BINDS, SYM_TYPES, Index
 from .objsyms import reloc_callers
 from .tokens import hash_strings

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..fsutil import open_regular
+from ..util.errors import InputError
+from ..util.fsutil import open_regular
 from .tokens import PAD, find_seps, group, span_hash, u64_view
 
 __all__ = ["DUMP_SUFFIX", "KIND_CODES", "RawDumps", "find_dumps", "parse_dumps", "object_for_dump", "objects_for_dumps",

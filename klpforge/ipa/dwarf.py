@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..fsutil import open_regular, scratch_dir
+from ..util.errors import InputError
+from ..util.fsutil import open_regular, scratch_dir
 from .index import Index, build_index
 from .objsyms import read_symbols, syms_text
 

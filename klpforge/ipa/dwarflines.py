@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..fsutil import open_regular
+from ..util.errors import InputError
+from ..util.fsutil import open_regular
 
 __all__ = ["function_extents", "functions_at_lines", "has_dwarf"]
 

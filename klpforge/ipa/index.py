@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..fsutil import open_regular
-from ..kbuild.prepare import cache_dir as _cache_dir
+from ..util.errors import InputError
+from ..util.fsutil import cache_dir as _cache_dir
+from ..util.fsutil import open_regular
 from .dumps import RawDumps, classify, lto_link_of, object_for_dump, objects_for_dumps, parse_dumps, read_files
 from .objsyms import read_symbols, syms_text
 from .tokens import (
@@ -50,8 +50,8 @@ _LTO_PRIV = re.compile(r"\.lto_priv\.\d+")
 
 def cache_dir() -> Path:
     """The klpforge cache root (``$KLPFORGE_CACHE``, else ``$XDG_CACHE_HOME/klpforge``, else
-    ``~/.cache/klpforge``: :func:`klpforge.kbuild.prepare.cache_root`), its ``impact/`` directory checked
-    to be writable by the user only (:func:`klpforge.fsutil.check_private_dir`)."""
+    ``~/.cache/klpforge``: :func:`klpforge.util.fsutil.cache_root`), its ``impact/`` directory checked
+    to be writable by the user only (:func:`klpforge.util.fsutil.check_private_dir`)."""
     return _cache_dir("impact").parent
 
 

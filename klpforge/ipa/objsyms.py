@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from ..errors import InputError
-from ..fsutil import open_regular
+from ..util.errors import InputError
+from ..util.fsutil import open_regular
 
 __all__ = ["Sym", "read_symbols", "syms_text", "reloc_callers"]
 

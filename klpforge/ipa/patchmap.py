@@ -10,14 +10,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..unidiff import Hunk, read_patch
+from ..util.errors import InputError
+from ..util.unidiff import Hunk, read_patch
 
 __all__ = ["changed_lines", "locate", "functions_in_source", "functions_of_patch"]
 
 def changed_lines(patch: Path, strip: int = 1) -> dict[str, set[int]]:
     """Pre-patch file -> the old line numbers each hunk removes or inserts after, with the one parser
-    ``build`` uses too (:mod:`klpforge.unidiff`: ``-p1`` by default, so ``a/``, ``src.orig/``, ``linux.orig/``
+    ``build`` uses too (:mod:`klpforge.util.unidiff`: ``-p1`` by default, so ``a/``, ``src.orig/``, ``linux.orig/``
     prefixes all work). New files (``/dev/null`` before) have no old lines and are left out.
 
     >>> changed_lines(Path("fix.patch"))  # doctest: +SKIP

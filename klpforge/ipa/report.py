@@ -10,9 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 from .closure import Chain, Entry, ImpactResult, Step
 
 __all__ = ["to_text", "to_json", "to_dot", "write_svg", "relative_paths", "CHAIN_SHOWN"]

@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["Toolchain", "LLVM_SUFFIX", "check_supported", "variant_for", "clang_root_for",
            "root_binds", "wrap_shell", "tools_in_root", "LLVM_TOOLS", "RootRunner"]
@@ -177,7 +177,7 @@ def tools_in_root(root: object, binds: list[Path]) -> Iterator[None]:
 @dataclass(frozen=True)
 class RootRunner:
     """Runs shell commands in ``root`` with ``binds`` writable (``runner(cmd, cwd)``), as a child of
-    :mod:`klpforge.proc` (ended with klpforge)."""
+    :mod:`klpforge.util.proc` (ended with klpforge)."""
 
     root: object
     binds: tuple[Path, ...]

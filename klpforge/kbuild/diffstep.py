@@ -3,7 +3,7 @@
 The contract used here: ``run_diff(orig, patched, out, DiffOptions(target=, symtab=, symvers=, env=))``
 returns a result with ``patched_functions`` (each ``.old_name``, ``.sympos``, ``.new_symbol``), optional
 ``callbacks`` and a ``report`` dict; it raises ``UnsafeChange``/``NoChange``/``InputError``.
-Linking through Kbuild uses ``klpforge.emit.postlink.strip_klp``/``apply_klp``.
+Linking through Kbuild uses ``klpforge.diff.emit.postlink.strip_klp``/``apply_klp``.
 
 >>> adapt_callbacks({"pre_patch": "klp_cb_pre"})
 {'pre_patch': 'klp_cb_pre'}
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .module import CALLBACK_KINDS, KlpFunc
 
 __all__ = ["DiffOutcome", "run_object_diff", "adapt_callbacks", "postlink_api"]
@@ -52,11 +52,11 @@ def _diff_module() -> Any:
 
 
 def postlink_api() -> Any | None:
-    """``klpforge.emit.postlink`` if present (``strip_klp``, ``apply_klp``), else None."""
+    """``klpforge.diff.emit.postlink`` if present (``strip_klp``, ``apply_klp``), else None."""
     try:
-        mod = importlib.import_module("klpforge.emit.postlink")
+        mod = importlib.import_module("klpforge.diff.emit.postlink")
     except ModuleNotFoundError as e:
-        if e.name == "klpforge.emit.postlink":
+        if e.name == "klpforge.diff.emit.postlink":
             return None
         raise
     return mod if hasattr(mod, "strip_klp") and hasattr(mod, "apply_klp") else None

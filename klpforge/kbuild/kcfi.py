@@ -23,7 +23,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from ..errors import UnsafeChange
+from ..util.errors import UnsafeChange
 
 __all__ = ["cfi_hashes", "check_kcfi", "PREFIX"]
 

@@ -2,7 +2,7 @@
 
 A diff runs one object at a time, so a global that one object of the patch adds and another one calls is,
 for the caller's diff, an undefined symbol like any kernel symbol; :func:`patch_globals` names those so
-the module builder binds them to the module's own definition (``klpforge.emit.postlink.apply_klp``).
+the module builder binds them to the module's own definition (``klpforge.diff.emit.postlink.apply_klp``).
 
 ``EXPORT_SYMBOL(x)`` (Linux 6.1 ``include/linux/export.h``) puts a ``struct kernel_symbol`` in section
 ``___ksymtab+x`` (``___ksymtab_gpl+x`` for the GPL form; ``__ksymtab_x`` labels it) and the name and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..elf import ElfFile
 from ..elf import constants as C
-from ..errors import UnsafeChange
+from ..util.errors import UnsafeChange
 from .module import ModuleExport
 
 __all__ = ["defined_globals", "patch_globals", "exports_of", "patch_exports"]

@@ -26,9 +26,9 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
-from .prepare import cache_dir
+from ..util.errors import InputError
+from ..util.fsutil import cache_dir
+from ..util.proc import run
 
 __all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool"]
 

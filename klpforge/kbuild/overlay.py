@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InputError
+from ..util.errors import InputError
 from .patchfile import SourcePatch
 
 __all__ = ["Overlay", "rewrite_command", "reads_from_tree", "dep_paths"]

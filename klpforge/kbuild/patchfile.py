@@ -11,9 +11,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, UnsafeChange
-from ..proc import run
-from ..unidiff import read_patch
+from ..util.errors import InputError, UnsafeChange
+from ..util.proc import run
+from ..util.unidiff import read_patch
 
 __all__ = ["SourcePatch", "refusal_reason"]
 
@@ -62,7 +62,7 @@ class SourcePatch:
     @classmethod
     def parse(cls, path: Path, strip: int = 1) -> SourcePatch:
         """Read ``path`` (``patch -p<strip>`` convention, default ``-p1`` as git and kpatch-build write),
-        with the one parser ``impact --patch`` uses too (:mod:`klpforge.unidiff`)."""
+        with the one parser ``impact --patch`` uses too (:mod:`klpforge.util.unidiff`)."""
         files: list[str] = []
         created: list[str] = []
         deleted: list[str] = []

@@ -12,7 +12,7 @@ Steps (each timed, see :attr:`BuildResult.timings`):
 3. *patched*: the same with the patched copies in place. The user's source and build trees are only read.
 4. *diff*: :mod:`klpforge.diff` per object, with the parent's symbol table and ``Module.symvers``.
 5. *module*: generate the ``klp_patch`` source, link with Kbuild (``make -C BUILD M=tmp modules``).
-6. *postlink*: put the klp relocations back into the ``.ko`` (``klpforge.emit.postlink``), with sympos
+6. *postlink*: put the klp relocations back into the ``.ko`` (``klpforge.diff.emit.postlink``), with sympos
    from the linked vmlinux, and write the output atomically.
 
 >>> res = build_livepatch(BuildOptions(src=Path("linux"), patch=Path("fix.patch")))   # doctest: +SKIP
@@ -37,11 +37,11 @@ from typing import Any
 
 from elftools.elf.elffile import ELFFile
 
-from .. import provenance
-from ..buildlog import BuildLog
-from ..errors import InputError, KlpError, NoChange, UnsafeChange
-from ..fsutil import atomic_write
-from ..proc import kill_children, run, signals_held
+from ..util import provenance
+from ..util.buildlog import BuildLog
+from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
+from ..util.fsutil import atomic_write
+from ..util.proc import kill_children, run, signals_held
 from .clang import RootRunner, Toolchain, cc_version_text, check_supported, clang_root_for, root_binds, tools_in_root
 from .diffstep import DiffOutcome, postlink_api, run_object_diff
 from .kcfi import check_kcfi
@@ -96,7 +96,7 @@ class BuildResult:
     tmpdir: Path | None = None
     #: symbols the patch adds with EXPORT_SYMBOL*, exported by the live patch module
     exports: list[ModuleExport] = field(default_factory=list)
-    #: what went in (klpforge.provenance.record), also in the module's .modinfo
+    #: what went in (klpforge.util.provenance.record), also in the module's .modinfo
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def klp_targets(outcomes: list[DiffOutcome], post: Any, what: str = "") -> tuple
         if _has_klp_sections(o.out):
             if post is None:
                 raise InputError(f"{o.obj}: the livepatch needs klp relocations but "
-                                 "klpforge.emit.postlink is not available yet")
+                                 "klpforge.diff.emit.postlink is not available yet")
             linkable = o.out.with_suffix(".link.o")
             sidecars.append(post.strip_klp(o.out, linkable))
         linkable = _export_callbacks(linkable, o, len(t.objects) + 100 * len(targets))
@@ -424,7 +424,7 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
                           opts.jobs, log, exports, provenance.modinfo(prov))
     with timed_step("postlink", timings, progress, "writing klp relocations"):
         if sidecars:  # all objects in one rewrite; the patch's own new globals bind inside the module
-            from ..emit.ibt import seal_lists  # a module target's .ko has its own seal list
+            from ..diff.emit.ibt import seal_lists  # a module target's .ko has its own seal list
 
             post.apply_klp(ko, sidecars, tree.vmlinux,  # type: ignore[union-attr]
                            patch_globals(orig, patched),

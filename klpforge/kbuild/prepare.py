@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write, check_private_dir, tree_lock
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write, cache_dir, cache_root, tree_lock
+from ..util.proc import run
 
 __all__ = [
     "KernelLayout",
     "PrepareResult",
-    "cache_root",
-    "cache_dir",
     "fragment_lines",
     "merge_fragment",
     "check_config",
@@ -53,36 +51,6 @@ __all__ = [
 BUSYBOX = Path("/bin/busybox")
 
 _STAMP = ".klpforge-prepared.json"
-
-
-def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:
-    """Directory under which prepared kernels live.
-
-    ``cache`` wins, then ``$KLPFORGE_CACHE``, then ``$XDG_CACHE_HOME/klpforge``, then ``~/.cache/klpforge``.
-
-    >>> cache_root("/tmp/c")
-    PosixPath('/tmp/c')
-    """
-    if cache:
-        return Path(cache).expanduser().resolve()
-    if os.environ.get("KLPFORGE_CACHE"):
-        return Path(os.environ["KLPFORGE_CACHE"]).expanduser().resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return (base / "klpforge").resolve()
-
-
-def cache_dir(*parts: str, cache: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_root(cache) / parts``, refused unless only the user (or root) can write it, everything
-    below it and every directory above it (:func:`klpforge.fsutil.check_private_dir`): klpforge compiles
-    and runs what the cache holds. Raises :class:`InputError` naming the directory and the reason.
-
-    >>> cache_dir("kernel-6.1", cache="/tmp/no-such-cache")
-    PosixPath('/tmp/no-such-cache/kernel-6.1')
-    """
-    d = cache_root(cache).joinpath(*parts)
-    check_private_dir(d)
-    return d
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
-from .prepare import cache_dir
+from ..util.errors import InputError
+from ..util.fsutil import cache_dir
 
 __all__ = ["check_old_journal", "journal_dir", "tree_manifest"]
 

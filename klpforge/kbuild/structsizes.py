@@ -16,8 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 from .tree import KernelTree
 
 __all__ = ["struct_sizes", "PROBE_SOURCE"]

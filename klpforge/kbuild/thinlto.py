@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["LtoPlan", "relink_index", "backend_command", "backend", "index_objects", "native_name",
            "stable_llvm_names"]

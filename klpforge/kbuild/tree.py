@@ -21,8 +21,8 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path", "cmd_file_of", "parse_cmd_file"]
 

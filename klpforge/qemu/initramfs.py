@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["build_initramfs", "cpio_list"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["modinfo", "module_name", "livepatch_sysfs_name"]
 

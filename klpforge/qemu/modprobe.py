@@ -26,7 +26,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["ModIndex", "modname"]
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from rich.markup import escape
 
-from ..outputs import atomic_write
+from ..util.outputs import atomic_write
 
 __all__ = ["report_verify"]
 

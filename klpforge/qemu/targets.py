@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
 from ..host.inspect import inspect_module
+from ..util.errors import InputError
 
 __all__ = ["PatchTarget", "patch_targets", "module_targets"]
 

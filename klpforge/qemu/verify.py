@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import release, start
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import release, start
 from .initramfs import build_initramfs
 from .modinfo import modinfo, module_name
 
@@ -304,7 +304,7 @@ def check_bzimage(path: Path) -> None:
     >>> check_bzimage(Path("/dev/null"))
     Traceback (most recent call last):
     ...
-    klpforge.errors.InputError: /dev/null: not a bzImage (no "HdrS" boot header at 0x202: file too short)
+    klpforge.util.errors.InputError: /dev/null: not a bzImage (no "HdrS" boot header at 0x202: file too short)
     """
     try:
         with path.open("rb") as f:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UnsafeChange
+from ..util.errors import UnsafeChange
 
 __all__ = ["Item", "parse_items", "Closure", "closure", "identifiers"]
 

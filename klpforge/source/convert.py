@@ -8,10 +8,10 @@ loader cannot resolve. The kernel resolves them instead through livepatch reloca
 each reference becomes an entry of a ``.klp.rela.<obj>.<section>`` section (``SHF_RELA_LIVEPATCH``)
 against a ``.klp.sym.<obj>.<name>,<sympos>`` symbol (``SHN_LIVEPATCH``).
 
-The conversion reuses the post-link step of ``klpforge build`` (:func:`klpforge.emit.postlink.apply_klp`):
+The conversion reuses the post-link step of ``klpforge build`` (:func:`klpforge.diff.emit.postlink.apply_klp`):
 the converted symbols and their ordinary relocations are removed, each section that had one gets an
 anchor symbol, and ``apply_klp`` writes the klp sections -- the same code that carries the binary diff's
-klp relocations through the module link. ``sympos`` comes from :class:`klpforge.symtab.TargetSymtab`, the
+klp relocations through the module link. ``sympos`` comes from :class:`klpforge.diff.symtab.TargetSymtab`, the
 kernel's count (0 for a unique name, else the rank among same-named symbols).
 
 Exported symbols (``__ksymtab_<name>`` in the target, or a line of ``--symvers``) stay ordinary
@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..diff.emit.postlink import apply_klp
+from ..diff.symtab import TargetSymtab, load_symvers
 from ..elf import ElfFile
 from ..elf import constants as C
 from ..elf.rewrite import Rewriter
-from ..emit.postlink import apply_klp
-from ..errors import InputError, UnsafeChange
-from ..fsutil import atomic_write
-from ..symtab import TargetSymtab, load_symvers
+from ..util.errors import InputError, UnsafeChange
+from ..util.fsutil import atomic_write
 
 __all__ = ["convert_module", "ConvertResult", "load_symbols", "parse_sympos", "MARKER_SECTION"]
 
@@ -219,7 +219,7 @@ def convert_module(ko: Path, out: Path, symbols: Path, module_dirs: Sequence[Pat
 def _strip(elf: ElfFile, ko: Path, convert: Mapping[int, str], out: Path) -> list[dict[str, Any]]:
     """Write ``out``: ``ko`` without the converted symbols (the rewrite drops their relocations), without
     the marker section, with one anchor per section that referred to them; return the relocations as a
-    :mod:`klpforge.emit.postlink` sidecar."""
+    :mod:`klpforge.diff.emit.postlink` sidecar."""
     tag = hashlib.blake2b(str(ko.resolve()).encode(), digest_size=6).hexdigest()
     relocs: list[dict[str, Any]] = []
     anchors: dict[int, str] = {}

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, UnsafeChange
+from ..diff.symtab import TargetSymtab
 from ..kbuild.module import KlpFunc, KlpTarget, module_source, sanitize_module_name
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import BuildOptions, BuildResult, build_livepatch, data_include_dir
 from ..kbuild.tree import KernelTree
-from ..symtab import TargetSymtab
+from ..util.errors import InputError, UnsafeChange
 from .closure import Closure, closure, parse_items
 
 __all__ = ["extract", "ExtractResult", "render", "CLONE", "unit_name", "new_symbol"]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from ..elf import ElfFile
 from ..elf import constants as C
-from ..errors import InputError, UnsafeChange
-from ..fsutil import atomic_write
 from ..kbuild.tree import KernelTree
-from ..proc import run
+from ..util.errors import InputError, UnsafeChange
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 from .convert import ConvertResult, convert_module
 from .extract import MANIFEST, new_symbol
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..outputs import check_paths
 from ..qemu.report import report_verify
-from ..termout import console, status, steps
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.outputs import check_paths
+from ..util.termout import console, status, steps
 from .debian import DebianXen
 from .pipeline import STEPS as XEN_STEPS
 from .pipeline import XenBuildOptions, XenBuildResult, build_xen_payload

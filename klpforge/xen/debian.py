@@ -25,10 +25,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import proc
 from ..distro.apt import PackageRecord, apt_root
-from ..errors import InputError
-from ..kbuild.prepare import cache_dir
+from ..util import proc
+from ..util.errors import InputError
+from ..util.fsutil import cache_dir
 
 __all__ = ["DebianXen", "XenBinaries", "DOM0_KERNEL", "SOURCE_SUITES"]
 

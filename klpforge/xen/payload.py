@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..elf import ObjectWriter
 from ..elf import constants as C
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import run
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import run
 
 __all__ = ["note", "notes_object", "link_payload"]
 

@@ -4,7 +4,7 @@ Steps (each timed): *check* (tree built with CONFIG_LIVEPATCH, the patch applies
 changes), *orig* and *patched* (recompile those objects with their recorded commands into a temp dir; the
 patch is applied to private copies and both compiles read the tree through an
 :class:`~klpforge.kbuild.overlay.Overlay` view: the user's tree is never written), *diff* (read →
-correlate → compare → select → :func:`klpforge.emit.xen.emit_xen` per object),
+correlate → compare → select → :func:`klpforge.xen.emit.emit_xen` per object),
 *link* (``ld -r --build-id=sha1`` with the dependency notes).
 
 >>> res = build_xen_payload(XenBuildOptions(src=Path("xen"), patch=Path("fix.patch"),
@@ -20,19 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arch import arch_for
-from ..buildlog import BuildLog
-from ..compare import compare
-from ..correlate import correlate
-from ..diff import _check_pair
-from ..emit.xen import XenEmitOptions, XenFunc, emit_xen
-from ..errors import InputError, KlpError, NoChange, UnsafeChange
-from ..fsutil import scratch_dir
+from ..diff.arch import arch_for
+from ..diff.compare import compare
+from ..diff.correlate import correlate
+from ..diff.model import Object
+from ..diff.run import check_pair
+from ..diff.select import select
 from ..kbuild.overlay import Overlay
 from ..kbuild.patchfile import SourcePatch
-from ..model import Object
-from ..proc import signals_held
-from ..select import select
+from ..util.buildlog import BuildLog
+from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
+from ..util.fsutil import scratch_dir
+from ..util.proc import signals_held
+from .emit import XenEmitOptions, XenFunc, emit_xen
 from .payload import link_payload
 from .syms import XenSyms
 from .tree import XenTree
@@ -116,7 +116,7 @@ def build_xen_payload(opts: XenBuildOptions,
     """Build the payload (see the module docstring). Raises :class:`InputError` (1),
     :class:`UnsafeChange` (2, every refusal with its symbol and reason) or :class:`NoChange` (3);
     nothing is written then, and the tree is left as it was. The build log is kept in the cache on failure
-    and attached to the error (:mod:`klpforge.buildlog`)."""
+    and attached to the error (:mod:`klpforge.util.buildlog`)."""
     blog: BuildLog | None = None
     try:
         with signals_held():  # no moment where a signal would leave the log file in $TMPDIR
@@ -185,7 +185,7 @@ def _build_xen_payload(opts: XenBuildOptions, progress: Callable[[str, str], Non
             kept: dict[str, tuple[int, int]] = {}
             for o in objs:
                 a, b = Object.load(tmp / "orig" / o), Object.load(tmp / "patched" / o)
-                _check_pair(a, b)
+                check_pair(a, b)
                 arch = arch_for(a.elf.machine)
                 if arch.name != "x86_64":
                     raise InputError(f"{o}: {arch.name} objects: only x86_64 Xen payloads are supported")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..elf import ElfFile
 from ..elf import constants as C
-from ..errors import InputError
+from ..util.errors import InputError
 
 __all__ = ["XenSym", "XenSyms", "read_build_id", "xen_name", "ENDBR64"]
 

@@ -23,8 +23,8 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import InputError
-from ..proc import run
+from ..util.errors import InputError
+from ..util.proc import run
 
 __all__ = ["XenTree", "prepare_tree", "ObjectCommand", "LIVEPATCH_FLAGS"]
 

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import atomic_write
-from ..proc import release, start
+from ..util.errors import InputError
+from ..util.fsutil import atomic_write
+from ..util.proc import release, start
 from .debian import XenBinaries
 
 __all__ = ["XenVerifySpec", "XenStep", "XenVerifyResult", "verify_payload", "guest_init", "newc",
@@ -224,7 +224,7 @@ def verify_payload(spec: XenVerifySpec, console_log: Path | None = None) -> XenV
 
 
 def _run_qemu(cmd: list[str], nonce: str, timeout: float) -> str:
-    # klpforge.proc: its own group, ended on a signal, and killed by the kernel if klpforge dies (SIGKILL)
+    # klpforge.util.proc: its own group, ended on a signal, and killed by the kernel if klpforge dies (SIGKILL)
     proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     buf = bytearray()
     assert proc.stdout is not None
