@@ -23,7 +23,7 @@ from .elf.validate import check_relocs, check_sections, check_symbols
 from .errors import InputError
 from .names import canonical, section_subject
 
-__all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section", "PREFIX_NAMES", "MAX_PREFIX"]
+__all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section", "PREFIX_NAMES", "MAX_PREFIX", "OBJTOOL_ANNOTATIONS"]
 
 #: Symbols that stand for the bytes in front of a function, never functions of their own: objtool's
 #: ``--prefix=N`` names the call padding ``__pfx_<fn>`` (Linux >= 6.2, ``CONFIG_CALL_PADDING``:
@@ -44,9 +44,21 @@ _IGNORED_PREFIXES = (".discard", ".debug_", ".note", ".llvm", ".rela.debug_", ".
                      "___ksymtab", "___kcrctab", "__ksymtab", "__kcrctab", ".comment", ".stab")
 
 
+#: objtool's annotations of instructions in the code they annotate (Linux 6.12 include/linux/objtool.h,
+#: instrumentation.h, asm/nospec-branch.h, asm/ibt.h; 7.x folds most into ``.discard.annotate_insn``). Where
+#: objtool runs on the linked module (IBT kernels) it reads them there: without them a WARN's ud2 is a dead end
+#: (the code after it gets no ORC), an annotated indirect branch or missing ENDBR is a finding. Kept entry by
+#: entry with the code they point into (a special table, :data:`klpforge.select.SPECIAL_SECTIONS`).
+OBJTOOL_ANNOTATIONS = (".discard.reachable", ".discard.unreachable", ".discard.retpoline_safe",
+                       ".discard.noendbr", ".discard.instr_begin", ".discard.instr_end",
+                       ".discard.intra_function_calls", ".discard.ignore_alts", ".discard.unwind_hints",
+                       ".discard.validate_unret", ".discard.func_stack_frame_non_standard",
+                       ".discard.ibt_endbr_noseal", ".discard.annotate_insn")
+
+
 def is_ignored_section(name: str) -> bool:
     """True for sections the diff neither compares nor copies (see :data:`IGNORED_SECTIONS`)."""
-    return name in IGNORED_SECTIONS or name.startswith(_IGNORED_PREFIXES)
+    return (name in IGNORED_SECTIONS or name.startswith(_IGNORED_PREFIXES)) and name not in OBJTOOL_ANNOTATIONS
 
 
 class Object:

@@ -25,7 +25,7 @@ from .elf import constants as C
 from .elf.file import cstring_at
 from .ftrace_entry import with_entry
 from .icf import split_folded
-from .model import Object, is_ignored_section
+from .model import OBJTOOL_ANNOTATIONS, Object, is_ignored_section
 from .names import canonical, clone_parent, is_special_static
 from .secnames import is_init_section
 from .sharedsec import gap, is_shared, place_of, resolved_refs
@@ -44,7 +44,7 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
                     "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
                     ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches",
                     # Xen 4.17 (xen/arch/x86/include/asm/bug.h, asm_defns.h): per-site tables too
-                    ".bug_frames.", ".ex_table", "__tracepoints_ptrs",
+                    ".bug_frames.", ".ex_table", *OBJTOOL_ANNOTATIONS, "__tracepoints_ptrs",
                     "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
                     "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
                     "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")

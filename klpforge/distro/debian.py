@@ -31,7 +31,7 @@ from ..fsutil import atomic_write, tree_lock
 from ..kbuild.prepare import cache_dir
 from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged
-from .roots import build_root, in_root, root_for_config
+from .roots import RustToolchain, build_root, in_root, root_for_config, rust_of_config
 
 __all__ = ["prepare_tree", "package_names", "package_version", "package_records", "release_root", "fetch_packages",
            "KCFLAGS", "compiler_for_config", "check_compiler", "make_command"]
@@ -327,7 +327,9 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
                 if (tree.build / "scripts/mod/modpost").is_file() and _stamp_trusted(st, release, cache):
                     tree.extra.update(st.get("extra", {}))
                     if tree.extra.get("root"):  # made again if it was removed
-                        build_root(tree.extra["cc_text"], cache, say)
+                        rtc = (RustToolchain(tree.extra["rustc_text"], tree.extra["bindgen_text"])
+                               if tree.extra.get("rustc_text") else None)
+                        build_root(tree.extra["cc_text"], cache, say, rtc)
                     return tree
             except (OSError, ValueError):
                 pass
@@ -353,8 +355,15 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
             raise InputError(f"the image packages of {release} hold no config (boot/config-{release} or "
                              f"usr/lib/modules/{release}/config)")
         _, cc_text = compiler_for_config(tree.config)
-        cc, broot = root_for_config(cc_text, cache, say)
+        from ..kbuild.objtool import read_config
+
+        # CONFIG_RUST=y (7.3.4+deb13): the root also has the config's rustc, rust-src and bindgen, else
+        # olddefconfig drops CONFIG_RUST and every Rust driver
+        rust_tc = rust_of_config(read_config(tree.config))
+        cc, broot = root_for_config(cc_text, cache, say, rust_tc)
         tree.extra["cc_text"] = cc_text
+        if rust_tc is not None:
+            tree.extra.update(rustc_text=rust_tc.rustc_text, bindgen_text=rust_tc.bindgen_text)
         if broot is not None:
             tree.extra.update(root=str(broot.path), root_suite=broot.suite)
         if not (root / "headers/usr/src" / f"linux-headers-{release}/Makefile").is_file():
