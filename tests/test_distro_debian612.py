@@ -242,3 +242,48 @@ def test_own_patch_on_7_3_backports(tmp_path: Path) -> None:
     v = klpforge("verify", str(ko), "--distro", f"debian:{RELEASE_73}", "--check", "cat /proc/cmdline",
                  "--expect", "klpforge: no relocation", "--timeout", "600")
     _verified(v)
+
+
+ENDBR64 = bytes.fromhex("f30f1efa")
+
+
+def test_pointer_only_function_and_call_into_a_new_function(tree612: DistroTree, tmp_path: Path) -> None:
+    """version_proc_show() is reached only through a function pointer (proc_create_single); the fix makes it
+    call a new function of the patch. QEMU's CPU checks no ENDBR and (its TCG CPU is "Not affected" by
+    retbleed, so retbleed=stuff is not taken) runs no call-depth accounting, so both are checked structurally
+    in the .ko: the replacement keeps its ENDBR (an indirect call lands on it; a CET CPU faults without one);
+    the new function is 16-byte aligned behind 16 single-byte NOPs and its call is listed in .call_sites, which
+    is what 6.12 arch/x86/kernel/callthunks.c needs to put its accounting thunk there at load (patch_call,
+    patch_dest: "Invalid padding area" otherwise). Then the patch is proven in the shipped kernel."""
+    from klpforge.elf import ElfFile
+
+    ko = tmp_path / "livepatch-version.ko"
+    r, rep = _build([KPATCHES / "02-version-new-function.patch"], ko)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (obj,) = rep["objects"]
+    (f,) = obj["functions"]
+    assert f["old_name"] == "version_proc_show"
+    elf = ElfFile.open(ko, require_rel=True)
+
+    def where(name: str) -> tuple[int, int, int, bytes]:
+        i = elf.sym_names.index(name)
+        sec = int(elf.syms["shndx"][i])
+        return sec, int(elf.syms["value"][i]), int(elf.syms["size"][i]), elf.section_bytes(sec)
+
+    sec_f, v_f, size_f, data_f = where(f["new_symbol"])
+    assert data_f[v_f:v_f + 4] == ENDBR64, "the pointer-only function lost its ENDBR"
+    sec_n, v_n, _, data_n = where("klpforge_version_note")
+    assert v_n % 16 == 0 and data_n[v_n - 16:v_n] == b"\x90" * 16, data_n[max(0, v_n - 16):v_n].hex()
+    assert data_n[v_n:v_n + 4] != ENDBR64, "gcc gives a static function whose address is never taken no ENDBR"
+    # the call from the replacement into the new function, and its .call_sites entry
+    calls = []
+    r_f = elf.relocs(elf.reloc_sections[sec_f])
+    for off, sym, add in zip(r_f["offset"].tolist(), r_f["sym"].tolist(), r_f["addend"].tolist(), strict=True):
+        if v_f <= off < v_f + size_f and data_f[off - 1] == 0xE8 and int(elf.syms["shndx"][sym]) == sec_n \
+                and int(elf.syms["value"][sym]) + add + 4 == v_n:
+            calls.append(off - 1 - v_f)
+    assert len(calls) == 1, calls
+    assert (calls[0], "") in objtool_entries(ko, f["new_symbol"]).get(".call_sites", set())
+    v = klpforge("verify", str(ko), "--distro", DISTRO, "--check", "cat /proc/version",
+                 "--expect", f"klpforge: new function in {RELEASE}", "--timeout", "600")
+    _verified(v)
