@@ -415,9 +415,12 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
 
 
 #: Options Kconfig derives from the build host's tools that do not change generated code: without pahole
-#: (``dwarves``) the BTF options drop out; BTF is debug data, not code.
+#: (``dwarves``) the BTF options drop out; BTF is debug data, not code. 7.x ``certs/Kconfig``
+#: ``OPENSSL_SUPPORTS_ML_DSA`` asks the ``openssl`` command whether it has ML-DSA keys; only Kconfig reads it
+#: (which signing key types it offers: 7.3.4+deb13 signs with RSA, MODULE_SIG_KEY_TYPE_RSA).
 _TOOL_DERIVED = ("CONFIG_CC_VERSION_TEXT", "CONFIG_GCC_VERSION", "CONFIG_AS_VERSION", "CONFIG_LD_VERSION",
-                 "CONFIG_PAHOLE_", "CONFIG_DEBUG_INFO_BTF_MODULES", "CONFIG_MODULE_ALLOW_BTF_MISMATCH")
+                 "CONFIG_PAHOLE_", "CONFIG_DEBUG_INFO_BTF_MODULES", "CONFIG_MODULE_ALLOW_BTF_MISMATCH",
+                 "CONFIG_OPENSSL_SUPPORTS_")
 
 
 def _check_config_kept(tree: DistroTree) -> None:
