@@ -39,6 +39,11 @@ __all__ = ["prepare_tree", "package_names", "package_version", "package_records"
 #: Flags of every compile in a prepared tree: a section per function/data object (the diff correlates by
 #: section) and GCC's clone dump (``klpforge impact`` explains functions the patch did not touch).
 KCFLAGS = "-ffunction-sections -fdata-sections -fdump-ipa-clones"
+#: The same for a ``CONFIG_RUST=y`` kernel built by GCC: ``make prepare`` runs bindgen (libclang) over the C
+#: flags, KCFLAGS included, after removing the GCC-only ones it knows (7.3 ``rust/Makefile``
+#: ``bindgen_skip_c_flags``), and clang rejects ``-fdump-ipa-clones`` ("unknown argument"). Such a tree has no
+#: clone dumps: the report's ``impact`` says so.
+KCFLAGS_RUST = "-ffunction-sections -fdata-sections"
 
 _STAMP = "prepared.json"
 _FORMAT = 2  # 2: debs recorded with the signed index's SHA-256
@@ -236,7 +241,7 @@ def _stamp_trusted(st: dict[str, object], release: str, cache: str | os.PathLike
 
 def _make_base(tree: DistroTree, cc: str) -> list[str]:
     return ["make", "-C", str(tree.src), f"O={tree.build}", "ARCH=x86_64", f"CC={cc}", f"HOSTCC={cc}",
-            f"KCFLAGS={KCFLAGS}"]
+            f"KCFLAGS={tree.kcflags or KCFLAGS}"]
 
 
 def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
@@ -326,6 +331,8 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
                 st = json.loads(stamp.read_text())
                 if (tree.build / "scripts/mod/modpost").is_file() and _stamp_trusted(st, release, cache):
                     tree.extra.update(st.get("extra", {}))
+                    if tree.extra.get("rustc_text"):
+                        tree.kcflags = KCFLAGS_RUST
                     if tree.extra.get("root"):  # made again if it was removed
                         rtc = (RustToolchain(tree.extra["rustc_text"], tree.extra["bindgen_text"])
                                if tree.extra.get("rustc_text") else None)
@@ -364,6 +371,7 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
         tree.extra["cc_text"] = cc_text
         if rust_tc is not None:
             tree.extra.update(rustc_text=rust_tc.rustc_text, bindgen_text=rust_tc.bindgen_text)
+            tree.kcflags = KCFLAGS_RUST
         if broot is not None:
             tree.extra.update(root=str(broot.path), root_suite=broot.suite)
         if not (root / "headers/usr/src" / f"linux-headers-{release}/Makefile").is_file():
