@@ -199,13 +199,16 @@ def check_compiler(config: Path) -> str:
 
 
 def _fix_headers_makefile(headers_root: Path, release: str) -> Path:
-    """Point the flavour headers' ``include /usr/src/...-common/Makefile`` at the unpacked copy."""
+    """Point the flavour headers' ``include /usr/src/...-common/Makefile`` at the unpacked copy, and (7.x
+    headers packages) their ``KBUILD_OUTPUT=/usr/src/linux-headers-<release>`` at the unpacked directory
+    (the common Makefile stops with 'specified kernel directory ... does not exist' otherwise)."""
     hdr = headers_root / "usr/src" / f"linux-headers-{release}"
     mk = hdr / "Makefile"
     if not mk.is_file():
         raise InputError(f"{mk}: missing from the headers package")
     text = mk.read_text()
     fixed = re.sub(r"^include /usr/src/", f"include {headers_root}/usr/src/", text, flags=re.M)
+    fixed = re.sub(r"^(KBUILD_OUTPUT\s*:?=\s*)/usr/src/", rf"\g<1>{headers_root}/usr/src/", fixed, flags=re.M)
     if fixed != text:
         mk.write_text(fixed)
     return hdr
@@ -333,6 +336,7 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
                     tree.extra.update(st.get("extra", {}))
                     if tree.extra.get("rustc_text"):
                         tree.kcflags = KCFLAGS_RUST
+                    _fix_headers_makefile(root / "headers", release)  # idempotent; older trees lack later fixes
                     if tree.extra.get("root"):  # made again if it was removed
                         rtc = (RustToolchain(tree.extra["rustc_text"], tree.extra["bindgen_text"])
                                if tree.extra.get("rustc_text") else None)
