@@ -186,7 +186,8 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
                  info: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the sources into ``workdir`` and run Kbuild; return the built ``workdir/<modname>.ko``.
 
-    Diff objects go in as ``<name>.o_shipped`` (Kbuild copies them, 6.1 ``scripts/Makefile.lib``).
+    Diff objects go in as ``<name>.o_shipped`` (Kbuild copies them, 6.1 ``scripts/Makefile.lib``) and as
+    ``<name>.o`` (7.x dropped the ``_shipped`` rule).
     ``KBUILD_MODPOST_WARN=1``: the references that become klp relocations after the link are not exported.
     Where objtool runs at the module link (:func:`~klpforge.kbuild.objtool.delayed`) each diff object goes in
     without the tables objtool writes (:func:`~klpforge.kbuild.objtool.link_ready`), so objtool writes them
@@ -205,6 +206,9 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
                 link_ready(obj, workdir / f"{name}_shipped", config)
             else:
                 shutil.copyfile(obj, workdir / f"{name}_shipped")
+            # 7.x Kbuild has no `%: %_shipped` rule any more: the object itself, written after (newer, so 6.x
+            # does not copy it again), is a target with no rule that exists
+            shutil.copyfile(workdir / f"{name}_shipped", workdir / name)
             # With CONFIG_MODVERSIONS, 6.1 modpost reads each member's .<obj>.cmd for the CRCs of what it
             # exports (commit "kbuild: record symbol versions in *.cmd files"); a diff object exports nothing.
             (workdir / f".{name}.cmd").write_text("")
