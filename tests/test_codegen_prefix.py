@@ -252,7 +252,7 @@ def sites(path: Path, table: str, funcs: set[str]) -> set[tuple[str, int]]:
             for m in cands:
                 if o.sym_names[m] in funcs:
                     out.add((o.sym_names[m], place - int(o.value[m])))
-            assert names <= funcs | {"helper", "bar", "foo"}, names
+            assert names <= funcs | {"helper", "bar", "foo", "core_init", "core_exit"}, names
     return out
 
 
@@ -281,3 +281,99 @@ def test_site_tables_match_objtool_on_an_ordinary_module(gcc: str, tmp_path: Pat
         assert got == want, table
         if table != ".ibt_endbr_seal":
             assert got, table
+
+
+#: a single-object module's code: objtool already ran on it when Kbuild compiled it (6.12 scripts/Makefile.lib:
+#: with objtool delayed, ``objtool-enabled`` is ``is-single-obj-m``); foo has a WARN-like ud2 that objtool must
+#: know continues (.discard.reachable, include/linux/objtool.h ANNOTATE_REACHABLE)
+SINGLE = """
+extern int ext(int);
+extern int (*hook)(int);
+static __attribute__((noinline)) int helper(int x) { return ext(x) + hook(x); }
+int foo(int x)
+{
+	if (x > 1000)
+		asm volatile("1: ud2\\n.pushsection .discard.reachable\\n.long 1b\\n.popsection\\n");
+	return helper(x) * %s + hook(x + 1);
+}
+int bar(int x) { return helper(x) - ext(x * 3); }
+"""
+#: the generated module core: init and exit of its own, compiled by Kbuild and never objtool'd before the link
+CORE = """
+extern int klp_enable_patch(void *);
+extern void *patch;
+int __attribute__((section(".init.text"))) core_init(void) { return klp_enable_patch(patch) + 1; }
+void __attribute__((section(".exit.text"))) core_exit(void) { }
+"""
+#: a 6.12 IBT kernel's config as objtool's flags and tables read it (Debian's 6.12 and 7.3)
+IBT_CONFIG = {"CONFIG_X86_KERNEL_IBT": "y", "CONFIG_UNWINDER_ORC": "y", "CONFIG_MITIGATION_RETPOLINE": "y",
+              "CONFIG_MITIGATION_RETHUNK": "y", "CONFIG_MITIGATION_CALL_DEPTH_TRACKING": "y",
+              "CONFIG_HAVE_STATIC_CALL_INLINE": "y", "CONFIG_PREFIX_SYMBOLS": "y",
+              "CONFIG_FUNCTION_PADDING_BYTES": "16"}
+
+
+def test_member_objtool_already_ran_on_gets_all_tables_at_the_link(gcc: str, tmp_path: Path,
+                                                                   objtool612: Path) -> None:
+    """The pppoe case of issue 15 as a kind: a diff object whose original went through objtool (a single-object
+    module) carries objtool's tables; linked with the module core and given to objtool at the link as it is,
+    objtool skips every table ("file already has .return_sites, skipping") and the core's exit keeps an unlisted
+    jmp to the return thunk (6.12 warns "Unpatched return thunk in use" at rmmod) and no ORC. link_ready hands
+    it over as Kbuild hands over any member of an ordinary module: objtool then writes every table for the
+    whole module; the included function's entries are those objtool gave the ordinary build (ORC bytes too),
+    its annotation kept it from treating the ud2 as a dead end, and each function has one __pfx_."""
+    from klpforge.diff.emit.postlink import strip_klp
+
+    from klpforge.kbuild.module import check_orc, check_sites
+    from klpforge.kbuild.objtool import generated_tables, link_ready, objtool_args
+
+    args = objtool_args(IBT_CONFIG, module=True)
+    assert args[-2:] == ["--link", "--module"] and "--hacks=skylake" in args
+    a, b = compile_pair(gcc, tmp_path, SINGLE % "3", SINGLE % "5", "-ffunction-sections")  # as klpforge compiles
+    for obj in (a, b):  # Kbuild's compile-time run on a single-object module
+        r = subprocess.run([str(objtool612), *args, str(obj)], capture_output=True, text=True)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    patched, lp = diff(a, b, tmp_path)
+    assert patched == ["foo"]
+    assert {".return_sites", ".orc_unwind", ".discard.reachable"} <= set(lp.sec_names)
+    strip_klp(tmp_path / "lp.o", tmp_path / "lp.link.o")
+    core = tmp_path / "core.o"
+    (tmp_path / "core.c").write_text(CORE)
+    subprocess.run([gcc, *PAD_FLAGS, "-c", str(tmp_path / "core.c"), "-o", str(core)], check=True)
+    # gcc 12 writes one __patchable_function_entries for a whole object, which the diff's cut table no longer
+    # orders by link (gcc 14 writes one per function); ld refuses to mix the two forms, and the table has no
+    # part in objtool's: the stand-in core goes without it
+    subprocess.run(["objcopy", "--remove-section=__patchable_function_entries",
+                    "--remove-section=.rela__patchable_function_entries", str(core)], check=True)
+    subprocess.run(["objcopy", "--remove-section=__patchable_function_entries",
+                    "--remove-section=.rela__patchable_function_entries", str(tmp_path / "lp.link.o")], check=True)
+
+    def link(member: Path, name: str) -> tuple[Path, str]:
+        mod = tmp_path / name
+        subprocess.run(["ld", "-r", "-o", str(mod), str(core), str(member)], check=True)
+        r = subprocess.run([str(objtool612), *args, str(mod)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return mod, r.stderr
+
+    _, said = link(tmp_path / "lp.link.o", "as-is.o")  # what the link did before: tables skipped
+    assert "file already has .return_sites, skipping" in said
+    ready = tmp_path / "lp.ready.o"
+    dropped = link_ready(tmp_path / "lp.link.o", ready, IBT_CONFIG)
+    assert {".return_sites", ".call_sites", ".orc_unwind", ".orc_unwind_ip"} <= set(dropped)
+    assert {n for n in dropped if not n.startswith(".rela")} <= set(generated_tables(IBT_CONFIG))
+    mod, said = link(ready, "mod.o")
+    assert "already has" not in said and "warning" not in said, said
+    for table in SITE_TABLES:
+        got, want = sites(mod, table, {"foo"}), sites(b, table, {"foo"})
+        assert got == want, table
+    ko = tmp_path / "mod.ko.o"
+    ko.write_bytes(mod.read_bytes())
+    check_sites(ko, IBT_CONFIG, tmp_path / "log")  # core_exit's return is a listed site
+    check_orc(ko, None, [], tmp_path / "log")  # every function, the core's too
+    names = Object.load(mod).sym_names
+    assert names.count("__pfx_foo") == 1 and names.count("__pfx_core_exit") == 1
+    # the same checks refuse what the link made before
+    from klpforge.util.errors import UnsafeChange
+
+    with pytest.raises(UnsafeChange, match=r"2 __x86_return_thunk site\(s\) that .return_sites does not list "
+                                           r"\(core_init \(.init.text\+0x[0-9a-f]+\), core_exit"):
+        check_sites(tmp_path / "as-is.o", IBT_CONFIG, tmp_path / "log")

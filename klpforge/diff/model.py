@@ -22,6 +22,7 @@ from ..elf import constants as C
 from ..elf.validate import check_relocs, check_sections, check_symbols
 from ..util.errors import InputError
 from .names import canonical, section_subject
+from .secnames import OBJTOOL_ANNOTATIONS
 
 __all__ = ["Object", "IGNORED_SECTIONS", "is_ignored_section", "PREFIX_NAMES", "MAX_PREFIX"]
 
@@ -44,9 +45,10 @@ _IGNORED_PREFIXES = (".discard", ".debug_", ".note", ".llvm", ".rela.debug_", ".
                      "___ksymtab", "___kcrctab", "__ksymtab", "__kcrctab", ".comment", ".stab")
 
 
+
 def is_ignored_section(name: str) -> bool:
     """True for sections the diff neither compares nor copies (see :data:`IGNORED_SECTIONS`)."""
-    return name in IGNORED_SECTIONS or name.startswith(_IGNORED_PREFIXES)
+    return (name in IGNORED_SECTIONS or name.startswith(_IGNORED_PREFIXES)) and name not in OBJTOOL_ANNOTATIONS
 
 
 class Object:

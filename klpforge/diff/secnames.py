@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["GCC_INIT_SECTIONS", "INIT_PREFIXES", "is_init_section", "merge_kind", "is_string_section_name",
-           "SPECIAL_SECTIONS", "KEPT_SPECIAL", "AUX_CODE", "is_aux_code", "is_special_section"]
+__all__ = ["OBJTOOL_ANNOTATIONS", "GCC_INIT_SECTIONS", "INIT_PREFIXES", "is_init_section", "merge_kind",
+           "is_string_section_name", "SPECIAL_SECTIONS", "KEPT_SPECIAL", "AUX_CODE", "is_aux_code",
+           "is_special_section"]
 
 #: GCC's own sections for code run only at program start/exit (``-freorder-functions``); a name equal to
 #: one of these, or one of these plus ``.SUFFIX`` (GCC with -ffunction-sections), is init/exit code.
@@ -50,6 +51,17 @@ def is_string_section_name(name: str) -> bool:
     return merge_kind(name) == "str"
 
 
+#: objtool's annotations of instructions in the code they annotate (Linux 6.12 include/linux/objtool.h,
+#: instrumentation.h, asm/nospec-branch.h, asm/ibt.h; 7.x folds most into ``.discard.annotate_insn``). Where
+#: objtool runs on the linked module (IBT kernels) it reads them there: without them a WARN's ud2 is a dead end
+#: (the code after it gets no ORC), an annotated indirect branch or missing ENDBR is a finding. Kept entry by
+#: entry with the code they point into (a special table, :data:`SPECIAL_SECTIONS`).
+OBJTOOL_ANNOTATIONS = (".discard.reachable", ".discard.unreachable", ".discard.retpoline_safe",
+                       ".discard.noendbr", ".discard.instr_begin", ".discard.instr_end",
+                       ".discard.intra_function_calls", ".discard.ignore_alts", ".discard.unwind_hints",
+                       ".discard.validate_unret", ".discard.func_stack_frame_non_standard",
+                       ".discard.ibt_endbr_noseal", ".discard.annotate_insn")
+
 #: Tables rebuilt entry by entry for the included functions (emit/special.py), never compared.
 SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_table", ".parainstructions",
                     ".smp_locks", ".static_call_sites", ".retpoline_sites", ".return_sites", ".call_sites",
@@ -62,7 +74,7 @@ SPECIAL_SECTIONS = ("__bug_table", "__jump_table", ".altinstructions", "__ex_tab
                     "__scv_entry_flush_fixup", ".s390_indirect_jump", ".s390_indirect_call",
                     ".s390_return_reg", ".s390_return_mem", ".s390_indirect_branches",
                     # Xen 4.17 (xen/arch/x86/include/asm/bug.h, asm_defns.h): per-site tables too
-                    ".bug_frames.", ".ex_table", "__tracepoints_ptrs",
+                    ".bug_frames.", ".ex_table", *OBJTOOL_ANNOTATIONS, "__tracepoints_ptrs",
                     "__tracepoints", "__tracepoints_strings", "_ftrace_events", "__bpf_raw_tp_map",
                     "__syscalls_metadata", "_error_injection_whitelist", "__param", "__dyndbg",
                     "__verbose", ".kpatch.callbacks.", ".initcall", ".init.setup", ".con_initcall")

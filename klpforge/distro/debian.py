@@ -30,7 +30,7 @@ from ..util.errors import InputError
 from ..util.fsutil import atomic_write, cache_dir, tree_lock
 from .apt import PackageRecord, apt_root, disk_full_message, highest
 from .base import DistroTree, Say, run_logged
-from .roots import build_root, in_root, root_for_config
+from .roots import RustToolchain, build_root, in_root, root_for_config, rust_of_config
 
 __all__ = ["prepare_tree", "package_names", "package_version", "package_records", "release_root", "fetch_packages",
            "KCFLAGS", "compiler_for_config", "check_compiler", "make_command"]
@@ -38,6 +38,11 @@ __all__ = ["prepare_tree", "package_names", "package_version", "package_records"
 #: Flags of every compile in a prepared tree: a section per function/data object (the diff correlates by
 #: section) and GCC's clone dump (``klpforge impact`` explains functions the patch did not touch).
 KCFLAGS = "-ffunction-sections -fdata-sections -fdump-ipa-clones"
+#: The same for a ``CONFIG_RUST=y`` kernel built by GCC: ``make prepare`` runs bindgen (libclang) over the C
+#: flags, KCFLAGS included, after removing the GCC-only ones it knows (7.3 ``rust/Makefile``
+#: ``bindgen_skip_c_flags``), and clang rejects ``-fdump-ipa-clones`` ("unknown argument"). Such a tree has no
+#: clone dumps: the report's ``impact`` says so.
+KCFLAGS_RUST = "-ffunction-sections -fdata-sections"
 
 _STAMP = "prepared.json"
 _FORMAT = 2  # 2: debs recorded with the signed index's SHA-256
@@ -193,13 +198,16 @@ def check_compiler(config: Path) -> str:
 
 
 def _fix_headers_makefile(headers_root: Path, release: str) -> Path:
-    """Point the flavour headers' ``include /usr/src/...-common/Makefile`` at the unpacked copy."""
+    """Point the flavour headers' ``include /usr/src/...-common/Makefile`` at the unpacked copy, and (7.x
+    headers packages) their ``KBUILD_OUTPUT=/usr/src/linux-headers-<release>`` at the unpacked directory
+    (the common Makefile stops with 'specified kernel directory ... does not exist' otherwise)."""
     hdr = headers_root / "usr/src" / f"linux-headers-{release}"
     mk = hdr / "Makefile"
     if not mk.is_file():
         raise InputError(f"{mk}: missing from the headers package")
     text = mk.read_text()
     fixed = re.sub(r"^include /usr/src/", f"include {headers_root}/usr/src/", text, flags=re.M)
+    fixed = re.sub(r"^(KBUILD_OUTPUT\s*:?=\s*)/usr/src/", rf"\g<1>{headers_root}/usr/src/", fixed, flags=re.M)
     if fixed != text:
         mk.write_text(fixed)
     return hdr
@@ -235,7 +243,7 @@ def _stamp_trusted(st: dict[str, object], release: str, cache: str | os.PathLike
 
 def _make_base(tree: DistroTree, cc: str) -> list[str]:
     return ["make", "-C", str(tree.src), f"O={tree.build}", "ARCH=x86_64", f"CC={cc}", f"HOSTCC={cc}",
-            f"KCFLAGS={KCFLAGS}"]
+            f"KCFLAGS={tree.kcflags or KCFLAGS}"]
 
 
 def make_command(tree: DistroTree, *targets: str, jobs: int = 1) -> list[str]:
@@ -325,8 +333,13 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
                 st = json.loads(stamp.read_text())
                 if (tree.build / "scripts/mod/modpost").is_file() and _stamp_trusted(st, release, cache):
                     tree.extra.update(st.get("extra", {}))
+                    if tree.extra.get("rustc_text"):
+                        tree.kcflags = KCFLAGS_RUST
+                    _fix_headers_makefile(root / "headers", release)  # idempotent; older trees lack later fixes
                     if tree.extra.get("root"):  # made again if it was removed
-                        build_root(tree.extra["cc_text"], cache, say)
+                        rtc = (RustToolchain(tree.extra["rustc_text"], tree.extra["bindgen_text"])
+                               if tree.extra.get("rustc_text") else None)
+                        build_root(tree.extra["cc_text"], cache, say, rtc)
                     return tree
             except (OSError, ValueError):
                 pass
@@ -352,8 +365,16 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
             raise InputError(f"the image packages of {release} hold no config (boot/config-{release} or "
                              f"usr/lib/modules/{release}/config)")
         _, cc_text = compiler_for_config(tree.config)
-        cc, broot = root_for_config(cc_text, cache, say)
+        from ..kbuild.objtool import read_config
+
+        # CONFIG_RUST=y (7.3.4+deb13): the root also has the config's rustc, rust-src and bindgen, else
+        # olddefconfig drops CONFIG_RUST and every Rust driver
+        rust_tc = rust_of_config(read_config(tree.config))
+        cc, broot = root_for_config(cc_text, cache, say, rust_tc)
         tree.extra["cc_text"] = cc_text
+        if rust_tc is not None:
+            tree.extra.update(rustc_text=rust_tc.rustc_text, bindgen_text=rust_tc.bindgen_text)
+            tree.kcflags = KCFLAGS_RUST
         if broot is not None:
             tree.extra.update(root=str(broot.path), root_suite=broot.suite)
         if not (root / "headers/usr/src" / f"linux-headers-{release}/Makefile").is_file():
@@ -405,9 +426,12 @@ def _prepare_tree(release: str, cache: str | os.PathLike[str] | None = None, job
 
 
 #: Options Kconfig derives from the build host's tools that do not change generated code: without pahole
-#: (``dwarves``) the BTF options drop out; BTF is debug data, not code.
+#: (``dwarves``) the BTF options drop out; BTF is debug data, not code. 7.x ``certs/Kconfig``
+#: ``OPENSSL_SUPPORTS_ML_DSA`` asks the ``openssl`` command whether it has ML-DSA keys; only Kconfig reads it
+#: (which signing key types it offers: 7.3.4+deb13 signs with RSA, MODULE_SIG_KEY_TYPE_RSA).
 _TOOL_DERIVED = ("CONFIG_CC_VERSION_TEXT", "CONFIG_GCC_VERSION", "CONFIG_AS_VERSION", "CONFIG_LD_VERSION",
-                 "CONFIG_PAHOLE_", "CONFIG_DEBUG_INFO_BTF_MODULES", "CONFIG_MODULE_ALLOW_BTF_MISMATCH")
+                 "CONFIG_PAHOLE_", "CONFIG_DEBUG_INFO_BTF_MODULES", "CONFIG_MODULE_ALLOW_BTF_MISMATCH",
+                 "CONFIG_OPENSSL_SUPPORTS_")
 
 
 def _check_config_kept(tree: DistroTree) -> None:

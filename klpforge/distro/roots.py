@@ -42,8 +42,8 @@ from ..util.fsutil import atomic_write, cache_root, check_private_dir, tree_lock
 from .apt import KEYRING, SUITES, apt_root, disk_full_message, mirrors
 from .base import DistroTree, Say
 
-__all__ = ["BuildRoot", "ROOT_PACKAGES", "compiler_package", "host_matches", "build_root", "root_for_config",
-           "tree_root", "in_root", "tools_on_path"]
+__all__ = ["BuildRoot", "ROOT_PACKAGES", "RustToolchain", "rust_of_config", "compiler_package", "host_matches",
+           "build_root", "root_for_config", "tree_root", "in_root", "tools_on_path"]
 
 #: What a kernel's ``make prepare modules_prepare``, single-object builds and external-module links need
 #: (besides the compiler): Kbuild's host tools (bison, flex, libelf for objtool, libssl for sign-file),
@@ -53,6 +53,66 @@ ROOT_PACKAGES = ("make", "libc6-dev", "binutils", "bc", "bison", "flex", "libelf
                  "cpio", "perl", "xz-utils", "zstd", "dwarves", "python3")
 
 _FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RustToolchain:
+    """The Rust toolchain a ``CONFIG_RUST=y`` config names: the first lines of ``rustc --version``
+    (``CONFIG_RUSTC_VERSION_TEXT``) and ``bindgen --version`` (``CONFIG_BINDGEN_VERSION_TEXT``), as the
+    distribution's build printed them (7.3.4+deb13: ``rustc 1.85.1 (4eb161250 2025-03-15) (built from a source
+    tarball)``, ``bindgen 0.71.1``)."""
+
+    rustc_text: str
+    bindgen_text: str
+
+    def versions(self) -> tuple[str, str]:
+        """Upstream versions ``(rustc, bindgen)``: ``('1.85.1', '0.71.1')``."""
+        return self.rustc_text.split()[1], self.bindgen_text.split()[1]
+
+
+def rust_of_config(config: dict[str, str]) -> RustToolchain | None:
+    """The :class:`RustToolchain` of a config (``CONFIG_X`` -> value as written), None without ``CONFIG_RUST=y``.
+    Kconfig keeps ``CONFIG_RUST`` only when ``scripts/rust_is_available.sh`` accepts the tools it finds, so a
+    build root without them drops it and every Rust driver (Linux 6.12+ ``init/Kconfig`` ``RUST_IS_AVAILABLE``).
+
+    >>> rust_of_config({"CONFIG_RUST": "y", "CONFIG_RUSTC_VERSION_TEXT": '"rustc 1.85.1 (4eb161250 2025-03-15)"',
+    ...                 "CONFIG_BINDGEN_VERSION_TEXT": '"bindgen 0.71.1"'}).versions()
+    ('1.85.1', '0.71.1')
+    """
+    if config.get("CONFIG_RUST") != "y":
+        return None
+    rustc, bindgen = (config.get(k, "").strip('"')
+                      for k in ("CONFIG_RUSTC_VERSION_TEXT", "CONFIG_BINDGEN_VERSION_TEXT"))
+    if not re.match(r"rustc \d", rustc) or not re.match(r"bindgen \d", bindgen):
+        raise InputError(f"the config has CONFIG_RUST=y but names no rustc/bindgen version "
+                         f"(CONFIG_RUSTC_VERSION_TEXT={rustc!r}, CONFIG_BINDGEN_VERSION_TEXT={bindgen!r})")
+    return RustToolchain(rustc, bindgen)
+
+
+def _rust_packages(rust: RustToolchain, suite: str, cache: str | os.PathLike[str] | None,
+                   say: Say | None) -> tuple[list[str], list[str]]:
+    """``pkg=version`` of ``rustc``, ``rust-src`` (the kernel builds ``core`` from it) and ``bindgen`` whose
+    upstream versions are the config's, from ``suite`` (the compiler's suite) when it has them, else the
+    first suite of klpforge's index that does: trixie has rustc 1.85.1+dfsg1-1+deb13u1 and bindgen 0.71.1-6,
+    the ones 7.3.4+deb13's config names. Returns the packages and the other suites they come from.
+    Raises :class:`InputError` naming what the archive lacks."""
+    apt = apt_root(cache)
+    rustc_v, bindgen_v = rust.versions()
+    out: list[str] = []
+    suites: list[str] = []
+    for pkg, up in (("rustc", rustc_v), ("rust-src", rustc_v), ("bindgen", bindgen_v)):
+        have = apt.versions(pkg, say)
+        # Debian version = [epoch:]upstream[+dfsgN][-revision][~bpo...]: the upstream part must match exactly
+        match = [(v, s) for v, s in have if re.fullmatch(re.escape(up) + r"([+~-].*)?", v.split(":", 1)[-1])]
+        if not match:
+            listed = ", ".join(f"{v} ({s})" for v, s in have) or "none"
+            raise InputError(f"the kernel was built with {pkg} {up} (CONFIG_RUST=y), which the Debian archive does "
+                             f"not serve (it has: {listed}): cannot make its build root")
+        v, s = next(((v, s) for v, s in match if s == suite), match[0])
+        out.append(f"{pkg}={v}")
+        if s != suite and s not in suites:
+            suites.append(s)
+    return out, suites
 
 
 def compiler_package(cc_text: str) -> tuple[str, str, str]:
@@ -139,11 +199,16 @@ def _suite_of(pkg: str, version: str, cache: str | os.PathLike[str] | None, say:
     return sorted(suites, key=lambda s: ("-" in s, known.index(s) if s in known else 99))[0]
 
 
-def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: Say | None = None) -> BuildRoot:
+def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: Say | None = None,
+               rust: RustToolchain | None = None) -> BuildRoot:
     """The build root whose compiler prints ``cc_text``, made on first use (about 2-3 minutes, 420 MB).
+    With ``rust`` (a ``CONFIG_RUST=y`` config) a separate root of the same suite that also has the config's
+    ``rustc``, ``rust-src`` and ``bindgen`` (:func:`_rust_packages`; ``<suite>-rust<version>-amd64``, about
+    1.7 GB and 4-6 minutes once), their ``--version`` lines checked against the config's; the root without
+    Rust (6.12) is another directory and stays as it is.
 
-    Raises :class:`InputError`: compiler not in the archive, ``mmdebstrap`` missing or failing, the made
-    root's compiler printing another line, out of disk space.
+    Raises :class:`InputError`: compiler or Rust tools not in the archive, ``mmdebstrap`` missing or failing,
+    the made root's tools printing another line, out of disk space.
     """
     cmd, pkg, version = compiler_package(cc_text)
     suite = _suite_of(pkg, version, cache, say)
@@ -151,14 +216,17 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
     # the directories above and the roots' parent only: a root holds its own /tmp (1777, sticky) by design
     check_private_dir(base, walk=False)
     base.mkdir(parents=True, exist_ok=True)
-    path = base / f"{suite}-amd64"
-    stamp = base / f"{suite}-amd64.json"
+    name = suite if rust is None else f"{suite}-rust{rust.versions()[0]}"
+    extra, more_suites = ([], []) if rust is None else _rust_packages(rust, suite, cache, say)
+    packages = [f"{pkg}={version}", *ROOT_PACKAGES, *extra]
+    path = base / f"{name}-amd64"
+    stamp = base / f"{name}-amd64.json"
     root = BuildRoot(suite, path, cc_text)
-    with tree_lock(base / f".{suite}.lock"):
+    with tree_lock(base / f".{name}.lock"):
         try:
             st = json.loads(stamp.read_text())
             if st.get("format") == _FORMAT and cc_text in st.get("compilers", []) and path.is_dir() and \
-                    st.get("packages") == [f"{pkg}={version}", *ROOT_PACKAGES]:
+                    st.get("packages") == packages:
                 return root
         except (OSError, ValueError):
             pass
@@ -167,15 +235,18 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
             raise InputError(f"the kernel was built with '{cc_text}' (Debian {suite}); making its build root "
                              "needs mmdebstrap (install mmdebstrap and bubblewrap)")
         mirror = mirrors()[next((s.archive for s in SUITES if s.name == suite), "debian")]
-        tmp = base / f".{suite}-amd64.new"
+        more = [f"deb [signed-by={KEYRING}] {mirrors()[next((s.archive for s in SUITES if s.name == m), 'debian')]} "
+                f"{m} main" for m in more_suites]
+        tmp = base / f".{name}-amd64.new"
         shutil.rmtree(tmp, ignore_errors=True)
-        log = base / f"{suite}-amd64.log"
+        log = base / f"{name}-amd64.log"
         if say:
-            say(f"making the {suite} build root for '{cc_text}' with mmdebstrap (once; log: {log})")
-        include = ",".join([f"{pkg}={version}", *ROOT_PACKAGES])
+            with_rust = "" if rust is None else f" and '{rust.rustc_text}'"
+            say(f"making the {name} build root for '{cc_text}'{with_rust} with mmdebstrap (once; log: {log})")
+        include = ",".join(packages)
         argv = [mm, "--variant=apt", "--mode=auto", f"--include={include}",
                 "--aptopt=Acquire::Languages \"none\"", "--architectures=amd64",
-                suite, str(tmp), f"deb [signed-by={KEYRING}] {mirror} {suite} main"]
+                suite, str(tmp), f"deb [signed-by={KEYRING}] {mirror} {suite} main", *more]
         t0 = time.time()
         with log.open("w") as f:
             f.write("$ " + " ".join(argv) + "\n")
@@ -190,21 +261,24 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
             errs = [ln for ln in text.splitlines() if ln.startswith("E:")]
             raise InputError(f"mmdebstrap {suite} failed (see {log}): {(errs or text.splitlines() or ['?'])[-1]}")
         made = BuildRoot(suite, tmp, cc_text)
-        v = subprocess.run(made.wrap([cmd, "--version"], []), capture_output=True, text=True, check=False)
-        got = (v.stdout.splitlines() or [v.stderr.strip()])[0].strip()
-        if got != cc_text:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InputError(f"the {suite} build root's {cmd} prints '{got}', the kernel's config says "
-                             f"'{cc_text}'")
+        wanted = [(cmd, cc_text)] + ([] if rust is None else [("rustc", rust.rustc_text),
+                                                               ("bindgen", rust.bindgen_text)])
+        for tool, text in wanted:
+            v = subprocess.run(made.wrap([tool, "--version"], []), capture_output=True, text=True, check=False)
+            got = (v.stdout.splitlines() or [v.stderr.strip()])[0].strip()
+            if got != text:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise InputError(f"the {name} build root's {tool} prints '{got}', the kernel's config says "
+                                 f"'{text}'")
         if path.exists():  # an older root (other package list): renamed away first, then removed
-            old = base / f".{suite}-amd64.old.{os.getpid()}"
+            old = base / f".{name}-amd64.old.{os.getpid()}"
             os.replace(path, old)
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, path)
             os.chmod(path, 0o555)  # read-only after: entered with --ro-bind, never written
             atomic_write(stamp, json.dumps({"format": _FORMAT, "suite": suite, "compilers": [cc_text],
-                                            "packages": [f"{pkg}={version}", *ROOT_PACKAGES],
+                                            "packages": packages,
                                             "seconds": round(time.time() - t0, 1), "made": time.ctime()},
                                            indent=1) + "\n")
         except OSError as e:
@@ -215,13 +289,13 @@ def build_root(cc_text: str, cache: str | os.PathLike[str] | None = None, say: S
 
 
 def root_for_config(cc_text: str, cache: str | os.PathLike[str] | None = None,
-                    say: Say | None = None) -> tuple[str, BuildRoot | None]:
-    """``(compiler command, root or None)``: the host's compiler when it prints ``cc_text`` exactly, else
-    the command inside :func:`build_root`."""
-    host = host_matches(cc_text)
+                    say: Say | None = None, rust: RustToolchain | None = None) -> tuple[str, BuildRoot | None]:
+    """``(compiler command, root or None)``: the host's compiler when it prints ``cc_text`` exactly (and the
+    config needs no Rust), else the command inside :func:`build_root`."""
+    host = host_matches(cc_text) if rust is None else None
     if host is not None:
         return host, None
-    root = build_root(cc_text, cache, say)
+    root = build_root(cc_text, cache, say, rust)
     return compiler_package(cc_text)[0], root
 
 

@@ -21,15 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..diff.model import PREFIX_NAMES
 from ..elf import ElfFile
 from ..elf import constants as C
 from ..util.errors import InputError, UnsafeChange
 from ..util.proc import run
-from .objtool import delayed, objtool_args, read_config, run_objtool, tree_objtool
+from .objtool import ALREADY_HAS, delayed, link_ready, objtool_args, read_config, run_objtool, tree_objtool
 
 __all__ = ["KlpFunc", "KlpTarget", "ModuleExport", "export_lines", "CALLBACK_KINDS",
            "module_source", "kbuild_file", "sanitize_module_name",
-           "build_module", "check_orc", "validate_objtool", "orc_places"]
+           "build_module", "check_orc", "check_sites", "validate_objtool", "orc_places"]
 
 #: ``klp_callbacks`` members (Linux 6.1) in declaration order, with their C types.
 CALLBACK_KINDS = {
@@ -185,16 +186,29 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
                  info: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the sources into ``workdir`` and run Kbuild; return the built ``workdir/<modname>.ko``.
 
-    Diff objects go in as ``<name>.o_shipped`` (Kbuild copies them, 6.1 ``scripts/Makefile.lib``).
+    Diff objects go in as ``<name>.o_shipped`` (Kbuild copies them, 6.1 ``scripts/Makefile.lib``) and as
+    ``<name>.o`` (7.x dropped the ``_shipped`` rule).
     ``KBUILD_MODPOST_WARN=1``: the references that become klp relocations after the link are not exported.
+    Where objtool runs at the module link (:func:`~klpforge.kbuild.objtool.delayed`) each diff object goes in
+    without the tables objtool writes (:func:`~klpforge.kbuild.objtool.link_ready`), so objtool writes them
+    for the whole module as for an ordinary one; every function of the result must have ORC entries and every
+    return-thunk/retpoline site must be listed (:func:`check_orc`, :func:`check_sites`), else it is refused.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     shipped: list[str] = []
+    cfg = build_dir / ".config"
+    config = read_config(cfg) if cfg.is_file() else {}
     i = 0
     for t in targets:
         for obj in t.objects:
             name = f"klpforge-diff-{i}.o"
-            shutil.copyfile(obj, workdir / f"{name}_shipped")
+            if delayed(config):
+                link_ready(obj, workdir / f"{name}_shipped", config)
+            else:
+                shutil.copyfile(obj, workdir / f"{name}_shipped")
+            # 7.x Kbuild has no `%: %_shipped` rule any more: the object itself, written after (newer, so 6.x
+            # does not copy it again), is a target with no rule that exists
+            shutil.copyfile(workdir / f"{name}_shipped", workdir / name)
             # With CONFIG_MODVERSIONS, 6.1 modpost reads each member's .<obj>.cmd for the CRCs of what it
             # exports (commit "kbuild: record symbol versions in *.cmd files"); a diff object exports nothing.
             (workdir / f".{name}.cmd").write_text("")
@@ -211,19 +225,27 @@ def build_module(build_dir: Path, workdir: Path, modname: str, targets: list[Klp
     if r.returncode != 0 or not ko.is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-8:]
         raise InputError(f"building the livepatch module failed (see {log}): " + " | ".join(tail)[-500:])
-    cfg = build_dir / ".config"
-    if cfg.is_file():
-        config = read_config(cfg)
+    if config:
         warnings = validate_objtool(build_dir, workdir / f"{modname}.o", config, log)
+        skipped = [w for w in warnings if ALREADY_HAS in w]
+        if skipped and delayed(config):  # objtool at the link left tables out: never write such a module
+            raise UnsafeChange(f"objtool at the module link did not write all of its tables ({skipped[0]}): "
+                               f"the live patch would have unlisted sites, so it is not written (see {log})")
         if config.get("CONFIG_UNWINDER_ORC") == "y":
-            check_orc(ko, [f.new_symbol for t in targets for f in t.funcs], warnings, log)
+            # objtool at the link wrote the whole module's ORC: every function must be covered; otherwise the
+            # core's own comes from its per-object run and the new functions' from the cut tables
+            check_orc(ko, None if delayed(config) else [f.new_symbol for t in targets for f in t.funcs],
+                      warnings, log)
+        check_sites(ko, config, log)
     return ko
 
 
 def _objtool_lines(text: str) -> list[str]:
-    """objtool's own lines of a build log / its output, without the "already has X, skipping" notes a
-    second run over tables the diff already cut gives (6.1 tools/objtool/check.c, orc_gen.c)."""
-    return [ln.strip() for ln in text.splitlines() if "objtool:" in ln and "already has" not in ln]
+    """objtool's own lines of a build log / its output. The "file already has X, skipping" notes are kept:
+    a ``--dry-run`` over a module whose members went through objtool one by one (objtool not delayed) gives
+    them for every table and :func:`validate_objtool` drops them there; at a delayed link they mean a table
+    was not written (:func:`build_module` refuses)."""
+    return [ln.strip() for ln in text.splitlines() if "objtool:" in ln]
 
 
 def validate_objtool(build_dir: Path, module_obj: Path, config: dict[str, str], log: Path) -> list[str]:
@@ -238,7 +260,7 @@ def validate_objtool(build_dir: Path, module_obj: Path, config: dict[str, str], 
         return []
     args = [a for a in objtool_args(config, module=True, linked=False) if a != "--link"] + ["--dry-run"]
     r = run_objtool(tool, args, module_obj)
-    lines = _objtool_lines((r.stdout or "") + (r.stderr or ""))
+    lines = [ln for ln in _objtool_lines((r.stdout or "") + (r.stderr or "")) if ALREADY_HAS not in ln]
     with log.open("a") as f:
         f.write(f"\n$ {tool} {' '.join(args)} {module_obj}\n" + "\n".join(lines) + "\n")
     return lines
@@ -263,25 +285,96 @@ def orc_places(ko: Path) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def check_orc(ko: Path, new_symbols: Sequence[str], objtool_lines: Sequence[str], log: Path) -> None:
-    """Refuse (:class:`UnsafeChange`) a live patch whose new functions have no ORC entry: the ORC unwinder
+def check_orc(ko: Path, new_symbols: Sequence[str] | None, objtool_lines: Sequence[str], log: Path) -> None:
+    """Refuse (:class:`UnsafeChange`) a live patch whose new functions (``new_symbols``; None: every defined
+    function but the ``__pfx_``/``__cfi_`` prefixes) have no ORC entry: the ORC unwinder
     cannot walk through them, so the stack of a task inside one is unreliable and the consistency model
     (``klp_check_stack`` on 6.1, ``arch_stack_walk_reliable``) either stalls or is silently broken. The
     message names the functions and objtool's first finding (why it wrote no table)."""
     elf = ElfFile.open(ko, require_rel=True)
     places = orc_places(ko)
-    want = set(new_symbols)
+    want = set(new_symbols) if new_symbols is not None else None
     missing = []
     for i, n in enumerate(elf.sym_names):
-        if n not in want or int(elf.syms["info"][i]) & 0xF != C.STT_FUNC:
+        if int(elf.syms["info"][i]) & 0xF != C.STT_FUNC or not 0 < int(elf.syms["shndx"][i]) < elf.shnum:
+            continue
+        if (n not in want) if want is not None else n.startswith(PREFIX_NAMES):
             continue
         sec, v, size = int(elf.syms["shndx"][i]), int(elf.syms["value"][i]), int(elf.syms["size"][i])
         got = places.get(sec, [])
-        k = bisect.bisect_left(got, v)
-        if not (k < len(got) and got[k] < v + max(size, 1)):
+        # an entry holds until the next one (objtool writes one where the CFI changes; a leaf function after
+        # its padding's entry, which carries the entry CFI, has none of its own): covered when one lies at or
+        # before its start in its section, or inside it
+        k = bisect.bisect_right(got, v)
+        if not (k > 0 or (k < len(got) and got[k] < v + max(size, 1))):
             missing.append(n)
     if missing:
         why = f"; objtool: {objtool_lines[0]}" if objtool_lines else ""
         raise UnsafeChange(f"the live patch has no ORC unwind entries for {len(missing)} of its functions "
                            f"({', '.join(sorted(missing)[:6])}): the kernel could not unwind their stacks "
                            f"reliably, so it is not written{why} (see {log})")
+
+
+#: Branch targets the kernel patches at load through a table objtool writes (x86, Linux 6.12 and 7.3
+#: ``arch/x86/kernel/alternative.c`` ``apply_returns``/``apply_retpolines``, from ``.return_sites`` and
+#: ``.retpoline_sites``): a site missing from its table stays a jump to the thunk, which on 6.12 warns
+#: "Unpatched return thunk in use" (``__warn_thunk``) and is the unmitigated path.
+_SITE_TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (".return_sites", "__x86_return_thunk", ("CONFIG_MITIGATION_RETHUNK", "CONFIG_RETHUNK")),
+    (".retpoline_sites", "__x86_indirect_thunk_", ("CONFIG_MITIGATION_RETPOLINE", "CONFIG_RETPOLINE")),
+)
+
+
+def _table_places(elf: ElfFile, table: str) -> set[tuple[int, int]]:
+    """(section, offset) of each ``.long place - .`` entry of ``table`` (none when absent)."""
+    out: set[tuple[int, int]] = set()
+    for t, rs in elf.reloc_sections.items():
+        if elf.section_names[t] != table:
+            continue
+        r = elf.relocs(rs)
+        for sym, add in zip(r["sym"].tolist(), r["addend"].tolist(), strict=True):
+            sec = int(elf.syms["shndx"][sym])
+            if 0 < sec < elf.shnum and not elf.sym_special[sym]:
+                out.add((sec, int(elf.syms["value"][sym]) + int(add)))
+    return out
+
+
+def check_sites(ko: Path, config: dict[str, str], log: Path) -> None:
+    """Refuse (:class:`UnsafeChange`) a live patch with a jump or call to a return thunk or retpoline thunk
+    that its site table does not list (:data:`_SITE_TABLES`; x86-64 only). A site is the branch instruction:
+    ``e8``/``e9`` one byte before the relocated displacement, ``0f 8x`` (jcc) two bytes."""
+    elf = ElfFile.open(ko, require_rel=True)
+    if elf.machine != C.EM_X86_64:
+        return
+    for table, thunk, syms in _SITE_TABLES:
+        if not any(config.get(s) == "y" for s in syms):
+            continue
+        listed = _table_places(elf, table)
+        missing: list[str] = []
+        for t, rs in elf.reloc_sections.items():
+            if not int(elf.shdrs["flags"][t]) & C.SHF_EXECINSTR:
+                continue
+            data = elf.section_bytes(t)
+            r = elf.relocs(rs)
+            for off, sym in zip(r["offset"].tolist(), r["sym"].tolist(), strict=True):
+                if not elf.sym_names[sym].startswith(thunk):
+                    continue
+                site = off - 1 if off >= 1 and data[off - 1] in (0xE8, 0xE9) else \
+                    off - 2 if off >= 2 and data[off - 2] == 0x0F and 0x80 <= data[off - 1] <= 0x8F else off
+                if (t, site) not in listed:
+                    missing.append(f"{_function_at(elf, t, site)} ({elf.section_names[t]}+{site:#x})")
+        if missing:
+            raise UnsafeChange(f"the live patch has {len(missing)} {thunk.rstrip('_')} site(s) that {table} does "
+                               f"not list ({', '.join(missing[:4])}): the kernel would leave them unpatched, so "
+                               f"it is not written (see {log})")
+
+
+def _function_at(elf: ElfFile, sec: int, off: int) -> str:
+    """The function symbol of ``sec`` covering ``off`` (not a ``__pfx_`` prefix), else ``""``."""
+    for i, n in enumerate(elf.sym_names):
+        if int(elf.syms["shndx"][i]) == sec and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC \
+                and not n.startswith(PREFIX_NAMES):
+            v, size = int(elf.syms["value"][i]), int(elf.syms["size"][i])
+            if v <= off < v + max(size, 1):
+                return n
+    return "?"

@@ -30,7 +30,8 @@ from ..util.errors import InputError
 from ..util.fsutil import cache_dir
 from ..util.proc import run
 
-__all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool"]
+__all__ = ["read_config", "objtool_args", "delayed", "tree_objtool", "fetch_objtool", "run_objtool",
+           "generated_tables", "link_ready", "ALREADY_HAS"]
 
 # (config symbols, any of which enables it) -> objtool flag; order as scripts/Makefile.lib (6.12)
 _FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -80,6 +81,78 @@ def objtool_args(config: Mapping[str, str], module: bool, linked: bool | None = 
     if module:
         args.append("--module")
     return args
+
+
+#: objtool flag -> the tables it writes (``create_*_sections``/``orc_create`` of tools/objtool/check.c and
+#: orc_gen.c, 6.12 and 7.3: the same names). Each is made only when the file has none yet ("file already has
+#: X, skipping"), so objtool over a linked object only writes a table no member brought along.
+_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("--static-call", (".static_call_sites",)),
+    ("--retpoline", (".retpoline_sites",)),
+    ("--cfi", (".cfi_sites",)),
+    ("--rethunk", (".return_sites",)),
+    ("--hacks=skylake", (".call_sites",)),
+    ("--mcount", ("__mcount_loc",)),
+    ("--ibt", (".ibt_endbr_seal",)),
+    ("--orc", (".orc_unwind", ".orc_unwind_ip")),
+)
+
+#: What objtool prints when it skips a table because the file has one (tools/objtool/check.c, orc_gen.c).
+ALREADY_HAS = "file already has"
+
+
+def generated_tables(config: Mapping[str, str]) -> tuple[str, ...]:
+    """The sections objtool writes for a module of a kernel with ``config`` (:data:`_TABLES`, flags as
+    :func:`objtool_args`: ``--rethunk`` writes ``.return_sites`` and, with ``--hacks=skylake`` (call-depth
+    tracking), ``.call_sites``).
+
+    >>> generated_tables({"CONFIG_MITIGATION_RETHUNK": "y", "CONFIG_UNWINDER_ORC": "y"})
+    ('.return_sites', '.orc_unwind', '.orc_unwind_ip')
+    """
+    flags = set(objtool_args(config, module=True))
+    if "--rethunk" not in flags:
+        flags.discard("--hacks=skylake")  # create_direct_call_sections runs inside the rethunk branch
+    return tuple(t for flag, tables in _TABLES if flag in flags for t in tables)
+
+
+def link_ready(obj: Path, out: Path, config: Mapping[str, str]) -> list[str]:
+    """Write ``out``: ``obj`` as a member of a module whose objtool runs at the link
+    (:func:`delayed`), i.e. as Kbuild hands objtool every member of an ordinary multi-object module -- without
+    the tables objtool writes (:func:`generated_tables`) and, with ``--prefix``, without ``__pfx_`` symbols.
+
+    A diff object of a single-object module (6.12 ``scripts/Makefile.lib``: ``objtool-enabled`` is
+    ``is-single-obj-m`` when objtool is delayed, so ``pppoe.o`` went through objtool at compile time) carries
+    these tables, cut to its functions. objtool at the link would then skip every table the object has
+    ("file already has .return_sites, skipping"; ``.orc_unwind`` ends the run) and write none for the rest
+    of the module: the live patch's own init/exit would keep unpatched ``jmp __x86_return_thunk`` ("Unpatched
+    return thunk in use" at rmmod on 6.12) and have no ORC. Without them objtool writes every table for the
+    whole linked module, exactly as for an ordinary module; it adds ``__pfx_`` for every function preceded by
+    padding (``add_prefix_symbols``), so the ones the object has would be doubled. The padding bytes stay.
+    Returns the names of the sections dropped (empty: ``out`` is a plain copy)."""
+    from ..elf import ElfFile
+    from ..elf import constants as C
+    from ..elf.rewrite import Rewriter
+    from ..util.fsutil import atomic_write
+
+    tables = set(generated_tables(config))
+    prefix = config.get("CONFIG_PREFIX_SYMBOLS") == "y"
+    elf = ElfFile.open(obj, require_rel=True)
+    drop = {i for i, n in enumerate(elf.section_names) if n in tables}
+    drop |= {i for i in range(1, elf.shnum) if int(elf.shdrs["type"][i]) in (C.SHT_RELA, C.SHT_REL)
+             and int(elf.shdrs["info"][i]) in drop}
+    # a prefix symbol no relocation names (objtool's own never are): objtool makes it again
+    named: set[int] = set()
+    for i in range(1, elf.shnum):
+        if int(elf.shdrs["type"][i]) in (C.SHT_RELA, C.SHT_REL) and i not in drop:
+            named.update(int(s) for s in elf.relocs(i)["sym"].tolist())
+    pfx = {i for i, n in enumerate(elf.sym_names) if prefix and n.startswith("__pfx_") and i not in named
+           and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC}
+    if not drop and not pfx:
+        shutil.copyfile(obj, out)
+        return []
+    rw = Rewriter(elf, drop_section=lambda i, n: i in drop, drop_symbol=lambda i, n: i in pfx)
+    atomic_write(out, rw.build())
+    return sorted({elf.section_names[i] for i in drop})
 
 
 def tree_objtool(build: Path) -> Path | None:

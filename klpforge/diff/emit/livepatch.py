@@ -32,7 +32,7 @@ from ..compare import Comparison
 from ..correlation import Correlation
 from ..model import Object
 from ..names import is_special_static
-from ..secnames import KEPT_SPECIAL, is_aux_code
+from ..secnames import KEPT_SPECIAL, OBJTOOL_ANNOTATIONS, is_aux_code
 from ..select import Selection, resolve_target
 from ..symtab import AmbiguousSymbol, Export, TargetSymtab, section_kind
 from .carve import Carving, carve, carve_aux
@@ -183,6 +183,11 @@ class Emitter:
             # keep the assembler's section-relative form of a jump: objtool (run on the linked module where
             # the kernel delays it, IBT; 6.1 check.c add_jump_destinations) takes a jump against a function
             # symbol for a sibling call, so a jump into the function's own .cold part lost its ORC state
+            t = sym
+        if p.stype[sym] == C.STT_SECTION and int(p.shndx[sym]) in self.out_sec and site is not None \
+                and 0 < site[0] < p.nsec and p.sec_names[site[0]] in OBJTOOL_ANNOTATIONS:
+            # objtool reads an annotation against the section symbol (or a local label) only: 6.12 check.c
+            # add_dead_ends stops with "unexpected relocation symbol type" for one against a function
             t = sym
         if p.stype[t] == C.STT_SECTION:
             ps = int(p.shndx[t])

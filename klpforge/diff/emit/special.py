@@ -35,6 +35,13 @@ DEFAULT_SIZES = {
     # holding the message (asm/bug.h); struct exception_table_entry is two s32 (asm/uaccess.h)
     ".bug_frames.0": 8, ".bug_frames.1": 8, ".bug_frames.2": 8, ".bug_frames.3": 16, ".ex_table": 8,
     ".ex_table.pre": 8,
+    # objtool's annotations (Linux 6.12/7.3 include/linux/objtool.h): ``.long label`` or ``.long label - .``;
+    # struct unwind_hint is 12 bytes; the C STACK_FRAME_NON_STANDARD and IBT_NOSEAL are pointers; 7.x
+    # ``.discard.annotate_insn`` is ``.long label - .; .long type``
+    ".discard.reachable": 4, ".discard.unreachable": 4, ".discard.retpoline_safe": 4, ".discard.noendbr": 4,
+    ".discard.instr_begin": 4, ".discard.instr_end": 4, ".discard.intra_function_calls": 4,
+    ".discard.ignore_alts": 4, ".discard.validate_unret": 4, ".discard.unwind_hints": 12,
+    ".discard.func_stack_frame_non_standard": 8, ".discard.ibt_endbr_noseal": 8, ".discard.annotate_insn": 8,
 }
 
 #: ppc64 tables of one ``FTR_ENTRY_OFFSET`` each, which is ``.8byte`` on 64-bit kernels
