@@ -322,7 +322,6 @@ def test_member_objtool_already_ran_on_gets_all_tables_at_the_link(gcc: str, tmp
     whole module; the included function's entries are those objtool gave the ordinary build (ORC bytes too),
     its annotation kept it from treating the ud2 as a dead end, and each function has one __pfx_."""
     from klpforge.diff.emit.postlink import strip_klp
-
     from klpforge.kbuild.module import check_orc, check_sites
     from klpforge.kbuild.objtool import generated_tables, link_ready, objtool_args
 
