@@ -117,7 +117,10 @@ ProgressFn = Callable[[str, str], None]
 
 
 def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], list[str]]:
-    """Objects to rebuild for ``patch`` and notes on files that affect none."""
+    """Objects to rebuild for ``patch`` and notes on files that affect none: for each changed file every
+    object whose recorded dependencies name it (:meth:`KernelTree.objects_including`), so a ``.c`` file
+    another ``.c`` file includes rebuilds both objects; a ``.c`` file no object records maps to its own
+    object name (refused later as not built)."""
     objs: list[str] = []
     notes: list[str] = []
     for old, new in (*patch.renamed, *patch.copied):
@@ -132,15 +135,15 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
         if f in patch.created and f.endswith((".c", ".h")):
             raise InputError(f"{f}: the patch creates a source file; a live patch can only change "
                              "existing objects (put new code in an existing file)")
-        if f.endswith(".c"):
+        # every object whose translation unit reads f: a .c file's own object, and those of the .c files
+        # that #include it (fs/compat_binfmt_elf.c includes fs/binfmt_elf.c; kernel/sched/build_utility.c
+        # includes completion.c), as fixdep recorded them; headers, .inc and any other included file alike
+        users = tree.objects_including(f)
+        if f.endswith(".c") and not users:
             objs.append(tree.object_for_source(f))
-        elif f.endswith(".h"):
-            users = tree.objects_including(f)
-            if not users:
-                notes.append(f"{f}: no built object includes it")
-            objs.extend(users)
-        else:
-            notes.append(f"{f}: not C source, ignored")
+        elif not users:
+            notes.append(f"{f}: no built object reads it" + ("" if f.endswith(".h") else " (not C source)"))
+        objs.extend(users)
     objs = list(dict.fromkeys(objs))
     if not objs:
         raise InputError(f"{patch.path.name} changes no C file built in this tree")
