@@ -301,3 +301,22 @@ def test_verify_unknown_module_is_one_line(debian_tree: DistroTree, tmp_path: Pa
     r = klpforge("verify", str(ko), "--distro", DISTRO, "--load-modules", "no_such_module", "--check", "true")
     assert r.returncode == 1
     assert r.stderr.strip() == f"klpforge verify: module no_such_module is not shipped for {RELEASE}"
+
+
+def test_included_files_reach_or_refuse(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """A changed .c file another .c #includes names the includer as a candidate (proven later by its .cmd);
+    a changed file that is neither C source nor included by name (the syscall table, which scripts turn into
+    generated headers) is refused with the reason, exit 1, no output (was: silently ignored, exit 0)."""
+    from klpforge.distro.reach import includer_candidates
+
+    assert includer_candidates(debian_tree, ["fs/binfmt_elf.c"]) == {"fs/binfmt_elf.c": ["fs/compat_binfmt_elf.o"]}
+    assert includer_candidates(debian_tree, ["fs/proc/cmdline.c"]) == {"fs/proc/cmdline.c": []}
+    p = tmp_path / "tbl.patch"
+    p.write_text("--- a/arch/x86/entry/syscalls/syscall_64.tbl\n+++ b/arch/x86/entry/syscalls/syscall_64.tbl\n"
+                 "@@ -50,1 +50,1 @@\n-39\tcommon\tgetpid\t\t\tsys_getpid\n+39\tcommon\tgetpid\t\t\tsys_getppid\n")
+    ko = tmp_path / "livepatch-tbl.ko"
+    r = klpforge("build", "--distro", DISTRO, str(p), "-o", str(ko))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert ("arch/x86/entry/syscalls/syscall_64.tbl: not C source and no .c file #includes it by name: which "
+            "objects it reaches cannot be known without a full build") in r.stderr
+    assert "Traceback" not in r.stderr and not ko.exists()

@@ -165,6 +165,30 @@ def included_files(patches: list[SourcePatch]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+_INCLUDE = re.compile(r'^\s*#\s*include\s*(["<])([^">]+)[">]', re.M)
+
+
+def _may_include(src: Path, c: str, f: str) -> bool:
+    """Whether ``c`` (tree-relative) may include ``f``: a quoted ``#include`` naming ``f``'s base name that
+    resolves next to ``c`` to ``f`` itself, or to no file there (then the ``-I`` paths decide: kept, the
+    ``.cmd`` proof settles it). A quoted include resolving next to ``c`` to another file is that file
+    (gcc searches the includer's directory first), as ``arch/x86/boot/compressed/cmdline.c``'s
+    ``"../cmdline.c"`` is not ``fs/proc/cmdline.c``."""
+    name = Path(f).name
+    try:
+        text = (src / c).read_text(errors="replace")
+    except OSError:
+        return False
+    for m in _INCLUDE.finditer(text):
+        kind, inc = m.groups()
+        if Path(inc).name != name:
+            continue
+        here = os.path.normpath(os.path.join(os.path.dirname(c), inc))
+        if kind == "<" or here == os.path.normpath(f) or not (src / here).is_file():
+            return True
+    return False
+
+
 def includer_candidates(tree: DistroTree, files: list[str]) -> dict[str, list[str]]:
     """``{file: [objects of the .c files whose #include line names file's base name]}`` (``grep``; x86
     only). A file of ``files`` that is not ``.c`` and that no ``.c`` file includes by name, or that a header
@@ -178,7 +202,8 @@ def includer_candidates(tree: DistroTree, files: list[str]) -> dict[str, list[st
         if hdrs:
             raise InputError(f"{f}: {hdrs[0]} #includes it: which objects a file included through a header "
                              "reaches cannot be known without a full build; add the .c files to rebuild to the patch")
-        srcs = [c for c in _grep(tree.src, pat, sorted(dirs) + ["arch/x86"], "*.c") if c != f]
+        srcs = [c for c in _grep(tree.src, pat, sorted(dirs) + ["arch/x86"], "*.c")
+                if c != f and _may_include(tree.src, c, f)]
         if not srcs and not f.endswith(".c"):
             raise InputError(f"{f}: not C source and no .c file #includes it by name: which objects it reaches "
                              "cannot be known without a full build")
