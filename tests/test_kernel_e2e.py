@@ -260,6 +260,21 @@ def test_refuses_assembly_and_lib(kernel: KernelLayout, unchanged_tree: None, tm
     assert "lib/string.c: lib/ is linked into vmlinux as an archive" in r.stderr
 
 
+def test_refuses_generator_input_no_object_records(kernel: KernelLayout, unchanged_tree: None,
+                                                   tmp_path: Path) -> None:
+    """The syscall table reaches code only through generated headers: no .cmd names it, so which objects it
+    changes is unknown; refused (was: "ignored", and the rest of the patch built, exit 0)."""
+    tbl = _write_patch(tmp_path, "arch/x86/entry/syscalls/syscall_64.tbl", "39\tcommon\tgetpid\t\t\tsys_getpid",
+                       "39\tcommon\tgetpid\t\t\tsys_getppid", kernel)
+    out = tmp_path / "t.ko"
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(tbl), "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (
+        "klpforge build: arch/x86/entry/syscalls/syscall_64.tbl: no compiled object records it as a dependency: "
+        "it reaches code only through generated files (or not at all), which cannot be known without a full build")
+    assert not out.exists()
+
+
 def test_refuses_patch_that_does_not_apply(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
     p = tmp_path / "stale.patch"
     p.write_text((PATCHES / "01-cmdline-text.patch").read_text().replace("saved_command_line", "old_cmdline"))

@@ -35,7 +35,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import InputError
-from ..kbuild.patchfile import SourcePatch
+from ..kbuild.patchfile import C_INCLUDED, SourcePatch, unknown_reach
 from .base import DistroTree, Say
 
 __all__ = ["header_changes", "candidate_objects", "objects_including", "MAX_CANDIDATES", "included_files",
@@ -146,10 +146,6 @@ def objects_including(tree: DistroTree, objs: list[str], headers: list[str]) -> 
     return keep
 
 
-#: changed files no object can include: documentation and text
-_NOT_INCLUDED = (".rst", ".txt", ".md", ".yaml", ".json")
-
-
 def included_files(patches: list[SourcePatch]) -> list[str]:
     """The changed files other translation units may ``#include`` and that the header reach
     (:func:`header_changes`) does not follow: every file but headers, documentation and the build system
@@ -158,9 +154,9 @@ def included_files(patches: list[SourcePatch]) -> list[str]:
     for p in patches:
         for f in p.files:
             base = f.rsplit("/", 1)[-1]
-            if (f.endswith(".h") or f.endswith(_NOT_INCLUDED) or f.startswith("Documentation/")
-                    or base.startswith(("Makefile", "Kconfig", "Kbuild"))):
-                continue
+            if (f.endswith(".h") or f in p.created or base.startswith(("Makefile", "Kconfig", "Kbuild"))
+                    or (not f.endswith(C_INCLUDED) and unknown_reach(f) is None)):
+                continue  # headers: header_changes; documentation, README: no code
             out.append(f)
     return list(dict.fromkeys(out))
 

@@ -46,7 +46,7 @@ from .diffstep import DiffOutcome, postlink_api, run_object_diff
 from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
 from .newsyms import patch_exports, patch_globals
 from .overlay import Overlay, reads_from_tree, rewrite_command
-from .patchfile import SourcePatch
+from .patchfile import SourcePatch, unknown_reach
 from .restore import check_old_journal
 from .structsizes import struct_sizes
 from .tree import KernelTree, Parent
@@ -141,8 +141,10 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
         users = tree.objects_including(f)
         if f.endswith(".c") and not users:
             objs.append(tree.object_for_source(f))
+        elif not users and f not in patch.created and (why := unknown_reach(f)):
+            raise InputError(f"{f}: {why}")
         elif not users:
-            notes.append(f"{f}: no built object reads it" + ("" if f.endswith(".h") else " (not C source)"))
+            notes.append(f"{f}: no built object reads it")
         objs.extend(users)
     objs = list(dict.fromkeys(objs))
     if not objs:
