@@ -320,3 +320,15 @@ def test_included_files_reach_or_refuse(debian_tree: DistroTree, tmp_path: Path)
     assert ("arch/x86/entry/syscalls/syscall_64.tbl: not C source and no .c file #includes it by name: which "
             "objects it reaches cannot be known without a full build") in r.stderr
     assert "Traceback" not in r.stderr and not ko.exists()
+
+
+def test_c_file_compiled_only_inside_its_includer(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """kernel/sched/completion.c has no object of its own (build_utility.c includes it): the live patch is built
+    from kernel/sched/build_utility.o (was: `make kernel/sched/completion.o` failed, no rule)."""
+    ko = tmp_path / "livepatch-inc.ko"
+    rep = tmp_path / "r.json"
+    patch = Path(__file__).parent / "kernel_patches" / "15-included-c-file.patch"
+    r = klpforge("build", "--distro", DISTRO, str(patch), "-o", str(ko), "--json", str(rep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {o["object"]: [f["old_name"] for f in o["functions"]] for o in json.loads(rep.read_text())["objects"]}
+    assert got == {"kernel/sched/build_utility.o": ["completion_done"]}

@@ -158,7 +158,10 @@ def _with_header_reach(tree: DistroTree, patches: list[SourcePatch], objs: list[
                          "declaration): which objects that reaches cannot be known without a full build; add the "
                          ".c files to rebuild to the patch")
     cands = [o for o in candidate_objects(tree, funcs, say) if o not in objs] if funcs else []
-    every = list(dict.fromkeys(cands + inc_cands))
+    # a .c compiled only inside its includer (6.1's kernel/sched/completion.c, in build_utility.c) has no
+    # object of its own: its name is tried with the candidates and dropped below when Kbuild has no rule
+    owns = [f[:-2] + ".o" for f, users in incl.items() if f.endswith(".c") and users]
+    every = list(dict.fromkeys(cands + inc_cands + [o for o in owns if not (tree.build / o).is_file()]))
     if not every:
         return objs
     with tree_lock(tree.lock or tree.build / ".lock"):
@@ -180,6 +183,11 @@ def _with_header_reach(tree: DistroTree, patches: list[SourcePatch], objs: list[
         if not name.endswith(".c") and not set(users) & set(included):
             raise InputError(f"{name}: not C source and no object of {tree.release} this configuration builds "
                              "records it as a dependency: which objects it reaches cannot be known")
+    for name, users in incl.items():
+        own = name[:-2] + ".o"
+        if name.endswith(".c") and own in objs and not (tree.build / own).is_file() and set(users) & set(included):
+            objs = [o for o in objs if o != own]
+            say(f"{name} is compiled only as part of {', '.join(u for u in users if u in included)}")
     if not reached and not included and not objs:
         raise NoChange(f"no object of {tree.release} uses {', '.join(sorted({n for v in funcs.values() for n in v}))}")
     return objs + reached + included
