@@ -190,8 +190,10 @@ def test_comments_that_move_lines_are_no_change(debian_tree: DistroTree, tmp_pat
     # in audit.o in the kallsyms capture (its lower address: sympos 1, as the -dbg vmlinux's FILE symbols say)
     ("80-kernel-audit-session-id.patch", {".klp.sym.vmlinux.session_id,1"}, {("audit_set_loginuid", 0)}),
     # padzero: binfmt_elf.c (ffffffff813e8670) and compat_binfmt_elf.c, which includes it; no anchors on both
-    # sides in the capture, so the build fetches linux-image-6.1.0-56-amd64-dbg and takes its FILE symbols
-    ("82-fs-binfmt-elf-padzero.patch", set(), {("padzero", 1)}),
+    # sides in the capture, so the build fetches linux-image-6.1.0-56-amd64-dbg and takes its FILE symbols.
+    # compat_binfmt_elf.c #includes binfmt_elf.c: both objects are rebuilt and both copies replaced (was: the
+    # compat copy left unpatched, exit 0)
+    ("82-fs-binfmt-elf-padzero.patch", set(), {("padzero", 1), ("padzero", 2)}),
 ])
 def test_duplicate_statics_are_proven(debian_tree: DistroTree, tmp_path: Path, patch: str, klp_syms: set[str],
                                       funcs: set[tuple[str, int]]) -> None:
@@ -200,8 +202,12 @@ def test_duplicate_statics_are_proven(debian_tree: DistroTree, tmp_path: Path, p
     rep = tmp_path / "r.json"
     r = klpforge("build", "--distro", DISTRO, str(PATCHES / patch), "-o", str(ko), "--json", str(rep))
     assert r.returncode == 0, r.stderr[-3000:]
-    got = {(f["old_name"], f["sympos"]) for o in json.loads(rep.read_text())["objects"] for f in o["functions"]}
+    objs = json.loads(rep.read_text())["objects"]
+    got = {(f["old_name"], f["sympos"]) for o in objs for f in o["functions"]}
     assert funcs <= got
+    if patch.startswith("82-"):
+        assert {o["object"]: [f["old_name"] for f in o["functions"]] for o in objs} == {
+            "fs/binfmt_elf.o": ["padzero"], "fs/compat_binfmt_elf.o": ["padzero"]}
     syms = subprocess.run(["readelf", "-sW", str(ko)], capture_output=True, text=True, check=True).stdout
     for s in klp_syms:
         assert s in syms
@@ -295,3 +301,34 @@ def test_verify_unknown_module_is_one_line(debian_tree: DistroTree, tmp_path: Pa
     r = klpforge("verify", str(ko), "--distro", DISTRO, "--load-modules", "no_such_module", "--check", "true")
     assert r.returncode == 1
     assert r.stderr.strip() == f"klpforge verify: module no_such_module is not shipped for {RELEASE}"
+
+
+def test_included_files_reach_or_refuse(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """A changed .c file another .c #includes names the includer as a candidate (proven later by its .cmd);
+    a changed file that is neither C source nor included by name (the syscall table, which scripts turn into
+    generated headers) is refused with the reason, exit 1, no output (was: silently ignored, exit 0)."""
+    from klpforge.distro.reach import includer_candidates
+
+    assert includer_candidates(debian_tree, ["fs/binfmt_elf.c"]) == {"fs/binfmt_elf.c": ["fs/compat_binfmt_elf.o"]}
+    assert includer_candidates(debian_tree, ["fs/proc/cmdline.c"]) == {"fs/proc/cmdline.c": []}
+    p = tmp_path / "tbl.patch"
+    p.write_text("--- a/arch/x86/entry/syscalls/syscall_64.tbl\n+++ b/arch/x86/entry/syscalls/syscall_64.tbl\n"
+                 "@@ -50,1 +50,1 @@\n-39\tcommon\tgetpid\t\t\tsys_getpid\n+39\tcommon\tgetpid\t\t\tsys_getppid\n")
+    ko = tmp_path / "livepatch-tbl.ko"
+    r = klpforge("build", "--distro", DISTRO, str(p), "-o", str(ko))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert ("arch/x86/entry/syscalls/syscall_64.tbl: not C source and no .c file #includes it by name: which "
+            "objects it reaches cannot be known without a full build") in r.stderr
+    assert "Traceback" not in r.stderr and not ko.exists()
+
+
+def test_c_file_compiled_only_inside_its_includer(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """kernel/sched/completion.c has no object of its own (build_utility.c includes it): the live patch is built
+    from kernel/sched/build_utility.o (was: `make kernel/sched/completion.o` failed, no rule)."""
+    ko = tmp_path / "livepatch-inc.ko"
+    rep = tmp_path / "r.json"
+    patch = Path(__file__).parent / "kernel_patches" / "15-included-c-file.patch"
+    r = klpforge("build", "--distro", DISTRO, str(patch), "-o", str(ko), "--json", str(rep))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {o["object"]: [f["old_name"] for f in o["functions"]] for o in json.loads(rep.read_text())["objects"]}
+    assert got == {"kernel/sched/build_utility.o": ["completion_done"]}

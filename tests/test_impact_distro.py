@@ -7,6 +7,7 @@ Needs the prepared 6.1.0-56-amd64 tree (as ``tests/test_distro_debian.py``): ski
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +125,13 @@ def test_bare_function_name_needs_its_file(debian_tree: DistroTree, tmp_path: Pa
     assert r.stderr.strip().splitlines() == [
         "klpforge impact: loop_attr_dio_show: with --distro, name the file too "
         "(drivers/block/loop.c:loop_attr_dio_show)"], r.stderr
+
+
+def test_included_c_file_copies_are_named(debian_tree: DistroTree, tmp_path: Path) -> None:
+    """fs/compat_binfmt_elf.c #includes fs/binfmt_elf.c: the impact of a padzero change analyses binfmt_elf.o
+    and says, in its notes, that the compat copy is not analysed (was: silent)."""
+    patch = Path(__file__).parent / "distro_patches" / "82-fs-binfmt-elf-padzero.patch"
+    r = klpforge("impact", "--distro", DISTRO, "--patch", str(patch), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("fs/binfmt_elf.c is also #included by fs/compat_binfmt_elf.c: the copies there are not analysed "
+            "(`build --distro` rebuilds and replaces them)") in json.loads(r.stdout)["notes"]

@@ -260,6 +260,21 @@ def test_refuses_assembly_and_lib(kernel: KernelLayout, unchanged_tree: None, tm
     assert "lib/string.c: lib/ is linked into vmlinux as an archive" in r.stderr
 
 
+def test_refuses_generator_input_no_object_records(kernel: KernelLayout, unchanged_tree: None,
+                                                   tmp_path: Path) -> None:
+    """The syscall table reaches code only through generated headers: no .cmd names it, so which objects it
+    changes is unknown; refused (was: "ignored", and the rest of the patch built, exit 0)."""
+    tbl = _write_patch(tmp_path, "arch/x86/entry/syscalls/syscall_64.tbl", "39\tcommon\tgetpid\t\t\tsys_getpid",
+                       "39\tcommon\tgetpid\t\t\tsys_getppid", kernel)
+    out = tmp_path / "t.ko"
+    r = klpforge("build", "-s", str(kernel.src), "-O", str(kernel.build), str(tbl), "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (
+        "klpforge build: arch/x86/entry/syscalls/syscall_64.tbl: no compiled object records it as a dependency: "
+        "it reaches code only through generated files (or not at all), which cannot be known without a full build")
+    assert not out.exists()
+
+
 def test_refuses_patch_that_does_not_apply(kernel: KernelLayout, unchanged_tree: None, tmp_path: Path) -> None:
     p = tmp_path / "stale.patch"
     p.write_text((PATCHES / "01-cmdline-text.patch").read_text().replace("saved_command_line", "old_cmdline"))
@@ -500,9 +515,25 @@ def test_tree_knows_parents_and_header_users(kernel: KernelLayout) -> None:
     users = tree.objects_including("fs/proc/internal.h")
     assert {"fs/proc/base.o", "fs/proc/meminfo.o", "fs/proc/uptime.o"} <= set(users)
     assert "kernel/fork.o" not in users
+    # a .c file another .c file #includes: the includer's object (fixdep's list), not a guessed name
+    assert tree.objects_including("kernel/sched/completion.c") == ["kernel/sched/build_utility.o"]
+    assert tree.objects_including("mm/percpu-km.c") == ["mm/percpu.o"]
+    assert tree.objects_including("fs/proc/cmdline.c") == ["fs/proc/cmdline.o"]
     with pytest.raises(InputError, match="not built in"):
         tree.parent_of("drivers/gpu/drm/drm_drv.o")
     assert tree.vmlinux_compiler().startswith("GCC: (")
+
+
+def test_included_c_file_rebuilds_the_includer(kernel: KernelLayout, unchanged_tree: None,
+                                               tmp_path: Path) -> None:
+    """kernel/sched/completion.c is compiled only as part of build_utility.c (6.1): a change to it is built
+    from build_utility.o, the object whose recorded dependencies name it, and the function is replaced."""
+    out = tmp_path / "inc.ko"
+    r = build(kernel, "15-included-c-file.patch", out)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    got = {o["object"]: sorted(f["old_name"] for f in o["functions"]) for o in rep["objects"]}
+    assert got == {"kernel/sched/build_utility.o": ["completion_done"]}
 
 
 HEADER_PATCH = (

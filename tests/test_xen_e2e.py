@@ -129,3 +129,25 @@ def test_init_change_refused_before_anything_is_written(xen_tree: Path, tmp_path
     assert "xen_build_init" in msg and ".init.text" in msg, msg
     assert not out.exists()
     assert version_c.read_text() == text  # the tree is restored
+
+
+def test_included_c_file_reaches_the_compat_copy(xen_tree: Path, tmp_path: Path) -> None:
+    """xen/common/compat/kernel.c includes ``../kernel.c`` (and x86_64/physdev.c ``../physdev.c``): gcc records
+    the unfolded path, and a change to the included file must rebuild both objects (a missed compat copy
+    would stay unpatched while the build exits 0)."""
+    from klpforge.kbuild.patchfile import SourcePatch
+    from klpforge.xen.pipeline import _objects
+    from klpforge.xen.tree import XenTree
+
+    t = XenTree(xen_tree)
+    assert t.objects_for("xen/common/kernel.c") == ["common/compat/kernel.o", "common/kernel.o"]
+    assert t.objects_for("xen/arch/x86/physdev.c") == ["arch/x86/physdev.o", "arch/x86/x86_64/physdev.o"]
+    assert t.objects_for("xen/common/event_fifo.c") == ["common/event_fifo.o"]
+    # headers reached through "../" are found too (include/public/arch-x86/../xen.h)
+    assert "common/kernel.o" in t.objects_for("xen/include/public/xen.h")
+    src = (xen_tree / "xen/common/multicall.c").read_text().splitlines()
+    i = next(n for n, ln in enumerate(src) if ln.startswith("#include"))
+    p = tmp_path / "multicall.patch"
+    p.write_text(f"--- a/xen/common/multicall.c\n+++ b/xen/common/multicall.c\n@@ -{i + 1},1 +{i + 1},2 @@\n"
+                 f" {src[i]}\n+#include <xen/lib.h>\n")
+    assert _objects(t, SourcePatch.parse(p)) == ["common/compat/multicall.o", "common/multicall.o"]

@@ -146,6 +146,16 @@ def _run_distro(args: argparse.Namespace) -> int:
     tree = mod.prepare_tree(release, progress=say)
     objs = _distro_objects(args, tree.src)
     notes: list[str] = []
+    if args.patch:
+        # a changed .c file another .c #includes has a second copy there (fs/compat_binfmt_elf.c includes
+        # fs/binfmt_elf.c); the analysis covers the file's own object only: say so rather than stay silent
+        from ..distro.reach import includer_candidates
+
+        srcs = [o[:-2] + ".c" for o in objs]
+        for f, users in includer_candidates(tree, srcs).items():
+            if users:
+                notes.append(f"{f} is also #included by {', '.join(u[:-2] + '.c' for u in users)}: the copies "
+                             "there are not analysed (`build --distro` rebuilds and replaces them)")
     work: Path | None = None
     try:
         with signals_held():  # a signal now is raised inside this try, with work bound

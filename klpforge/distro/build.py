@@ -39,7 +39,7 @@ from .compile import compile_original, compile_patched, parent_of, recorded_comm
 from .debian import make_command, package_records
 from .match import SizeVerdict, check_sizes, object_function_sizes
 from .modules import plain_module
-from .reach import candidate_objects, header_changes, objects_including
+from .reach import candidate_objects, header_changes, included_files, includer_candidates, objects_including
 from .roots import tools_on_path
 from .sign import check_sign_args, finish_module
 from .symbols import capture_kallsyms, module_index, shipped_sizes
@@ -142,32 +142,55 @@ def _with_header_reach(tree: DistroTree, patches: list[SourcePatch], objs: list[
                        progress: Progress | None) -> list[str]:
     """``objs`` plus every object a changed header function reaches (:mod:`.reach`): candidates named by
     the functions, compiled by Kbuild (``make -k``: those the config does not build drop out), kept when
-    their preprocessor dependency list names the header. Raises :class:`InputError` when the header change
+    their preprocessor dependency list names the header; and every object whose source includes a
+    changed ``.c`` (or other non-header) file, proven the same way (fs/compat_binfmt_elf.o for
+    fs/binfmt_elf.c). Raises :class:`InputError` when the header change
     is outside function bodies and the patch names no ``.c`` file (its reach cannot be known)."""
     funcs, outside = header_changes(patches, tree.src)
-    if not funcs:
-        return objs
     say = (lambda m: progress("compile", m)) if progress else (lambda _m: None)
-    if outside and not objs:
+    # .c (and other) files other .c files #include: their includers' objects carry a copy of the change
+    incl = includer_candidates(tree, included_files(patches))
+    inc_cands = list(dict.fromkeys(o for v in incl.values() for o in v if o not in objs))
+    if not funcs and not inc_cands:
+        return objs
+    if funcs and outside and not objs:
         raise InputError(f"{outside[0]}: the patch changes lines outside function bodies (a macro, type or "
                          "declaration): which objects that reaches cannot be known without a full build; add the "
                          ".c files to rebuild to the patch")
-    cands = [o for o in candidate_objects(tree, funcs, say) if o not in objs]
-    if not cands:
+    cands = [o for o in candidate_objects(tree, funcs, say) if o not in objs] if funcs else []
+    # a .c compiled only inside its includer (6.1's kernel/sched/completion.c, in build_utility.c) has no
+    # object of its own: its name is tried with the candidates and dropped below when Kbuild has no rule
+    owns = [f[:-2] + ".o" for f, users in incl.items() if f.endswith(".c") and users]
+    every = list(dict.fromkeys(cands + inc_cands + [o for o in owns if not (tree.build / o).is_file()]))
+    if not every:
         return objs
     with tree_lock(tree.lock or tree.build / ".lock"):
         log = tree.build.parent / "reach.log"
         log.write_text("")
-        cmd = make_command(tree, "-k", *cands, jobs=jobs)
+        cmd = make_command(tree, "-k", *every, jobs=jobs)
         with log.open("ab") as f:
             # through proc: make and its gcc jobs end with klpforge (issue 17 item 4)
             proc.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    reached = objects_including(tree, [o for o in cands if (tree.build / o).is_file()], list(funcs))
-    say(f"header change reaches {len(reached)} more object(s): {', '.join(reached[:8])}"
-        + (" ..." if len(reached) > 8 else ""))
-    if not reached and not objs:
+    reached = objects_including(tree, [o for o in cands if (tree.build / o).is_file()], list(funcs)) if funcs else []
+    if reached:
+        say(f"header change reaches {len(reached)} more object(s): {', '.join(reached[:8])}"
+            + (" ..." if len(reached) > 8 else ""))
+    included = [o for o in objects_including(tree, [o for o in inc_cands if (tree.build / o).is_file()], list(incl))
+                if o not in reached]
+    if included:
+        say(f"{len(included)} more object(s) #include a changed file: {', '.join(included)}")
+    for name, users in incl.items():
+        if not name.endswith(".c") and not set(users) & set(included):
+            raise InputError(f"{name}: not C source and no object of {tree.release} this configuration builds "
+                             "records it as a dependency: which objects it reaches cannot be known")
+    for name, users in incl.items():
+        own = name[:-2] + ".o"
+        if name.endswith(".c") and own in objs and not (tree.build / own).is_file() and set(users) & set(included):
+            objs = [o for o in objs if o != own]
+            say(f"{name} is compiled only as part of {', '.join(u for u in users if u in included)}")
+    if not reached and not included and not objs:
         raise NoChange(f"no object of {tree.release} uses {', '.join(sorted({n for v in funcs.values() for n in v}))}")
-    return objs + reached
+    return objs + reached + included
 
 
 def _impact(dump_dir: Path, obj: str, patches: list[SourcePatch], src: Path, replaced: list[str]) -> dict[str, Any]:

@@ -13,6 +13,13 @@ no dependency lists, so the set is found in two steps:
    ``fixdep`` wrote into its ``.cmd`` file (the preprocessor's ``-MMD`` output) names the header. The diff
    then drops the objects whose code did not change.
 
+A changed file that is not a header may be ``#include``d too: ``fs/compat_binfmt_elf.c`` includes
+``fs/binfmt_elf.c``, ``kernel/sched/build_utility.c`` includes ``completion.c``, and such a translation
+unit has its own copy of every function. Those files (``.c``, ``.inc``, anything not a header) are followed
+the same way: *candidates* are the ``.c`` files whose ``#include`` line names the file, *proof* is the
+``.cmd`` dependency list; an include found only in a header, or a non-``.c`` file no ``.c`` includes by
+name, is refused with the reason (its reach cannot be known without a full build).
+
 A hunk outside any function body (a macro, a type, a declaration) reaches objects no name search can find:
 that change is refused with the reason unless the patch also names the ``.c`` files to rebuild.
 
@@ -22,15 +29,17 @@ that change is refused with the reason unless the patch also names the ``.c`` fi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
-from ..kbuild.patchfile import SourcePatch
+from ..kbuild.patchfile import C_INCLUDED, SourcePatch, unknown_reach
 from ..util.errors import InputError
 from .base import DistroTree, Say
 
-__all__ = ["header_changes", "candidate_objects", "objects_including", "MAX_CANDIDATES"]
+__all__ = ["header_changes", "candidate_objects", "objects_including", "MAX_CANDIDATES", "included_files",
+           "includer_candidates"]
 
 #: More candidate files than this and the change is refused (a widely used inline: rebuilding hundreds of
 #: objects is a full build in disguise); the message names the functions.
@@ -119,7 +128,12 @@ def candidate_objects(tree: DistroTree, funcs: dict[str, list[str]], say: Say | 
 
 def objects_including(tree: DistroTree, objs: list[str], headers: list[str]) -> list[str]:
     """Those of ``objs`` (compiled in ``tree.build``) whose ``.cmd`` dependency list names one of ``headers``
-    (``deps_<obj> := ... $(srctree)/include/linux/x.h \\``, written by Kbuild's fixdep from ``-MMD``)."""
+    (tree-relative; any included file, not only ``.h``), as
+    :func:`klpforge.kbuild.tree.cmd_dependencies` reads it (``deps_<obj> := ... $(srctree)/include/linux/x.h
+    \\``, written by Kbuild's fixdep from ``-MMD``)."""
+    from ..kbuild.tree import cmd_dependencies
+
+    want = {os.path.normpath(h) for h in headers}
     keep: list[str] = []
     for o in objs:
         cmd = tree.build / Path(o).parent / f".{Path(o).name}.cmd"
@@ -127,6 +141,67 @@ def objects_including(tree: DistroTree, objs: list[str], headers: list[str]) -> 
             text = cmd.read_text(errors="replace")
         except OSError:
             continue
-        if any(re.search(rf"(^|[\s/]){re.escape(h)}\s", text, re.M) for h in headers):
+        if want & cmd_dependencies(text, tree.src, tree.build):
             keep.append(o)
     return keep
+
+
+def included_files(patches: list[SourcePatch]) -> list[str]:
+    """The changed files other translation units may ``#include`` and that the header reach
+    (:func:`header_changes`) does not follow: every file but headers, documentation and the build system
+    (``.c`` files too: ``fs/compat_binfmt_elf.c`` includes ``fs/binfmt_elf.c``)."""
+    out: list[str] = []
+    for p in patches:
+        for f in p.files:
+            base = f.rsplit("/", 1)[-1]
+            if (f.endswith(".h") or f in p.created or base.startswith(("Makefile", "Kconfig", "Kbuild"))
+                    or (not f.endswith(C_INCLUDED) and unknown_reach(f) is None)):
+                continue  # headers: header_changes; documentation, README: no code
+            out.append(f)
+    return list(dict.fromkeys(out))
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s*(["<])([^">]+)[">]', re.M)
+
+
+def _may_include(src: Path, c: str, f: str) -> bool:
+    """Whether ``c`` (tree-relative) may include ``f``: a quoted ``#include`` naming ``f``'s base name that
+    resolves next to ``c`` to ``f`` itself, or to no file there (then the ``-I`` paths decide: kept, the
+    ``.cmd`` proof settles it). A quoted include resolving next to ``c`` to another file is that file
+    (gcc searches the includer's directory first), as ``arch/x86/boot/compressed/cmdline.c``'s
+    ``"../cmdline.c"`` is not ``fs/proc/cmdline.c``."""
+    name = Path(f).name
+    try:
+        text = (src / c).read_text(errors="replace")
+    except OSError:
+        return False
+    for m in _INCLUDE.finditer(text):
+        kind, inc = m.groups()
+        if Path(inc).name != name:
+            continue
+        here = os.path.normpath(os.path.join(os.path.dirname(c), inc))
+        if kind == "<" or here == os.path.normpath(f) or not (src / here).is_file():
+            return True
+    return False
+
+
+def includer_candidates(tree: DistroTree, files: list[str]) -> dict[str, list[str]]:
+    """``{file: [objects of the .c files whose #include line names file's base name]}`` (``grep``; x86
+    only). A file of ``files`` that is not ``.c`` and that no ``.c`` file includes by name, or that a header
+    includes, is refused (:class:`InputError` with the reason): which objects it reaches cannot be known
+    without a full build."""
+    dirs = [d.name for d in tree.src.iterdir() if d.is_dir() and d.name + "/" not in _SKIP_DIRS]
+    out: dict[str, list[str]] = {}
+    for f in files:
+        pat = r'^\s*#\s*include\s*["<]([^">]*/)?' + re.escape(Path(f).name) + '[">]'
+        hdrs = _grep(tree.src, pat, sorted(dirs) + ["arch/x86"], "*.h")
+        if hdrs:
+            raise InputError(f"{f}: {hdrs[0]} #includes it: which objects a file included through a header "
+                             "reaches cannot be known without a full build; add the .c files to rebuild to the patch")
+        srcs = [c for c in _grep(tree.src, pat, sorted(dirs) + ["arch/x86"], "*.c")
+                if c != f and _may_include(tree.src, c, f)]
+        if not srcs and not f.endswith(".c"):
+            raise InputError(f"{f}: not C source and no .c file #includes it by name: which objects it reaches "
+                             "cannot be known without a full build")
+        out[f] = [c[:-2] + ".o" for c in srcs]
+    return out

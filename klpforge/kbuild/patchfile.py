@@ -15,7 +15,7 @@ from ..util.errors import InputError, UnsafeChange
 from ..util.proc import run
 from ..util.unidiff import read_patch
 
-__all__ = ["SourcePatch", "refusal_reason"]
+__all__ = ["SourcePatch", "refusal_reason", "unknown_reach", "C_INCLUDED"]
 
 
 def refusal_reason(path: str) -> str | None:
@@ -38,6 +38,31 @@ def refusal_reason(path: str) -> str | None:
     if base in ("Makefile", "Kbuild") or base.startswith(("Kconfig", "Makefile.", "Kbuild.")):
         return "build-system files cannot change in a live patch"
     return None
+
+
+#: extensions of files a compiler reads through ``#include`` (a changed one that no object records is unused)
+C_INCLUDED = (".c", ".h", ".inc", ".def", ".x", ".i")
+_TEXT = (".rst", ".txt", ".md", ".yaml", ".json", ".svg", ".png")
+
+
+def unknown_reach(path: str) -> str | None:
+    """Why a changed file that no object records as a dependency may still change the kernel's code, or
+    None when it cannot (C sources and includes: then it is simply unused in this configuration;
+    documentation and text; ``README``). Shape: a reason for the refusal line. Inputs of generators
+    (``arch/x86/entry/syscalls/syscall_64.tbl`` becomes ``asm/syscalls_64.h``, awk and shell scripts,
+    device trees) reach objects only through generated files, which a live patch build does not regenerate.
+
+    >>> unknown_reach("arch/x86/entry/syscalls/syscall_64.tbl") is not None
+    True
+    >>> [unknown_reach(p) for p in ("fs/x.inc", "Documentation/a.rst", "fs/proc/README.klpforge")]
+    [None, None, None]
+    """
+    base = path.rsplit("/", 1)[-1]
+    if (path.endswith(C_INCLUDED) or path.endswith(_TEXT) or path.startswith("Documentation/")
+            or base.startswith(("README", "MAINTAINERS", "COPYING", "CREDITS", "."))):
+        return None
+    return ("no compiled object records it as a dependency: it reaches code only through generated files (or "
+            "not at all), which cannot be known without a full build")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from .kcfi import check_kcfi
 from .module import KlpTarget, ModuleExport, build_module, sanitize_module_name
 from .newsyms import patch_exports, patch_globals
 from .overlay import Overlay, reads_from_tree, rewrite_command
-from .patchfile import SourcePatch
+from .patchfile import SourcePatch, unknown_reach
 from .restore import check_old_journal
 from .structsizes import struct_sizes
 from .thinlto import backend, index_objects, relink_index, stable_llvm_names
@@ -122,7 +122,10 @@ ProgressFn = Callable[[str, str], None]
 
 
 def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], list[str]]:
-    """Objects to rebuild for ``patch`` and notes on files that affect none."""
+    """Objects to rebuild for ``patch`` and notes on files that affect none: for each changed file every
+    object whose recorded dependencies name it (:meth:`KernelTree.objects_including`), so a ``.c`` file
+    another ``.c`` file includes rebuilds both objects; a ``.c`` file no object records maps to its own
+    object name (refused later as not built)."""
     objs: list[str] = []
     notes: list[str] = []
     for old, new in (*patch.renamed, *patch.copied):
@@ -137,15 +140,17 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
         if f in patch.created and f.endswith((".c", ".h")):
             raise InputError(f"{f}: the patch creates a source file; a live patch can only change "
                              "existing objects (put new code in an existing file)")
-        if f.endswith(".c"):
+        # every object whose translation unit reads f: a .c file's own object, and those of the .c files
+        # that #include it (fs/compat_binfmt_elf.c includes fs/binfmt_elf.c; kernel/sched/build_utility.c
+        # includes completion.c), as fixdep recorded them; headers, .inc and any other included file alike
+        users = tree.objects_including(f)
+        if f.endswith(".c") and not users:
             objs.append(tree.object_for_source(f))
-        elif f.endswith(".h"):
-            users = tree.objects_including(f)
-            if not users:
-                notes.append(f"{f}: no built object includes it")
-            objs.extend(users)
-        else:
-            notes.append(f"{f}: not C source, ignored")
+        elif not users and f not in patch.created and (why := unknown_reach(f)):
+            raise InputError(f"{f}: {why}")
+        elif not users:
+            notes.append(f"{f}: no built object reads it")
+        objs.extend(users)
     objs = list(dict.fromkeys(objs))
     if not objs:
         raise InputError(f"{patch.path.name} changes no C file built in this tree")

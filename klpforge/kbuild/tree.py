@@ -24,7 +24,8 @@ from elftools.elf.elffile import ELFFile
 from ..util.errors import InputError
 from ..util.proc import run
 
-__all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path", "cmd_file_of", "parse_cmd_file"]
+__all__ = ["KernelTree", "Parent", "CompileCommand", "gcc_on_path", "cmd_file_of", "parse_cmd_file",
+           "cmd_dependencies"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,36 @@ def gcc_on_path() -> str:
         raise InputError("gcc not found on PATH") from None
     return r.stdout.splitlines()[0].strip()
 
+
+
+_DEPS = re.compile(r"^(?:source_\S+ := (\S+)|deps_\S+ := \\\n((?:.*\\\n)*.*))", re.M)
+
+
+def cmd_dependencies(text: str, src: Path, build: Path) -> set[str]:
+    """Every file a Kbuild ``.cmd`` file records its object as read from: the ``source_<obj>`` line and the
+    ``deps_<obj> := \\`` list (fixdep's rewrite of gcc's ``-MMD`` output, scripts/basic/fixdep.c of Linux
+    6.1: one path a line, ``$(wildcard ...)`` for config headers). Shape: a set of normalised paths,
+    tree-relative for files under ``src``, build-relative for generated ones (relative entries are relative
+    to ``build``, where Kbuild runs gcc), absolute otherwise; ``a/../b`` is folded.
+
+    >>> sorted(cmd_dependencies("source_x.o := /s/fs/x.c\\ndeps_x.o := \\\\\\n  /s/fs/x.c \\\\\\n"
+    ...                         "  /s/fs/../fs/y.c \\\\\\n  include/generated/z.h \\\\\\n\\n", Path("/s"), Path("/b")))
+    ['fs/x.c', 'fs/y.c', 'include/generated/z.h']
+    """
+    out: set[str] = set()
+    top, bld = os.path.normpath(src), os.path.normpath(build)
+    for m in _DEPS.finditer(text):
+        items = [m.group(1)] if m.group(1) else [x.strip().rstrip("\\").strip() for x in m.group(2).splitlines()]
+        for x in items:
+            if not x or x.startswith("$(wildcard"):
+                continue
+            p = os.path.normpath(x if os.path.isabs(x) else os.path.join(bld, x))
+            for base in (top, bld):
+                if p.startswith(base + "/"):
+                    p = p[len(base) + 1:]
+                    break
+            out.add(p)
+    return out
 
 class KernelTree:
     """A configured and built kernel: ``src`` (sources) and ``build`` (objects; same as ``src`` in-tree)."""
@@ -187,17 +218,28 @@ class KernelTree:
             raise InputError(f"{rel_src}: only C files map to objects")
         return rel_src[:-2] + ".o"
 
-    def objects_including(self, header: str) -> list[str]:
-        """Objects whose recorded dependencies list ``header`` (tree-relative path)."""
-        needle = str(self.src / header)
-        rel = header
+    def objects_including(self, path: str) -> list[str]:
+        """Kernel objects whose translation unit reads ``path`` (tree-relative; any extension: a header, a
+        ``.c`` another ``.c`` includes, an ``.inc``), from the dependency lists Kbuild's fixdep wrote into the
+        ``.cmd`` files (:func:`cmd_dependencies`); a ``.c`` file's own object is among them. Host tools'
+        objects (``tools/``, ``scripts/``) are not kernel objects and are left out."""
+        want = os.path.normpath(path)
+        # cheap first pass: the path itself (absolute or in-tree), or its name after a "../" (gcc keeps
+        # `#include "../x.c"` unfolded); only those files are parsed
+        r = run(["grep", "-rlE", "--include=.*.o.cmd", "-e", "(^|[ /])" + re.escape(want) + "( |$)",
+                 "-e", r"\.\./(\S*/)?" + re.escape(Path(want).name) + "( |$)", str(self.build)],
+                capture_output=True, text=True)
         found = []
-        r = run(["grep", "-rlF", "--include=.*.o.cmd", "-e", needle, "-e", f" {rel} ",
-                 str(self.build)], capture_output=True, text=True)
         for line in r.stdout.splitlines():
             p = Path(line)
             obj = str((p.parent / p.name[1:-4]).relative_to(self.build))
-            if (self.build / obj).is_file():
+            if obj.startswith(("tools/", "scripts/")) or not (self.build / obj).is_file():
+                continue
+            try:
+                deps = cmd_dependencies(p.read_text(errors="replace"), self.src, self.build)
+            except OSError:
+                continue
+            if want in deps:
                 found.append(obj)
         return sorted(found)
 

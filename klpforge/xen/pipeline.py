@@ -27,7 +27,7 @@ from ..diff.model import Object
 from ..diff.run import check_pair
 from ..diff.select import select
 from ..kbuild.overlay import Overlay
-from ..kbuild.patchfile import SourcePatch
+from ..kbuild.patchfile import SourcePatch, unknown_reach
 from ..util.buildlog import BuildLog
 from ..util.errors import InputError, KlpError, NoChange, UnsafeChange
 from ..util.fsutil import scratch_dir
@@ -105,6 +105,8 @@ def _objects(tree: XenTree, patch: SourcePatch) -> list[str]:
                                    "has run and been freed in the running hypervisor")
         if not hits and f.endswith(".c"):
             raise InputError(f"{f}: not compiled in this configuration (no object records it)")
+        if not hits and f not in patch.created and (why := unknown_reach(f)):
+            raise InputError(f"{f}: {why}")
         objs += [o for o in hits if o not in objs]
     if not objs:
         raise NoChange(f"{patch.path.name} changes no compiled hypervisor object")

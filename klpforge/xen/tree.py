@@ -103,14 +103,19 @@ class XenTree:
         return self._cmds
 
     def objects_for(self, path: str) -> list[str]:
-        """Objects (relative to ``xen/``) compiled from or including ``path`` (relative to the root)."""
-        rel = path[len("xen/"):] if path.startswith("xen/") else path
-        absn = str(self.hv / rel)
-        hits = []
-        for obj, c in self.commands().items():
-            if c.source == rel or rel in c.deps or absn in c.deps:
-                hits.append(obj)
-        return sorted(hits)
+        """Objects (relative to ``xen/``) compiled from or including ``path`` (relative to the root; any
+        included file: a header, or a ``.c`` another ``.c`` includes, as common/compat/kernel.c includes
+        ``../kernel.c``), from the recorded dependency lists with ``a/../b`` folded."""
+        rel = os.path.normpath(path[len("xen/"):] if path.startswith("xen/") else path)
+        hv = os.path.normpath(self.hv)
+        folded: dict[str, set[str]] = self.__dict__.setdefault("_folded", {})
+        if not folded:
+            # gcc records `#include "../kernel.c"` unfolded (common/compat/../kernel.c in
+            # common/compat/.kernel.o.cmd, Xen 4.17): fold before comparing, or the compat copy is missed
+            for obj, c in self.commands().items():
+                folded[obj] = {os.path.normpath(os.path.join(hv, d)) for d in (c.source, *c.deps) if d}
+        want = str(Path(hv) / rel)
+        return sorted(obj for obj, deps in folded.items() if want in deps)
 
     def compile(self, obj: str, out: Path, extra: list[str] | None = None, view: Path | None = None) -> None:
         """Recompile ``obj`` into ``out``, FILE symbol as Xen names it, reading the sources through
