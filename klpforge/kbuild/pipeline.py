@@ -77,6 +77,8 @@ class BuildOptions:
     keep_tmp: bool = False
     skip_compiler_check: bool = False
     report_json: Path | None = None
+    #: added to both compiles (extract: ``-fdump-ipa-clones``, which changes no code, for the impact analysis)
+    extra_cflags: str = ""
 
 
 @dataclass
@@ -306,7 +308,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
     log = blog.path
     progress = blog.wrap(progress)
-    flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
+    flags = f"{SECTION_FLAGS} -I{data_include_dir()}" + (f" {opts.extra_cflags}" if opts.extra_cflags else "")
     try:
         with timed_step("check", timings, progress, "checking tree and patch"):
             tree = KernelTree(src, opts.build)

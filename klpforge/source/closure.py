@@ -259,10 +259,13 @@ class Closure:
     items: list[tuple[Item, str, str]] = field(default_factory=list)  # (item, mode, comment)
 
 
-def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[str], bool], file: str) -> Closure:
+def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[str], bool], file: str,
+            copies: dict[str, str] | None = None) -> Closure:
     """The closure of the functions ``replace`` (name -> why) among ``items``.
 
-    ``has_symbol(name)``: the running kernel has a symbol of that name for this file. Raises
+    ``has_symbol(name)``: the running kernel has a symbol of that name for this file. ``copies`` (name ->
+    why): functions copied whatever the symbols say (a function the running kernel has only as a GCC clone:
+    :mod:`klpforge.source.clones`); each must have a C definition. Raises
     :class:`UnsafeChange` when a needed variable cannot be referenced (no symbol, not const) or a function to
     replace is not defined in the file."""
     defs: dict[str, list[Item]] = {}
@@ -285,6 +288,15 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
         for it in fs:
             mode[id(it)] = (it, "replace", why)
             todo.extend(it.uses)
+    for name, why in (copies or {}).items():
+        fs = [it for it in defs.get(name, []) if it.kind == "func"]
+        if not fs:
+            raise UnsafeChange(f"{file}: {name} ({why.split(':')[0]}) has no C function definition in {file} "
+                               "(defined by a macro?): its source cannot be extracted")
+        for it in fs:
+            if id(it) not in mode:
+                mode[id(it)] = (it, "copy", why)
+                todo.extend(it.uses)
     seen: set[str] = set()
     while todo:
         name = todo.pop()

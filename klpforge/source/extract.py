@@ -35,6 +35,8 @@ from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import BuildOptions, BuildResult, build_livepatch, data_include_dir
 from ..kbuild.tree import KernelTree
 from ..symtab import TargetSymtab
+from ..proc import run
+from .clones import ClonePlan, clone_plan, is_abi_clone
 from .closure import Closure, closure, parse_items
 
 __all__ = ["extract", "ExtractResult", "render", "CLONE", "unit_name", "new_symbol"]
@@ -51,6 +53,8 @@ class ExtractResult:
     files: list[Path] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)
     functions: dict[str, list[str]] = field(default_factory=dict)
+    #: per object: each clone the binary diff replaces -> the callers the source replaces instead
+    clones: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def unit_name(obj: str) -> str:
@@ -132,7 +136,8 @@ def extract(src: Path, build: Path | None, patch: Path, outdir: Path, jobs: int 
     stage = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent.resolve()))
     try:
         res = build_livepatch(BuildOptions(src=src, patch=patch, build=build, output=work / "binary-diff.ko",
-                                           jobs=jobs, keep_tmp=True), progress)
+                                           jobs=jobs, keep_tmp=True, extra_cflags="-fdump-ipa-clones"),
+                              progress)
         try:
             out = _write(res, src, build, patch, modname, stage)
             shutil.copyfile(work / "binary-diff.ko", stage / "binary-diff.ko")
@@ -143,7 +148,7 @@ def extract(src: Path, build: Path | None, patch: Path, outdir: Path, jobs: int 
         if outdir.exists():
             outdir.rmdir()
         stage.rename(outdir)
-        out.files = [outdir / f.name for f in out.files]
+        out.files = [outdir / f.relative_to(stage) for f in out.files]
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -156,6 +161,8 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
     out = ExtractResult()
     targets: dict[str, KlpTarget] = {}
     units: list[str] = []
+    notes: dict[str, list[str]] = {}
+    sources: dict[str, list[dict[str, object]]] = {}
     kbuild_flags: list[str] = []
     for o in res.outcomes:
         if o.callback_sources:
@@ -169,22 +176,47 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
             raise UnsafeChange(f"{o.obj}: no C source {rel}: its source cannot be extracted")
         replaced: dict[str, str] = {}
         sympos_of: dict[str, int] = {}
+        clones: list[str] = []
         for f in o.funcs:
+            if is_abi_clone(f.old_name):
+                clones.append(f.old_name)
+                continue
             base = CLONE.split(f.old_name, 1)[0]
             if base != f.old_name:
-                raise UnsafeChange(f"{o.obj}: the binary diff replaces {f.old_name}, a compiler clone of {base} with "
-                                   "its own calling convention: its callers would have to be replaced from source; "
-                                   "extract does not do that yet (use klpforge build)")
+                raise UnsafeChange(f"{o.obj}: the binary diff replaces {f.old_name}, a compiler-made piece of {base} "
+                                   "that has no C definition of its own: extract cannot write it (use klpforge build)")
             replaced[f.old_name] = f.reason or "changed by the patch"
             sympos_of[f.old_name] = f.sympos
         par = tree.parent_of(o.obj)
         st = TargetSymtab.load(par.binary, is_module=par.target != "vmlinux")
         items = parse_items(path.read_bytes())
+        fname = Path(rel).name
+        unit = unit_name(o.obj)
+        plan = ClonePlan()
+        if clones:  # replaced through their callers (klpforge.source.clones)
+            if res.tmpdir is None:
+                raise UnsafeChange(f"{o.obj}: no original object to find the callers of {', '.join(clones)} in")
+            plan = clone_plan(res.tmpdir / "orig" / o.obj, rel, clones, set(replaced),
+                              (f"{res.tmpdir / 'src' / 'view'}/", f"{res.tmpdir / 'orig'}/"))
+            static = {n: it.static for it in items if it.kind == "func" for n in it.names}
+            for n, why in plan.callers.items():
+                replaced[n] = why
+                try:
+                    sympos_of[n] = st.sympos(n, fname, local=static.get(n, True))
+                except InputError as e:
+                    raise UnsafeChange(f"{o.obj}: {n} (a caller of {plan.clones and next(iter(plan.clones))}): "
+                                       f"{e}") from None
+            ref = stage / "reference" / f"{unit}.o"  # the patched object: what the callers compile to
+            ref.parent.mkdir(exist_ok=True)
+            r = run(["objcopy", "--strip-debug", str(res.tmpdir / "patched" / o.obj), str(ref)],
+                    capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InputError(f"objcopy --strip-debug {o.obj}: {r.stderr.strip()[:300]}")
+            out.files.append(ref)
         # functions the diff carries without replacing anything (new with the patch): copied, no klp_func
         carried = {n: f"carried by the binary diff: {why}" for n, why in o.carried.items()
                    if CLONE.split(n, 1)[0] == n and n not in replaced}
-        cl = closure(items, {**replaced, **carried}, st.has, rel)
-        fname = Path(rel).name
+        cl = closure(items, {**replaced, **carried}, st.has, rel, plan.copies)
         refs: dict[str, int] = {}
         for it, mode, _why in cl.items:
             if mode == "declare" and it.kind in ("func", "var"):
@@ -193,12 +225,16 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
                         refs[n] = st.sympos(n, fname, local=it.static)
                     except InputError:
                         refs[n] = 0  # convert names the candidates
-        unit = unit_name(o.obj)
         text = render(rel, patch.name, cl, par.target, unit, refs, replaced, carried)
         (stage / f"{unit}.c").write_text(text)
         out.files.append(stage / f"{unit}.c")
         out.lines[f"{unit}.c"] = text.count("\n")
         out.functions[o.obj] = [f.old_name for f in o.funcs]
+        out.clones[o.obj] = plan.clones
+        notes[o.obj] = plan.notes
+        sources[o.obj] = [{"old_name": n, "sympos": sympos_of[n], "reason": why,
+                           "compare": "reference" if n in plan.callers else "binary-diff"}
+                          for n, why in replaced.items()]
         units.append(unit)
         kbuild_flags.append(f"CFLAGS_{unit}.o += -I$(srctree)/{Path(rel).parent}")
         if not replaced:
@@ -230,7 +266,11 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
         "patch": str(patch), "module": modname,
         "objects": [{"object": o.obj, "target": o.target, "unit": unit_name(o.obj),
                      "functions": [{"old_name": f.old_name, "sympos": f.sympos, "reason": f.reason,
-                                   "new_symbol": f.new_symbol} for f in o.funcs]}
+                                   "new_symbol": f.new_symbol} for f in o.funcs],
+                     # what the C source replaces (klp_funcs): the binary diff's functions, a clone's callers
+                     "source_functions": sources.get(o.obj, []),
+                     "clones": out.clones.get(o.obj, {}), "notes": notes.get(o.obj, []),
+                     **({"reference": f"reference/{unit_name(o.obj)}.o"} if out.clones.get(o.obj) else {})}
                     for o in res.outcomes]}, indent=1) + "\n")
     out.files += [stage / n for n in ("klp_patch.c", "Kbuild", "klpforge_sympos.h", MANIFEST)]
     return out

@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..errors import InputError, UnsafeChange
 from ..fsutil import atomic_write
+from ..names import canonical
 from ..kbuild.tree import KernelTree
 from ..proc import run
 from .convert import ConvertResult, convert_module
+from .clones import is_abi_clone
 from .extract import MANIFEST, new_symbol
 
 __all__ = ["build_from_source", "FromSourceResult", "function_code", "cross_check"]
@@ -49,14 +52,18 @@ class FromSourceResult:
     forced: bool = False
 
 
-def function_code(ko: Path, symbol: str) -> tuple[bytes, list[tuple[int, int, object]]]:
+def function_code(ko: Path, symbol: str, bare_klp: bool = False) -> tuple[bytes, list[tuple[int, int, object]]]:
     """The bytes of ``symbol`` in ``ko`` with relocated fields zeroed, and its relocations as
-    ``(offset, type, target)``; ``target`` is a name (``.klp.sym`` names as they are), or for a section
-    symbol ``("str", bytes)`` for a string section, else ``(section, addend)``. Raises InputError when the
-    symbol is not a defined function of the module."""
+    ``(offset, type, target)``; ``target`` is a name (``.klp.sym`` names as they are, or with ``bare_klp``
+    the plain name, to compare with an object file), or for a section symbol ``("str", bytes)`` for a
+    string section, else ``(section, addend)``. A ``symbol`` with GCC's numbering (``foo.isra.0``) also
+    matches another number (``foo.isra.1``): the module numbers its clones on its own. Raises InputError
+    when the symbol is not a defined function of the module."""
     elf = ElfFile.open(ko)
-    idx = [i for i, n in enumerate(elf.sym_names) if n == symbol and int(elf.syms["shndx"][i]) not in (0,)
-           and not elf.sym_special[i]]
+    defined = [i for i, n in enumerate(elf.sym_names) if int(elf.syms["shndx"][i]) not in (0,)
+               and not elf.sym_special[i] and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC]
+    idx = [i for i in defined if elf.sym_names[i] == symbol] or \
+        [i for i in defined if canonical(elf.sym_names[i]) == canonical(symbol) != symbol]
     if not idx:
         raise InputError(f"{ko}: no function {symbol}")
     i = idx[0]
@@ -91,7 +98,10 @@ def function_code(ko: Path, symbol: str) -> tuple[bytes, list[tuple[int, int, ob
                 objs = _objects_at(elf, tsec, add, t in _PCREL)
                 target = ("objs", objs) if objs else (tname, add)
         else:
-            target = (_CLONE_NUM.sub("", str(target)), add)
+            name = str(target)
+            if bare_klp and name.startswith(".klp.sym."):  # .klp.sym.<obj>.<name>,<pos>
+                name = name[len(".klp.sym."):].split(".", 1)[1].rsplit(",", 1)[0]
+            target = (_CLONE_NUM.sub("", name), add)
         relocs.append((off - lo, 2 if t == 4 else t, target))  # PLT32 = PC32 in the kernel (S + A - P)
     return bytes(code), sorted(relocs, key=lambda r: (r[0], r[1]))
 
@@ -131,25 +141,34 @@ def _local_name(target: object, aliases: dict[str, str]) -> object:
     return target
 
 
-def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, str]]) -> dict[str, str]:
-    """``pairs``: ``(old_name, binary-diff symbol, source symbol)``; returns old_name -> ``same`` or the
-    first difference."""
+def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, str]],
+                references: Sequence[tuple[str, Path, str]] = ()) -> dict[str, str]:
+    """``pairs``: ``(old_name, binary-diff symbol, source symbol)``; ``references``: ``(old_name, object,
+    source symbol)`` for functions the source replaces and the binary diff does not (the callers of a
+    clone), compared with ``old_name`` in that object (the binary diff's patched object). Returns old_name
+    -> ``same`` or the first difference."""
     aliases_b = {b: o for o, b, _s in pairs}
-    aliases_s = {s: o for o, _b, s in pairs} | {o: o for o, _b, _s in pairs}
+    aliases_s = {s: o for o, _b, s in pairs} | {o: o for o, _b, _s in pairs} | \
+        {s: o for o, _r, s in references} | {o: o for o, _r, _s in references}
     out: dict[str, str] = {}
-    for old, bsym, ssym in pairs:
+    jobs = [(old, binary_ko, bsym, ssym, False) for old, bsym, ssym in pairs] + \
+        [(old, ref, old, ssym, True) for old, ref, ssym in references]
+    for old, bko, bsym, ssym, is_ref in jobs:
+        what = f"the binary diff's object {bko.name}" if is_ref else "the binary-diff module"
         try:
-            bcode, brel = function_code(binary_ko, bsym)
+            bcode, brel = function_code(bko, bsym)
         except InputError as e:
-            out[old] = f"not in the binary-diff module ({e})"
+            out[old] = f"not in {what} ({e})"
             continue
         try:
-            scode, srel = function_code(source_ko, ssym)
+            scode, srel = function_code(source_ko, ssym, bare_klp=is_ref)
         except InputError:
-            out[old] = "missing from the source (the binary diff replaces it)"
+            out[old] = ("missing from the source module (the binary diff replaces it" +
+                        ("; the compiler may have inlined the copied function into its callers)" if is_abi_clone(old)
+                         else ")"))
             continue
         if len(bcode) != len(scode):
-            out[old] = f"code differs: {len(scode)} bytes from source, {len(bcode)} from the binary diff"
+            out[old] = f"code differs: {len(scode)} bytes from source, {len(bcode)} in {what}"
             continue
         diff = next((k for k in range(len(bcode)) if bcode[k] != scode[k]), None)
         if diff is not None:
@@ -160,10 +179,10 @@ def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, st
         bad = next(((b, s) for b, s in zip(bn, sn, strict=False)
                     if b[:2] != s[:2] or not _match(b[2], s[2])), None)
         if bad is not None:
-            out[old] = f"relocation differs: binary diff {bad[0]}, source {bad[1]}"
+            out[old] = f"relocation differs: {what} {bad[0]}, source {bad[1]}"
             continue
         if len(bn) != len(sn):
-            out[old] = f"relocations differ: {len(bn)} in the binary diff, {len(sn)} from source"
+            out[old] = f"relocations differ: {len(bn)} in {what}, {len(sn)} from source"
             continue
         out[old] = "same"
     return out
@@ -196,10 +215,16 @@ def build_from_source(srcdir: Path, src: Path, build: Path | None, output: Path,
         conv = work / "converted.ko"
         mods = [tree.build] if any(o.get("target") != "vmlinux" for o in objects) else []
         cres = convert_module(ko, conv, tree.vmlinux, mods, [tree.symvers] if tree.symvers else [])
-        pairs = [(f["old_name"], f.get("new_symbol") or f["old_name"], new_symbol(o["unit"], f["old_name"]))
+        # the binary diff's functions; a clone it replaces is the module's own clone of the copied function
+        pairs = [(f["old_name"], f.get("new_symbol") or f["old_name"],
+                  f["old_name"] if is_abi_clone(f["old_name"]) else new_symbol(o["unit"], f["old_name"]))
                  for o in objects for f in o["functions"]]
-        checks = cross_check(srcdir / "binary-diff.ko", conv, pairs) if (srcdir / "binary-diff.ko").is_file() \
-            else {p[0]: "no binary-diff.ko to compare with" for p in pairs}
+        # what the source replaces and the binary diff does not (a clone's callers): the patched object's
+        references = [(f["old_name"], srcdir / str(o.get("reference", "")), new_symbol(o["unit"], f["old_name"]))
+                      for o in objects for f in o.get("source_functions", []) if f.get("compare") == "reference"]
+        checks = cross_check(srcdir / "binary-diff.ko", conv, pairs, references) \
+            if (srcdir / "binary-diff.ko").is_file() \
+            else {p[0]: "no binary-diff.ko to compare with" for p in [*pairs, *references]}
         bad = {k: v for k, v in checks.items() if v != "same"}
         if bad and not force:
             k, v = next(iter(bad.items()))
