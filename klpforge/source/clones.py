@@ -89,16 +89,16 @@ def clone_plan(orig: Path, rel: str, clones: list[str], replaced: set[str] | Non
     if dump.is_file():
         try:
             res = predict([dump], [f"{rel}:{b}" for b in bases], use_cache=False)
-        except InputError as e:  # a base the dump does not name: the relocations alone
-            plan.notes.append(f"impact analysis: {e}")
+        except InputError as err:  # a base the dump does not name: the relocations alone
+            plan.notes.append(f"impact analysis: {err}")
         else:
-            for e in res.entries:
-                steps = list(e.chain)
-                if e.status == "replace" and steps and steps[-1].kind == "caller-of-clone":
+            for ent in res.entries:
+                steps = list(ent.chain)
+                if ent.status == "replace" and steps and steps[-1].kind == "caller-of-clone":
                     text = "; ".join(s.text() for s in steps)
                     for p in strip:
                         text = text.replace(p, "")
-                    predicted.setdefault(steps[-1].src, {})[e.name] = text
+                    predicted.setdefault(steps[-1].src, {})[ent.name] = text
     else:
         plan.notes.append(f"no -fdump-ipa-clones dump {dump.name}: callers from the relocations only")
     todo = list(clones)

@@ -34,8 +34,8 @@ from ..kbuild.module import KlpFunc, KlpTarget, module_source, sanitize_module_n
 from ..kbuild.patchfile import SourcePatch
 from ..kbuild.pipeline import BuildOptions, BuildResult, build_livepatch, data_include_dir
 from ..kbuild.tree import KernelTree
-from ..symtab import TargetSymtab
 from ..proc import run
+from ..symtab import TargetSymtab
 from .clones import ClonePlan, clone_plan, is_abi_clone
 from .closure import Closure, closure, parse_items
 

@@ -27,11 +27,11 @@ from ..elf import ElfFile
 from ..elf import constants as C
 from ..errors import InputError, UnsafeChange
 from ..fsutil import atomic_write
-from ..names import canonical
 from ..kbuild.tree import KernelTree
+from ..names import canonical
 from ..proc import run
-from .convert import ConvertResult, convert_module
 from .clones import is_abi_clone
+from .convert import ConvertResult, convert_module
 from .extract import MANIFEST, new_symbol
 
 __all__ = ["build_from_source", "FromSourceResult", "function_code", "cross_check"]
