@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import UnsafeChange
 
-__all__ = ["Item", "parse_items", "Closure", "closure", "identifiers"]
+__all__ = ["Item", "parse_items", "Closure", "closure", "identifiers", "HEADER_CONFIG"]
 
 #: DEFINE_* macros that define a file-scope variable, and the type to declare it ``extern`` with (6.1 headers)
 DEFINE_TYPES = {"DEFINE_MUTEX": "struct mutex", "DEFINE_SPINLOCK": "spinlock_t",
@@ -35,6 +35,10 @@ DEFINE_TYPES = {"DEFINE_MUTEX": "struct mutex", "DEFINE_SPINLOCK": "spinlock_t",
 _ATTRS = re.compile(rb"\b(__latent_entropy|__randomize_layout|__ro_after_init|__read_mostly|__initdata|"
                     rb"__visible|__noreturn|__cold|__init|__exit|notrace|__must_check|__maybe_unused)\b")
 _KEYWORDS = {"struct", "union", "enum", "static", "const", "int", "long", "char", "void", "unsigned", "signed"}
+#: macros a file defines for the headers it includes (6.1 include/linux/printk.h ``pr_fmt``,
+#: dev_printk.h ``dev_fmt``, dynamic_debug.h ``DEBUG``): the functions use them through header macros
+#: (``pr_info``), never by name, so they are copied whenever the file has them
+HEADER_CONFIG = frozenset({"pr_fmt", "dev_fmt", "DEBUG", "DYNAMIC_DEBUG_MODULE"})
 _DEFINE = re.compile(r"^\s*(static\s+)?(" + "|".join(DEFINE_TYPES) + r")\s*\(\s*(\w+)")
 
 
@@ -297,6 +301,10 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
             if id(it) not in mode:
                 mode[id(it)] = (it, "copy", why)
                 todo.extend(it.uses)
+    for it in items:
+        if it.kind == "macro" and it.names[0] in HEADER_CONFIG:
+            mode[id(it)] = (it, "copy", "")
+            todo.extend(it.uses)
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -336,6 +344,7 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
     for it in items:  # every #include (the headers are the kernel's; a reviewer skips them)
         if it.kind == "include":
             mode[id(it)] = (it, "copy", "")
+
     for it in items:  # forward declarations keep the file's order valid
         if it.kind == "proto" and it.names and all(n in seen or n in replace for n in it.names):
             modes = {mode[id(d)][1] for n in it.names for d in defs.get(n, []) if id(d) in mode}

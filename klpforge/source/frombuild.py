@@ -28,13 +28,13 @@ from ..elf import constants as C
 from ..errors import InputError, UnsafeChange
 from ..fsutil import atomic_write
 from ..kbuild.tree import KernelTree
-from ..names import canonical
+from ..names import canonical, clone_parent
 from ..proc import run
 from .clones import is_abi_clone
 from .convert import ConvertResult, convert_module
 from .extract import MANIFEST, new_symbol
 
-__all__ = ["build_from_source", "FromSourceResult", "function_code", "cross_check"]
+__all__ = ["build_from_source", "FromSourceResult", "function_code", "function_pieces", "cross_check"]
 
 #: x86-64 relocation types -> bytes they write (psABI); others 4
 _WIDTH = {1: 8, 24: 8, 2: 4, 4: 4, 9: 4, 10: 4, 11: 4, 41: 4, 42: 4}
@@ -52,13 +52,24 @@ class FromSourceResult:
     forced: bool = False
 
 
-def function_code(ko: Path, symbol: str, bare_klp: bool = False) -> tuple[bytes, list[tuple[int, int, object]]]:
+Code = tuple[bytes, list[tuple[int, int, object]]]
+
+
+def function_code(ko: Path, symbol: str, bare_klp: bool = False) -> Code:
     """The bytes of ``symbol`` in ``ko`` with relocated fields zeroed, and its relocations as
     ``(offset, type, target)``; ``target`` is a name (``.klp.sym`` names as they are, or with ``bare_klp``
     the plain name, to compare with an object file), or for a section symbol ``("str", bytes)`` for a
     string section, else ``(section, addend)``. A ``symbol`` with GCC's numbering (``foo.isra.0``) also
     matches another number (``foo.isra.1``): the module numbers its clones on its own. Raises InputError
     when the symbol is not a defined function of the module."""
+    return function_pieces(ko, symbol, bare_klp)[""]
+
+
+def function_pieces(ko: Path, symbol: str, bare_klp: bool = False) -> dict[str, Code]:
+    """:func:`function_code` of ``symbol`` (key ``""``) and of each part GCC split out of it (key
+    ``.cold``: ``foo.cold``, named after any name of the function, e.g. the local name behind klpforge's
+    global alias): the cold part is code of the function too (GCC 12 ``-freorder-blocks-and-partition``
+    moves unlikely blocks, such as a ``pr_info``, there)."""
     elf = ElfFile.open(ko)
     defined = [i for i, n in enumerate(elf.sym_names) if int(elf.syms["shndx"][i]) not in (0,)
                and not elf.sym_special[i] and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC]
@@ -67,6 +78,18 @@ def function_code(ko: Path, symbol: str, bare_klp: bool = False) -> tuple[bytes,
     if not idx:
         raise InputError(f"{ko}: no function {symbol}")
     i = idx[0]
+    at = (int(elf.syms["shndx"][i]), int(elf.syms["value"][i]))
+    names = {canonical(elf.sym_names[j]) for j in defined
+             if (int(elf.syms["shndx"][j]), int(elf.syms["value"][j])) == at}
+    out = {"": _code(elf, i, bare_klp)}
+    for j in defined:
+        parent = clone_parent(elf.sym_names[j])
+        if parent is not None and canonical(parent) in names:
+            out[".cold"] = _code(elf, j, bare_klp)
+    return out
+
+
+def _code(elf: ElfFile, i: int, bare_klp: bool) -> Code:
     sec, lo = int(elf.syms["shndx"][i]), int(elf.syms["value"][i])
     hi = lo + int(elf.syms["size"][i])
     code = bytearray(elf.section_bytes(sec)[lo:hi])
@@ -156,36 +179,45 @@ def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, st
     for old, bko, bsym, ssym, is_ref in jobs:
         what = f"the binary diff's object {bko.name}" if is_ref else "the binary-diff module"
         try:
-            bcode, brel = function_code(bko, bsym)
+            bpieces = function_pieces(bko, bsym)
         except InputError as e:
             out[old] = f"not in {what} ({e})"
             continue
         try:
-            scode, srel = function_code(source_ko, ssym, bare_klp=is_ref)
+            spieces = function_pieces(source_ko, ssym, bare_klp=is_ref)
         except InputError:
             out[old] = ("missing from the source module (the binary diff replaces it" +
                         ("; the compiler may have inlined the copied function into its callers)" if is_abi_clone(old)
                          else ")"))
             continue
-        if len(bcode) != len(scode):
-            out[old] = f"code differs: {len(scode)} bytes from source, {len(bcode)} in {what}"
+        if bpieces.keys() != spieces.keys():
+            out[old] = (f"its cold part (.cold) is {'only' if '.cold' in spieces else 'not'} in the source module, "
+                        f"{'not' if '.cold' in spieces else 'only'} in {what}")
             continue
-        diff = next((k for k in range(len(bcode)) if bcode[k] != scode[k]), None)
-        if diff is not None:
-            out[old] = f"code differs at +{diff:#x}"
-            continue
-        bn = [(o, t, _local_name(x, aliases_b)) for o, t, x in brel]
-        sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
-        bad = next(((b, s) for b, s in zip(bn, sn, strict=False)
-                    if b[:2] != s[:2] or not _match(b[2], s[2])), None)
-        if bad is not None:
-            out[old] = f"relocation differs: {what} {bad[0]}, source {bad[1]}"
-            continue
-        if len(bn) != len(sn):
-            out[old] = f"relocations differ: {len(bn)} in {what}, {len(sn)} from source"
-            continue
-        out[old] = "same"
+        out[old] = next((f"{verdict} (in its cold part)" if piece else verdict
+                         for piece in sorted(bpieces) for verdict in [_compare(bpieces[piece], spieces[piece], what,
+                                                                               aliases_b, aliases_s)]
+                         if verdict != "same"), "same")
     return out
+
+
+def _compare(b: Code, s: Code, what: str, aliases_b: dict[str, str], aliases_s: dict[str, str]) -> str:
+    """``same`` or the first difference of two functions' code (:func:`function_code`)."""
+    bcode, brel = b
+    scode, srel = s
+    if len(bcode) != len(scode):
+        return f"code differs: {len(scode)} bytes from source, {len(bcode)} in {what}"
+    diff = next((k for k in range(len(bcode)) if bcode[k] != scode[k]), None)
+    if diff is not None:
+        return f"code differs at +{diff:#x} from {what}"
+    bn = [(o, t, _local_name(x, aliases_b)) for o, t, x in brel]
+    sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
+    bad = next(((b, s) for b, s in zip(bn, sn, strict=False) if b[:2] != s[:2] or not _match(b[2], s[2])), None)
+    if bad is not None:
+        return f"relocation differs: {what} {bad[0]}, source {bad[1]}"
+    if len(bn) != len(sn):
+        return f"relocations differ: {len(bn)} in {what}, {len(sn)} from source"
+    return "same"
 
 
 def build_from_source(srcdir: Path, src: Path, build: Path | None, output: Path, force: bool = False,
@@ -214,7 +246,7 @@ def build_from_source(srcdir: Path, src: Path, build: Path | None, output: Path,
         ko = d / f"{modname}.ko"
         conv = work / "converted.ko"
         mods = [tree.build] if any(o.get("target") != "vmlinux" for o in objects) else []
-        cres = convert_module(ko, conv, tree.vmlinux, mods, [tree.symvers] if tree.symvers else [])
+        cres = convert_module(ko, conv, tree.vmlinux, mods, [tree.symvers] if tree.symvers else [], allow_none=True)
         # the binary diff's functions; a clone it replaces is the module's own clone of the copied function
         pairs = [(f["old_name"], f.get("new_symbol") or f["old_name"],
                   f["old_name"] if is_abi_clone(f["old_name"]) else new_symbol(o["unit"], f["old_name"]))
