@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import InputError, UnsafeChange
 from ..names import canonical
 
-__all__ = ["ClonePlan", "clone_plan", "clone_base", "is_abi_clone", "dump_of"]
+__all__ = ["ClonePlan", "clone_plan", "clone_base", "is_abi_clone", "dump_of", "inlined_into"]
 
 #: the suffixes of a GCC clone with its own calling convention (``.cold``/``.localalias`` are pieces or
 #: aliases of one function, not clones): GCC 12 ``cgraphclones.cc`` clone names
@@ -134,3 +134,18 @@ def clone_plan(orig: Path, rel: str, clones: list[str], replaced: set[str] | Non
             plan.callers[n] = (f"calls {c}, the {_kind(c)} clone of {base} (its own calling convention): "
                                f"replaced so that it calls the new {base} ({chain})")
     return plan
+
+
+def inlined_into(dump: Path, outer: set[str]) -> dict[str, str]:
+    """Functions GCC inlined into any of ``outer`` (assembler names: ``dup_mmap``, ``foo.isra.0``), from
+    the ``-fdump-ipa-clones`` dump: C function name -> the first such outer function. An ``inlining to``
+    record names the outermost offline function the body ended up in, so nested inlining is covered
+    (``/work/shared/docs/ipa-clones.md`` section 2). Empty when there is no dump."""
+    out: dict[str, str] = {}
+    if not dump.is_file():
+        return out
+    for line in dump.read_text(errors="replace").splitlines():
+        f = line.split(";")
+        if len(f) == 12 and f[0] == "Callgraph clone" and f[11] == "inlining to" and f[6] in outer:
+            out.setdefault(clone_base(f[1]), f[6])
+    return out

@@ -264,12 +264,16 @@ class Closure:
 
 
 def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[str], bool], file: str,
-            copies: dict[str, str] | None = None) -> Closure:
+            copies: dict[str, str] | None = None, inlined: dict[str, str] | None = None) -> Closure:
     """The closure of the functions ``replace`` (name -> why) among ``items``.
 
     ``has_symbol(name)``: the running kernel has a symbol of that name for this file. ``copies`` (name ->
     why): functions copied whatever the symbols say (a function the running kernel has only as a GCC clone:
-    :mod:`klpforge.source.clones`); each must have a C definition. Raises
+    :mod:`klpforge.source.clones`); each must have a C definition. ``inlined`` (name -> the function
+    GCC inlined it into in the running kernel, from the ipa-clones dump): such a function of the file is
+    copied even when it has a symbol too (a global, or a static called elsewhere), so that the module
+    inlines it again: a call to the running kernel's copy would be other code than the binary diff's.
+    Raises
     :class:`UnsafeChange` when a needed variable cannot be referenced (no symbol, not const) or a function to
     replace is not defined in the file."""
     defs: dict[str, list[Item]] = {}
@@ -322,9 +326,12 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
                 mode[id(it)] = (it, "copy", "")
                 todo.extend(it.uses)
             elif it.kind == "func":
-                if it.inline or not has_symbol(name):
+                into = (inlined or {}).get(name)
+                if it.inline or not has_symbol(name) or into:
                     why = "static inline" if it.inline else \
-                        f"no symbol {name} in the running kernel (inlined, or new with the patch)"
+                        f"no symbol {name} in the running kernel (inlined, or new with the patch)" \
+                        if not has_symbol(name) else \
+                        f"GCC inlined {name} into {into} in the running kernel: copied so that it is inlined again"
                     mode[id(it)] = (it, "copy", why)
                     todo.extend(it.uses)
                 else:

@@ -36,7 +36,7 @@ from ..kbuild.pipeline import BuildOptions, BuildResult, build_livepatch, data_i
 from ..kbuild.tree import KernelTree
 from ..proc import run
 from ..symtab import TargetSymtab
-from .clones import ClonePlan, clone_plan, is_abi_clone
+from .clones import ClonePlan, clone_plan, dump_of, inlined_into, is_abi_clone
 from .closure import Closure, closure, parse_items
 
 __all__ = ["extract", "ExtractResult", "render", "CLONE", "unit_name", "new_symbol"]
@@ -216,7 +216,10 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
         # functions the diff carries without replacing anything (new with the patch): copied, no klp_func
         carried = {n: f"carried by the binary diff: {why}" for n, why in o.carried.items()
                    if CLONE.split(n, 1)[0] == n and n not in replaced}
-        cl = closure(items, {**replaced, **carried}, st.has, rel, plan.copies)
+        # what GCC inlined into the functions written out (and into the clones they stand for): copied
+        inl = inlined_into(dump_of(res.tmpdir / "orig" / o.obj), {*replaced, *carried, *plan.clones}) \
+            if res.tmpdir else {}
+        cl = closure(items, {**replaced, **carried}, st.has, rel, plan.copies, inl)
         refs: dict[str, int] = {}
         for it, mode, _why in cl.items:
             if mode == "declare" and it.kind in ("func", "var"):
