@@ -7,7 +7,8 @@ replaced), a new function (02), a function of a module (05), a new global of one
 another (10), a function whose static callees and WARN_ONCE statics are the running kernel's (12); a
 function the running kernel has only as a GCC clone, replaced through the clone's callers: IPA-SRA (04),
 ipa-split then IPA-CP (40, ``traverse.part.0.constprop.0``), IPA-CP (41). Refused with what and why: a
-function defined by a macro (11).
+function defined by a macro (11). Callbacks and a shadow variable (06): the KPATCH_*_CALLBACK functions
+copied, named by klp_patch.c's klp_object callbacks, cross-checked with the binary diff's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.kernel
 
 WORKS = ["01-cmdline-text.patch", "02-version-new-function.patch", "03-meminfo-inlined-static.patch",
          "05-kobject-module-function.patch", "10-new-global-across-objects.patch", "12-do-wait-sleeping.patch",
-         "08-fork-exit-two-objects.patch", "09-header-static-inline.patch"]
+         "08-fork-exit-two-objects.patch", "09-header-static-inline.patch", "06-uptime-callbacks-shadow.patch"]
 #: the cross-check's verdict per function where it is not "same" (09: __proc_create compiled without the
 #: bodies of generic.c's other functions: register allocation differs, references equal)
 VERDICT = {"__proc_create": "equivalent: code differs"}
@@ -61,6 +62,10 @@ def test_extract_build_from_source_verify(kernel: KernelLayout, tmp_path: Path, 
     assert b.returncode == 0, b.stderr
     for f in case.functions:
         assert f"cross-check {f}: {VERDICT.get(f, 'same')}" in b.stderr
+    if case.dmesg:  # callbacks: each the binary diff's code, each wired into the klp_object
+        klp = (d / "klp_patch.c").read_text()
+        for kind in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch"):
+            assert f"cross-check klpforge_{kind}: same" in b.stderr and f".{kind} = klpforge_cb_" in klp
     args = [str(ko), "--kernel", str(kernel.bzimage), "--check", case.check, "--timeout", "300"]
     if case.expect:
         args += ["--expect", case.expect]

@@ -75,9 +75,10 @@ def _declaration(head: str) -> str:
 
 
 def render(rel: str, patch_name: str, cl: Closure, target: str, unit: str, sympos: dict[str, int],
-           replaced: dict[str, str], carried: dict[str, str] | None = None) -> str:
+           replaced: dict[str, str], carried: dict[str, str] | None = None,
+           callbacks: dict[str, str] | None = None) -> str:
     """The C file of one object: header comment, the closure in source order, the aliases of the new
-    functions."""
+    functions and of the callbacks (``callbacks``: kind -> function)."""
     out = ["// SPDX-License-Identifier: GPL-2.0",
            f"/*\n * Live patch source for {rel} ({target}), extracted by klpforge from {patch_name}.",
            " * Replaced (the binary diff's set):"]
@@ -119,7 +120,7 @@ def render(rel: str, patch_name: str, cl: Closure, target: str, unit: str, sympo
     if not placed_marks and marks:
         out += ['#include "klpforge_sympos.h"', *marks]
     out.append("\n/* klpforge: the klp_func entries of klp_patch.c name these */")
-    for n in replaced:
+    for n in [*replaced, *(callbacks or {}).values()]:
         out.append(f"extern typeof({n}) {new_symbol(unit, n)} __attribute__((__alias__(\"{n}\")));")
     return "\n".join(out) + "\n"
 
@@ -155,6 +156,15 @@ def extract(src: Path, build: Path | None, patch: Path, outdir: Path, jobs: int 
         shutil.rmtree(stage, ignore_errors=True)
 
 
+#: kpatch-macros.h's callback macros (klpforge/data/kpatch-macros.h, kpatch's kpatch-macros.h) -> klp kind
+_CALLBACK = re.compile(r"^\s*KPATCH_(PRE_PATCH|POST_PATCH|PRE_UNPATCH|POST_UNPATCH)_CALLBACK\s*\(\s*(\w+)\s*\)", re.M)
+
+
+def _callbacks(text: str) -> dict[str, str]:
+    """The patched file's callbacks: kind (``pre_patch`` ...) -> the C function the macro names."""
+    return {m.group(1).lower(): m.group(2) for m in _CALLBACK.finditer(text)}
+
+
 def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname: str, stage: Path
            ) -> ExtractResult:
     tree = KernelTree(src, build)
@@ -162,12 +172,10 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
     targets: dict[str, KlpTarget] = {}
     units: list[str] = []
     notes: dict[str, list[str]] = {}
+    cbs_of: dict[str, dict[str, str]] = {}
     sources: dict[str, list[dict[str, object]]] = {}
     kbuild_flags: list[str] = []
     for o in res.outcomes:
-        if o.callback_sources:
-            raise UnsafeChange(f"{o.obj}: the patch has callbacks ({', '.join(o.callback_sources)}): "
-                               "extract does not carry them yet; use klpforge build")
         rel = o.obj.removesuffix(".o") + ".c"
         path = (res.tmpdir / "src" / "new" / rel) if res.tmpdir else None
         if path is None or not path.is_file():
@@ -216,6 +224,13 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
         # functions the diff carries without replacing anything (new with the patch): copied, no klp_func
         carried = {n: f"carried by the binary diff: {why}" for n, why in o.carried.items()
                    if CLONE.split(n, 1)[0] == n and n not in replaced}
+        # the patch's callbacks (kpatch-macros.h): copied, named by the klp_object's callbacks
+        callbacks = _callbacks(path.read_text(errors="replace"))
+        if set(callbacks) != set(o.callbacks):
+            raise UnsafeChange(f"{o.obj}: the binary diff found callbacks {', '.join(sorted(o.callbacks)) or 'none'}, "
+                               f"the source's KPATCH_*_CALLBACK lines name {', '.join(sorted(callbacks)) or 'none'}")
+        for kind, fn in callbacks.items():
+            carried[fn] = f"the patch's {kind} callback (klp_object.callbacks of {par.target})"
         # what GCC inlined into the functions written out (and into the clones they stand for): copied
         inl = inlined_into(dump_of(res.tmpdir / "orig" / o.obj), {*replaced, *carried, *plan.clones}) \
             if res.tmpdir else {}
@@ -228,22 +243,27 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
                         refs[n] = st.sympos(n, fname, local=it.static)
                     except InputError:
                         refs[n] = 0  # convert names the candidates
-        text = render(rel, patch.name, cl, par.target, unit, refs, replaced, carried)
+        text = render(rel, patch.name, cl, par.target, unit, refs, replaced, carried, callbacks)
         (stage / f"{unit}.c").write_text(text)
         out.files.append(stage / f"{unit}.c")
         out.lines[f"{unit}.c"] = text.count("\n")
         out.functions[o.obj] = [f.old_name for f in o.funcs]
         out.clones[o.obj] = plan.clones
+        cbs_of[o.obj] = callbacks
         notes[o.obj] = plan.notes
         sources[o.obj] = [{"old_name": n, "sympos": sympos_of[n], "reason": why,
                            "compare": "reference" if n in plan.callers else "binary-diff"}
                           for n, why in replaced.items()]
         units.append(unit)
         kbuild_flags.append(f"CFLAGS_{unit}.o += -I$(srctree)/{Path(rel).parent}")
-        if not replaced:
+        if not replaced and not callbacks:
             continue
         t = targets.setdefault(par.target, KlpTarget(par.target))
         t.funcs += [KlpFunc(n, sympos_of[n], new_symbol(unit, n), why) for n, why in replaced.items()]
+        for kind, fn in callbacks.items():
+            if kind in t.callbacks:
+                raise UnsafeChange(f"{o.obj}: a second {kind} callback for {par.target} ({fn}): a klp_object has one")
+            t.callbacks[kind] = new_symbol(unit, fn)
     (stage / "klp_patch.c").write_text(module_source(modname, list(targets.values())))
     # headers the patch changes: their patched text, found before the tree's (NOSTDINC_FLAGS comes first
     # on Kbuild's command line, 6.1 scripts/Makefile.lib c_flags)
@@ -265,6 +285,10 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
         "ccflags-y += -I$(src) -ffunction-sections -fdata-sections\n" + "\n".join(kbuild_flags) + "\n"
         + "".join(f"NOSTDINC_FLAGS += -I$(src)/patched/{d}\n" for d in hdirs))
     shutil.copyfile(data_include_dir() / "klpforge_sympos.h", stage / "klpforge_sympos.h")
+    if any(cbs_of.values()):  # the patch's #include "kpatch-macros.h" and what it includes
+        for h in ("kpatch-macros.h", "kpatch-syscall.h", "kpatch.h"):
+            shutil.copyfile(data_include_dir() / h, stage / h)
+            out.files.append(stage / h)
     (stage / MANIFEST).write_text(json.dumps({
         "patch": str(patch), "module": modname,
         "objects": [{"object": o.obj, "target": o.target, "unit": unit_name(o.obj),
@@ -273,6 +297,8 @@ def _write(res: BuildResult, src: Path, build: Path | None, patch: Path, modname
                      # what the C source replaces (klp_funcs): the binary diff's functions, a clone's callers
                      "source_functions": sources.get(o.obj, []),
                      "clones": out.clones.get(o.obj, {}), "notes": notes.get(o.obj, []),
+                     "callbacks": [{"kind": k, "function": fn, "binary_symbol": o.callbacks[k]}
+                                   for k, fn in cbs_of.get(o.obj, {}).items()],
                      **({"reference": f"reference/{unit_name(o.obj)}.o"} if out.clones.get(o.obj) else {})}
                     for o in res.outcomes]}, indent=1) + "\n")
     out.files += [stage / n for n in ("klp_patch.c", "Kbuild", "klpforge_sympos.h", MANIFEST)]

@@ -291,6 +291,9 @@ def build_from_source(srcdir: Path, src: Path, build: Path | None, output: Path,
         # what the source replaces and the binary diff does not (a clone's callers): the patched object's
         references = [(f["old_name"], srcdir / str(o.get("reference", "")), new_symbol(o["unit"], f["old_name"]))
                       for o in objects for f in o.get("source_functions", []) if f.get("compare") == "reference"]
+        # the callbacks: the binary diff's copy of each
+        pairs += [(c["function"], c["binary_symbol"], new_symbol(o["unit"], c["function"]))
+                  for o in objects for c in o.get("callbacks", [])]
         checks = cross_check(srcdir / "binary-diff.ko", conv, pairs, references) \
             if (srcdir / "binary-diff.ko").is_file() \
             else {p[0]: "no binary-diff.ko to compare with" for p in [*pairs, *references]}
