@@ -115,7 +115,10 @@ def test_inlined_static_is_copied_and_statics_declared(kernel: KernelLayout, tmp
 
 
 @pytest.mark.parametrize("patch,msg", [
-    ("11-kpatch-syscall.patch", "__x64_sys_newuname (replaced: "),
+    ("11-kpatch-syscall.patch", "__x64_sys_newuname (replaced: reference at +0xa changed: gone __do_sys_newuname "
+                                "-> new __kpatch_do_sys_newuname) is made by the macro "
+                                "KPATCH_SYSCALL_DEFINE1(newuname, ...) in kernel/sys.c: extract writes C function "
+                                "definitions by name"),
 ])
 def test_refused_with_what_and_why(kernel: KernelLayout, tmp_path: Path, patch: str, msg: str) -> None:
     r = _extract(kernel, patch, tmp_path / "lp")

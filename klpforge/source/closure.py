@@ -256,6 +256,21 @@ def _type_decl_text(typ: Any) -> str:
     return text_of(typ) if typ is not None else "int"
 
 
+_MACRO_CALL = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*\(\s*(\w+)")
+
+
+def _made_by(items: list[Item], name: str) -> str | None:
+    """The macro invocation of the file that defines ``name`` (``SYSCALL_DEFINE1(newuname, ...)`` makes
+    ``__x64_sys_newuname``, ``__se_sys_newuname`` and ``__do_sys_newuname``, 6.1
+    arch/x86/include/asm/syscall_wrapper.h), as ``MACRO(first, ...)``; None when no invocation's first
+    argument ends the name."""
+    for it in items:
+        m = _MACRO_CALL.match(it.text)
+        if m and it.kind != "macro" and (name == m.group(2) or name.endswith("_" + m.group(2))):
+            return f"{m.group(1)}({m.group(2)}, ...)"
+    return None
+
+
 @dataclass
 class Closure:
     """The items to emit, in source order, and for each why (``copy``, ``declare``, ``replace``)."""
@@ -291,8 +306,14 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
     for name, why in replace.items():
         fs = [it for it in defs.get(name, []) if it.kind == "func"]
         if not fs:
+            made = _made_by(items, name)
+            if made:
+                raise UnsafeChange(f"{file}: {name} (replaced: {why}) is made by the macro {made} in {file}: "
+                                   "extract writes C function definitions by name, and which of the functions the "
+                                   "macro expands to the kernel calls (and with which ABI) is the macro's, not "
+                                   "visible in the source; make this live patch with klpforge build")
             raise UnsafeChange(f"{file}: {name} (replaced: {why}) has no C function definition in {file} "
-                               "(defined by a macro such as SYSCALL_DEFINE?): its source cannot be extracted")
+                               "(defined by a macro?): its source cannot be extracted")
         for it in fs:
             mode[id(it)] = (it, "replace", why)
             todo.extend(it.uses)
