@@ -308,7 +308,7 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
     blog = BuildLog.start("build", stem)  # kept in the cache on failure, named on the error line
     log = blog.path
     progress = blog.wrap(progress)
-    flags = f"{SECTION_FLAGS} -I{data_include_dir()}" + (f" {opts.extra_cflags}" if opts.extra_cflags else "")
+    flags = f"{SECTION_FLAGS} -I{data_include_dir()}"
     try:
         with timed_step("check", timings, progress, "checking tree and patch"):
             tree = KernelTree(src, opts.build)
@@ -324,6 +324,8 @@ def build_livepatch(opts: BuildOptions, progress: ProgressFn | None = None) -> B
             tree.check_sources(objs)
             parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
             env = struct_sizes(tree)
+            if opts.extra_cflags:  # both compiles (extract: -fdump-ipa-clones)
+                flags += f" {opts.extra_cflags}"
             ov.build_view()
         with timed_step("orig", timings, progress, f"compiling {len(objs)} original object(s)"):
             ov.show("orig")
