@@ -82,6 +82,8 @@ class BuildOptions:
     keep_tmp: bool = False
     skip_compiler_check: bool = False
     report_json: Path | None = None
+    #: added to both compiles (extract: ``-fdump-ipa-clones``, which changes no code, for the impact analysis)
+    extra_cflags: str = ""
 
 
 @dataclass
@@ -365,6 +367,8 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
         tree.check_sources(objs)
         parents: dict[str, Parent] = {o: tree.parent_of(o) for o in objs}
         env = struct_sizes(tree)
+        if opts.extra_cflags:  # both compiles (extract: -fdump-ipa-clones)
+            flags += f" {opts.extra_cflags}"
         ov.build_view()
     # distributed ThinLTO: bitcode objects go through the LTO steps; objects Kbuild compiled to native code
     # (CC_FLAGS_LTO filtered out for them, so not in vmlinux.thinlto-index) are compiled twice as with GCC

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..util.errors import UnsafeChange
 
-__all__ = ["Item", "parse_items", "Closure", "closure", "identifiers"]
+__all__ = ["Item", "parse_items", "Closure", "closure", "identifiers", "HEADER_CONFIG"]
 
 #: DEFINE_* macros that define a file-scope variable, and the type to declare it ``extern`` with (6.1 headers)
 DEFINE_TYPES = {"DEFINE_MUTEX": "struct mutex", "DEFINE_SPINLOCK": "spinlock_t",
@@ -35,6 +35,10 @@ DEFINE_TYPES = {"DEFINE_MUTEX": "struct mutex", "DEFINE_SPINLOCK": "spinlock_t",
 _ATTRS = re.compile(rb"\b(__latent_entropy|__randomize_layout|__ro_after_init|__read_mostly|__initdata|"
                     rb"__visible|__noreturn|__cold|__init|__exit|notrace|__must_check|__maybe_unused)\b")
 _KEYWORDS = {"struct", "union", "enum", "static", "const", "int", "long", "char", "void", "unsigned", "signed"}
+#: macros a file defines for the headers it includes (6.1 include/linux/printk.h ``pr_fmt``,
+#: dev_printk.h ``dev_fmt``, dynamic_debug.h ``DEBUG``): the functions use them through header macros
+#: (``pr_info``), never by name, so they are copied whenever the file has them
+HEADER_CONFIG = frozenset({"pr_fmt", "dev_fmt", "DEBUG", "DYNAMIC_DEBUG_MODULE"})
 _DEFINE = re.compile(r"^\s*(static\s+)?(" + "|".join(DEFINE_TYPES) + r")\s*\(\s*(\w+)")
 
 
@@ -252,6 +256,21 @@ def _type_decl_text(typ: Any) -> str:
     return text_of(typ) if typ is not None else "int"
 
 
+_MACRO_CALL = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*\(\s*(\w+)")
+
+
+def _made_by(items: list[Item], name: str) -> str | None:
+    """The macro invocation of the file that defines ``name`` (``SYSCALL_DEFINE1(newuname, ...)`` makes
+    ``__x64_sys_newuname``, ``__se_sys_newuname`` and ``__do_sys_newuname``, 6.1
+    arch/x86/include/asm/syscall_wrapper.h), as ``MACRO(first, ...)``; None when no invocation's first
+    argument ends the name."""
+    for it in items:
+        m = _MACRO_CALL.match(it.text)
+        if m and it.kind != "macro" and (name == m.group(2) or name.endswith("_" + m.group(2))):
+            return f"{m.group(1)}({m.group(2)}, ...)"
+    return None
+
+
 @dataclass
 class Closure:
     """The items to emit, in source order, and for each why (``copy``, ``declare``, ``replace``)."""
@@ -259,10 +278,17 @@ class Closure:
     items: list[tuple[Item, str, str]] = field(default_factory=list)  # (item, mode, comment)
 
 
-def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[str], bool], file: str) -> Closure:
+def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[str], bool], file: str,
+            copies: dict[str, str] | None = None, inlined: dict[str, str] | None = None) -> Closure:
     """The closure of the functions ``replace`` (name -> why) among ``items``.
 
-    ``has_symbol(name)``: the running kernel has a symbol of that name for this file. Raises
+    ``has_symbol(name)``: the running kernel has a symbol of that name for this file. ``copies`` (name ->
+    why): functions copied whatever the symbols say (a function the running kernel has only as a GCC clone:
+    :mod:`klpforge.source.clones`); each must have a C definition. ``inlined`` (name -> the function
+    GCC inlined it into in the running kernel, from the ipa-clones dump): such a function of the file is
+    copied even when it has a symbol too (a global, or a static called elsewhere), so that the module
+    inlines it again: a call to the running kernel's copy would be other code than the binary diff's.
+    Raises
     :class:`UnsafeChange` when a needed variable cannot be referenced (no symbol, not const) or a function to
     replace is not defined in the file."""
     defs: dict[str, list[Item]] = {}
@@ -280,10 +306,29 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
     for name, why in replace.items():
         fs = [it for it in defs.get(name, []) if it.kind == "func"]
         if not fs:
+            made = _made_by(items, name)
+            if made:
+                raise UnsafeChange(f"{file}: {name} (replaced: {why}) is made by the macro {made} in {file}: "
+                                   "extract writes C function definitions by name, and which of the functions the "
+                                   "macro expands to the kernel calls (and with which ABI) is the macro's, not "
+                                   "visible in the source; make this live patch with klpforge build")
             raise UnsafeChange(f"{file}: {name} (replaced: {why}) has no C function definition in {file} "
-                               "(defined by a macro such as SYSCALL_DEFINE?): its source cannot be extracted")
+                               "(defined by a macro?): its source cannot be extracted")
         for it in fs:
             mode[id(it)] = (it, "replace", why)
+            todo.extend(it.uses)
+    for name, why in (copies or {}).items():
+        fs = [it for it in defs.get(name, []) if it.kind == "func"]
+        if not fs:
+            raise UnsafeChange(f"{file}: {name} ({why.split(':')[0]}) has no C function definition in {file} "
+                               "(defined by a macro?): its source cannot be extracted")
+        for it in fs:
+            if id(it) not in mode:
+                mode[id(it)] = (it, "copy", why)
+                todo.extend(it.uses)
+    for it in items:
+        if it.kind == "macro" and it.names[0] in HEADER_CONFIG:
+            mode[id(it)] = (it, "copy", "")
             todo.extend(it.uses)
     seen: set[str] = set()
     while todo:
@@ -302,9 +347,12 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
                 mode[id(it)] = (it, "copy", "")
                 todo.extend(it.uses)
             elif it.kind == "func":
-                if it.inline or not has_symbol(name):
+                into = (inlined or {}).get(name)
+                if it.inline or not has_symbol(name) or into:
                     why = "static inline" if it.inline else \
-                        f"no symbol {name} in the running kernel (inlined, or new with the patch)"
+                        f"no symbol {name} in the running kernel (inlined, or new with the patch)" \
+                        if not has_symbol(name) else \
+                        f"GCC inlined {name} into {into} in the running kernel: copied so that it is inlined again"
                     mode[id(it)] = (it, "copy", why)
                     todo.extend(it.uses)
                 else:
@@ -324,6 +372,7 @@ def closure(items: list[Item], replace: dict[str, str], has_symbol: Callable[[st
     for it in items:  # every #include (the headers are the kernel's; a reviewer skips them)
         if it.kind == "include":
             mode[id(it)] = (it, "copy", "")
+
     for it in items:  # forward declarations keep the file's order valid
         if it.kind == "proto" and it.names and all(n in seen or n in replace for n in it.names):
             modes = {mode[id(d)][1] for n in it.names for d in defs.get(n, []) if id(d) in mode}

@@ -138,16 +138,17 @@ def _positions(st: TargetSymtab, name: str) -> list[str]:
 
 
 def convert_module(ko: Path, out: Path, symbols: Path, module_dirs: Sequence[Path] = (),
-                   symvers: Sequence[Path] = (), sympos: Mapping[tuple[str | None, str], int] | None = None
-                   ) -> ConvertResult:
+                   symvers: Sequence[Path] = (), sympos: Mapping[tuple[str | None, str], int] | None = None,
+                   allow_none: bool = False) -> ConvertResult:
     """Write ``out``: ``ko`` with its references to non-exported symbols as klp relocations.
 
     ``symbols``: vmlinux (ELF), ``readelf -s --wide`` text of it, or ``/proc/kallsyms``; ``module_dirs``:
     directories whose ``*.ko`` (any depth; object name = file name with ``-`` as ``_``) are the other
     targets; ``symvers``: ``Module.symvers`` files naming more exports; ``sympos``: ``(obj or None, name)
-    -> pos`` (command line; markers in the module add to it). Raises :class:`InputError` (not a livepatch
-    module, a symbol no target defines, a position out of range) or :class:`UnsafeChange` (an ambiguous
-    name without a position). ``out`` is written whole or not at all."""
+    -> pos`` (command line; markers in the module add to it); ``allow_none``: a module without such
+    references is written as it is (less its markers) instead of refused (``build --from-source``). Raises
+    :class:`InputError` (not a livepatch module, a symbol no target defines, a position out of range) or
+    :class:`UnsafeChange` (an ambiguous name without a position). ``out`` is written whole or not at all."""
     elf = ElfFile.open(ko, require_rel=True)
     if "livepatch=Y" not in _modinfo(elf):
         raise InputError(f"{ko}: not a livepatch module (no MODULE_INFO(livepatch, \"Y\")): the kernel applies "
@@ -204,6 +205,9 @@ def convert_module(ko: Path, out: Path, symbols: Path, module_dirs: Sequence[Pat
             pos = pos_given
         convert[i] = f".klp.sym.{obj}.{name},{pos}"
         res.converted.append((obj, name, pos))
+    if not convert and allow_none:
+        _strip(elf, ko, convert, out)
+        return res
     if not convert:
         raise InputError(f"{ko}: no reference to a non-exported symbol: nothing to convert")
     relocs = _strip(elf, ko, convert, out)

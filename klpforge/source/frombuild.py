@@ -19,24 +19,29 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..diff.names import canonical, clone_parent
 from ..elf import ElfFile
 from ..elf import constants as C
 from ..kbuild.tree import KernelTree
 from ..util.errors import InputError, UnsafeChange
 from ..util.fsutil import atomic_write
 from ..util.proc import run
+from .clones import is_abi_clone
 from .convert import ConvertResult, convert_module
 from .extract import MANIFEST, new_symbol
 
-__all__ = ["build_from_source", "FromSourceResult", "function_code", "cross_check"]
+__all__ = ["build_from_source", "FromSourceResult", "function_code", "function_pieces", "cross_check"]
 
 #: x86-64 relocation types -> bytes they write (psABI); others 4
 _WIDTH = {1: 8, 24: 8, 2: 4, 4: 4, 9: 4, 10: 4, 11: 4, 41: 4, 42: 4}
 _PCREL = {2, 4, 9, 41, 42}
 _CLONE_NUM = re.compile(r"\.\d+$")
+#: the verdict of code that differs only in register allocation (:func:`_computation`): reported, passes
+EQUIVALENT = "equivalent"
 
 
 @dataclass
@@ -49,17 +54,44 @@ class FromSourceResult:
     forced: bool = False
 
 
-def function_code(ko: Path, symbol: str) -> tuple[bytes, list[tuple[int, int, object]]]:
+Code = tuple[bytes, list[tuple[int, int, object]]]
+
+
+def function_code(ko: Path, symbol: str, bare_klp: bool = False) -> Code:
     """The bytes of ``symbol`` in ``ko`` with relocated fields zeroed, and its relocations as
-    ``(offset, type, target)``; ``target`` is a name (``.klp.sym`` names as they are), or for a section
-    symbol ``("str", bytes)`` for a string section, else ``(section, addend)``. Raises InputError when the
-    symbol is not a defined function of the module."""
+    ``(offset, type, target)``; ``target`` is a name (``.klp.sym`` names as they are, or with ``bare_klp``
+    the plain name, to compare with an object file), or for a section symbol ``("str", bytes)`` for a
+    string section, else ``(section, addend)``. A ``symbol`` with GCC's numbering (``foo.isra.0``) also
+    matches another number (``foo.isra.1``): the module numbers its clones on its own. Raises InputError
+    when the symbol is not a defined function of the module."""
+    return function_pieces(ko, symbol, bare_klp)[""]
+
+
+def function_pieces(ko: Path, symbol: str, bare_klp: bool = False) -> dict[str, Code]:
+    """:func:`function_code` of ``symbol`` (key ``""``) and of each part GCC split out of it (key
+    ``.cold``: ``foo.cold``, named after any name of the function, e.g. the local name behind klpforge's
+    global alias): the cold part is code of the function too (GCC 12 ``-freorder-blocks-and-partition``
+    moves unlikely blocks, such as a ``pr_info``, there)."""
     elf = ElfFile.open(ko)
-    idx = [i for i, n in enumerate(elf.sym_names) if n == symbol and int(elf.syms["shndx"][i]) not in (0,)
-           and not elf.sym_special[i]]
+    defined = [i for i, n in enumerate(elf.sym_names) if int(elf.syms["shndx"][i]) not in (0,)
+               and not elf.sym_special[i] and int(elf.syms["info"][i]) & 0xF == C.STT_FUNC]
+    idx = [i for i in defined if elf.sym_names[i] == symbol] or \
+        [i for i in defined if canonical(elf.sym_names[i]) == canonical(symbol) != symbol]
     if not idx:
         raise InputError(f"{ko}: no function {symbol}")
     i = idx[0]
+    at = (int(elf.syms["shndx"][i]), int(elf.syms["value"][i]))
+    names = {canonical(elf.sym_names[j]) for j in defined
+             if (int(elf.syms["shndx"][j]), int(elf.syms["value"][j])) == at}
+    out = {"": _code(elf, i, bare_klp)}
+    for j in defined:
+        parent = clone_parent(elf.sym_names[j])
+        if parent is not None and canonical(parent) in names:
+            out[".cold"] = _code(elf, j, bare_klp)
+    return out
+
+
+def _code(elf: ElfFile, i: int, bare_klp: bool) -> Code:
     sec, lo = int(elf.syms["shndx"][i]), int(elf.syms["value"][i])
     hi = lo + int(elf.syms["size"][i])
     code = bytearray(elf.section_bytes(sec)[lo:hi])
@@ -91,7 +123,10 @@ def function_code(ko: Path, symbol: str) -> tuple[bytes, list[tuple[int, int, ob
                 objs = _objects_at(elf, tsec, add, t in _PCREL)
                 target = ("objs", objs) if objs else (tname, add)
         else:
-            target = (_CLONE_NUM.sub("", str(target)), add)
+            name = str(target)
+            if bare_klp and name.startswith(".klp.sym."):  # .klp.sym.<obj>.<name>,<pos>
+                name = name[len(".klp.sym."):].split(".", 1)[1].rsplit(",", 1)[0]
+            target = (_CLONE_NUM.sub("", name), add)
         relocs.append((off - lo, 2 if t == 4 else t, target))  # PLT32 = PC32 in the kernel (S + A - P)
     return bytes(code), sorted(relocs, key=lambda r: (r[0], r[1]))
 
@@ -131,41 +166,94 @@ def _local_name(target: object, aliases: dict[str, str]) -> object:
     return target
 
 
-def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, str]]) -> dict[str, str]:
-    """``pairs``: ``(old_name, binary-diff symbol, source symbol)``; returns old_name -> ``same`` or the
-    first difference."""
+def cross_check(binary_ko: Path, source_ko: Path, pairs: list[tuple[str, str, str]],
+                references: Sequence[tuple[str, Path, str]] = ()) -> dict[str, str]:
+    """``pairs``: ``(old_name, binary-diff symbol, source symbol)``; ``references``: ``(old_name, object,
+    source symbol)`` for functions the source replaces and the binary diff does not (the callers of a
+    clone), compared with ``old_name`` in that object (the binary diff's patched object). Returns old_name
+    -> ``same`` or the first difference."""
     aliases_b = {b: o for o, b, _s in pairs}
-    aliases_s = {s: o for o, _b, s in pairs} | {o: o for o, _b, _s in pairs}
+    aliases_s = {s: o for o, _b, s in pairs} | {o: o for o, _b, _s in pairs} | \
+        {s: o for o, _r, s in references} | {o: o for o, _r, _s in references}
     out: dict[str, str] = {}
-    for old, bsym, ssym in pairs:
+    jobs = [(old, binary_ko, bsym, ssym, False) for old, bsym, ssym in pairs] + \
+        [(old, ref, old, ssym, True) for old, ref, ssym in references]
+    for old, bko, bsym, ssym, is_ref in jobs:
+        what = f"the binary diff's object {bko.name}" if is_ref else "the binary-diff module"
         try:
-            bcode, brel = function_code(binary_ko, bsym)
+            bpieces = function_pieces(bko, bsym)
         except InputError as e:
-            out[old] = f"not in the binary-diff module ({e})"
+            out[old] = f"not in {what} ({e})"
             continue
         try:
-            scode, srel = function_code(source_ko, ssym)
+            spieces = function_pieces(source_ko, ssym, bare_klp=is_ref)
         except InputError:
-            out[old] = "missing from the source (the binary diff replaces it)"
+            out[old] = ("missing from the source module (the binary diff replaces it" +
+                        ("; the compiler may have inlined the copied function into its callers)" if is_abi_clone(old)
+                         else ")"))
             continue
-        if len(bcode) != len(scode):
-            out[old] = f"code differs: {len(scode)} bytes from source, {len(bcode)} from the binary diff"
+        if bpieces.keys() != spieces.keys():
+            out[old] = (f"its cold part (.cold) is {'only' if '.cold' in spieces else 'not'} in the source module, "
+                        f"{'not' if '.cold' in spieces else 'only'} in {what}")
             continue
-        diff = next((k for k in range(len(bcode)) if bcode[k] != scode[k]), None)
-        if diff is not None:
-            out[old] = f"code differs at +{diff:#x}"
+        out[old] = next((f"{verdict} (in its cold part)" if piece else verdict
+                         for piece in sorted(bpieces) for verdict in [_compare(bpieces[piece], spieces[piece], what,
+                                                                               aliases_b, aliases_s)]
+                         if verdict != "same"), "same")
+    return out
+
+
+def _compare(b: Code, s: Code, what: str, aliases_b: dict[str, str], aliases_s: dict[str, str]) -> str:
+    """``same`` or the first difference of two functions' code (:func:`function_code`)."""
+    bcode, brel = b
+    scode, srel = s
+    bn = [(o, t, _local_name(x, aliases_b)) for o, t, x in brel]
+    sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
+    if bcode != scode:
+        where = (f"{len(scode)} bytes from source, {len(bcode)} in {what}" if len(bcode) != len(scode) else
+                 f"at +{next(k for k in range(len(bcode)) if bcode[k] != scode[k]):#x} from {what}")
+        if len(bn) == len(sn) and all(b[1] == s[1] and _match(b[2], s[2]) for b, s in zip(bn, sn, strict=True)) \
+                and _computation(bcode) == _computation(scode):
+            return (f"{EQUIVALENT}: code differs ({where}) only in register allocation and stack reloads, with the "
+                    "same references in the same order: GCC compiled the source without the bodies of the file's "
+                    "functions it calls (the original compile's IPA facts: ipa-modref, IPA-RA), so it assumed "
+                    "less about them")
+        return f"code differs: {where}"
+    bad = next(((b, s) for b, s in zip(bn, sn, strict=False) if b[:2] != s[:2] or not _match(b[2], s[2])), None)
+    if bad is not None:
+        return f"relocation differs: {what} {bad[0]}, source {bad[1]}"
+    if len(bn) != len(sn):
+        return f"relocations differ: {len(bn)} in {what}, {len(sn)} from source"
+    return "same"
+
+
+#: x86-64 general registers in capstone's Intel syntax (``rax``, ``r14w``, ``sil`` ...)
+_REG = re.compile(r"\b(?:[re]?(?:ax|bx|cx|dx|si|di|bp|sp)|[abcd][lh]|(?:si|di|bp|sp)l|r(?:[89]|1[0-5])[dwb]?)\b")
+_BRANCH = {"call", "jmp"} | {f"j{c}" for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le", "o", "no", "s",
+                                                "ns", "p", "np", "rcxz", "ecxz")}
+
+
+def _computation(code: bytes) -> list[str]:
+    """The instructions of x86-64 ``code`` (capstone) less what register allocation decides: register
+    names become ``R``; register-to-register moves, pushes and pops of registers, moves between a register
+    and a stack slot (``[rsp + N]``: spills and reloads) and nops are left out; branch targets (relative to
+    the function's own layout) become ``T``. Immediates and other memory displacements stay: two functions
+    with equal lists do the same loads, stores, arithmetic and calls in the same order."""
+    from ..diff.arch import arch_for
+    from ..diff.disasm import instructions
+
+    out = []
+    for _size, mn, ops in instructions(arch_for(62), code):
+        if mn.startswith("nop") or mn in ("push", "pop") and _REG.fullmatch(ops.strip()):
             continue
-        bn = [(o, t, _local_name(x, aliases_b)) for o, t, x in brel]
-        sn = [(o, t, _local_name(x, aliases_s)) for o, t, x in srel]
-        bad = next(((b, s) for b, s in zip(bn, sn, strict=False)
-                    if b[:2] != s[:2] or not _match(b[2], s[2])), None)
-        if bad is not None:
-            out[old] = f"relocation differs: binary diff {bad[0]}, source {bad[1]}"
-            continue
-        if len(bn) != len(sn):
-            out[old] = f"relocations differ: {len(bn)} in the binary diff, {len(sn)} from source"
-            continue
-        out[old] = "same"
+        if mn in ("mov", "movsxd", "movzx", "movsx"):
+            a, _, b = ops.partition(", ")
+            if all(_REG.fullmatch(x.strip()) or re.fullmatch(r"\w+ ptr \[rsp(?: \+ 0x[0-9a-f]+)?\]", x.strip())
+                   for x in (a, b)):
+                continue
+        if mn in _BRANCH and re.fullmatch(r"0x[0-9a-f]+", ops.strip()):
+            ops = "T"
+        out.append(f"{mn} {_REG.sub('R', ops)}")
     return out
 
 
@@ -195,12 +283,21 @@ def build_from_source(srcdir: Path, src: Path, build: Path | None, output: Path,
         ko = d / f"{modname}.ko"
         conv = work / "converted.ko"
         mods = [tree.build] if any(o.get("target") != "vmlinux" for o in objects) else []
-        cres = convert_module(ko, conv, tree.vmlinux, mods, [tree.symvers] if tree.symvers else [])
-        pairs = [(f["old_name"], f.get("new_symbol") or f["old_name"], new_symbol(o["unit"], f["old_name"]))
+        cres = convert_module(ko, conv, tree.vmlinux, mods, [tree.symvers] if tree.symvers else [], allow_none=True)
+        # the binary diff's functions; a clone it replaces is the module's own clone of the copied function
+        pairs = [(f["old_name"], f.get("new_symbol") or f["old_name"],
+                  f["old_name"] if is_abi_clone(f["old_name"]) else new_symbol(o["unit"], f["old_name"]))
                  for o in objects for f in o["functions"]]
-        checks = cross_check(srcdir / "binary-diff.ko", conv, pairs) if (srcdir / "binary-diff.ko").is_file() \
-            else {p[0]: "no binary-diff.ko to compare with" for p in pairs}
-        bad = {k: v for k, v in checks.items() if v != "same"}
+        # what the source replaces and the binary diff does not (a clone's callers): the patched object's
+        references = [(f["old_name"], srcdir / str(o.get("reference", "")), new_symbol(o["unit"], f["old_name"]))
+                      for o in objects for f in o.get("source_functions", []) if f.get("compare") == "reference"]
+        # the callbacks: the binary diff's copy of each
+        pairs += [(c["function"], c["binary_symbol"], new_symbol(o["unit"], c["function"]))
+                  for o in objects for c in o.get("callbacks", [])]
+        checks = cross_check(srcdir / "binary-diff.ko", conv, pairs, references) \
+            if (srcdir / "binary-diff.ko").is_file() \
+            else {p[0]: "no binary-diff.ko to compare with" for p in [*pairs, *references]}
+        bad = {k: v for k, v in checks.items() if v != "same" and not v.startswith(EQUIVALENT + ":")}
         if bad and not force:
             k, v = next(iter(bad.items()))
             raise UnsafeChange(f"cross-check with the binary diff failed for {len(bad)} function(s): {k}: {v} "
