@@ -42,6 +42,10 @@ def _diff(src: Path, cache: Path, out: Path, *pyflags: str, **env: str) -> subpr
 
 def test_diff_runs_from_bytecode_in_the_cache(tmp_path: Path) -> None:
     src, cache = _copy(tmp_path), tmp_path / "cache"
+    r = _diff(src, cache, tmp_path / "x.o")
+    assert r.returncode == 0, r.stderr
+    assert not cache.exists(), "the byte-code cache alone created the klpforge cache"
+    cache.mkdir(mode=0o700)
     r = _diff(src, cache, tmp_path / "a.o")
     assert r.returncode == 0, r.stderr
     mirror = cache / "pycache" / str(src / "klpforge").lstrip("/")
@@ -61,6 +65,11 @@ def test_shared_or_disabled_cache_is_not_used(tmp_path: Path) -> None:
     (cache / "pycache").mkdir(parents=True)
     (cache / "pycache").chmod(0o777)  # another user could plant byte-code: compile from source instead
     r = _diff(src, cache, tmp_path / "a.o")
+    assert r.returncode == 0, r.stderr
+    assert not list((cache / "pycache").iterdir())
+    (cache / "pycache").chmod(0o700)
+    cache.chmod(0o777)  # the cache itself writable by others: pycache could be swapped for another directory
+    r = _diff(src, cache, tmp_path / "b.o")
     assert r.returncode == 0, r.stderr
     assert not list((cache / "pycache").iterdir())
     (cache / "pycache").chmod(0o700)

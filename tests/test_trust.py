@@ -35,7 +35,8 @@ def _one_line(p: subprocess.CompletedProcess[str]) -> str:
 
 
 def _tree(d: Path) -> list[str]:
-    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    """What the cache holds, byte-code aside (``<cache>/pycache``, klpforge.util.bytecode: private, its own)."""
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.relative_to(d).parts[0] != "pycache")
 
 
 # ---------------------------------------------------------------- item 1: cache directories others can write

@@ -56,15 +56,20 @@ def enable(package: Path = PACKAGE) -> Path | None:
     compiles from source as before."""
     if not needs_prefix(package):
         return None
-    from .fsutil import cache_root
+    from .errors import InputError
+    from .fsutil import cache_root, check_private_dir
 
     try:
-        prefix = cache_root() / "pycache"
-        prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.stat(prefix)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        root = cache_root()
+        if not root.is_dir():
+            return None  # byte-code alone never creates the cache
+        prefix = root / "pycache"
+        check_private_dir(root, walk=False)  # the cache and every ancestor: nobody else may plant a .pyc
+        prefix.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(prefix)
+        if not os.path.isdir(prefix) or os.path.islink(prefix) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             return None  # not private: compiling from source is slower, never unsafe
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, InputError):
         return None
     sys.pycache_prefix = str(prefix)
     sys.dont_write_bytecode = False  # written only under the private prefix, never beside the sources

@@ -106,7 +106,9 @@ def _announce(line: str) -> None:
 
 def _die_with_parent(parent: int) -> None:
     """Run in the child between fork and exec: SIGKILL it when the parent thread dies, and exit at once if
-    the parent is already gone (it died before the ``prctl``)."""
+    the parent is already gone (it died before the ``prctl``). The terminating signals :func:`start` held
+    around the fork are unblocked: a blocked mask survives ``exec``."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERMINATING)
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
@@ -199,7 +201,9 @@ def start(cmd: str | Sequence[str | os.PathLike[str]], *, shell: bool = False, c
     being terminated; ``OSError`` if the program cannot be run.
     """
     parent = os.getpid()
-    with _lock:
+    # held around the fork: a handler run inside Python's at-fork callbacks (logging's) has its exception
+    # swallowed ("Exception ignored in ..."), and a child not yet registered would escape kill_children
+    with signals_held(), _lock:
         if _stopping.is_set():
             raise Terminated(signal.SIGTERM)
         p = subprocess.Popen(cmd, shell=shell, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
