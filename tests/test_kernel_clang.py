@@ -229,3 +229,102 @@ def test_kcfi_preamble_and_traps_travel_with_the_function(clang_root, tmp_path: 
 
     # the preamble travels with its function, right before it, with the original's hash
     assert cfi_hashes(out)["call"] == cfi_hashes(a)["call"]
+
+
+# -- the issue's other kernel patches on the Clang kernel (each built and verified in QEMU) -------------------
+
+def _replaced(ko: Path) -> dict[str, set[str]]:
+    """``{target: {replaced function}}`` from the build's --json report."""
+    report = json.loads(ko.with_suffix(".json").read_text())
+    out: dict[str, set[str]] = {}
+    for o in report["objects"]:
+        out.setdefault(o["target"], set()).update(f["old_name"] for f in o["functions"])
+    return out
+
+
+def _verify(kernel: KernelLayout, ko: Path, tmp_path: Path, *args: str) -> str:
+    """``klpforge verify`` of ``ko`` with ``args``; asserts success and no kCFI trap; returns the console."""
+    log = tmp_path / "console.log"
+    v = klpforge("verify", str(ko), "--kernel", str(kernel.bzimage), *args, "--console-log", str(log),
+                 timeout=600)
+    console = log.read_text() if log.is_file() else ""
+    assert v.returncode == 0, v.stderr + console[-3000:]
+    assert "patching complete" in console and "unpatching complete" in console
+    assert "CFI failure" not in console
+    return console
+
+
+@pytest.mark.kernel
+def test_function_pointer_keeps_kcfi_hash(clang_kernel: KernelLayout, tmp_path: Path) -> None:
+    """03-meminfo: meminfo_proc_show is only ever called through seq_file's ``op->show`` pointer (a kCFI
+    checked indirect call) and has show_val_kb inlined. Its copy in the live patch carries a ``__cfi_``
+    preamble with the running function's hash, and reading /proc/meminfo in the guest (the indirect call,
+    then the ftrace redirection) succeeds without a CFI failure; after disable the original answers again."""
+    from klpforge.kbuild.kcfi import cfi_hashes
+
+    ko = tmp_path / "livepatch-clang-meminfo.ko"
+    r = _build(clang_kernel, PATCHES / "03-meminfo-inlined-static.patch", ko)
+    assert r.returncode == 0, r.stderr
+    assert _replaced(ko) == {"vmlinux": {"meminfo_proc_show"}}
+    running = cfi_hashes(clang_kernel.build / "fs/proc/meminfo.thinlto-native.o")["meminfo_proc_show"]
+    assert cfi_hashes(ko)["meminfo_proc_show"] == running
+    _verify(clang_kernel, ko, tmp_path, "--check", "grep MemTotal /proc/meminfo", "--expect", " KiB",
+            "--after-check", "grep MemTotal /proc/meminfo", "--after-expect", " kB")
+
+
+@pytest.mark.kernel
+def test_thinlto_cross_file_inlining(clang_kernel: KernelLayout, tmp_path: Path) -> None:
+    """clang/10: nr_running (kernel/sched/core.c) is imported by ThinLTO into fs/proc/loadavg.o and
+    fs/proc/stat.o and inlined there: those objects' backends run again (their index changed), their
+    callers are replaced too, and the report names each importing object and why."""
+    ko = tmp_path / "livepatch-clang-nr.ko"
+    r = _build(clang_kernel, CLANG_PATCHES / "10-nr-running-thinlto-inlined.patch", ko)
+    assert r.returncode == 0, r.stderr
+    assert _replaced(ko) == {"vmlinux": {"nr_running", "loadavg_proc_show", "show_stat"}}
+    report = json.loads(ko.with_suffix(".json").read_text())
+    why = {o["diff_report"]["lto"]["object"]: o["diff_report"]["lto"]["why_rebuilt"] for o in report["objects"]}
+    assert why["kernel/sched/core.o"].startswith("changed by the patch")
+    for importer in ("fs/proc/loadavg.o", "fs/proc/stat.o"):
+        assert why[importer] == "its ThinLTO index changed: it imports from kernel/sched/core.o", why
+    count = 'n=$(cut -d" " -f4 /proc/loadavg); n=${n%/*}; '
+    _verify(clang_kernel, ko, tmp_path,
+            "--check", count + '[ "$n" -ge 1000 ] && echo klpforge-nr-high; grep procs_running /proc/stat',
+            "--expect", "klpforge-nr-high",
+            "--after-check", count + '[ "$n" -lt 1000 ] && echo klpforge-nr-back', "--after-expect",
+            "klpforge-nr-back")
+
+
+@pytest.mark.kernel
+def test_static_local_is_the_running_kernels(clang_kernel: KernelLayout, tmp_path: Path) -> None:
+    """clang/11: drop_caches_sysctl_handler's ``static int stfu`` (Clang: ``<function>.<name>``) is reached
+    through klp relocations to the kernel's variable, never copied: what the patched handler sets silences
+    the original after the patch is disabled."""
+    ko = tmp_path / "livepatch-clang-drop.ko"
+    r = _build(clang_kernel, CLANG_PATCHES / "11-drop-caches-static-local.patch", ko)
+    assert r.returncode == 0, r.stderr
+    assert _replaced(ko) == {"vmlinux": {"drop_caches_sysctl_handler"}}
+    rel = subprocess.run(["readelf", "-rsW", str(ko)], capture_output=True, text=True, check=True).stdout
+    assert ".klp.sym.vmlinux.drop_caches_sysctl_handler.stfu,0" in rel
+    assert not [ln for ln in rel.splitlines() if ln.rstrip().endswith(" drop_caches_sysctl_handler.stfu")]
+    _verify(clang_kernel, ko, tmp_path,
+            "--check", "for v in 1 4 1; do echo $v > /proc/sys/vm/drop_caches; done; "
+                       'echo klpforge-drop-count=$(dmesg | grep -c "klpforge-drop:")',
+            "--expect", "klpforge-drop-count=2",
+            "--after-check", 'echo 1 > /proc/sys/vm/drop_caches; echo after=$(dmesg | grep -c "drop_caches: 1")',
+            "--after-expect", "after=0")
+
+
+@pytest.mark.kernel
+def test_module_function(clang_kernel: KernelLayout, tmp_path: Path) -> None:
+    """05-kobject: foo_show of samples/kobject/kobject-example.ko. On this kernel a module object is
+    compiled to bitcode and LTO'd on its own by the ``ld.lld -r`` of its recorded command (then objtool):
+    klpforge runs that whole command in the Clang root. The module is loaded after the live patch
+    (klp_module_coming applies it) and shows the marker."""
+    ko = tmp_path / "livepatch-clang-kobj.ko"
+    r = _build(clang_kernel, PATCHES / "05-kobject-module-function.patch", ko)
+    assert r.returncode == 0, r.stderr
+    assert _replaced(ko) == {"kobject_example": {"foo_show"}}
+    kobj = clang_kernel.build / "samples/kobject/kobject-example.ko"
+    _verify(clang_kernel, ko, tmp_path, "--file", str(kobj),
+            "--check", "insmod /lib/klp/kobject-example.ko && cat /sys/kernel/kobject_example/foo",
+            "--expect", "0 klpforge")

@@ -160,9 +160,13 @@ def _changed_objects(tree: KernelTree, patch: SourcePatch) -> tuple[list[str], l
 
 
 def _compile_all(tree: KernelTree, ov: Overlay, objs: list[str], outdir: Path, jobs: int,
-                 flags: str) -> dict[str, Path]:
+                 flags: str, runner: Any = None) -> dict[str, Path]:
     """Recompile ``objs`` into ``outdir`` (mirroring their paths) with extra ``flags``, reading the tree
-    through ``ov.view``; return the outputs. On any failure or interrupt the other compiles are ended."""
+    through ``ov.view``; return the outputs. On any failure or interrupt the other compiles are ended.
+
+    ``runner`` (a Clang tree's :class:`~klpforge.kbuild.clang.RootRunner`) runs each whole command in the
+    Clang build root: a module object's recorded command of an LTO kernel (7.3 ``scripts/Makefile.build``)
+    also runs ``ld.lld -r`` and ``./tools/objtool/objtool``, a binary built in (and linked against) the root."""
     outs = {o: outdir / o for o in objs}
     for p in outs.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,10 @@ def _compile_all(tree: KernelTree, ov: Overlay, objs: list[str], outdir: Path, j
     def one(obj: str) -> str:
         cmd = rewrite_command(tree.compile_command(obj).redirected(outs[obj], flags), tree.src, tree.build,
                               ov.view)
-        r = run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, track=pids)
+        if runner is None:
+            r = run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, track=pids)
+        else:
+            r = runner(cmd, cwd)
         if r.returncode != 0 or not outs[obj].is_file():
             err = "\n".join(ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln.lower())
             raise InputError(f"compiling {obj} failed: {(err or r.stderr or r.stdout).strip()[:600]}")
@@ -378,13 +385,13 @@ def _build(opts: BuildOptions, progress: ProgressFn | None, timings: dict[str, f
     if plain:
         with timed_step("orig", timings, progress, f"compiling {len(plain)} original object(s)"):
             ov.show("orig")
-            orig = _compile_all(tree, ov, plain, tmp / "orig", opts.jobs, flags)
+            orig = _compile_all(tree, ov, plain, tmp / "orig", opts.jobs, flags, runner)
     with timed_step("patched", timings, progress, "compiling patched objects"):
         ov.show("new")
         pause = os.environ.get("KLPFORGE_PAUSE_AFTER_APPLY")  # test hook: interrupt midway
         if pause:
             time.sleep(float(pause))
-        patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags)
+        patched = _compile_all(tree, ov, objs, tmp / "patched", opts.jobs, flags, runner)
     lto_why: dict[str, str] = {}
     if bitcode:  # the tree's own bitcode is the original; redo the index link and the backends that changed
         with timed_step("lto", timings, progress, "ThinLTO: index link and the backends it changes"):

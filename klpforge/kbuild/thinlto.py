@@ -116,7 +116,10 @@ def relink_index(build: Path, view: Path, patched: dict[str, Path], runner: obje
             same = False
         if not same:
             redo.append(obj)
-            why[obj] = "its ThinLTO index changed (imports from a changed object)"
+            # the index names imports by GUID only; with one changed object that is exactly where they come from
+            src = ", ".join(patched)
+            why[obj] = (f"its ThinLTO index changed: it imports from {src}" if len(patched) == 1 else
+                        f"its ThinLTO index changed: it imports from one of {src}")
     return LtoPlan(view, redo, why)
 
 
